@@ -1,0 +1,77 @@
+"""The public entry point: argument validation and backend dispatch."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .geometry import as_triple, normalize_window
+from .reference import sta_reference, text_lengths
+
+BACKENDS = ("auto", "triton", "flex", "reference")
+
+
+def sliding_tile_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    canvas: Sequence[int],
+    tile: Sequence[int],
+    window: Sequence[int] | torch.Tensor,
+    text_len: int | torch.Tensor = 0,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Sliding Tile Attention over a 3D video token grid with optional joint text.
+
+    Args:
+        q, k, v: (B, S, H, D). S = T*Hc*Wc video tokens in raster (t, h, w) order, then
+            text slots (valid text tokens first, padding after).
+        canvas: (T, Hc, Wc) latent token grid; any size (edge tiles may be partial).
+        tile: (tt, th, tw) tile shape in tokens, e.g. (6, 8, 8).
+        window: (wt, wh, ww) in tiles for all heads, or an (H, 3) int tensor per head.
+            A window wider than an axis covers the whole axis.
+        text_len: valid text tokens, an int or a (B,) tensor; 0 for video-only models.
+        scale: softmax scale, default D ** -0.5.
+        backend: "auto" (triton on CUDA, reference elsewhere), "triton", "flex" or "reference".
+    Returns:
+        o: (B, S, H, D) in q's dtype; rows of padding text queries are 0.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(
+            f"q, k, v must share one (B, S, H, D) shape, got {tuple(q.shape)}, "
+            f"{tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    canvas = as_triple(canvas, "canvas")
+    tile = as_triple(tile, "tile")
+    batch, seq, heads, head_dim = q.shape
+    num_video = canvas[0] * canvas[1] * canvas[2]
+    if seq < num_video:
+        raise ValueError(
+            f"S={seq} is smaller than the canvas {canvas} holds ({num_video} video tokens)"
+        )
+    windows = normalize_window(window, heads)  # (H, 3) int64, CPU
+    lengths = text_lengths(text_len, batch, seq - num_video)  # (B,) int64, CPU
+    if seq > num_video and isinstance(text_len, int) and text_len == 0:
+        raise ValueError(
+            f"S={seq} holds {seq - num_video} tokens past the canvas {canvas} but text_len=0; "
+            "pass text_len for joint attention"
+        )
+    scale = head_dim**-0.5 if scale is None else float(scale)
+    if backend == "auto":
+        backend = "triton" if q.is_cuda else "reference"
+    if backend == "reference":
+        return sta_reference(q, k, v, canvas, tile, windows, lengths, scale)
+    if backend == "flex":
+        from .flex import sta_flex
+
+        return sta_flex(q, k, v, canvas, tile, windows, lengths, scale)
+    from .triton_sta import sta_triton
+
+    return sta_triton(q, k, v, canvas, tile, windows, lengths, scale)

@@ -1,0 +1,125 @@
+"""Tile geometry of Sliding Tile Attention: which key tiles each query tile attends.
+
+Everything here is pure index arithmetic shared by every backend (reference, flex, triton)
+and by the mask search, so that all of them agree on one definition of the window.
+
+Semantics (see the package docstring): on each axis with ``n`` tiles and window ``w``
+(``w >= 1``; ``w >= n`` means the whole axis), ``lo = w // 2``, ``hi = w - 1 - lo``,
+``c = clamp(qi, lo, n - 1 - hi)`` and key tile ``ki`` is attended iff
+``c - lo <= ki <= c + hi``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+Triple = tuple[int, int, int]
+
+
+def as_triple(value: Sequence[int], name: str) -> Triple:
+    """Return ``value`` as a tuple of three positive ints, or raise ``ValueError`` naming ``name``."""
+    try:
+        triple = tuple(int(v) for v in value)
+    except TypeError as err:
+        raise ValueError(f"{name} must be a sequence of 3 ints, got {value!r}") from err
+    if len(triple) != 3 or any(v < 1 for v in triple):
+        raise ValueError(f"{name} must be 3 positive ints, got {value!r}")
+    return triple  # type: ignore[return-value]
+
+
+def num_tiles(canvas: Sequence[int], tile: Sequence[int]) -> Triple:
+    """Tiles per axis, ``ceil(canvas / tile)``; the last tile of an axis may be partial."""
+    return tuple(math.ceil(c / t) for c, t in zip(canvas, tile))  # type: ignore[return-value]
+
+
+def window_start(qi: torch.Tensor, n: int, w: torch.Tensor) -> torch.Tensor:
+    """First key tile of the window of query tile ``qi`` on an axis of ``n`` tiles.
+
+    ``qi`` and ``w`` broadcast; ``w`` is clipped to ``[1, n]``. The window covers
+    ``[start, start + w - 1]`` and always lies inside ``[0, n - 1]``.
+    """
+    w = w.clamp(1, n)
+    lo = w // 2
+    hi = w - 1 - lo
+    c = torch.minimum(torch.maximum(qi, lo), n - 1 - hi)
+    return c - lo
+
+
+def normalize_window(window: Sequence[int] | torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Return the window as an ``(H, 3)`` int64 CPU tensor, validating its values.
+
+    Accepts one triple for all heads or an ``(H, 3)`` tensor/nested sequence.
+    """
+    w = torch.as_tensor(window).detach().to("cpu")
+    if w.is_floating_point() or w.is_complex() or w.dtype == torch.bool:
+        raise ValueError(f"window must hold integers, got dtype {w.dtype}")
+    w = w.to(torch.int64)
+    if w.ndim == 1:
+        if w.numel() != 3:
+            raise ValueError(f"window must be a triple (wt, wh, ww), got shape {tuple(w.shape)}")
+        w = w.expand(num_heads, 3)
+    elif w.ndim != 2 or w.shape != (num_heads, 3):
+        raise ValueError(
+            f"per-head window must have shape (H, 3) = ({num_heads}, 3), got {tuple(w.shape)}"
+        )
+    if (w < 1).any():
+        raise ValueError(f"window entries must be >= 1 (in tiles), got {w.tolist()}")
+    return w.contiguous()
+
+
+def tile_mask(canvas: Sequence[int], tile: Sequence[int], window: torch.Tensor) -> torch.Tensor:
+    """Tile-level STA mask.
+
+    Args:
+        canvas: (T, Hc, Wc) latent token grid.
+        tile: (tt, th, tw) tile shape in tokens.
+        window: (H, 3) window in tiles per head.
+    Returns:
+        (H, N, N) bool, N = nt * nh * nw tiles in raster order; ``[h, q, k]`` is True iff
+        query tile q attends key tile k for head h.
+    """
+    n = num_tiles(canvas, tile)
+    axis_masks = []
+    for axis in range(3):
+        idx = torch.arange(n[axis])
+        w = window[:, axis].view(-1, 1)  # (H, 1)
+        start = window_start(idx.view(1, -1), n[axis], w)  # (H, n)
+        width = w.clamp(1, n[axis])
+        ki = idx.view(1, 1, -1)
+        axis_masks.append((ki >= start.unsqueeze(-1)) & (ki < (start + width).unsqueeze(-1)))
+    mt, mh, mw = axis_masks  # (H, n_a, n_a) each
+    heads = window.shape[0]
+    full = (
+        mt[:, :, None, None, :, None, None]
+        & mh[:, None, :, None, None, :, None]
+        & mw[:, None, None, :, None, None, :]
+    )  # (H, nt, nh, nw, nt, nh, nw)
+    total = n[0] * n[1] * n[2]
+    return full.reshape(heads, total, total)
+
+
+def token_tile_ids(canvas: Sequence[int], tile: Sequence[int]) -> torch.Tensor:
+    """(T*Hc*Wc,) int64: the raster tile index of every video token (raster t, h, w order)."""
+    n = num_tiles(canvas, tile)
+    t = torch.arange(canvas[0]) // tile[0]
+    h = torch.arange(canvas[1]) // tile[1]
+    w = torch.arange(canvas[2]) // tile[2]
+    ids = (t[:, None, None] * n[1] + h[None, :, None]) * n[2] + w[None, None, :]
+    return ids.reshape(-1)
+
+
+def token_mask(canvas: Sequence[int], tile: Sequence[int], window: torch.Tensor) -> torch.Tensor:
+    """(H, Sv, Sv) bool token-level video-video mask, Sv = T*Hc*Wc in raster order."""
+    ids = token_tile_ids(canvas, tile)
+    return tile_mask(canvas, tile, window)[:, ids][:, :, ids]
+
+
+def density(canvas: Sequence[int], tile: Sequence[int], window: torch.Tensor) -> torch.Tensor:
+    """(H,) fraction of video query/key token pairs that each head attends."""
+    counts = torch.bincount(token_tile_ids(canvas, tile)).double()  # (N,) tokens per tile
+    m = tile_mask(canvas, tile, window).double()  # (H, N, N)
+    attended = torch.einsum("q,hqk,k->h", counts, m, counts)
+    return (attended / counts.sum() ** 2).float()
