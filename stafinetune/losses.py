@@ -1,0 +1,79 @@
+"""Distillation loss: attention-output, final-output and flow-matching terms."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+
+
+def attention_loss(
+    student: Mapping[int, torch.Tensor],
+    teacher: Mapping[int, torch.Tensor],
+    layers: Iterable[int] | None = None,
+) -> torch.Tensor:
+    """Mean over layers of the MSE between student and teacher attention outputs.
+
+    Args:
+        student, teacher: layer index -> attention output (same shape per layer, e.g. (B, S, H, D)).
+        layers: the layers to compare; None means every layer both captured.
+    Raises:
+        KeyError: if a requested layer was not captured by both models.
+    """
+    chosen = sorted(set(student) & set(teacher)) if layers is None else list(layers)
+    missing = [i for i in chosen if i not in student or i not in teacher]
+    if missing or not chosen:
+        raise KeyError(
+            f"attention loss needs layers {chosen} from both models; missing {missing} "
+            f"(student captured {sorted(student)}, teacher {sorted(teacher)})"
+        )
+    terms = [
+        F.mse_loss(student[i].float(), teacher[i].detach().to(student[i].device).float())
+        for i in chosen
+    ]
+    return torch.stack(terms).mean()
+
+
+def distillation_losses(
+    *,
+    student_out: torch.Tensor,
+    target: torch.Tensor,
+    w_data: float,
+    w_out: float,
+    w_attn: float,
+    teacher_out: torch.Tensor | None = None,
+    student_attn: Mapping[int, torch.Tensor] | None = None,
+    teacher_attn: Mapping[int, torch.Tensor] | None = None,
+    layers: Iterable[int] | None = None,
+) -> dict[str, torch.Tensor]:
+    """All loss terms and their weighted sum.
+
+    Args:
+        student_out: (B, C, T, H, W) the student's velocity prediction.
+        target: (B, C, T, H, W) flow-matching target (noise - x0).
+        teacher_out: (B, C, T, H, W) the dense teacher's prediction on the same input.
+        student_attn, teacher_attn: captured attention outputs per layer.
+    Returns:
+        ``{"total", "data", "out", "attn"}``; a term whose weight is 0 is still reported
+        when its inputs are present (for logging) but does not enter ``total``.
+    """
+    out: dict[str, torch.Tensor] = {}
+    total = student_out.new_zeros((), dtype=torch.float32)
+    out["data"] = F.mse_loss(student_out.float(), target.float())
+    if w_data > 0:
+        total = total + w_data * out["data"]
+    if teacher_out is not None:
+        out["out"] = F.mse_loss(student_out.float(), teacher_out.detach().to(student_out.device).float())
+        if w_out > 0:
+            total = total + w_out * out["out"]
+    elif w_out > 0:
+        raise ValueError("distill.w_out > 0 needs the teacher's output")
+    if student_attn is not None and teacher_attn is not None:
+        out["attn"] = attention_loss(student_attn, teacher_attn, layers)
+        if w_attn > 0:
+            total = total + w_attn * out["attn"]
+    elif w_attn > 0:
+        raise ValueError("distill.w_attn > 0 needs both models' attention outputs")
+    out["total"] = total
+    return out

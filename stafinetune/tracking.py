@@ -1,0 +1,134 @@
+"""Experiment tracking: wandb when enabled, a null tracker with the same methods otherwise.
+
+The training loop calls ``tracker.log(...)`` unconditionally; whether anything is sent is
+decided once, here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class NullTracker:
+    """Tracker that records nothing; used for ``logging=none`` and on non-zero ranks."""
+
+    run_dir: Path | None = None
+    mode: str = "disabled"
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        """Drop the metrics."""
+
+    def log_video(self, key: str, video: Any, step: int, fps: int = 8, caption: str = "") -> None:
+        """Drop the video."""
+
+    def summary(self, values: dict[str, Any]) -> None:
+        """Drop the summary values."""
+
+    def finish(self) -> None:
+        """Nothing to close."""
+
+
+class WandbTracker:
+    """Thin wrapper over a wandb run.
+
+    Args:
+        project, entity, name, group, tags: the usual wandb run fields.
+        mode: "auto" (online when an API key is configured, offline otherwise), "online"
+            or "offline".
+        directory: where wandb writes its run folder (``<directory>/wandb/...``).
+        config: the resolved job config, stored with the run.
+    """
+
+    def __init__(
+        self,
+        *,
+        project: str,
+        entity: str | None,
+        name: str | None,
+        group: str | None,
+        tags: list[str],
+        mode: str,
+        directory: Path,
+        config: dict[str, Any],
+    ) -> None:
+        import wandb
+
+        self._wandb = wandb
+        if mode == "auto":
+            mode = "online" if _has_wandb_key() else "offline"
+        self.mode = mode
+        directory.mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(
+            project=project,
+            entity=entity,
+            name=name,
+            group=group,
+            tags=list(tags),
+            mode=mode,
+            dir=str(directory),
+            config=config,
+            settings=wandb.Settings(console="off", silent=True),
+        )
+        self.run_dir = Path(self.run.dir).parent
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        """Log scalar metrics at a step."""
+        self.run.log(metrics, step=step)
+
+    def log_video(self, key: str, video: Any, step: int, fps: int = 8, caption: str = "") -> None:
+        """Log a uint8 video array of shape (F, C, H, W)."""
+        self.run.log({key: self._wandb.Video(video, fps=fps, caption=caption, format="mp4")}, step=step)
+
+    def summary(self, values: dict[str, Any]) -> None:
+        """Set run summary values."""
+        for key, value in values.items():
+            self.run.summary[key] = value
+
+    def finish(self) -> None:
+        """Flush and close the run."""
+        self.run.finish()
+
+
+def _has_wandb_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return "api.wandb.ai" in netrc.read_text()
+    except OSError:
+        return False
+
+
+def build_tracker(
+    backend: str,
+    *,
+    is_main: bool,
+    directory: Path,
+    config: dict[str, Any],
+    project: str,
+    entity: str | None = None,
+    name: str | None = None,
+    group: str | None = None,
+    tags: list[str] | None = None,
+    mode: str = "auto",
+) -> NullTracker | WandbTracker:
+    """Return the tracker for this process: wandb on rank 0 if enabled, else a NullTracker."""
+    if backend == "none" or not is_main:
+        return NullTracker()
+    if backend != "wandb":
+        raise ValueError(f"logging.backend must be wandb or none, got {backend!r}")
+    return WandbTracker(
+        project=project,
+        entity=entity,
+        name=name,
+        group=group,
+        tags=tags or [],
+        mode=mode,
+        directory=directory,
+        config=config,
+    )
