@@ -1,0 +1,292 @@
+"""The attention call of the adapted DiTs and the diffusers processors that route to it.
+
+Three pieces:
+
+- ``STAAttention``: the one small module that computes attention over (B, S, H, D) tensors,
+  sparse (Sliding Tile Attention through ``sta_kernels.sliding_tile_attention``) or dense
+  (SDPA). Every STA layer of a ``VideoDiT`` calls the same instance, so sequence parallelism
+  can wrap it in one place (it then has to slice the per-head ``window`` with the heads).
+- ``ForwardState`` / ``AttentionRuntime``: what one forward needs to know (the latent token
+  canvas, valid text lengths, the windows of every layer, an optional capture store). The
+  ``VideoDiT`` owning the runtime sets it around each forward; there is no global state.
+- ``WanSTAProcessor`` / ``HunyuanSTAProcessor``: diffusers attention processors for the
+  video self-attention of Wan (cross-attention keeps diffusers' own processor) and the joint
+  video+text attention of HunyuanVideo's dual- and single-stream blocks. They do the
+  projections, QK-norm and RoPE exactly as diffusers' processors do and hand q, k, v to the
+  runtime's attention module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from sta_kernels import sliding_tile_attention
+from torch import nn
+
+Canvas = tuple[int, int, int]
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The STA backend actually used on ``device``: ``auto`` is triton on CUDA, reference elsewhere."""
+    if backend != "auto":
+        return backend
+    return "triton" if device.type == "cuda" else "reference"
+
+
+def text_key_mask(seq: int, num_video: int, text_len: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """(B, S) bool: True for video tokens and the first ``text_len[b]`` text tokens."""
+    pos = torch.arange(seq, device=device)
+    return pos[None, :] < (num_video + text_len.to(device))[:, None]
+
+
+class STAAttention(nn.Module):
+    """Attention over a video token canvas with optional joint text, sparse or dense.
+
+    Args:
+        tile: (tt, th, tw) STA tile in latent tokens.
+        backend: ``auto`` | ``triton`` | ``flex`` | ``reference`` (see ``resolve_backend``).
+    """
+
+    def __init__(self, tile: Sequence[int], backend: str = "auto") -> None:
+        super().__init__()
+        self.tile: Canvas = tuple(int(t) for t in tile)  # type: ignore[assignment]
+        self.backend = backend
+
+    def extra_repr(self) -> str:
+        return f"tile={self.tile}, backend={self.backend!r}"
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        canvas: Canvas,
+        text_len: int | torch.Tensor = 0,
+        window: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Attend ``q`` over ``k, v``.
+
+        Args:
+            q, k, v: (B, S, H, D); S = T*Hc*Wc video tokens (raster t, h, w) then text slots.
+            canvas: (T, Hc, Wc) latent token grid of this forward.
+            text_len: valid text tokens after the video, an int or a (B,) int tensor.
+            window: (H, 3) windows in tiles, or ``None`` for dense attention.
+        Returns:
+            o: (B, S, H, D) in q's dtype; rows of padding text queries are 0 (both modes).
+        """
+        if window is not None:
+            return sliding_tile_attention(
+                q,
+                k,
+                v,
+                canvas=canvas,
+                tile=self.tile,
+                window=window,
+                text_len=text_len,
+                backend=resolve_backend(self.backend, q.device),
+            )
+        batch, seq, _, _ = q.shape
+        num_video = canvas[0] * canvas[1] * canvas[2]
+        qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # (B, H, S, D)
+        if seq == num_video:
+            return F.scaled_dot_product_attention(qt, kt, vt).transpose(1, 2)
+        lengths = torch.as_tensor(text_len, dtype=torch.int64).expand(batch)  # (B,)
+        keep = text_key_mask(seq, num_video, lengths, q.device)  # (B, S)
+        o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=keep[:, None, None, :])
+        return o.transpose(1, 2) * keep[:, :, None, None].to(q.dtype)  # (B, S, H, D)
+
+
+class ActivationStore:
+    """What ``VideoDiT.capture()`` collects during the forwards run inside it.
+
+    ``store[i]`` is STA layer ``i``'s attention output, (B, S, H, D) with S = video tokens
+    then text slots (HunyuanVideo; text padding rows are 0), before the output projection.
+    ``store["final"]`` is the model output (B, C, T, H, W). A later forward inside the same
+    ``capture()`` overwrites the entries of an earlier one.
+    """
+
+    def __init__(self, layers: Iterable[int] | None = None, detach: bool = False) -> None:
+        self.wanted = None if layers is None else frozenset(int(i) for i in layers)
+        self.detach = detach
+        self.layers: dict[int, torch.Tensor] = {}
+        self.final: torch.Tensor | None = None
+
+    def record(self, layer: int, o: torch.Tensor) -> None:
+        """Keep layer ``layer``'s attention output ``o`` (B, S, H, D) if it was asked for."""
+        if self.wanted is None or layer in self.wanted:
+            self.layers[layer] = o.detach() if self.detach else o
+
+    def __getitem__(self, key: int | str) -> torch.Tensor:
+        if key == "final":
+            if self.final is None:
+                raise KeyError("final: no forward ran inside this capture()")
+            return self.final
+        return self.layers[key]  # type: ignore[index]
+
+    def __contains__(self, key: object) -> bool:
+        return (key == "final" and self.final is not None) or key in self.layers
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def keys(self) -> list[int]:
+        """The captured layer indices, ascending."""
+        return sorted(self.layers)
+
+
+@dataclasses.dataclass
+class ForwardState:
+    """Per-forward facts the processors need; built by ``VideoDiT.forward``."""
+
+    attention: nn.Module
+    canvas: Canvas
+    text_len: int | torch.Tensor  # int 0 (Wan) or (B,) int64 CPU tensor (HunyuanVideo)
+    windows: torch.Tensor | None  # (L, H, 3) int64, or None: every layer dense
+    store: ActivationStore | None = None
+
+    def window_for(self, layer: int) -> torch.Tensor | None:
+        """(H, 3) windows of STA layer ``layer``, or ``None`` for dense."""
+        return None if self.windows is None else self.windows[layer]
+
+    def without_store(self) -> ForwardState:
+        """The same forward with capturing off (checkpoint recomputation must not re-record)."""
+        return dataclasses.replace(self, store=None)
+
+
+class AttentionRuntime:
+    """Holds the ``ForwardState`` of the forward in flight for one ``VideoDiT``'s processors."""
+
+    def __init__(self) -> None:
+        self.state: ForwardState | None = None
+
+    @contextlib.contextmanager
+    def use(self, state: ForwardState) -> Iterator[ForwardState]:
+        """Make ``state`` current for the duration of the block (re-entrant)."""
+        previous, self.state = self.state, state
+        try:
+            yield state
+        finally:
+            self.state = previous
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Run layer ``layer``'s attention on (B, S, H, D) q, k, v and record it if capturing."""
+        state = self.state
+        if state is None:
+            raise RuntimeError(
+                "an STA attention processor ran outside VideoDiT.forward: call the VideoDiT "
+                "wrapper, not its .transformer, so the token canvas of the forward is known"
+            )
+        o = state.attention(
+            q, k, v, canvas=state.canvas, text_len=state.text_len, window=state.window_for(layer)
+        )
+        if state.store is not None:
+            state.store.record(layer, o)
+        return o
+
+
+def apply_interleaved_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Wan's rotary embedding on interleaved (even, odd) channel pairs.
+
+    Args:
+        x: (B, S, H, D).
+        cos, sin: (1, S, 1, D) with each frequency repeated on its channel pair.
+    """
+    pairs = x.unflatten(-1, (-1, 2))  # (B, S, H, D/2, 2)
+    x_even, x_odd = pairs[..., 0], pairs[..., 1]
+    c, s = cos[..., 0::2], sin[..., 1::2]  # (1, S, 1, D/2)
+    rotated = torch.stack((x_even * c - x_odd * s, x_even * s + x_odd * c), dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+class RuntimeProcessor:
+    """Base of the STA processors: STA layer ``layer`` attending through ``runtime``."""
+
+    def __init__(self, runtime: AttentionRuntime, layer: int) -> None:
+        self.runtime = runtime
+        self.layer = layer
+
+
+class WanSTAProcessor(RuntimeProcessor):
+    """Processor for Wan's video self-attention (``blocks[i].attn1``) routed to the runtime."""
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise ValueError("WanSTAProcessor handles unmasked video self-attention only")
+        if getattr(attn, "fused_projections", False):
+            q, k, v = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        q, k = attn.norm_q(q), attn.norm_k(k)
+        q, k, v = (x.unflatten(2, (attn.heads, -1)) for x in (q, k, v))  # (B, S, H, D)
+        if rotary_emb is not None:
+            q = apply_interleaved_rope(q, *rotary_emb)
+            k = apply_interleaved_rope(k, *rotary_emb)
+        o = self.runtime.attend(self.layer, q, k, v)  # (B, S, H, D)
+        o = o.flatten(2, 3).type_as(q)
+        return attn.to_out[1](attn.to_out[0](o))
+
+
+class HunyuanSTAProcessor(RuntimeProcessor):
+    """Processor for HunyuanVideo's joint attention (dual- and single-stream blocks).
+
+    Video tokens come first, then the text slots; RoPE applies to video only. The diffusers
+    key-padding ``attention_mask`` is superseded by the runtime's valid text lengths.
+    """
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        if encoder_hidden_states is None:
+            raise ValueError("HunyuanSTAProcessor needs the text stream (encoder_hidden_states)")
+        num_text = encoder_hidden_states.shape[1]
+        dual = attn.add_q_proj is not None
+        x = hidden_states if dual else torch.cat([hidden_states, encoder_hidden_states], dim=1)
+        q, k, v = (proj(x).unflatten(2, (attn.heads, -1)) for proj in (attn.to_q, attn.to_k, attn.to_v))
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        if image_rotary_emb is not None:
+            if dual:
+                q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
+                k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
+            else:
+                q = torch.cat([apply_rotary_emb(q[:, :-num_text], image_rotary_emb, sequence_dim=1), q[:, -num_text:]], dim=1)
+                k = torch.cat([apply_rotary_emb(k[:, :-num_text], image_rotary_emb, sequence_dim=1), k[:, -num_text:]], dim=1)
+        if dual:
+            eq, ek, ev = (
+                proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+                for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+            )
+            if attn.norm_added_q is not None:
+                eq = attn.norm_added_q(eq)
+            if attn.norm_added_k is not None:
+                ek = attn.norm_added_k(ek)
+            q, k, v = torch.cat([q, eq], dim=1), torch.cat([k, ek], dim=1), torch.cat([v, ev], dim=1)
+        o = self.runtime.attend(self.layer, q, k, v)  # (B, Sv + L, H, D)
+        o = o.flatten(2, 3).to(q.dtype)
+        video, text = o[:, :-num_text], o[:, -num_text:]
+        if getattr(attn, "to_out", None) is not None:
+            video = attn.to_out[1](attn.to_out[0](video))
+        if getattr(attn, "to_add_out", None) is not None:
+            text = attn.to_add_out(text)
+        return video, text

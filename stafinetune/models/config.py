@@ -1,0 +1,138 @@
+"""Typed configuration of the model adapters: which DiT to build and how it attends.
+
+Both dataclasses are Hydra/OmegaConf structured configs (plain types, lists not tuples) and
+validate themselves in ``__post_init__`` with messages that name the field
+(``model.flavor``, ``attention.window``). YAML under ``conf/model`` and ``conf/attention``
+only sets their values.
+
+Window precedence for ``attention.mode == "sta"`` (most specific wins):
+``strategy_path`` > ``head_windows`` > ``layer_windows`` > ``window``.
+"""
+
+# OmegaConf 2.3 structured configs understand typing.Optional, not PEP 604 unions.
+# ruff: noqa: UP045
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+ATTENTION_MODES = ("full", "sta")
+ATTENTION_BACKENDS = ("auto", "triton", "flex", "reference")
+
+
+def check_triple(value: Any, name: str) -> list[int]:
+    """Return ``value`` as a list of three positive ints or raise ``ValueError`` naming ``name``."""
+    try:
+        triple = [int(v) for v in value]
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{name} must be a list of 3 positive ints, got {value!r}") from err
+    if len(triple) != 3 or any(v < 1 for v in triple):
+        raise ValueError(f"{name} must be a list of 3 positive ints, got {value!r}")
+    if any(float(v) != t for v, t in zip(value, triple, strict=True)):
+        raise ValueError(f"{name} must hold integers, got {value!r}")
+    return triple
+
+
+@dataclass
+class ModelConfig:
+    """Which video DiT to build.
+
+    Attributes:
+        flavor: a name from ``stafinetune.models.flavors.FLAVORS``: ``wan_tiny`` (the embedded
+            default), ``hunyuan_tiny`` (tests), ``wan2.1_t2v_1.3b``, ``wan2.1_t2v_14b``,
+            ``hunyuanvideo_13b`` (published shapes).
+        path: local diffusers-format directory (a pipeline root with ``transformer/`` or the
+            transformer folder itself, safetensors weights). ``None`` builds the flavor with
+            random weights (or on the meta device for benchmarks). Nothing is fetched from a hub.
+        gradient_checkpointing: recompute each transformer block in backward (works with STA).
+        guidance_scale: HunyuanVideo's embedded guidance (the model receives it times 1000);
+            ignored by Wan.
+        config_overrides: values merged over the flavor's diffusers config when building
+            without ``path`` (e.g. ``{num_layers: 4}`` for a short benchmark).
+    """
+
+    flavor: str = "wan_tiny"
+    path: Optional[str] = None
+    gradient_checkpointing: bool = False
+    guidance_scale: float = 6.0
+    config_overrides: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from .flavors import FLAVORS
+
+        if self.flavor not in FLAVORS:
+            raise ValueError(f"model.flavor must be one of {sorted(FLAVORS)}, got {self.flavor!r}")
+        if self.path is not None and not str(self.path).strip():
+            raise ValueError("model.path must be a local directory or null, got an empty string")
+        if not self.guidance_scale >= 0:
+            raise ValueError(f"model.guidance_scale must be >= 0, got {self.guidance_scale}")
+        if self.path is not None and self.config_overrides:
+            raise ValueError(
+                "model.config_overrides only applies to randomly initialised flavors; "
+                "it must be empty when model.path is set"
+            )
+
+
+@dataclass
+class AttentionConfig:
+    """How the video self-attention (Wan) / joint attention (HunyuanVideo) is computed.
+
+    Attributes:
+        mode: ``full`` (dense SDPA) or ``sta`` (Sliding Tile Attention).
+        backend: STA kernel backend: ``auto`` (triton on CUDA, reference elsewhere),
+            ``triton``, ``flex`` or ``reference``.
+        tile: (tt, th, tw) tile shape in latent tokens. The default (1, 2, 2) suits the embedded
+            ``wan_tiny`` canvas (5, 8, 8) -> 5 x 4 x 4 tiles; real Wan/Hunyuan use (6, 8, 8).
+        window: (wt, wh, ww) in tiles for every layer and head. With the default tile on the
+            (5, 8, 8) canvas, (3, 3, 3) keeps 3/5 * 3/4 * 3/4 = 33.75% of the video pairs.
+        layer_windows: one triple per STA layer (overrides ``window``).
+        head_windows: per layer, one triple per head (overrides ``layer_windows``).
+        strategy_path: a mask-strategy JSON (``stafinetune.models.strategy``) giving windows per
+            (denoising step, layer, head); overrides the above.
+        dense_first_steps: denoising steps ``step_index < dense_first_steps`` run dense.
+        strict_window: fail when a window is wider than the canvas's tile grid (instead of
+            clipping it to the whole axis).
+    """
+
+    mode: str = "sta"
+    backend: str = "auto"
+    tile: list[int] = field(default_factory=lambda: [1, 2, 2])
+    window: list[int] = field(default_factory=lambda: [3, 3, 3])
+    layer_windows: Optional[list[list[int]]] = None
+    head_windows: Optional[list[list[list[int]]]] = None
+    strategy_path: Optional[str] = None
+    dense_first_steps: int = 0
+    strict_window: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in ATTENTION_MODES:
+            raise ValueError(f"attention.mode must be one of {ATTENTION_MODES}, got {self.mode!r}")
+        if self.backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention.backend must be one of {ATTENTION_BACKENDS}, got {self.backend!r}"
+            )
+        check_triple(self.tile, "attention.tile")
+        check_triple(self.window, "attention.window")
+        if self.layer_windows is not None:
+            if len(self.layer_windows) == 0:
+                raise ValueError("attention.layer_windows must be null or a non-empty list")
+            for i, w in enumerate(self.layer_windows):
+                check_triple(w, f"attention.layer_windows[{i}]")
+        if self.head_windows is not None:
+            if len(self.head_windows) == 0:
+                raise ValueError("attention.head_windows must be null or a non-empty list")
+            heads = {len(layer) for layer in self.head_windows}
+            if len(heads) != 1 or 0 in heads:
+                raise ValueError(
+                    "attention.head_windows must give the same (non-zero) number of heads in "
+                    f"every layer, got {[len(layer) for layer in self.head_windows]}"
+                )
+            for i, layer in enumerate(self.head_windows):
+                for h, w in enumerate(layer):
+                    check_triple(w, f"attention.head_windows[{i}][{h}]")
+        if self.strategy_path is not None and not str(self.strategy_path).strip():
+            raise ValueError("attention.strategy_path must be a file path or null, got ''")
+        if int(self.dense_first_steps) != self.dense_first_steps or self.dense_first_steps < 0:
+            raise ValueError(
+                f"attention.dense_first_steps must be an int >= 0, got {self.dense_first_steps}"
+            )

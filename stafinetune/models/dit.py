@@ -1,0 +1,358 @@
+"""``VideoDiT``: a diffusers video transformer (Wan 2.1 / HunyuanVideo) with STA attention.
+
+The diffusers model is wrapped, never forked: STA enters only through attention processors
+on the video self-attention (Wan ``blocks[i].attn1``) or the joint attention (HunyuanVideo
+``transformer_blocks[i].attn`` then ``single_transformer_blocks[i].attn``). Those are the
+model's "STA layers", indexed 0..num_layers-1 in that order. Wan's text cross-attention and
+HunyuanVideo's token refiner keep diffusers' dense processors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .attention import (
+    ActivationStore,
+    AttentionRuntime,
+    ForwardState,
+    HunyuanSTAProcessor,
+    STAAttention,
+    WanSTAProcessor,
+)
+from .config import AttentionConfig, ModelConfig
+from .flavors import get_flavor
+from .windows import WindowPlan, build_window_plan
+
+ATTENTION_FILE = "stafinetune_attention.json"
+
+
+def _transformer_class(family: str) -> type[nn.Module]:
+    from diffusers import HunyuanVideoTransformer3DModel, WanTransformer3DModel
+
+    return {"wan": WanTransformer3DModel, "hunyuan": HunyuanVideoTransformer3DModel}[family]
+
+
+class VideoDiT(nn.Module):
+    """A diffusers video DiT whose video attention runs through one ``STAAttention`` module.
+
+    Call it as ``dit(latents, timestep, text, text_mask, pooled_text=None, step_index=None)``.
+    Build it with ``build_model``. Attributes for the trainer: ``family``, ``num_layers``
+    (STA layers), ``num_heads``, ``head_dim``, ``patch_size`` (pt, ph, pw), ``in_channels``,
+    ``text_dim``, ``pooled_dim`` (None for Wan), ``canvas_for(latent_shape)``.
+    """
+
+    def __init__(
+        self,
+        transformer: nn.Module,
+        family: str,
+        attention_cfg: AttentionConfig,
+        *,
+        guidance_scale: float = 6.0,
+    ) -> None:
+        super().__init__()
+        if family not in ("wan", "hunyuan"):
+            raise ValueError(f"family must be 'wan' or 'hunyuan', got {family!r}")
+        self.transformer = transformer
+        self.family = family
+        self.guidance_scale = float(guidance_scale)
+        cfg = transformer.config
+        self.num_heads: int = int(cfg.num_attention_heads)
+        self.head_dim: int = int(cfg.attention_head_dim)
+        self.in_channels: int = int(cfg.in_channels)
+        if family == "wan":
+            self.patch_size: tuple[int, int, int] = tuple(int(p) for p in cfg.patch_size)  # type: ignore[assignment]
+            self.text_dim: int = int(cfg.text_dim)
+            self.pooled_dim: int | None = None
+        else:
+            self.patch_size = (int(cfg.patch_size_t), int(cfg.patch_size), int(cfg.patch_size))
+            self.text_dim = int(cfg.text_embed_dim)
+            self.pooled_dim = int(cfg.pooled_projection_dim)
+        self.num_layers: int = len(self.sta_layers())
+        self._runtime = AttentionRuntime()
+        self._store: ActivationStore | None = None
+        self.attention_cfg = attention_cfg
+        self.attention = STAAttention(attention_cfg.tile, attention_cfg.backend)
+        self.plan: WindowPlan = build_window_plan(attention_cfg, self.num_layers, self.num_heads)
+        self._install_processors()
+
+    # ----------------------------------------------------------------- structure
+    def sta_layers(self) -> list[nn.Module]:
+        """The diffusers attention modules STA replaces, in STA-layer order."""
+        t = self.transformer
+        if self.family == "wan":
+            return [block.attn1 for block in t.blocks]
+        return [b.attn for b in t.transformer_blocks] + [b.attn for b in t.single_transformer_blocks]
+
+    def _install_processors(self) -> None:
+        proc = WanSTAProcessor if self.family == "wan" else HunyuanSTAProcessor
+        for i, attn in enumerate(self.sta_layers()):
+            attn.set_processor(proc(self._runtime, i))
+
+    def set_attention(self, attention_cfg: AttentionConfig) -> None:
+        """Switch how this model attends (e.g. dense teacher -> STA student), keeping weights.
+
+        Replaces ``self.attention`` with a fresh ``STAAttention``; apply parallel wrappers of
+        the attention module after calling this.
+        """
+        attention_cfg = as_config(attention_cfg, AttentionConfig)
+        plan = build_window_plan(attention_cfg, self.num_layers, self.num_heads)
+        self.attention_cfg = attention_cfg
+        self.plan = plan
+        self.attention = STAAttention(attention_cfg.tile, attention_cfg.backend)
+        self._install_processors()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.transformer.parameters()).dtype
+
+    def canvas_for(self, latent_shape: Sequence[int]) -> tuple[int, int, int]:
+        """Token canvas (T/pt, H/ph, W/pw) of latents shaped (..., T, H, W); must divide evenly."""
+        if len(latent_shape) < 3:
+            raise ValueError(f"latent shape must end with (T, H, W), got {tuple(latent_shape)}")
+        grid = tuple(int(s) for s in latent_shape[-3:])
+        for axis, size, p in zip("THW", grid, self.patch_size, strict=True):
+            if size % p != 0 or size < p:
+                raise ValueError(
+                    f"latent {axis}={size} is not a positive multiple of the patch size "
+                    f"{p} (patch_size={self.patch_size})"
+                )
+        return tuple(s // p for s, p in zip(grid, self.patch_size, strict=True))  # type: ignore[return-value]
+
+    # ----------------------------------------------------------------- forward
+    def _text_lengths(self, text_mask: torch.Tensor) -> torch.Tensor:
+        """(B,) valid text lengths; HunyuanVideo needs valid tokens first, then padding."""
+        lengths = text_mask.sum(dim=1)  # (B,)
+        pos = torch.arange(text_mask.shape[1], device=text_mask.device)
+        if not torch.equal(text_mask, pos[None, :] < lengths[:, None]):
+            raise ValueError("text_mask must mark valid tokens first, then padding (True...False...)")
+        return lengths.to("cpu", torch.int64)
+
+    def forward(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        text: torch.Tensor,
+        text_mask: torch.Tensor,
+        pooled_text: torch.Tensor | None = None,
+        *,
+        step_index: int | None = None,
+    ) -> torch.Tensor:
+        """Predict the flow/noise target for noisy ``latents``.
+
+        Args:
+            latents: (B, C, T, H, W) noisy latents.
+            timestep: (B,) in [0, 1000] (a scalar is broadcast).
+            text: (B, L, Dt) text-encoder states, padded to L.
+            text_mask: (B, L) bool, True for valid tokens. Wan zeroes the padded embeddings
+                (as diffusers' Wan pipeline does); HunyuanVideo masks them in joint attention.
+            pooled_text: (B, Dp) pooled text embedding (required by HunyuanVideo, unused by Wan).
+            step_index: denoising step for per-step windows and ``dense_first_steps``; ``None``
+                in training (the step-independent window per (layer, head)).
+        Returns:
+            (B, C, T, H, W) in the model's dtype.
+        """
+        if latents.ndim != 5 or latents.shape[1] != self.in_channels:
+            raise ValueError(
+                f"latents must be (B, {self.in_channels}, T, H, W), got {tuple(latents.shape)}"
+            )
+        batch = latents.shape[0]
+        if text.ndim != 3 or text.shape[0] != batch or text.shape[2] != self.text_dim:
+            raise ValueError(f"text must be (B={batch}, L, {self.text_dim}), got {tuple(text.shape)}")
+        if text_mask.shape != text.shape[:2] or text_mask.dtype != torch.bool:
+            raise ValueError(
+                f"text_mask must be a bool (B, L) = {tuple(text.shape[:2])} tensor, got "
+                f"{text_mask.dtype} {tuple(text_mask.shape)}"
+            )
+        canvas = self.canvas_for(latents.shape)
+        dtype = self.dtype
+        timestep = torch.as_tensor(timestep, device=latents.device).float().expand(batch)
+        windows = self.plan.windows_for_step(step_index)
+        if self.attention_cfg.strict_window and windows is not None:
+            self.plan.check_canvas(canvas, self.attention.tile)
+        latents = latents.to(dtype)
+        text = text.to(dtype)
+        if self.family == "wan":
+            text_len: int | torch.Tensor = 0
+            kwargs: dict[str, Any] = {"encoder_hidden_states": text * text_mask[..., None].to(dtype)}
+        else:
+            if pooled_text is None or pooled_text.shape != (batch, self.pooled_dim):
+                got = None if pooled_text is None else tuple(pooled_text.shape)
+                raise ValueError(f"pooled_text must be (B={batch}, {self.pooled_dim}) for HunyuanVideo, got {got}")
+            text_len = self._text_lengths(text_mask)
+            guidance = None
+            if self.transformer.config.guidance_embeds:
+                guidance = torch.full((batch,), self.guidance_scale * 1000.0, device=latents.device, dtype=dtype)
+            kwargs = {
+                "encoder_hidden_states": text,
+                "encoder_attention_mask": text_mask,
+                "pooled_projections": pooled_text.to(dtype),
+                "guidance": guidance,
+            }
+        state = ForwardState(self.attention, canvas, text_len, windows, self._store)
+        with self._runtime.use(state):
+            out = self.transformer(
+                hidden_states=latents, timestep=timestep, return_dict=False, **kwargs
+            )[0]  # (B, C, T, H, W)
+        if self._store is not None:
+            self._store.final = out.detach() if self._store.detach else out
+        return out
+
+    # ----------------------------------------------------------------- hooks
+    @contextlib.contextmanager
+    def capture(self, layers: Iterable[int] | None = None, detach: bool = False) -> Iterator[ActivationStore]:
+        """Collect STA-layer attention outputs and the final output of forwards in the block.
+
+        Args:
+            layers: STA layer indices to keep (default: all). Others cost nothing.
+            detach: store detached tensors (e.g. for a teacher).
+        Yields:
+            an ``ActivationStore``: ``store[i]`` (B, S, H, D) per layer, ``store["final"]``.
+        Outside ``capture()`` nothing is recorded (one ``is None`` check per layer).
+        """
+        store = ActivationStore(layers, detach)
+        previous, self._store = self._store, store
+        try:
+            yield store
+        finally:
+            self._store = previous
+
+    # ----------------------------------------------------------------- checkpointing
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each transformer block in backward; STA state travels with the block.
+
+        The recomputation runs during backward, after ``forward`` returned, so the checkpoint
+        function re-installs the forward's ``ForwardState`` (without capture store) around it.
+        """
+        runtime = self._runtime
+
+        def checkpoint_block(block: nn.Module, *args: Any) -> Any:
+            state = runtime.state
+            if state is None:
+                return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+            calls = 0
+
+            def run(*inner: Any) -> Any:
+                nonlocal calls
+                current = state if calls == 0 else state.without_store()
+                calls += 1
+                with runtime.use(current):
+                    return block(*inner)
+
+            return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
+
+        self.transformer.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_block)
+
+    def disable_gradient_checkpointing(self) -> None:
+        """Turn block recomputation off again."""
+        self.transformer.disable_gradient_checkpointing()
+
+    # ----------------------------------------------------------------- export
+    def save_pretrained(self, path: str | os.PathLike[str]) -> None:
+        """Write the wrapped transformer in diffusers format (config.json + safetensors).
+
+        The attention configuration goes next to it in ``stafinetune_attention.json``;
+        diffusers ignores that file, so the folder loads as a plain diffusers transformer.
+        """
+        os.makedirs(path, exist_ok=True)
+        self.transformer.save_pretrained(path, safe_serialization=True)
+        with open(os.path.join(path, ATTENTION_FILE), "w", encoding="utf-8") as f:
+            json.dump(dataclasses.asdict(self.attention_cfg), f, indent=1)
+
+
+def resolve_transformer_dir(path: str | os.PathLike[str]) -> str:
+    """The folder holding the transformer's ``config.json``: ``path`` or ``path/transformer``."""
+    path = os.fspath(path)
+    for candidate in (os.path.join(path, "transformer"), path):
+        if os.path.isfile(os.path.join(candidate, "config.json")):
+            return candidate
+    raise ValueError(
+        f"model.path={path!r} holds no diffusers transformer (looked for config.json in "
+        "<path>/transformer and <path>)"
+    )
+
+
+def load_transformer(family: str, path: str | os.PathLike[str], dtype: torch.dtype) -> nn.Module:
+    """Load a diffusers transformer of ``family`` from a local directory (no hub access)."""
+    folder = resolve_transformer_dir(path)
+    cls = _transformer_class(family)
+    with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+        class_name = json.load(f).get("_class_name")
+    if class_name is not None and class_name != cls.__name__:
+        raise ValueError(
+            f"model.path={os.fspath(path)!r} holds a {class_name}, but model.flavor is a "
+            f"{family} flavor ({cls.__name__})"
+        )
+    return cls.from_pretrained(folder, torch_dtype=dtype, local_files_only=True)
+
+
+def cast_like_diffusers(transformer: nn.Module, dtype: torch.dtype) -> None:
+    """Cast to ``dtype`` in place, keeping the model's ``_keep_in_fp32_modules`` in float32.
+
+    This is what diffusers' ``from_pretrained(torch_dtype=...)`` does; a plain ``.to(dtype)``
+    would also cast the time embedder, modulation tables and RoPE tables.
+    """
+    nn.Module.to(transformer, dtype)
+    keep = getattr(transformer, "_keep_in_fp32_modules", None) or []
+    if dtype == torch.float32 or not keep:
+        return
+    for name, module in transformer.named_modules():
+        if any(k in name.split(".") for k in keep):
+            nn.Module.to(module, torch.float32)
+
+
+def as_config(cfg: Any, cls: type) -> Any:
+    """Accept a dataclass instance, an OmegaConf node or a plain mapping of ``cls``'s fields."""
+    if isinstance(cls, type) and isinstance(cfg, cls):
+        return cfg
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(cfg, DictConfig):
+            cfg = OmegaConf.to_container(cfg, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        pass
+    if isinstance(cfg, dict):
+        return cls(**cfg)
+    raise TypeError(f"expected a {cls.__name__}, got {type(cfg).__name__}")
+
+
+def build_model(
+    model_cfg: ModelConfig,
+    attention_cfg: AttentionConfig,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> VideoDiT:
+    """Build the ``VideoDiT`` named by ``model_cfg`` with the attention of ``attention_cfg``.
+
+    Without ``model_cfg.path`` the flavor's config is instantiated with random weights directly
+    on ``device`` (``"meta"`` builds the real shapes without memory, for benchmarks); with a
+    path the weights load from that local diffusers directory and move to ``device``.
+    """
+    model_cfg = as_config(model_cfg, ModelConfig)
+    attention_cfg = as_config(attention_cfg, AttentionConfig)
+    flavor = get_flavor(model_cfg.flavor)
+    device = torch.device(device)
+    if model_cfg.path is not None:
+        transformer = load_transformer(flavor.family, model_cfg.path, dtype).to(device)
+    else:
+        config = {**flavor.config, **dict(model_cfg.config_overrides)}
+        cls = _transformer_class(flavor.family)
+        try:
+            with device:
+                transformer = cls(**config)
+        except TypeError as err:
+            raise ValueError(f"model.config_overrides has a key {cls.__name__} rejects: {err}") from err
+        cast_like_diffusers(transformer, dtype)
+    dit = VideoDiT(transformer, flavor.family, attention_cfg, guidance_scale=model_cfg.guidance_scale)
+    if model_cfg.gradient_checkpointing:
+        dit.enable_gradient_checkpointing()
+    return dit

@@ -1,0 +1,121 @@
+"""Model flavors by name: the diffusers config of each supported DiT shape.
+
+Tiny flavors drive tests and the embedded CPU default; the real flavors carry the published
+diffusers ``transformer/config.json`` values of Wan 2.1 T2V (1.3B, 14B) and HunyuanVideo
+(13B), so they build on the meta device for benchmarks and load weights from a local
+diffusers directory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Flavor:
+    """A named model shape: its family (``wan`` / ``hunyuan``) and diffusers config kwargs."""
+
+    name: str
+    family: str
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+_WAN_COMMON: dict[str, Any] = {
+    "patch_size": [1, 2, 2],
+    "in_channels": 16,
+    "out_channels": 16,
+    "text_dim": 4096,
+    "freq_dim": 256,
+    "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads",
+    "eps": 1e-6,
+    "image_dim": None,
+    "added_kv_proj_dim": None,
+    "rope_max_seq_len": 1024,
+}
+
+_HUNYUAN_13B: dict[str, Any] = {
+    "in_channels": 16,
+    "out_channels": 16,
+    "num_attention_heads": 24,
+    "attention_head_dim": 128,
+    "num_layers": 20,
+    "num_single_layers": 40,
+    "num_refiner_layers": 2,
+    "mlp_ratio": 4.0,
+    "patch_size": 2,
+    "patch_size_t": 1,
+    "qk_norm": "rms_norm",
+    "guidance_embeds": True,
+    "text_embed_dim": 4096,
+    "pooled_projection_dim": 768,
+    "rope_theta": 256.0,
+    "rope_axes_dim": [16, 56, 56],
+}
+
+FLAVORS: dict[str, Flavor] = {
+    # Embedded default: latents (16, 5, 16, 16) -> canvas (5, 8, 8) = 320 tokens; 2 layers,
+    # 4 heads x 16, text (16 tokens of 32). Small enough for hundreds of CPU steps a minute.
+    "wan_tiny": Flavor(
+        "wan_tiny",
+        "wan",
+        {
+            **_WAN_COMMON,
+            "num_attention_heads": 4,
+            "attention_head_dim": 16,
+            "text_dim": 32,
+            "freq_dim": 32,
+            "ffn_dim": 128,
+            "num_layers": 2,
+            "rope_max_seq_len": 64,
+        },
+    ),
+    # Tests: one dual-stream and one single-stream block so both joint paths are exercised.
+    "hunyuan_tiny": Flavor(
+        "hunyuan_tiny",
+        "hunyuan",
+        {
+            **_HUNYUAN_13B,
+            "num_attention_heads": 4,
+            "attention_head_dim": 16,
+            "num_layers": 1,
+            "num_single_layers": 1,
+            "num_refiner_layers": 1,
+            "mlp_ratio": 2.0,
+            "text_embed_dim": 32,
+            "pooled_projection_dim": 32,
+            "rope_axes_dim": [4, 6, 6],
+        },
+    ),
+    "wan2.1_t2v_1.3b": Flavor(
+        "wan2.1_t2v_1.3b",
+        "wan",
+        {
+            **_WAN_COMMON,
+            "num_attention_heads": 12,
+            "attention_head_dim": 128,
+            "ffn_dim": 8960,
+            "num_layers": 30,
+        },
+    ),
+    "wan2.1_t2v_14b": Flavor(
+        "wan2.1_t2v_14b",
+        "wan",
+        {
+            **_WAN_COMMON,
+            "num_attention_heads": 40,
+            "attention_head_dim": 128,
+            "ffn_dim": 13824,
+            "num_layers": 40,
+        },
+    ),
+    "hunyuanvideo_13b": Flavor("hunyuanvideo_13b", "hunyuan", dict(_HUNYUAN_13B)),
+}
+
+
+def get_flavor(name: str) -> Flavor:
+    """Return the flavor called ``name`` or raise ``ValueError`` listing the known ones."""
+    if name not in FLAVORS:
+        raise ValueError(f"model.flavor must be one of {sorted(FLAVORS)}, got {name!r}")
+    return FLAVORS[name]

@@ -1,0 +1,112 @@
+"""Resolve an ``AttentionConfig`` into the windows every layer and head uses at each step."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .config import AttentionConfig
+from .strategy import MaskStrategy
+
+
+@dataclass
+class WindowPlan:
+    """Windows of every STA layer and head, step-independent and (optionally) per step.
+
+    Attributes:
+        train: (L, H, 3) int64 windows for ``step_index=None``; ``None`` means dense.
+        steps: (num_steps, L, H, 3) int64 per-step windows from a strategy file, or ``None``.
+        dense_first_steps: steps ``< dense_first_steps`` run dense.
+        source: the config field the windows came from (for error messages).
+    """
+
+    train: torch.Tensor | None
+    steps: torch.Tensor | None = None
+    dense_first_steps: int = 0
+    source: str = "attention.window"
+
+    def windows_for_step(self, step_index: int | None) -> torch.Tensor | None:
+        """(L, H, 3) windows for denoising step ``step_index`` (None: training), or None (dense)."""
+        if self.train is None:
+            return None
+        if step_index is None:
+            return self.train
+        if step_index < 0:
+            raise ValueError(f"step_index must be >= 0, got {step_index}")
+        if step_index < self.dense_first_steps:
+            return None
+        if self.steps is None:
+            return self.train
+        if step_index >= self.steps.shape[0]:
+            raise ValueError(
+                f"step_index={step_index} but the mask strategy ({self.source}) has "
+                f"{self.steps.shape[0]} steps"
+            )
+        return self.steps[step_index]
+
+    def check_canvas(self, canvas: tuple[int, int, int], tile: tuple[int, int, int]) -> None:
+        """Raise if any window is wider than ``canvas``'s tile grid (``attention.strict_window``)."""
+        tiles = torch.tensor([math.ceil(c / t) for c, t in zip(canvas, tile, strict=True)])
+        for windows in (self.train, self.steps):
+            if windows is None:
+                continue
+            too_wide = (windows > tiles).any(dim=-1)
+            if too_wide.any():
+                where = too_wide.nonzero()[0].tolist()
+                raise ValueError(
+                    f"{self.source}: window {windows[tuple(where)].tolist()} at index {where} is "
+                    f"wider than the tile grid {tiles.tolist()} of canvas {list(canvas)} with tile "
+                    f"{list(tile)} (attention.strict_window is on)"
+                )
+
+
+def build_window_plan(cfg: AttentionConfig, num_layers: int, num_heads: int) -> WindowPlan:
+    """Resolve ``cfg`` for a model with ``num_layers`` STA layers of ``num_heads`` heads.
+
+    Precedence: ``strategy_path`` > ``head_windows`` > ``layer_windows`` > ``window``.
+    Raises ``ValueError`` naming the field whose shape does not fit the model.
+    """
+    if cfg.mode == "full":
+        return WindowPlan(train=None, source="attention.mode")
+    dense_first = int(cfg.dense_first_steps)
+    if cfg.strategy_path is not None:
+        strategy = MaskStrategy.load(cfg.strategy_path, num_layers, num_heads)
+        if list(strategy.tile) != list(cfg.tile):
+            raise ValueError(
+                f"attention.tile {list(cfg.tile)} differs from the tile {strategy.tile} of the mask "
+                f"strategy {cfg.strategy_path}; windows are counted in tiles, so they must match"
+            )
+        return WindowPlan(
+            train=strategy.train_tensor(),
+            steps=strategy.step_tensor(),
+            dense_first_steps=dense_first,
+            source=f"attention.strategy_path={cfg.strategy_path}",
+        )
+    if cfg.head_windows is not None:
+        windows = torch.tensor([[list(w) for w in layer] for layer in cfg.head_windows], dtype=torch.int64)
+        if windows.shape[:2] != (num_layers, num_heads):
+            raise ValueError(
+                f"attention.head_windows must be {num_layers} layers x {num_heads} heads for this "
+                f"model, got {windows.shape[0]} x {windows.shape[1]}"
+            )
+        return WindowPlan(train=windows, dense_first_steps=dense_first, source="attention.head_windows")
+    if cfg.layer_windows is not None:
+        windows = torch.tensor([list(w) for w in cfg.layer_windows], dtype=torch.int64)
+        if windows.shape[0] != num_layers:
+            raise ValueError(
+                f"attention.layer_windows must give {num_layers} windows (one per STA layer), "
+                f"got {windows.shape[0]}"
+            )
+        return WindowPlan(
+            train=windows[:, None, :].expand(num_layers, num_heads, 3).contiguous(),
+            dense_first_steps=dense_first,
+            source="attention.layer_windows",
+        )
+    window = torch.tensor(list(cfg.window), dtype=torch.int64)
+    return WindowPlan(
+        train=window.expand(num_layers, num_heads, 3).contiguous(),
+        dense_first_steps=dense_first,
+        source="attention.window",
+    )

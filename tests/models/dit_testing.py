@@ -1,0 +1,55 @@
+"""Helpers for the model-adapter tests: tiny random DiTs and default-shaped batches."""
+
+from __future__ import annotations
+
+import torch
+
+from stafinetune.models import AttentionConfig, ModelConfig, VideoDiT, build_model
+
+
+def make_batch(
+    batch: int = 2, text_lens: tuple[int, ...] = (16, 9), seed: int = 1
+) -> dict[str, torch.Tensor]:
+    """Latents (B, 16, 5, 16, 16), timestep, text (B, 16, 32) with a padding mask, pooled."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.arange(16)[None, :] < torch.tensor(text_lens[:batch])[:, None]
+    return {
+        "latents": torch.randn(batch, 16, 5, 16, 16, generator=g),
+        "timestep": torch.tensor([37.0, 812.0][:batch]),
+        "text": torch.randn(batch, 16, 32, generator=g),
+        "text_mask": mask,
+        "pooled_text": torch.randn(batch, 32, generator=g),
+    }
+
+
+def run(dit: VideoDiT, b: dict[str, torch.Tensor], **kwargs) -> torch.Tensor:
+    return dit(b["latents"], b["timestep"], b["text"], b["text_mask"], b["pooled_text"], **kwargs)
+
+
+def build(flavor: str, seed: int = 0, **attention) -> VideoDiT:
+    """A tiny DiT with deterministic random weights; attention fields as keyword arguments."""
+    attention.setdefault("backend", "reference")
+    torch.manual_seed(seed)
+    return build_model(ModelConfig(flavor=flavor), AttentionConfig(**attention), device="cpu", dtype=torch.float32)
+
+
+def original(dit: VideoDiT) -> torch.nn.Module:
+    """The untouched diffusers model (its own processors) holding ``dit``'s weights."""
+    from diffusers import HunyuanVideoTransformer3DModel, WanTransformer3DModel
+
+    cls = WanTransformer3DModel if dit.family == "wan" else HunyuanVideoTransformer3DModel
+    ref = cls(**dict(dit.transformer.config))
+    ref.load_state_dict(dit.transformer.state_dict())
+    return ref.eval()
+
+
+def run_original(ref: torch.nn.Module, family: str, b: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Call diffusers directly the way its pipelines do."""
+    if family == "wan":
+        text = b["text"] * b["text_mask"][..., None]
+        return ref(b["latents"], b["timestep"], text, return_dict=False)[0]
+    guidance = torch.full((b["latents"].shape[0],), 6000.0)
+    return ref(
+        b["latents"], b["timestep"], b["text"], b["text_mask"], b["pooled_text"],
+        guidance=guidance, return_dict=False,
+    )[0]
