@@ -1,0 +1,192 @@
+"""Typed configuration of the data pipeline (Hydra group ``data``).
+
+Plain types only (lists, not tuples) so the dataclass can be registered in Hydra's ConfigStore;
+YAML under ``conf/data/`` only sets values. Every check names the offending field as
+``data.<field>``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SOURCES = ("synthetic", "folder", "hf_dataset")
+VIDEO_ENCODERS = ("tiny", "wan", "hunyuan")
+TEXT_ENCODERS = ("tiny", "umt5", "hunyuan")
+CACHE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def default_data_root() -> Path:
+    """Where synthetic clips and latent caches live unless ``data.root`` is set.
+
+    ``$STAFINETUNE_DATA`` if set, else ``$XDG_CACHE_HOME/stafinetune/data``, else
+    ``~/.cache/stafinetune/data``. It is reused across runs and never inside the package.
+    """
+    explicit = os.environ.get("STAFINETUNE_DATA")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "stafinetune" / "data"
+
+
+@dataclass
+class DataConfig:
+    """Where the clips come from, how they are sampled, encoded, cached and loaded.
+
+    Sources: ``synthetic`` (the embedded default: generated mp4 clips of moving shapes),
+    ``folder`` (a JSONL/CSV manifest of video paths and captions) and ``hf_dataset`` (a local
+    ``datasets`` dataset saved with ``save_to_disk`` or a folder/file of parquet/arrow files).
+    """
+
+    # --- source -------------------------------------------------------------------------
+    source: str = "synthetic"
+    name: str = "synthetic"  # human-readable dataset name, part of the cache folder name
+    root: str | None = None  # data + cache root; None: default_data_root()
+    cache_dir: str | None = None  # explicit latent-cache folder; None: <root>/cache/<name>-<hash>
+    manifest: str | None = (
+        None  # folder source: .jsonl or .csv with path, caption[, fps, start, end]
+    )
+    video_dir: str | None = None  # base for relative manifest paths; None: the manifest's folder
+    dataset_path: str | None = None  # hf_dataset source: save_to_disk folder or parquet/arrow files
+    dataset_split: str | None = None  # split of a DatasetDict; None: the only split or "train"
+    video_column: str = "video"  # path (str) or encoded bytes (or {"bytes", "path"} dicts)
+    caption_column: str = "caption"
+    max_samples: int | None = None  # keep only the first N records of the source
+
+    # --- synthetic generator --------------------------------------------------------------
+    num_clips: int = 64
+    synthetic_fps: int = 8  # frame rate the synthetic mp4 files are written at
+    synthetic_frames: int = 17  # frames per synthetic clip
+    synthetic_height: int = 128
+    synthetic_width: int = 128
+    synthetic_seed: int = 0
+
+    # --- frame sampling and resizing ----------------------------------------------------
+    num_frames: int = 17  # frames per training clip (1 + 4k for the 4x causal VAEs)
+    height: int = 128
+    width: int = 128
+    fps: float | None = None  # target frame rate; None: the video's native rate
+    frame_stride: int = 1  # take every stride-th frame at the target rate
+    # Extra [num_frames, height, width] buckets; each video goes to the bucket whose aspect
+    # ratio is closest to its own, then to the longest frame count it is long enough for.
+    # Empty: the single bucket [num_frames, height, width].
+    buckets: list[list[int]] = field(default_factory=list)
+
+    # --- bad-input limits ---------------------------------------------------------------
+    min_side: int = 16  # videos with a side below this many pixels are skipped
+    max_pixels: int = 4096 * 4096  # videos with more pixels per frame are skipped
+    max_aspect_ratio: float = 4.0  # long side / short side above this is skipped
+
+    # --- encoders ------------------------------------------------------------------------
+    video_encoder: str = "tiny"  # tiny | wan | hunyuan
+    video_encoder_path: str | None = None  # local diffusers VAE folder (wan, hunyuan)
+    text_encoder: str = "tiny"  # tiny | umt5 | hunyuan
+    text_encoder_path: str | None = None  # local transformers folder (umt5; hunyuan: the llama)
+    text_encoder_2_path: str | None = None  # hunyuan: the CLIP text model folder
+    tokenizer_path: str | None = None  # None: text_encoder_path
+    tokenizer_2_path: str | None = None  # None: text_encoder_2_path
+    text_len: int = 16  # L: text tokens per caption (padded / truncated)
+    text_dim: int = 32  # Dt of the tiny text encoder
+    pooled_dim: int = 32  # Dp of the tiny text encoder
+    latent_channels: int = 16  # C of the tiny video encoder
+    encoder_seed: int = 0  # seed of the tiny encoders' fixed tables
+    encoder_dtype: str = "float32"  # dtype the real encoders run in
+    device: str = "cpu"  # device the encoders run on while preprocessing
+    sample_posterior: bool = False  # real VAEs: sample the latent distribution instead of its mean
+
+    # --- cache ----------------------------------------------------------------------------
+    cache_dtype: str = "float32"  # dtype of latents and text states stored in the cache
+    shard_size: int = 64  # records per cache shard (the unit of resumption)
+    encode_batch_size: int = 4
+
+    # --- loader --------------------------------------------------------------------------
+    use_cache: bool = True  # False: decode + encode on the fly in the loader workers
+    num_workers: int = 2
+    prefetch_factor: int = 2
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first invalid ``data.<field>``."""
+        if self.source not in SOURCES:
+            raise ValueError(f"data.source must be one of {SOURCES}, got {self.source!r}")
+        if self.source == "folder" and not self.manifest:
+            raise ValueError("data.manifest must be set when data.source is 'folder'")
+        if self.source == "hf_dataset" and not self.dataset_path:
+            raise ValueError("data.dataset_path must be set when data.source is 'hf_dataset'")
+        if not self.name or "/" in self.name or os.sep in self.name:
+            raise ValueError(f"data.name must be a non-empty name without '/', got {self.name!r}")
+        positive = (
+            "num_clips", "synthetic_fps", "synthetic_frames", "synthetic_height", "synthetic_width",
+            "num_frames", "height", "width", "frame_stride", "min_side", "max_pixels",
+            "text_len", "text_dim", "pooled_dim", "latent_channels", "shard_size",
+            "encode_batch_size", "prefetch_factor",
+        )  # fmt: skip
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"data.{name} must be a positive integer, got {value!r}")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.max_samples is not None and self.max_samples <= 0:
+            raise ValueError(f"data.max_samples must be positive or null, got {self.max_samples}")
+        if self.fps is not None and self.fps <= 0:
+            raise ValueError(f"data.fps must be positive or null, got {self.fps}")
+        if self.max_aspect_ratio < 1:
+            raise ValueError(f"data.max_aspect_ratio must be >= 1, got {self.max_aspect_ratio}")
+        if self.video_encoder not in VIDEO_ENCODERS:
+            raise ValueError(
+                f"data.video_encoder must be one of {VIDEO_ENCODERS}, got {self.video_encoder!r}"
+            )
+        if self.text_encoder not in TEXT_ENCODERS:
+            raise ValueError(
+                f"data.text_encoder must be one of {TEXT_ENCODERS}, got {self.text_encoder!r}"
+            )
+        if self.video_encoder != "tiny" and not self.video_encoder_path:
+            raise ValueError(
+                f"data.video_encoder_path must point to a local VAE folder for {self.video_encoder!r}"
+            )
+        if self.text_encoder != "tiny" and not self.text_encoder_path:
+            raise ValueError(
+                f"data.text_encoder_path must point to a local folder for {self.text_encoder!r}"
+            )
+        if self.text_encoder == "hunyuan" and not self.text_encoder_2_path:
+            raise ValueError("data.text_encoder_2_path must point to the CLIP text model folder")
+        if self.cache_dtype not in CACHE_DTYPES:
+            raise ValueError(
+                f"data.cache_dtype must be one of {CACHE_DTYPES}, got {self.cache_dtype!r}"
+            )
+        if self.encoder_dtype not in CACHE_DTYPES:
+            raise ValueError(
+                f"data.encoder_dtype must be one of {CACHE_DTYPES}, got {self.encoder_dtype!r}"
+            )
+        for i, bucket in enumerate(self.all_buckets()):
+            if len(bucket) != 3 or any(int(v) <= 0 for v in bucket):
+                raise ValueError(
+                    f"data.buckets[{i}] must be [num_frames, height, width] of positive ints, got {bucket}"
+                )
+            frames, height, width = (int(v) for v in bucket)
+            # Every supported VAE (tiny, Wan, HunyuanVideo) compresses 4x causal in time, 8x in space.
+            if (frames - 1) % 4 != 0:
+                raise ValueError(
+                    f"data.buckets[{i}] / data.num_frames: {frames} frames is not 1 + 4k "
+                    "(the VAEs compress time 4x causally)"
+                )
+            if height % 8 or width % 8:
+                raise ValueError(
+                    f"data.buckets[{i}] / data.height, data.width: {height}x{width} is not a "
+                    "multiple of 8 (the VAEs compress space 8x)"
+                )
+
+    def all_buckets(self) -> list[list[int]]:
+        """The [num_frames, height, width] buckets: ``buckets`` or the single default one."""
+        if self.buckets:
+            return [list(b) for b in self.buckets]
+        return [[self.num_frames, self.height, self.width]]
+
+    def data_root(self) -> Path:
+        """The resolved data root (``data.root`` or :func:`default_data_root`)."""
+        return Path(self.root).expanduser() if self.root else default_data_root()

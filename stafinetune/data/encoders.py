@@ -1,0 +1,244 @@
+"""Video and text encoders: the embedded tiny ones and the real diffusers/transformers ones.
+
+Video encoders: ``encode(video (B, 3, F, H, W) in [-1, 1]) -> latents (B, C, T, h, w)`` and
+``decode(latents) -> video``. Text encoders: ``encode(list[str]) -> (text (B, L, Dt),
+mask (B, L) bool, pooled (B, Dp))``. Both expose ``fingerprint()``, a string that changes
+whenever their output would, used to key the latent cache.
+
+The embedded default needs no download and is exactly reproducible:
+
+* :class:`TinyVideoEncoder` compresses like Wan's VAE (4x causal in time: the first frame
+  alone, then groups of 4; 8x in space; ``latent_channels`` channels). Each patch is projected
+  onto a fixed orthonormal basis of its lowest-frequency 3-D DCT components in an opponent
+  colour space (luma first), scaled by ``1 / sqrt(patch frames * 64)``; ``decode`` applies the
+  pseudo-inverse. ``encode(decode(z)) == z`` and ``decode(encode(x))`` is the orthogonal
+  projection of ``x`` onto that low-frequency subspace (a blocky low-pass copy of the video).
+* :class:`TinyTextEncoder` lower-cases the caption, splits it into ``[a-z0-9]+`` words, maps
+  each word to one of 4096 ids with a BLAKE2 hash, and looks the ids up in a fixed table drawn
+  from ``numpy.random.default_rng(seed)`` plus a sinusoidal position code. Up to ``text_len``
+  tokens; ``pooled`` is the mean of the valid token states times a fixed orthonormal
+  ``(Dt, Dp)`` matrix (the identity when Dt == Dp).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from stafinetune.data.config import DataConfig
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """``"bfloat16"`` -> ``torch.bfloat16`` (the names ``data.*_dtype`` accept)."""
+    return _DTYPES[name]
+
+
+class VideoEncoder(Protocol):
+    latent_channels: int
+    temporal_compression: int
+    spatial_compression: int
+
+    def encode(self, video: torch.Tensor) -> torch.Tensor: ...
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor: ...
+
+    def fingerprint(self) -> str: ...
+
+
+class TextEncoder(Protocol):
+    text_len: int
+    text_dim: int
+    pooled_dim: int
+
+    def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+    def fingerprint(self) -> str: ...
+
+
+def _dct_matrix(n: int) -> np.ndarray:
+    """Orthonormal DCT-II basis, rows are frequencies: ``(n, n)``."""
+    k = np.arange(n)[:, None]
+    i = np.arange(n)[None, :]
+    basis = np.cos(math.pi * (i + 0.5) * k / n) * math.sqrt(2.0 / n)
+    basis[0] /= math.sqrt(2.0)
+    return basis
+
+
+_OPPONENT = np.array([[1, 1, 1], [1, -1, 0], [1, 1, -2]], dtype=np.float64) / np.array(
+    [[math.sqrt(3)], [math.sqrt(2)], [math.sqrt(6)]]
+)  # luma, two chroma axes
+
+
+def low_frequency_basis(channels: int, frames: int, patch: int = 8) -> torch.Tensor:
+    """``channels`` orthonormal basis vectors over a ``(3, frames, patch, patch)`` patch.
+
+    Ordered by total DCT frequency, chroma penalised by 2, so the first ones are luma DC and
+    luma gradients. Returns float64 ``(channels, 3, frames, patch, patch)``.
+    """
+    size = 3 * frames * patch * patch
+    if channels > size:
+        raise ValueError(f"data.latent_channels={channels} exceeds the patch size {size}")
+    dt, ds = _dct_matrix(frames), _dct_matrix(patch)
+    candidates = sorted(
+        (kt + kh + kw + (2 if c else 0), c, kt, kh, kw)
+        for c in range(3)
+        for kt in range(frames)
+        for kh in range(patch)
+        for kw in range(patch)
+    )[:channels]
+    rows = [
+        np.einsum("c,t,h,w->cthw", _OPPONENT[c], dt[kt], ds[kh], ds[kw])
+        for _, c, kt, kh, kw in candidates
+    ]
+    return torch.from_numpy(np.stack(rows))
+
+
+class TinyVideoEncoder:
+    """Download-free Wan-like video codec (see the module docstring): 4x/8x/8x to C channels."""
+
+    temporal_compression = 4
+    spatial_compression = 8
+
+    def __init__(self, latent_channels: int = 16) -> None:
+        self.latent_channels = latent_channels
+        self.first = low_frequency_basis(latent_channels, 1).float()  # (C, 3, 1, 8, 8)
+        self.rest = low_frequency_basis(latent_channels, 4).float()  # (C, 3, 4, 8, 8)
+        self.first_scale = 1.0 / math.sqrt(1 * 64)
+        self.rest_scale = 1.0 / math.sqrt(4 * 64)
+
+    def fingerprint(self) -> str:
+        return f"tiny-dct-v1-c{self.latent_channels}"
+
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, F, H, W)`` in [-1, 1], F = 1 + 4k, H and W multiples of 8 -> ``(B, C, 1 + k, H/8, W/8)``."""
+        b, c, f, h, w = video.shape
+        if c != 3 or (f - 1) % 4 or h % 8 or w % 8:
+            raise ValueError(
+                f"tiny video encoder needs (B, 3, 1+4k, 8m, 8n), got {tuple(video.shape)}"
+            )
+        x = video.float()
+        first = x[:, :, :1].reshape(b, 3, 1, h // 8, 8, w // 8, 8)
+        z0 = torch.einsum("bcthpwq,kctpq->bkhw", first, self.first)[:, :, None]  # (b, C, 1, h, w)
+        rest = x[:, :, 1:].reshape(b, 3, (f - 1) // 4, 4, h // 8, 8, w // 8, 8)
+        z1 = torch.einsum("bcnthpwq,kctpq->bknhw", rest, self.rest)  # (b, C, k, h, w)
+        return torch.cat([z0 * self.first_scale, z1 * self.rest_scale], dim=2)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """``(B, C, T, h, w)`` -> ``(B, 3, 1 + 4 (T - 1), 8h, 8w)`` (not clamped)."""
+        b, k, t, h, w = latents.shape
+        if k != self.latent_channels:
+            raise ValueError(f"expected {self.latent_channels} latent channels, got {k}")
+        z = latents.float()
+        first = torch.einsum("bkhw,kctpq->bcthpwq", z[:, :, 0] / self.first_scale, self.first)
+        first = first.reshape(b, 3, 1, h * 8, w * 8)
+        rest = torch.einsum("bknhw,kctpq->bcnthpwq", z[:, :, 1:] / self.rest_scale, self.rest)
+        rest = rest.reshape(b, 3, (t - 1) * 4, h * 8, w * 8)
+        return torch.cat([first, rest], dim=2)  # (b, 3, f, H, W)
+
+
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def simple_tokenize(caption: str, vocab_size: int = 4096) -> list[int]:
+    """Words ``[a-z0-9]+`` of the lower-cased caption, each hashed (BLAKE2) to an id."""
+    return [
+        int.from_bytes(hashlib.blake2b(word.encode(), digest_size=4).digest(), "little")
+        % vocab_size
+        for word in _WORD.findall(caption.lower())
+    ]
+
+
+class TinyTextEncoder:
+    """Download-free text encoder (see the module docstring): ``(B, L, Dt)``, mask, ``(B, Dp)``."""
+
+    vocab_size = 4096
+
+    def __init__(self, text_len: int = 16, text_dim: int = 32, pooled_dim: int = 32, seed: int = 0):
+        self.text_len, self.text_dim, self.pooled_dim, self.seed = (
+            text_len,
+            text_dim,
+            pooled_dim,
+            seed,
+        )
+        rng = np.random.default_rng(seed)
+        table = rng.standard_normal((self.vocab_size, text_dim)) / math.sqrt(text_dim)
+        self.table = torch.from_numpy(table).float()  # (V, Dt)
+        pos = np.arange(text_len)[:, None] / np.power(10000.0, np.arange(0, text_dim, 2) / text_dim)
+        code = np.zeros((text_len, text_dim))
+        code[:, 0::2] = np.sin(pos)
+        code[:, 1::2] = np.cos(pos[:, : text_dim // 2])
+        self.position = torch.from_numpy(0.1 * code).float()  # (L, Dt)
+        if pooled_dim == text_dim:
+            self.pool_proj = torch.eye(text_dim)
+        else:
+            q, _ = np.linalg.qr(
+                rng.standard_normal((max(text_dim, pooled_dim), min(text_dim, pooled_dim)))
+            )
+            proj = q if text_dim >= pooled_dim else q.T  # (Dt, Dp) with orthonormal columns or rows
+            self.pool_proj = torch.from_numpy(proj).float()
+
+    def fingerprint(self) -> str:
+        return f"tiny-text-v1-l{self.text_len}-d{self.text_dim}-p{self.pooled_dim}-s{self.seed}"
+
+    def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Captions -> ``text (B, L, Dt)`` (zeros past the mask), ``mask (B, L)``, ``pooled (B, Dp)``."""
+        b, n = len(captions), self.text_len
+        ids = torch.zeros(b, n, dtype=torch.long)
+        mask = torch.zeros(b, n, dtype=torch.bool)
+        for i, caption in enumerate(captions):
+            tokens = simple_tokenize(caption, self.vocab_size)[:n]
+            ids[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+            mask[i, : len(tokens)] = True
+        text = (self.table[ids] + self.position[None]) * mask[..., None]  # (b, L, Dt)
+        counts = mask.sum(dim=1, keepdim=True).clamp(min=1)  # (b, 1)
+        pooled = (text.sum(dim=1) / counts) @ self.pool_proj  # (b, Dp)
+        return text, mask, pooled
+
+
+def build_video_encoder(cfg: DataConfig) -> VideoEncoder:
+    """The video encoder ``data.video_encoder`` names (real ones load from a local folder)."""
+    if cfg.video_encoder == "tiny":
+        return TinyVideoEncoder(cfg.latent_channels)
+    from stafinetune.data.real_encoders import DiffusersVideoVAE
+
+    return DiffusersVideoVAE(
+        cfg.video_encoder,
+        cfg.video_encoder_path,
+        device=cfg.device,
+        dtype=torch_dtype(cfg.encoder_dtype),
+        sample=cfg.sample_posterior,
+        seed=cfg.encoder_seed,
+    )
+
+
+def build_text_encoder(cfg: DataConfig) -> TextEncoder:
+    """The text encoder ``data.text_encoder`` names (real ones load from local folders)."""
+    if cfg.text_encoder == "tiny":
+        return TinyTextEncoder(cfg.text_len, cfg.text_dim, cfg.pooled_dim, cfg.encoder_seed)
+    from stafinetune.data.real_encoders import HunyuanTextEncoder, UMT5TextEncoder
+
+    dtype = torch_dtype(cfg.encoder_dtype)
+    if cfg.text_encoder == "umt5":
+        return UMT5TextEncoder(
+            cfg.text_encoder_path,
+            cfg.tokenizer_path,
+            text_len=cfg.text_len,
+            device=cfg.device,
+            dtype=dtype,
+        )
+    return HunyuanTextEncoder(
+        cfg.text_encoder_path,
+        cfg.text_encoder_2_path,
+        cfg.tokenizer_path,
+        cfg.tokenizer_2_path,
+        text_len=cfg.text_len,
+        device=cfg.device,
+        dtype=dtype,
+    )

@@ -1,0 +1,273 @@
+"""The training loader: latent cache (or on-the-fly decoding) -> batches, dp-sharded,
+deterministic given a seed, infinite over epochs and resumable at its exact position.
+
+Sampling. Epoch ``e`` draws a permutation of each bucket's samples from
+``numpy.random.default_rng([seed, e])``, cuts it into *global* batches of
+``batch_size * dp_size`` (a bucket's remainder is dropped for that epoch), shuffles the order
+of all global batches, and gives dp rank ``r`` the slice ``[r * batch_size, (r + 1) *
+batch_size)`` of each. All ranks thus step through the same number of batches, every batch has
+one latent shape, and the stream depends only on (seed, epoch, dp_size, batch_size), never on
+the number of workers.
+
+Sequence parallelism. Ranks of one sequence-parallel group must see the same sample: callers
+pass the *data-parallel* coordinates, which are equal within an sp group; with the usual
+layout (sp innermost, torchtitan's mesh order) :func:`dp_coordinates` computes them from the
+global rank.
+
+Resumption. ``state_dict()`` counts the batches *yielded to the caller* (not those prefetched
+by workers), so ``load_state_dict`` continues with exactly the next batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from stafinetune.data.cache import LatentCache
+from stafinetune.data.config import DataConfig
+
+STATE_VERSION = 1
+
+
+def dp_coordinates(rank: int, world_size: int, sp_size: int = 1) -> tuple[int, int]:
+    """``(dp_rank, dp_size)`` of a global rank when sp groups are contiguous ranks.
+
+    Ranks ``[g * sp_size, (g + 1) * sp_size)`` form sp group ``g`` and share dp rank ``g``.
+    """
+    if sp_size <= 0 or world_size % sp_size:
+        raise ValueError(f"sp_size={sp_size} must divide world_size={world_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} must be in [0, {world_size})")
+    return rank // sp_size, world_size // sp_size
+
+
+def epoch_batches(
+    buckets: list[int], *, batch_size: int, dp_rank: int, dp_size: int, seed: int, epoch: int
+) -> list[list[int]]:
+    """This dp rank's batches (sample positions) for one epoch; see the module docstring."""
+    rng = np.random.default_rng([seed, epoch])
+    by_bucket: dict[int, list[int]] = {}
+    for pos, b in enumerate(buckets):
+        by_bucket.setdefault(b, []).append(pos)
+    global_size = batch_size * dp_size
+    global_batches = []
+    for b in sorted(by_bucket):
+        members = np.asarray(by_bucket[b])[rng.permutation(len(by_bucket[b]))]
+        for start in range(0, len(members) - global_size + 1, global_size):
+            global_batches.append(members[start : start + global_size])
+    order = rng.permutation(len(global_batches))
+    lo = dp_rank * batch_size
+    return [global_batches[i][lo : lo + batch_size].tolist() for i in order]
+
+
+class CachedLatents(Dataset):
+    """Map-style dataset over a finished latent cache: one sample dict per position."""
+
+    def __init__(self, cache_dir, text_len: int) -> None:
+        self.cache = LatentCache(cache_dir)
+        if self.cache.info.get("mode") != "latents":
+            raise ValueError(f"{cache_dir} was prepared with data.use_cache=false (no latents)")
+        self.text_len = text_len
+        self.buckets = self.cache.buckets
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def __getitem__(self, pos: int) -> dict[str, Any]:
+        s = self.cache[pos]
+        return _sample(s.latents, s.text, s.pooled, s.caption, s.index, self.text_len)
+
+
+class OnTheFlyLatents(Dataset):
+    """Decodes and encodes kept records in the loader workers (``data.use_cache=false``).
+
+    Meant for small runs; the encoders are built lazily once per worker process.
+    """
+
+    def __init__(self, cfg: DataConfig, info: dict[str, Any]) -> None:
+        from stafinetune.data.sources import build_source
+
+        self.cfg = cfg
+        self.source = build_source(cfg, generate=False)
+        self.kept = [int(i) for i, _ in info["kept_records"]]
+        self.buckets = [int(b) for _, b in info["kept_records"]]
+        self.text_len = cfg.text_len
+        self._encoders = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_encoders"] = None
+        return state
+
+    def __len__(self) -> int:
+        return len(self.kept)
+
+    def __getitem__(self, pos: int) -> dict[str, Any]:
+        from stafinetune.data.encoders import build_text_encoder, build_video_encoder
+        from stafinetune.data.video import load_clip
+
+        if self._encoders is None:
+            self._encoders = (build_video_encoder(self.cfg), build_text_encoder(self.cfg))
+        video_encoder, text_encoder = self._encoders
+        record = self.source[self.kept[pos]]
+        video, _ = load_clip(record, self.cfg)  # (3, F, H, W)
+        with torch.no_grad():
+            latents = video_encoder.encode(video[None].to(self.cfg.device))[0].float().cpu()
+        text, mask, pooled = text_encoder.encode([record.caption])
+        n = int(mask[0].sum())
+        return _sample(
+            latents,
+            text[0, :n].float().cpu(),
+            pooled[0].float().cpu(),
+            record.caption,
+            record.index,
+            self.text_len,
+        )
+
+
+def _sample(latents, text, pooled, caption: str, index: int, text_len: int) -> dict[str, Any]:
+    n = min(text.shape[0], text_len)
+    padded = torch.zeros(text_len, text.shape[1])  # (L, Dt)
+    padded[:n] = text[:n]
+    mask = torch.zeros(text_len, dtype=torch.bool)
+    mask[:n] = True
+    return {"latents": latents, "text": padded, "text_mask": mask, "pooled_text": pooled,
+            "caption": caption, "index": index}  # fmt: skip
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack sample dicts into the batch dict of docs/INTERFACES.md."""
+    return {
+        "latents": torch.stack([s["latents"] for s in samples]),  # (B, C, T, H, W)
+        "text": torch.stack([s["text"] for s in samples]),  # (B, L, Dt)
+        "text_mask": torch.stack([s["text_mask"] for s in samples]),  # (B, L)
+        "pooled_text": torch.stack([s["pooled_text"] for s in samples]),  # (B, Dp)
+        "caption": [s["caption"] for s in samples],
+        "index": torch.tensor([s["index"] for s in samples], dtype=torch.int64),  # (B,)
+    }
+
+
+class TrainLoader:
+    """Infinite, resumable iterable of batch dicts (see the module docstring).
+
+    ``iter(loader)`` continues from the current position; ``state_dict()`` /
+    ``load_state_dict()`` save and restore it. ``len(loader)`` is the batches per epoch.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        *,
+        batch_size: int,
+        seed: int,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        num_workers: int = 0,
+        prefetch_factor: int = 2,
+    ) -> None:
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank {dp_rank} must be in [0, dp_size={dp_size})")
+        self.dataset = dataset
+        self.batch_size, self.seed = batch_size, seed
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
+        self.epoch, self.step_in_epoch = 0, 0
+        if len(self) == 0:
+            counts = np.bincount(np.asarray(dataset.buckets)) if len(dataset) else [0]
+            raise ValueError(
+                f"batch_size={batch_size} x dp_size={dp_size} is larger than every bucket "
+                f"(largest has {max(counts)} samples): no full batch per epoch"
+            )
+
+    def __len__(self) -> int:
+        return len(self._batches(0))
+
+    def _batches(self, epoch: int) -> list[list[int]]:
+        return epoch_batches(
+            self.dataset.buckets, batch_size=self.batch_size, dp_rank=self.dp_rank,
+            dp_size=self.dp_size, seed=self.seed, epoch=epoch,
+        )  # fmt: skip
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        while True:
+            remaining = self._batches(self.epoch)[self.step_in_epoch :]
+            if remaining:
+                loader = DataLoader(
+                    self.dataset,
+                    batch_sampler=remaining,
+                    num_workers=self.num_workers,
+                    collate_fn=collate,
+                    prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
+                )
+                for batch in loader:
+                    self.step_in_epoch += 1
+                    yield batch
+            self.epoch += 1
+            self.step_in_epoch = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Position after the last batch handed out, plus what the stream depends on."""
+        return {
+            "version": STATE_VERSION, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+            "seed": self.seed, "batch_size": self.batch_size, "dp_rank": self.dp_rank,
+            "dp_size": self.dp_size, "num_samples": len(self.dataset),
+        }  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue at ``state``'s position; the stream-defining fields must match."""
+        for key in ("seed", "batch_size", "dp_size", "num_samples"):
+            mine = self.state_dict()[key]
+            if state.get(key) != mine:
+                raise ValueError(
+                    f"loader state has {key}={state.get(key)}, this loader has {mine}: "
+                    "resuming would not continue the same sample stream"
+                )
+        self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
+
+
+def build_train_loader(
+    cfg: DataConfig,
+    *,
+    batch_size: int,
+    seed: int,
+    dp_rank: int = 0,
+    dp_size: int = 1,
+    num_workers: int | None = None,
+) -> TrainLoader:
+    """The training loader over the prepared data of ``cfg`` (run :func:`prepare_data` first).
+
+    Ranks of one sequence-parallel group pass the same ``dp_rank`` (see :func:`dp_coordinates`)
+    and so get identical batches. ``num_workers`` defaults to ``data.num_workers``.
+    Yields dicts with ``latents (B, C, T, H, W)``, ``text (B, L, Dt)``, ``text_mask (B, L)``,
+    ``pooled_text (B, Dp)``, ``caption`` (list of B str), ``index (B,)`` int64.
+    """
+    import json
+
+    from stafinetune.data.preprocess import resolve_cache_dir
+
+    cache_dir = resolve_cache_dir(cfg)
+    index = cache_dir / "cache.json"
+    if not index.exists():
+        raise FileNotFoundError(
+            f"data: no prepared data at {cache_dir}; call prepare_data(cfg) or run "
+            "`stafinetune-preprocess` with the same data config first"
+        )
+    if cfg.use_cache:
+        dataset: Dataset = CachedLatents(cache_dir, cfg.text_len)
+    else:
+        dataset = OnTheFlyLatents(cfg, json.loads(index.read_text()))
+    return TrainLoader(
+        dataset,
+        batch_size=batch_size,
+        seed=seed,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+        num_workers=cfg.num_workers if num_workers is None else num_workers,
+        prefetch_factor=cfg.prefetch_factor,
+    )

@@ -1,0 +1,420 @@
+"""Preprocessing: turn a source of captioned videos into a latent cache.
+
+``prepare_data(cfg)`` is what the trainer calls at start-up and what the
+``stafinetune-preprocess`` command runs. It is
+
+* idempotent: a finished cache (``cache.json`` with the same fingerprint) returns at once;
+* resumable: the source is cut into shards of ``data.shard_size`` records; a shard whose
+  completion marker exists is never redone, so an interrupted run continues where it stopped
+  (with any world size, since shard ``k`` is a fixed set of records);
+* parallel: rank ``r`` of ``world_size`` does shards ``k % world_size == r``; rank 0 then
+  writes the index. With ``torch.distributed`` initialised the ranks meet at barriers,
+  otherwise (independent processes) they poll the shard markers;
+* robust: every bad record is skipped, counted per reason and listed in ``bad_inputs.jsonl``;
+  the summary line says how many were kept.
+
+With ``data.use_cache=false`` it validates every record the same way (decoding it) but stores
+only the kept record indices and buckets; the loader then decodes and encodes on the fly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from stafinetune.data.cache import (
+    CACHE_FORMAT,
+    CACHE_VERSION,
+    shard_name,
+    tensor_to_bytes,
+    write_shard,
+)
+from stafinetune.data.config import DataConfig
+from stafinetune.data.encoders import build_text_encoder, build_video_encoder
+from stafinetune.data.sources import build_source, synthetic_dir
+from stafinetune.data.video import BadVideo, load_clip
+
+# Fields that change what the cache holds (loader-only fields are left out on purpose).
+_CONTENT_FIELDS = (
+    "source", "manifest", "video_dir", "dataset_path", "dataset_split", "video_column",
+    "caption_column", "max_samples", "num_clips", "synthetic_fps", "synthetic_frames",
+    "synthetic_height", "synthetic_width", "synthetic_seed", "num_frames", "height", "width",
+    "fps", "frame_stride", "buckets", "min_side", "max_pixels", "max_aspect_ratio",
+    "video_encoder", "video_encoder_path", "text_encoder", "text_encoder_path",
+    "text_encoder_2_path", "tokenizer_path", "tokenizer_2_path", "text_len", "text_dim",
+    "pooled_dim", "latent_channels", "encoder_seed", "encoder_dtype", "sample_posterior",
+    "cache_dtype", "shard_size", "use_cache",
+)  # fmt: skip
+
+
+def cache_fingerprint(cfg: DataConfig) -> str:
+    """Hash of everything that determines the cache content (incl. the manifest's size/mtime)."""
+    content: dict[str, Any] = {name: getattr(cfg, name) for name in _CONTENT_FIELDS}
+    for key in ("manifest", "video_dir", "dataset_path"):
+        if content[key]:
+            path = Path(content[key]).expanduser().resolve()
+            content[key] = str(path)
+            if path.is_file():
+                stat = path.stat()
+                content[key + "_stat"] = [stat.st_size, stat.st_mtime_ns]
+    content["format"] = [CACHE_FORMAT, CACHE_VERSION]
+    blob = json.dumps(content, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def resolve_cache_dir(cfg: DataConfig) -> Path:
+    """``data.cache_dir`` or ``<data root>/cache/<name>-<fingerprint>``."""
+    if cfg.cache_dir:
+        return Path(cfg.cache_dir).expanduser()
+    return cfg.data_root() / "cache" / f"{cfg.name}-{cache_fingerprint(cfg)}"
+
+
+def _is_finished(cache_dir: Path, fingerprint: str) -> bool:
+    index = cache_dir / "cache.json"
+    if not index.exists():
+        return False
+    info = json.loads(index.read_text())
+    if info.get("fingerprint") != fingerprint:
+        raise RuntimeError(
+            f"data.cache_dir: {cache_dir} holds a cache of another configuration "
+            f"(fingerprint {info.get('fingerprint')} != {fingerprint}); choose another folder"
+        )
+    return True
+
+
+def _dist_ready() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _wait_for(paths: list[Path], what: str, timeout_s: float) -> None:
+    """Poll until every path exists (ranks of independent processes, no process group)."""
+    deadline = time.monotonic() + timeout_s
+    while not all(p.exists() for p in paths):
+        if time.monotonic() > deadline:
+            missing = [str(p) for p in paths if not p.exists()][:3]
+            raise TimeoutError(f"gave up waiting {timeout_s:.0f}s for {what}: {missing} ...")
+        time.sleep(0.5)
+
+
+def _encode_pending(pending, video_encoder, text_encoder, cfg: DataConfig) -> list[dict[str, Any]]:
+    """Encode buffered clips (grouped by bucket: one batch per shape) into cache rows."""
+    rows = []
+    captions = [record.caption for record, _, _ in pending]
+    text, mask, pooled = text_encoder.encode(captions)  # (b, L, Dt), (b, L), (b, Dp)
+    by_bucket: dict[int, list[int]] = {}
+    for j, (_, _, bucket) in enumerate(pending):
+        by_bucket.setdefault(bucket, []).append(j)
+    latents: dict[int, torch.Tensor] = {}
+    for members in by_bucket.values():
+        video = torch.stack([pending[j][1] for j in members])  # (b, 3, F, H, W)
+        with torch.no_grad():
+            z = video_encoder.encode(video.to(cfg.device))  # (b, C, T, h, w)
+        for j, zj in zip(members, z, strict=True):
+            latents[j] = zj
+    for j, (record, _, bucket) in enumerate(pending):
+        n = int(mask[j].sum())
+        rows.append(
+            {
+                "index": record.index,
+                "caption": record.caption,
+                "label": record.label,
+                "bucket": bucket,
+                "latent_shape": list(latents[j].shape),
+                "latents": tensor_to_bytes(latents[j], cfg.cache_dtype),
+                "text_tokens": n,
+                "text": tensor_to_bytes(text[j, :n], cfg.cache_dtype),
+                "pooled": tensor_to_bytes(pooled[j], cfg.cache_dtype),
+            }
+        )
+    return rows
+
+
+def _process_shard(k: int, source, cfg: DataConfig, encoders, shard_dir: Path, bar) -> None:
+    lo, hi = k * cfg.shard_size, min(len(source), (k + 1) * cfg.shard_size)
+    rows: list[dict[str, Any]] = []
+    kept: list[list[int]] = []
+    skipped: list[dict[str, Any]] = []
+    pending: list = []
+    for i in range(lo, hi):
+        record = source[i]
+        try:
+            video, bucket = load_clip(record, cfg)
+        except BadVideo as exc:
+            skipped.append(
+                {"index": i, "label": record.label, "reason": exc.reason, "detail": exc.detail}
+            )
+        except Exception as exc:  # a decoder bug on one file must not end the run either
+            skipped.append(
+                {"index": i, "label": record.label, "reason": "unreadable",
+                 "detail": f"unexpected {type(exc).__name__}: {exc}"}
+            )  # fmt: skip
+        else:
+            kept.append([record.index, bucket])
+            if encoders is not None:
+                pending.append((record, video, bucket))
+                if len(pending) >= cfg.encode_batch_size:
+                    rows += _encode_pending(pending, *encoders, cfg)
+                    pending = []
+        bar.update(1)
+        bar.set_postfix(
+            kept=bar.kept + len(kept), skipped=bar.skipped + len(skipped), refresh=False
+        )
+    if pending:
+        rows += _encode_pending(pending, *encoders, cfg)
+    bar.kept += len(kept)
+    bar.skipped += len(skipped)
+    report = {"shard": k, "records": [lo, hi], "kept": kept, "skipped": skipped}
+    if encoders is not None:
+        meta = {
+            "dtype": cfg.cache_dtype,
+            "text_len": encoders[1].text_len,
+            "text_dim": encoders[1].text_dim,
+            "pooled_dim": encoders[1].pooled_dim,
+        }
+        write_shard(shard_dir, k, rows, meta, report)
+    else:
+        shard_dir.mkdir(parents=True, exist_ok=True)
+        marker = shard_dir / f"{shard_name(k)}.json"
+        tmp = shard_dir / f".{shard_name(k)}.json.tmp"
+        tmp.write_text(json.dumps(report))
+        tmp.replace(marker)
+
+
+def _finalize(
+    cache_dir: Path,
+    cfg: DataConfig,
+    fingerprint: str,
+    n_shards: int,
+    n_records: int,
+    encoders_info,
+    t0: float,
+) -> dict[str, Any]:
+    shard_dir = cache_dir / "shards"
+    reasons: Counter[str] = Counter()
+    buckets: Counter[int] = Counter()
+    shard_rows, kept_records = [], []
+    with open(cache_dir / ".bad_inputs.jsonl.tmp", "w") as bad:
+        for k in range(n_shards):
+            report = json.loads((shard_dir / f"{shard_name(k)}.json").read_text())
+            for item in report["skipped"]:
+                reasons[item["reason"]] += 1
+                bad.write(json.dumps(item) + "\n")
+            for _, bucket in report["kept"]:
+                buckets[bucket] += 1
+            shard_rows.append(len(report["kept"]))
+            kept_records += report["kept"]
+    (cache_dir / ".bad_inputs.jsonl.tmp").replace(cache_dir / "bad_inputs.jsonl")
+    for stale in shard_dir.glob(".*.tmp"):  # leftovers of interrupted writers
+        stale.unlink(missing_ok=True)
+    kept = sum(shard_rows)
+    info = {
+        "format": CACHE_FORMAT,
+        "version": CACHE_VERSION,
+        "mode": "latents" if cfg.use_cache else "records",
+        "fingerprint": fingerprint,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "dtype": cfg.cache_dtype,
+        **encoders_info,
+        "buckets": cfg.all_buckets(),
+        "bucket_counts": {str(b): c for b, c in sorted(buckets.items())},
+        "records": n_records,
+        "kept": kept,
+        "skipped": dict(sorted(reasons.items())),
+        "shards": [shard_name(k) for k in range(n_shards)],
+        "shard_rows": shard_rows,
+        "seconds": round(time.monotonic() - t0, 2),
+        "config": asdict(cfg),
+    }
+    if not cfg.use_cache:
+        info["kept_records"] = kept_records
+    tmp = cache_dir / ".cache.json.tmp"
+    tmp.write_text(json.dumps(info, indent=1))
+    tmp.replace(cache_dir / "cache.json")
+    return info
+
+
+def summary_line(info: dict[str, Any], cache_dir: Path) -> str:
+    """One line: how many records were kept, how many skipped and why, and where it went."""
+    skipped = sum(info["skipped"].values())
+    why = ", ".join(f"{n} {reason}" for reason, n in info["skipped"].items())
+    return (
+        f"[data] kept {info['kept']} of {info['records']} records"
+        + (f", skipped {skipped} ({why}); see {cache_dir / 'bad_inputs.jsonl'}" if skipped else "")
+        + f" -> {cache_dir} ({info['mode']}, {info['seconds']:.1f}s)"
+    )
+
+
+def prepare_data(
+    cfg: DataConfig,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    verbose: bool = True,
+    timeout_s: float = 24 * 3600.0,
+) -> Path:
+    """Make sure the cache of ``cfg`` exists (building what is missing) and return its folder.
+
+    For the synthetic default this writes the mp4 clips, decodes them back with decord and
+    encodes them. Rank ``rank`` of ``world_size`` processes its share of the shards; every rank
+    returns only once the whole cache is finished. Prints a tqdm bar and a summary line (rank 0).
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} must be in [0, world_size={world_size})")
+    t0 = time.monotonic()
+    fingerprint = cache_fingerprint(cfg)
+    cache_dir = resolve_cache_dir(cfg)
+    if _is_finished(cache_dir, fingerprint):
+        if verbose and rank == 0:
+            print(
+                summary_line(json.loads((cache_dir / "cache.json").read_text()), cache_dir)
+                + " [cached]"
+            )
+        return cache_dir
+
+    if cfg.source == "synthetic" and rank != 0:  # rank 0 writes the clips, the others wait
+        if _dist_ready():
+            torch.distributed.barrier()
+        else:
+            _wait_for([synthetic_dir(cfg) / "manifest.jsonl"], "the synthetic clips", timeout_s)
+        source = build_source(cfg, generate=False)
+    else:
+        source = build_source(cfg)
+        if cfg.source == "synthetic" and _dist_ready():
+            torch.distributed.barrier()
+
+    n_records = len(source)
+    n_shards = max(1, -(-n_records // cfg.shard_size))
+    shard_dir = cache_dir / "shards"
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    mine = [k for k in range(n_shards) if k % world_size == rank]
+    todo = [k for k in mine if not (shard_dir / f"{shard_name(k)}.json").exists()]
+    n_todo = sum(min(n_records, (k + 1) * cfg.shard_size) - k * cfg.shard_size for k in todo)
+
+    text_encoder = build_text_encoder(cfg)
+    encoders_info = {
+        "text_len": text_encoder.text_len,
+        "text_dim": text_encoder.text_dim,
+        "pooled_dim": text_encoder.pooled_dim,
+    }
+    if todo:
+        video_encoder = build_video_encoder(cfg)
+        encoders_info["latent_channels"] = video_encoder.latent_channels
+        encoders = (video_encoder, text_encoder) if cfg.use_cache else None
+        with tqdm(
+            total=n_todo, desc=f"[data] encode {cfg.name} (rank {rank})", unit="clip",
+            position=rank, disable=not verbose, dynamic_ncols=True,
+        ) as bar:  # fmt: skip
+            bar.kept = bar.skipped = 0
+            for k in todo:
+                _process_shard(k, source, cfg, encoders, shard_dir, bar)
+
+    markers = [shard_dir / f"{shard_name(k)}.json" for k in range(n_shards)]
+    if _dist_ready():
+        torch.distributed.barrier()
+    if rank == 0:
+        if not _dist_ready():
+            _wait_for(markers, "the other ranks' shards", timeout_s)
+        info = _finalize(cache_dir, cfg, fingerprint, n_shards, n_records, encoders_info, t0)
+        if verbose:
+            print(summary_line(info, cache_dir), flush=True)
+    if _dist_ready():
+        torch.distributed.barrier()
+    else:
+        _wait_for([cache_dir / "cache.json"], "rank 0 to finish the cache index", timeout_s)
+    return cache_dir
+
+
+def conf_dir() -> Path:
+    """The ``conf/`` tree: inside the installed package, or at the repository root."""
+    here = Path(__file__).resolve().parent.parent
+    for candidate in (here / "conf", here.parent / "conf"):
+        if (candidate / "data").is_dir():
+            return candidate
+    raise FileNotFoundError(f"no conf/data folder near {here}")
+
+
+def load_config(name_or_path: str, overrides: list[str] | None = None) -> DataConfig:
+    """A DataConfig from ``conf/data/<name>.yaml`` (or a YAML path) plus ``key=value`` overrides.
+
+    Overrides may be written ``data.key=value`` or ``key=value``, as on the training command line.
+    """
+    from omegaconf import OmegaConf
+
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = conf_dir() / "data" / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"no data config {path}")
+    values = OmegaConf.load(path)
+    dotlist = [o[len("data.") :] if o.startswith("data.") else o for o in overrides or []]
+    merged = OmegaConf.merge(
+        OmegaConf.structured(DataConfig), values, OmegaConf.from_dotlist(dotlist)
+    )
+    return OmegaConf.to_object(merged)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``stafinetune-preprocess``: build the latent cache for a data config.
+
+    Examples::
+
+        stafinetune-preprocess                                   # the synthetic default
+        stafinetune-preprocess --config folder data.manifest=/videos/train.jsonl
+        torchrun --nproc-per-node 8 -m stafinetune.data.preprocess --config hf_dataset \\
+            data.dataset_path=/datasets/clips data.device=cuda
+
+    Under torchrun the rank and world size come from the launcher; ``--rank`` and
+    ``--world-size`` run independent processes (e.g. one per GPU or per node) instead.
+    """
+    import os
+
+    parser = argparse.ArgumentParser(
+        prog="stafinetune-preprocess", description=main.__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--config", default="synthetic", help="conf/data/<name>.yaml or a YAML path"
+    )
+    parser.add_argument("--rank", type=int, default=None)
+    parser.add_argument("--world-size", type=int, default=None)
+    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("overrides", nargs="*", help="data.key=value overrides")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    torchrun = "TORCHELASTIC_RUN_ID" in os.environ
+    rank = args.rank if args.rank is not None else int(os.environ.get("RANK", 0)) if torchrun else 0
+    world = (
+        args.world_size
+        if args.world_size is not None
+        else int(os.environ.get("WORLD_SIZE", 1))
+        if torchrun
+        else 1
+    )
+    if torchrun and world > 1:
+        backend = "nccl" if cfg.device.startswith("cuda") else "gloo"
+        torch.distributed.init_process_group(backend)
+    if cfg.device == "cuda" and torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", rank % max(1, torch.cuda.device_count())))
+        cfg.device = f"cuda:{local}"
+        torch.cuda.set_device(local)
+    try:
+        cache_dir = prepare_data(cfg, rank=rank, world_size=world, verbose=not args.quiet)
+    finally:
+        if _dist_ready():
+            torch.distributed.destroy_process_group()
+    if rank == 0:
+        print(cache_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
