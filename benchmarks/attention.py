@@ -1,0 +1,261 @@
+"""Benchmark the STA backends on a GPU: triton vs flex STA vs dense SDPA (flash, cuDNN).
+
+One run checks the triton kernels against the reference on fresh random bf16 inputs with
+awkward geometry (partial tiles, per-head windows, padded text), then times, with
+``triton.testing.do_bench`` (median), forward and backward of
+
+    triton STA   (B, S, H, D) raster-ordered inputs, tile order handled in-kernel
+    flex STA     compiled flex_attention on tile-ordered (B, H, S, D) inputs (kernel only;
+                 the raster -> tile gather it needs is timed on its own row)
+    SDPA dense   flash and cuDNN backends, (B, H, S, D)
+
+and prints a table (ms, effective TFLOP/s counting only attended tiles, speedups over cuDNN
+dense and over flex), writes JSON (device, versions, date) and the markdown table.
+
+    NCCL_NVLS_ENABLE=0 PYTHONPATH=kernels python benchmarks/attention.py --out results/
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+from dataclasses import asdict, dataclass, replace
+from functools import partial
+
+import torch
+import triton
+from sta_kernels import density, sliding_tile_attention
+from sta_kernels.flex import _flex_fn, build_sta_block_mask, tile_order
+from sta_kernels.reference import sta_dense_mask
+from sta_kernels.triton_sta import KernelConfig, sta_triton_backward, sta_triton_forward
+from triton.testing import do_bench
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    batch: int
+    canvas: tuple[int, int, int]
+    tile: tuple[int, int, int]
+    heads: int
+    head_dim: int
+    windows: tuple[tuple[int, int, int], ...]
+
+
+SHAPES = {
+    # HunyuanVideo 720p, 117 frames: 30x48x80 latent tokens, 24 heads of 128
+    "hunyuan": Shape("hunyuan-720p", 1, (30, 48, 80), (6, 8, 8), 24, 128,
+                     ((3, 3, 3), (3, 3, 5), (5, 6, 10))),
+    # Wan 2.1 14B 480p, 81 frames: 21x30x52 latent tokens (partial tiles on every axis), 40 heads
+    "wan": Shape("wan-480p", 1, (21, 30, 52), (6, 8, 8), 40, 128, ((3, 3, 3), (4, 4, 7))),
+}
+
+VARIANTS = {
+    "default": KernelConfig(),
+    "fwd128x128": replace(KernelConfig(), fwd_block_n=128, fwd_stages=2),
+    "fwd_w4": replace(KernelConfig(), fwd_warps=4),
+    "bwd_m32": replace(KernelConfig(), bwd_block_m=32, dq_block_n=32),
+    "bwd_s3": replace(KernelConfig(), bwd_stages=3, dq_stages=3),
+}
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def lowp_reference(q, k, v, mask, scale):
+    """flash-attn style low-precision reference: bf16 matmuls, fp32 softmax."""
+    qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))  # (B, H, S, D)
+    s = (qh @ kh.transpose(-1, -2)).float() * scale
+    s = s.masked_fill(~mask, float("-inf"))
+    has = mask.any(-1, keepdim=True)
+    p = torch.softmax(s.masked_fill(~has, 0.0), -1) * has
+    return (p.to(q.dtype) @ vh).transpose(1, 2)
+
+
+def check_correctness(device: torch.device) -> list[dict]:
+    """Triton vs fp64 reference, next to the bf16 low-precision reference's own error."""
+    cases = [
+        dict(batch=2, canvas=(7, 13, 20), tile=(6, 8, 8), heads=3, head_dim=128,
+             window=[[3, 3, 3], [1, 2, 1], [9, 9, 9]], text=[0, 77], slots=80),
+        dict(batch=1, canvas=(12, 16, 16), tile=(6, 8, 8), heads=2, head_dim=64,
+             window=[[1, 1, 1], [2, 2, 2]], text=[0], slots=0),
+        dict(batch=2, canvas=(5, 9, 11), tile=(2, 3, 5), heads=2, head_dim=64,
+             window=[[2, 3, 1], [1, 1, 4]], text=[13, 1], slots=13),
+    ]
+    rows = []
+    for case in cases:
+        canvas, tile = case["canvas"], case["tile"]
+        seq = math.prod(canvas) + case["slots"]
+        shape = (case["batch"], seq, case["heads"], case["head_dim"])
+        q, k, v, do = (torch.randn(shape, device=device, dtype=torch.bfloat16) for _ in range(4))
+        window = torch.tensor(case["window"])
+        text = torch.tensor(case["text"])
+        kw = dict(canvas=canvas, tile=tile, window=window, text_len=text)
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        o = sliding_tile_attention(*leaves, backend="triton", **kw)
+        grads = torch.autograd.grad(o, leaves, do)
+        ref_leaves = [x.double().requires_grad_() for x in (q, k, v)]
+        ref = sliding_tile_attention(*ref_leaves, backend="reference", **kw)
+        ref_grads = torch.autograd.grad(ref, ref_leaves, do.double())
+        mask = sta_dense_mask(canvas, tile, window, text, seq).to(device)
+        low_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        low = lowp_reference(*low_leaves, mask, case["head_dim"] ** -0.5)
+        low_grads = torch.autograd.grad(low, low_leaves, do)
+        row = {"case": f"{canvas} tile {tile} D={case['head_dim']} text {case['text']}"}
+        for name, a, b, r in zip(("o", "dq", "dk", "dv"), (o, *grads), (low, *low_grads),
+                                 (ref, *ref_grads), strict=True):
+            row[name] = (rel_err(a, r), rel_err(b, r))
+            if not torch.isfinite(a).all():
+                row[name] = (float("nan"), rel_err(b, r))
+        rows.append(row)
+    return rows
+
+
+def attended_pairs(shape: Shape, window) -> float:
+    sv = math.prod(shape.canvas)
+    dens = density(shape.canvas, shape.tile, torch.tensor([window])).item()
+    return dens * sv * sv
+
+
+def bench_shape(shape: Shape, device: torch.device, variants: dict, reps: int) -> list[dict]:
+    sv = math.prod(shape.canvas)
+    b, h, d = shape.batch, shape.heads, shape.head_dim
+    scale = d**-0.5
+    q, k, v, do = (torch.randn(b, sv, h, d, device=device, dtype=torch.bfloat16) for _ in range(4))
+    text = torch.zeros(b, dtype=torch.int64)
+    results = []
+
+    def timed(fn) -> float:
+        return do_bench(fn, warmup=50, rep=reps, return_mode="median")
+
+    def time_fwd_bwd(fn, inputs, grad) -> tuple[float, float]:
+        leaves = [x.clone().requires_grad_() for x in inputs]
+        fwd = timed(lambda: fn(*leaves))
+        out = fn(*leaves)
+        bwd = timed(lambda: torch.autograd.grad(out, leaves, grad, retain_graph=True))
+        return fwd, bwd
+
+    # dense SDPA, once per shape: (B, H, S, D)
+    qh, kh, vh, doh = (x.transpose(1, 2).contiguous() for x in (q, k, v, do))
+    dense = {}
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    for name, backend in (("flash", SDPBackend.FLASH_ATTENTION),
+                          ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+        try:
+            with sdpa_kernel(backend):
+                fwd, bwd = time_fwd_bwd(torch.nn.functional.scaled_dot_product_attention,
+                                        (qh, kh, vh), doh)
+            dense[name] = (fwd, bwd)
+        except RuntimeError as err:  # a backend may be unavailable for this build
+            print(f"sdpa {name} unavailable: {err}", file=sys.stderr)
+    flops_dense = 4.0 * b * h * d * sv * sv
+    for name, (fwd, bwd) in dense.items():
+        results.append(dict(shape=shape.name, window="dense", impl=f"sdpa-{name}", fwd_ms=fwd,
+                            bwd_ms=bwd, fwd_tflops=flops_dense / fwd / 1e9,
+                            bwd_tflops=2.5 * flops_dense / bwd / 1e9))
+
+    perm = tile_order(shape.canvas, shape.tile).to(device)
+    gather_ms = timed(lambda: [x.index_select(1, perm) for x in (q, k, v)])
+    results.append(dict(shape=shape.name, window="-", impl="flex gather q,k,v (raster->tile)",
+                        fwd_ms=gather_ms, bwd_ms=float("nan")))
+    qt, kt, vt, dot = (x.index_select(1, perm).transpose(1, 2).contiguous() for x in (q, k, v, do))
+    flex = _flex_fn(device)
+    for wi, window in enumerate(shape.windows):
+        wtab = torch.tensor([window] * h)
+        flops = 4.0 * b * h * d * attended_pairs(shape, window)
+        bm = build_sta_block_mask(shape.canvas, shape.tile, wtab, text, sv, device)
+        f_fwd, f_bwd = time_fwd_bwd(partial(flex, block_mask=bm, scale=scale), (qt, kt, vt), dot)
+        row = dict(shape=shape.name, window=str(window), impl="flex", fwd_ms=f_fwd, bwd_ms=f_bwd)
+        results.append(row)
+        wdev = wtab.to(device, torch.int32)
+        tdev = text.to(device, torch.int32)
+        names = variants if wi == 0 else {"default": variants["default"]}
+        for vname, cfg in names.items():
+            o, lse = sta_triton_forward(q, k, v, wdev, tdev, shape.canvas, shape.tile, scale, cfg)
+            t_fwd = timed(partial(sta_triton_forward, q, k, v, wdev, tdev, shape.canvas,
+                                  shape.tile, scale, cfg))
+            t_bwd = timed(partial(sta_triton_backward, do, q, k, v, o, lse, wdev, tdev,
+                                  shape.canvas, shape.tile, scale, cfg))
+            results.append(dict(shape=shape.name, window=str(window), impl=f"triton[{vname}]",
+                                fwd_ms=t_fwd, bwd_ms=t_bwd))
+        for r in results:
+            if r["shape"] == shape.name and r["window"] == str(window):
+                r["fwd_tflops"] = flops / r["fwd_ms"] / 1e9
+                r["bwd_tflops"] = 2.5 * flops / r["bwd_ms"] / 1e9
+                r["fwd_vs_flex"] = f_fwd / r["fwd_ms"]
+                r["bwd_vs_flex"] = f_bwd / r["bwd_ms"]
+                if "cudnn" in dense:
+                    r["fwd_vs_cudnn"] = dense["cudnn"][0] / r["fwd_ms"]
+                    r["bwd_vs_cudnn"] = dense["cudnn"][1] / r["bwd_ms"]
+                r["density"] = attended_pairs(shape, window) / sv / sv
+    return results
+
+
+def fmt(x, spec=".2f") -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def table(results: list[dict]) -> str:
+    head = ("| shape | window | impl | fwd ms | bwd ms | fwd TFLOP/s | bwd TFLOP/s | "
+            "fwd x cuDNN | bwd x cuDNN | fwd x flex | bwd x flex |")
+    lines = [head, "|" + " --- |" * 11]
+    for r in results:
+        lines.append(
+            f"| {r['shape']} | {r['window']} | {r['impl']} | {fmt(r['fwd_ms'])} | "
+            f"{fmt(r.get('bwd_ms'))} | {fmt(r.get('fwd_tflops'), '.0f')} | "
+            f"{fmt(r.get('bwd_tflops'), '.0f')} | {fmt(r.get('fwd_vs_cudnn'))} | "
+            f"{fmt(r.get('bwd_vs_cudnn'))} | {fmt(r.get('fwd_vs_flex'))} | "
+            f"{fmt(r.get('bwd_vs_flex'))} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="hunyuan,wan")
+    parser.add_argument("--variants", default="default",
+                        help=f"comma list of triton configs to time at the first window: {list(VARIANTS)}")
+    parser.add_argument("--reps", type=int, default=500, help="do_bench rep time per timing, ms")
+    parser.add_argument("--no-check", action="store_true")
+    parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/attention.py needs a CUDA device")
+    device = torch.device("cuda")
+    meta = dict(
+        device=torch.cuda.get_device_name(device), torch=torch.__version__,
+        triton=triton.__version__, cuda=torch.version.cuda, python=platform.python_version(),
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
+    checks = [] if args.no_check else check_correctness(device)
+    for row in checks:
+        print(row["case"], " ".join(f"{n}={row[n][0]:.2e}(bf16 ref {row[n][1]:.2e})"
+                                    for n in ("o", "dq", "dk", "dv")))
+    variants = {n: VARIANTS[n] for n in args.variants.split(",")}
+    if "default" not in variants:
+        variants = {"default": KernelConfig(), **variants}
+    results = []
+    for name in args.shapes.split(","):
+        results += bench_shape(SHAPES[name], device, variants, args.reps)
+        torch.cuda.empty_cache()
+    os.makedirs(args.out, exist_ok=True)
+    md = table(results)
+    with open(os.path.join(args.out, "attention.json"), "w") as f:
+        json.dump(dict(meta=meta, checks=checks, results=results,
+                       variants={n: asdict(c) for n, c in variants.items()}), f, indent=1)
+    with open(os.path.join(args.out, "attention.md"), "w") as f:
+        f.write(f"{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, "
+                f"{meta['date']}; bf16, B=1, D=128, text_len=0; median of do_bench.\n\n{md}\n")
+    print(json.dumps(meta))
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

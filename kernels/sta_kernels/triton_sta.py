@@ -1,0 +1,671 @@
+"""The triton backend: fused Sliding Tile Attention, forward and backward.
+
+Layout and addressing
+    q, k, v, o are (B, S, H, D) with video tokens in raster (t, h, w) order. No tile-order
+    copy is made: a program's block of BLOCK tokens is a slice of one tile's local index
+    space (``local = lt*TH*TW + lh*TW + lw``), turned into raster token indices in-kernel,
+    so every row load is one D-contiguous segment wherever the token sits.
+
+Programs (grid = (blocks, B*H), one launch for every batch element, head and window)
+    forward / dq: one program per query block. Video query blocks loop over the
+        ``wt*wh*ww`` key tiles of their head's window (computed in-kernel from the (H, 3)
+        window table), then over the valid text keys. Text query blocks attend densely to
+        all video keys and the valid text keys.
+    dk / dv: one program per key block. A video key tile's queries form a contiguous tile
+        range per axis (the window start is monotone in the query tile), looped the same
+        way, then the valid text queries. Text key blocks are attended by every query.
+
+Softmax runs in fp32 with exp2; the forward saves the log2-domain log-sum-exp (B, H, S).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .geometry import num_tiles
+
+LOG2E = 1.4426950408889634
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+# A finite "minus infinity": exp2 of it underflows to 0 and never yields inf - inf = NaN.
+NEG_BIG = tl.constexpr(-1.0e30)
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Block sizes and launch parameters of the three kernels."""
+
+    fwd_block_m: int = 128
+    fwd_block_n: int = 64
+    fwd_warps: int = 8
+    fwd_stages: int = 3
+    bwd_block_m: int = 64  # query block of the dk/dv kernel
+    bwd_block_n: int = 128  # key block of the dk/dv kernel
+    bwd_warps: int = 8
+    bwd_stages: int = 2
+    dq_block_m: int = 128
+    dq_block_n: int = 64
+    dq_warps: int = 8
+    dq_stages: int = 2
+
+
+# Small blocks keep the interpreter (CPU) fast; tl.dot needs every dimension >= 16.
+INTERPRETER_CONFIG = KernelConfig(16, 16, 1, 1, 16, 16, 1, 1, 16, 16, 1, 1)
+
+
+# ----------------------------------------------------------------------------- geometry
+
+
+@triton.jit
+def _tile_tokens(
+    tile, sub, offs, CT, CH, CW, NH, NW,
+    TT: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Raster token indices (int64) and validity of block ``sub`` of raster tile ``tile``."""
+    tile_t = tile // (NH * NW)
+    tile_h = (tile // NW) % NH
+    tile_w = tile % NW
+    local = sub * BLOCK + offs  # position inside the tile, tile-local raster order
+    lt = local // (TH * TW)
+    lh = (local // TW) % TH
+    lw = local % TW
+    t = tile_t * TT + lt
+    h = tile_h * TH + lh
+    w = tile_w * TW + lw
+    valid = (lt < TT) & (t < CT) & (h < CH) & (w < CW)
+    tok = (t.to(tl.int64) * CH + h) * CW + w
+    return tok, valid
+
+
+@triton.jit
+def _axis_window(qi, n, w):
+    """First key tile of the window (``w`` clamped to [1, n]) of query tile ``qi``."""
+    return tl.minimum(tl.maximum(qi - w // 2, 0), n - w)
+
+
+@triton.jit
+def _axis_queries(ki, n, w):
+    """(first, count) of the contiguous query tiles whose window holds key tile ``ki``."""
+    first = tl.where(ki <= w - 1, 0, ki - w + 1 + w // 2)
+    last = tl.where(ki >= n - w, n - 1, ki + w // 2)
+    return first, last - first + 1
+
+
+@triton.jit
+def _head_window(WIN, h, NT, NH, NW):
+    wt = tl.minimum(tl.maximum(tl.load(WIN + h * 3 + 0), 1), NT)
+    wh = tl.minimum(tl.maximum(tl.load(WIN + h * 3 + 1), 1), NH)
+    ww = tl.minimum(tl.maximum(tl.load(WIN + h * 3 + 2), 1), NW)
+    return wt, wh, ww
+
+
+@triton.jit
+def _box_tile(j, first_t, first_h, first_w, cnt_h, cnt_w, NH, NW, SUBS: tl.constexpr):
+    """Iteration ``j`` of a loop over a box of tiles, SUBS blocks each: (tile, sub)."""
+    sub = j % SUBS
+    cell = j // SUBS
+    dw = cell % cnt_w
+    dh = (cell // cnt_w) % cnt_h
+    dt = cell // (cnt_w * cnt_h)
+    tile = ((first_t + dt) * NH + first_h + dh) * NW + first_w + dw
+    return tile, sub
+
+
+@triton.jit
+def _mm(a, b, DOT_F32: tl.constexpr):
+    """a @ b with fp32 accumulation; fp32 operands where the backend lacks 16-bit dots."""
+    if DOT_F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    return tl.dot(a, b)
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+@triton.jit
+def _fwd_block(
+    q, m_i, l_i, acc, K, V, k_tok, k_valid, stride_s, offs_d, scale_log2,
+    MASKED: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    """One online-softmax step of a (BLOCK_M, D) query block against a gathered key block."""
+    kv_off = k_tok[:, None] * stride_s + offs_d[None, :]  # (BLOCK_N, D)
+    if MASKED:
+        k = tl.load(K + kv_off, mask=k_valid[:, None], other=0.0)
+        v = tl.load(V + kv_off, mask=k_valid[:, None], other=0.0)
+    else:
+        k = tl.load(K + kv_off)
+        v = tl.load(V + kv_off)
+    s = _mm(q, tl.trans(k), DOT_F32) * scale_log2  # (BLOCK_M, BLOCK_N) log2 domain
+    if MASKED:
+        s = tl.where(k_valid[None, :], s, NEG_BIG)
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, DOT_F32)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _sta_fwd_kernel(
+    Q, K, V, Out, LSE, WIN, TEXT_LEN,
+    stride_b, stride_s, stride_h,
+    seq_len, num_video, num_heads, num_video_blocks,
+    CT, CH, CW, NT, NH, NW,
+    scale_log2,
+    TT: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q_SUBS: tl.constexpr, K_SUBS: tl.constexpr, EVEN: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // num_heads
+    h = bh % num_heads
+    base = b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+    Q += base
+    K += base
+    V += base
+    Out += base
+    LSE += bh.to(tl.int64) * seq_len
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    text_len = tl.load(TEXT_LEN + b)
+    m_i = tl.full([BLOCK_M], NEG_BIG, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    if pid < num_video_blocks:
+        q_tile = pid // Q_SUBS
+        q_tok, q_valid = _tile_tokens(
+            q_tile, pid % Q_SUBS, offs_m, CT, CH, CW, NH, NW, TT, TH, TW, BLOCK_M
+        )
+        q_off = q_tok[:, None] * stride_s + offs_d[None, :]  # (BLOCK_M, D)
+        if EVEN:
+            q = tl.load(Q + q_off)
+        else:
+            q = tl.load(Q + q_off, mask=q_valid[:, None], other=0.0)
+        wt, wh, ww = _head_window(WIN, h, NT, NH, NW)
+        first_t = _axis_window(q_tile // (NH * NW), NT, wt)
+        first_h = _axis_window((q_tile // NW) % NH, NH, wh)
+        first_w = _axis_window(q_tile % NW, NW, ww)
+        for j in range(0, wt * wh * ww * K_SUBS):
+            k_tile, k_sub = _box_tile(j, first_t, first_h, first_w, wh, ww, NH, NW, K_SUBS)
+            k_tok, k_valid = _tile_tokens(
+                k_tile, k_sub, offs_n, CT, CH, CW, NH, NW, TT, TH, TW, BLOCK_N
+            )
+            m_i, l_i, acc = _fwd_block(
+                q, m_i, l_i, acc, K, V, k_tok, k_valid, stride_s, offs_d, scale_log2,
+                not EVEN, DOT_F32,
+            )
+        for start in range(0, text_len, BLOCK_N):
+            k_pos = start + offs_n
+            m_i, l_i, acc = _fwd_block(
+                q, m_i, l_i, acc, K, V, (num_video + k_pos).to(tl.int64), k_pos < text_len,
+                stride_s, offs_d, scale_log2, True, DOT_F32,
+            )
+        o = acc / l_i[:, None]
+        if EVEN:
+            tl.store(Out + q_off, o.to(Out.dtype.element_ty))
+            tl.store(LSE + q_tok, m_i + tl.math.log2(l_i))
+        else:
+            tl.store(Out + q_off, o.to(Out.dtype.element_ty), mask=q_valid[:, None])
+            tl.store(LSE + q_tok, m_i + tl.math.log2(l_i), mask=q_valid)
+    else:
+        # text queries: all video keys and the valid text keys, contiguous in memory
+        q_pos = (pid - num_video_blocks) * BLOCK_M + offs_m
+        q_tok = (num_video + q_pos).to(tl.int64)
+        in_seq = q_tok < seq_len
+        q_valid = q_pos < text_len
+        q_off = q_tok[:, None] * stride_s + offs_d[None, :]
+        q = tl.load(Q + q_off, mask=q_valid[:, None], other=0.0)
+        key_end = tl.where((pid - num_video_blocks) * BLOCK_M < text_len, num_video + text_len, 0)
+        for start in range(0, key_end, BLOCK_N):
+            k_tok = start + offs_n
+            m_i, l_i, acc = _fwd_block(
+                q, m_i, l_i, acc, K, V, k_tok.to(tl.int64), k_tok < key_end, stride_s, offs_d,
+                scale_log2, True, DOT_F32,
+            )
+        o = tl.where(q_valid[:, None], acc / tl.maximum(l_i, 1e-30)[:, None], 0.0)
+        lse = tl.where(q_valid, m_i + tl.math.log2(tl.maximum(l_i, 1e-30)), 0.0)
+        tl.store(Out + q_off, o.to(Out.dtype.element_ty), mask=in_seq[:, None])
+        tl.store(LSE + q_tok, lse, mask=in_seq)
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def _dkdv_block(
+    k, v, dk, dv, Q, DO, LSE, DELTA, q_tok, q_valid, stride_s, offs_d, scale_log2,
+    MASKED: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    """Accumulate a gathered query block's contribution to a key block's dk, dv (unscaled dk)."""
+    q_off = q_tok[:, None] * stride_s + offs_d[None, :]  # (BLOCK_M, D)
+    if MASKED:
+        q = tl.load(Q + q_off, mask=q_valid[:, None], other=0.0)
+        do = tl.load(DO + q_off, mask=q_valid[:, None], other=0.0)
+        lse = tl.load(LSE + q_tok, mask=q_valid, other=0.0)
+        delta = tl.load(DELTA + q_tok, mask=q_valid, other=0.0)
+    else:
+        q = tl.load(Q + q_off)
+        do = tl.load(DO + q_off)
+        lse = tl.load(LSE + q_tok)
+        delta = tl.load(DELTA + q_tok)
+    s_t = _mm(k, tl.trans(q), DOT_F32) * scale_log2  # (BLOCK_N, BLOCK_M)
+    p_t = tl.math.exp2(s_t - lse[None, :])
+    if MASKED:
+        p_t = tl.where(q_valid[None, :], p_t, 0.0)
+    dv += _mm(p_t.to(do.dtype), do, DOT_F32)
+    dp_t = _mm(v, tl.trans(do), DOT_F32)  # (BLOCK_N, BLOCK_M)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += _mm(ds_t.to(q.dtype), q, DOT_F32)
+    return dk, dv
+
+
+@triton.jit
+def _sta_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, WIN, TEXT_LEN,
+    stride_b, stride_s, stride_h,
+    seq_len, num_video, num_heads, num_video_blocks,
+    CT, CH, CW, NT, NH, NW,
+    scale, scale_log2,
+    TT: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q_SUBS: tl.constexpr, K_SUBS: tl.constexpr, EVEN: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // num_heads
+    h = bh % num_heads
+    base = b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+    Q += base
+    K += base
+    V += base
+    DO += base
+    DK += base
+    DV += base
+    LSE += bh.to(tl.int64) * seq_len
+    DELTA += bh.to(tl.int64) * seq_len
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    text_len = tl.load(TEXT_LEN + b)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    if pid < num_video_blocks:
+        k_tile = pid // K_SUBS
+        k_tok, k_valid = _tile_tokens(
+            k_tile, pid % K_SUBS, offs_n, CT, CH, CW, NH, NW, TT, TH, TW, BLOCK_N
+        )
+        kv_off = k_tok[:, None] * stride_s + offs_d[None, :]  # (BLOCK_N, D)
+        if EVEN:
+            k = tl.load(K + kv_off)
+            v = tl.load(V + kv_off)
+        else:
+            k = tl.load(K + kv_off, mask=k_valid[:, None], other=0.0)
+            v = tl.load(V + kv_off, mask=k_valid[:, None], other=0.0)
+        wt, wh, ww = _head_window(WIN, h, NT, NH, NW)
+        first_t, cnt_t = _axis_queries(k_tile // (NH * NW), NT, wt)
+        first_h, cnt_h = _axis_queries((k_tile // NW) % NH, NH, wh)
+        first_w, cnt_w = _axis_queries(k_tile % NW, NW, ww)
+        for j in range(0, cnt_t * cnt_h * cnt_w * Q_SUBS):
+            q_tile, q_sub = _box_tile(j, first_t, first_h, first_w, cnt_h, cnt_w, NH, NW, Q_SUBS)
+            q_tok, q_valid = _tile_tokens(
+                q_tile, q_sub, offs_m, CT, CH, CW, NH, NW, TT, TH, TW, BLOCK_M
+            )
+            dk, dv = _dkdv_block(
+                k, v, dk, dv, Q, DO, LSE, DELTA, q_tok, q_valid, stride_s, offs_d, scale_log2,
+                not EVEN, DOT_F32,
+            )
+        for start in range(0, text_len, BLOCK_M):
+            q_pos = start + offs_m
+            dk, dv = _dkdv_block(
+                k, v, dk, dv, Q, DO, LSE, DELTA, (num_video + q_pos).to(tl.int64),
+                q_pos < text_len, stride_s, offs_d, scale_log2, True, DOT_F32,
+            )
+        if EVEN:
+            tl.store(DK + kv_off, (dk * scale).to(DK.dtype.element_ty))
+            tl.store(DV + kv_off, dv.to(DV.dtype.element_ty))
+        else:
+            tl.store(DK + kv_off, (dk * scale).to(DK.dtype.element_ty), mask=k_valid[:, None])
+            tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=k_valid[:, None])
+    else:
+        # text keys: attended by every video query and every valid text query
+        k_pos = (pid - num_video_blocks) * BLOCK_N + offs_n
+        k_tok = (num_video + k_pos).to(tl.int64)
+        in_seq = k_tok < seq_len
+        k_valid = k_pos < text_len
+        kv_off = k_tok[:, None] * stride_s + offs_d[None, :]
+        k = tl.load(K + kv_off, mask=k_valid[:, None], other=0.0)
+        v = tl.load(V + kv_off, mask=k_valid[:, None], other=0.0)
+        query_end = tl.where((pid - num_video_blocks) * BLOCK_N < text_len, num_video + text_len, 0)
+        for start in range(0, query_end, BLOCK_M):
+            q_tok = start + offs_m
+            dk, dv = _dkdv_block(
+                k, v, dk, dv, Q, DO, LSE, DELTA, q_tok.to(tl.int64), q_tok < query_end,
+                stride_s, offs_d, scale_log2, True, DOT_F32,
+            )
+        dk = tl.where(k_valid[:, None], dk * scale, 0.0)
+        dv = tl.where(k_valid[:, None], dv, 0.0)
+        tl.store(DK + kv_off, dk.to(DK.dtype.element_ty), mask=in_seq[:, None])
+        tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=in_seq[:, None])
+
+
+@triton.jit
+def _dq_block(
+    q, do, lse, delta, dq, K, V, k_tok, k_valid, stride_s, offs_d, scale_log2,
+    MASKED: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    """Accumulate a gathered key block's contribution to a query block's (unscaled) dq."""
+    kv_off = k_tok[:, None] * stride_s + offs_d[None, :]  # (BLOCK_N, D)
+    if MASKED:
+        k = tl.load(K + kv_off, mask=k_valid[:, None], other=0.0)
+        v = tl.load(V + kv_off, mask=k_valid[:, None], other=0.0)
+    else:
+        k = tl.load(K + kv_off)
+        v = tl.load(V + kv_off)
+    s = _mm(q, tl.trans(k), DOT_F32) * scale_log2  # (BLOCK_M, BLOCK_N)
+    p = tl.math.exp2(s - lse[:, None])
+    if MASKED:
+        p = tl.where(k_valid[None, :], p, 0.0)
+    dp = _mm(do, tl.trans(v), DOT_F32)
+    ds = p * (dp - delta[:, None])
+    dq += _mm(ds.to(k.dtype), k, DOT_F32)
+    return dq
+
+
+@triton.jit
+def _sta_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, WIN, TEXT_LEN,
+    stride_b, stride_s, stride_h,
+    seq_len, num_video, num_heads, num_video_blocks,
+    CT, CH, CW, NT, NH, NW,
+    scale, scale_log2,
+    TT: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q_SUBS: tl.constexpr, K_SUBS: tl.constexpr, EVEN: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // num_heads
+    h = bh % num_heads
+    base = b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+    Q += base
+    K += base
+    V += base
+    DO += base
+    DQ += base
+    LSE += bh.to(tl.int64) * seq_len
+    DELTA += bh.to(tl.int64) * seq_len
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    text_len = tl.load(TEXT_LEN + b)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    if pid < num_video_blocks:
+        q_tile = pid // Q_SUBS
+        q_tok, q_valid = _tile_tokens(
+            q_tile, pid % Q_SUBS, offs_m, CT, CH, CW, NH, NW, TT, TH, TW, BLOCK_M
+        )
+        q_off = q_tok[:, None] * stride_s + offs_d[None, :]
+        if EVEN:
+            q = tl.load(Q + q_off)
+            do = tl.load(DO + q_off)
+            lse = tl.load(LSE + q_tok)
+            delta = tl.load(DELTA + q_tok)
+        else:
+            q = tl.load(Q + q_off, mask=q_valid[:, None], other=0.0)
+            do = tl.load(DO + q_off, mask=q_valid[:, None], other=0.0)
+            lse = tl.load(LSE + q_tok, mask=q_valid, other=0.0)
+            delta = tl.load(DELTA + q_tok, mask=q_valid, other=0.0)
+        wt, wh, ww = _head_window(WIN, h, NT, NH, NW)
+        first_t = _axis_window(q_tile // (NH * NW), NT, wt)
+        first_h = _axis_window((q_tile // NW) % NH, NH, wh)
+        first_w = _axis_window(q_tile % NW, NW, ww)
+        for j in range(0, wt * wh * ww * K_SUBS):
+            k_tile, k_sub = _box_tile(j, first_t, first_h, first_w, wh, ww, NH, NW, K_SUBS)
+            k_tok, k_valid = _tile_tokens(
+                k_tile, k_sub, offs_n, CT, CH, CW, NH, NW, TT, TH, TW, BLOCK_N
+            )
+            dq = _dq_block(
+                q, do, lse, delta, dq, K, V, k_tok, k_valid, stride_s, offs_d, scale_log2,
+                not EVEN, DOT_F32,
+            )
+        for start in range(0, text_len, BLOCK_N):
+            k_pos = start + offs_n
+            dq = _dq_block(
+                q, do, lse, delta, dq, K, V, (num_video + k_pos).to(tl.int64), k_pos < text_len,
+                stride_s, offs_d, scale_log2, True, DOT_F32,
+            )
+        if EVEN:
+            tl.store(DQ + q_off, (dq * scale).to(DQ.dtype.element_ty))
+        else:
+            tl.store(DQ + q_off, (dq * scale).to(DQ.dtype.element_ty), mask=q_valid[:, None])
+    else:
+        q_pos = (pid - num_video_blocks) * BLOCK_M + offs_m
+        q_tok = (num_video + q_pos).to(tl.int64)
+        in_seq = q_tok < seq_len
+        q_valid = q_pos < text_len
+        q_off = q_tok[:, None] * stride_s + offs_d[None, :]
+        q = tl.load(Q + q_off, mask=q_valid[:, None], other=0.0)
+        do = tl.load(DO + q_off, mask=q_valid[:, None], other=0.0)
+        lse = tl.load(LSE + q_tok, mask=q_valid, other=0.0)
+        delta = tl.load(DELTA + q_tok, mask=q_valid, other=0.0)
+        key_end = tl.where((pid - num_video_blocks) * BLOCK_M < text_len, num_video + text_len, 0)
+        for start in range(0, key_end, BLOCK_N):
+            k_tok = start + offs_n
+            dq = _dq_block(
+                q, do, lse, delta, dq, K, V, k_tok.to(tl.int64), k_tok < key_end, stride_s,
+                offs_d, scale_log2, True, DOT_F32,
+            )
+        dq = tl.where(q_valid[:, None], dq * scale, 0.0)
+        tl.store(DQ + q_off, dq.to(DQ.dtype.element_ty), mask=in_seq[:, None])
+
+
+# ----------------------------------------------------------------------------- host side
+
+
+def is_interpreter() -> bool:
+    """True when triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    return type(_sta_fwd_kernel).__name__ == "InterpretedFunction"
+
+
+def check_inputs(q: torch.Tensor) -> None:
+    """Raise ``ValueError`` for inputs the triton kernels do not support."""
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(
+            f"triton backend supports q/k/v dtypes {SUPPORTED_DTYPES}, got {q.dtype}; "
+            "use backend='reference' for float32/float64"
+        )
+    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(
+            f"triton backend supports head dims {SUPPORTED_HEAD_DIMS}, got D={q.shape[-1]}"
+        )
+    if not q.is_cuda and not is_interpreter():
+        raise ValueError(
+            "triton backend needs CUDA tensors (or TRITON_INTERPRET=1 set before "
+            f"sta_kernels.triton_sta is imported), got device {q.device}"
+        )
+
+
+def default_config(device: torch.device) -> KernelConfig:
+    """The launch configuration for ``device`` (small blocks under the interpreter)."""
+    return INTERPRETER_CONFIG if device.type != "cuda" else KernelConfig()
+
+
+class _Geometry:
+    """Launch-time integers derived from (canvas, tile, S), shared by the three kernels."""
+
+    def __init__(self, seq_len: int, canvas: Sequence[int], tile: Sequence[int]):
+        self.canvas = tuple(int(c) for c in canvas)
+        self.tile = tuple(int(t) for t in tile)
+        self.n = num_tiles(self.canvas, self.tile)
+        self.num_tiles = self.n[0] * self.n[1] * self.n[2]
+        self.tile_tokens = self.tile[0] * self.tile[1] * self.tile[2]
+        self.seq_len = seq_len
+        self.num_video = self.canvas[0] * self.canvas[1] * self.canvas[2]
+        self.num_text = seq_len - self.num_video
+
+    def subs(self, block: int) -> int:
+        return math.ceil(self.tile_tokens / block)
+
+    def even(self, *blocks: int) -> bool:
+        """No partial tile on any axis and every block full: masks can be compiled out."""
+        aligned = all(c % t == 0 for c, t in zip(self.canvas, self.tile, strict=True))
+        return aligned and all(self.tile_tokens % b == 0 for b in blocks)
+
+    def args(self) -> tuple[int, ...]:
+        return (*self.canvas, *self.n)
+
+
+def _strides(x: torch.Tensor) -> tuple[int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def sta_triton_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    windows: torch.Tensor,
+    text_len: torch.Tensor,
+    canvas: Sequence[int],
+    tile: Sequence[int],
+    scale: float,
+    config: KernelConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel.
+
+    Args:
+        q, k, v: (B, S, H, D) contiguous, bf16/fp16, on the kernel device.
+        windows: (H, 3) int32 on the kernel device; text_len: (B,) int32 on the kernel device.
+    Returns:
+        o: (B, S, H, D); lse: (B, H, S) float32 log2-domain log-sum-exp (0 at padding).
+    """
+    cfg = config or default_config(q.device)
+    batch, seq, heads, head_dim = q.shape
+    geo = _Geometry(seq, canvas, tile)
+    o = torch.empty_like(q)
+    lse = torch.empty(batch, heads, seq, device=q.device, dtype=torch.float32)
+    q_subs = geo.subs(cfg.fwd_block_m)
+    video_blocks = geo.num_tiles * q_subs
+    grid = (video_blocks + triton.cdiv(geo.num_text, cfg.fwd_block_m), batch * heads)
+    _sta_fwd_kernel[grid](
+        q, k, v, o, lse, windows, text_len,
+        *_strides(q), seq, geo.num_video, heads, video_blocks, *geo.args(),
+        scale * LOG2E,
+        TT=geo.tile[0], TH=geo.tile[1], TW=geo.tile[2], HEAD_DIM=head_dim,
+        BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n,
+        Q_SUBS=q_subs, K_SUBS=geo.subs(cfg.fwd_block_n),
+        EVEN=geo.even(cfg.fwd_block_m, cfg.fwd_block_n),
+        DOT_F32=is_interpreter(),
+        num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
+    )
+    return o, lse
+
+
+def sta_triton_backward(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    windows: torch.Tensor,
+    text_len: torch.Tensor,
+    canvas: Sequence[int],
+    tile: Sequence[int],
+    scale: float,
+    config: KernelConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the dk/dv and dq kernels; all tensors (B, S, H, D) as in the forward."""
+    cfg = config or default_config(q.device)
+    batch, seq, heads, head_dim = q.shape
+    geo = _Geometry(seq, canvas, tile)
+    do = do.contiguous()
+    delta = (o.float() * do.float()).sum(-1).transpose(1, 2).contiguous()  # (B, H, S)
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    common = (*_strides(q), seq, geo.num_video, heads)
+    k_subs = geo.subs(cfg.bwd_block_n)
+    video_blocks = geo.num_tiles * k_subs
+    grid = (video_blocks + triton.cdiv(geo.num_text, cfg.bwd_block_n), batch * heads)
+    _sta_dkdv_kernel[grid](
+        q, k, v, do, lse, delta, dk, dv, windows, text_len,
+        *common, video_blocks, *geo.args(), scale, scale * LOG2E,
+        TT=geo.tile[0], TH=geo.tile[1], TW=geo.tile[2], HEAD_DIM=head_dim,
+        BLOCK_M=cfg.bwd_block_m, BLOCK_N=cfg.bwd_block_n,
+        Q_SUBS=geo.subs(cfg.bwd_block_m), K_SUBS=k_subs,
+        EVEN=geo.even(cfg.bwd_block_m, cfg.bwd_block_n),
+        DOT_F32=is_interpreter(),
+        num_warps=cfg.bwd_warps, num_stages=cfg.bwd_stages,
+    )
+    q_subs = geo.subs(cfg.dq_block_m)
+    video_blocks = geo.num_tiles * q_subs
+    grid = (video_blocks + triton.cdiv(geo.num_text, cfg.dq_block_m), batch * heads)
+    _sta_dq_kernel[grid](
+        q, k, v, do, lse, delta, dq, windows, text_len,
+        *common, video_blocks, *geo.args(), scale, scale * LOG2E,
+        TT=geo.tile[0], TH=geo.tile[1], TW=geo.tile[2], HEAD_DIM=head_dim,
+        BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n,
+        Q_SUBS=q_subs, K_SUBS=geo.subs(cfg.dq_block_n),
+        EVEN=geo.even(cfg.dq_block_m, cfg.dq_block_n),
+        DOT_F32=is_interpreter(),
+        num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
+    )
+    return dq, dk, dv
+
+
+class _STAFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, windows, text_len, canvas, tile, scale, config):
+        o, lse = sta_triton_forward(q, k, v, windows, text_len, canvas, tile, scale, config)
+        ctx.save_for_backward(q, k, v, o, lse, windows, text_len)
+        ctx.geometry = (canvas, tile, scale, config)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, windows, text_len = ctx.saved_tensors
+        canvas, tile, scale, config = ctx.geometry
+        dq, dk, dv = sta_triton_backward(
+            do, q, k, v, o, lse, windows, text_len, canvas, tile, scale, config
+        )
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def sta_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    canvas: Sequence[int],
+    tile: Sequence[int],
+    window: torch.Tensor,
+    text_len: torch.Tensor,
+    scale: float,
+    config: KernelConfig | None = None,
+) -> torch.Tensor:
+    """STA through the fused triton kernels; differentiable in q, k, v.
+
+    Args:
+        q, k, v: (B, S, H, D) bf16/fp16 (CUDA, or CPU under TRITON_INTERPRET=1).
+        canvas, tile: latent grid and tile shape in tokens.
+        window: (H, 3) int64 CPU windows in tiles; text_len: (B,) int64 CPU valid text tokens.
+        scale: softmax scale.
+        config: block sizes / warps / stages; the device default when None.
+    Returns:
+        o: (B, S, H, D), zero at text padding queries.
+    """
+    check_inputs(q)
+    q, k, v = (x.contiguous() for x in (q, k, v))
+    windows = window.to(device=q.device, dtype=torch.int32)
+    lengths = text_len.to(device=q.device, dtype=torch.int32)
+    return _STAFunction.apply(
+        q, k, v, windows, lengths, tuple(canvas), tuple(tile), float(scale), config
+    )
