@@ -1,0 +1,221 @@
+"""The real encoders, loaded from local diffusers / transformers folders (never the hub).
+
+* Wan 2.1: ``AutoencoderKLWan`` (latents normalised per channel with the VAE config's
+  ``latents_mean`` / ``latents_std``, as the diffusers Wan pipelines do) and the UMT5 encoder
+  (``last_hidden_state``, zeroed past each caption's tokens, ``text_len`` = 512 in Wan).
+* HunyuanVideo: ``AutoencoderKLHunyuanVideo`` (latents times ``scaling_factor``), the Llama
+  text encoder (the prompt template of the diffusers pipeline, hidden state of the third-last
+  layer, template tokens cropped) and CLIP's ``pooler_output`` as ``pooled``.
+
+Pooled text for models without a pooled embedding (Wan) is the masked mean of the token states.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+# The HunyuanVideo prompt template (as in diffusers' HunyuanVideoPipeline); the caption goes at {}.
+HUNYUAN_TEMPLATE = (
+    "<|start_header_id|>system<|end_header_id|>\n\nDescribe the video by detailing the following aspects: "
+    "1. The main content and theme of the video."
+    "2. The color, shape, size, texture, quantity, text, and spatial relationships of the objects."
+    "3. Actions, events, behaviors temporal relationships, physical movement changes of the objects."
+    "4. background environment, light, style and atmosphere."
+    "5. camera angles, movements, and transitions used in the video:<|eot_id|>"
+    "<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>"
+)
+
+
+def _local_dir(path: str | None, field: str) -> str:
+    if not path or not Path(path).expanduser().is_dir():
+        raise FileNotFoundError(f"{field}: {path!r} is not a local folder (no hub downloads)")
+    return str(Path(path).expanduser())
+
+
+def _masked_mean(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``(B, L, D)``, ``(B, L)`` -> ``(B, D)``; zeros for an empty mask."""
+    m = mask.to(states.dtype)[..., None]
+    return (states * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
+
+
+class DiffusersVideoVAE:
+    """Wan 2.1 or HunyuanVideo VAE from a local diffusers folder, with each model's latent
+    normalisation, so cached latents are exactly what the transformer is trained on."""
+
+    def __init__(
+        self,
+        kind: str,
+        path: str | None,
+        *,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        sample: bool = False,
+        seed: int = 0,
+    ) -> None:
+        from diffusers import AutoencoderKLHunyuanVideo, AutoencoderKLWan
+
+        self.kind = kind
+        self.path = _local_dir(path, "data.video_encoder_path")
+        cls = {"wan": AutoencoderKLWan, "hunyuan": AutoencoderKLHunyuanVideo}[kind]
+        self.vae = cls.from_pretrained(self.path, torch_dtype=dtype).to(device).eval()
+        self.vae.requires_grad_(False)
+        self.device, self.dtype, self.sample = device, dtype, sample
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        config = self.vae.config
+        if kind == "wan":
+            self.latent_channels = int(config.z_dim)
+            self.temporal_compression = int(getattr(config, "scale_factor_temporal", 4))
+            self.spatial_compression = int(getattr(config, "scale_factor_spatial", 8))
+            shape = (1, self.latent_channels, 1, 1, 1)
+            self.mean = torch.tensor(config.latents_mean, dtype=torch.float32).view(shape)
+            self.std = torch.tensor(config.latents_std, dtype=torch.float32).view(shape)
+        else:
+            self.latent_channels = int(config.latent_channels)
+            self.temporal_compression = int(config.temporal_compression_ratio)
+            self.spatial_compression = int(config.spatial_compression_ratio)
+            self.mean = torch.zeros(())
+            self.std = torch.tensor(1.0 / float(config.scaling_factor))
+
+    def fingerprint(self) -> str:
+        return f"{self.kind}-vae:{self.path}:{self.dtype}:{'sample' if self.sample else 'mode'}"
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, F, H, W)`` in [-1, 1] -> normalised latents ``(B, C, T, h, w)`` float32."""
+        dist = self.vae.encode(video.to(self.device, self.dtype)).latent_dist
+        z = dist.sample(generator=self.generator) if self.sample else dist.mode()
+        return (z.float() - self.mean.to(z.device)) / self.std.to(z.device)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents ``(B, C, T, h, w)`` -> video ``(B, 3, F, H, W)`` float32."""
+        z = latents.float().to(self.device) * self.std.to(self.device) + self.mean.to(self.device)
+        return self.vae.decode(z.to(self.dtype)).sample.float()
+
+
+def _clean(caption: str) -> str:
+    return re.sub(r"\s+", " ", caption).strip()
+
+
+class UMT5TextEncoder:
+    """Wan's UMT5-XXL encoder from a local transformers folder: ``(B, L, 4096)``."""
+
+    def __init__(
+        self,
+        path: str | None,
+        tokenizer_path: str | None = None,
+        *,
+        text_len: int = 512,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        from transformers import AutoTokenizer, UMT5EncoderModel
+
+        self.path = _local_dir(path, "data.text_encoder_path")
+        tok = _local_dir(tokenizer_path or path, "data.tokenizer_path")
+        self.tokenizer = AutoTokenizer.from_pretrained(tok)
+        self.model = (
+            UMT5EncoderModel.from_pretrained(self.path, torch_dtype=dtype).to(device).eval()
+        )
+        self.model.requires_grad_(False)
+        self.device, self.dtype = device, dtype
+        self.text_len = text_len
+        self.text_dim = self.pooled_dim = int(self.model.config.d_model)
+
+    def fingerprint(self) -> str:
+        return f"umt5:{self.path}:{self.dtype}:{self.text_len}"
+
+    @torch.no_grad()
+    def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Captions -> ``text (B, L, D)`` (zeros past each caption), ``mask (B, L)``, ``pooled (B, D)``."""
+        tokens = self.tokenizer(
+            [_clean(c) for c in captions],
+            padding="max_length",
+            max_length=self.text_len,
+            truncation=True,
+            add_special_tokens=True,
+            return_attention_mask=True,
+            return_tensors="pt",
+        )
+        mask = tokens.attention_mask.bool()  # (B, L)
+        states = self.model(
+            tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
+        ).last_hidden_state.float()  # (B, L, D)
+        mask = mask.to(states.device)
+        states = states * mask[..., None]
+        return states, mask, _masked_mean(states, mask)
+
+
+class HunyuanTextEncoder:
+    """HunyuanVideo's two text encoders from local folders.
+
+    ``text``: the Llama hidden state of the third-last layer over the templated prompt, template
+    tokens cropped, ``text_len`` tokens (256 in HunyuanVideo). ``pooled``: CLIP-L's
+    ``pooler_output`` over 77 tokens.
+    """
+
+    def __init__(
+        self,
+        path: str | None,
+        path_2: str | None,
+        tokenizer_path: str | None = None,
+        tokenizer_2_path: str | None = None,
+        *,
+        text_len: int = 256,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        layers_to_skip: int = 2,
+    ) -> None:
+        from transformers import AutoTokenizer, CLIPTextModel, LlamaModel
+
+        self.path = _local_dir(path, "data.text_encoder_path")
+        self.path_2 = _local_dir(path_2, "data.text_encoder_2_path")
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            _local_dir(tokenizer_path or path, "data.tokenizer_path")
+        )
+        self.tokenizer_2 = AutoTokenizer.from_pretrained(
+            _local_dir(tokenizer_2_path or path_2, "data.tokenizer_2_path")
+        )
+        self.llama = LlamaModel.from_pretrained(self.path, torch_dtype=dtype).to(device).eval()
+        self.clip = CLIPTextModel.from_pretrained(self.path_2, torch_dtype=dtype).to(device).eval()
+        self.llama.requires_grad_(False)
+        self.clip.requires_grad_(False)
+        self.device, self.dtype, self.layers_to_skip = device, dtype, layers_to_skip
+        self.text_len = text_len
+        self.text_dim = int(self.llama.config.hidden_size)
+        self.pooled_dim = int(self.clip.config.hidden_size)
+        # Tokens before the caption (BOS + system prompt + user header) are cropped away.
+        prefix = HUNYUAN_TEMPLATE.split("{}")[0]
+        self.crop_start = len(self.tokenizer(prefix, add_special_tokens=True).input_ids)
+
+    def fingerprint(self) -> str:
+        return f"hunyuan-text:{self.path}:{self.path_2}:{self.dtype}:{self.text_len}"
+
+    @torch.no_grad()
+    def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Captions -> ``text (B, L, D)``, ``mask (B, L)``, ``pooled (B, Dp)`` (CLIP)."""
+        tokens = self.tokenizer(
+            [HUNYUAN_TEMPLATE.format(_clean(c)) for c in captions],
+            padding="max_length",
+            max_length=self.text_len + self.crop_start,
+            truncation=True,
+            return_attention_mask=True,
+            return_tensors="pt",
+        )
+        out = self.llama(
+            input_ids=tokens.input_ids.to(self.device),
+            attention_mask=tokens.attention_mask.to(self.device),
+            output_hidden_states=True,
+        )
+        states = out.hidden_states[-(self.layers_to_skip + 1)][:, self.crop_start :].float()
+        mask = tokens.attention_mask[:, self.crop_start :].bool().to(states.device)  # (B, L)
+        states = states * mask[..., None]
+        clip_tokens = self.tokenizer_2(
+            [_clean(c) for c in captions], padding="max_length", max_length=77, truncation=True,
+            return_tensors="pt",
+        )  # fmt: skip
+        pooled = self.clip(clip_tokens.input_ids.to(self.device)).pooler_output.float()
+        return states, mask, pooled
