@@ -111,7 +111,8 @@ class VideoDiT(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.transformer.parameters()).dtype
+        """Compute dtype (that of the attention projections; some small modules stay fp32)."""
+        return self.sta_layers()[0].to_q.weight.dtype
 
     def canvas_for(self, latent_shape: Sequence[int]) -> tuple[int, int, int]:
         """Token canvas (T/pt, H/ph, W/pw) of latents shaped (..., T, H, W); must divide evenly."""
@@ -133,6 +134,11 @@ class VideoDiT(nn.Module):
         pos = torch.arange(text_mask.shape[1], device=text_mask.device)
         if not torch.equal(text_mask, pos[None, :] < lengths[:, None]):
             raise ValueError("text_mask must mark valid tokens first, then padding (True...False...)")
+        if (lengths == 0).any():
+            raise ValueError(
+                "text_mask has a sample without any valid text token; HunyuanVideo's text refiner "
+                "averages over valid tokens (encode at least the BOS token, also for empty prompts)"
+            )
         return lengths.to("cpu", torch.int64)
 
     def forward(
@@ -303,9 +309,10 @@ def cast_like_diffusers(transformer: nn.Module, dtype: torch.dtype) -> None:
     keep = getattr(transformer, "_keep_in_fp32_modules", None) or []
     if dtype == torch.float32 or not keep:
         return
-    for name, module in transformer.named_modules():
-        if any(k in name.split(".") for k in keep):
-            nn.Module.to(module, torch.float32)
+    with torch.no_grad():
+        for name, tensor in [*transformer.named_parameters(), *transformer.named_buffers()]:
+            if tensor.is_floating_point() and any(k in name.split(".") for k in keep):
+                tensor.data = tensor.data.to(torch.float32)
 
 
 def as_config(cfg: Any, cls: type) -> Any:

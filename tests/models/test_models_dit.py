@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from dit_testing import build, make_batch, original, run, run_original
 from sta_kernels import density
 
-from stafinetune.models import AttentionConfig
+from stafinetune.models import AttentionConfig, ModelConfig, build_model
+from stafinetune.models.attention import resolve_backend
 
 
 @pytest.mark.parametrize("mode", ["full", "sta"])
@@ -72,3 +75,129 @@ def test_backward_reaches_parameters(flavor: str) -> None:
     attn = dit.sta_layers()[0]
     assert attn.to_q.weight.grad is not None and attn.to_q.weight.grad.abs().sum() > 0
     assert all(p.grad is not None for p in dit.sta_layers()[-1].parameters())
+
+
+@pytest.mark.parametrize("mode", ["full", "sta"])
+def test_padded_text_is_masked(flavor: str, mode: str) -> None:
+    """Whatever the padding holds, the output is the same; Hunyuan equals the unpadded run."""
+    dit = build(flavor, mode=mode, window=[3, 3, 3])
+    b = make_batch()
+    noisy = dict(b)
+    noisy["text"] = torch.where(b["text_mask"][..., None], b["text"], 1e3 * torch.randn_like(b["text"]))
+    with torch.no_grad():
+        out = run(dit, b)
+        torch.testing.assert_close(run(dit, noisy), out, atol=1e-5, rtol=1e-5)
+        if dit.family == "hunyuan":
+            # the second sample holds 9 valid tokens: dropping its padding slots changes nothing
+            short = {k: v[1:] for k, v in b.items()}
+            short["text"], short["text_mask"] = short["text"][:, :9], short["text_mask"][:, :9]
+            torch.testing.assert_close(run(dit, short), out[1:], atol=2e-5, rtol=1e-4)
+            with dit.capture() as store:
+                run(dit, b)
+            assert store[0][1, 320 + 9 :].abs().max() == 0  # padding query rows are zero
+            assert store[0][1, : 320 + 9].abs().amax(dim=(-1, -2)).min() > 0
+
+
+def test_hunyuan_text_mask_must_be_prefix() -> None:
+    dit = build("hunyuan_tiny")
+    b = make_batch()
+    b["text_mask"] = b["text_mask"].flip(-1)
+    with pytest.raises(ValueError, match="valid tokens first"):
+        run(dit, b)
+
+
+def test_gradient_checkpointing_matches_plain_backward(flavor: str) -> None:
+    """Recomputation runs after forward returned; it must reuse the forward's canvas/windows."""
+    b = make_batch()
+    grads = []
+    for checkpointing in (False, True):
+        dit = build(flavor, mode="sta", window=[3, 1, 3])
+        if checkpointing:
+            dit.enable_gradient_checkpointing()
+        with dit.capture() as store:
+            out = run(dit, b)
+        captured = dict(store.layers)
+        assert dit._runtime.state is None
+        (out.square().mean() + store[dit.num_layers - 1].square().mean()).backward()
+        assert store.layers == captured  # recomputation does not record again
+        grads.append({n: p.grad.clone() for n, p in dit.named_parameters() if p.grad is not None})
+    plain, ckpt = grads
+    assert plain.keys() == ckpt.keys() and len(plain) > 10
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_set_attention_dense_teacher_sta_student(flavor: str) -> None:
+    """Teacher and student from the same weights; switching one leaves the other alone."""
+    b = make_batch()
+    teacher = build(flavor, mode="full")
+    student = copy.deepcopy(teacher)
+    student.set_attention(AttentionConfig(mode="sta", window=[3, 3, 3], backend="reference"))
+    with torch.no_grad():
+        dense = run(teacher, b)
+        sparse = run(student, b)
+        torch.testing.assert_close(dense, run(build(flavor, mode="full"), b))
+        torch.testing.assert_close(sparse, run(build(flavor, mode="sta", window=[3, 3, 3]), b))
+    assert (dense - sparse).abs().max() > 1e-3
+
+
+def test_per_head_windows_reach_the_kernel(flavor: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each layer hands its own (H, 3) windows to sta_kernels in one call for all heads."""
+    import stafinetune.models.attention as attention_module
+
+    layers = 2
+    head_windows = [[[5, 4, 4], [1, 1, 1], [3, 3, 3], [2, 4, 1]], [[1, 2, 3], [3, 2, 1], [5, 1, 4], [4, 4, 4]]]
+    seen = []
+    kernel = attention_module.sliding_tile_attention
+
+    def spy(q, k, v, **kwargs):
+        seen.append(kwargs["window"].clone())
+        return kernel(q, k, v, **kwargs)
+
+    monkeypatch.setattr(attention_module, "sliding_tile_attention", spy)
+    dit = build(flavor, mode="sta", head_windows=head_windows)
+    assert dit.num_layers == layers
+    b = make_batch()
+    with torch.no_grad(), dit.capture() as sparse:
+        run(dit, b)
+    assert [w.tolist() for w in seen] == head_windows
+
+    # head 0 of layer 0 has the full window: it matches the dense model there, head 1 does not
+    dense_dit = build(flavor, mode="sta", window=[5, 4, 4])
+    with torch.no_grad(), dense_dit.capture() as dense:
+        run(dense_dit, b)
+    torch.testing.assert_close(sparse[0][:, :, 0], dense[0][:, :, 0], atol=1e-6, rtol=1e-5)
+    assert (sparse[0][:, :, 1] - dense[0][:, :, 1]).abs().max() > 1e-3
+
+
+def test_backend_auto_resolves_per_device() -> None:
+    assert resolve_backend("auto", torch.device("cpu")) == "reference"
+    assert resolve_backend("auto", torch.device("cuda", 0)) == "triton"
+    assert resolve_backend("flex", torch.device("cpu")) == "flex"
+
+
+def test_flex_backend_matches_reference() -> None:
+    pytest.importorskip("sta_kernels.flex")
+    b = make_batch(batch=1)
+    with torch.no_grad():
+        ref = run(build("hunyuan_tiny", mode="sta", window=[3, 1, 3]), b)
+        flex = run(build("hunyuan_tiny", mode="sta", window=[3, 1, 3], backend="flex"), b)
+    torch.testing.assert_close(flex, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_triton_backend_matches_reference_on_gpu() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("the triton backend needs a CUDA device")
+    b = {k: v.cuda() for k, v in make_batch().items()}
+    outs = {}
+    for backend in ("reference", "triton"):
+        torch.manual_seed(0)
+        dit = build_model(
+            ModelConfig(flavor="wan_tiny"),
+            AttentionConfig(mode="sta", window=[3, 3, 3], backend=backend),
+            device="cuda",
+            dtype=torch.bfloat16,
+        )
+        with torch.no_grad():
+            outs[backend] = run(dit, b).float()
+    torch.testing.assert_close(outs["triton"], outs["reference"], atol=3e-2, rtol=3e-2)
