@@ -130,8 +130,8 @@ def probe_video(record: VideoRecord, cfg) -> VideoInfo:
         reader = _decord().VideoReader(record.open_bytes(), num_threads=1)
         num_frames = len(reader)
         native_fps = float(reader.get_avg_fps())
-    except Exception as exc:
-        raise BadVideo("unreadable", f"decord: {str(exc).splitlines()[0][:200]}") from None
+    except Exception as exc:  # the container parsed, so the packet data is what is broken
+        raise BadVideo("truncated", f"decord: {str(exc).splitlines()[0][:200]}") from None
     fps = record.fps or native_fps or (float(rate) if rate else 0.0)
     if not fps or not math.isfinite(fps) or fps <= 0:
         raise BadVideo("bad_range", f"no usable frame rate ({fps})")
