@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from data_media import empty, garbage, good_mp4, grayscale_mov, truncated_mp4
 
 from stafinetune.data import DataConfig, build_train_loader, prepare_data
 from stafinetune.data.video import BadVideo, VideoRecord, load_clip
-
-from data_media import empty, garbage, good_mp4, grayscale_mov, truncated_mp4
 
 
 def cfg_for(tmp_path, **kw) -> DataConfig:
