@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from .attention import (
@@ -81,6 +82,7 @@ class VideoDiT(nn.Module):
         self.attention_cfg = attention_cfg
         self.attention = STAAttention(attention_cfg.tile, attention_cfg.backend)
         self.plan: WindowPlan = build_window_plan(attention_cfg, self.num_layers, self.num_heads)
+        self._check_backend(attention_cfg)
         self._install_processors()
 
     # ----------------------------------------------------------------- structure
@@ -104,10 +106,25 @@ class VideoDiT(nn.Module):
         """
         attention_cfg = as_config(attention_cfg, AttentionConfig)
         plan = build_window_plan(attention_cfg, self.num_layers, self.num_heads)
+        self._check_backend(attention_cfg)
         self.attention_cfg = attention_cfg
         self.plan = plan
         self.attention = STAAttention(attention_cfg.tile, attention_cfg.backend)
         self._install_processors()
+
+    def _check_backend(self, attention_cfg: AttentionConfig) -> None:
+        """Fail at build time, not at the first forward, when the triton backend cannot run."""
+        device = self.sta_layers()[0].to_q.weight.device
+        if (
+            attention_cfg.mode == "sta"
+            and attention_cfg.backend == "triton"
+            and device.type == "cpu"
+            and os.environ.get("TRITON_INTERPRET") != "1"
+        ):
+            raise ValueError(
+                "attention.backend=triton needs a CUDA device (or TRITON_INTERPRET=1 for the slow "
+                "CPU interpreter); use auto, reference or flex on CPU"
+            )
 
     @property
     def dtype(self) -> torch.dtype:

@@ -156,3 +156,12 @@ def test_bf16_keeps_diffusers_fp32_modules() -> None:
     with torch.no_grad():
         out = run(dit, make_batch(batch=1))
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+def test_triton_backend_on_cpu_fails_at_build(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="attention.backend=triton needs a CUDA device"):
+        build("wan_tiny", backend="triton")
+    dit = build("wan_tiny", mode="full", backend="triton")  # dense: the backend is never used
+    with pytest.raises(ValueError, match="attention.backend=triton"):
+        dit.set_attention(AttentionConfig(backend="triton"))
