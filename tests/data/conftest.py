@@ -3,15 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from data_media import small_config
 
-from stafinetune.data import DataConfig, prepare_data
-
-
-def small_config(root, **overrides) -> DataConfig:
-    """The embedded default at a test size (12 clips, 3 shards) under ``root``."""
-    values = dict(root=str(root), num_clips=12, shard_size=5, num_workers=0, encode_batch_size=4)
-    values.update(overrides)
-    return DataConfig(**values)
+from stafinetune.data import prepare_data
 
 
 @pytest.fixture(scope="session")

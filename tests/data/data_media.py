@@ -7,7 +7,15 @@ from pathlib import Path
 import av
 import numpy as np
 
+from stafinetune.data import DataConfig
 from stafinetune.data.synthetic import write_mp4
+
+
+def small_config(root, **overrides) -> DataConfig:
+    """The embedded default at a test size (12 clips, 3 shards) under ``root``."""
+    values = dict(root=str(root), num_clips=12, shard_size=5, num_workers=0, encode_batch_size=4)
+    values.update(overrides)
+    return DataConfig(**values)
 
 
 def moving_bar(frames: int, height: int, width: int, seed: int = 0) -> np.ndarray:
