@@ -99,7 +99,7 @@ class DataConfig:
     # --- cache ----------------------------------------------------------------------------
     cache_dtype: str = "float32"  # dtype of latents and text states stored in the cache
     shard_size: int = 64  # records per cache shard (the unit of resumption)
-    encode_batch_size: int = 4
+    encode_batch_size: int = 8
 
     # --- loader --------------------------------------------------------------------------
     use_cache: bool = True  # False: decode + encode on the fly in the loader workers
