@@ -5,7 +5,7 @@ Entry point: ``build_model(model_cfg, attention_cfg, *, device, dtype) -> VideoD
 
 from .attention import ActivationStore, STAAttention
 from .config import AttentionConfig, ModelConfig
-from .dit import VideoDiT, build_model
+from .dit import VideoDiT, build_model, reset_rope_buffers
 from .flavors import FLAVORS, Flavor, get_flavor
 from .strategy import MaskStrategy, StrategyError
 from .windows import WindowPlan, build_window_plan
@@ -24,4 +24,5 @@ __all__ = [
     "build_model",
     "build_window_plan",
     "get_flavor",
+    "reset_rope_buffers",
 ]

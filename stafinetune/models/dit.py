@@ -317,19 +317,36 @@ def load_transformer(family: str, path: str | os.PathLike[str], dtype: torch.dty
 
 
 def cast_like_diffusers(transformer: nn.Module, dtype: torch.dtype) -> None:
-    """Cast to ``dtype`` in place, keeping the model's ``_keep_in_fp32_modules`` in float32.
+    """Cast to ``dtype`` in place, leaving the model's ``_keep_in_fp32_modules`` untouched.
 
     This is what diffusers' ``from_pretrained(torch_dtype=...)`` does; a plain ``.to(dtype)``
-    would also cast the time embedder, modulation tables and RoPE tables.
+    would also cast the time embedder, the modulation tables and Wan's float64 RoPE tables.
     """
-    nn.Module.to(transformer, dtype)
     keep = getattr(transformer, "_keep_in_fp32_modules", None) or []
-    if dtype == torch.float32 or not keep:
-        return
     with torch.no_grad():
         for name, tensor in [*transformer.named_parameters(), *transformer.named_buffers()]:
-            if tensor.is_floating_point() and any(k in name.split(".") for k in keep):
-                tensor.data = tensor.data.to(torch.float32)
+            if not tensor.is_floating_point() or tensor.dtype == dtype:
+                continue
+            if any(k in name.split(".") for k in keep):
+                continue
+            tensor.data = tensor.data.to(dtype)
+
+
+def reset_rope_buffers(dit: VideoDiT, device: str | torch.device) -> None:
+    """Recompute non-persistent buffers (Wan's RoPE tables) on ``device``.
+
+    Needed after ``build_model(device="meta")`` + ``to_empty``: those buffers are not in the
+    state dict, so loading weights does not restore them. HunyuanVideo computes RoPE on the fly.
+    """
+    if dit.family != "wan":
+        return
+    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+
+    cfg = dit.transformer.config
+    with torch.device(device):
+        dit.transformer.rope = WanRotaryPosEmbed(
+            int(cfg.attention_head_dim), tuple(cfg.patch_size), int(cfg.rope_max_seq_len)
+        )
 
 
 def as_config(cfg: Any, cls: type) -> Any:

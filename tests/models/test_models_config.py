@@ -11,7 +11,7 @@ import torch
 from dit_testing import build, make_batch, run
 from omegaconf import OmegaConf
 
-from stafinetune.models import AttentionConfig, ModelConfig, build_model
+from stafinetune.models import AttentionConfig, ModelConfig, build_model, reset_rope_buffers
 
 
 @pytest.mark.parametrize(
@@ -165,3 +165,19 @@ def test_triton_backend_on_cpu_fails_at_build(monkeypatch: pytest.MonkeyPatch) -
     dit = build("wan_tiny", mode="full", backend="triton")  # dense: the backend is never used
     with pytest.raises(ValueError, match="attention.backend=triton"):
         dit.set_attention(AttentionConfig(backend="triton"))
+
+
+def test_meta_build_then_materialize(flavor: str) -> None:
+    """Build on meta, allocate, load weights: reset_rope_buffers restores non-persistent state."""
+    source = build(flavor, mode="sta", window=[3, 3, 3], seed=5)
+    dit = build_model(
+        ModelConfig(flavor=flavor),
+        AttentionConfig(mode="sta", window=[3, 3, 3], backend="reference"),
+        device="meta",
+    )
+    dit.to_empty(device="cpu")
+    dit.load_state_dict(source.state_dict())
+    reset_rope_buffers(dit, "cpu")
+    b = make_batch(batch=1)
+    with torch.no_grad():
+        torch.testing.assert_close(run(dit, b), run(source, b), atol=0, rtol=0)
