@@ -216,8 +216,8 @@ def resize_crop(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
         )
     top, left = (new_h - height) // 2, (new_w - width) // 2
     x = x[:, :, top : top + height, left : left + width]
-    x = (x / 127.5 - 1.0).clamp(-1.0, 1.0)
-    return x.permute(1, 0, 2, 3).contiguous()  # (3, f, height, width)
+    x = x.permute(1, 0, 2, 3).contiguous()  # (3, f, height, width)
+    return x.mul_(1.0 / 127.5).sub_(1.0).clamp_(-1.0, 1.0)  # rounding may overshoot by an ulp
 
 
 def load_clip(record: VideoRecord, cfg) -> tuple[torch.Tensor, int]:
