@@ -32,7 +32,12 @@ import triton
 from sta_kernels import density, sliding_tile_attention
 from sta_kernels.flex import _flex_fn, build_sta_block_mask, tile_order
 from sta_kernels.reference import sta_dense_mask
-from sta_kernels.triton_sta import KernelConfig, sta_triton_backward, sta_triton_forward
+from sta_kernels.triton_sta import (
+    KernelConfig,
+    kernel_resources,
+    sta_triton_backward,
+    sta_triton_forward,
+)
 from triton.testing import do_bench
 
 
@@ -57,10 +62,18 @@ SHAPES = {
 
 VARIANTS = {
     "default": KernelConfig(),
-    "fwd128x128": replace(KernelConfig(), fwd_block_n=128, fwd_stages=2),
-    "fwd_w4": replace(KernelConfig(), fwd_warps=4),
-    "bwd_m32": replace(KernelConfig(), bwd_block_m=32, dq_block_n=32),
-    "bwd_s3": replace(KernelConfig(), bwd_stages=3, dq_stages=3),
+    "f128x128s3": replace(KernelConfig(), fwd_block_n=128, fwd_stages=3),
+    "f128x128s2": replace(KernelConfig(), fwd_block_n=128, fwd_stages=2),
+    "f64x128w4": replace(KernelConfig(), fwd_block_m=64, fwd_block_n=128, fwd_warps=4),
+    "f64x64w4": replace(KernelConfig(), fwd_block_m=64, fwd_block_n=64, fwd_warps=4),
+    "b64x64w4": replace(KernelConfig(), bwd_block_m=64, bwd_block_n=64, bwd_warps=4,
+                        dq_block_m=64, dq_block_n=64, dq_warps=4),
+    "b64x64w4s3": replace(KernelConfig(), bwd_block_m=64, bwd_block_n=64, bwd_warps=4,
+                          bwd_stages=3, dq_block_m=64, dq_block_n=64, dq_warps=4, dq_stages=3),
+    "b64x128s3": replace(KernelConfig(), bwd_stages=3, dq_stages=3),
+    "b128x128": replace(KernelConfig(), bwd_block_m=128, dq_block_n=128),
+    "b64x64w8": replace(KernelConfig(), bwd_block_m=64, bwd_block_n=64, dq_block_m=64,
+                        dq_block_n=64),
 }
 
 
@@ -185,6 +198,8 @@ def bench_shape(shape: Shape, device: torch.device, variants: dict, reps: int) -
                                   shape.canvas, shape.tile, scale, cfg))
             results.append(dict(shape=shape.name, window=str(window), impl=f"triton[{vname}]",
                                 fwd_ms=t_fwd, bwd_ms=t_bwd))
+            print(f"{shape.name} {window} triton[{vname}] fwd {t_fwd:.2f} ms bwd {t_bwd:.2f} ms "
+                  f"(flex {f_fwd:.2f} / {f_bwd:.2f}) {kernel_resources()}", flush=True)
         for r in results:
             if r["shape"] == shape.name and r["window"] == str(window):
                 r["fwd_tflops"] = flops / r["fwd_ms"] / 1e9

@@ -32,7 +32,7 @@ def as_triple(value: Sequence[int], name: str) -> Triple:
 
 def num_tiles(canvas: Sequence[int], tile: Sequence[int]) -> Triple:
     """Tiles per axis, ``ceil(canvas / tile)``; the last tile of an axis may be partial."""
-    return tuple(math.ceil(c / t) for c, t in zip(canvas, tile))  # type: ignore[return-value]
+    return tuple(math.ceil(c / t) for c, t in zip(canvas, tile, strict=True))  # type: ignore[return-value]
 
 
 def window_start(qi: torch.Tensor, n: int, w: torch.Tensor) -> torch.Tensor:

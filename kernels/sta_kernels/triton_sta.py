@@ -141,12 +141,12 @@ def _fwd_block(
     else:
         k = tl.load(K + kv_off)
         v = tl.load(V + kv_off)
-    s = _mm(q, tl.trans(k), DOT_F32) * scale_log2  # (BLOCK_M, BLOCK_N) log2 domain
+    s = _mm(q, tl.trans(k), DOT_F32)  # (BLOCK_M, BLOCK_N) raw scores
     if MASKED:
         s = tl.where(k_valid[None, :], s, NEG_BIG)
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)  # log2 domain
     alpha = tl.math.exp2(m_i - m_new)
-    p = tl.math.exp2(s - m_new[:, None])
+    p = tl.math.exp2(s * scale_log2 - m_new[:, None])  # one FMA per score
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, DOT_F32)
     return m_new, l_i, acc
@@ -382,7 +382,7 @@ def _dq_block(
 
 @triton.jit
 def _sta_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, WIN, TEXT_LEN,
+    Q, K, V, Out, DO, LSE, DELTA, DQ, WIN, TEXT_LEN,
     stride_b, stride_s, stride_h,
     seq_len, num_video, num_heads, num_video_blocks,
     CT, CH, CW, NT, NH, NW,
@@ -399,6 +399,7 @@ def _sta_dq_kernel(
     Q += base
     K += base
     V += base
+    Out += base
     DO += base
     DQ += base
     LSE += bh.to(tl.int64) * seq_len
@@ -418,12 +419,16 @@ def _sta_dq_kernel(
             q = tl.load(Q + q_off)
             do = tl.load(DO + q_off)
             lse = tl.load(LSE + q_tok)
-            delta = tl.load(DELTA + q_tok)
+            o = tl.load(Out + q_off)
+            delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (BLOCK_M,)
+            tl.store(DELTA + q_tok, delta)
         else:
             q = tl.load(Q + q_off, mask=q_valid[:, None], other=0.0)
             do = tl.load(DO + q_off, mask=q_valid[:, None], other=0.0)
             lse = tl.load(LSE + q_tok, mask=q_valid, other=0.0)
-            delta = tl.load(DELTA + q_tok, mask=q_valid, other=0.0)
+            o = tl.load(Out + q_off, mask=q_valid[:, None], other=0.0)
+            delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+            tl.store(DELTA + q_tok, delta, mask=q_valid)
         wt, wh, ww = _head_window(WIN, h, NT, NH, NW)
         first_t = _axis_window(q_tile // (NH * NW), NT, wt)
         first_h = _axis_window((q_tile // NW) % NH, NH, wh)
@@ -456,7 +461,9 @@ def _sta_dq_kernel(
         q = tl.load(Q + q_off, mask=q_valid[:, None], other=0.0)
         do = tl.load(DO + q_off, mask=q_valid[:, None], other=0.0)
         lse = tl.load(LSE + q_tok, mask=q_valid, other=0.0)
-        delta = tl.load(DELTA + q_tok, mask=q_valid, other=0.0)
+        o = tl.load(Out + q_off, mask=q_valid[:, None], other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        tl.store(DELTA + q_tok, delta, mask=in_seq)
         key_end = tl.where((pid - num_video_blocks) * BLOCK_M < text_len, num_video + text_len, 0)
         for start in range(0, key_end, BLOCK_N):
             k_tok = start + offs_n
@@ -524,6 +531,26 @@ class _Geometry:
         return (*self.canvas, *self.n)
 
 
+_RESOURCES: dict[str, dict[str, int]] = {}
+
+
+def _record(name: str, compiled) -> None:
+    """Keep the compiler's resource report of the last launch of kernel ``name``."""
+    report = {}
+    for key in ("n_regs", "n_spills"):
+        if hasattr(compiled, key):
+            report[key] = int(getattr(compiled, key))
+    shared = getattr(getattr(compiled, "metadata", None), "shared", None)
+    if shared is not None:
+        report["shared"] = int(shared)
+    _RESOURCES[name] = report
+
+
+def kernel_resources() -> dict[str, dict[str, int]]:
+    """Registers, spills and shared memory of the last launch of each kernel (GPU only)."""
+    return {name: dict(report) for name, report in _RESOURCES.items()}
+
+
 def _strides(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
@@ -555,7 +582,7 @@ def sta_triton_forward(
     q_subs = geo.subs(cfg.fwd_block_m)
     video_blocks = geo.num_tiles * q_subs
     grid = (video_blocks + triton.cdiv(geo.num_text, cfg.fwd_block_m), batch * heads)
-    _sta_fwd_kernel[grid](
+    _record("fwd", _sta_fwd_kernel[grid](
         q, k, v, o, lse, windows, text_len,
         *_strides(q), seq, geo.num_video, heads, video_blocks, *geo.args(),
         scale * LOG2E,
@@ -565,7 +592,7 @@ def sta_triton_forward(
         EVEN=geo.even(cfg.fwd_block_m, cfg.fwd_block_n),
         DOT_F32=is_interpreter(),
         num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
-    )
+    ))
     return o, lse
 
 
@@ -583,20 +610,34 @@ def sta_triton_backward(
     scale: float,
     config: KernelConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the dk/dv and dq kernels; all tensors (B, S, H, D) as in the forward."""
+    """Launch the dq and dk/dv kernels; all tensors (B, S, H, D) as in the forward."""
     cfg = config or default_config(q.device)
     batch, seq, heads, head_dim = q.shape
     geo = _Geometry(seq, canvas, tile)
     do = do.contiguous()
-    delta = (o.float() * do.float()).sum(-1).transpose(1, 2).contiguous()  # (B, H, S)
+    delta = torch.empty(batch, heads, seq, device=q.device, dtype=torch.float32)  # (B, H, S)
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     common = (*_strides(q), seq, geo.num_video, heads)
+    # dq first: it also writes delta = rowsum(o * do), which the dk/dv kernel reads
+    q_subs = geo.subs(cfg.dq_block_m)
+    video_blocks = geo.num_tiles * q_subs
+    grid = (video_blocks + triton.cdiv(geo.num_text, cfg.dq_block_m), batch * heads)
+    _record("dq", _sta_dq_kernel[grid](
+        q, k, v, o, do, lse, delta, dq, windows, text_len,
+        *common, video_blocks, *geo.args(), scale, scale * LOG2E,
+        TT=geo.tile[0], TH=geo.tile[1], TW=geo.tile[2], HEAD_DIM=head_dim,
+        BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n,
+        Q_SUBS=q_subs, K_SUBS=geo.subs(cfg.dq_block_n),
+        EVEN=geo.even(cfg.dq_block_m, cfg.dq_block_n),
+        DOT_F32=is_interpreter(),
+        num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
+    ))
     k_subs = geo.subs(cfg.bwd_block_n)
     video_blocks = geo.num_tiles * k_subs
     grid = (video_blocks + triton.cdiv(geo.num_text, cfg.bwd_block_n), batch * heads)
-    _sta_dkdv_kernel[grid](
+    _record("dkdv", _sta_dkdv_kernel[grid](
         q, k, v, do, lse, delta, dk, dv, windows, text_len,
         *common, video_blocks, *geo.args(), scale, scale * LOG2E,
         TT=geo.tile[0], TH=geo.tile[1], TW=geo.tile[2], HEAD_DIM=head_dim,
@@ -605,20 +646,7 @@ def sta_triton_backward(
         EVEN=geo.even(cfg.bwd_block_m, cfg.bwd_block_n),
         DOT_F32=is_interpreter(),
         num_warps=cfg.bwd_warps, num_stages=cfg.bwd_stages,
-    )
-    q_subs = geo.subs(cfg.dq_block_m)
-    video_blocks = geo.num_tiles * q_subs
-    grid = (video_blocks + triton.cdiv(geo.num_text, cfg.dq_block_m), batch * heads)
-    _sta_dq_kernel[grid](
-        q, k, v, do, lse, delta, dq, windows, text_len,
-        *common, video_blocks, *geo.args(), scale, scale * LOG2E,
-        TT=geo.tile[0], TH=geo.tile[1], TW=geo.tile[2], HEAD_DIM=head_dim,
-        BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n,
-        Q_SUBS=q_subs, K_SUBS=geo.subs(cfg.dq_block_n),
-        EVEN=geo.even(cfg.dq_block_m, cfg.dq_block_n),
-        DOT_F32=is_interpreter(),
-        num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
-    )
+    ))
     return dq, dk, dv
 
 
