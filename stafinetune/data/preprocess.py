@@ -250,7 +250,7 @@ def summary_line(info: dict[str, Any], cache_dir: Path) -> str:
     return (
         f"[data] kept {info['kept']} of {info['records']} records"
         + (f", skipped {skipped} ({why}); see {cache_dir / 'bad_inputs.jsonl'}" if skipped else "")
-        + f" -> {cache_dir} ({info['mode']}, {info['seconds']:.1f}s)"
+        + f" -> {cache_dir} ({info['mode']}, built in {info['seconds']:.1f}s)"
     )
 
 
@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
 
         stafinetune-preprocess                                   # the synthetic default
         stafinetune-preprocess --config folder data.manifest=/videos/train.jsonl
-        torchrun --nproc-per-node 8 -m stafinetune.data.preprocess --config hf_dataset \\
+        torchrun --nproc-per-node 8 -m stafinetune.data --config hf_dataset \\
             data.dataset_path=/datasets/clips data.device=cuda
 
     Under torchrun the rank and world size come from the launcher; ``--rank`` and
