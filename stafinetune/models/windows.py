@@ -20,12 +20,14 @@ class WindowPlan:
         steps: (num_steps, L, H, 3) int64 per-step windows from a strategy file, or ``None``.
         dense_first_steps: steps ``< dense_first_steps`` run dense.
         source: the config field the windows came from (for error messages).
+        canvas: the token canvas a strategy file was searched for, if any.
     """
 
     train: torch.Tensor | None
     steps: torch.Tensor | None = None
     dense_first_steps: int = 0
     source: str = "attention.window"
+    canvas: tuple[int, int, int] | None = None
 
     def windows_for_step(self, step_index: int | None) -> torch.Tensor | None:
         """(L, H, 3) windows for denoising step ``step_index`` (None: training), or None (dense)."""
@@ -47,7 +49,13 @@ class WindowPlan:
         return self.steps[step_index]
 
     def check_canvas(self, canvas: tuple[int, int, int], tile: tuple[int, int, int]) -> None:
-        """Raise if any window is wider than ``canvas``'s tile grid (``attention.strict_window``)."""
+        """Strict mode (``attention.strict_window``): raise if a window is wider than ``canvas``'s
+        tile grid, or if a strategy file was searched for another canvas."""
+        if self.canvas is not None and tuple(canvas) != tuple(self.canvas):
+            raise ValueError(
+                f"{self.source} was searched for canvas {list(self.canvas)} but this forward's "
+                f"canvas is {list(canvas)} (attention.strict_window is on)"
+            )
         tiles = torch.tensor([math.ceil(c / t) for c, t in zip(canvas, tile, strict=True)])
         for windows in (self.train, self.steps):
             if windows is None:
@@ -83,6 +91,7 @@ def build_window_plan(cfg: AttentionConfig, num_layers: int, num_heads: int) -> 
             steps=strategy.step_tensor(),
             dense_first_steps=dense_first,
             source=f"attention.strategy_path={cfg.strategy_path}",
+            canvas=tuple(strategy.canvas),  # type: ignore[arg-type]
         )
     if cfg.head_windows is not None:
         windows = torch.tensor([[list(w) for w in layer] for layer in cfg.head_windows], dtype=torch.int64)

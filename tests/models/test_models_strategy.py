@@ -117,3 +117,15 @@ def test_bad_strategy_fails_at_build(tmp_path: Path) -> None:
     path.write_text("{not json")
     with pytest.raises(StrategyError, match="not valid JSON"):
         build("wan_tiny", mode="sta", strategy_path=str(path))
+
+
+def test_strict_window_checks_the_strategy_canvas(tmp_path: Path) -> None:
+    path = tmp_path / "mask.json"
+    two_step_strategy().save(path)
+    dit = build("wan_tiny", strategy_path=str(path), strict_window=True)
+    with torch.no_grad():
+        run(dit, make_batch(batch=1), step_index=1)  # canvas (5, 8, 8) matches
+        small = make_batch(batch=1)
+        small["latents"] = small["latents"][:, :, :3]  # canvas (3, 8, 8)
+        with pytest.raises(ValueError, match=r"searched for canvas \[5, 8, 8\] but this forward's canvas is \[3, 8, 8\]"):
+            run(dit, small, step_index=1)
