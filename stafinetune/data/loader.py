@@ -168,6 +168,7 @@ class TrainLoader:
         dp_size: int = 1,
         num_workers: int = 0,
         prefetch_factor: int = 2,
+        pin_memory: bool = False,
     ) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -177,6 +178,7 @@ class TrainLoader:
         self.batch_size, self.seed = batch_size, seed
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
+        self.pin_memory = pin_memory
         self.epoch, self.step_in_epoch = 0, 0
         if len(self) == 0:
             counts = np.bincount(np.asarray(dataset.buckets)) if len(dataset) else [0]
@@ -194,22 +196,30 @@ class TrainLoader:
             dp_size=self.dp_size, seed=self.seed, epoch=epoch,
         )  # fmt: skip
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def _batch_stream(self, epoch: int, step: int) -> Iterator[list[int]]:
+        """Batches from ``(epoch, step)`` on, forever (runs ahead of the caller when prefetching)."""
         while True:
-            remaining = self._batches(self.epoch)[self.step_in_epoch :]
-            if remaining:
-                loader = DataLoader(
-                    self.dataset,
-                    batch_sampler=remaining,
-                    num_workers=self.num_workers,
-                    collate_fn=collate,
-                    prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
-                )
-                for batch in loader:
-                    self.step_in_epoch += 1
-                    yield batch
-            self.epoch += 1
-            self.step_in_epoch = 0
+            yield from self._batches(epoch)[step:]
+            epoch, step = epoch + 1, 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        # One DataLoader over an endless batch stream: workers persist across epochs. The
+        # position advances only when a batch reaches the caller, so it ignores prefetching.
+        per_epoch = len(self)
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=self._batch_stream(self.epoch, self.step_in_epoch),
+            num_workers=self.num_workers,
+            collate_fn=collate,
+            pin_memory=self.pin_memory,
+            prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
+            persistent_workers=False,
+        )
+        for batch in loader:
+            self.step_in_epoch += 1
+            if self.step_in_epoch == per_epoch:
+                self.epoch, self.step_in_epoch = self.epoch + 1, 0
+            yield batch
 
     def state_dict(self) -> dict[str, Any]:
         """Position after the last batch handed out, plus what the stream depends on."""
@@ -239,6 +249,7 @@ def build_train_loader(
     dp_rank: int = 0,
     dp_size: int = 1,
     num_workers: int | None = None,
+    pin_memory: bool = False,
 ) -> TrainLoader:
     """The training loader over the prepared data of ``cfg`` (run :func:`prepare_data` first).
 
@@ -246,6 +257,7 @@ def build_train_loader(
     and so get identical batches. ``num_workers`` defaults to ``data.num_workers``.
     Yields dicts with ``latents (B, C, T, H, W)``, ``text (B, L, Dt)``, ``text_mask (B, L)``,
     ``pooled_text (B, Dp)``, ``caption`` (list of B str), ``index (B,)`` int64.
+    Every epoch has ``len(loader)`` batches; ``pin_memory=True`` for fast host-to-GPU copies.
     """
     import json
 
@@ -270,4 +282,5 @@ def build_train_loader(
         dp_size=dp_size,
         num_workers=cfg.num_workers if num_workers is None else num_workers,
         prefetch_factor=cfg.prefetch_factor,
+        pin_memory=pin_memory,
     )

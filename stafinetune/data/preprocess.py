@@ -8,8 +8,8 @@
   completion marker exists is never redone, so an interrupted run continues where it stopped
   (with any world size, since shard ``k`` is a fixed set of records);
 * parallel: rank ``r`` of ``world_size`` does shards ``k % world_size == r``; rank 0 then
-  writes the index. With ``torch.distributed`` initialised the ranks meet at barriers,
-  otherwise (independent processes) they poll the shard markers;
+  writes the index. Ranks meet by polling the shard markers on the shared filesystem (no
+  collectives), so it works the same under torchrun and for independent processes;
 * robust: every bad record is skipped, counted per reason and listed in ``bad_inputs.jsonl``;
   the summary line says how many were kept.
 
@@ -92,10 +92,6 @@ def _is_finished(cache_dir: Path, fingerprint: str) -> bool:
     return True
 
 
-def _dist_ready() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
 def _wait_for(paths: list[Path], what: str, timeout_s: float) -> None:
     """Poll until every path exists (ranks of independent processes, no process group)."""
     deadline = time.monotonic() + timeout_s
@@ -173,7 +169,14 @@ def _process_shard(k: int, source, cfg: DataConfig, encoders, shard_dir: Path, b
         rows += _encode_pending(pending, *encoders, cfg)
     bar.kept += len(kept)
     bar.skipped += len(skipped)
-    report = {"shard": k, "records": [lo, hi], "kept": kept, "skipped": skipped}
+    shapes = {str(row["bucket"]): row["latent_shape"] for row in rows}
+    report = {
+        "shard": k,
+        "records": [lo, hi],
+        "kept": kept,
+        "skipped": skipped,
+        "latent_shapes": shapes,
+    }
     if encoders is not None:
         meta = {
             "dtype": cfg.cache_dtype,
@@ -203,6 +206,7 @@ def _finalize(
     reasons: Counter[str] = Counter()
     buckets: Counter[int] = Counter()
     shard_rows, kept_records = [], []
+    latent_shapes: dict[str, list[int]] = {}
     with open(cache_dir / ".bad_inputs.jsonl.tmp", "w") as bad:
         for k in range(n_shards):
             report = json.loads((shard_dir / f"{shard_name(k)}.json").read_text())
@@ -212,6 +216,7 @@ def _finalize(
             for _, bucket in report["kept"]:
                 buckets[bucket] += 1
             shard_rows.append(len(report["kept"]))
+            latent_shapes.update(report.get("latent_shapes", {}))
             kept_records += report["kept"]
     (cache_dir / ".bad_inputs.jsonl.tmp").replace(cache_dir / "bad_inputs.jsonl")
     for stale in shard_dir.glob(".*.tmp"):  # leftovers of interrupted writers
@@ -227,6 +232,7 @@ def _finalize(
         **encoders_info,
         "buckets": cfg.all_buckets(),
         "bucket_counts": {str(b): c for b, c in sorted(buckets.items())},
+        "latent_shapes": dict(sorted(latent_shapes.items())),
         "records": n_records,
         "kept": kept,
         "skipped": dict(sorted(reasons.items())),
@@ -282,15 +288,10 @@ def prepare_data(
         return cache_dir
 
     if cfg.source == "synthetic" and rank != 0:  # rank 0 writes the clips, the others wait
-        if _dist_ready():
-            torch.distributed.barrier()
-        else:
-            _wait_for([synthetic_dir(cfg) / "manifest.jsonl"], "the synthetic clips", timeout_s)
+        _wait_for([synthetic_dir(cfg) / "manifest.jsonl"], "the synthetic clips", timeout_s)
         source = build_source(cfg, generate=False)
     else:
         source = build_source(cfg)
-        if cfg.source == "synthetic" and _dist_ready():
-            torch.distributed.barrier()
 
     n_records = len(source)
     n_shards = max(1, -(-n_records // cfg.shard_size))
@@ -307,9 +308,7 @@ def prepare_data(
         "pooled_dim": text_encoder.pooled_dim,
     }
     if todo:
-        video_encoder = build_video_encoder(cfg)
-        encoders_info["latent_channels"] = video_encoder.latent_channels
-        encoders = (video_encoder, text_encoder) if cfg.use_cache else None
+        encoders = (build_video_encoder(cfg), text_encoder) if cfg.use_cache else None
         with tqdm(
             total=n_todo, desc=f"[data] encode {cfg.name} (rank {rank})", unit="clip",
             position=rank, disable=not verbose, dynamic_ncols=True,
@@ -318,17 +317,14 @@ def prepare_data(
             for k in todo:
                 _process_shard(k, source, cfg, encoders, shard_dir, bar)
 
+    # Ranks meet through the files, not collectives: a process-group barrier would time out
+    # while a slow rank is still encoding, and independent processes have no group at all.
     markers = [shard_dir / f"{shard_name(k)}.json" for k in range(n_shards)]
-    if _dist_ready():
-        torch.distributed.barrier()
     if rank == 0:
-        if not _dist_ready():
-            _wait_for(markers, "the other ranks' shards", timeout_s)
+        _wait_for(markers, "the other ranks' shards", timeout_s)
         info = _finalize(cache_dir, cfg, fingerprint, n_shards, n_records, encoders_info, t0)
         if verbose:
             print(summary_line(info, cache_dir), flush=True)
-    if _dist_ready():
-        torch.distributed.barrier()
     else:
         _wait_for([cache_dir / "cache.json"], "rank 0 to finish the cache index", timeout_s)
     return cache_dir
@@ -390,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="data.key=value overrides")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    torchrun = "TORCHELASTIC_RUN_ID" in os.environ
+    torchrun = "TORCHELASTIC_RUN_ID" in os.environ  # torchrun only provides the coordinates
     rank = args.rank if args.rank is not None else int(os.environ.get("RANK", 0)) if torchrun else 0
     world = (
         args.world_size
@@ -399,18 +395,11 @@ def main(argv: list[str] | None = None) -> int:
         if torchrun
         else 1
     )
-    if torchrun and world > 1:
-        backend = "nccl" if cfg.device.startswith("cuda") else "gloo"
-        torch.distributed.init_process_group(backend)
     if cfg.device == "cuda" and torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", rank % max(1, torch.cuda.device_count())))
+        local = int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count()))
         cfg.device = f"cuda:{local}"
         torch.cuda.set_device(local)
-    try:
-        cache_dir = prepare_data(cfg, rank=rank, world_size=world, verbose=not args.quiet)
-    finally:
-        if _dist_ready():
-            torch.distributed.destroy_process_group()
+    cache_dir = prepare_data(cfg, rank=rank, world_size=world, verbose=not args.quiet)
     if rank == 0:
         print(cache_dir)
     return 0

@@ -64,3 +64,19 @@ def grayscale_mov(path: Path, frames: int = 21, size: int = 64) -> Path:
         for packet in stream.encode():
             container.mux(packet)
     return path
+
+
+def huge_mp4(path: Path, width: int = 8192, height: int = 4608) -> Path:
+    """One black frame at 8192x4608 (37.7 Mpx): small on disk, absurd to decode."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"preset": "ultrafast"}
+        frame = av.VideoFrame.from_ndarray(
+            np.zeros((height * 3 // 2, width), np.uint8), format="yuv420p"
+        )
+        for packet in stream.encode(frame):
+            container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from data_media import empty, garbage, good_mp4, grayscale_mov, truncated_mp4
+from data_media import empty, garbage, good_mp4, grayscale_mov, huge_mp4, truncated_mp4
 
 from stafinetune.data import DataConfig, build_train_loader, prepare_data
 from stafinetune.data.video import BadVideo, VideoRecord, load_clip
@@ -36,6 +36,7 @@ def media(tmp_path_factory):
         "gray": grayscale_mov(d / "gray.mov"),
         "wide": good_mp4(d / "wide.mp4", height=16, width=256),
         "tiny": good_mp4(d / "tiny.mp4", height=8, width=8),
+        "huge": huge_mp4(d / "huge.mp4"),
     }
 
 
@@ -49,6 +50,7 @@ def media(tmp_path_factory):
         ("gray", "wrong_channels"),
         ("wide", "bad_aspect"),
         ("tiny", "too_small"),
+        ("huge", "too_large"),  # refused from the header under the default data.max_pixels
     ],
 )
 def test_each_bad_file_class_has_its_reason(media, tmp_path, name, reason):

@@ -34,6 +34,12 @@ def test_cache_holds_exactly_what_the_encoders_produce(prepared):
     cfg, cache_dir = prepared
     cache = LatentCache(cache_dir)
     assert len(cache) == 12 and cache.info["kept"] == 12 and cache.info["shard_rows"] == [5, 5, 2]
+    assert cache.info["latent_shapes"] == {"0": [16, 5, 16, 16]}
+    assert (cache.info["text_len"], cache.info["text_dim"], cache.info["pooled_dim"]) == (
+        16,
+        32,
+        32,
+    )
     source = build_source(cfg, generate=False)
     venc, tenc = build_video_encoder(cfg), build_text_encoder(cfg)
     for pos in (0, 7, 11):
