@@ -190,7 +190,7 @@ class AttentionRuntime:
 
 
 def apply_interleaved_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Wan's rotary embedding on interleaved (even, odd) channel pairs.
+    """Rotary embedding on interleaved (even, odd) channel pairs (Wan and HunyuanVideo).
 
     Args:
         x: (B, S, H, D).
@@ -253,8 +253,6 @@ class HunyuanSTAProcessor(RuntimeProcessor):
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        from diffusers.models.embeddings import apply_rotary_emb
-
         if encoder_hidden_states is None:
             raise ValueError("HunyuanSTAProcessor needs the text stream (encoder_hidden_states)")
         num_text = encoder_hidden_states.shape[1]
@@ -266,12 +264,12 @@ class HunyuanSTAProcessor(RuntimeProcessor):
         if attn.norm_k is not None:
             k = attn.norm_k(k)
         if image_rotary_emb is not None:
+            cos, sin = (f[None, :, None, :] for f in image_rotary_emb)  # (1, Sv, 1, D)
             if dual:
-                q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
-                k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
-            else:
-                q = torch.cat([apply_rotary_emb(q[:, :-num_text], image_rotary_emb, sequence_dim=1), q[:, -num_text:]], dim=1)
-                k = torch.cat([apply_rotary_emb(k[:, :-num_text], image_rotary_emb, sequence_dim=1), k[:, -num_text:]], dim=1)
+                q, k = apply_interleaved_rope(q, cos, sin), apply_interleaved_rope(k, cos, sin)
+            else:  # RoPE on the video part only
+                q = torch.cat([apply_interleaved_rope(q[:, :-num_text], cos, sin), q[:, -num_text:]], dim=1)
+                k = torch.cat([apply_interleaved_rope(k[:, :-num_text], cos, sin), k[:, -num_text:]], dim=1)
         if dual:
             eq, ek, ev = (
                 proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from stafinetune.models import AttentionConfig, ModelConfig, VideoDiT, build_model
+from stafinetune.models.dit import cast_like_diffusers
 
 
 def make_batch(
@@ -34,21 +35,23 @@ def build(flavor: str, seed: int = 0, **attention) -> VideoDiT:
 
 
 def original(dit: VideoDiT) -> torch.nn.Module:
-    """The untouched diffusers model (its own processors) holding ``dit``'s weights."""
+    """The untouched diffusers model (its own processors) holding ``dit``'s weights and dtypes."""
     from diffusers import HunyuanVideoTransformer3DModel, WanTransformer3DModel
 
     cls = WanTransformer3DModel if dit.family == "wan" else HunyuanVideoTransformer3DModel
     ref = cls(**dict(dit.transformer.config))
+    cast_like_diffusers(ref, dit.dtype)
     ref.load_state_dict(dit.transformer.state_dict())
     return ref.eval()
 
 
-def run_original(ref: torch.nn.Module, family: str, b: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Call diffusers directly the way its pipelines do."""
+def run_original(ref: torch.nn.Module, family: str, b: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Call diffusers directly the way its pipelines do (inputs and guidance in ``dtype``)."""
+    b = {k: v.to(dtype) if v.is_floating_point() and k != "timestep" else v for k, v in b.items()}
     if family == "wan":
         text = b["text"] * b["text_mask"][..., None]
         return ref(b["latents"], b["timestep"], text, return_dict=False)[0]
-    guidance = torch.full((b["latents"].shape[0],), 6000.0)
+    guidance = torch.full((b["latents"].shape[0],), 6.0, dtype=dtype) * 1000.0
     return ref(
         b["latents"], b["timestep"], b["text"], b["text_mask"], b["pooled_text"],
         guidance=guidance, return_dict=False,

@@ -25,6 +25,26 @@ def test_matches_original_diffusers(flavor: str, full_window: list[int], mode: s
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("mode", ["full", "sta"])
+def test_bf16_matches_original_diffusers(flavor: str, full_window: list[int], mode: str) -> None:
+    """In bf16 too: dense is bit-exact, a full STA window within one bf16 rounding step."""
+    torch.manual_seed(0)
+    dit = build_model(
+        ModelConfig(flavor=flavor),
+        AttentionConfig(mode=mode, window=full_window, backend="reference"),
+        dtype=torch.bfloat16,
+    )
+    b = make_batch()
+    with torch.no_grad():
+        expected = run_original(original(dit), dit.family, b, torch.bfloat16)
+        got = run(dit, b)
+    assert got.dtype == torch.bfloat16
+    if mode == "full":
+        assert torch.equal(got, expected)
+    else:
+        assert (got.float() - expected.float()).abs().max() <= 2 ** -6
+
+
 def test_windows_change_output(flavor: str, full_window: list[int]) -> None:
     """A sparse window changes the output; a different sparse window changes it differently."""
     b = make_batch()
