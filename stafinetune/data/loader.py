@@ -180,8 +180,13 @@ class TrainLoader:
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
         self.pin_memory = pin_memory
         self.epoch, self.step_in_epoch = 0, 0
+        if len(dataset) == 0:
+            raise ValueError(
+                "data: the prepared data holds no usable sample; every record was skipped "
+                "(see bad_inputs.jsonl next to cache.json)"
+            )
         if len(self) == 0:
-            counts = np.bincount(np.asarray(dataset.buckets)) if len(dataset) else [0]
+            counts = np.bincount(np.asarray(dataset.buckets))
             raise ValueError(
                 f"batch_size={batch_size} x dp_size={dp_size} is larger than every bucket "
                 f"(largest has {max(counts)} samples): no full batch per epoch"
@@ -270,6 +275,12 @@ def build_train_loader(
             f"data: no prepared data at {cache_dir}; call prepare_data(cfg) or run "
             "`stafinetune-preprocess` with the same data config first"
         )
+    workers = cfg.num_workers if num_workers is None else num_workers
+    if not cfg.use_cache and workers > 0 and cfg.device.startswith("cuda"):
+        raise ValueError(
+            "data.device: with data.use_cache=false the encoders run inside the loader workers, "
+            "which cannot use CUDA; precompute the cache (data.use_cache=true) or use data.device=cpu"
+        )
     if cfg.use_cache:
         dataset: Dataset = CachedLatents(cache_dir, cfg.text_len)
     else:
@@ -280,7 +291,7 @@ def build_train_loader(
         seed=seed,
         dp_rank=dp_rank,
         dp_size=dp_size,
-        num_workers=cfg.num_workers if num_workers is None else num_workers,
+        num_workers=workers,
         prefetch_factor=cfg.prefetch_factor,
         pin_memory=pin_memory,
     )

@@ -67,6 +67,14 @@ def cache_fingerprint(cfg: DataConfig) -> str:
             if path.is_file():
                 stat = path.stat()
                 content[key + "_stat"] = [stat.st_size, stat.st_mtime_ns]
+    if cfg.source == "hf_dataset" and Path(content["dataset_path"]).is_dir():
+        # A dataset rewritten in place must not reuse the old cache: hash its table files.
+        root = Path(content["dataset_path"])
+        content["dataset_files"] = sorted(
+            [str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns]
+            for f in root.rglob("*")
+            if f.suffix in (".arrow", ".parquet", ".json") and ".hf_cache" not in f.parts
+        )
     content["format"] = [CACHE_FORMAT, CACHE_VERSION]
     blob = json.dumps(content, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

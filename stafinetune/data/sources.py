@@ -127,8 +127,11 @@ class DatasetSource:
         split: str | None = None,
         video_column: str = "video",
         caption_column: str = "caption",
+        cache_dir: str | Path | None = None,
     ) -> None:
         self.path = Path(path).expanduser()
+        # Where `datasets` converts parquet files to arrow (never inside the user's dataset).
+        self.cache_dir = Path(cache_dir) if cache_dir else None
         self.video_column = video_column
         self.caption_column = caption_column
         self.base = self.path if self.path.is_dir() else self.path.parent
@@ -161,7 +164,8 @@ class DatasetSource:
             parquet = [str(f) for f in files if f.suffix == ".parquet"]
             arrow = [str(f) for f in files if f.suffix == ".arrow"]
             if parquet:
-                ds = datasets.Dataset.from_parquet(parquet, cache_dir=str(self.base / ".hf_cache"))
+                cache_dir = str(self.cache_dir) if self.cache_dir else None
+                ds = datasets.Dataset.from_parquet(parquet, cache_dir=cache_dir)
             elif arrow:
                 ds = datasets.concatenate_datasets([datasets.Dataset.from_file(f) for f in arrow])
             else:
@@ -253,6 +257,7 @@ def build_source(cfg: DataConfig, *, generate: bool = True):
             split=cfg.dataset_split,
             video_column=cfg.video_column,
             caption_column=cfg.caption_column,
+            cache_dir=cfg.data_root() / "hf_cache",
         )
     if cfg.max_samples is not None:
         source = Subset(source, cfg.max_samples)

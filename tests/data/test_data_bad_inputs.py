@@ -105,3 +105,13 @@ def test_prepare_skips_counts_and_reports_bad_inputs(media, tmp_path, capsys):
     loader = build_train_loader(cfg, batch_size=1, seed=0)
     captions = {b["caption"][0] for b, _ in zip(loader, range(4), strict=False)}
     assert captions == {"a yellow bar moving right", "second good copy"}
+
+
+def test_all_records_bad_gives_a_clear_loader_error(media, tmp_path):
+    (tmp_path / "m.jsonl").write_text(
+        json.dumps({"path": str(media["garbage"]), "caption": "x"}) + "\n"
+    )
+    cfg = cfg_for(tmp_path)
+    prepare_data(cfg, verbose=False)
+    with pytest.raises(ValueError, match="no usable sample"):
+        build_train_loader(cfg, batch_size=1, seed=0)

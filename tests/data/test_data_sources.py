@@ -103,3 +103,23 @@ def test_video_feature_dicts_are_read_raw(clips, tmp_path):
     ds.save_to_disk(str(tmp_path / "vid"))
     record = DatasetSource(tmp_path / "vid")[0]
     assert record.data == clips[0].read_bytes() and record.caption == "v"
+
+
+def test_rewriting_a_dataset_in_place_changes_its_cache(clips, tmp_path):
+    import datasets
+
+    from stafinetune.data import resolve_cache_dir
+
+    def save(captions):
+        datasets.Dataset.from_dict(
+            {"video": [str(c) for c in clips], "caption": captions}
+        ).save_to_disk(str(tmp_path / "ds"))
+
+    cfg = DataConfig(
+        source="hf_dataset", dataset_path=str(tmp_path / "ds"), root=str(tmp_path / "r")
+    )
+    save(["a", "b", "c"])
+    before = resolve_cache_dir(cfg)
+    assert resolve_cache_dir(cfg) == before  # stable while nothing changes
+    save(["a", "b", "a much longer caption"])
+    assert resolve_cache_dir(cfg) != before
