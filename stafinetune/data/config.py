@@ -100,6 +100,7 @@ class DataConfig:
     cache_dtype: str = "float32"  # dtype of latents and text states stored in the cache
     shard_size: int = 64  # records per cache shard (the unit of resumption)
     encode_batch_size: int = 8
+    decode_workers: int = 2  # processes decoding videos while the main process encodes (0: inline)
 
     # --- loader --------------------------------------------------------------------------
     use_cache: bool = True  # False: decode + encode on the fly in the loader workers
@@ -129,8 +130,9 @@ class DataConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"data.{name} must be a positive integer, got {value!r}")
-        if self.num_workers < 0:
-            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        for name in ("num_workers", "decode_workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"data.{name} must be >= 0, got {getattr(self, name)}")
         if self.max_samples is not None and self.max_samples <= 0:
             raise ValueError(f"data.max_samples must be positive or null, got {self.max_samples}")
         if self.fps is not None and self.fps <= 0:

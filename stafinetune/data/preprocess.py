@@ -25,11 +25,12 @@ import json
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from stafinetune.data.cache import (
@@ -143,25 +144,56 @@ def _encode_pending(pending, video_encoder, text_encoder, cfg: DataConfig) -> li
     return rows
 
 
-def _process_shard(k: int, source, cfg: DataConfig, encoders, shard_dir: Path, bar) -> None:
-    lo, hi = k * cfg.shard_size, min(len(source), (k + 1) * cfg.shard_size)
+class _DecodedRecords(Dataset):
+    """Decodes records in loader workers (``data.decode_workers``) while the main process encodes.
+
+    Item ``j`` is ``(record without its bytes, video (3, F, H, W) or None, bucket or None,
+    skip entry or None)``; bad inputs become skip entries, never exceptions.
+    """
+
+    def __init__(self, source, cfg: DataConfig, indices: list[int]) -> None:
+        self.source, self.cfg, self.indices = source, cfg, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, j: int):
+        i = self.indices[j]
+        record = self.source[i]
+        try:
+            video, bucket = load_clip(record, self.cfg)
+        except BadVideo as exc:
+            skip = {"index": i, "label": record.label, "reason": exc.reason, "detail": exc.detail}
+            return replace(record, data=None), None, None, skip
+        except Exception as exc:  # a decoder bug on one file must not end the run either
+            skip = {"index": i, "label": record.label, "reason": "unreadable",
+                    "detail": f"unexpected {type(exc).__name__}: {exc}"}  # fmt: skip
+            return replace(record, data=None), None, None, skip
+        return replace(record, data=None), video, bucket, None
+
+
+def _identity(item):
+    return item
+
+
+def _shard_range(k: int, cfg: DataConfig, n_records: int) -> range:
+    return range(k * cfg.shard_size, min(n_records, (k + 1) * cfg.shard_size))
+
+
+def _process_shard(
+    k: int, items, n_records: int, cfg: DataConfig, encoders, shard_dir: Path, bar
+) -> None:
+    """Consume shard ``k``'s decoded items from ``items``, encode them and write the shard."""
+    span = _shard_range(k, cfg, n_records)
+    lo, hi = span.start, span.stop
     rows: list[dict[str, Any]] = []
     kept: list[list[int]] = []
     skipped: list[dict[str, Any]] = []
     pending: list = []
-    for i in range(lo, hi):
-        record = source[i]
-        try:
-            video, bucket = load_clip(record, cfg)
-        except BadVideo as exc:
-            skipped.append(
-                {"index": i, "label": record.label, "reason": exc.reason, "detail": exc.detail}
-            )
-        except Exception as exc:  # a decoder bug on one file must not end the run either
-            skipped.append(
-                {"index": i, "label": record.label, "reason": "unreadable",
-                 "detail": f"unexpected {type(exc).__name__}: {exc}"}
-            )  # fmt: skip
+    for _ in span:
+        record, video, bucket, skip = next(items)
+        if skip is not None:
+            skipped.append(skip)
         else:
             kept.append([record.index, bucket])
             if encoders is not None:
@@ -307,7 +339,7 @@ def prepare_data(
     shard_dir.mkdir(parents=True, exist_ok=True)
     mine = [k for k in range(n_shards) if k % world_size == rank]
     todo = [k for k in mine if not (shard_dir / f"{shard_name(k)}.json").exists()]
-    n_todo = sum(min(n_records, (k + 1) * cfg.shard_size) - k * cfg.shard_size for k in todo)
+    todo_records = [i for k in todo for i in _shard_range(k, cfg, n_records)]
 
     text_encoder = build_text_encoder(cfg)
     encoders_info = {
@@ -317,13 +349,21 @@ def prepare_data(
     }
     if todo:
         encoders = (build_video_encoder(cfg), text_encoder) if cfg.use_cache else None
+        decoded = DataLoader(
+            _DecodedRecords(source, cfg, todo_records),
+            batch_size=None,
+            num_workers=cfg.decode_workers,
+            collate_fn=_identity,
+            prefetch_factor=2 if cfg.decode_workers > 0 else None,
+        )
+        items = iter(decoded)
         with tqdm(
-            total=n_todo, desc=f"[data] encode {cfg.name} (rank {rank})", unit="clip",
+            total=len(todo_records), desc=f"[data] encode {cfg.name} (rank {rank})", unit="clip",
             position=rank, disable=not verbose, dynamic_ncols=True,
         ) as bar:  # fmt: skip
             bar.kept = bar.skipped = 0
             for k in todo:
-                _process_shard(k, source, cfg, encoders, shard_dir, bar)
+                _process_shard(k, items, n_records, cfg, encoders, shard_dir, bar)
 
     # Ranks meet through the files, not collectives: a process-group barrier would time out
     # while a slow rank is still encoding, and independent processes have no group at all.
