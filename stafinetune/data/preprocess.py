@@ -218,13 +218,13 @@ def _process_shard(
         "latent_shapes": shapes,
     }
     if encoders is not None:
-        meta = {
-            "dtype": cfg.cache_dtype,
-            "text_len": encoders[1].text_len,
-            "text_dim": encoders[1].text_dim,
-            "pooled_dim": encoders[1].pooled_dim,
+        text_encoder = encoders[1]
+        report["text"] = {
+            "text_len": text_encoder.text_len,
+            "text_dim": text_encoder.text_dim,
+            "pooled_dim": text_encoder.pooled_dim,
         }
-        write_shard(shard_dir, k, rows, meta, report)
+        write_shard(shard_dir, k, rows, {"dtype": cfg.cache_dtype, **report["text"]}, report)
     else:
         shard_dir.mkdir(parents=True, exist_ok=True)
         marker = shard_dir / f"{shard_name(k)}.json"
@@ -239,14 +239,16 @@ def _finalize(
     fingerprint: str,
     n_shards: int,
     n_records: int,
-    encoders_info,
     t0: float,
 ) -> dict[str, Any]:
+    """Merge the shard reports into bad_inputs.jsonl and write cache.json (rank 0, last)."""
     shard_dir = cache_dir / "shards"
     reasons: Counter[str] = Counter()
     buckets: Counter[int] = Counter()
     shard_rows, kept_records = [], []
     latent_shapes: dict[str, list[int]] = {}
+    # Text sizes as the encoders reported them (records mode encodes nothing: the config's L).
+    text_info: dict[str, int] = {"text_len": cfg.text_len}
     with open(cache_dir / ".bad_inputs.jsonl.tmp", "w") as bad:
         for k in range(n_shards):
             report = json.loads((shard_dir / f"{shard_name(k)}.json").read_text())
@@ -257,6 +259,7 @@ def _finalize(
                 buckets[bucket] += 1
             shard_rows.append(len(report["kept"]))
             latent_shapes.update(report.get("latent_shapes", {}))
+            text_info.update(report.get("text", {}))
             kept_records += report["kept"]
     (cache_dir / ".bad_inputs.jsonl.tmp").replace(cache_dir / "bad_inputs.jsonl")
     for stale in shard_dir.glob(".*.tmp"):  # leftovers of interrupted writers
@@ -269,7 +272,7 @@ def _finalize(
         "fingerprint": fingerprint,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "dtype": cfg.cache_dtype,
-        **encoders_info,
+        **text_info,
         "buckets": cfg.all_buckets(),
         "bucket_counts": {str(b): c for b, c in sorted(buckets.items())},
         "latent_shapes": dict(sorted(latent_shapes.items())),
@@ -341,14 +344,8 @@ def prepare_data(
     todo = [k for k in mine if not (shard_dir / f"{shard_name(k)}.json").exists()]
     todo_records = [i for k in todo for i in _shard_range(k, cfg, n_records)]
 
-    text_encoder = build_text_encoder(cfg)
-    encoders_info = {
-        "text_len": text_encoder.text_len,
-        "text_dim": text_encoder.text_dim,
-        "pooled_dim": text_encoder.pooled_dim,
-    }
     if todo:
-        encoders = (build_video_encoder(cfg), text_encoder) if cfg.use_cache else None
+        encoders = (build_video_encoder(cfg), build_text_encoder(cfg)) if cfg.use_cache else None
         decoded = DataLoader(
             _DecodedRecords(source, cfg, todo_records),
             batch_size=None,
@@ -370,7 +367,7 @@ def prepare_data(
     markers = [shard_dir / f"{shard_name(k)}.json" for k in range(n_shards)]
     if rank == 0:
         _wait_for(markers, "the other ranks' shards", timeout_s)
-        info = _finalize(cache_dir, cfg, fingerprint, n_shards, n_records, encoders_info, t0)
+        info = _finalize(cache_dir, cfg, fingerprint, n_shards, n_records, t0)
         if verbose:
             print(summary_line(info, cache_dir), flush=True)
     else:
