@@ -77,6 +77,8 @@ def cache_fingerprint(cfg: DataConfig) -> str:
             if f.suffix in (".arrow", ".parquet", ".json") and ".hf_cache" not in f.parts
         )
     content["format"] = [CACHE_FORMAT, CACHE_VERSION]
+    if cfg.source == "synthetic":
+        content["synthetic_dir"] = synthetic_dir(cfg).name  # carries the generator version
     blob = json.dumps(content, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 

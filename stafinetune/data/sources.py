@@ -224,8 +224,10 @@ class Subset:
 
 def synthetic_dir(cfg: DataConfig) -> Path:
     """Folder of the synthetic clips for this config (reused across runs)."""
+    from stafinetune.data.synthetic import SYNTHETIC_VERSION
+
     key = (
-        f"n{cfg.num_clips}_f{cfg.synthetic_frames}_{cfg.synthetic_height}x{cfg.synthetic_width}"
+        f"v{SYNTHETIC_VERSION}_n{cfg.num_clips}_f{cfg.synthetic_frames}_{cfg.synthetic_height}x{cfg.synthetic_width}"
         f"_fps{cfg.synthetic_fps}_s{cfg.synthetic_seed}"
     )
     return cfg.data_root() / "synthetic" / key

@@ -49,6 +49,8 @@ DIRECTIONS: dict[str, tuple[float, float]] = {
     "up and left": (-math.sqrt(0.5), -math.sqrt(0.5)),
 }
 SPEEDS = (1, 2, 3, 4)  # pixels per frame
+# Bumped whenever the generator's output changes, so old clips and caches are not reused.
+SYNTHETIC_VERSION = 2
 
 
 @dataclass
@@ -120,7 +122,8 @@ def sample_clip_spec(
 def caption_for(background: str, motions: list[ShapeMotion]) -> str:
     """The caption of a clip: every shape's colour, kind, direction and speed."""
     parts = [
-        f"a {m.colour} {m.shape} moving {m.direction} at {m.speed} pixels per frame"
+        f"a {m.colour} {m.shape} moving {m.direction} at {m.speed} pixel{'s' if m.speed != 1 else ''}"
+        " per frame"
         for m in motions
     ]
     return " and ".join(parts) + f" on a {background} background"
