@@ -63,17 +63,14 @@ SHAPES = {
 VARIANTS = {
     "default": KernelConfig(),
     "f128x128s3": replace(KernelConfig(), fwd_block_n=128, fwd_stages=3),
-    "f128x128s2": replace(KernelConfig(), fwd_block_n=128, fwd_stages=2),
-    "f64x128w4": replace(KernelConfig(), fwd_block_m=64, fwd_block_n=128, fwd_warps=4),
-    "f64x64w4": replace(KernelConfig(), fwd_block_m=64, fwd_block_n=64, fwd_warps=4),
-    "b64x64w4": replace(KernelConfig(), bwd_block_m=64, bwd_block_n=64, bwd_warps=4,
-                        dq_block_m=64, dq_block_n=64, dq_warps=4),
-    "b64x64w4s3": replace(KernelConfig(), bwd_block_m=64, bwd_block_n=64, bwd_warps=4,
-                          bwd_stages=3, dq_block_m=64, dq_block_n=64, dq_warps=4, dq_stages=3),
     "b64x128s3": replace(KernelConfig(), bwd_stages=3, dq_stages=3),
-    "b128x128": replace(KernelConfig(), bwd_block_m=128, dq_block_n=128),
-    "b64x64w8": replace(KernelConfig(), bwd_block_m=64, bwd_block_n=64, dq_block_m=64,
-                        dq_block_n=64),
+    "b32x128s3": replace(KernelConfig(), bwd_block_m=32, bwd_stages=3, dq_stages=3),
+    "b64x128s4": replace(KernelConfig(), bwd_stages=4, dq_stages=4),
+    "b64x128s3dq64w4": replace(KernelConfig(), bwd_stages=3, dq_block_m=64, dq_warps=4,
+                               dq_stages=3),
+    "b64x128s3dq128x128": replace(KernelConfig(), bwd_stages=3, dq_block_n=128, dq_stages=2),
+    "b64x64w4s3": replace(KernelConfig(), bwd_block_m=64, bwd_block_n=64, bwd_warps=4,
+                          bwd_stages=3, dq_stages=3),
 }
 
 
@@ -196,9 +193,17 @@ def bench_shape(shape: Shape, device: torch.device, variants: dict, reps: int) -
                                   shape.tile, scale, cfg))
             t_bwd = timed(partial(sta_triton_backward, do, q, k, v, o, lse, wdev, tdev,
                                   shape.canvas, shape.tile, scale, cfg))
+            split = {}
+            if len(names) > 1:  # tuning run: time the two backward kernels alone too
+                delta = torch.empty(b, h, sv, device=device, dtype=torch.float32)
+                for part in ("dq", "dkdv"):
+                    split[part] = timed(partial(
+                        sta_triton_backward, do, q, k, v, o, lse, wdev, tdev, shape.canvas,
+                        shape.tile, scale, cfg, kernels=(part,), delta=delta))
             results.append(dict(shape=shape.name, window=str(window), impl=f"triton[{vname}]",
-                                fwd_ms=t_fwd, bwd_ms=t_bwd))
+                                fwd_ms=t_fwd, bwd_ms=t_bwd, bwd_split_ms=split))
             print(f"{shape.name} {window} triton[{vname}] fwd {t_fwd:.2f} ms bwd {t_bwd:.2f} ms "
+                  f"{ {n: round(t, 2) for n, t in split.items()} } "
                   f"(flex {f_fwd:.2f} / {f_bwd:.2f}) {kernel_resources()}", flush=True)
         for r in results:
             if r["shape"] == shape.name and r["window"] == str(window):

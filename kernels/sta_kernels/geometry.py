@@ -65,7 +65,8 @@ def normalize_window(window: Sequence[int] | torch.Tensor, num_heads: int) -> to
         raise ValueError(
             f"per-head window must have shape (H, 3) = ({num_heads}, 3), got {tuple(w.shape)}"
         )
-    if (w < 1).any():
+    # value checks read tensor data: eager only (torch.compile would break the graph here)
+    if not torch.compiler.is_compiling() and (w < 1).any():
         raise ValueError(f"window entries must be >= 1 (in tiles), got {w.tolist()}")
     return w.contiguous()
 

@@ -16,6 +16,8 @@ def text_lengths(text_len: int | torch.Tensor, batch: int, max_text: int) -> tor
         tl = tl.expand(batch)
     if tl.shape != (batch,):
         raise ValueError(f"text_len must be an int or a (B,) = ({batch},) tensor, got {tuple(tl.shape)}")
+    if torch.compiler.is_compiling():  # value checks read tensor data: eager only
+        return tl.contiguous()
     if (tl < 0).any() or (tl > max_text).any():
         raise ValueError(f"text_len must lie in [0, {max_text}] (the text tokens in S), got {tl.tolist()}")
     return tl.contiguous()

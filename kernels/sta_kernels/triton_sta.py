@@ -41,16 +41,18 @@ NEG_BIG = tl.constexpr(-1.0e30)
 class KernelConfig:
     """Block sizes and launch parameters of the three kernels."""
 
+    # Tuned on H100 (torch 2.11, triton 3.6) at HunyuanVideo 720p, tile 6x8x8, D=128:
+    # see benchmarks/NOTES.md. 128-token blocks divide 384-token tiles exactly.
     fwd_block_m: int = 128
-    fwd_block_n: int = 64
+    fwd_block_n: int = 128
     fwd_warps: int = 8
     fwd_stages: int = 3
     bwd_block_m: int = 64  # query block of the dk/dv kernel
     bwd_block_n: int = 128  # key block of the dk/dv kernel
     bwd_warps: int = 8
-    bwd_stages: int = 2
+    bwd_stages: int = 3
     dq_block_m: int = 128
-    dq_block_n: int = 64
+    dq_block_n: int = 128
     dq_warps: int = 8
     dq_stages: int = 2
 
@@ -609,18 +611,34 @@ def sta_triton_backward(
     tile: Sequence[int],
     scale: float,
     config: KernelConfig | None = None,
+    kernels: Sequence[str] = ("dq", "dkdv"),
+    delta: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the dq and dk/dv kernels; all tensors (B, S, H, D) as in the forward."""
+    """Launch the dq and dk/dv kernels; all tensors (B, S, H, D) as in the forward.
+
+    ``kernels`` and ``delta`` exist for benchmarking one kernel alone: the dk/dv kernel
+    reads ``delta`` (B, H, S) = rowsum(o * do), which the dq kernel writes.
+    """
     cfg = config or default_config(q.device)
     batch, seq, heads, head_dim = q.shape
     geo = _Geometry(seq, canvas, tile)
     do = do.contiguous()
-    delta = torch.empty(batch, heads, seq, device=q.device, dtype=torch.float32)  # (B, H, S)
+    if delta is None:
+        delta = torch.empty(batch, heads, seq, device=q.device, dtype=torch.float32)  # (B, H, S)
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    common = (*_strides(q), seq, geo.num_video, heads)
     # dq first: it also writes delta = rowsum(o * do), which the dk/dv kernel reads
+    if "dq" in kernels:
+        _launch_dq(cfg, geo, q, k, v, o, do, lse, delta, dq, windows, text_len, scale)
+    if "dkdv" in kernels:
+        _launch_dkdv(cfg, geo, q, k, v, do, lse, delta, dk, dv, windows, text_len, scale)
+    return dq, dk, dv
+
+
+def _launch_dq(cfg, geo, q, k, v, o, do, lse, delta, dq, windows, text_len, scale) -> None:
+    batch, seq, heads, head_dim = q.shape
+    common = (*_strides(q), seq, geo.num_video, heads)
     q_subs = geo.subs(cfg.dq_block_m)
     video_blocks = geo.num_tiles * q_subs
     grid = (video_blocks + triton.cdiv(geo.num_text, cfg.dq_block_m), batch * heads)
@@ -634,6 +652,11 @@ def sta_triton_backward(
         DOT_F32=is_interpreter(),
         num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
     ))
+
+
+def _launch_dkdv(cfg, geo, q, k, v, do, lse, delta, dk, dv, windows, text_len, scale) -> None:
+    batch, seq, heads, head_dim = q.shape
+    common = (*_strides(q), seq, geo.num_video, heads)
     k_subs = geo.subs(cfg.bwd_block_n)
     video_blocks = geo.num_tiles * k_subs
     grid = (video_blocks + triton.cdiv(geo.num_text, cfg.bwd_block_n), batch * heads)
@@ -647,25 +670,72 @@ def sta_triton_backward(
         DOT_F32=is_interpreter(),
         num_warps=cfg.bwd_warps, num_stages=cfg.bwd_stages,
     ))
-    return dq, dk, dv
+
+
+# torch.library registration: opaque ops with fake (meta) implementations, so that
+# torch.compile traces through the kernels instead of into them.
+
+
+@torch.library.custom_op("sta_kernels::sta_fwd", mutates_args=())
+def _sta_fwd_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    windows: torch.Tensor,
+    text_len: torch.Tensor,
+    canvas: list[int],
+    tile: list[int],
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return sta_triton_forward(q, k, v, windows, text_len, canvas, tile, scale)
+
+
+@_sta_fwd_op.register_fake
+def _sta_fwd_fake(q, k, v, windows, text_len, canvas, tile, scale):
+    batch, seq, heads, _ = q.shape
+    return torch.empty_like(q), q.new_empty((batch, heads, seq), dtype=torch.float32)
+
+
+@torch.library.custom_op("sta_kernels::sta_bwd", mutates_args=())
+def _sta_bwd_op(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    windows: torch.Tensor,
+    text_len: torch.Tensor,
+    canvas: list[int],
+    tile: list[int],
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return sta_triton_backward(do, q, k, v, o, lse, windows, text_len, canvas, tile, scale)
+
+
+@_sta_bwd_op.register_fake
+def _sta_bwd_fake(do, q, k, v, o, lse, windows, text_len, canvas, tile, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 class _STAFunction(torch.autograd.Function):
+    """Autograd over the two registered ops; saves q, k, v, o and the log-sum-exp."""
+
     @staticmethod
-    def forward(ctx, q, k, v, windows, text_len, canvas, tile, scale, config):
-        o, lse = sta_triton_forward(q, k, v, windows, text_len, canvas, tile, scale, config)
+    def forward(ctx, q, k, v, windows, text_len, canvas, tile, scale):
+        o, lse = torch.ops.sta_kernels.sta_fwd(q, k, v, windows, text_len, canvas, tile, scale)
         ctx.save_for_backward(q, k, v, o, lse, windows, text_len)
-        ctx.geometry = (canvas, tile, scale, config)
+        ctx.geometry = (canvas, tile, scale)
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, windows, text_len = ctx.saved_tensors
-        canvas, tile, scale, config = ctx.geometry
-        dq, dk, dv = sta_triton_backward(
-            do, q, k, v, o, lse, windows, text_len, canvas, tile, scale, config
+        canvas, tile, scale = ctx.geometry
+        dq, dk, dv = torch.ops.sta_kernels.sta_bwd(
+            do.contiguous(), q, k, v, o, lse, windows, text_len, canvas, tile, scale
         )
-        return dq, dk, dv, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
 def sta_triton(
@@ -677,7 +747,6 @@ def sta_triton(
     window: torch.Tensor,
     text_len: torch.Tensor,
     scale: float,
-    config: KernelConfig | None = None,
 ) -> torch.Tensor:
     """STA through the fused triton kernels; differentiable in q, k, v.
 
@@ -686,7 +755,6 @@ def sta_triton(
         canvas, tile: latent grid and tile shape in tokens.
         window: (H, 3) int64 CPU windows in tiles; text_len: (B,) int64 CPU valid text tokens.
         scale: softmax scale.
-        config: block sizes / warps / stages; the device default when None.
     Returns:
         o: (B, S, H, D), zero at text padding queries.
     """
@@ -695,5 +763,5 @@ def sta_triton(
     windows = window.to(device=q.device, dtype=torch.int32)
     lengths = text_len.to(device=q.device, dtype=torch.int32)
     return _STAFunction.apply(
-        q, k, v, windows, lengths, tuple(canvas), tuple(tile), float(scale), config
+        q, k, v, windows, lengths, [int(c) for c in canvas], [int(t) for t in tile], float(scale)
     )
