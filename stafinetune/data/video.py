@@ -77,6 +77,7 @@ class VideoInfo:
     height: int
     num_frames: int
     fps: float
+    reader: object = None  # the open decord.VideoReader (reused to decode the frames)
 
 
 def _decord():
@@ -137,7 +138,7 @@ def probe_video(record: VideoRecord, cfg) -> VideoInfo:
         raise BadVideo("bad_range", f"no usable frame rate ({fps})")
     if num_frames <= 0:
         raise BadVideo("truncated", "no decodable frames")
-    return VideoInfo(width=width, height=height, num_frames=num_frames, fps=fps)
+    return VideoInfo(width=width, height=height, num_frames=num_frames, fps=fps, reader=reader)
 
 
 def sample_frame_indices(
@@ -239,8 +240,7 @@ def load_clip(record: VideoRecord, cfg) -> tuple[torch.Tensor, int]:
     bucket_id, indices = choose_bucket(info, record, cfg)
     _, height, width = cfg.all_buckets()[bucket_id]
     try:
-        reader = _decord().VideoReader(record.open_bytes(), num_threads=1)
-        frames = reader.get_batch(indices).asnumpy()  # (f, h, w, c) uint8
+        frames = info.reader.get_batch(indices).asnumpy()  # (f, h, w, c) uint8
     except Exception as exc:
         raise BadVideo("truncated", f"decord: {str(exc).splitlines()[0][:200]}") from None
     if frames.ndim != 4 or frames.shape[-1] != 3:
