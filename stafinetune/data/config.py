@@ -104,7 +104,7 @@ class DataConfig:
 
     # --- loader --------------------------------------------------------------------------
     use_cache: bool = True  # False: decode + encode on the fly in the loader workers
-    num_workers: int = 2
+    num_workers: int = 0  # loader workers; 0 is fastest for the small default cache (data/bench_data.py)
     prefetch_factor: int = 2
 
     def __post_init__(self) -> None:
