@@ -45,9 +45,8 @@ class DataConfig:
     name: str = "synthetic"  # human-readable dataset name, part of the cache folder name
     root: str | None = None  # data + cache root; None: default_data_root()
     cache_dir: str | None = None  # explicit latent-cache folder; None: <root>/cache/<name>-<hash>
-    manifest: str | None = (
-        None  # folder source: .jsonl or .csv with path, caption[, fps, start, end]
-    )
+    # folder source: a .jsonl or .csv manifest with path, caption[, fps, start, end]
+    manifest: str | None = None
     video_dir: str | None = None  # base for relative manifest paths; None: the manifest's folder
     dataset_path: str | None = None  # hf_dataset source: save_to_disk folder or parquet/arrow files
     dataset_split: str | None = None  # split of a DatasetDict; None: the only split or "train"
@@ -69,8 +68,8 @@ class DataConfig:
     width: int = 128
     fps: float | None = None  # target frame rate; None: the video's native rate
     frame_stride: int = 1  # take every stride-th frame at the target rate
-    # Extra [num_frames, height, width] buckets; each video goes to the bucket whose aspect
-    # ratio is closest to its own, then to the longest frame count it is long enough for.
+    # [num_frames, height, width] buckets; each video goes to the buckets whose aspect ratio
+    # is closest to its own, then to the longest frame count it is long enough for.
     # Empty: the single bucket [num_frames, height, width].
     buckets: list[list[int]] = field(default_factory=list)
 
@@ -103,8 +102,10 @@ class DataConfig:
     decode_workers: int = 2  # processes decoding videos while the main process encodes (0: inline)
 
     # --- loader --------------------------------------------------------------------------
-    use_cache: bool = True  # False: decode + encode on the fly in the loader workers
-    num_workers: int = 0  # loader workers; 0 is fastest for the small default cache (data/bench_data.py)
+    use_cache: bool = True  # False: decode + encode on the fly in the loader (small runs)
+    num_workers: int = (
+        0  # loader workers; 0 is fastest for the small default cache (data/bench_data.py)
+    )
     prefetch_factor: int = 2
 
     def __post_init__(self) -> None:
@@ -182,6 +183,15 @@ class DataConfig:
                     f"data.buckets[{i}] / data.height, data.width: {height}x{width} is not a "
                     "multiple of 8 (the VAEs compress space 8x)"
                 )
+        shortest = min(int(b[0]) for b in self.all_buckets())
+        if (
+            self.source == "synthetic"
+            and self.synthetic_frames < 1 + (shortest - 1) * self.frame_stride
+        ):
+            raise ValueError(
+                f"data.synthetic_frames={self.synthetic_frames} is too short for {shortest} frames "
+                f"at data.frame_stride={self.frame_stride}: every clip would be skipped"
+            )
 
     def all_buckets(self) -> list[list[int]]:
         """The [num_frames, height, width] buckets: ``buckets`` or the single default one."""

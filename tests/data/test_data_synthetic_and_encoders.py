@@ -136,6 +136,7 @@ def test_resize_crop_keeps_the_centre_and_range():
         ({"cache_dtype": "int8"}, "data.cache_dtype"),
         ({"buckets": [[17, 64]]}, "data.buckets"),
         ({"fps": 0.0}, "data.fps"),
+        ({"synthetic_frames": 9}, "data.synthetic_frames"),
     ],
 )
 def test_invalid_config_names_the_field(kwargs, field):
