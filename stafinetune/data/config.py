@@ -184,13 +184,13 @@ class DataConfig:
                     "multiple of 8 (the VAEs compress space 8x)"
                 )
         shortest = min(int(b[0]) for b in self.all_buckets())
-        if (
-            self.source == "synthetic"
-            and self.synthetic_frames < 1 + (shortest - 1) * self.frame_stride
-        ):
+        step = self.frame_stride * (self.synthetic_fps / self.fps if self.fps else 1.0)
+        needed = 1 + int((shortest - 1) * step + 1e-6)  # native frames spanned by one clip
+        if self.source == "synthetic" and self.synthetic_frames < needed:
             raise ValueError(
-                f"data.synthetic_frames={self.synthetic_frames} is too short for {shortest} frames "
-                f"at data.frame_stride={self.frame_stride}: every clip would be skipped"
+                f"data.synthetic_frames={self.synthetic_frames} is too short: {shortest} frames at "
+                f"data.fps={self.fps}, data.frame_stride={self.frame_stride} span {needed}; "
+                "every clip would be skipped"
             )
 
     def all_buckets(self) -> list[list[int]]:
