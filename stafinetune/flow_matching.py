@@ -23,7 +23,9 @@ def sample_sigmas(
     elif sampling == "logit_normal":
         u = torch.sigmoid(torch.randn(batch, generator=generator))
     else:
-        raise ValueError(f"distill.timestep_sampling must be uniform or logit_normal, got {sampling!r}")
+        raise ValueError(
+            f"distill.timestep_sampling must be uniform or logit_normal, got {sampling!r}"
+        )
     u = u.clamp(1e-4, 1 - 1e-4)
     return shift * u / (1 + (shift - 1) * u)
 

@@ -64,7 +64,9 @@ def distillation_losses(
     if w_data > 0:
         total = total + w_data * out["data"]
     if teacher_out is not None:
-        out["out"] = F.mse_loss(student_out.float(), teacher_out.detach().to(student_out.device).float())
+        out["out"] = F.mse_loss(
+            student_out.float(), teacher_out.detach().to(student_out.device).float()
+        )
         if w_out > 0:
             total = total + w_out * out["out"]
     elif w_out > 0:

@@ -6,8 +6,11 @@ decided once, here.
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +85,9 @@ class WandbTracker:
 
     def log_video(self, key: str, video: Any, step: int, fps: int = 8, caption: str = "") -> None:
         """Log a uint8 video array of shape (F, C, H, W)."""
-        self.run.log({key: self._wandb.Video(video, fps=fps, caption=caption, format="mp4")}, step=step)
+        self.run.log(
+            {key: self._wandb.Video(video, fps=fps, caption=caption, format="mp4")}, step=step
+        )
 
     def summary(self, values: dict[str, Any]) -> None:
         """Set run summary values."""
@@ -92,6 +97,45 @@ class WandbTracker:
     def finish(self) -> None:
         """Flush and close the run."""
         self.run.finish()
+
+
+class JsonlTracker:
+    """Appends every logged scalar to ``<run_dir>/metrics.jsonl`` (one JSON object per call).
+
+    Runs beside wandb so a run's numbers can be read without any service, and forwards
+    everything to an inner tracker (wandb or null).
+    """
+
+    def __init__(self, path: Path, inner: NullTracker | WandbTracker) -> None:
+        self.path = path
+        self.inner = inner
+        self.run_dir = inner.run_dir
+        self.mode = inner.mode
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in finish()
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        """Write the scalar metrics as one JSON line, then forward them."""
+        row = {"step": step, "time": time.time()}
+        for key, value in metrics.items():
+            value = float(value)
+            row[key] = value if math.isfinite(value) else str(value)
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        self.inner.log(metrics, step)
+
+    def log_video(self, key: str, video: Any, step: int, fps: int = 8, caption: str = "") -> None:
+        """Videos go to the inner tracker only."""
+        self.inner.log_video(key, video, step, fps=fps, caption=caption)
+
+    def summary(self, values: dict[str, Any]) -> None:
+        """Forward summary values."""
+        self.inner.summary(values)
+
+    def finish(self) -> None:
+        """Close the file and the inner tracker."""
+        self._file.close()
+        self.inner.finish()
 
 
 def _has_wandb_key() -> bool:
@@ -116,13 +160,19 @@ def build_tracker(
     group: str | None = None,
     tags: list[str] | None = None,
     mode: str = "auto",
-) -> NullTracker | WandbTracker:
-    """Return the tracker for this process: wandb on rank 0 if enabled, else a NullTracker."""
-    if backend == "none" or not is_main:
+) -> NullTracker | JsonlTracker:
+    """The tracker of this process.
+
+    Rank 0 writes ``<directory>/metrics.jsonl`` and, with ``backend="wandb"``, a wandb run
+    under ``<directory>/wandb``; other ranks get a NullTracker.
+    """
+    if not is_main:
         return NullTracker()
-    if backend != "wandb":
+    if backend not in ("wandb", "none"):
         raise ValueError(f"logging.backend must be wandb or none, got {backend!r}")
-    return WandbTracker(
+    if backend == "none":
+        return JsonlTracker(directory / "metrics.jsonl", NullTracker())
+    inner = WandbTracker(
         project=project,
         entity=entity,
         name=name,
@@ -132,3 +182,4 @@ def build_tracker(
         directory=directory,
         config=config,
     )
+    return JsonlTracker(directory / "metrics.jsonl", inner)

@@ -34,7 +34,11 @@ def test_layer_selection_and_zero_weights():
     assert attention_loss(s_attn, t_attn, layers=[1]).item() == 0.0
     assert attention_loss(s_attn, t_attn, layers=[0]).item() == 1.0
     terms = distillation_losses(
-        student_out=torch.ones(2), target=torch.zeros(2), w_data=1.0, w_out=0.0, w_attn=0.0,
+        student_out=torch.ones(2),
+        target=torch.zeros(2),
+        w_data=1.0,
+        w_out=0.0,
+        w_attn=0.0,
         teacher_out=torch.zeros(2),
     )
     assert terms["out"].item() == 1.0  # reported for logging
@@ -43,7 +47,9 @@ def test_layer_selection_and_zero_weights():
 
 def test_missing_inputs_fail_clearly():
     with pytest.raises(ValueError, match="w_out"):
-        distillation_losses(student_out=torch.ones(2), target=torch.zeros(2), w_data=1.0, w_out=1.0, w_attn=0.0)
+        distillation_losses(
+            student_out=torch.ones(2), target=torch.zeros(2), w_data=1.0, w_out=1.0, w_attn=0.0
+        )
     with pytest.raises(KeyError, match="missing \\[2\\]"):
         attention_loss({0: torch.ones(1)}, {0: torch.ones(1)}, layers=[0, 2])
 
@@ -52,7 +58,12 @@ def test_gradient_flows_only_to_student():
     student = torch.randn(4, requires_grad=True)
     teacher = torch.randn(4, requires_grad=True)
     terms = distillation_losses(
-        student_out=student, target=torch.zeros(4), teacher_out=teacher, w_data=0.0, w_out=1.0, w_attn=0.0
+        student_out=student,
+        target=torch.zeros(4),
+        teacher_out=teacher,
+        w_data=0.0,
+        w_out=1.0,
+        w_attn=0.0,
     )
     terms["total"].backward()
     assert student.grad is not None and teacher.grad is None

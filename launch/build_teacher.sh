@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Rebuild the tiny dense teacher that the embedded default distils from:
+# train wan_tiny with full attention on the synthetic clips (experiment=teacher), then copy
+# the exported diffusers transformer into the package's assets.
+#   launch/build_teacher.sh [extra hydra overrides...]
+set -euo pipefail
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+run_dir="${RUN_DIR:-$repo/outputs/teacher-$(date +%Y%m%d-%H%M%S)}"
+python3 -m stafinetune.train experiment=teacher hydra.run.dir="$run_dir" "$@"
+dest="$repo/stafinetune/assets/wan_tiny_teacher"
+rm -rf "$dest"
+mkdir -p "$dest"
+cp "$run_dir/export/transformer/config.json" "$run_dir/export/transformer/diffusion_pytorch_model.safetensors" "$dest/"
+echo "teacher written to $dest (trained in $run_dir)"

@@ -1,0 +1,291 @@
+"""The job configuration: typed dataclasses registered in Hydra's ConfigStore.
+
+Each part owns its dataclass next to its code (models, data); this module owns the trainer's
+groups and the root :class:`JobConfig`, and registers every schema so that YAML under
+``conf/`` only sets values. Hydra stops at :func:`stafinetune.train.main`, which converts the
+composed config with :func:`to_job_config` (running every ``__post_init__`` validation) and
+passes explicit objects down.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from .data.config import DataConfig
+from .models.config import AttentionConfig, ModelConfig
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and loop settings (group ``train``)."""
+
+    steps: int = 300  # optimiser steps
+    batch_size: int = 4  # per data-parallel rank, per micro-batch
+    grad_accum: int = 1  # micro-batches per optimiser step
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_steps: int = 20
+    schedule: str = "cosine"  # constant | cosine
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    ema_decay: float | None = None  # e.g. 0.999; None disables EMA
+    trainable: str = "all"  # all | attention | a regex over parameter names
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    log_every: int = 10
+    ckpt_every: int = 100  # 0: only the final checkpoint
+    keep_last: int = 2  # checkpoints kept on disk
+    resume: str = "auto"  # auto (latest in this run dir) | never | <checkpoint or run dir>
+    val_every: int = 0  # 0 disables the periodic validation hook
+    export: bool = True  # write the final student in diffusers format
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 1, f"train.steps must be >= 1, got {self.steps}")
+        _check(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
+        _check(self.grad_accum >= 1, f"train.grad_accum must be >= 1, got {self.grad_accum}")
+        _check(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        _check(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            f"train.betas must be two numbers in [0, 1), got {self.betas}",
+        )
+        _check(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _check(
+            self.schedule in ("constant", "cosine"),
+            f"train.schedule must be constant or cosine, got {self.schedule!r}",
+        )
+        _check(
+            0 <= self.min_lr_ratio <= 1,
+            f"train.min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}",
+        )
+        _check(self.grad_clip >= 0, f"train.grad_clip must be >= 0, got {self.grad_clip}")
+        _check(
+            self.ema_decay is None or 0 < self.ema_decay < 1,
+            f"train.ema_decay must lie in (0, 1) or be null, got {self.ema_decay}",
+        )
+        _check(
+            self.device in ("auto", "cpu", "cuda"),
+            f"train.device must be auto, cpu or cuda, got {self.device!r}",
+        )
+        _check(
+            self.precision in ("auto", "fp32", "bf16"),
+            f"train.precision must be auto, fp32 or bf16, got {self.precision!r}",
+        )
+        _check(self.log_every >= 1, f"train.log_every must be >= 1, got {self.log_every}")
+        _check(self.ckpt_every >= 0, f"train.ckpt_every must be >= 0, got {self.ckpt_every}")
+        _check(self.keep_last >= 1, f"train.keep_last must be >= 1, got {self.keep_last}")
+        _check(self.val_every >= 0, f"train.val_every must be >= 0, got {self.val_every}")
+
+
+@dataclass
+class DistillConfig:
+    """Loss terms and teacher settings (group ``distill``).
+
+    loss = w_attn * mean over layers of MSE(student STA attention output, teacher dense
+    attention output) + w_out * MSE(student output, teacher output) + w_data * flow-matching
+    MSE against the data. With w_attn = w_out = 0 no teacher is built (plain finetuning).
+    """
+
+    w_data: float = 1.0
+    w_out: float = 0.0
+    w_attn: float = 0.0
+    layers: list[int] | None = None  # STA layers in the attention loss; None = all
+    timestep_sampling: str = "logit_normal"  # uniform | logit_normal
+    timestep_shift: float = 1.0
+    teacher_path: str | None = None  # local diffusers dir; None = the student's model.path
+    teacher_dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    teacher_device: str = "same"  # same (the student's device) | cpu | cuda:N
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.w_attn > 0 or self.w_out > 0
+
+    def __post_init__(self) -> None:
+        for name in ("w_data", "w_out", "w_attn"):
+            value = getattr(self, name)
+            _check(value >= 0, f"distill.{name} must be >= 0, got {value}")
+        _check(
+            self.w_data + self.w_out + self.w_attn > 0,
+            "distill.w_data, distill.w_out and distill.w_attn are all 0: nothing to train",
+        )
+        _check(
+            self.timestep_sampling in ("uniform", "logit_normal"),
+            f"distill.timestep_sampling must be uniform or logit_normal, got {self.timestep_sampling!r}",
+        )
+        _check(
+            self.timestep_shift >= 1.0,
+            f"distill.timestep_shift must be >= 1, got {self.timestep_shift}",
+        )
+        _check(
+            self.teacher_dtype in ("auto", "fp32", "bf16"),
+            f"distill.teacher_dtype must be auto, fp32 or bf16, got {self.teacher_dtype!r}",
+        )
+        _check(
+            self.teacher_device in ("same", "cpu") or self.teacher_device.startswith("cuda"),
+            f"distill.teacher_device must be same, cpu or cuda[:N], got {self.teacher_device!r}",
+        )
+
+
+@dataclass
+class ParallelConfig:
+    """How the student is replicated over ranks (group ``parallel``)."""
+
+    data_parallel: str = "ddp"  # ddp (replicate; only active with several ranks)
+    find_unused_parameters: bool = False
+
+    def __post_init__(self) -> None:
+        _check(
+            self.data_parallel == "ddp",
+            f"parallel.data_parallel must be ddp, got {self.data_parallel!r}",
+        )
+
+
+@dataclass
+class LoggingConfig:
+    """Experiment tracking (group ``logging``: wandb or none)."""
+
+    backend: str = "wandb"  # wandb | none
+    project: str = "stafinetune"
+    entity: str | None = None
+    name: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    mode: str = "auto"  # auto (online when a key is configured, else offline) | online | offline
+    progress: bool = True  # tqdm progress bar on rank 0
+
+    def __post_init__(self) -> None:
+        _check(
+            self.backend in ("wandb", "none"),
+            f"logging.backend must be wandb or none, got {self.backend!r}",
+        )
+        _check(
+            self.mode in ("auto", "online", "offline"),
+            f"logging.mode must be auto, online or offline, got {self.mode!r}",
+        )
+
+
+@dataclass
+class JobConfig:
+    """Root of the composed configuration."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    run_dir: str | None = None  # None: Hydra's output directory of this run
+    # keys an experiment needs the user to set (e.g. model.path); checked at start-up
+    required: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.distill.needs_teacher:
+            _check(
+                self.attention.mode == "sta",
+                "distill.w_attn/w_out > 0 distil an STA student from a dense teacher, "
+                f"but attention.mode={self.attention.mode!r}",
+            )
+
+
+def register_configs() -> None:
+    """Register the root and group schemas in Hydra's ConfigStore (idempotent)."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=JobConfig)
+    for group, node in (
+        ("model", ModelConfig),
+        ("attention", AttentionConfig),
+        ("data", DataConfig),
+        ("train", TrainConfig),
+        ("distill", DistillConfig),
+        ("parallel", ParallelConfig),
+        ("logging", LoggingConfig),
+    ):
+        cs.store(group=group, name=f"base_{group}", node=node)
+
+
+def to_job_config(cfg: DictConfig) -> JobConfig:
+    """Validate a composed config and turn it into dataclass objects.
+
+    Raises ValueError naming the first bad field, or every mandatory (``???``) field left unset.
+    """
+    missing = set(OmegaConf.missing_keys(cfg))
+    for key in cfg.get("required", []):
+        if OmegaConf.select(cfg, key, default=None, throw_on_missing=False) is None:
+            missing.add(key)
+    missing = sorted(missing)
+    if missing:
+        raise ValueError(
+            f"mandatory config values are not set: {', '.join(missing)} "
+            f"(pass them as overrides, e.g. {missing[0]}=...)"
+        )
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+def compose_job_config(overrides: list[str] | None = None, *, validate: bool = True) -> Any:
+    """Compose ``conf/config.yaml`` plus command-line style overrides without running a job.
+
+    For notebooks, scripts and tests: the same composition as ``stafinetune-train``, with no
+    output directory. Returns a :class:`JobConfig` (``validate=True``) or the raw DictConfig.
+    """
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides or []))
+    return to_job_config(cfg) if validate else cfg
+
+
+def conf_dir() -> Path:
+    """The ``conf/`` tree: the repository's in an editable install, else the packaged copy."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "conf", here / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    raise FileNotFoundError(f"no conf/config.yaml next to {here}")
+
+
+def _rank_resolver() -> str:
+    return os.environ.get("RANK", "0")
+
+
+def asset_path(name: str) -> str:
+    """Absolute path of a file or folder shipped in ``stafinetune/assets``."""
+    path = Path(__file__).resolve().parent / "assets" / name
+    if not path.exists():
+        raise FileNotFoundError(f"stafinetune ships no asset {name!r} (looked at {path})")
+    return str(path)
+
+
+def register_resolvers() -> None:
+    """Register the config interpolations.
+
+    ``${stafinetune.rank:}``: the launcher's global rank, for per-rank Hydra outputs.
+    ``${stafinetune.asset:NAME}``: a path inside the installed package's ``assets/``.
+    """
+    if not OmegaConf.has_resolver("stafinetune.rank"):
+        OmegaConf.register_new_resolver("stafinetune.rank", _rank_resolver)
+    if not OmegaConf.has_resolver("stafinetune.asset"):
+        OmegaConf.register_new_resolver("stafinetune.asset", asset_path)
+
+
+def resolved_dict(job: JobConfig) -> dict[str, Any]:
+    """Plain-dict view of the validated config (for wandb and the run directory)."""
+    return OmegaConf.to_container(OmegaConf.structured(job), resolve=True)  # type: ignore[return-value]
+
+
+register_configs()
+register_resolvers()

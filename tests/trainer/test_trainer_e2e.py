@@ -1,0 +1,178 @@
+"""End-to-end training on CPU: loss goes down, checkpoints resume exactly, distillation
+narrows the student-teacher gap, NaNs stop cleanly, and the CLI keeps ranks apart."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from stafinetune import checkpoint as ckpt
+from stafinetune.config import compose_job_config
+from stafinetune.models import AttentionConfig, ModelConfig, build_model
+from stafinetune.trainer import NonFiniteLossError, Trainer
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("data")
+
+
+def _job(data_root: Path, *overrides: str):
+    base = [
+        f"data.root={data_root}",
+        "data.num_clips=16",
+        "data.num_workers=0",
+        "logging=none",
+        "logging.progress=false",
+        "train.log_every=1",
+        "train.val_every=0",
+        "train.warmup_steps=2",
+        "train.device=cpu",
+    ]
+    return compose_job_config([*base, *overrides])
+
+
+def test_training_reduces_loss_and_writes_everything(data_root: Path, tmp_path: Path):
+    # plain flow matching from random weights (no teacher): the loss must fall
+    job = _job(
+        data_root, "model=wan_tiny", "distill=none", "train.steps=40", "train.lr=2e-3",
+        "logging=wandb", "logging.mode=offline", "train.ckpt_every=20",
+    )  # fmt: skip
+    result = Trainer(job, tmp_path).fit()
+    first, last = sum(result.losses[:10]) / 10, sum(result.losses[-10:]) / 10
+    assert last < 0.9 * first, (first, last)
+    val0, val_end = result.val_history[0], result.val_history[-1]
+    assert val_end["val/flow_loss"] < 0.9 * val0["val/flow_loss"]
+    # checkpoints: final one kept, written atomically (no .tmp left)
+    assert result.last_checkpoint == tmp_path / "checkpoints" / "step_00000040"
+    assert (result.last_checkpoint / "model.safetensors").is_file()
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))
+    # every step's metrics in metrics.jsonl and in the wandb offline run
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "loss/total" in r]
+    assert steps == list(range(1, 41))
+    wandb_files = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(wandb_files) == 1 and b"loss/total" in wandb_files[0].read_bytes()
+    # the export is a plain diffusers folder that loads back into the same weights
+    exported = build_model(
+        ModelConfig(path=str(result.export_dir / "transformer")),
+        AttentionConfig(strategy_path=str(result.export_dir / "mask_strategy.json")),
+    )
+    saved = load_file(str(result.last_checkpoint / "model.safetensors"))
+    for name, value in exported.state_dict().items():
+        assert torch.equal(value, saved[name]), name
+
+
+def _final_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    state = ckpt.load_checkpoint(
+        ckpt.latest_checkpoint(run_dir / "checkpoints"), rank=0, world_size=1
+    )
+    return {**state["model"], **{f"ema.{k}": v for k, v in state["ema"].items()}}
+
+
+def test_resume_is_exact(data_root: Path, tmp_path: Path):
+    # distillation (teacher + student) with EMA and accumulation: every piece of state matters
+    overrides = (
+        "train.steps=6",
+        "train.ckpt_every=0",
+        "train.ema_decay=0.9",
+        "train.grad_accum=2",
+        "train.export=false",
+    )
+    straight = Trainer(_job(data_root, *overrides), tmp_path / "straight").fit()
+    first = Trainer(_job(data_root, *overrides), tmp_path / "resumed").fit(until_step=3)
+    assert first.step == 3 and first.last_checkpoint.name == "step_00000003"
+    second = Trainer(_job(data_root, *overrides), tmp_path / "resumed").fit()
+    assert second.step == 6
+    assert second.losses == straight.losses[3:]  # same batches, noise and sigmas after resume
+    a, b = _final_state(tmp_path / "straight"), _final_state(tmp_path / "resumed")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_distillation_narrows_student_teacher_gap(data_root: Path, tmp_path: Path):
+    # the default: STA student distilled from the shipped dense teacher
+    job = _job(data_root, "train.steps=40", "train.lr=1e-3", "train.export=false")
+    trainer = Trainer(job, tmp_path)
+    assert trainer.teacher is not None and not any(
+        p.requires_grad for p in trainer.teacher.parameters()
+    )
+    result = trainer.fit()
+    start, end = result.val_history[0], result.val_history[-1]
+    assert start["val/student_teacher_mse"] > 0  # the STA window really changes the output
+    assert end["val/student_teacher_mse"] < 0.7 * start["val/student_teacher_mse"]
+    assert end["val/attn_mse"] < start["val/attn_mse"]
+
+
+def test_nonfinite_loss_stops_with_last_good_checkpoint(data_root: Path, tmp_path: Path):
+    trainer = Trainer(_job(data_root, "train.steps=5", "train.export=false"), tmp_path)
+    real_losses = trainer._losses
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        terms = real_losses(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:  # the third training step
+            terms["total"] = terms["total"] * float("nan")
+        return terms
+
+    trainer._losses = poisoned
+    with pytest.raises(NonFiniteLossError, match="step 3.*last good state is saved"):
+        trainer.fit()
+    good = ckpt.latest_checkpoint(tmp_path / "checkpoints")
+    assert good.name == "step_00000002"
+    saved = load_file(str(good / "model.safetensors"))
+    for name, value in trainer.student.state_dict().items():
+        assert torch.equal(value, saved[name]), name
+
+
+def _cli(tmp_path: Path, data_root: Path, *extra: str) -> list[str]:
+    return [
+        "stafinetune.train",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        f"data.root={data_root}",
+        "data.num_clips=16",
+        "data.num_workers=0",
+        "train.steps=4",
+        "train.val_every=0",
+        "train.device=cpu",
+        *extra,
+    ]
+
+
+def test_cli_run_prints_where_everything_went(data_root: Path, tmp_path: Path):
+    env = {**os.environ, "WANDB_API_KEY": "", "WANDB_MODE": ""}
+    proc = subprocess.run(
+        [sys.executable, "-m", *_cli(tmp_path, data_root, "logging.mode=offline")],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "run"
+    for line in ("run directory", "checkpoint", "wandb run", "exported student"):
+        assert line in proc.stdout
+    assert (run / "config.yaml").is_file() and (run / ".hydra" / "rank0" / "config.yaml").is_file()
+    assert (run / "train_rank0.log").is_file()
+    assert list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def test_torchrun_ranks_keep_separate_outputs(data_root: Path, tmp_path: Path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", *_cli(tmp_path, data_root, "logging=none", "train.batch_size=2")],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "run"
+    for rank in (0, 1):
+        assert (run / ".hydra" / f"rank{rank}" / "config.yaml").is_file()
+        assert (run / f"train_rank{rank}.log").is_file()
+        assert (run / "checkpoints" / "step_00000004" / f"rank_{rank:05d}.pt").is_file()
+    assert proc.stdout.count("run directory") == 1  # only rank 0 reports
