@@ -106,20 +106,39 @@ class ActivationStore:
 
     ``store[i]`` is STA layer ``i``'s attention output, (B, S, H, D) with S = video tokens
     then text slots (HunyuanVideo; text padding rows are 0), before the output projection.
-    ``store["final"]`` is the model output (B, C, T, H, W). A later forward inside the same
-    ``capture()`` overwrites the entries of an earlier one.
+    ``store["final"]`` is the model output (B, C, T, H, W). With ``inputs=True`` the store
+    also keeps each layer's ``(q, k, v)`` (B, S, H, D) in ``store.inputs[i]``, and
+    ``store.canvas`` / ``store.text_len`` describe the sequence, so a mask search can replay
+    candidate windows offline. A later forward inside the same ``capture()`` overwrites the
+    entries of an earlier one.
     """
 
-    def __init__(self, layers: Iterable[int] | None = None, detach: bool = False) -> None:
+    def __init__(
+        self, layers: Iterable[int] | None = None, detach: bool = False, inputs: bool = False
+    ) -> None:
         self.wanted = None if layers is None else frozenset(int(i) for i in layers)
         self.detach = detach
+        self.keep_inputs = inputs
         self.layers: dict[int, torch.Tensor] = {}
+        self.inputs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.final: torch.Tensor | None = None
+        self.canvas: Canvas | None = None
+        self.text_len: int | torch.Tensor = 0
 
-    def record(self, layer: int, o: torch.Tensor) -> None:
+    def record(
+        self,
+        layer: int,
+        o: torch.Tensor,
+        qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        state: ForwardState,
+    ) -> None:
         """Keep layer ``layer``'s attention output ``o`` (B, S, H, D) if it was asked for."""
-        if self.wanted is None or layer in self.wanted:
-            self.layers[layer] = o.detach() if self.detach else o
+        if self.wanted is not None and layer not in self.wanted:
+            return
+        self.layers[layer] = o.detach() if self.detach else o
+        if self.keep_inputs:
+            self.inputs[layer] = tuple(x.detach() if self.detach else x for x in qkv)  # type: ignore[assignment]
+        self.canvas, self.text_len = state.canvas, state.text_len
 
     def __getitem__(self, key: int | str) -> torch.Tensor:
         if key == "final":
@@ -185,7 +204,7 @@ class AttentionRuntime:
             q, k, v, canvas=state.canvas, text_len=state.text_len, window=state.window_for(layer)
         )
         if state.store is not None:
-            state.store.record(layer, o)
+            state.store.record(layer, o, (q, k, v), state)
         return o
 
 

@@ -230,17 +230,20 @@ class VideoDiT(nn.Module):
 
     # ----------------------------------------------------------------- hooks
     @contextlib.contextmanager
-    def capture(self, layers: Iterable[int] | None = None, detach: bool = False) -> Iterator[ActivationStore]:
+    def capture(
+        self, layers: Iterable[int] | None = None, detach: bool = False, inputs: bool = False
+    ) -> Iterator[ActivationStore]:
         """Collect STA-layer attention outputs and the final output of forwards in the block.
 
         Args:
             layers: STA layer indices to keep (default: all). Others cost nothing.
             detach: store detached tensors (e.g. for a teacher).
+            inputs: also keep each layer's (q, k, v) (for replaying windows in a mask search).
         Yields:
             an ``ActivationStore``: ``store[i]`` (B, S, H, D) per layer, ``store["final"]``.
         Outside ``capture()`` nothing is recorded (one ``is None`` check per layer).
         """
-        store = ActivationStore(layers, detach)
+        store = ActivationStore(layers, detach, inputs)
         previous, self._store = self._store, store
         try:
             yield store

@@ -235,3 +235,23 @@ def test_partial_edge_tiles(flavor: str) -> None:
     assert dense.shape == b["latents"].shape
     torch.testing.assert_close(covering, dense, atol=2e-5, rtol=1e-4)
     assert (sparse - dense).abs().max() > 1e-3
+
+
+def test_capture_inputs_replay_candidate_windows(flavor: str) -> None:
+    """capture(inputs=True) keeps q, k, v so a mask search can replay other windows offline."""
+    from sta_kernels import sliding_tile_attention
+
+    dit = build(flavor, mode="sta", window=[3, 3, 3])
+    b = make_batch()
+    with torch.no_grad(), dit.capture(inputs=True, detach=True) as store:
+        run(dit, b)
+    assert store.canvas == (5, 8, 8) and sorted(store.inputs) == list(range(dit.num_layers))
+    q, k, v = store.inputs[0]
+    replay = lambda window: sliding_tile_attention(  # noqa: E731
+        q, k, v, canvas=store.canvas, tile=[1, 2, 2], window=window, text_len=store.text_len, backend="reference"
+    )
+    torch.testing.assert_close(replay([3, 3, 3]), store[0])
+    other = build(flavor, mode="sta", window=[1, 2, 3])
+    with torch.no_grad(), other.capture(layers=[0]) as other_store:
+        run(other, b)
+    torch.testing.assert_close(replay([1, 2, 3]), other_store[0])
