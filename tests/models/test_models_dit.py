@@ -47,7 +47,7 @@ def test_bf16_matches_original_diffusers(flavor: str, full_window: list[int], mo
 
 def test_windows_change_output(flavor: str, full_window: list[int]) -> None:
     """A sparse window changes the output; a different sparse window changes it differently."""
-    b = make_batch()
+    b = make_batch(batch=1, text_lens=(9,))
     with torch.no_grad():
         dense = run(build(flavor, mode="sta", window=full_window), b)
         small = run(build(flavor, mode="sta", window=[3, 3, 3]), b)
@@ -87,7 +87,7 @@ def test_capture_records_layers_and_final(flavor: str) -> None:
 
 def test_backward_reaches_parameters(flavor: str) -> None:
     dit = build(flavor, mode="sta", window=[3, 3, 3])
-    b = make_batch()
+    b = make_batch(batch=1, text_lens=(9,))
     with dit.capture() as store:
         out = run(dit, b)
     loss = out.square().mean() + store[0].square().mean()
@@ -128,7 +128,7 @@ def test_hunyuan_text_mask_must_be_prefix() -> None:
 
 def test_gradient_checkpointing_matches_plain_backward(flavor: str) -> None:
     """Recomputation runs after forward returned; it must reuse the forward's canvas/windows."""
-    b = make_batch()
+    b = make_batch(batch=1, text_lens=(9,))
     grads = []
     for checkpointing in (False, True):
         dit = build(flavor, mode="sta", window=[3, 1, 3])
@@ -149,7 +149,7 @@ def test_gradient_checkpointing_matches_plain_backward(flavor: str) -> None:
 
 def test_set_attention_dense_teacher_sta_student(flavor: str) -> None:
     """Teacher and student from the same weights; switching one leaves the other alone."""
-    b = make_batch()
+    b = make_batch(batch=1, text_lens=(9,))
     teacher = build(flavor, mode="full")
     student = copy.deepcopy(teacher)
     student.set_attention(AttentionConfig(mode="sta", window=[3, 3, 3], backend="reference"))
@@ -177,7 +177,7 @@ def test_per_head_windows_reach_the_kernel(flavor: str, monkeypatch: pytest.Monk
     monkeypatch.setattr(attention_module, "sliding_tile_attention", spy)
     dit = build(flavor, mode="sta", head_windows=head_windows)
     assert dit.num_layers == layers
-    b = make_batch()
+    b = make_batch(batch=1, text_lens=(9,))
     with torch.no_grad(), dit.capture() as sparse:
         run(dit, b)
     assert [w.tolist() for w in seen] == head_windows
