@@ -8,13 +8,22 @@ attends only the key tiles of a 3D window around it. This package depends only o
 """
 
 from .api import BACKENDS, sliding_tile_attention
-from .geometry import density, num_tiles, tile_mask, token_mask, token_tile_ids, window_start
+from .geometry import (
+    density,
+    num_tiles,
+    query_tile_range,
+    tile_mask,
+    token_mask,
+    token_tile_ids,
+    window_start,
+)
 from .reference import sta_dense_mask
 
 __all__ = [
     "BACKENDS",
     "density",
     "num_tiles",
+    "query_tile_range",
     "sliding_tile_attention",
     "sta_dense_mask",
     "tile_mask",

@@ -48,6 +48,18 @@ def window_start(qi: torch.Tensor, n: int, w: torch.Tensor) -> torch.Tensor:
     return c - lo
 
 
+def query_tile_range(ki: int, n: int, w: int) -> tuple[int, int]:
+    """``(first, count)`` of the query tiles whose window holds key tile ``ki`` on one axis.
+
+    The window start ``clamp(qi - w // 2, 0, n - w)`` is monotone in ``qi``, so these query
+    tiles are contiguous; the backward kernel loops over exactly this range for dk/dv.
+    """
+    w = max(1, min(w, n))
+    first = 0 if ki <= w - 1 else ki - w + 1 + w // 2
+    last = n - 1 if ki >= n - w else ki + w // 2
+    return first, last - first + 1
+
+
 def normalize_window(window: Sequence[int] | torch.Tensor, num_heads: int) -> torch.Tensor:
     """Return the window as an ``(H, 3)`` int64 CPU tensor, validating its values.
 

@@ -61,10 +61,31 @@ class KernelConfig:
 INTERPRETER_CONFIG = KernelConfig(16, 16, 1, 1, 16, 16, 1, 1, 16, 16, 1, 1)
 
 
-# ----------------------------------------------------------------------------- geometry
 
 
 @triton.jit
+def _probe():
+    pass
+
+
+# True when triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1 at import).
+INTERPRETED = type(_probe).__name__ == "InterpretedFunction"
+
+
+def _device_fn(fn):
+    """``triton.jit`` for device helpers; a plain Python function under the interpreter.
+
+    The interpreter re-patches ``triton.language`` on every call of a jitted function, which
+    costs milliseconds per call inside the kernels' inner loops; called as plain Python from
+    an interpreted kernel, the helpers compute the same thing at a fraction of the cost.
+    """
+    return fn if INTERPRETED else triton.jit(fn)
+
+
+# ----------------------------------------------------------------------------- geometry
+
+
+@_device_fn
 def _tile_tokens(
     tile, sub, offs, CT, CH, CW, NH, NW,
     TT: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, BLOCK: tl.constexpr,
@@ -85,13 +106,13 @@ def _tile_tokens(
     return tok, valid
 
 
-@triton.jit
+@_device_fn
 def _axis_window(qi, n, w):
     """First key tile of the window (``w`` clamped to [1, n]) of query tile ``qi``."""
     return tl.minimum(tl.maximum(qi - w // 2, 0), n - w)
 
 
-@triton.jit
+@_device_fn
 def _axis_queries(ki, n, w):
     """(first, count) of the contiguous query tiles whose window holds key tile ``ki``."""
     first = tl.where(ki <= w - 1, 0, ki - w + 1 + w // 2)
@@ -99,7 +120,7 @@ def _axis_queries(ki, n, w):
     return first, last - first + 1
 
 
-@triton.jit
+@_device_fn
 def _head_window(WIN, h, NT, NH, NW):
     wt = tl.minimum(tl.maximum(tl.load(WIN + h * 3 + 0), 1), NT)
     wh = tl.minimum(tl.maximum(tl.load(WIN + h * 3 + 1), 1), NH)
@@ -107,7 +128,7 @@ def _head_window(WIN, h, NT, NH, NW):
     return wt, wh, ww
 
 
-@triton.jit
+@_device_fn
 def _box_tile(j, first_t, first_h, first_w, cnt_h, cnt_w, NH, NW, SUBS: tl.constexpr):
     """Iteration ``j`` of a loop over a box of tiles, SUBS blocks each: (tile, sub)."""
     sub = j % SUBS
@@ -119,7 +140,7 @@ def _box_tile(j, first_t, first_h, first_w, cnt_h, cnt_w, NH, NW, SUBS: tl.const
     return tile, sub
 
 
-@triton.jit
+@_device_fn
 def _mm(a, b, DOT_F32: tl.constexpr):
     """a @ b with fp32 accumulation; fp32 operands where the backend lacks 16-bit dots."""
     if DOT_F32:
@@ -130,7 +151,7 @@ def _mm(a, b, DOT_F32: tl.constexpr):
 # ----------------------------------------------------------------------------- forward
 
 
-@triton.jit
+@_device_fn
 def _fwd_block(
     q, m_i, l_i, acc, K, V, k_tok, k_valid, stride_s, offs_d, scale_log2,
     MASKED: tl.constexpr, DOT_F32: tl.constexpr,
@@ -242,7 +263,7 @@ def _sta_fwd_kernel(
 # ----------------------------------------------------------------------------- backward
 
 
-@triton.jit
+@_device_fn
 def _dkdv_block(
     k, v, dk, dv, Q, DO, LSE, DELTA, q_tok, q_valid, stride_s, offs_d, scale_log2,
     MASKED: tl.constexpr, DOT_F32: tl.constexpr,
@@ -359,7 +380,7 @@ def _sta_dkdv_kernel(
         tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=in_seq[:, None])
 
 
-@triton.jit
+@_device_fn
 def _dq_block(
     q, do, lse, delta, dq, K, V, k_tok, k_valid, stride_s, offs_d, scale_log2,
     MASKED: tl.constexpr, DOT_F32: tl.constexpr,
@@ -482,7 +503,7 @@ def _sta_dq_kernel(
 
 def is_interpreter() -> bool:
     """True when triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1 at import)."""
-    return type(_sta_fwd_kernel).__name__ == "InterpretedFunction"
+    return INTERPRETED
 
 
 def check_inputs(q: torch.Tensor) -> None:

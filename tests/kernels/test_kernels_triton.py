@@ -1,0 +1,129 @@
+"""The triton backend (forward and backward) against the float64 reference.
+
+Off CUDA these run in triton's interpreter (see conftest.py), so sizes stay tiny. Errors are
+judged against the error of a low-precision reference (16-bit matmuls, fp32 softmax, as a
+16-bit kernel computes) on the same inputs: the kernel must be at most twice as far from
+the fp64 truth as that reference for the output, three times for the gradients (the kernel's
+delta = rowsum(o * do) uses the rounded 16-bit o, as flash attention's does; with a dozen keys
+per row this alone reaches ~2x, seen in the 'many_tiles' case).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from kernel_testing import lowp_attention, make_qkv, rel_err
+from sta_kernels import sliding_tile_attention
+
+GRAD_FACTOR = 3
+
+# name: (batch, canvas, tile, per-head windows, text_len, text slots, head_dim, dtype)
+CASES = {
+    "aligned": (1, (4, 4, 8), (2, 2, 4), [[1, 1, 1], [2, 1, 3]], [0], 0, 16, torch.bfloat16),
+    # partial tiles on t and w, one tile on h, tiles of 24 tokens = 1.5 blocks of 16;
+    # text absent in one batch element and full in the other
+    "partial": (2, (3, 3, 6), (2, 3, 4), [[1, 1, 1], [2, 1, 2]], [0, 5], 5, 16, torch.bfloat16),
+    # five tiles on t: interior, edge and clamped windows (odd and even widths)
+    "many_tiles": (1, (5, 1, 4), (1, 1, 4), [[3, 1, 1], [4, 1, 1]], [0], 0, 16, torch.bfloat16),
+    # text padded differently per batch element, fp16, D=32
+    "padded_text": (2, (2, 4, 4), (2, 2, 2), [[1, 2, 1]], [3, 1], 4, 32, torch.float16),
+}
+
+
+def _run(q, k, v, do, backend, **kw):
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    fn = lowp_attention if backend == "lowp" else sliding_tile_attention
+    extra = {} if backend == "lowp" else {"backend": backend}
+    o = fn(*leaves, **kw, **extra)
+    return (o, *torch.autograd.grad(o, leaves, do))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_triton_matches_reference(name, triton_device):
+    batch, canvas, tile, window, text, slots, head_dim, dtype = CASES[name]
+    window, text = torch.tensor(window), torch.tensor(text)
+    q, k, v, do = make_qkv(batch, canvas, slots, window.shape[0], head_dim, dtype, triton_device)
+    kw = dict(canvas=canvas, tile=tile, window=window, text_len=text)
+    got = _run(q, k, v, do, "triton", **kw)
+    ref = _run(q.double(), k.double(), v.double(), do.double(), "reference", **kw)
+    low = _run(q.cpu(), k.cpu(), v.cpu(), do.cpu(), "lowp", **kw)
+    for label, g, r, lo in zip(("o", "dq", "dk", "dv"), got, ref, low, strict=True):
+        assert g.dtype == dtype and g.shape == q.shape
+        assert torch.isfinite(g).all(), label
+        err, low_err = rel_err(g, r), rel_err(lo, r.cpu())
+        factor = 2 if label == "o" else GRAD_FACTOR
+        assert err <= factor * low_err + 1e-4, (
+            f"{name} {label}: {err:.2e} vs low-precision {low_err:.2e}"
+        )
+
+
+def test_triton_text_padding_is_exactly_zero(triton_device):
+    canvas, tile, slots = (2, 2, 4), (2, 2, 2), 5
+    text = torch.tensor([2, 0])
+    q, k, v, do = make_qkv(2, canvas, slots, 1, 16, torch.bfloat16, triton_device, seed=3)
+    o, dq, dk, dv = _run(q, k, v, do, "triton", canvas=canvas, tile=tile, window=(1, 1, 1),
+                         text_len=text)
+    num_video = math.prod(canvas)
+    for b, n in enumerate(text.tolist()):
+        for t in (o, dq, dk, dv):
+            assert torch.all(t[b, num_video + n:] == 0)
+        assert torch.any(o[b, :num_video + n] != 0)
+
+
+def test_triton_full_window_is_dense_attention(triton_device):
+    canvas, tile = (2, 4, 4), (1, 2, 2)
+    q, k, v, do = make_qkv(1, canvas, 0, 2, 64, torch.float16, triton_device, seed=5)
+    o, dq, dk, dv = _run(q, k, v, do, "triton", canvas=canvas, tile=tile, window=(9, 9, 9))
+    leaves = [x.double().transpose(1, 2).requires_grad_() for x in (q, k, v)]  # (B, H, S, D)
+    dense = torch.nn.functional.scaled_dot_product_attention(*leaves)
+    grads = torch.autograd.grad(dense, leaves, do.double().transpose(1, 2))
+    low = _run(q.cpu(), k.cpu(), v.cpu(), do.cpu(), "lowp", canvas=canvas, tile=tile,
+               window=torch.tensor([[9, 9, 9]] * 2), text_len=0)
+    for i, (g, r, lo) in enumerate(zip((o, dq, dk, dv), (dense, *grads), low, strict=True)):
+        r = r.transpose(1, 2)
+        assert rel_err(g, r) <= (2 if i == 0 else GRAD_FACTOR) * rel_err(lo, r.cpu()) + 1e-4
+
+
+def test_triton_under_torch_compile(triton_device):
+    canvas, tile = (2, 4, 4), (2, 2, 4)
+    q, k, v, do = make_qkv(1, canvas, 0, 2, 16, torch.bfloat16, triton_device, seed=7)
+
+    def attend(q, k, v):
+        return sliding_tile_attention(q, k, v, canvas=canvas, tile=tile, window=(1, 1, 1),
+                                      backend="triton")
+
+    eager = _run(q, k, v, do, "triton", canvas=canvas, tile=tile, window=(1, 1, 1))
+    backend = "inductor" if torch.cuda.is_available() else "aot_eager"
+    compiled_fn = torch.compile(attend, backend=backend, fullgraph=True)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    o = compiled_fn(*leaves)
+    compiled = (o, *torch.autograd.grad(o, leaves, do))
+    for a, b in zip(eager, compiled, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_triton_fake_ops_give_shapes_without_running():
+    import sta_kernels.triton_sta  # noqa: F401  (registers the ops)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q = torch.empty(2, 40, 3, 64, dtype=torch.bfloat16)
+        w, t = torch.ones(3, 3, dtype=torch.int32), torch.zeros(2, dtype=torch.int32)
+        o, lse = torch.ops.sta_kernels.sta_fwd(q, q, q, w, t, [2, 4, 5], [1, 2, 5], 0.125)
+        dq, dk, dv = torch.ops.sta_kernels.sta_bwd(o, q, q, q, o, lse, w, t, [2, 4, 5],
+                                                   [1, 2, 5], 0.125)
+    assert o.shape == q.shape and lse.shape == (2, 3, 40) and lse.dtype == torch.float32
+    assert dq.shape == dk.shape == dv.shape == q.shape
+
+
+@pytest.mark.parametrize(
+    "dtype,head_dim,match",
+    [(torch.float32, 16, "dtypes"), (torch.bfloat16, 48, "head dims")],
+)
+def test_triton_rejects_unsupported_inputs(dtype, head_dim, match, triton_device):
+    q = torch.zeros(1, 8, 1, head_dim, dtype=dtype, device=triton_device)
+    with pytest.raises(ValueError, match=match):
+        sliding_tile_attention(q, q, q, canvas=(1, 2, 4), tile=(1, 2, 4), window=(1, 1, 1),
+                               backend="triton")
