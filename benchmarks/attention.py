@@ -62,15 +62,10 @@ SHAPES = {
 
 VARIANTS = {
     "default": KernelConfig(),
-    "f128x128s3": replace(KernelConfig(), fwd_block_n=128, fwd_stages=3),
-    "b64x128s3": replace(KernelConfig(), bwd_stages=3, dq_stages=3),
-    "b32x128s3": replace(KernelConfig(), bwd_block_m=32, bwd_stages=3, dq_stages=3),
-    "b64x128s4": replace(KernelConfig(), bwd_stages=4, dq_stages=4),
-    "b64x128s3dq64w4": replace(KernelConfig(), bwd_stages=3, dq_block_m=64, dq_warps=4,
-                               dq_stages=3),
-    "b64x128s3dq128x128": replace(KernelConfig(), bwd_stages=3, dq_block_n=128, dq_stages=2),
-    "b64x64w4s3": replace(KernelConfig(), bwd_block_m=64, bwd_block_n=64, bwd_warps=4,
-                          bwd_stages=3, dq_stages=3),
+    "fwd_n64": replace(KernelConfig(), fwd_block_n=64),
+    "dkdv_s2": replace(KernelConfig(), bwd_stages=2),
+    "dkdv_m32": replace(KernelConfig(), bwd_block_m=32),
+    "dq_n64s3": replace(KernelConfig(), dq_block_n=64, dq_stages=3),
 }
 
 

@@ -89,8 +89,13 @@ def _device_fn(fn):
 def _tile_tokens(
     tile, sub, offs, CT, CH, CW, NH, NW,
     TT: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, BLOCK: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
-    """Raster token indices (int64) and validity of block ``sub`` of raster tile ``tile``."""
+    """Raster token indices and validity of block ``sub`` of raster tile ``tile``.
+
+    Indices are int64 when ``WIDE`` (offsets of S * H * D past int32), else int32, which
+    keeps the per-iteration address arithmetic in cheap 32-bit integer instructions.
+    """
     tile_t = tile // (NH * NW)
     tile_h = (tile // NW) % NH
     tile_w = tile % NW
@@ -102,7 +107,9 @@ def _tile_tokens(
     h = tile_h * TH + lh
     w = tile_w * TW + lw
     valid = (lt < TT) & (t < CT) & (h < CH) & (w < CW)
-    tok = (t.to(tl.int64) * CH + h) * CW + w
+    if WIDE:
+        t = t.to(tl.int64)
+    tok = (t * CH + h) * CW + w
     return tok, valid
 
 
@@ -185,6 +192,7 @@ def _sta_fwd_kernel(
     TT: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     Q_SUBS: tl.constexpr, K_SUBS: tl.constexpr, EVEN: tl.constexpr, DOT_F32: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -206,7 +214,7 @@ def _sta_fwd_kernel(
     if pid < num_video_blocks:
         q_tile = pid // Q_SUBS
         q_tok, q_valid = _tile_tokens(
-            q_tile, pid % Q_SUBS, offs_m, CT, CH, CW, NH, NW, TT, TH, TW, BLOCK_M
+            q_tile, pid % Q_SUBS, offs_m, CT, CH, CW, NH, NW, TT, TH, TW, BLOCK_M, WIDE,
         )
         q_off = q_tok[:, None] * stride_s + offs_d[None, :]  # (BLOCK_M, D)
         if EVEN:
@@ -220,7 +228,7 @@ def _sta_fwd_kernel(
         for j in range(0, wt * wh * ww * K_SUBS):
             k_tile, k_sub = _box_tile(j, first_t, first_h, first_w, wh, ww, NH, NW, K_SUBS)
             k_tok, k_valid = _tile_tokens(
-                k_tile, k_sub, offs_n, CT, CH, CW, NH, NW, TT, TH, TW, BLOCK_N
+                k_tile, k_sub, offs_n, CT, CH, CW, NH, NW, TT, TH, TW, BLOCK_N, WIDE,
             )
             m_i, l_i, acc = _fwd_block(
                 q, m_i, l_i, acc, K, V, k_tok, k_valid, stride_s, offs_d, scale_log2,
@@ -301,6 +309,7 @@ def _sta_dkdv_kernel(
     TT: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     Q_SUBS: tl.constexpr, K_SUBS: tl.constexpr, EVEN: tl.constexpr, DOT_F32: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -324,7 +333,7 @@ def _sta_dkdv_kernel(
     if pid < num_video_blocks:
         k_tile = pid // K_SUBS
         k_tok, k_valid = _tile_tokens(
-            k_tile, pid % K_SUBS, offs_n, CT, CH, CW, NH, NW, TT, TH, TW, BLOCK_N
+            k_tile, pid % K_SUBS, offs_n, CT, CH, CW, NH, NW, TT, TH, TW, BLOCK_N, WIDE,
         )
         kv_off = k_tok[:, None] * stride_s + offs_d[None, :]  # (BLOCK_N, D)
         if EVEN:
@@ -340,7 +349,7 @@ def _sta_dkdv_kernel(
         for j in range(0, cnt_t * cnt_h * cnt_w * Q_SUBS):
             q_tile, q_sub = _box_tile(j, first_t, first_h, first_w, cnt_h, cnt_w, NH, NW, Q_SUBS)
             q_tok, q_valid = _tile_tokens(
-                q_tile, q_sub, offs_m, CT, CH, CW, NH, NW, TT, TH, TW, BLOCK_M
+                q_tile, q_sub, offs_m, CT, CH, CW, NH, NW, TT, TH, TW, BLOCK_M, WIDE,
             )
             dk, dv = _dkdv_block(
                 k, v, dk, dv, Q, DO, LSE, DELTA, q_tok, q_valid, stride_s, offs_d, scale_log2,
@@ -413,6 +422,7 @@ def _sta_dq_kernel(
     TT: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     Q_SUBS: tl.constexpr, K_SUBS: tl.constexpr, EVEN: tl.constexpr, DOT_F32: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -435,7 +445,7 @@ def _sta_dq_kernel(
     if pid < num_video_blocks:
         q_tile = pid // Q_SUBS
         q_tok, q_valid = _tile_tokens(
-            q_tile, pid % Q_SUBS, offs_m, CT, CH, CW, NH, NW, TT, TH, TW, BLOCK_M
+            q_tile, pid % Q_SUBS, offs_m, CT, CH, CW, NH, NW, TT, TH, TW, BLOCK_M, WIDE,
         )
         q_off = q_tok[:, None] * stride_s + offs_d[None, :]
         if EVEN:
@@ -459,7 +469,7 @@ def _sta_dq_kernel(
         for j in range(0, wt * wh * ww * K_SUBS):
             k_tile, k_sub = _box_tile(j, first_t, first_h, first_w, wh, ww, NH, NW, K_SUBS)
             k_tok, k_valid = _tile_tokens(
-                k_tile, k_sub, offs_n, CT, CH, CW, NH, NW, TT, TH, TW, BLOCK_N
+                k_tile, k_sub, offs_n, CT, CH, CW, NH, NW, TT, TH, TW, BLOCK_N, WIDE,
             )
             dq = _dq_block(
                 q, do, lse, delta, dq, K, V, k_tok, k_valid, stride_s, offs_d, scale_log2,
@@ -550,6 +560,10 @@ class _Geometry:
         aligned = all(c % t == 0 for c, t in zip(self.canvas, self.tile, strict=True))
         return aligned and all(self.tile_tokens % b == 0 for b in blocks)
 
+    def wide(self, x: torch.Tensor) -> bool:
+        """Whether token offsets within one (batch, head) need 64-bit integers."""
+        return self.seq_len * x.stride(1) >= 2**31
+
     def args(self) -> tuple[int, ...]:
         return (*self.canvas, *self.n)
 
@@ -613,7 +627,7 @@ def sta_triton_forward(
         BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n,
         Q_SUBS=q_subs, K_SUBS=geo.subs(cfg.fwd_block_n),
         EVEN=geo.even(cfg.fwd_block_m, cfg.fwd_block_n),
-        DOT_F32=is_interpreter(),
+        DOT_F32=is_interpreter(), WIDE=geo.wide(q),
         num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
     ))
     return o, lse
@@ -670,7 +684,7 @@ def _launch_dq(cfg, geo, q, k, v, o, do, lse, delta, dq, windows, text_len, scal
         BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n,
         Q_SUBS=q_subs, K_SUBS=geo.subs(cfg.dq_block_n),
         EVEN=geo.even(cfg.dq_block_m, cfg.dq_block_n),
-        DOT_F32=is_interpreter(),
+        DOT_F32=is_interpreter(), WIDE=geo.wide(q),
         num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
     ))
 
@@ -688,7 +702,7 @@ def _launch_dkdv(cfg, geo, q, k, v, do, lse, delta, dk, dv, windows, text_len, s
         BLOCK_M=cfg.bwd_block_m, BLOCK_N=cfg.bwd_block_n,
         Q_SUBS=geo.subs(cfg.bwd_block_m), K_SUBS=k_subs,
         EVEN=geo.even(cfg.bwd_block_m, cfg.bwd_block_n),
-        DOT_F32=is_interpreter(),
+        DOT_F32=is_interpreter(), WIDE=geo.wide(q),
         num_warps=cfg.bwd_warps, num_stages=cfg.bwd_stages,
     ))
 
