@@ -79,11 +79,10 @@ class VideoDiT(nn.Module):
         self.num_layers: int = len(self.sta_layers())
         self._runtime = AttentionRuntime()
         self._store: ActivationStore | None = None
-        self.attention_cfg = attention_cfg
-        self.attention = STAAttention(attention_cfg.tile, attention_cfg.backend)
-        self.plan: WindowPlan = build_window_plan(attention_cfg, self.num_layers, self.num_heads)
-        self._check_backend(attention_cfg)
-        self._install_processors()
+        self.attention_cfg: AttentionConfig
+        self.attention: nn.Module  # STAAttention, or a parallel wrapper around it
+        self.plan: WindowPlan
+        self.set_attention(attention_cfg)
 
     # ----------------------------------------------------------------- structure
     def sta_layers(self) -> list[nn.Module]:
