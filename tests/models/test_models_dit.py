@@ -205,22 +205,31 @@ def test_flex_backend_matches_reference() -> None:
     torch.testing.assert_close(flex, ref, atol=1e-4, rtol=1e-4)
 
 
-def test_triton_backend_matches_reference_on_gpu() -> None:
+def test_triton_backend_matches_reference_on_gpu(flavor: str) -> None:
+    """bf16 on CUDA: the triton kernel inside the DiT agrees with the reference, forward and
+    backward (errors relative to the output / gradient norms)."""
     if not torch.cuda.is_available():
         pytest.skip("the triton backend needs a CUDA device")
     b = {k: v.cuda() for k, v in make_batch().items()}
-    outs = {}
+    outs, grads = {}, {}
     for backend in ("reference", "triton"):
         torch.manual_seed(0)
         dit = build_model(
-            ModelConfig(flavor="wan_tiny"),
-            AttentionConfig(mode="sta", window=[3, 3, 3], backend=backend),
+            ModelConfig(flavor=flavor),
+            AttentionConfig(mode="sta", window=[3, 1, 3], backend=backend),
             device="cuda",
             dtype=torch.bfloat16,
         )
-        with torch.no_grad():
-            outs[backend] = run(dit, b).float()
-    torch.testing.assert_close(outs["triton"], outs["reference"], atol=3e-2, rtol=3e-2)
+        out = run(dit, b)
+        out.float().square().mean().backward()
+        outs[backend] = out.float()
+        grads[backend] = dit.sta_layers()[0].to_q.weight.grad.float()
+
+    def rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+        return ((a - ref).norm() / ref.norm()).item()
+
+    assert rel(outs["triton"], outs["reference"]) < 2e-2
+    assert rel(grads["triton"], grads["reference"]) < 5e-2
 
 
 def test_partial_edge_tiles(flavor: str) -> None:
