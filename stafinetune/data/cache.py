@@ -97,9 +97,8 @@ def write_shard(
 
 
 def read_table(path: Path) -> pa.Table:
-    """Memory-map one shard (zero copy)."""
-    with pa.memory_map(str(path), "r") as source:
-        return pa.ipc.open_stream(source).read_all()
+    """Memory-map one shard (zero copy). The map stays open as long as the table's buffers live."""
+    return pa.ipc.open_stream(pa.memory_map(str(path), "r")).read_all()
 
 
 @dataclass
