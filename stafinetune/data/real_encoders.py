@@ -188,6 +188,8 @@ class HunyuanTextEncoder:
         self.text_dim = int(self.llama.config.hidden_size)
         self.pooled_dim = int(self.clip.config.hidden_size)
         # Tokens before the caption (BOS + system prompt + user header) are cropped away.
+        # diffusers hard-codes 95 for the official tokenizer; counting them keeps the crop right
+        # for any tokenizer (not checked against the official one here: no weights offline).
         prefix = HUNYUAN_TEMPLATE.split("{}")[0]
         self.crop_start = len(self.tokenizer(prefix, add_special_tokens=True).input_ids)
 

@@ -123,3 +123,26 @@ def test_rewriting_a_dataset_in_place_changes_its_cache(clips, tmp_path):
     assert resolve_cache_dir(cfg) == before  # stable while nothing changes
     save(["a", "b", "a much longer caption"])
     assert resolve_cache_dir(cfg) != before
+
+
+def test_buckets_end_to_end_give_single_shape_batches(clips, tmp_path):
+    # clips: 17 frames 72x96 (4:3), 21 frames 80x96 (6:5 -> 4:3), 25 frames 88x96 (~1:1)
+    lines = [
+        {"path": str(c), "caption": f"clip {i} copy {k}"}
+        for i, c in enumerate(clips)
+        for k in range(2)
+    ]
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    cfg = DataConfig(source="folder", manifest=str(tmp_path / "m.jsonl"), root=str(tmp_path / "r"),
+                     buckets=[[9, 48, 64], [21, 48, 64], [9, 64, 64]])  # fmt: skip
+    info = json.loads((prepare_data(cfg, verbose=False) / "cache.json").read_text())
+    assert info["bucket_counts"] == {"0": 2, "1": 2, "2": 2}
+    assert info["latent_shapes"] == {"0": [16, 3, 6, 8], "1": [16, 6, 6, 8], "2": [16, 3, 8, 8]}
+    loader = build_train_loader(cfg, batch_size=2, seed=0)
+    assert len(loader) == 3
+    seen = set()
+    for batch, _ in zip(loader, range(3), strict=False):
+        captions = {c.split(" copy")[0] for c in batch["caption"]}
+        assert len(captions) == 1  # both copies of one clip: one bucket per batch
+        seen.add(tuple(batch["latents"].shape[1:]))
+    assert seen == {(16, 3, 6, 8), (16, 6, 6, 8), (16, 3, 8, 8)}
