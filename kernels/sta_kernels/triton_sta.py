@@ -114,6 +114,14 @@ def _tile_tokens(
 
 
 @_device_fn
+def _widen(x, WIDE: tl.constexpr):
+    """``x`` as int64 when token offsets need 64 bits, else unchanged (int32)."""
+    if WIDE:
+        x = x.to(tl.int64)
+    return x
+
+
+@_device_fn
 def _axis_window(qi, n, w):
     """First key tile of the window (``w`` clamped to [1, n]) of query tile ``qi``."""
     return tl.minimum(tl.maximum(qi - w // 2, 0), n - w)
@@ -155,16 +163,45 @@ def _mm(a, b, DOT_F32: tl.constexpr):
     return tl.dot(a, b)
 
 
+@_device_fn
+def _frame_rows(offs, CH, CW, TH: tl.constexpr, TW: tl.constexpr):
+    """Raster offsets, relative to a block's first token, of a block of whole tile frames."""
+    return ((offs // (TH * TW)) * CH + (offs // TW) % TH) * CW + offs % TW
+
+
+@_device_fn
+def _box_start(
+    j, first_t, first_h, first_w, cnt_h, cnt_w, CH, CW,
+    TT: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, SUBS: tl.constexpr,
+    FRAMES: tl.constexpr,
+):
+    """First raster token of iteration ``j`` of a tile-box loop whose blocks are whole frames.
+
+    With full tiles and blocks of ``FRAMES`` whole (th, tw) frames, a block's tokens are its
+    first token plus loop-invariant offsets (``_frame_rows``), so the loop body needs one
+    scalar here instead of per-token index arithmetic.
+    """
+    sub = j % SUBS
+    cell = j // SUBS
+    dw = cell % cnt_w
+    dh = (cell // cnt_w) % cnt_h
+    dt = cell // (cnt_w * cnt_h)
+    t = (first_t + dt) * TT + sub * FRAMES
+    return (t * CH + (first_h + dh) * TH) * CW + (first_w + dw) * TW
+
+
 # ----------------------------------------------------------------------------- forward
 
 
 @_device_fn
 def _fwd_block(
-    q, m_i, l_i, acc, K, V, k_tok, k_valid, stride_s, offs_d, scale_log2,
+    q, m_i, l_i, acc, K, V, kv_off, k_valid, scale_log2,
     MASKED: tl.constexpr, DOT_F32: tl.constexpr,
 ):
-    """One online-softmax step of a (BLOCK_M, D) query block against a gathered key block."""
-    kv_off = k_tok[:, None] * stride_s + offs_d[None, :]  # (BLOCK_N, D)
+    """One online-softmax step of a (BLOCK_M, D) query block against a gathered key block.
+
+    ``kv_off``: (BLOCK_N, D) element offsets of the key/value rows; ``k_valid``: (BLOCK_N,).
+    """
     if MASKED:
         k = tl.load(K + kv_off, mask=k_valid[:, None], other=0.0)
         v = tl.load(V + kv_off, mask=k_valid[:, None], other=0.0)
@@ -192,7 +229,7 @@ def _sta_fwd_kernel(
     TT: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     Q_SUBS: tl.constexpr, K_SUBS: tl.constexpr, EVEN: tl.constexpr, DOT_F32: tl.constexpr,
-    WIDE: tl.constexpr,
+    WIDE: tl.constexpr, HOIST: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -225,20 +262,32 @@ def _sta_fwd_kernel(
         first_t = _axis_window(q_tile // (NH * NW), NT, wt)
         first_h = _axis_window((q_tile // NW) % NH, NH, wh)
         first_w = _axis_window(q_tile % NW, NW, ww)
+        if HOIST:
+            kv_rows = _frame_rows(offs_n, CH, CW, TH, TW)  # (BLOCK_N,)
+            kv_inv = kv_rows[:, None] * stride_s + offs_d[None, :]  # (BLOCK_N, D) loop-invariant
         for j in range(0, wt * wh * ww * K_SUBS):
-            k_tile, k_sub = _box_tile(j, first_t, first_h, first_w, wh, ww, NH, NW, K_SUBS)
-            k_tok, k_valid = _tile_tokens(
-                k_tile, k_sub, offs_n, CT, CH, CW, NH, NW, TT, TH, TW, BLOCK_N, WIDE,
-            )
+            if HOIST:
+                k_start = _box_start(
+                    j, first_t, first_h, first_w, wh, ww, CH, CW, TT, TH, TW, K_SUBS,
+                    BLOCK_N // (TH * TW),
+                )
+                kv_off = _widen(k_start, WIDE) * stride_s + kv_inv
+                k_valid = offs_n < BLOCK_N
+            else:
+                k_tile, k_sub = _box_tile(j, first_t, first_h, first_w, wh, ww, NH, NW, K_SUBS)
+                k_tok, k_valid = _tile_tokens(
+                    k_tile, k_sub, offs_n, CT, CH, CW, NH, NW, TT, TH, TW, BLOCK_N, WIDE,
+                )
+                kv_off = k_tok[:, None] * stride_s + offs_d[None, :]  # (BLOCK_N, D)
             m_i, l_i, acc = _fwd_block(
-                q, m_i, l_i, acc, K, V, k_tok, k_valid, stride_s, offs_d, scale_log2,
-                not EVEN, DOT_F32,
+                q, m_i, l_i, acc, K, V, kv_off, k_valid, scale_log2, not EVEN, DOT_F32,
             )
         for start in range(0, text_len, BLOCK_N):
             k_pos = start + offs_n
+            k_tok = _widen(num_video + k_pos, WIDE)
             m_i, l_i, acc = _fwd_block(
-                q, m_i, l_i, acc, K, V, (num_video + k_pos).to(tl.int64), k_pos < text_len,
-                stride_s, offs_d, scale_log2, True, DOT_F32,
+                q, m_i, l_i, acc, K, V, k_tok[:, None] * stride_s + offs_d[None, :],
+                k_pos < text_len, scale_log2, True, DOT_F32,
             )
         o = acc / l_i[:, None]
         if EVEN:
@@ -250,17 +299,17 @@ def _sta_fwd_kernel(
     else:
         # text queries: all video keys and the valid text keys, contiguous in memory
         q_pos = (pid - num_video_blocks) * BLOCK_M + offs_m
-        q_tok = (num_video + q_pos).to(tl.int64)
+        q_tok = _widen(num_video + q_pos, WIDE)
         in_seq = q_tok < seq_len
         q_valid = q_pos < text_len
         q_off = q_tok[:, None] * stride_s + offs_d[None, :]
         q = tl.load(Q + q_off, mask=q_valid[:, None], other=0.0)
         key_end = tl.where((pid - num_video_blocks) * BLOCK_M < text_len, num_video + text_len, 0)
         for start in range(0, key_end, BLOCK_N):
-            k_tok = start + offs_n
+            k_tok = _widen(start + offs_n, WIDE)
             m_i, l_i, acc = _fwd_block(
-                q, m_i, l_i, acc, K, V, k_tok.to(tl.int64), k_tok < key_end, stride_s, offs_d,
-                scale_log2, True, DOT_F32,
+                q, m_i, l_i, acc, K, V, k_tok[:, None] * stride_s + offs_d[None, :],
+                k_tok < key_end, scale_log2, True, DOT_F32,
             )
         o = tl.where(q_valid[:, None], acc / tl.maximum(l_i, 1e-30)[:, None], 0.0)
         lse = tl.where(q_valid, m_i + tl.math.log2(tl.maximum(l_i, 1e-30)), 0.0)
@@ -273,11 +322,13 @@ def _sta_fwd_kernel(
 
 @_device_fn
 def _dkdv_block(
-    k, v, dk, dv, Q, DO, LSE, DELTA, q_tok, q_valid, stride_s, offs_d, scale_log2,
+    k, v, dk, dv, Q, DO, LSE, DELTA, q_off, q_tok, q_valid, scale_log2,
     MASKED: tl.constexpr, DOT_F32: tl.constexpr,
 ):
-    """Accumulate a gathered query block's contribution to a key block's dk, dv (unscaled dk)."""
-    q_off = q_tok[:, None] * stride_s + offs_d[None, :]  # (BLOCK_M, D)
+    """Accumulate a gathered query block's contribution to a key block's dk, dv (unscaled dk).
+
+    ``q_off``: (BLOCK_M, D) element offsets of the q/do rows; ``q_tok``: (BLOCK_M,) tokens.
+    """
     if MASKED:
         q = tl.load(Q + q_off, mask=q_valid[:, None], other=0.0)
         do = tl.load(DO + q_off, mask=q_valid[:, None], other=0.0)
@@ -309,7 +360,7 @@ def _sta_dkdv_kernel(
     TT: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     Q_SUBS: tl.constexpr, K_SUBS: tl.constexpr, EVEN: tl.constexpr, DOT_F32: tl.constexpr,
-    WIDE: tl.constexpr,
+    WIDE: tl.constexpr, HOIST: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -346,20 +397,36 @@ def _sta_dkdv_kernel(
         first_t, cnt_t = _axis_queries(k_tile // (NH * NW), NT, wt)
         first_h, cnt_h = _axis_queries((k_tile // NW) % NH, NH, wh)
         first_w, cnt_w = _axis_queries(k_tile % NW, NW, ww)
+        if HOIST:
+            q_rows = _frame_rows(offs_m, CH, CW, TH, TW)  # (BLOCK_M,)
+            q_inv = q_rows[:, None] * stride_s + offs_d[None, :]  # (BLOCK_M, D) loop-invariant
         for j in range(0, cnt_t * cnt_h * cnt_w * Q_SUBS):
-            q_tile, q_sub = _box_tile(j, first_t, first_h, first_w, cnt_h, cnt_w, NH, NW, Q_SUBS)
-            q_tok, q_valid = _tile_tokens(
-                q_tile, q_sub, offs_m, CT, CH, CW, NH, NW, TT, TH, TW, BLOCK_M, WIDE,
-            )
+            if HOIST:
+                q_start = _widen(_box_start(
+                    j, first_t, first_h, first_w, cnt_h, cnt_w, CH, CW, TT, TH, TW, Q_SUBS,
+                    BLOCK_M // (TH * TW),
+                ), WIDE)
+                q_tok = q_start + q_rows
+                q_off = q_start * stride_s + q_inv
+                q_valid = offs_m < BLOCK_M
+            else:
+                q_tile, q_sub = _box_tile(
+                    j, first_t, first_h, first_w, cnt_h, cnt_w, NH, NW, Q_SUBS
+                )
+                q_tok, q_valid = _tile_tokens(
+                    q_tile, q_sub, offs_m, CT, CH, CW, NH, NW, TT, TH, TW, BLOCK_M, WIDE,
+                )
+                q_off = q_tok[:, None] * stride_s + offs_d[None, :]  # (BLOCK_M, D)
             dk, dv = _dkdv_block(
-                k, v, dk, dv, Q, DO, LSE, DELTA, q_tok, q_valid, stride_s, offs_d, scale_log2,
+                k, v, dk, dv, Q, DO, LSE, DELTA, q_off, q_tok, q_valid, scale_log2,
                 not EVEN, DOT_F32,
             )
         for start in range(0, text_len, BLOCK_M):
             q_pos = start + offs_m
+            q_tok = _widen(num_video + q_pos, WIDE)
             dk, dv = _dkdv_block(
-                k, v, dk, dv, Q, DO, LSE, DELTA, (num_video + q_pos).to(tl.int64),
-                q_pos < text_len, stride_s, offs_d, scale_log2, True, DOT_F32,
+                k, v, dk, dv, Q, DO, LSE, DELTA, q_tok[:, None] * stride_s + offs_d[None, :],
+                q_tok, q_pos < text_len, scale_log2, True, DOT_F32,
             )
         if EVEN:
             tl.store(DK + kv_off, (dk * scale).to(DK.dtype.element_ty))
@@ -370,7 +437,7 @@ def _sta_dkdv_kernel(
     else:
         # text keys: attended by every video query and every valid text query
         k_pos = (pid - num_video_blocks) * BLOCK_N + offs_n
-        k_tok = (num_video + k_pos).to(tl.int64)
+        k_tok = _widen(num_video + k_pos, WIDE)
         in_seq = k_tok < seq_len
         k_valid = k_pos < text_len
         kv_off = k_tok[:, None] * stride_s + offs_d[None, :]
@@ -378,10 +445,10 @@ def _sta_dkdv_kernel(
         v = tl.load(V + kv_off, mask=k_valid[:, None], other=0.0)
         query_end = tl.where((pid - num_video_blocks) * BLOCK_N < text_len, num_video + text_len, 0)
         for start in range(0, query_end, BLOCK_M):
-            q_tok = start + offs_m
+            q_tok = _widen(start + offs_m, WIDE)
             dk, dv = _dkdv_block(
-                k, v, dk, dv, Q, DO, LSE, DELTA, q_tok.to(tl.int64), q_tok < query_end,
-                stride_s, offs_d, scale_log2, True, DOT_F32,
+                k, v, dk, dv, Q, DO, LSE, DELTA, q_tok[:, None] * stride_s + offs_d[None, :],
+                q_tok, q_tok < query_end, scale_log2, True, DOT_F32,
             )
         dk = tl.where(k_valid[:, None], dk * scale, 0.0)
         dv = tl.where(k_valid[:, None], dv, 0.0)
@@ -391,11 +458,10 @@ def _sta_dkdv_kernel(
 
 @_device_fn
 def _dq_block(
-    q, do, lse, delta, dq, K, V, k_tok, k_valid, stride_s, offs_d, scale_log2,
+    q, do, lse, delta, dq, K, V, kv_off, k_valid, scale_log2,
     MASKED: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     """Accumulate a gathered key block's contribution to a query block's (unscaled) dq."""
-    kv_off = k_tok[:, None] * stride_s + offs_d[None, :]  # (BLOCK_N, D)
     if MASKED:
         k = tl.load(K + kv_off, mask=k_valid[:, None], other=0.0)
         v = tl.load(V + kv_off, mask=k_valid[:, None], other=0.0)
@@ -422,7 +488,7 @@ def _sta_dq_kernel(
     TT: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     Q_SUBS: tl.constexpr, K_SUBS: tl.constexpr, EVEN: tl.constexpr, DOT_F32: tl.constexpr,
-    WIDE: tl.constexpr,
+    WIDE: tl.constexpr, HOIST: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -466,20 +532,32 @@ def _sta_dq_kernel(
         first_t = _axis_window(q_tile // (NH * NW), NT, wt)
         first_h = _axis_window((q_tile // NW) % NH, NH, wh)
         first_w = _axis_window(q_tile % NW, NW, ww)
+        if HOIST:
+            kv_rows = _frame_rows(offs_n, CH, CW, TH, TW)  # (BLOCK_N,)
+            kv_inv = kv_rows[:, None] * stride_s + offs_d[None, :]  # (BLOCK_N, D) loop-invariant
         for j in range(0, wt * wh * ww * K_SUBS):
-            k_tile, k_sub = _box_tile(j, first_t, first_h, first_w, wh, ww, NH, NW, K_SUBS)
-            k_tok, k_valid = _tile_tokens(
-                k_tile, k_sub, offs_n, CT, CH, CW, NH, NW, TT, TH, TW, BLOCK_N, WIDE,
-            )
+            if HOIST:
+                k_start = _box_start(
+                    j, first_t, first_h, first_w, wh, ww, CH, CW, TT, TH, TW, K_SUBS,
+                    BLOCK_N // (TH * TW),
+                )
+                kv_off = _widen(k_start, WIDE) * stride_s + kv_inv
+                k_valid = offs_n < BLOCK_N
+            else:
+                k_tile, k_sub = _box_tile(j, first_t, first_h, first_w, wh, ww, NH, NW, K_SUBS)
+                k_tok, k_valid = _tile_tokens(
+                    k_tile, k_sub, offs_n, CT, CH, CW, NH, NW, TT, TH, TW, BLOCK_N, WIDE,
+                )
+                kv_off = k_tok[:, None] * stride_s + offs_d[None, :]  # (BLOCK_N, D)
             dq = _dq_block(
-                q, do, lse, delta, dq, K, V, k_tok, k_valid, stride_s, offs_d, scale_log2,
-                not EVEN, DOT_F32,
+                q, do, lse, delta, dq, K, V, kv_off, k_valid, scale_log2, not EVEN, DOT_F32,
             )
         for start in range(0, text_len, BLOCK_N):
             k_pos = start + offs_n
+            k_tok = _widen(num_video + k_pos, WIDE)
             dq = _dq_block(
-                q, do, lse, delta, dq, K, V, (num_video + k_pos).to(tl.int64), k_pos < text_len,
-                stride_s, offs_d, scale_log2, True, DOT_F32,
+                q, do, lse, delta, dq, K, V, k_tok[:, None] * stride_s + offs_d[None, :],
+                k_pos < text_len, scale_log2, True, DOT_F32,
             )
         if EVEN:
             tl.store(DQ + q_off, (dq * scale).to(DQ.dtype.element_ty))
@@ -487,7 +565,7 @@ def _sta_dq_kernel(
             tl.store(DQ + q_off, (dq * scale).to(DQ.dtype.element_ty), mask=q_valid[:, None])
     else:
         q_pos = (pid - num_video_blocks) * BLOCK_M + offs_m
-        q_tok = (num_video + q_pos).to(tl.int64)
+        q_tok = _widen(num_video + q_pos, WIDE)
         in_seq = q_tok < seq_len
         q_valid = q_pos < text_len
         q_off = q_tok[:, None] * stride_s + offs_d[None, :]
@@ -499,10 +577,10 @@ def _sta_dq_kernel(
         tl.store(DELTA + q_tok, delta, mask=in_seq)
         key_end = tl.where((pid - num_video_blocks) * BLOCK_M < text_len, num_video + text_len, 0)
         for start in range(0, key_end, BLOCK_N):
-            k_tok = start + offs_n
+            k_tok = _widen(start + offs_n, WIDE)
             dq = _dq_block(
-                q, do, lse, delta, dq, K, V, k_tok.to(tl.int64), k_tok < key_end, stride_s,
-                offs_d, scale_log2, True, DOT_F32,
+                q, do, lse, delta, dq, K, V, k_tok[:, None] * stride_s + offs_d[None, :],
+                k_tok < key_end, scale_log2, True, DOT_F32,
             )
         dq = tl.where(q_valid[:, None], dq * scale, 0.0)
         tl.store(DQ + q_off, dq.to(DQ.dtype.element_ty), mask=in_seq[:, None])
@@ -559,6 +637,10 @@ class _Geometry:
         """No partial tile on any axis and every block full: masks can be compiled out."""
         aligned = all(c % t == 0 for c, t in zip(self.canvas, self.tile, strict=True))
         return aligned and all(self.tile_tokens % b == 0 for b in blocks)
+
+    def hoist(self, inner: int, *blocks: int) -> bool:
+        """Masks compiled out and the inner-loop block made of whole tile frames."""
+        return self.even(*blocks) and inner % (self.tile[1] * self.tile[2]) == 0
 
     def wide(self, x: torch.Tensor) -> bool:
         """Whether token offsets within one (batch, head) need 64-bit integers."""
@@ -628,6 +710,7 @@ def sta_triton_forward(
         Q_SUBS=q_subs, K_SUBS=geo.subs(cfg.fwd_block_n),
         EVEN=geo.even(cfg.fwd_block_m, cfg.fwd_block_n),
         DOT_F32=is_interpreter(), WIDE=geo.wide(q),
+        HOIST=geo.hoist(cfg.fwd_block_n, cfg.fwd_block_m, cfg.fwd_block_n),
         num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
     ))
     return o, lse
@@ -685,6 +768,7 @@ def _launch_dq(cfg, geo, q, k, v, o, do, lse, delta, dq, windows, text_len, scal
         Q_SUBS=q_subs, K_SUBS=geo.subs(cfg.dq_block_n),
         EVEN=geo.even(cfg.dq_block_m, cfg.dq_block_n),
         DOT_F32=is_interpreter(), WIDE=geo.wide(q),
+        HOIST=geo.hoist(cfg.dq_block_n, cfg.dq_block_m, cfg.dq_block_n),
         num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
     ))
 
@@ -703,6 +787,7 @@ def _launch_dkdv(cfg, geo, q, k, v, do, lse, delta, dk, dv, windows, text_len, s
         Q_SUBS=geo.subs(cfg.bwd_block_m), K_SUBS=k_subs,
         EVEN=geo.even(cfg.bwd_block_m, cfg.bwd_block_n),
         DOT_F32=is_interpreter(), WIDE=geo.wide(q),
+        HOIST=geo.hoist(cfg.bwd_block_m, cfg.bwd_block_m, cfg.bwd_block_n),
         num_warps=cfg.bwd_warps, num_stages=cfg.bwd_stages,
     ))
 
