@@ -24,8 +24,9 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-from sta_kernels import sliding_tile_attention
 from torch import nn
+
+from sta_kernels import sliding_tile_attention
 
 Canvas = tuple[int, int, int]
 

@@ -7,8 +7,8 @@ import copy
 import pytest
 import torch
 from dit_testing import build, make_batch, original, run, run_original
-from sta_kernels import density
 
+from sta_kernels import density
 from stafinetune.models import AttentionConfig, ModelConfig, build_model
 from stafinetune.models.attention import resolve_backend
 
