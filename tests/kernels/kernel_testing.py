@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+
 from sta_kernels import sta_dense_mask
 from sta_kernels.reference import text_lengths
 

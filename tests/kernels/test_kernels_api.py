@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from sta_kernels import sliding_tile_attention
 
 

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from kernel_testing import make_qkv, rel_err
+
 from sta_kernels import query_tile_range, sliding_tile_attention, sta_dense_mask, tile_mask
 from sta_kernels.flex import build_sta_block_mask, build_sta_mask_mod, tile_order
 

@@ -15,6 +15,7 @@ import math
 import pytest
 import torch
 from kernel_testing import lowp_attention, make_qkv, rel_err
+
 from sta_kernels import sliding_tile_attention
 
 GRAD_FACTOR = 3
@@ -105,8 +106,9 @@ def test_triton_under_torch_compile(triton_device):
 
 
 def test_triton_fake_ops_give_shapes_without_running():
-    import sta_kernels.triton_sta  # noqa: F401  (registers the ops)
     from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import sta_kernels.triton_sta  # noqa: F401  (registers the ops)
 
     with FakeTensorMode():
         q = torch.empty(2, 40, 3, 64, dtype=torch.bfloat16)
