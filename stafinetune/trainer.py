@@ -33,6 +33,7 @@ from .flow_matching import add_noise, sample_sigmas, velocity_target
 from .losses import distillation_losses
 from .models import MaskStrategy, build_model
 from .optim import EMA, build_optimizer, build_scheduler, select_trainable
+from .profiling import AttentionTimer
 from .tracking import build_tracker
 
 log = logging.getLogger(__name__)
@@ -304,6 +305,10 @@ class Trainer:
             metrics.update(validator(self.student, self.step))
         return metrics
 
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     # ------------------------------------------------------------------ checkpoints
     def _rank_state(self) -> dict[str, Any]:
         return {
@@ -423,6 +428,10 @@ class Trainer:
             metrics = self.validate()
             result.val_history.append({"step": 0, **metrics})
             tracker.log(metrics, step=0)
+        attn_modules = [self.student.attention] + (
+            [self.teacher.attention] if self.teacher is not None else []
+        )
+        attn_timer = AttentionTimer(attn_modules, self.device)
         bar = tqdm(
             total=stop,
             initial=self.step,
@@ -437,6 +446,12 @@ class Trainer:
         try:
             while self.step < stop:
                 good_state = self._rank_state()  # the state a NaN would roll back to
+                # time attention on the steps that get logged only: the others pay nothing
+                timed = (self.step + 1) % tcfg.log_every == 0 or self.step + 1 == stop
+                if timed:
+                    self._sync()
+                    step_start = time.perf_counter()
+                    attn_timer.start()
                 self.optimizer.zero_grad(set_to_none=True)
                 sums: dict[str, float] = {}
                 for micro in range(tcfg.grad_accum):
@@ -480,6 +495,9 @@ class Trainer:
                 if self.ema is not None:
                     self.ema.update(self.student)
                 self.step += 1
+                if timed:
+                    attn_seconds = attn_timer.stop()  # synchronises CUDA
+                    step_seconds = time.perf_counter() - step_start
                 loss_mean = float(all_reduce_mean(torch.tensor(sums["total"])))
                 result.losses.append(loss_mean)
                 bar.update(1)
@@ -492,6 +510,8 @@ class Trainer:
                     }
                     metrics.update(
                         {
+                            "perf/attn_time_share": attn_seconds / max(step_seconds, 1e-9),
+                            "perf/step_s": step_seconds,
                             "lr": self.scheduler.get_last_lr()[0],
                             "grad_norm": grad_norm,
                             "perf/samples_per_s": rate,
@@ -521,6 +541,7 @@ class Trainer:
                 if tcfg.export:
                     result.export_dir = self.export()
         finally:
+            attn_timer.stop()
             bar.close()
             tracker.finish()
         result.step = self.step

@@ -58,6 +58,9 @@ def test_training_reduces_loss_and_writes_everything(data_root: Path, tmp_path: 
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in rows if "loss/total" in r]
     assert steps == list(range(1, 41))
+    shares = [r["perf/attn_time_share"] for r in rows if "perf/attn_time_share" in r]
+    assert len(shares) == 40 and all(0 < s < 1 for s in shares)
+    assert all(r["perf/tokens_per_s"] > 0 and r["grad_norm"] > 0 for r in rows if "loss/total" in r)
     wandb_files = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(wandb_files) == 1 and b"loss/total" in wandb_files[0].read_bytes()
     # the export is a plain diffusers folder that loads back into the same weights
@@ -100,7 +103,7 @@ def test_resume_is_exact(data_root: Path, tmp_path: Path):
 
 def test_distillation_narrows_student_teacher_gap(data_root: Path, tmp_path: Path):
     # the default: STA student distilled from the shipped dense teacher
-    job = _job(data_root, "train.steps=40", "train.lr=1e-3", "train.export=false")
+    job = _job(data_root, "train.steps=40", "train.lr=1e-4", "train.warmup_steps=5", "train.export=false")
     trainer = Trainer(job, tmp_path)
     assert trainer.teacher is not None and not any(
         p.requires_grad for p in trainer.teacher.parameters()
@@ -108,19 +111,17 @@ def test_distillation_narrows_student_teacher_gap(data_root: Path, tmp_path: Pat
     result = trainer.fit()
     start, end = result.val_history[0], result.val_history[-1]
     assert start["val/student_teacher_mse"] > 0  # the STA window really changes the output
-    assert end["val/student_teacher_mse"] < 0.7 * start["val/student_teacher_mse"]
+    assert end["val/student_teacher_mse"] < 0.85 * start["val/student_teacher_mse"]
     assert end["val/attn_mse"] < start["val/attn_mse"]
 
 
 def test_nonfinite_loss_stops_with_last_good_checkpoint(data_root: Path, tmp_path: Path):
     trainer = Trainer(_job(data_root, "train.steps=5", "train.export=false"), tmp_path)
     real_losses = trainer._losses
-    calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
         terms = real_losses(*args, **kwargs)
-        calls["n"] += 1
-        if calls["n"] == 3:  # the third training step
+        if trainer.step == 2 and trainer.student.training:  # the third training step
             terms["total"] = terms["total"] * float("nan")
         return terms
 
@@ -149,7 +150,7 @@ def _cli(tmp_path: Path, data_root: Path, *extra: str) -> list[str]:
 
 
 def test_cli_run_prints_where_everything_went(data_root: Path, tmp_path: Path):
-    env = {**os.environ, "WANDB_API_KEY": "", "WANDB_MODE": ""}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     proc = subprocess.run(
         [sys.executable, "-m", *_cli(tmp_path, data_root, "logging.mode=offline")],
         capture_output=True, text=True, timeout=300, env=env,
