@@ -25,6 +25,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from sta_kernels import density
+
 from . import checkpoint as ckpt
 from .config import JobConfig, resolved_dict
 from .data import build_train_loader, prepare_data
@@ -135,16 +137,47 @@ class Trainer:
         self.validators.append(self._gap_validator)
         self._data_iter: Iterator[dict[str, Any]] | None = None
         self._resume()
+        if self.dist.is_main:
+            print(self.describe(), flush=True)
+
+    def describe(self) -> str:
+        """One paragraph on what this run trains: models, attention, data and where it resumes."""
+        total = sum(p.numel() for p in self.student.parameters())
+        trainable = sum(p.numel() for p in self.student.parameters() if p.requires_grad)
+        canvas = self.student.canvas_for(tuple(self._val_batches[0]["latents"].shape))
+        att = self.job.attention
+        if att.mode == "sta" and self.student.plan.train is not None:
+            dens = density(canvas, att.tile, self.student.plan.train.reshape(-1, 3)).mean()
+            attention = f"STA tile {att.tile}, mean video density {float(dens):.1%}"
+        else:
+            attention = "dense"
+        teacher = "none"
+        if self.teacher is not None:
+            t_param = next(self.teacher.parameters())
+            teacher = f"dense, {t_param.dtype}, on {t_param.device}"
+        return "\n".join(
+            [
+                f"student  {self.job.model.flavor}: {total / 1e6:.2f}M parameters, "
+                f"{trainable / 1e6:.2f}M trainable ({self.job.train.trainable}); {attention}; "
+                f"token canvas {canvas}",
+                f"teacher  {teacher}",
+                f"data     {self.cache_dir} ({len(self.loader)} batches of "
+                f"{self.job.train.batch_size} per epoch per rank, {self.dist.world_size} rank(s))",
+                f"device   {self.device}, bf16 autocast {'on' if self.use_bf16 else 'off'}; "
+                f"{'resuming at step ' + str(self.step) if self.step else 'starting at step 0'} "
+                f"of {self.job.train.steps}",
+            ]
+        )
 
     # ------------------------------------------------------------------ building blocks
     def _prepare_data(self) -> Path:
-        # rank 0 writes the cache; the others wait and then read it
-        if self.dist.is_main:
-            path = prepare_data(self.job.data, rank=0, world_size=1)
-        barrier()
-        if not self.dist.is_main:
-            path = prepare_data(self.job.data, rank=0, world_size=1)
-        return path
+        # every rank encodes its share of the missing cache shards; all return once it is whole
+        return prepare_data(
+            self.job.data,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            verbose=self.dist.is_main,
+        )
 
     def _build_teacher(self) -> nn.Module:
         dcfg = self.job.distill
