@@ -29,6 +29,8 @@ from functools import partial
 
 import torch
 import triton
+from triton.testing import do_bench
+
 from sta_kernels import density, sliding_tile_attention
 from sta_kernels.flex import _flex_fn, build_sta_block_mask, tile_order
 from sta_kernels.reference import sta_dense_mask
@@ -38,7 +40,6 @@ from sta_kernels.triton_sta import (
     sta_triton_backward,
     sta_triton_forward,
 )
-from triton.testing import do_bench
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,11 @@ VARIANTS = {
     "fwd_n64": replace(KernelConfig(), fwd_block_n=64),
     "dkdv_s2": replace(KernelConfig(), bwd_stages=2),
     "dkdv_m32": replace(KernelConfig(), bwd_block_m=32),
-    "dq_n64s3": replace(KernelConfig(), dq_block_n=64, dq_stages=3),
+    "dkdv_w16": replace(KernelConfig(), bwd_warps=16),
+    "dkdv_n64w4": replace(KernelConfig(), bwd_block_n=64, bwd_warps=4),
+    "dkdv_n64m128": replace(KernelConfig(), bwd_block_n=64, bwd_block_m=128),
+    "dkdv_n64w4s2": replace(KernelConfig(), bwd_block_n=64, bwd_warps=4, bwd_stages=2),
+    "dq_w16": replace(KernelConfig(), dq_warps=16),
 }
 
 
