@@ -13,6 +13,7 @@ import argparse
 import math
 
 import torch
+
 from sta_kernels import sliding_tile_attention
 from sta_kernels.triton_sta import kernel_resources
 

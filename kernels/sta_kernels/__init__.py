@@ -7,7 +7,7 @@ attends only the key tiles of a 3D window around it. This package depends only o
 (and triton for the fast path) so it can be used without the stafinetune framework.
 """
 
-from .api import BACKENDS, sliding_tile_attention
+from .api import BACKENDS, resolve_backend, sliding_tile_attention
 from .geometry import (
     density,
     num_tiles,
@@ -24,6 +24,7 @@ __all__ = [
     "density",
     "num_tiles",
     "query_tile_range",
+    "resolve_backend",
     "sliding_tile_attention",
     "sta_dense_mask",
     "tile_mask",

@@ -10,6 +10,24 @@ from .geometry import as_triple, normalize_window
 from .reference import sta_reference, text_lengths
 
 BACKENDS = ("auto", "triton", "flex", "reference")
+# What the triton kernels support; kept here so dispatch needs no triton import.
+TRITON_DTYPES = (torch.bfloat16, torch.float16)
+TRITON_HEAD_DIMS = (16, 32, 64, 128)
+
+
+def resolve_backend(q: torch.Tensor, backend: str = "auto") -> str:
+    """The backend ``sliding_tile_attention`` runs for ``q`` (``auto`` resolved).
+
+    ``auto``: triton for CUDA bf16/fp16 inputs with a supported head dim, flex for other
+    CUDA float16/32 inputs, the dense reference for everything else (CPU, float64).
+    """
+    if backend != "auto":
+        return backend
+    if not q.is_cuda:
+        return "reference"
+    if q.dtype in TRITON_DTYPES and q.shape[-1] in TRITON_HEAD_DIMS:
+        return "triton"
+    return "flex" if q.dtype in (*TRITON_DTYPES, torch.float32) else "reference"
 
 
 def sliding_tile_attention(
@@ -35,7 +53,8 @@ def sliding_tile_attention(
             A window wider than an axis covers the whole axis.
         text_len: valid text tokens, an int or a (B,) tensor; 0 for video-only models.
         scale: softmax scale, default D ** -0.5.
-        backend: "auto" (triton on CUDA, reference elsewhere), "triton", "flex" or "reference".
+        backend: "auto" (see ``resolve_backend``: triton on CUDA for bf16/fp16, reference
+            off CUDA), "triton", "flex" or "reference".
     Returns:
         o: (B, S, H, D) in q's dtype; rows of padding text queries are 0.
     """
@@ -64,8 +83,7 @@ def sliding_tile_attention(
             "pass text_len for joint attention"
         )
     scale = head_dim**-0.5 if scale is None else float(scale)
-    if backend == "auto":
-        backend = "triton" if q.is_cuda else "reference"
+    backend = resolve_backend(q, backend)
     if backend == "reference":
         return sta_reference(q, k, v, canvas, tile, windows, lengths, scale)
     if backend == "flex":

@@ -28,11 +28,12 @@ import torch
 import triton
 import triton.language as tl
 
+from .api import TRITON_DTYPES, TRITON_HEAD_DIMS
 from .geometry import num_tiles
 
 LOG2E = 1.4426950408889634
-SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
-SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+SUPPORTED_DTYPES = TRITON_DTYPES
+SUPPORTED_HEAD_DIMS = TRITON_HEAD_DIMS
 # A finite "minus infinity": exp2 of it underflows to 0 and never yields inf - inf = NaN.
 NEG_BIG = tl.constexpr(-1.0e30)
 

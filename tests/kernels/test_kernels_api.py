@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sta_kernels import sliding_tile_attention
+from sta_kernels import resolve_backend, sliding_tile_attention
 
 
 def _q(seq=32, heads=2, dim=16, batch=1, dtype=torch.float32):
@@ -52,6 +52,12 @@ def test_text_len_must_fit_the_text_slots():
     with pytest.raises(ValueError, match=r"\(B,\) = \(2,\)"):
         sliding_tile_attention(q, q, q, window=(1, 1, 1), text_len=torch.tensor([1, 1, 1]),
                                **GEOMETRY)
+
+
+def test_resolve_backend_off_cuda_and_explicit_choices():
+    for dtype in (torch.bfloat16, torch.float32, torch.float64):
+        assert resolve_backend(_q(dtype=dtype)) == "reference"
+    assert resolve_backend(_q(), "flex") == "flex"
 
 
 def test_auto_uses_the_reference_off_cuda():
