@@ -859,6 +859,30 @@ class _STAFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None
 
 
+_DEVICE_TABLES: dict[tuple, torch.Tensor] = {}
+_MAX_DEVICE_TABLES = 256
+
+
+def device_table(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``x`` (a small CPU int tensor: windows, text lengths) as int32 on ``device``, cached.
+
+    Every attention call of every layer needs these tables on the GPU; a fresh copy from
+    pageable host memory each time makes the host wait on the device. Cached by value, the
+    (synchronous, so safe on any stream) copy happens once per distinct table. Under
+    torch.compile the plain ``.to`` is traced instead.
+    """
+    if torch.compiler.is_compiling():
+        return x.to(device=device, dtype=torch.int32)
+    key = (str(device), tuple(x.shape), tuple(x.flatten().tolist()))
+    table = _DEVICE_TABLES.get(key)
+    if table is None:
+        if len(_DEVICE_TABLES) >= _MAX_DEVICE_TABLES:
+            _DEVICE_TABLES.clear()
+        table = x.detach().to(device=device, dtype=torch.int32).contiguous()
+        _DEVICE_TABLES[key] = table
+    return table
+
+
 def sta_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -881,8 +905,8 @@ def sta_triton(
     """
     check_inputs(q)
     q, k, v = (x.contiguous() for x in (q, k, v))
-    windows = window.to(device=q.device, dtype=torch.int32)
-    lengths = text_len.to(device=q.device, dtype=torch.int32)
+    windows = device_table(window, q.device)  # (H, 3) int32
+    lengths = device_table(text_len, q.device)  # (B,) int32
     return _STAFunction.apply(
         q, k, v, windows, lengths, [int(c) for c in canvas], [int(t) for t in tile], float(scale)
     )

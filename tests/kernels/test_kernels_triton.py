@@ -120,6 +120,16 @@ def test_triton_fake_ops_give_shapes_without_running():
     assert dq.shape == dk.shape == dv.shape == q.shape
 
 
+def test_device_tables_are_cached_by_value(triton_device):
+    from sta_kernels.triton_sta import device_table
+
+    first = device_table(torch.tensor([[3, 3, 3], [1, 2, 5]]), triton_device)
+    again = device_table(torch.tensor([[3, 3, 3], [1, 2, 5]]), triton_device)
+    other = device_table(torch.tensor([[3, 3, 3], [1, 2, 6]]), triton_device)
+    assert again is first and other is not first
+    assert first.dtype == torch.int32 and first.tolist() == [[3, 3, 3], [1, 2, 5]]
+
+
 @pytest.mark.parametrize(
     "dtype,head_dim,match",
     [(torch.float32, 16, "dtypes"), (torch.bfloat16, 48, "head dims")],
