@@ -31,14 +31,18 @@ from sta_kernels import sliding_tile_attention
 Canvas = tuple[int, int, int]
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The STA backend actually used on ``device``: ``auto`` is triton on CUDA, reference elsewhere."""
-    if backend != "auto":
-        return backend
-    return "triton" if device.type == "cuda" else "reference"
+def common_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The lowest-precision floating dtype among ``tensors``.
+
+    Under autocast, q and k can leave an RMSNorm in float32 while v stays bf16 (HunyuanVideo);
+    the attention then runs in the autocast precision, as SDPA would.
+    """
+    return min((t.dtype for t in tensors), key=lambda d: torch.finfo(d).bits)
 
 
-def text_key_mask(seq: int, num_video: int, text_len: torch.Tensor, device: torch.device) -> torch.Tensor:
+def text_key_mask(
+    seq: int, num_video: int, text_len: torch.Tensor, device: torch.device
+) -> torch.Tensor:
     """(B, S) bool: True for video tokens and the first ``text_len[b]`` text tokens."""
     pos = torch.arange(seq, device=device)
     return pos[None, :] < (num_video + text_len.to(device))[:, None]
@@ -49,7 +53,9 @@ class STAAttention(nn.Module):
 
     Args:
         tile: (tt, th, tw) STA tile in latent tokens.
-        backend: ``auto`` | ``triton`` | ``flex`` | ``reference`` (see ``resolve_backend``).
+        backend: ``auto`` | ``triton`` | ``flex`` | ``reference``; ``auto`` is resolved per call by
+            ``sta_kernels.resolve_backend`` (triton for CUDA bf16/fp16, else flex on CUDA,
+            the reference on CPU).
     """
 
     def __init__(self, tile: Sequence[int], backend: str = "auto") -> None:
@@ -81,15 +87,16 @@ class STAAttention(nn.Module):
             o: (B, S, H, D) in q's dtype; rows of padding text queries are 0 (both modes).
         """
         if window is not None:
+            dtype = common_dtype(q, k, v)
             return sliding_tile_attention(
-                q,
-                k,
-                v,
+                q.to(dtype),
+                k.to(dtype),
+                v.to(dtype),
                 canvas=canvas,
                 tile=self.tile,
                 window=window,
                 text_len=text_len,
-                backend=resolve_backend(self.backend, q.device),
+                backend=self.backend,
             )
         batch, seq, _, _ = q.shape
         num_video = canvas[0] * canvas[1] * canvas[2]
@@ -278,7 +285,9 @@ class HunyuanSTAProcessor(RuntimeProcessor):
         num_text = encoder_hidden_states.shape[1]
         dual = attn.add_q_proj is not None
         x = hidden_states if dual else torch.cat([hidden_states, encoder_hidden_states], dim=1)
-        q, k, v = (proj(x).unflatten(2, (attn.heads, -1)) for proj in (attn.to_q, attn.to_k, attn.to_v))
+        q, k, v = (
+            proj(x).unflatten(2, (attn.heads, -1)) for proj in (attn.to_q, attn.to_k, attn.to_v)
+        )
         if attn.norm_q is not None:
             q = attn.norm_q(q)
         if attn.norm_k is not None:
@@ -288,8 +297,12 @@ class HunyuanSTAProcessor(RuntimeProcessor):
             if dual:
                 q, k = apply_interleaved_rope(q, cos, sin), apply_interleaved_rope(k, cos, sin)
             else:  # RoPE on the video part only
-                q = torch.cat([apply_interleaved_rope(q[:, :-num_text], cos, sin), q[:, -num_text:]], dim=1)
-                k = torch.cat([apply_interleaved_rope(k[:, :-num_text], cos, sin), k[:, -num_text:]], dim=1)
+                q = torch.cat(
+                    [apply_interleaved_rope(q[:, :-num_text], cos, sin), q[:, -num_text:]], dim=1
+                )
+                k = torch.cat(
+                    [apply_interleaved_rope(k[:, :-num_text], cos, sin), k[:, -num_text:]], dim=1
+                )
         if dual:
             eq, ek, ev = (
                 proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
@@ -299,7 +312,11 @@ class HunyuanSTAProcessor(RuntimeProcessor):
                 eq = attn.norm_added_q(eq)
             if attn.norm_added_k is not None:
                 ek = attn.norm_added_k(ek)
-            q, k, v = torch.cat([q, eq], dim=1), torch.cat([k, ek], dim=1), torch.cat([v, ev], dim=1)
+            q, k, v = (
+                torch.cat([q, eq], dim=1),
+                torch.cat([k, ek], dim=1),
+                torch.cat([v, ev], dim=1),
+            )
         o = self.runtime.attend(self.layer, q, k, v)  # (B, Sv + L, H, D)
         o = o.flatten(2, 3).to(q.dtype)
         video, text = o[:, :-num_text], o[:, -num_text:]
