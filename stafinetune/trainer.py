@@ -34,6 +34,7 @@ from .distributed import DistInfo, all_reduce_mean, barrier, init_distributed
 from .flow_matching import add_noise, sample_sigmas, velocity_target
 from .losses import distillation_losses
 from .models import MaskStrategy, build_model
+from .models.dit import cast_like_diffusers
 from .optim import EMA, build_optimizer, build_scheduler, select_trainable
 from .profiling import AttentionTimer
 from .tracking import build_tracker
@@ -197,7 +198,7 @@ class Trainer:
             # no pretrained weights anywhere: the teacher is the student's initial weights
             teacher = build_model(model_cfg, dense, device=device, dtype=torch.float32)
             teacher.load_state_dict(self.student.state_dict())
-            teacher.to(dtype)
+            cast_like_diffusers(teacher.transformer, dtype)  # keeps diffusers' fp32 modules
         else:
             teacher = build_model(model_cfg, dense, device=device, dtype=dtype)
         teacher.requires_grad_(False)

@@ -177,3 +177,11 @@ def test_torchrun_ranks_keep_separate_outputs(data_root: Path, tmp_path: Path):
         assert (run / f"train_rank{rank}.log").is_file()
         assert (run / "checkpoints" / "step_00000004" / f"rank_{rank:05d}.pt").is_file()
     assert proc.stdout.count("run directory") == 1  # only rank 0 reports
+
+
+def test_teacher_without_pretrained_weights_copies_the_student(data_root: Path, tmp_path: Path):
+    trainer = Trainer(_job(data_root, "model=wan_tiny", "train.steps=1", "train.export=false"), tmp_path)
+    student = trainer.student.state_dict()
+    for name, value in trainer.teacher.state_dict().items():
+        assert torch.equal(value, student[name]), name
+    assert trainer.teacher.attention_cfg.mode == "full" and trainer.student.attention_cfg.mode == "sta"
