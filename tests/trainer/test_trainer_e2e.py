@@ -185,3 +185,13 @@ def test_teacher_without_pretrained_weights_copies_the_student(data_root: Path, 
     for name, value in trainer.teacher.state_dict().items():
         assert torch.equal(value, student[name]), name
     assert trainer.teacher.attention_cfg.mode == "full" and trainer.student.attention_cfg.mode == "sta"
+
+
+def test_attention_only_finetune_leaves_other_weights_untouched(data_root: Path, tmp_path: Path):
+    trainer = Trainer(_job(data_root, "train.trainable=attention", "train.steps=2", "train.export=false"), tmp_path)
+    before = {k: v.clone() for k, v in trainer.student.state_dict().items()}
+    trainer.fit()
+    after = trainer.student.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(".attn1." in k or ".attn2." in k for k in changed), sorted(changed)[:5]
+    assert any(".ffn." in k for k in before) and not any(".ffn." in k for k in changed)
