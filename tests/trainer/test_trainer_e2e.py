@@ -103,7 +103,9 @@ def test_resume_is_exact(data_root: Path, tmp_path: Path):
 
 def test_distillation_narrows_student_teacher_gap(data_root: Path, tmp_path: Path):
     # the default: STA student distilled from the shipped dense teacher
-    job = _job(data_root, "train.steps=40", "train.lr=1e-4", "train.warmup_steps=5", "train.export=false")
+    job = _job(
+        data_root, "train.steps=40", "train.lr=1e-4", "train.warmup_steps=5", "train.export=false"
+    )
     trainer = Trainer(job, tmp_path)
     assert trainer.teacher is not None and not any(
         p.requires_grad for p in trainer.teacher.parameters()
@@ -180,15 +182,22 @@ def test_torchrun_ranks_keep_separate_outputs(data_root: Path, tmp_path: Path):
 
 
 def test_teacher_without_pretrained_weights_copies_the_student(data_root: Path, tmp_path: Path):
-    trainer = Trainer(_job(data_root, "model=wan_tiny", "train.steps=1", "train.export=false"), tmp_path)
+    trainer = Trainer(
+        _job(data_root, "model=wan_tiny", "train.steps=1", "train.export=false"), tmp_path
+    )
     student = trainer.student.state_dict()
     for name, value in trainer.teacher.state_dict().items():
         assert torch.equal(value, student[name]), name
-    assert trainer.teacher.attention_cfg.mode == "full" and trainer.student.attention_cfg.mode == "sta"
+    assert (
+        trainer.teacher.attention_cfg.mode == "full" and trainer.student.attention_cfg.mode == "sta"
+    )
 
 
 def test_attention_only_finetune_leaves_other_weights_untouched(data_root: Path, tmp_path: Path):
-    trainer = Trainer(_job(data_root, "train.trainable=attention", "train.steps=2", "train.export=false"), tmp_path)
+    trainer = Trainer(
+        _job(data_root, "train.trainable=attention", "train.steps=2", "train.export=false"),
+        tmp_path,
+    )
     before = {k: v.clone() for k, v in trainer.student.state_dict().items()}
     trainer.fit()
     after = trainer.student.state_dict()
