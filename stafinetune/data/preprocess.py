@@ -77,6 +77,12 @@ def cache_fingerprint(cfg: DataConfig) -> str:
             if f.suffix in (".arrow", ".parquet", ".json") and ".hf_cache" not in f.parts
         )
     content["format"] = [CACHE_FORMAT, CACHE_VERSION]
+    # the tiny encoders are code, not files: their version string keys the cache too, so a
+    # change to them (e.g. the v2 per-channel normalisation) never reuses old latents
+    if cfg.video_encoder == "tiny":
+        content["video_encoder_version"] = build_video_encoder(cfg).fingerprint()
+    if cfg.text_encoder == "tiny":
+        content["text_encoder_version"] = build_text_encoder(cfg).fingerprint()
     if cfg.source == "synthetic":
         content["synthetic_dir"] = synthetic_dir(cfg).name  # carries the generator version
     blob = json.dumps(content, sort_keys=True, default=str).encode()

@@ -170,3 +170,14 @@ def test_latent_statistics_are_sane(prepared):
     assert z[:, 0].abs().mean() > z[:, 1:].abs().mean()
     assert (z[:, 1:].abs().amax(dim=(0, 2, 3, 4)) > 1e-3).all()
     assert np.isclose(float(cache.info["shard_rows"][0]), 5.0)
+
+
+def test_cache_key_follows_the_tiny_encoders_version(monkeypatch):
+    from stafinetune.data import encoders
+    from stafinetune.data.config import DataConfig
+    from stafinetune.data.preprocess import cache_fingerprint
+
+    cfg = DataConfig()
+    before = cache_fingerprint(cfg)
+    monkeypatch.setattr(encoders.TinyVideoEncoder, "fingerprint", lambda self: "tiny-dct-v999")
+    assert cache_fingerprint(cfg) != before
