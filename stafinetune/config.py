@@ -52,6 +52,9 @@ class TrainConfig:
     resume: str = "auto"  # auto (latest in this run dir) | never | <checkpoint or run dir>
     val_every: int = 0  # 0 disables the periodic validation hook
     export: bool = True  # write the final student in diffusers format
+    sample_steps: int = 20  # Euler steps of the validation videos; 0: no videos
+    num_samples: int = 2  # validation videos (student | teacher side by side)
+    sample_shift: float = 1.0  # timestep shift of the sampling schedule
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1, f"train.steps must be >= 1, got {self.steps}")
@@ -89,6 +92,11 @@ class TrainConfig:
         _check(self.ckpt_every >= 0, f"train.ckpt_every must be >= 0, got {self.ckpt_every}")
         _check(self.keep_last >= 1, f"train.keep_last must be >= 1, got {self.keep_last}")
         _check(self.val_every >= 0, f"train.val_every must be >= 0, got {self.val_every}")
+        _check(self.sample_steps >= 0, f"train.sample_steps must be >= 0, got {self.sample_steps}")
+        _check(self.num_samples >= 1, f"train.num_samples must be >= 1, got {self.num_samples}")
+        _check(
+            self.sample_shift >= 1.0, f"train.sample_shift must be >= 1, got {self.sample_shift}"
+        )
 
 
 @dataclass

@@ -26,7 +26,7 @@ class NullTracker:
     def log(self, metrics: dict[str, Any], step: int) -> None:
         """Drop the metrics."""
 
-    def log_video(self, key: str, video: Any, step: int, fps: int = 8, caption: str = "") -> None:
+    def log_video(self, key: str, path: Path, step: int, caption: str = "") -> None:
         """Drop the video."""
 
     def summary(self, values: dict[str, Any]) -> None:
@@ -83,11 +83,9 @@ class WandbTracker:
         """Log scalar metrics at a step."""
         self.run.log(metrics, step=step)
 
-    def log_video(self, key: str, video: Any, step: int, fps: int = 8, caption: str = "") -> None:
-        """Log a uint8 video array of shape (F, C, H, W)."""
-        self.run.log(
-            {key: self._wandb.Video(video, fps=fps, caption=caption, format="mp4")}, step=step
-        )
+    def log_video(self, key: str, path: Path, step: int, caption: str = "") -> None:
+        """Log an mp4 file (already encoded, so wandb needs no video libraries)."""
+        self.run.log({key: self._wandb.Video(str(path), caption=caption)}, step=step)
 
     def summary(self, values: dict[str, Any]) -> None:
         """Set run summary values."""
@@ -124,9 +122,9 @@ class JsonlTracker:
         self._file.flush()
         self.inner.log(metrics, step)
 
-    def log_video(self, key: str, video: Any, step: int, fps: int = 8, caption: str = "") -> None:
-        """Videos go to the inner tracker only."""
-        self.inner.log_video(key, video, step, fps=fps, caption=caption)
+    def log_video(self, key: str, path: Path, step: int, caption: str = "") -> None:
+        """Videos go to the inner tracker only (the file itself stays in the run directory)."""
+        self.inner.log_video(key, path, step, caption=caption)
 
     def summary(self, values: dict[str, Any]) -> None:
         """Forward summary values."""

@@ -29,7 +29,8 @@ from sta_kernels import density
 
 from . import checkpoint as ckpt
 from .config import JobConfig, resolved_dict
-from .data import build_train_loader, prepare_data
+from .data import build_train_loader, build_video_encoder, prepare_data
+from .data.synthetic import write_mp4
 from .distributed import DistInfo, all_reduce_mean, barrier, init_distributed
 from .flow_matching import add_noise, sample_sigmas, velocity_target
 from .losses import distillation_losses
@@ -37,11 +38,13 @@ from .models import MaskStrategy, build_model
 from .models.dit import cast_like_diffusers
 from .optim import EMA, build_optimizer, build_scheduler, select_trainable
 from .profiling import AttentionTimer
+from .sampling import sample_latents, to_uint8_video
 from .tracking import build_tracker
 
 log = logging.getLogger(__name__)
 
-Validator = Callable[[nn.Module, int], dict[str, float]]
+# (student, step, tracker) -> scalar metrics; a validator may also log files to the tracker
+Validator = Callable[[nn.Module, int, Any], dict[str, float]]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -136,6 +139,9 @@ class Trainer:
         self._val_batches = self._fixed_validation_batches()
         self._check_data_fits_model(self._val_batches[0])
         self.validators.append(self._gap_validator)
+        if tcfg.sample_steps > 0:
+            self.video_encoder = build_video_encoder(job.data)
+            self.validators.append(self._sample_validator)
         self._data_iter: Iterator[dict[str, Any]] | None = None
         self._resume()
         if self.dist.is_main:
@@ -317,7 +323,7 @@ class Trainer:
         )
 
     @torch.no_grad()
-    def _gap_validator(self, model: nn.Module, step: int) -> dict[str, float]:
+    def _gap_validator(self, model: nn.Module, step: int, tracker: Any) -> dict[str, float]:
         """Flow-matching loss and student-teacher gap on fixed batches, noise and sigmas."""
         was_training = model.training
         model.eval()
@@ -332,11 +338,66 @@ class Trainer:
         names = {"data": "val/flow_loss", "out": "val/student_teacher_mse", "attn": "val/attn_mse"}
         return {names[k]: v / len(self._val_batches) for k, v in sums.items()}
 
-    def validate(self) -> dict[str, float]:
+    @torch.no_grad()
+    def _sample_validator(self, model: nn.Module, step: int, tracker: Any) -> dict[str, float]:
+        """Generate videos from fixed noise and captions with the student (and the teacher).
+
+        Writes ``samples/step_XXXXXXXX_k.mp4`` (student left, teacher right when distilling),
+        logs them to the tracker and returns ``val/sample_gap_mse``: the mean squared
+        difference between the student's and the teacher's generated latents from the same
+        noise, the gap a user would see in the videos.
+        """
+        if not self.dist.is_main:
+            return {}
+        tcfg = self.job.train
+        batch = self._val_batches[0]
+        n = min(tcfg.num_samples, batch["latents"].shape[0])
+        gen = torch.Generator().manual_seed(tcfg.seed + 11)
+        noise = torch.randn(batch["latents"][:n].shape, generator=gen)
+        cond = [batch["text"][:n], batch["text_mask"][:n], batch["pooled_text"][:n]]
+        was_training = model.training
+        model.eval()
+        bf16 = self.use_bf16 and self.device.type == "cuda"
+        args = {"steps": tcfg.sample_steps, "shift": tcfg.sample_shift}
+        latents = [
+            sample_latents(
+                model,
+                noise.to(self.device),
+                *(c.to(self.device) for c in cond),
+                autocast_bf16=bf16,
+                **args,
+            )
+        ]
+        model.train(was_training)
+        metrics: dict[str, float] = {}
+        if self.teacher is not None:
+            device = next(self.teacher.parameters()).device
+            teacher_bf16 = self.use_bf16 and device.type == "cuda"
+            latents.append(
+                sample_latents(
+                    self.teacher,
+                    noise.to(device),
+                    *(c.to(device) for c in cond),
+                    autocast_bf16=teacher_bf16,
+                    **args,
+                ).to(self.device)
+            )
+            metrics["val/sample_gap_mse"] = float(torch.mean((latents[0] - latents[1]) ** 2))
+        videos = [self.video_encoder.decode(lat.cpu()) for lat in latents]  # each (n, 3, F, H, W)
+        out_dir = self.run_dir / "samples"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for k in range(n):
+            frames = to_uint8_video(torch.cat([v[k] for v in videos], dim=-1))  # (F, H, W*m, 3)
+            path = out_dir / f"step_{step:08d}_{k}.mp4"
+            write_mp4(path, frames.numpy(), fps=self.job.data.synthetic_fps)
+            tracker.log_video(f"samples/{k}", path, step, caption=batch["caption"][k])
+        return metrics
+
+    def validate(self, tracker: Any) -> dict[str, float]:
         """Run every registered validator on the unwrapped student (rank-0 values are logged)."""
         metrics: dict[str, float] = {}
         for validator in self.validators:
-            metrics.update(validator(self.student, self.step))
+            metrics.update(validator(self.student, self.step, tracker))
         return metrics
 
     def _sync(self) -> None:
@@ -459,7 +520,7 @@ class Trainer:
             self.student.canvas_for(tuple(self._val_batches[0]["latents"].shape))
         )
         if self.step == 0 and self._val_batches:
-            metrics = self.validate()
+            metrics = self.validate(tracker)
             result.val_history.append({"step": 0, **metrics})
             tracker.log(metrics, step=0)
         attn_modules = [self.student.attention] + (
@@ -560,7 +621,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss_mean:.4f}", lr=f"{metrics['lr']:.2e}")
                     window_start, window_samples = time.perf_counter(), 0
                 if tcfg.val_every and self.step % tcfg.val_every == 0 and self.step != stop:
-                    metrics = self.validate()
+                    metrics = self.validate(tracker)
                     result.val_history.append({"step": self.step, **metrics})
                     tracker.log(metrics, step=self.step)
                 if tcfg.ckpt_every and self.step % tcfg.ckpt_every == 0 and self.step != stop:
@@ -568,7 +629,7 @@ class Trainer:
             bar.close()
             last_ckpt = self._save()
             if self.step == tcfg.steps:
-                metrics = self.validate()
+                metrics = self.validate(tracker)
                 result.val_history.append({"step": self.step, **metrics})
                 tracker.log(metrics, step=self.step)
                 tracker.summary(metrics)
