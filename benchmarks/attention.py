@@ -71,6 +71,33 @@ VARIANTS = {
     "dkdv_n64m128": replace(KernelConfig(), bwd_block_n=64, bwd_block_m=128),
     "dkdv_n64w4s2": replace(KernelConfig(), bwd_block_n=64, bwd_warps=4, bwd_stages=2),
     "dq_w16": replace(KernelConfig(), dq_warps=16),
+    # 2026-11-26 evening sweep (see NOTES.md): 4-warp blocks small enough for 2 CTAs per SM,
+    # deeper dq pipelines, k pre-scaled in dk/dv, triton's warp specialisation of the loop
+    "dq_m64n64w4s2": replace(KernelConfig(), dq_block_m=64, dq_block_n=64, dq_warps=4),
+    "dq_m64w4s2": replace(KernelConfig(), dq_block_m=64, dq_warps=4),
+    "dq_n64s3": replace(KernelConfig(), dq_block_n=64, dq_stages=3),
+    "dq_n64s4": replace(KernelConfig(), dq_block_n=64, dq_stages=4),
+    "dkdv_s4": replace(KernelConfig(), bwd_stages=4),
+    "dkdv_n64m32w4s3": replace(KernelConfig(), bwd_block_n=64, bwd_block_m=32, bwd_warps=4),
+    "dkdv_prescale": replace(KernelConfig(), bwd_prescale=True),
+    "dq_ws": replace(KernelConfig(), dq_ws=True),
+    "dkdv_ws": replace(KernelConfig(), bwd_ws=True),
+    # second score matmul issued before the first's exp2 (EARLY_DP)
+    "dq_edp": replace(KernelConfig(), dq_early_dp=True),
+    "dkdv_edp": replace(KernelConfig(), bwd_early_dp=True),
+    "dkdv_edp_s4": replace(KernelConfig(), bwd_early_dp=True, bwd_stages=4),
+    "dkdv_edp_n64w4s2": replace(KernelConfig(), bwd_early_dp=True, bwd_block_n=64,
+                                bwd_warps=4, bwd_stages=2),
+    "edp": replace(KernelConfig(), dq_early_dp=True, bwd_early_dp=True),
+    "edp_prescale_s4": replace(KernelConfig(), dq_early_dp=True, bwd_early_dp=True,
+                               bwd_prescale=True, bwd_stages=4),
+    # v5 (default dk/dv EARLY_DP) sweep: v4 = the previous default; q pre-scaled in dq (q
+    # becomes a register MMA operand, less shared-memory traffic)
+    "v4": replace(KernelConfig(), bwd_early_dp=False),
+    "dq_prescale": replace(KernelConfig(), dq_prescale=True),
+    "dq_edp_prescale": replace(KernelConfig(), dq_prescale=True, dq_early_dp=True),
+    "dq_n64s3_edp_prescale": replace(KernelConfig(), dq_block_n=64, dq_stages=3,
+                                     dq_prescale=True, dq_early_dp=True),
 }
 
 
@@ -133,7 +160,8 @@ def attended_pairs(shape: Shape, window) -> float:
     return dens * sv * sv
 
 
-def bench_shape(shape: Shape, device: torch.device, variants: dict, reps: int) -> list[dict]:
+def bench_shape(shape: Shape, device: torch.device, variants: dict, reps: int,
+                dense_sdpa: bool = True) -> list[dict]:
     sv = math.prod(shape.canvas)
     b, h, d = shape.batch, shape.heads, shape.head_dim
     scale = d**-0.5
@@ -157,7 +185,7 @@ def bench_shape(shape: Shape, device: torch.device, variants: dict, reps: int) -
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     for name, backend in (("flash", SDPBackend.FLASH_ATTENTION),
-                          ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+                          ("cudnn", SDPBackend.CUDNN_ATTENTION))[:2 if dense_sdpa else 0]:
         try:
             with sdpa_kernel(backend):
                 fwd, bwd = time_fwd_bwd(torch.nn.functional.scaled_dot_product_attention,
@@ -187,8 +215,27 @@ def bench_shape(shape: Shape, device: torch.device, variants: dict, reps: int) -
         wdev = wtab.to(device, torch.int32)
         tdev = text.to(device, torch.int32)
         names = variants if wi == 0 else {"default": variants["default"]}
+        base_grads = None
         for vname, cfg in names.items():
-            o, lse = sta_triton_forward(q, k, v, wdev, tdev, shape.canvas, shape.tile, scale, cfg)
+            try:
+                o, lse = sta_triton_forward(q, k, v, wdev, tdev, shape.canvas, shape.tile,
+                                            scale, cfg)
+                grads = sta_triton_backward(do, q, k, v, o, lse, wdev, tdev, shape.canvas,
+                                            shape.tile, scale, cfg)
+                torch.cuda.synchronize()
+            except Exception as err:  # a variant that does not compile or launch
+                print(f"{shape.name} {window} triton[{vname}] FAILED: {err!r}"[:2000], flush=True)
+                results.append(dict(shape=shape.name, window=str(window),
+                                    impl=f"triton[{vname}] failed", fwd_ms=float("nan"),
+                                    bwd_ms=float("nan")))
+                continue
+            # a variant's gradients against the first (default) config's, same inputs
+            if base_grads is None:
+                base_grads, vs_default = grads, {}
+            else:
+                vs_default = {n: rel_err(a, r) for n, a, r in
+                              zip(("dq", "dk", "dv"), grads, base_grads, strict=True)}
+            del grads
             t_fwd = timed(partial(sta_triton_forward, q, k, v, wdev, tdev, shape.canvas,
                                   shape.tile, scale, cfg))
             t_bwd = timed(partial(sta_triton_backward, do, q, k, v, o, lse, wdev, tdev,
@@ -201,9 +248,11 @@ def bench_shape(shape: Shape, device: torch.device, variants: dict, reps: int) -
                         sta_triton_backward, do, q, k, v, o, lse, wdev, tdev, shape.canvas,
                         shape.tile, scale, cfg, kernels=(part,), delta=delta))
             results.append(dict(shape=shape.name, window=str(window), impl=f"triton[{vname}]",
-                                fwd_ms=t_fwd, bwd_ms=t_bwd, bwd_split_ms=split))
+                                fwd_ms=t_fwd, bwd_ms=t_bwd, bwd_split_ms=split,
+                                grad_rel_err_vs_default=vs_default))
             print(f"{shape.name} {window} triton[{vname}] fwd {t_fwd:.2f} ms bwd {t_bwd:.2f} ms "
                   f"{ {n: round(t, 2) for n, t in split.items()} } "
+                  f"vs default { {n: f'{e:.1e}' for n, e in vs_default.items()} } "
                   f"(flex {f_fwd:.2f} / {f_bwd:.2f}) {kernel_resources()}", flush=True)
         for r in results:
             if r["shape"] == shape.name and r["window"] == str(window):
@@ -244,6 +293,9 @@ def main() -> None:
                         help=f"comma list of triton configs to time at the first window: {list(VARIANTS)}")
     parser.add_argument("--reps", type=int, default=500, help="do_bench rep time per timing, ms")
     parser.add_argument("--no-check", action="store_true")
+    parser.add_argument("--no-dense", action="store_true", help="skip the dense SDPA rows")
+    parser.add_argument("--windows", type=int, default=0,
+                        help="time only the first N windows of each shape (0: all)")
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -263,7 +315,10 @@ def main() -> None:
         variants = {"default": KernelConfig(), **variants}
     results = []
     for name in args.shapes.split(","):
-        results += bench_shape(SHAPES[name], device, variants, args.reps)
+        shape = SHAPES[name]
+        if args.windows:
+            shape = replace(shape, windows=shape.windows[:args.windows])
+        results += bench_shape(shape, device, variants, args.reps, not args.no_dense)
         torch.cuda.empty_cache()
     os.makedirs(args.out, exist_ok=True)
     md = table(results)

@@ -56,6 +56,14 @@ class KernelConfig:
     dq_block_n: int = 128
     dq_warps: int = 8
     dq_stages: int = 2
+    # tl.range(..., warp_specialize=True) on the main loop of the dk/dv and dq kernels
+    bwd_ws: bool = False
+    dq_ws: bool = False
+    bwd_prescale: bool = False  # dk/dv kernel: k * scale * log2(e) once per program
+    dq_prescale: bool = False  # dq kernel: q * scale * log2(e) once per program
+    # issue the second score matmul (dO V^T) before the exp2 of the first (Q K^T)
+    bwd_early_dp: bool = True
+    dq_early_dp: bool = False
 
 
 # Small blocks keep the interpreter (CPU) fast; tl.dot needs every dimension >= 16.
@@ -324,11 +332,15 @@ def _sta_fwd_kernel(
 @_device_fn
 def _dkdv_block(
     k, v, dk, dv, Q, DO, LSE, DELTA, q_off, q_tok, q_valid, scale_log2,
-    MASKED: tl.constexpr, DOT_F32: tl.constexpr,
+    MASKED: tl.constexpr, DOT_F32: tl.constexpr, PRESCALED: tl.constexpr,
+    EARLY_DP: tl.constexpr,
 ):
     """Accumulate a gathered query block's contribution to a key block's dk, dv (unscaled dk).
 
     ``q_off``: (BLOCK_M, D) element offsets of the q/do rows; ``q_tok``: (BLOCK_M,) tokens.
+    ``PRESCALED``: ``k`` already holds k * scale * log2(e) (see ``_prescale``).
+    ``EARLY_DP``: issue both score matmuls (k q^T, v do^T) before the exp2, so the second
+    can run on the tensor cores while the first's exponentials run.
     """
     if MASKED:
         q = tl.load(Q + q_off, mask=q_valid[:, None], other=0.0)
@@ -340,15 +352,29 @@ def _dkdv_block(
         do = tl.load(DO + q_off)
         lse = tl.load(LSE + q_tok)
         delta = tl.load(DELTA + q_tok)
-    s_t = _mm(k, tl.trans(q), DOT_F32) * scale_log2  # (BLOCK_N, BLOCK_M)
+    s_t = _mm(k, tl.trans(q), DOT_F32)  # (BLOCK_N, BLOCK_M)
+    if EARLY_DP:
+        dp_t = _mm(v, tl.trans(do), DOT_F32)  # (BLOCK_N, BLOCK_M)
+    if not PRESCALED:
+        s_t = s_t * scale_log2
     p_t = tl.math.exp2(s_t - lse[None, :])
     if MASKED:
         p_t = tl.where(q_valid[None, :], p_t, 0.0)
     dv += _mm(p_t.to(do.dtype), do, DOT_F32)
-    dp_t = _mm(v, tl.trans(do), DOT_F32)  # (BLOCK_N, BLOCK_M)
+    if not EARLY_DP:
+        dp_t = _mm(v, tl.trans(do), DOT_F32)  # (BLOCK_N, BLOCK_M)
     ds_t = p_t * (dp_t - delta[None, :])
     dk += _mm(ds_t.to(q.dtype), q, DOT_F32)
     return dk, dv
+
+
+@_device_fn
+def _prescale(k, scale_log2, PRESCALE: tl.constexpr):
+    """``k * scale * log2(e)`` in k's dtype when ``PRESCALE`` (one multiply per program
+    instead of one per score, and k becomes a register MMA operand), else ``k``."""
+    if PRESCALE:
+        k = (k.to(tl.float32) * scale_log2).to(k.dtype)
+    return k
 
 
 @triton.jit
@@ -361,7 +387,8 @@ def _sta_dkdv_kernel(
     TT: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     Q_SUBS: tl.constexpr, K_SUBS: tl.constexpr, EVEN: tl.constexpr, DOT_F32: tl.constexpr,
-    WIDE: tl.constexpr, HOIST: tl.constexpr,
+    WIDE: tl.constexpr, HOIST: tl.constexpr, WS: tl.constexpr, PRESCALE: tl.constexpr,
+    EARLY_DP: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -394,6 +421,7 @@ def _sta_dkdv_kernel(
         else:
             k = tl.load(K + kv_off, mask=k_valid[:, None], other=0.0)
             v = tl.load(V + kv_off, mask=k_valid[:, None], other=0.0)
+        k = _prescale(k, scale_log2, PRESCALE)
         wt, wh, ww = _head_window(WIN, h, NT, NH, NW)
         first_t, cnt_t = _axis_queries(k_tile // (NH * NW), NT, wt)
         first_h, cnt_h = _axis_queries((k_tile // NW) % NH, NH, wh)
@@ -401,7 +429,7 @@ def _sta_dkdv_kernel(
         if HOIST:
             q_rows = _frame_rows(offs_m, CH, CW, TH, TW)  # (BLOCK_M,)
             q_inv = q_rows[:, None] * stride_s + offs_d[None, :]  # (BLOCK_M, D) loop-invariant
-        for j in range(0, cnt_t * cnt_h * cnt_w * Q_SUBS):
+        for j in tl.range(0, cnt_t * cnt_h * cnt_w * Q_SUBS, warp_specialize=WS):
             if HOIST:
                 q_start = _widen(_box_start(
                     j, first_t, first_h, first_w, cnt_h, cnt_w, CH, CW, TT, TH, TW, Q_SUBS,
@@ -420,14 +448,14 @@ def _sta_dkdv_kernel(
                 q_off = q_tok[:, None] * stride_s + offs_d[None, :]  # (BLOCK_M, D)
             dk, dv = _dkdv_block(
                 k, v, dk, dv, Q, DO, LSE, DELTA, q_off, q_tok, q_valid, scale_log2,
-                not EVEN, DOT_F32,
+                not EVEN, DOT_F32, PRESCALE, EARLY_DP,
             )
         for start in range(0, text_len, BLOCK_M):
             q_pos = start + offs_m
             q_tok = _widen(num_video + q_pos, WIDE)
             dk, dv = _dkdv_block(
                 k, v, dk, dv, Q, DO, LSE, DELTA, q_tok[:, None] * stride_s + offs_d[None, :],
-                q_tok, q_pos < text_len, scale_log2, True, DOT_F32,
+                q_tok, q_pos < text_len, scale_log2, True, DOT_F32, PRESCALE, EARLY_DP,
             )
         if EVEN:
             tl.store(DK + kv_off, (dk * scale).to(DK.dtype.element_ty))
@@ -444,12 +472,13 @@ def _sta_dkdv_kernel(
         kv_off = k_tok[:, None] * stride_s + offs_d[None, :]
         k = tl.load(K + kv_off, mask=k_valid[:, None], other=0.0)
         v = tl.load(V + kv_off, mask=k_valid[:, None], other=0.0)
+        k = _prescale(k, scale_log2, PRESCALE)
         query_end = tl.where((pid - num_video_blocks) * BLOCK_N < text_len, num_video + text_len, 0)
         for start in range(0, query_end, BLOCK_M):
             q_tok = _widen(start + offs_m, WIDE)
             dk, dv = _dkdv_block(
                 k, v, dk, dv, Q, DO, LSE, DELTA, q_tok[:, None] * stride_s + offs_d[None, :],
-                q_tok, q_tok < query_end, scale_log2, True, DOT_F32,
+                q_tok, q_tok < query_end, scale_log2, True, DOT_F32, PRESCALE, EARLY_DP,
             )
         dk = tl.where(k_valid[:, None], dk * scale, 0.0)
         dv = tl.where(k_valid[:, None], dv, 0.0)
@@ -460,20 +489,30 @@ def _sta_dkdv_kernel(
 @_device_fn
 def _dq_block(
     q, do, lse, delta, dq, K, V, kv_off, k_valid, scale_log2,
-    MASKED: tl.constexpr, DOT_F32: tl.constexpr,
+    MASKED: tl.constexpr, DOT_F32: tl.constexpr, EARLY_DP: tl.constexpr,
+    PRESCALED: tl.constexpr,
 ):
-    """Accumulate a gathered key block's contribution to a query block's (unscaled) dq."""
+    """Accumulate a gathered key block's contribution to a query block's (unscaled) dq.
+
+    ``EARLY_DP``: issue do v^T before the exp2 of q k^T (see ``_dkdv_block``).
+    ``PRESCALED``: ``q`` already holds q * scale * log2(e) (see ``_prescale``).
+    """
     if MASKED:
         k = tl.load(K + kv_off, mask=k_valid[:, None], other=0.0)
         v = tl.load(V + kv_off, mask=k_valid[:, None], other=0.0)
     else:
         k = tl.load(K + kv_off)
         v = tl.load(V + kv_off)
-    s = _mm(q, tl.trans(k), DOT_F32) * scale_log2  # (BLOCK_M, BLOCK_N)
+    s = _mm(q, tl.trans(k), DOT_F32)  # (BLOCK_M, BLOCK_N)
+    if EARLY_DP:
+        dp = _mm(do, tl.trans(v), DOT_F32)
+    if not PRESCALED:
+        s = s * scale_log2
     p = tl.math.exp2(s - lse[:, None])
     if MASKED:
         p = tl.where(k_valid[None, :], p, 0.0)
-    dp = _mm(do, tl.trans(v), DOT_F32)
+    if not EARLY_DP:
+        dp = _mm(do, tl.trans(v), DOT_F32)
     ds = p * (dp - delta[:, None])
     dq += _mm(ds.to(k.dtype), k, DOT_F32)
     return dq
@@ -489,7 +528,8 @@ def _sta_dq_kernel(
     TT: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     Q_SUBS: tl.constexpr, K_SUBS: tl.constexpr, EVEN: tl.constexpr, DOT_F32: tl.constexpr,
-    WIDE: tl.constexpr, HOIST: tl.constexpr,
+    WIDE: tl.constexpr, HOIST: tl.constexpr, WS: tl.constexpr, EARLY_DP: tl.constexpr,
+    PRESCALE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -529,6 +569,7 @@ def _sta_dq_kernel(
             o = tl.load(Out + q_off, mask=q_valid[:, None], other=0.0)
             delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
             tl.store(DELTA + q_tok, delta, mask=q_valid)
+        q = _prescale(q, scale_log2, PRESCALE)
         wt, wh, ww = _head_window(WIN, h, NT, NH, NW)
         first_t = _axis_window(q_tile // (NH * NW), NT, wt)
         first_h = _axis_window((q_tile // NW) % NH, NH, wh)
@@ -536,7 +577,7 @@ def _sta_dq_kernel(
         if HOIST:
             kv_rows = _frame_rows(offs_n, CH, CW, TH, TW)  # (BLOCK_N,)
             kv_inv = kv_rows[:, None] * stride_s + offs_d[None, :]  # (BLOCK_N, D) loop-invariant
-        for j in range(0, wt * wh * ww * K_SUBS):
+        for j in tl.range(0, wt * wh * ww * K_SUBS, warp_specialize=WS):
             if HOIST:
                 k_start = _box_start(
                     j, first_t, first_h, first_w, wh, ww, CH, CW, TT, TH, TW, K_SUBS,
@@ -552,13 +593,14 @@ def _sta_dq_kernel(
                 kv_off = k_tok[:, None] * stride_s + offs_d[None, :]  # (BLOCK_N, D)
             dq = _dq_block(
                 q, do, lse, delta, dq, K, V, kv_off, k_valid, scale_log2, not EVEN, DOT_F32,
+                EARLY_DP, PRESCALE,
             )
         for start in range(0, text_len, BLOCK_N):
             k_pos = start + offs_n
             k_tok = _widen(num_video + k_pos, WIDE)
             dq = _dq_block(
                 q, do, lse, delta, dq, K, V, k_tok[:, None] * stride_s + offs_d[None, :],
-                k_pos < text_len, scale_log2, True, DOT_F32,
+                k_pos < text_len, scale_log2, True, DOT_F32, EARLY_DP, PRESCALE,
             )
         if EVEN:
             tl.store(DQ + q_off, (dq * scale).to(DQ.dtype.element_ty))
@@ -576,12 +618,13 @@ def _sta_dq_kernel(
         o = tl.load(Out + q_off, mask=q_valid[:, None], other=0.0)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
         tl.store(DELTA + q_tok, delta, mask=in_seq)
+        q = _prescale(q, scale_log2, PRESCALE)
         key_end = tl.where((pid - num_video_blocks) * BLOCK_M < text_len, num_video + text_len, 0)
         for start in range(0, key_end, BLOCK_N):
             k_tok = _widen(start + offs_n, WIDE)
             dq = _dq_block(
                 q, do, lse, delta, dq, K, V, k_tok[:, None] * stride_s + offs_d[None, :],
-                k_tok < key_end, scale_log2, True, DOT_F32,
+                k_tok < key_end, scale_log2, True, DOT_F32, EARLY_DP, PRESCALE,
             )
         dq = tl.where(q_valid[:, None], dq * scale, 0.0)
         tl.store(DQ + q_off, dq.to(DQ.dtype.element_ty), mask=in_seq[:, None])
@@ -769,7 +812,8 @@ def _launch_dq(cfg, geo, q, k, v, o, do, lse, delta, dq, windows, text_len, scal
         Q_SUBS=q_subs, K_SUBS=geo.subs(cfg.dq_block_n),
         EVEN=geo.even(cfg.dq_block_m, cfg.dq_block_n),
         DOT_F32=is_interpreter(), WIDE=geo.wide(q),
-        HOIST=geo.hoist(cfg.dq_block_n, cfg.dq_block_m, cfg.dq_block_n),
+        HOIST=geo.hoist(cfg.dq_block_n, cfg.dq_block_m, cfg.dq_block_n), WS=cfg.dq_ws,
+        EARLY_DP=cfg.dq_early_dp, PRESCALE=cfg.dq_prescale,
         num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
     ))
 
@@ -788,7 +832,8 @@ def _launch_dkdv(cfg, geo, q, k, v, do, lse, delta, dk, dv, windows, text_len, s
         Q_SUBS=geo.subs(cfg.bwd_block_m), K_SUBS=k_subs,
         EVEN=geo.even(cfg.bwd_block_m, cfg.bwd_block_n),
         DOT_F32=is_interpreter(), WIDE=geo.wide(q),
-        HOIST=geo.hoist(cfg.bwd_block_m, cfg.bwd_block_m, cfg.bwd_block_n),
+        HOIST=geo.hoist(cfg.bwd_block_m, cfg.bwd_block_m, cfg.bwd_block_n), WS=cfg.bwd_ws,
+        PRESCALE=cfg.bwd_prescale, EARLY_DP=cfg.bwd_early_dp,
         num_warps=cfg.bwd_warps, num_stages=cfg.bwd_stages,
     ))
 

@@ -42,6 +42,8 @@ for kernel, tensors in kernels.items():
             continue
         consts = dict(TT=6, TH=8, TW=8, HEAD_DIM=128, BLOCK_M=64, BLOCK_N=128, Q_SUBS=6,
                       K_SUBS=3, EVEN=even, DOT_F32=False, WIDE=wide, HOIST=hoist)
+        # optional schedule switches of some kernels, each lowered both ways across the loop
+        consts.update({n: even for n in ("WS", "PRESCALE", "EARLY_DP") if n in kernel.arg_names})
         signature = {}
         for name in kernel.arg_names:
             if name in consts:
