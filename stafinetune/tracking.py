@@ -7,14 +7,11 @@ decided once, here.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import time
 from pathlib import Path
 from typing import Any
-
-log = logging.getLogger(__name__)
 
 
 class NullTracker:

@@ -8,7 +8,6 @@ the shared run directory.
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 
@@ -18,8 +17,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config import JobConfig, conf_dir, resolved_dict, to_job_config
 from .distributed import broadcast_object, cleanup, init_distributed
-
-log = logging.getLogger("stafinetune")
 
 
 def run(job: JobConfig, default_run_dir: Path) -> None:

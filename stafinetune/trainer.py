@@ -105,7 +105,7 @@ class Trainer:
         self.student = build_model(
             job.model, job.attention, device=self.device, dtype=torch.float32
         )
-        self.trainable = select_trainable(self.student, tcfg.trainable)
+        select_trainable(self.student, tcfg.trainable)  # freezes the rest
         self.teacher = self._build_teacher() if job.distill.needs_teacher else None
         self.ema = EMA(self.student, tcfg.ema_decay) if tcfg.ema_decay else None
         self.optimizer = build_optimizer(
