@@ -22,11 +22,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
+
+try:  # host-side TMA descriptors (triton >= 3.4)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older triton: the TMA switches fall back to loads
+    TensorDescriptor = None
 
 from .api import TRITON_DTYPES, TRITON_HEAD_DIMS
 from .geometry import num_tiles
@@ -64,6 +69,17 @@ class KernelConfig:
     # issue the second score matmul (dO V^T) before the exp2 of the first (Q K^T)
     bwd_early_dp: bool = True
     dq_early_dp: bool = False
+    # TMA (tensor-descriptor) loads of the inner loop's gathered blocks where a block is
+    # whole tile frames (full tiles): k/v in the forward and dq kernels, q/do in dk/dv
+    fwd_tma: bool = True
+    dq_tma: bool = True
+    bwd_tma: bool = False  # more register spills in dk/dv: slower
+    # dq inside the dk/dv kernel (fp32 atomics into a (B, S, H, D) buffer) instead of a
+    # second kernel that recomputes both score matmuls. The atomics make dq's rounding
+    # depend on their order: under torch.use_deterministic_algorithms(True) the two-kernel
+    # schedule runs instead (see default_config).
+    fused_dq: bool = True
+    fused_dq_tma: bool = True  # fused_dq: TMA reduce-add of dq for blocks of whole frames
 
 
 # Small blocks keep the interpreter (CPU) fast; tl.dot needs every dimension >= 16.
@@ -179,6 +195,25 @@ def _frame_rows(offs, CH, CW, TH: tl.constexpr, TW: tl.constexpr):
 
 
 @_device_fn
+def _box_coords(
+    j, first_t, first_h, first_w, cnt_h, cnt_w,
+    TT: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, SUBS: tl.constexpr,
+    FRAMES: tl.constexpr,
+):
+    """(t, h, w) of the first token of iteration ``j`` of a tile-box loop of whole frames.
+
+    With full tiles and blocks of ``FRAMES`` whole (th, tw) frames, block ``sub`` of a tile
+    starts ``sub * FRAMES`` frames into it.
+    """
+    sub = j % SUBS
+    cell = j // SUBS
+    dw = cell % cnt_w
+    dh = (cell // cnt_w) % cnt_h
+    dt = cell // (cnt_w * cnt_h)
+    return (first_t + dt) * TT + sub * FRAMES, (first_h + dh) * TH, (first_w + dw) * TW
+
+
+@_device_fn
 def _box_start(
     j, first_t, first_h, first_w, cnt_h, cnt_w, CH, CW,
     TT: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, SUBS: tl.constexpr,
@@ -186,17 +221,76 @@ def _box_start(
 ):
     """First raster token of iteration ``j`` of a tile-box loop whose blocks are whole frames.
 
-    With full tiles and blocks of ``FRAMES`` whole (th, tw) frames, a block's tokens are its
-    first token plus loop-invariant offsets (``_frame_rows``), so the loop body needs one
-    scalar here instead of per-token index arithmetic.
+    A block's tokens are then its first token plus loop-invariant offsets (``_frame_rows``),
+    so the loop body needs one scalar here instead of per-token index arithmetic.
     """
-    sub = j % SUBS
-    cell = j // SUBS
-    dw = cell % cnt_w
-    dh = (cell // cnt_w) % cnt_h
-    dt = cell // (cnt_w * cnt_h)
-    t = (first_t + dt) * TT + sub * FRAMES
-    return (t * CH + (first_h + dh) * TH) * CW + (first_w + dw) * TW
+    t, h, w = _box_coords(j, first_t, first_h, first_w, cnt_h, cnt_w, TT, TH, TW, SUBS, FRAMES)
+    return (t * CH + h) * CW + w
+
+
+@_device_fn
+def _tma_rows(DESC, b, t, h, w, head, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """(BLOCK, HEAD_DIM) rows of whole frames starting at token (t, h, w), through TMA.
+
+    ``DESC`` views a (B, S, H, D) tensor's video tokens as (B, CT, CH, CW, H * D) with a
+    (1, frames, TH, TW, D) box: a block of whole tile frames is one box.
+    """
+    return DESC.load([b, t, h, w, head * HEAD_DIM]).reshape(BLOCK, HEAD_DIM)
+
+
+@_device_fn
+def _load_rows(PTR, off, valid, MASKED: tl.constexpr):
+    """Rows ``PTR + off`` (``off``: (N, D)), zero where ``valid`` (N,) is false when masked."""
+    if MASKED:
+        return tl.load(PTR + off, mask=valid[:, None], other=0.0)
+    return tl.load(PTR + off)
+
+
+@_device_fn
+def _load_vec(PTR, tok, valid, MASKED: tl.constexpr):
+    """Per-token values ``PTR + tok`` (N,), zero where ``valid`` is false when masked."""
+    if MASKED:
+        return tl.load(PTR + tok, mask=valid, other=0.0)
+    return tl.load(PTR + tok)
+
+
+@_device_fn
+def _window_keys(
+    j, K, V, KD, VD, b, h, first_t, first_h, first_w, wh, ww, kv_inv, offs_n, offs_d,
+    stride_s, CT, CH, CW, NH, NW,
+    TT: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr, K_SUBS: tl.constexpr, EVEN: tl.constexpr, WIDE: tl.constexpr,
+    HOIST: tl.constexpr, TMA: tl.constexpr,
+):
+    """Key and value rows (BLOCK_N, D), zero where invalid, and their validity (BLOCK_N,)
+    for iteration ``j`` of a query block's loop over its window of key tiles.
+
+    Through TMA (``TMA``), from the first token plus the loop-invariant offsets ``kv_inv``
+    (``HOIST``: blocks of whole frames of full tiles), or per token (partial tiles).
+    """
+    k_valid = offs_n < BLOCK_N
+    if TMA:
+        kt, kh, kw = _box_coords(
+            j, first_t, first_h, first_w, wh, ww, TT, TH, TW, K_SUBS, BLOCK_N // (TH * TW),
+        )
+        k = _tma_rows(KD, b, kt, kh, kw, h, BLOCK_N, HEAD_DIM)
+        v = _tma_rows(VD, b, kt, kh, kw, h, BLOCK_N, HEAD_DIM)
+    else:
+        if HOIST:
+            k_start = _box_start(
+                j, first_t, first_h, first_w, wh, ww, CH, CW, TT, TH, TW, K_SUBS,
+                BLOCK_N // (TH * TW),
+            )
+            kv_off = _widen(k_start, WIDE) * stride_s + kv_inv
+        else:
+            k_tile, k_sub = _box_tile(j, first_t, first_h, first_w, wh, ww, NH, NW, K_SUBS)
+            k_tok, k_valid = _tile_tokens(
+                k_tile, k_sub, offs_n, CT, CH, CW, NH, NW, TT, TH, TW, BLOCK_N, WIDE,
+            )
+            kv_off = k_tok[:, None] * stride_s + offs_d[None, :]  # (BLOCK_N, D)
+        k = _load_rows(K, kv_off, k_valid, not EVEN)
+        v = _load_rows(V, kv_off, k_valid, not EVEN)
+    return k, v, k_valid
 
 
 # ----------------------------------------------------------------------------- forward
@@ -204,19 +298,13 @@ def _box_start(
 
 @_device_fn
 def _fwd_block(
-    q, m_i, l_i, acc, K, V, kv_off, k_valid, scale_log2,
+    q, m_i, l_i, acc, k, v, k_valid, scale_log2,
     MASKED: tl.constexpr, DOT_F32: tl.constexpr,
 ):
-    """One online-softmax step of a (BLOCK_M, D) query block against a gathered key block.
+    """One online-softmax step of a (BLOCK_M, D) query block against a key block.
 
-    ``kv_off``: (BLOCK_N, D) element offsets of the key/value rows; ``k_valid``: (BLOCK_N,).
+    ``k``, ``v``: (BLOCK_N, D) rows, zero where ``k_valid`` (BLOCK_N,) is false.
     """
-    if MASKED:
-        k = tl.load(K + kv_off, mask=k_valid[:, None], other=0.0)
-        v = tl.load(V + kv_off, mask=k_valid[:, None], other=0.0)
-    else:
-        k = tl.load(K + kv_off)
-        v = tl.load(V + kv_off)
     s = _mm(q, tl.trans(k), DOT_F32)  # (BLOCK_M, BLOCK_N) raw scores
     if MASKED:
         s = tl.where(k_valid[None, :], s, NEG_BIG)
@@ -230,7 +318,7 @@ def _fwd_block(
 
 @triton.jit
 def _sta_fwd_kernel(
-    Q, K, V, Out, LSE, WIN, TEXT_LEN,
+    Q, K, V, Out, LSE, WIN, TEXT_LEN, KD, VD,
     stride_b, stride_s, stride_h,
     seq_len, num_video, num_heads, num_video_blocks,
     CT, CH, CW, NT, NH, NW,
@@ -238,7 +326,7 @@ def _sta_fwd_kernel(
     TT: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     Q_SUBS: tl.constexpr, K_SUBS: tl.constexpr, EVEN: tl.constexpr, DOT_F32: tl.constexpr,
-    WIDE: tl.constexpr, HOIST: tl.constexpr,
+    WIDE: tl.constexpr, HOIST: tl.constexpr, TMA: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -271,32 +359,27 @@ def _sta_fwd_kernel(
         first_t = _axis_window(q_tile // (NH * NW), NT, wt)
         first_h = _axis_window((q_tile // NW) % NH, NH, wh)
         first_w = _axis_window(q_tile % NW, NW, ww)
+        kv_inv = 0  # unused unless HOIST
         if HOIST:
             kv_rows = _frame_rows(offs_n, CH, CW, TH, TW)  # (BLOCK_N,)
             kv_inv = kv_rows[:, None] * stride_s + offs_d[None, :]  # (BLOCK_N, D) loop-invariant
         for j in range(0, wt * wh * ww * K_SUBS):
-            if HOIST:
-                k_start = _box_start(
-                    j, first_t, first_h, first_w, wh, ww, CH, CW, TT, TH, TW, K_SUBS,
-                    BLOCK_N // (TH * TW),
-                )
-                kv_off = _widen(k_start, WIDE) * stride_s + kv_inv
-                k_valid = offs_n < BLOCK_N
-            else:
-                k_tile, k_sub = _box_tile(j, first_t, first_h, first_w, wh, ww, NH, NW, K_SUBS)
-                k_tok, k_valid = _tile_tokens(
-                    k_tile, k_sub, offs_n, CT, CH, CW, NH, NW, TT, TH, TW, BLOCK_N, WIDE,
-                )
-                kv_off = k_tok[:, None] * stride_s + offs_d[None, :]  # (BLOCK_N, D)
+            k, v, k_valid = _window_keys(
+                j, K, V, KD, VD, b, h, first_t, first_h, first_w, wh, ww, kv_inv, offs_n,
+                offs_d, stride_s, CT, CH, CW, NH, NW, TT, TH, TW, HEAD_DIM, BLOCK_N, K_SUBS,
+                EVEN, WIDE, HOIST, TMA,
+            )
             m_i, l_i, acc = _fwd_block(
-                q, m_i, l_i, acc, K, V, kv_off, k_valid, scale_log2, not EVEN, DOT_F32,
+                q, m_i, l_i, acc, k, v, k_valid, scale_log2, not EVEN, DOT_F32,
             )
         for start in range(0, text_len, BLOCK_N):
             k_pos = start + offs_n
-            k_tok = _widen(num_video + k_pos, WIDE)
+            k_valid = k_pos < text_len
+            kv_off = _widen(num_video + k_pos, WIDE)[:, None] * stride_s + offs_d[None, :]
+            k = _load_rows(K, kv_off, k_valid, True)
+            v = _load_rows(V, kv_off, k_valid, True)
             m_i, l_i, acc = _fwd_block(
-                q, m_i, l_i, acc, K, V, k_tok[:, None] * stride_s + offs_d[None, :],
-                k_pos < text_len, scale_log2, True, DOT_F32,
+                q, m_i, l_i, acc, k, v, k_valid, scale_log2, True, DOT_F32,
             )
         o = acc / l_i[:, None]
         if EVEN:
@@ -316,9 +399,12 @@ def _sta_fwd_kernel(
         key_end = tl.where((pid - num_video_blocks) * BLOCK_M < text_len, num_video + text_len, 0)
         for start in range(0, key_end, BLOCK_N):
             k_tok = _widen(start + offs_n, WIDE)
+            k_valid = k_tok < key_end
+            kv_off = k_tok[:, None] * stride_s + offs_d[None, :]
+            k = _load_rows(K, kv_off, k_valid, True)
+            v = _load_rows(V, kv_off, k_valid, True)
             m_i, l_i, acc = _fwd_block(
-                q, m_i, l_i, acc, K, V, k_tok[:, None] * stride_s + offs_d[None, :],
-                k_tok < key_end, scale_log2, True, DOT_F32,
+                q, m_i, l_i, acc, k, v, k_valid, scale_log2, True, DOT_F32,
             )
         o = tl.where(q_valid[:, None], acc / tl.maximum(l_i, 1e-30)[:, None], 0.0)
         lse = tl.where(q_valid, m_i + tl.math.log2(tl.maximum(l_i, 1e-30)), 0.0)
@@ -331,27 +417,18 @@ def _sta_fwd_kernel(
 
 @_device_fn
 def _dkdv_block(
-    k, v, dk, dv, Q, DO, LSE, DELTA, q_off, q_tok, q_valid, scale_log2,
+    k, v, dk, dv, q, do, lse, delta, q_valid, scale_log2,
     MASKED: tl.constexpr, DOT_F32: tl.constexpr, PRESCALED: tl.constexpr,
     EARLY_DP: tl.constexpr,
 ):
-    """Accumulate a gathered query block's contribution to a key block's dk, dv (unscaled dk).
+    """Accumulate a query block's contribution to a key block's dk, dv (unscaled dk).
 
-    ``q_off``: (BLOCK_M, D) element offsets of the q/do rows; ``q_tok``: (BLOCK_M,) tokens.
-    ``PRESCALED``: ``k`` already holds k * scale * log2(e) (see ``_prescale``).
-    ``EARLY_DP``: issue both score matmuls (k q^T, v do^T) before the exp2, so the second
-    can run on the tensor cores while the first's exponentials run.
+    ``q``, ``do``: (BLOCK_M, D) rows and ``lse``, ``delta``: (BLOCK_M,), all zero where
+    ``q_valid`` is false. ``PRESCALED``: ``k`` already holds k * scale * log2(e) (see
+    ``_prescale``). ``EARLY_DP``: issue both score matmuls (k q^T, v do^T) before the exp2,
+    so the second can run on the tensor cores while the first's exponentials run.
+    Returns dk, dv and ds^T (BLOCK_N, BLOCK_M), from which the fused schedule takes dq.
     """
-    if MASKED:
-        q = tl.load(Q + q_off, mask=q_valid[:, None], other=0.0)
-        do = tl.load(DO + q_off, mask=q_valid[:, None], other=0.0)
-        lse = tl.load(LSE + q_tok, mask=q_valid, other=0.0)
-        delta = tl.load(DELTA + q_tok, mask=q_valid, other=0.0)
-    else:
-        q = tl.load(Q + q_off)
-        do = tl.load(DO + q_off)
-        lse = tl.load(LSE + q_tok)
-        delta = tl.load(DELTA + q_tok)
     s_t = _mm(k, tl.trans(q), DOT_F32)  # (BLOCK_N, BLOCK_M)
     if EARLY_DP:
         dp_t = _mm(v, tl.trans(do), DOT_F32)  # (BLOCK_N, BLOCK_M)
@@ -364,7 +441,36 @@ def _dkdv_block(
     if not EARLY_DP:
         dp_t = _mm(v, tl.trans(do), DOT_F32)  # (BLOCK_N, BLOCK_M)
     ds_t = p_t * (dp_t - delta[None, :])
-    dk += _mm(ds_t.to(q.dtype), q, DOT_F32)
+    ds_t = ds_t.to(q.dtype)
+    dk += _mm(ds_t, q, DOT_F32)
+    return dk, dv, ds_t
+
+
+@_device_fn
+def _add_rows(PTR, off, x, valid, MASKED: tl.constexpr):
+    """Atomically add ``x`` (N, D) fp32 to the rows ``PTR + off`` (where ``valid``)."""
+    if MASKED:
+        tl.atomic_add(PTR + off, x, mask=valid[:, None], sem="relaxed")
+    else:
+        tl.atomic_add(PTR + off, x, sem="relaxed")
+
+
+@_device_fn
+def _dkdv_contiguous(
+    k, v, dk, dv, Q, DO, LSE, DELTA, DQA, q_tok, q_valid, offs_d, stride_s, scale_log2,
+    DOT_F32: tl.constexpr, PRESCALED: tl.constexpr, EARLY_DP: tl.constexpr,
+    FUSED_DQ: tl.constexpr,
+):
+    """``_dkdv_block`` for a block of consecutive query tokens ``q_tok`` (text queries, or
+    all queries of a text key), loaded masked; with ``FUSED_DQ`` also adds their dq."""
+    q_off = q_tok[:, None] * stride_s + offs_d[None, :]  # (BLOCK_M, D)
+    dk, dv, ds_t = _dkdv_block(
+        k, v, dk, dv, _load_rows(Q, q_off, q_valid, True), _load_rows(DO, q_off, q_valid, True),
+        _load_vec(LSE, q_tok, q_valid, True), _load_vec(DELTA, q_tok, q_valid, True), q_valid,
+        scale_log2, True, DOT_F32, PRESCALED, EARLY_DP,
+    )
+    if FUSED_DQ:
+        _add_rows(DQA, q_off, _mm(tl.trans(ds_t), k, DOT_F32), q_valid, True)
     return dk, dv
 
 
@@ -379,7 +485,7 @@ def _prescale(k, scale_log2, PRESCALE: tl.constexpr):
 
 @triton.jit
 def _sta_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, WIN, TEXT_LEN,
+    Q, K, V, DO, LSE, DELTA, DK, DV, WIN, TEXT_LEN, QD, DOD, DQA, DQAD,
     stride_b, stride_s, stride_h,
     seq_len, num_video, num_heads, num_video_blocks,
     CT, CH, CW, NT, NH, NW,
@@ -388,8 +494,11 @@ def _sta_dkdv_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     Q_SUBS: tl.constexpr, K_SUBS: tl.constexpr, EVEN: tl.constexpr, DOT_F32: tl.constexpr,
     WIDE: tl.constexpr, HOIST: tl.constexpr, WS: tl.constexpr, PRESCALE: tl.constexpr,
-    EARLY_DP: tl.constexpr,
+    EARLY_DP: tl.constexpr, TMA: tl.constexpr, FUSED_DQ: tl.constexpr, DQ_TMA: tl.constexpr,
 ):
+    """dk, dv of one key block; with ``FUSED_DQ`` also its (unscaled) dq contributions,
+    added into the fp32 ``DQA`` (B, S, H, D) with atomics (through the TMA descriptor
+    ``DQAD`` for blocks of whole frames when ``DQ_TMA``)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // num_heads
@@ -401,6 +510,7 @@ def _sta_dkdv_kernel(
     DO += base
     DK += base
     DV += base
+    DQA += base
     LSE += bh.to(tl.int64) * seq_len
     DELTA += bh.to(tl.int64) * seq_len
     offs_m = tl.arange(0, BLOCK_M)
@@ -430,14 +540,22 @@ def _sta_dkdv_kernel(
             q_rows = _frame_rows(offs_m, CH, CW, TH, TW)  # (BLOCK_M,)
             q_inv = q_rows[:, None] * stride_s + offs_d[None, :]  # (BLOCK_M, D) loop-invariant
         for j in tl.range(0, cnt_t * cnt_h * cnt_w * Q_SUBS, warp_specialize=WS):
+            q_valid = offs_m < BLOCK_M
             if HOIST:
-                q_start = _widen(_box_start(
-                    j, first_t, first_h, first_w, cnt_h, cnt_w, CH, CW, TT, TH, TW, Q_SUBS,
+                qt, qh, qw = _box_coords(
+                    j, first_t, first_h, first_w, cnt_h, cnt_w, TT, TH, TW, Q_SUBS,
                     BLOCK_M // (TH * TW),
-                ), WIDE)
+                )
+                q_start = _widen((qt * CH + qh) * CW + qw, WIDE)
                 q_tok = q_start + q_rows
-                q_off = q_start * stride_s + q_inv
-                q_valid = offs_m < BLOCK_M
+                if TMA:
+                    q = _tma_rows(QD, b, qt, qh, qw, h, BLOCK_M, HEAD_DIM)
+                    do = _tma_rows(DOD, b, qt, qh, qw, h, BLOCK_M, HEAD_DIM)
+                    q_off = q_tok[:, None] * stride_s + offs_d[None, :]  # for pointer atomics
+                else:
+                    q_off = q_start * stride_s + q_inv
+                    q = _load_rows(Q, q_off, q_valid, False)
+                    do = _load_rows(DO, q_off, q_valid, False)
             else:
                 q_tile, q_sub = _box_tile(
                     j, first_t, first_h, first_w, cnt_h, cnt_w, NH, NW, Q_SUBS
@@ -446,16 +564,30 @@ def _sta_dkdv_kernel(
                     q_tile, q_sub, offs_m, CT, CH, CW, NH, NW, TT, TH, TW, BLOCK_M, WIDE,
                 )
                 q_off = q_tok[:, None] * stride_s + offs_d[None, :]  # (BLOCK_M, D)
-            dk, dv = _dkdv_block(
-                k, v, dk, dv, Q, DO, LSE, DELTA, q_off, q_tok, q_valid, scale_log2,
+                q = _load_rows(Q, q_off, q_valid, not EVEN)
+                do = _load_rows(DO, q_off, q_valid, not EVEN)
+            lse = _load_vec(LSE, q_tok, q_valid, not EVEN)
+            delta = _load_vec(DELTA, q_tok, q_valid, not EVEN)
+            dk, dv, ds_t = _dkdv_block(
+                k, v, dk, dv, q, do, lse, delta, q_valid, scale_log2,
                 not EVEN, DOT_F32, PRESCALE, EARLY_DP,
             )
+            if FUSED_DQ:
+                dq = _mm(tl.trans(ds_t), k, DOT_F32)  # (BLOCK_M, D)
+                if DQ_TMA:
+                    DQAD.atomic_add(
+                        [b, qt, qh, qw, h * HEAD_DIM],
+                        dq.reshape(1, BLOCK_M // (TH * TW), TH, TW, HEAD_DIM),
+                    )
+                else:
+                    _add_rows(DQA, q_off, dq, q_valid, not EVEN)
         for start in range(0, text_len, BLOCK_M):
             q_pos = start + offs_m
             q_tok = _widen(num_video + q_pos, WIDE)
-            dk, dv = _dkdv_block(
-                k, v, dk, dv, Q, DO, LSE, DELTA, q_tok[:, None] * stride_s + offs_d[None, :],
-                q_tok, q_pos < text_len, scale_log2, True, DOT_F32, PRESCALE, EARLY_DP,
+            q_valid = q_pos < text_len
+            dk, dv = _dkdv_contiguous(
+                k, v, dk, dv, Q, DO, LSE, DELTA, DQA, q_tok, q_valid, offs_d, stride_s,
+                scale_log2, DOT_F32, PRESCALE, EARLY_DP, FUSED_DQ,
             )
         if EVEN:
             tl.store(DK + kv_off, (dk * scale).to(DK.dtype.element_ty))
@@ -476,9 +608,10 @@ def _sta_dkdv_kernel(
         query_end = tl.where((pid - num_video_blocks) * BLOCK_N < text_len, num_video + text_len, 0)
         for start in range(0, query_end, BLOCK_M):
             q_tok = _widen(start + offs_m, WIDE)
-            dk, dv = _dkdv_block(
-                k, v, dk, dv, Q, DO, LSE, DELTA, q_tok[:, None] * stride_s + offs_d[None, :],
-                q_tok, q_tok < query_end, scale_log2, True, DOT_F32, PRESCALE, EARLY_DP,
+            q_valid = q_tok < query_end
+            dk, dv = _dkdv_contiguous(
+                k, v, dk, dv, Q, DO, LSE, DELTA, DQA, q_tok, q_valid, offs_d, stride_s,
+                scale_log2, DOT_F32, PRESCALE, EARLY_DP, FUSED_DQ,
             )
         dk = tl.where(k_valid[:, None], dk * scale, 0.0)
         dv = tl.where(k_valid[:, None], dv, 0.0)
@@ -486,23 +619,47 @@ def _sta_dkdv_kernel(
         tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=in_seq[:, None])
 
 
+@triton.jit
+def _sta_delta_kernel(
+    Out, DO, DELTA, stride_b, stride_s, stride_h, seq_len, num_heads,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, WIDE: tl.constexpr,
+):
+    """delta (B, H, S) = rowsum(o * do) in fp32, for the fused dk/dv/dq kernel."""
+    bh = tl.program_id(1)
+    b = bh // num_heads
+    h = bh % num_heads
+    base = b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+    tok = _widen(tl.program_id(0) * BLOCK + tl.arange(0, BLOCK), WIDE)
+    valid = tok < seq_len
+    off = tok[:, None] * stride_s + tl.arange(0, HEAD_DIM)[None, :]
+    o = tl.load(Out + base + off, mask=valid[:, None], other=0.0)
+    do = tl.load(DO + base + off, mask=valid[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh.to(tl.int64) * seq_len + tok, delta, mask=valid)
+
+
+@triton.jit
+def _scale_cast_kernel(X, Y, numel, scale, BLOCK: tl.constexpr):
+    """y = (x * scale) in y's dtype, flat: the fused dq's fp32 sum to the output dtype in
+    one pass (a torch multiply then cast would read and write the fp32 buffer twice)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    x = tl.load(X + offs, mask=mask, other=0.0)
+    tl.store(Y + offs, (x * scale).to(Y.dtype.element_ty), mask=mask)
+
+
 @_device_fn
 def _dq_block(
-    q, do, lse, delta, dq, K, V, kv_off, k_valid, scale_log2,
+    q, do, lse, delta, dq, k, v, k_valid, scale_log2,
     MASKED: tl.constexpr, DOT_F32: tl.constexpr, EARLY_DP: tl.constexpr,
     PRESCALED: tl.constexpr,
 ):
-    """Accumulate a gathered key block's contribution to a query block's (unscaled) dq.
+    """Accumulate a key block's contribution to a query block's (unscaled) dq.
 
-    ``EARLY_DP``: issue do v^T before the exp2 of q k^T (see ``_dkdv_block``).
-    ``PRESCALED``: ``q`` already holds q * scale * log2(e) (see ``_prescale``).
+    ``k``, ``v``: (BLOCK_N, D) rows, zero where ``k_valid`` is false. ``EARLY_DP``: issue
+    do v^T before the exp2 of q k^T (see ``_dkdv_block``). ``PRESCALED``: ``q`` already
+    holds q * scale * log2(e) (see ``_prescale``).
     """
-    if MASKED:
-        k = tl.load(K + kv_off, mask=k_valid[:, None], other=0.0)
-        v = tl.load(V + kv_off, mask=k_valid[:, None], other=0.0)
-    else:
-        k = tl.load(K + kv_off)
-        v = tl.load(V + kv_off)
     s = _mm(q, tl.trans(k), DOT_F32)  # (BLOCK_M, BLOCK_N)
     if EARLY_DP:
         dp = _mm(do, tl.trans(v), DOT_F32)
@@ -520,7 +677,7 @@ def _dq_block(
 
 @triton.jit
 def _sta_dq_kernel(
-    Q, K, V, Out, DO, LSE, DELTA, DQ, WIN, TEXT_LEN,
+    Q, K, V, Out, DO, LSE, DELTA, DQ, WIN, TEXT_LEN, KD, VD,
     stride_b, stride_s, stride_h,
     seq_len, num_video, num_heads, num_video_blocks,
     CT, CH, CW, NT, NH, NW,
@@ -529,7 +686,7 @@ def _sta_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     Q_SUBS: tl.constexpr, K_SUBS: tl.constexpr, EVEN: tl.constexpr, DOT_F32: tl.constexpr,
     WIDE: tl.constexpr, HOIST: tl.constexpr, WS: tl.constexpr, EARLY_DP: tl.constexpr,
-    PRESCALE: tl.constexpr,
+    PRESCALE: tl.constexpr, TMA: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -574,33 +731,28 @@ def _sta_dq_kernel(
         first_t = _axis_window(q_tile // (NH * NW), NT, wt)
         first_h = _axis_window((q_tile // NW) % NH, NH, wh)
         first_w = _axis_window(q_tile % NW, NW, ww)
+        kv_inv = 0  # unused unless HOIST
         if HOIST:
             kv_rows = _frame_rows(offs_n, CH, CW, TH, TW)  # (BLOCK_N,)
             kv_inv = kv_rows[:, None] * stride_s + offs_d[None, :]  # (BLOCK_N, D) loop-invariant
         for j in tl.range(0, wt * wh * ww * K_SUBS, warp_specialize=WS):
-            if HOIST:
-                k_start = _box_start(
-                    j, first_t, first_h, first_w, wh, ww, CH, CW, TT, TH, TW, K_SUBS,
-                    BLOCK_N // (TH * TW),
-                )
-                kv_off = _widen(k_start, WIDE) * stride_s + kv_inv
-                k_valid = offs_n < BLOCK_N
-            else:
-                k_tile, k_sub = _box_tile(j, first_t, first_h, first_w, wh, ww, NH, NW, K_SUBS)
-                k_tok, k_valid = _tile_tokens(
-                    k_tile, k_sub, offs_n, CT, CH, CW, NH, NW, TT, TH, TW, BLOCK_N, WIDE,
-                )
-                kv_off = k_tok[:, None] * stride_s + offs_d[None, :]  # (BLOCK_N, D)
+            k, v, k_valid = _window_keys(
+                j, K, V, KD, VD, b, h, first_t, first_h, first_w, wh, ww, kv_inv, offs_n,
+                offs_d, stride_s, CT, CH, CW, NH, NW, TT, TH, TW, HEAD_DIM, BLOCK_N, K_SUBS,
+                EVEN, WIDE, HOIST, TMA,
+            )
             dq = _dq_block(
-                q, do, lse, delta, dq, K, V, kv_off, k_valid, scale_log2, not EVEN, DOT_F32,
+                q, do, lse, delta, dq, k, v, k_valid, scale_log2, not EVEN, DOT_F32,
                 EARLY_DP, PRESCALE,
             )
         for start in range(0, text_len, BLOCK_N):
             k_pos = start + offs_n
-            k_tok = _widen(num_video + k_pos, WIDE)
+            k_valid = k_pos < text_len
+            kv_off = _widen(num_video + k_pos, WIDE)[:, None] * stride_s + offs_d[None, :]
             dq = _dq_block(
-                q, do, lse, delta, dq, K, V, k_tok[:, None] * stride_s + offs_d[None, :],
-                k_pos < text_len, scale_log2, True, DOT_F32, EARLY_DP, PRESCALE,
+                q, do, lse, delta, dq, _load_rows(K, kv_off, k_valid, True),
+                _load_rows(V, kv_off, k_valid, True), k_valid, scale_log2, True, DOT_F32,
+                EARLY_DP, PRESCALE,
             )
         if EVEN:
             tl.store(DQ + q_off, (dq * scale).to(DQ.dtype.element_ty))
@@ -622,9 +774,12 @@ def _sta_dq_kernel(
         key_end = tl.where((pid - num_video_blocks) * BLOCK_M < text_len, num_video + text_len, 0)
         for start in range(0, key_end, BLOCK_N):
             k_tok = _widen(start + offs_n, WIDE)
+            k_valid = k_tok < key_end
+            kv_off = k_tok[:, None] * stride_s + offs_d[None, :]
             dq = _dq_block(
-                q, do, lse, delta, dq, K, V, k_tok[:, None] * stride_s + offs_d[None, :],
-                k_tok < key_end, scale_log2, True, DOT_F32, EARLY_DP, PRESCALE,
+                q, do, lse, delta, dq, _load_rows(K, kv_off, k_valid, True),
+                _load_rows(V, kv_off, k_valid, True), k_valid, scale_log2, True, DOT_F32,
+                EARLY_DP, PRESCALE,
             )
         dq = tl.where(q_valid[:, None], dq * scale, 0.0)
         tl.store(DQ + q_off, dq.to(DQ.dtype.element_ty), mask=in_seq[:, None])
@@ -657,8 +812,15 @@ def check_inputs(q: torch.Tensor) -> None:
 
 
 def default_config(device: torch.device) -> KernelConfig:
-    """The launch configuration for ``device`` (small blocks under the interpreter)."""
-    return INTERPRETER_CONFIG if device.type != "cuda" else KernelConfig()
+    """The launch configuration for ``device`` (small blocks under the interpreter).
+
+    With ``torch.use_deterministic_algorithms(True)`` the backward uses its deterministic
+    two-kernel schedule (no atomics), bitwise reproducible from run to run.
+    """
+    config = INTERPRETER_CONFIG if device.type != "cuda" else KernelConfig()
+    if torch.are_deterministic_algorithms_enabled():
+        config = replace(config, fused_dq=False)
+    return config
 
 
 class _Geometry:
@@ -685,6 +847,26 @@ class _Geometry:
     def hoist(self, inner: int, *blocks: int) -> bool:
         """Masks compiled out and the inner-loop block made of whole tile frames."""
         return self.even(*blocks) and inner % (self.tile[1] * self.tile[2]) == 0
+
+    def descriptor(self, x: torch.Tensor, block: int, use: bool):
+        """A TMA descriptor of ``x``'s video tokens in blocks of ``block`` whole frames.
+
+        ``x`` (B, S, H, D) contiguous is viewed as (B, CT, CH, CW, H * D) with a
+        (1, block / (TH * TW), TH, TW, D) box. Returns ``x`` itself (an unused pointer
+        argument) when ``use`` is false or this triton has no host descriptors.
+        """
+        if not use or TensorDescriptor is None:
+            return x
+        batch, _, heads, head_dim = x.shape
+        ct, ch, cw = self.canvas
+        row = x.stride(1)  # = H * D
+        return TensorDescriptor(
+            x,
+            shape=[batch, ct, ch, cw, heads * head_dim],
+            strides=[x.stride(0), ch * cw * row, cw * row, row, 1],
+            block_shape=[1, block // (self.tile[1] * self.tile[2]), self.tile[1],
+                         self.tile[2], head_dim],
+        )
 
     def wide(self, x: torch.Tensor) -> bool:
         """Whether token offsets within one (batch, head) need 64-bit integers."""
@@ -745,16 +927,18 @@ def sta_triton_forward(
     q_subs = geo.subs(cfg.fwd_block_m)
     video_blocks = geo.num_tiles * q_subs
     grid = (video_blocks + triton.cdiv(geo.num_text, cfg.fwd_block_m), batch * heads)
+    hoist = geo.hoist(cfg.fwd_block_n, cfg.fwd_block_m, cfg.fwd_block_n)
+    tma = hoist and cfg.fwd_tma and TensorDescriptor is not None
     _record("fwd", _sta_fwd_kernel[grid](
         q, k, v, o, lse, windows, text_len,
+        geo.descriptor(k, cfg.fwd_block_n, tma), geo.descriptor(v, cfg.fwd_block_n, tma),
         *_strides(q), seq, geo.num_video, heads, video_blocks, *geo.args(),
         scale * LOG2E,
         TT=geo.tile[0], TH=geo.tile[1], TW=geo.tile[2], HEAD_DIM=head_dim,
         BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n,
         Q_SUBS=q_subs, K_SUBS=geo.subs(cfg.fwd_block_n),
         EVEN=geo.even(cfg.fwd_block_m, cfg.fwd_block_n),
-        DOT_F32=is_interpreter(), WIDE=geo.wide(q),
-        HOIST=geo.hoist(cfg.fwd_block_n, cfg.fwd_block_m, cfg.fwd_block_n),
+        DOT_F32=is_interpreter(), WIDE=geo.wide(q), HOIST=hoist, TMA=tma,
         num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
     ))
     return o, lse
@@ -776,20 +960,38 @@ def sta_triton_backward(
     kernels: Sequence[str] = ("dq", "dkdv"),
     delta: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the dq and dk/dv kernels; all tensors (B, S, H, D) as in the forward.
+    """Launch the backward kernels; all tensors (B, S, H, D) as in the forward.
 
-    ``kernels`` and ``delta`` exist for benchmarking one kernel alone: the dk/dv kernel
-    reads ``delta`` (B, H, S) = rowsum(o * do), which the dq kernel writes.
+    Two schedules: a dq kernel (which also writes delta = rowsum(o * do)) then a dk/dv
+    kernel, or with ``config.fused_dq`` a delta kernel then one dk/dv kernel that also adds
+    dq into an fp32 buffer with atomics. ``kernels`` and ``delta`` exist for benchmarking
+    one part alone: "dq" is the dq kernel (or the delta kernel when fused), "dkdv" the
+    dk/dv kernel, which reads ``delta`` (B, H, S).
     """
     cfg = config or default_config(q.device)
+    if cfg.fused_dq and cfg.bwd_prescale:
+        raise ValueError("KernelConfig: fused_dq needs the unscaled k (bwd_prescale=False)")
     batch, seq, heads, head_dim = q.shape
     geo = _Geometry(seq, canvas, tile)
     do = do.contiguous()
     if delta is None:
         delta = torch.empty(batch, heads, seq, device=q.device, dtype=torch.float32)  # (B, H, S)
-    dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
+    if cfg.fused_dq:
+        dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32)  # (B, S, H, D)
+        if "dq" in kernels:
+            grid = (triton.cdiv(seq, 128), batch * heads)
+            _sta_delta_kernel[grid](o, do, delta, *_strides(q), seq, heads,
+                                    HEAD_DIM=head_dim, BLOCK=128, WIDE=geo.wide(q))
+        if "dkdv" in kernels:
+            _launch_dkdv(cfg, geo, q, k, v, do, lse, delta, dk, dv, windows, text_len, scale,
+                         dq_acc)
+        dq = torch.empty_like(q)
+        _scale_cast_kernel[(triton.cdiv(dq.numel(), 4096),)](dq_acc, dq, dq.numel(), scale,
+                                                              BLOCK=4096)
+        return dq, dk, dv
+    dq = torch.empty_like(q)
     # dq first: it also writes delta = rowsum(o * do), which the dk/dv kernel reads
     if "dq" in kernels:
         _launch_dq(cfg, geo, q, k, v, o, do, lse, delta, dq, windows, text_len, scale)
@@ -804,36 +1006,47 @@ def _launch_dq(cfg, geo, q, k, v, o, do, lse, delta, dq, windows, text_len, scal
     q_subs = geo.subs(cfg.dq_block_m)
     video_blocks = geo.num_tiles * q_subs
     grid = (video_blocks + triton.cdiv(geo.num_text, cfg.dq_block_m), batch * heads)
+    hoist = geo.hoist(cfg.dq_block_n, cfg.dq_block_m, cfg.dq_block_n)
+    tma = hoist and cfg.dq_tma and TensorDescriptor is not None
     _record("dq", _sta_dq_kernel[grid](
         q, k, v, o, do, lse, delta, dq, windows, text_len,
+        geo.descriptor(k, cfg.dq_block_n, tma), geo.descriptor(v, cfg.dq_block_n, tma),
         *common, video_blocks, *geo.args(), scale, scale * LOG2E,
         TT=geo.tile[0], TH=geo.tile[1], TW=geo.tile[2], HEAD_DIM=head_dim,
         BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n,
         Q_SUBS=q_subs, K_SUBS=geo.subs(cfg.dq_block_n),
         EVEN=geo.even(cfg.dq_block_m, cfg.dq_block_n),
-        DOT_F32=is_interpreter(), WIDE=geo.wide(q),
-        HOIST=geo.hoist(cfg.dq_block_n, cfg.dq_block_m, cfg.dq_block_n), WS=cfg.dq_ws,
-        EARLY_DP=cfg.dq_early_dp, PRESCALE=cfg.dq_prescale,
+        DOT_F32=is_interpreter(), WIDE=geo.wide(q), HOIST=hoist, WS=cfg.dq_ws,
+        EARLY_DP=cfg.dq_early_dp, PRESCALE=cfg.dq_prescale, TMA=tma,
         num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
     ))
 
 
-def _launch_dkdv(cfg, geo, q, k, v, do, lse, delta, dk, dv, windows, text_len, scale) -> None:
+def _launch_dkdv(cfg, geo, q, k, v, do, lse, delta, dk, dv, windows, text_len, scale,
+                 dq_acc=None) -> None:
     batch, seq, heads, head_dim = q.shape
     common = (*_strides(q), seq, geo.num_video, heads)
     k_subs = geo.subs(cfg.bwd_block_n)
     video_blocks = geo.num_tiles * k_subs
     grid = (video_blocks + triton.cdiv(geo.num_text, cfg.bwd_block_n), batch * heads)
+    hoist = geo.hoist(cfg.bwd_block_m, cfg.bwd_block_m, cfg.bwd_block_n)
+    tma = hoist and cfg.bwd_tma and TensorDescriptor is not None
+    # (triton's CPU interpreter has no descriptor reduce: pointer atomics there)
+    dq_tma = (hoist and dq_acc is not None and cfg.fused_dq_tma
+              and TensorDescriptor is not None and not is_interpreter())
     _record("dkdv", _sta_dkdv_kernel[grid](
         q, k, v, do, lse, delta, dk, dv, windows, text_len,
+        geo.descriptor(q, cfg.bwd_block_m, tma), geo.descriptor(do, cfg.bwd_block_m, tma),
+        q if dq_acc is None else dq_acc,
+        geo.descriptor(dq_acc, cfg.bwd_block_m, dq_tma) if dq_tma else q,
         *common, video_blocks, *geo.args(), scale, scale * LOG2E,
         TT=geo.tile[0], TH=geo.tile[1], TW=geo.tile[2], HEAD_DIM=head_dim,
         BLOCK_M=cfg.bwd_block_m, BLOCK_N=cfg.bwd_block_n,
         Q_SUBS=geo.subs(cfg.bwd_block_m), K_SUBS=k_subs,
         EVEN=geo.even(cfg.bwd_block_m, cfg.bwd_block_n),
-        DOT_F32=is_interpreter(), WIDE=geo.wide(q),
-        HOIST=geo.hoist(cfg.bwd_block_m, cfg.bwd_block_m, cfg.bwd_block_n), WS=cfg.bwd_ws,
-        PRESCALE=cfg.bwd_prescale, EARLY_DP=cfg.bwd_early_dp,
+        DOT_F32=is_interpreter(), WIDE=geo.wide(q), HOIST=hoist, WS=cfg.bwd_ws,
+        PRESCALE=cfg.bwd_prescale, EARLY_DP=cfg.bwd_early_dp, TMA=tma,
+        FUSED_DQ=dq_acc is not None, DQ_TMA=dq_tma,
         num_warps=cfg.bwd_warps, num_stages=cfg.bwd_stages,
     ))
 

@@ -31,26 +31,35 @@ except ImportError:
 target = GPUTarget("cuda", 90, 32)
 backend = CUDABackend(target)
 options = backend.parse_options({})
+# kernel: (pointer arguments, TMA descriptor arguments and the rows of their box)
 kernels = {
-    ts._sta_fwd_kernel: {"Q", "K", "V", "Out"},
-    ts._sta_dq_kernel: {"Q", "K", "V", "Out", "DO", "DQ"},
-    ts._sta_dkdv_kernel: {"Q", "K", "V", "DO", "DK", "DV"},
+    ts._sta_fwd_kernel: ({"Q", "K", "V", "Out"}, {"KD", "VD"}, 128),
+    ts._sta_dq_kernel: ({"Q", "K", "V", "Out", "DO", "DQ"}, {"KD", "VD"}, 128),
+    ts._sta_dkdv_kernel: ({"Q", "K", "V", "DO", "DK", "DV"}, {"QD", "DOD"}, 64),
 }
-for kernel, tensors in kernels.items():
-    for even, wide, hoist in itertools.product((True, False), repeat=3):
-        if hoist and not even:
+for kernel, (tensors, descriptors, rows) in kernels.items():
+    for even, wide, hoist, tma in itertools.product((True, False), repeat=4):
+        if (hoist and not even) or (tma and not hoist):
             continue
         consts = dict(TT=6, TH=8, TW=8, HEAD_DIM=128, BLOCK_M=64, BLOCK_N=128, Q_SUBS=6,
-                      K_SUBS=3, EVEN=even, DOT_F32=False, WIDE=wide, HOIST=hoist)
+                      K_SUBS=3, EVEN=even, DOT_F32=False, WIDE=wide, HOIST=hoist, TMA=tma)
         # optional schedule switches of some kernels, each lowered both ways across the loop
         consts.update({n: even for n in ("WS", "PRESCALE", "EARLY_DP") if n in kernel.arg_names})
+        if "FUSED_DQ" in kernel.arg_names:  # fused dq: pointer atomics, or TMA reduce-add
+            consts.update(FUSED_DQ=(wide != even) or tma, DQ_TMA=tma)
         signature = {}
         for name in kernel.arg_names:
             if name in consts:
                 signature[name] = "constexpr"
-            elif name in tensors:
+            elif name == "DQAD" and tma:
+                signature[name] = "tensordesc<fp32[1, 1, 8, 8, 128]>"
+            elif name == "DQAD":
+                signature[name] = "*fp32"
+            elif name in descriptors and tma:
+                signature[name] = f"tensordesc<bf16[1, {rows // 64}, 8, 8, 128]>"
+            elif name in tensors or name in descriptors:
                 signature[name] = "*bf16"
-            elif name in ("LSE", "DELTA"):
+            elif name in ("LSE", "DELTA", "DQA"):
                 signature[name] = "*fp32"
             elif name in ("WIN", "TEXT_LEN"):
                 signature[name] = "*i32"
@@ -64,7 +73,7 @@ for kernel, tensors in kernels.items():
         triton._C.libtriton.ir.load_dialects(context)
         src.make_ir(target, options, backend.get_codegen_implementation(options),
                     backend.get_module_map(), context)
-        print("OK", kernel.__name__, even, wide, hoist)
+        print("OK", kernel.__name__, even, wide, hoist, tma)
 """
 
 
@@ -77,4 +86,5 @@ def test_kernels_lower_to_ttir_for_sm90():
     if proc.stdout.startswith("SKIP"):
         pytest.skip(proc.stdout.strip())
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("OK") == 3 * 6, proc.stdout
+    # per kernel: (even, wide) x hoist off/on, plus TMA on each hoisted pair
+    assert proc.stdout.count("OK") == 3 * 8, proc.stdout

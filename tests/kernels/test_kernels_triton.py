@@ -41,8 +41,16 @@ def _run(q, k, v, do, backend, **kw):
     return (o, *torch.autograd.grad(o, leaves, do))
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["dq_kernel", "fused_dq"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_triton_matches_reference(name, triton_device):
+def test_triton_matches_reference(name, fused, triton_device, monkeypatch):
+    """Both backward schedules: a dq kernel, or dq added by the dk/dv kernel (atomics)."""
+    from dataclasses import replace
+
+    from sta_kernels import triton_sta as ts
+
+    config = replace(ts.default_config(triton_device), fused_dq=fused)
+    monkeypatch.setattr(ts, "default_config", lambda device: config)
     batch, canvas, tile, window, text, slots, head_dim, dtype = CASES[name]
     window, text = torch.tensor(window), torch.tensor(text)
     q, k, v, do = make_qkv(batch, canvas, slots, window.shape[0], head_dim, dtype, triton_device)
@@ -139,3 +147,76 @@ def test_triton_rejects_unsupported_inputs(dtype, head_dim, match, triton_device
     with pytest.raises(ValueError, match=match):
         sliding_tile_attention(q, q, q, canvas=(1, 2, 4), tile=(1, 2, 4), window=(1, 1, 1),
                                backend="triton")
+
+
+def test_triton_tma_loads_match_pointer_loads(triton_device):
+    """The TMA (tensor-descriptor) paths compute what the pointer paths do: loads in the
+    three kernels, and the fused dq's reduce-add; full tiles whose blocks are whole frames,
+    per-head windows, padded text."""
+    from dataclasses import replace
+
+    from sta_kernels import triton_sta as ts
+
+    if ts.TensorDescriptor is None:
+        pytest.skip("this triton has no host-side tensor descriptors")
+    if torch.cuda.is_available():  # the tuned blocks: 6x8x8 tiles, blocks of 1-2 frames
+        canvas, tile, head_dim = (12, 16, 24), (6, 8, 8), 128
+    else:  # tiles of 2 frames of 2x4 tokens; interpreter blocks of 16 tokens = 2 frames
+        canvas, tile, head_dim = (4, 4, 8), (2, 2, 4), 16
+    slots = 3
+    window = torch.tensor([[1, 1, 1], [2, 1, 3]])
+    text = torch.tensor([2, 0])
+    q, k, v, do = make_qkv(2, canvas, slots, 2, head_dim, torch.bfloat16, triton_device, seed=11)
+    windows = ts.device_table(window, q.device)
+    lengths = ts.device_table(text, q.device)
+    scale = head_dim**-0.5
+    base = replace(ts.default_config(q.device), fwd_tma=False, dq_tma=False, bwd_tma=False)
+    tma = replace(base, fwd_tma=True, dq_tma=True, bwd_tma=True)
+    # fused dq: TMA reduce-add for the window's blocks, pointer atomics for text queries
+    fused = replace(base, fused_dq=True, fused_dq_tma=True)
+    geo = ts._Geometry(q.shape[1], canvas, tile)
+    assert isinstance(geo.descriptor(k, tma.fwd_block_n, True), ts.TensorDescriptor)
+    results = []
+    for cfg in (base, tma, fused):
+        o, lse = ts.sta_triton_forward(q, k, v, windows, lengths, canvas, tile, scale, cfg)
+        grads = ts.sta_triton_backward(do, q, k, v, o, lse, windows, lengths, canvas, tile,
+                                       scale, cfg)
+        results.append((o, lse, *grads))
+    for name, a, b in zip(("o", "lse", "dq", "dk", "dv"), *results[:2], strict=True):
+        if q.is_cuda:  # same math; the compiled schedules may differ in rounding only
+            assert rel_err(a, b) <= 1e-3, name
+        else:
+            assert torch.equal(a, b), name
+    ref = _run(q.double(), k.double(), v.double(), do.double(), "reference", canvas=canvas,
+               tile=tile, window=window, text_len=text)
+    low = _run(q.cpu(), k.cpu(), v.cpu(), do.cpu(), "lowp", canvas=canvas, tile=tile,
+               window=window, text_len=text)
+    for res in results[1:]:
+        got = (res[0], *res[2:])
+        for label, g, r, lo in zip(("o", "dq", "dk", "dv"), got, ref, low, strict=True):
+            assert rel_err(g, r) <= GRAD_FACTOR * rel_err(lo, r.cpu()) + 1e-4, label
+
+
+def test_deterministic_mode_uses_the_two_kernel_backward(triton_device):
+    """Fused dq adds with atomics (order-dependent rounding); deterministic mode avoids them
+    and then reproduces the gradients bitwise."""
+    from sta_kernels import triton_sta as ts
+
+    assert ts.default_config(triton_device).fused_dq
+    canvas, tile = (2, 4, 8), (1, 2, 4)
+    if torch.cuda.is_available():
+        canvas, tile = (12, 16, 16), (6, 8, 8)
+    q, k, v, do = make_qkv(1, canvas, 0, 2, 64, torch.bfloat16, triton_device, seed=13)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        assert not ts.default_config(triton_device).fused_dq
+        runs = [_run(q, k, v, do, "triton", canvas=canvas, tile=tile, window=(1, 3, 3))
+                for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(before)
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+    fused = _run(q, k, v, do, "triton", canvas=canvas, tile=tile, window=(1, 3, 3))
+    for label, a, b in zip(("o", "dq", "dk", "dv"), fused, runs[0], strict=True):
+        assert rel_err(a, b) <= 1e-2, label
