@@ -139,6 +139,20 @@ def _tile_tokens(
 
 
 @_device_fn
+def _live(tile, sub, CT, NH, NW, TT: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
+          BLOCK: tl.constexpr, EVEN: tl.constexpr):
+    """1 if block ``sub`` of raster tile ``tile`` holds a token, else 0 (all padding).
+
+    A partial tile on the t axis leaves whole blocks past the canvas's last frame; their
+    programs multiply their loop counts by 0 and store nothing (every row is masked).
+    """
+    if EVEN:
+        return 1
+    first_frame = (tile // (NH * NW)) * TT + (sub * BLOCK) // (TH * TW)
+    return (first_frame < CT).to(tl.int32)
+
+
+@_device_fn
 def _widen(x, WIDE: tl.constexpr):
     """``x`` as int64 when token offsets need 64 bits, else unchanged (int32)."""
     if WIDE:
@@ -363,7 +377,8 @@ def _sta_fwd_kernel(
         if HOIST:
             kv_rows = _frame_rows(offs_n, CH, CW, TH, TW)  # (BLOCK_N,)
             kv_inv = kv_rows[:, None] * stride_s + offs_d[None, :]  # (BLOCK_N, D) loop-invariant
-        for j in range(0, wt * wh * ww * K_SUBS):
+        live = _live(q_tile, pid % Q_SUBS, CT, NH, NW, TT, TH, TW, BLOCK_M, EVEN)
+        for j in range(0, wt * wh * ww * K_SUBS * live):
             k, v, k_valid = _window_keys(
                 j, K, V, KD, VD, b, h, first_t, first_h, first_w, wh, ww, kv_inv, offs_n,
                 offs_d, stride_s, CT, CH, CW, NH, NW, TT, TH, TW, HEAD_DIM, BLOCK_N, K_SUBS,
@@ -372,7 +387,7 @@ def _sta_fwd_kernel(
             m_i, l_i, acc = _fwd_block(
                 q, m_i, l_i, acc, k, v, k_valid, scale_log2, not EVEN, DOT_F32,
             )
-        for start in range(0, text_len, BLOCK_N):
+        for start in range(0, text_len * live, BLOCK_N):
             k_pos = start + offs_n
             k_valid = k_pos < text_len
             kv_off = _widen(num_video + k_pos, WIDE)[:, None] * stride_s + offs_d[None, :]
@@ -381,12 +396,13 @@ def _sta_fwd_kernel(
             m_i, l_i, acc = _fwd_block(
                 q, m_i, l_i, acc, k, v, k_valid, scale_log2, True, DOT_F32,
             )
-        o = acc / l_i[:, None]
         if EVEN:
-            tl.store(Out + q_off, o.to(Out.dtype.element_ty))
+            tl.store(Out + q_off, (acc / l_i[:, None]).to(Out.dtype.element_ty))
             tl.store(LSE + q_tok, m_i + tl.math.log2(l_i))
         else:
-            tl.store(Out + q_off, o.to(Out.dtype.element_ty), mask=q_valid[:, None])
+            l_i = tl.maximum(l_i, 1e-30)  # 0 in an all-padding block, whose rows are masked
+            tl.store(Out + q_off, (acc / l_i[:, None]).to(Out.dtype.element_ty),
+                     mask=q_valid[:, None])
             tl.store(LSE + q_tok, m_i + tl.math.log2(l_i), mask=q_valid)
     else:
         # text queries: all video keys and the valid text keys, contiguous in memory
@@ -539,7 +555,8 @@ def _sta_dkdv_kernel(
         if HOIST:
             q_rows = _frame_rows(offs_m, CH, CW, TH, TW)  # (BLOCK_M,)
             q_inv = q_rows[:, None] * stride_s + offs_d[None, :]  # (BLOCK_M, D) loop-invariant
-        for j in tl.range(0, cnt_t * cnt_h * cnt_w * Q_SUBS, warp_specialize=WS):
+        live = _live(k_tile, pid % K_SUBS, CT, NH, NW, TT, TH, TW, BLOCK_N, EVEN)
+        for j in tl.range(0, cnt_t * cnt_h * cnt_w * Q_SUBS * live, warp_specialize=WS):
             q_valid = offs_m < BLOCK_M
             if HOIST:
                 qt, qh, qw = _box_coords(
@@ -581,7 +598,7 @@ def _sta_dkdv_kernel(
                     )
                 else:
                     _add_rows(DQA, q_off, dq, q_valid, not EVEN)
-        for start in range(0, text_len, BLOCK_M):
+        for start in range(0, text_len * live, BLOCK_M):
             q_pos = start + offs_m
             q_tok = _widen(num_video + q_pos, WIDE)
             q_valid = q_pos < text_len
@@ -735,7 +752,8 @@ def _sta_dq_kernel(
         if HOIST:
             kv_rows = _frame_rows(offs_n, CH, CW, TH, TW)  # (BLOCK_N,)
             kv_inv = kv_rows[:, None] * stride_s + offs_d[None, :]  # (BLOCK_N, D) loop-invariant
-        for j in tl.range(0, wt * wh * ww * K_SUBS, warp_specialize=WS):
+        live = _live(q_tile, pid % Q_SUBS, CT, NH, NW, TT, TH, TW, BLOCK_M, EVEN)
+        for j in tl.range(0, wt * wh * ww * K_SUBS * live, warp_specialize=WS):
             k, v, k_valid = _window_keys(
                 j, K, V, KD, VD, b, h, first_t, first_h, first_w, wh, ww, kv_inv, offs_n,
                 offs_d, stride_s, CT, CH, CW, NH, NW, TT, TH, TW, HEAD_DIM, BLOCK_N, K_SUBS,
@@ -745,7 +763,7 @@ def _sta_dq_kernel(
                 q, do, lse, delta, dq, k, v, k_valid, scale_log2, not EVEN, DOT_F32,
                 EARLY_DP, PRESCALE,
             )
-        for start in range(0, text_len, BLOCK_N):
+        for start in range(0, text_len * live, BLOCK_N):
             k_pos = start + offs_n
             k_valid = k_pos < text_len
             kv_off = _widen(num_video + k_pos, WIDE)[:, None] * stride_s + offs_d[None, :]
