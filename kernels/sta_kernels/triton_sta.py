@@ -269,6 +269,87 @@ def _load_vec(PTR, tok, valid, MASKED: tl.constexpr):
 
 
 @_device_fn
+def _program(num_heads, stride_b, stride_h):
+    """This program's (pid, bh, batch, head) and the element offset of its (b, h) rows."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // num_heads
+    h = bh % num_heads
+    return pid, bh, b, h, b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+
+
+@_device_fn
+def _own_block(
+    pid, offs, offs_d, stride_s, CT, CH, CW, NH, NW,
+    TT: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, BLOCK: tl.constexpr,
+    SUBS: tl.constexpr, WIDE: tl.constexpr,
+):
+    """The video block a program owns: (tile, sub, tokens (BLOCK,), validity, row offsets
+    (BLOCK, D))."""
+    tile = pid // SUBS
+    sub = pid % SUBS
+    tok, valid = _tile_tokens(tile, sub, offs, CT, CH, CW, NH, NW, TT, TH, TW, BLOCK, WIDE)
+    return tile, sub, tok, valid, tok[:, None] * stride_s + offs_d[None, :]
+
+
+@_device_fn
+def _text_block(
+    pid, num_video_blocks, num_video, seq_len, text_len, offs, offs_d, stride_s,
+    BLOCK: tl.constexpr, WIDE: tl.constexpr,
+):
+    """The text block a program past the video blocks owns: (tokens, in-sequence, valid
+    (not padding), row offsets, end of the tokens it attends / is attended by).
+
+    A valid text token meets every video token and every valid text token; a block made
+    only of padding meets none (end 0).
+    """
+    pos = (pid - num_video_blocks) * BLOCK + offs
+    tok = _widen(num_video + pos, WIDE)
+    end = tl.where((pid - num_video_blocks) * BLOCK < text_len, num_video + text_len, 0)
+    return tok, tok < seq_len, pos < text_len, tok[:, None] * stride_s + offs_d[None, :], end
+
+
+@_device_fn
+def _query_window(q_tile, WIN, h, NT, NH, NW):
+    """(wt, wh, ww, first_t, first_h, first_w): head ``h``'s window around ``q_tile``."""
+    wt, wh, ww = _head_window(WIN, h, NT, NH, NW)
+    first_t = _axis_window(q_tile // (NH * NW), NT, wt)
+    first_h = _axis_window((q_tile // NW) % NH, NH, wh)
+    first_w = _axis_window(q_tile % NW, NW, ww)
+    return wt, wh, ww, first_t, first_h, first_w
+
+
+@_device_fn
+def _frame_offsets(offs, offs_d, stride_s, CH, CW, TH: tl.constexpr, TW: tl.constexpr,
+                   HOIST: tl.constexpr):
+    """Loop-invariant raster offsets of a block of whole frames relative to its first token:
+    rows (BLOCK,) and elements (BLOCK, D); (0, 0) unless ``HOIST``."""
+    rows = 0
+    inv = 0
+    if HOIST:
+        rows = _frame_rows(offs, CH, CW, TH, TW)
+        inv = rows[:, None] * stride_s + offs_d[None, :]
+    return rows, inv
+
+
+@_device_fn
+def _contiguous_kv(K, V, tok, valid, offs_d, stride_s):
+    """Key and value rows (N, D) of consecutive tokens ``tok``, zero where not ``valid``."""
+    off = tok[:, None] * stride_s + offs_d[None, :]
+    return _load_rows(K, off, valid, True), _load_rows(V, off, valid, True)
+
+
+@_device_fn
+def _query_rows(Q, DO, Out, LSE, q_off, q_tok, q_valid, MASKED: tl.constexpr):
+    """q, do (BLOCK_M, D), their lse and delta = rowsum(o * do) (BLOCK_M,) in fp32."""
+    q = _load_rows(Q, q_off, q_valid, MASKED)
+    do = _load_rows(DO, q_off, q_valid, MASKED)
+    lse = _load_vec(LSE, q_tok, q_valid, MASKED)
+    o = _load_rows(Out, q_off, q_valid, MASKED)
+    return q, do, lse, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+
+
+@_device_fn
 def _window_keys(
     j, K, V, KD, VD, b, h, first_t, first_h, first_w, wh, ww, kv_inv, offs_n, offs_d,
     stride_s, CT, CH, CW, NH, NW,
@@ -342,11 +423,7 @@ def _sta_fwd_kernel(
     Q_SUBS: tl.constexpr, K_SUBS: tl.constexpr, EVEN: tl.constexpr, DOT_F32: tl.constexpr,
     WIDE: tl.constexpr, HOIST: tl.constexpr, TMA: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // num_heads
-    h = bh % num_heads
-    base = b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+    pid, bh, b, h, base = _program(num_heads, stride_b, stride_h)
     Q += base
     K += base
     V += base
@@ -360,24 +437,13 @@ def _sta_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     if pid < num_video_blocks:
-        q_tile = pid // Q_SUBS
-        q_tok, q_valid = _tile_tokens(
-            q_tile, pid % Q_SUBS, offs_m, CT, CH, CW, NH, NW, TT, TH, TW, BLOCK_M, WIDE,
+        q_tile, q_sub, q_tok, q_valid, q_off = _own_block(
+            pid, offs_m, offs_d, stride_s, CT, CH, CW, NH, NW, TT, TH, TW, BLOCK_M, Q_SUBS, WIDE,
         )
-        q_off = q_tok[:, None] * stride_s + offs_d[None, :]  # (BLOCK_M, D)
-        if EVEN:
-            q = tl.load(Q + q_off)
-        else:
-            q = tl.load(Q + q_off, mask=q_valid[:, None], other=0.0)
-        wt, wh, ww = _head_window(WIN, h, NT, NH, NW)
-        first_t = _axis_window(q_tile // (NH * NW), NT, wt)
-        first_h = _axis_window((q_tile // NW) % NH, NH, wh)
-        first_w = _axis_window(q_tile % NW, NW, ww)
-        kv_inv = 0  # unused unless HOIST
-        if HOIST:
-            kv_rows = _frame_rows(offs_n, CH, CW, TH, TW)  # (BLOCK_N,)
-            kv_inv = kv_rows[:, None] * stride_s + offs_d[None, :]  # (BLOCK_N, D) loop-invariant
-        live = _live(q_tile, pid % Q_SUBS, CT, NH, NW, TT, TH, TW, BLOCK_M, EVEN)
+        q = _load_rows(Q, q_off, q_valid, not EVEN)
+        wt, wh, ww, first_t, first_h, first_w = _query_window(q_tile, WIN, h, NT, NH, NW)
+        _, kv_inv = _frame_offsets(offs_n, offs_d, stride_s, CH, CW, TH, TW, HOIST)
+        live = _live(q_tile, q_sub, CT, NH, NW, TT, TH, TW, BLOCK_M, EVEN)
         for j in range(0, wt * wh * ww * K_SUBS * live):
             k, v, k_valid = _window_keys(
                 j, K, V, KD, VD, b, h, first_t, first_h, first_w, wh, ww, kv_inv, offs_n,
@@ -390,9 +456,7 @@ def _sta_fwd_kernel(
         for start in range(0, text_len * live, BLOCK_N):
             k_pos = start + offs_n
             k_valid = k_pos < text_len
-            kv_off = _widen(num_video + k_pos, WIDE)[:, None] * stride_s + offs_d[None, :]
-            k = _load_rows(K, kv_off, k_valid, True)
-            v = _load_rows(V, kv_off, k_valid, True)
+            k, v = _contiguous_kv(K, V, _widen(num_video + k_pos, WIDE), k_valid, offs_d, stride_s)
             m_i, l_i, acc = _fwd_block(
                 q, m_i, l_i, acc, k, v, k_valid, scale_log2, True, DOT_F32,
             )
@@ -406,19 +470,15 @@ def _sta_fwd_kernel(
             tl.store(LSE + q_tok, m_i + tl.math.log2(l_i), mask=q_valid)
     else:
         # text queries: all video keys and the valid text keys, contiguous in memory
-        q_pos = (pid - num_video_blocks) * BLOCK_M + offs_m
-        q_tok = _widen(num_video + q_pos, WIDE)
-        in_seq = q_tok < seq_len
-        q_valid = q_pos < text_len
-        q_off = q_tok[:, None] * stride_s + offs_d[None, :]
-        q = tl.load(Q + q_off, mask=q_valid[:, None], other=0.0)
-        key_end = tl.where((pid - num_video_blocks) * BLOCK_M < text_len, num_video + text_len, 0)
+        q_tok, in_seq, q_valid, q_off, key_end = _text_block(
+            pid, num_video_blocks, num_video, seq_len, text_len, offs_m, offs_d, stride_s,
+            BLOCK_M, WIDE,
+        )
+        q = _load_rows(Q, q_off, q_valid, True)
         for start in range(0, key_end, BLOCK_N):
             k_tok = _widen(start + offs_n, WIDE)
             k_valid = k_tok < key_end
-            kv_off = k_tok[:, None] * stride_s + offs_d[None, :]
-            k = _load_rows(K, kv_off, k_valid, True)
-            v = _load_rows(V, kv_off, k_valid, True)
+            k, v = _contiguous_kv(K, V, k_tok, k_valid, offs_d, stride_s)
             m_i, l_i, acc = _fwd_block(
                 q, m_i, l_i, acc, k, v, k_valid, scale_log2, True, DOT_F32,
             )
@@ -515,11 +575,7 @@ def _sta_dkdv_kernel(
     """dk, dv of one key block; with ``FUSED_DQ`` also its (unscaled) dq contributions,
     added into the fp32 ``DQA`` (B, S, H, D) with atomics (through the TMA descriptor
     ``DQAD`` for blocks of whole frames when ``DQ_TMA``)."""
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // num_heads
-    h = bh % num_heads
-    base = b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+    pid, bh, b, h, base = _program(num_heads, stride_b, stride_h)
     Q += base
     K += base
     V += base
@@ -536,26 +592,17 @@ def _sta_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     if pid < num_video_blocks:
-        k_tile = pid // K_SUBS
-        k_tok, k_valid = _tile_tokens(
-            k_tile, pid % K_SUBS, offs_n, CT, CH, CW, NH, NW, TT, TH, TW, BLOCK_N, WIDE,
+        k_tile, k_sub, k_tok, k_valid, kv_off = _own_block(
+            pid, offs_n, offs_d, stride_s, CT, CH, CW, NH, NW, TT, TH, TW, BLOCK_N, K_SUBS, WIDE,
         )
-        kv_off = k_tok[:, None] * stride_s + offs_d[None, :]  # (BLOCK_N, D)
-        if EVEN:
-            k = tl.load(K + kv_off)
-            v = tl.load(V + kv_off)
-        else:
-            k = tl.load(K + kv_off, mask=k_valid[:, None], other=0.0)
-            v = tl.load(V + kv_off, mask=k_valid[:, None], other=0.0)
-        k = _prescale(k, scale_log2, PRESCALE)
+        k = _prescale(_load_rows(K, kv_off, k_valid, not EVEN), scale_log2, PRESCALE)
+        v = _load_rows(V, kv_off, k_valid, not EVEN)
         wt, wh, ww = _head_window(WIN, h, NT, NH, NW)
         first_t, cnt_t = _axis_queries(k_tile // (NH * NW), NT, wt)
         first_h, cnt_h = _axis_queries((k_tile // NW) % NH, NH, wh)
         first_w, cnt_w = _axis_queries(k_tile % NW, NW, ww)
-        if HOIST:
-            q_rows = _frame_rows(offs_m, CH, CW, TH, TW)  # (BLOCK_M,)
-            q_inv = q_rows[:, None] * stride_s + offs_d[None, :]  # (BLOCK_M, D) loop-invariant
-        live = _live(k_tile, pid % K_SUBS, CT, NH, NW, TT, TH, TW, BLOCK_N, EVEN)
+        q_rows, q_inv = _frame_offsets(offs_m, offs_d, stride_s, CH, CW, TH, TW, HOIST)
+        live = _live(k_tile, k_sub, CT, NH, NW, TT, TH, TW, BLOCK_N, EVEN)
         for j in tl.range(0, cnt_t * cnt_h * cnt_w * Q_SUBS * live, warp_specialize=WS):
             q_valid = offs_m < BLOCK_M
             if HOIST:
@@ -614,15 +661,12 @@ def _sta_dkdv_kernel(
             tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=k_valid[:, None])
     else:
         # text keys: attended by every video query and every valid text query
-        k_pos = (pid - num_video_blocks) * BLOCK_N + offs_n
-        k_tok = _widen(num_video + k_pos, WIDE)
-        in_seq = k_tok < seq_len
-        k_valid = k_pos < text_len
-        kv_off = k_tok[:, None] * stride_s + offs_d[None, :]
-        k = tl.load(K + kv_off, mask=k_valid[:, None], other=0.0)
-        v = tl.load(V + kv_off, mask=k_valid[:, None], other=0.0)
+        k_tok, in_seq, k_valid, kv_off, query_end = _text_block(
+            pid, num_video_blocks, num_video, seq_len, text_len, offs_n, offs_d, stride_s,
+            BLOCK_N, WIDE,
+        )
+        k, v = _contiguous_kv(K, V, k_tok, k_valid, offs_d, stride_s)
         k = _prescale(k, scale_log2, PRESCALE)
-        query_end = tl.where((pid - num_video_blocks) * BLOCK_N < text_len, num_video + text_len, 0)
         for start in range(0, query_end, BLOCK_M):
             q_tok = _widen(start + offs_m, WIDE)
             q_valid = q_tok < query_end
@@ -642,11 +686,8 @@ def _sta_delta_kernel(
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, WIDE: tl.constexpr,
 ):
     """delta (B, H, S) = rowsum(o * do) in fp32, for the fused dk/dv/dq kernel."""
-    bh = tl.program_id(1)
-    b = bh // num_heads
-    h = bh % num_heads
-    base = b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
-    tok = _widen(tl.program_id(0) * BLOCK + tl.arange(0, BLOCK), WIDE)
+    pid, bh, b, h, base = _program(num_heads, stride_b, stride_h)
+    tok = _widen(pid * BLOCK + tl.arange(0, BLOCK), WIDE)
     valid = tok < seq_len
     off = tok[:, None] * stride_s + tl.arange(0, HEAD_DIM)[None, :]
     o = tl.load(Out + base + off, mask=valid[:, None], other=0.0)
@@ -705,11 +746,7 @@ def _sta_dq_kernel(
     WIDE: tl.constexpr, HOIST: tl.constexpr, WS: tl.constexpr, EARLY_DP: tl.constexpr,
     PRESCALE: tl.constexpr, TMA: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // num_heads
-    h = bh % num_heads
-    base = b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+    pid, bh, b, h, base = _program(num_heads, stride_b, stride_h)
     Q += base
     K += base
     V += base
@@ -724,35 +761,18 @@ def _sta_dq_kernel(
     text_len = tl.load(TEXT_LEN + b)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     if pid < num_video_blocks:
-        q_tile = pid // Q_SUBS
-        q_tok, q_valid = _tile_tokens(
-            q_tile, pid % Q_SUBS, offs_m, CT, CH, CW, NH, NW, TT, TH, TW, BLOCK_M, WIDE,
+        q_tile, q_sub, q_tok, q_valid, q_off = _own_block(
+            pid, offs_m, offs_d, stride_s, CT, CH, CW, NH, NW, TT, TH, TW, BLOCK_M, Q_SUBS, WIDE,
         )
-        q_off = q_tok[:, None] * stride_s + offs_d[None, :]
+        q, do, lse, delta = _query_rows(Q, DO, Out, LSE, q_off, q_tok, q_valid, not EVEN)
         if EVEN:
-            q = tl.load(Q + q_off)
-            do = tl.load(DO + q_off)
-            lse = tl.load(LSE + q_tok)
-            o = tl.load(Out + q_off)
-            delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (BLOCK_M,)
             tl.store(DELTA + q_tok, delta)
         else:
-            q = tl.load(Q + q_off, mask=q_valid[:, None], other=0.0)
-            do = tl.load(DO + q_off, mask=q_valid[:, None], other=0.0)
-            lse = tl.load(LSE + q_tok, mask=q_valid, other=0.0)
-            o = tl.load(Out + q_off, mask=q_valid[:, None], other=0.0)
-            delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
             tl.store(DELTA + q_tok, delta, mask=q_valid)
         q = _prescale(q, scale_log2, PRESCALE)
-        wt, wh, ww = _head_window(WIN, h, NT, NH, NW)
-        first_t = _axis_window(q_tile // (NH * NW), NT, wt)
-        first_h = _axis_window((q_tile // NW) % NH, NH, wh)
-        first_w = _axis_window(q_tile % NW, NW, ww)
-        kv_inv = 0  # unused unless HOIST
-        if HOIST:
-            kv_rows = _frame_rows(offs_n, CH, CW, TH, TW)  # (BLOCK_N,)
-            kv_inv = kv_rows[:, None] * stride_s + offs_d[None, :]  # (BLOCK_N, D) loop-invariant
-        live = _live(q_tile, pid % Q_SUBS, CT, NH, NW, TT, TH, TW, BLOCK_M, EVEN)
+        wt, wh, ww, first_t, first_h, first_w = _query_window(q_tile, WIN, h, NT, NH, NW)
+        _, kv_inv = _frame_offsets(offs_n, offs_d, stride_s, CH, CW, TH, TW, HOIST)
+        live = _live(q_tile, q_sub, CT, NH, NW, TT, TH, TW, BLOCK_M, EVEN)
         for j in tl.range(0, wt * wh * ww * K_SUBS * live, warp_specialize=WS):
             k, v, k_valid = _window_keys(
                 j, K, V, KD, VD, b, h, first_t, first_h, first_w, wh, ww, kv_inv, offs_n,
@@ -766,38 +786,30 @@ def _sta_dq_kernel(
         for start in range(0, text_len * live, BLOCK_N):
             k_pos = start + offs_n
             k_valid = k_pos < text_len
-            kv_off = _widen(num_video + k_pos, WIDE)[:, None] * stride_s + offs_d[None, :]
+            k, v = _contiguous_kv(K, V, _widen(num_video + k_pos, WIDE), k_valid, offs_d, stride_s)
             dq = _dq_block(
-                q, do, lse, delta, dq, _load_rows(K, kv_off, k_valid, True),
-                _load_rows(V, kv_off, k_valid, True), k_valid, scale_log2, True, DOT_F32,
-                EARLY_DP, PRESCALE,
+                q, do, lse, delta, dq, k, v, k_valid, scale_log2, True, DOT_F32, EARLY_DP,
+                PRESCALE,
             )
         if EVEN:
             tl.store(DQ + q_off, (dq * scale).to(DQ.dtype.element_ty))
         else:
             tl.store(DQ + q_off, (dq * scale).to(DQ.dtype.element_ty), mask=q_valid[:, None])
     else:
-        q_pos = (pid - num_video_blocks) * BLOCK_M + offs_m
-        q_tok = _widen(num_video + q_pos, WIDE)
-        in_seq = q_tok < seq_len
-        q_valid = q_pos < text_len
-        q_off = q_tok[:, None] * stride_s + offs_d[None, :]
-        q = tl.load(Q + q_off, mask=q_valid[:, None], other=0.0)
-        do = tl.load(DO + q_off, mask=q_valid[:, None], other=0.0)
-        lse = tl.load(LSE + q_tok, mask=q_valid, other=0.0)
-        o = tl.load(Out + q_off, mask=q_valid[:, None], other=0.0)
-        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        q_tok, in_seq, q_valid, q_off, key_end = _text_block(
+            pid, num_video_blocks, num_video, seq_len, text_len, offs_m, offs_d, stride_s,
+            BLOCK_M, WIDE,
+        )
+        q, do, lse, delta = _query_rows(Q, DO, Out, LSE, q_off, q_tok, q_valid, True)
         tl.store(DELTA + q_tok, delta, mask=in_seq)
         q = _prescale(q, scale_log2, PRESCALE)
-        key_end = tl.where((pid - num_video_blocks) * BLOCK_M < text_len, num_video + text_len, 0)
         for start in range(0, key_end, BLOCK_N):
             k_tok = _widen(start + offs_n, WIDE)
             k_valid = k_tok < key_end
-            kv_off = k_tok[:, None] * stride_s + offs_d[None, :]
+            k, v = _contiguous_kv(K, V, k_tok, k_valid, offs_d, stride_s)
             dq = _dq_block(
-                q, do, lse, delta, dq, _load_rows(K, kv_off, k_valid, True),
-                _load_rows(V, kv_off, k_valid, True), k_valid, scale_log2, True, DOT_F32,
-                EARLY_DP, PRESCALE,
+                q, do, lse, delta, dq, k, v, k_valid, scale_log2, True, DOT_F32, EARLY_DP,
+                PRESCALE,
             )
         dq = tl.where(q_valid[:, None], dq * scale, 0.0)
         tl.store(DQ + q_off, dq.to(DQ.dtype.element_ty), mask=in_seq[:, None])
@@ -871,9 +883,9 @@ class _Geometry:
 
         ``x`` (B, S, H, D) contiguous is viewed as (B, CT, CH, CW, H * D) with a
         (1, block / (TH * TW), TH, TW, D) box. Returns ``x`` itself (an unused pointer
-        argument) when ``use`` is false or this triton has no host descriptors.
+        argument) when ``use`` (see ``_tma_enabled``) is false.
         """
-        if not use or TensorDescriptor is None:
+        if not use:
             return x
         batch, _, heads, head_dim = x.shape
         ct, ch, cw = self.canvas
@@ -892,6 +904,12 @@ class _Geometry:
 
     def args(self) -> tuple[int, ...]:
         return (*self.canvas, *self.n)
+
+
+def _tma_enabled(requested: bool, hoist: bool) -> bool:
+    """Whether a kernel takes its TMA path: asked for in the config, blocks of whole frames
+    (``hoist``), and host-side descriptors in this triton."""
+    return requested and hoist and TensorDescriptor is not None
 
 
 _RESOURCES: dict[str, dict[str, int]] = {}
@@ -946,7 +964,7 @@ def sta_triton_forward(
     video_blocks = geo.num_tiles * q_subs
     grid = (video_blocks + triton.cdiv(geo.num_text, cfg.fwd_block_m), batch * heads)
     hoist = geo.hoist(cfg.fwd_block_n, cfg.fwd_block_m, cfg.fwd_block_n)
-    tma = hoist and cfg.fwd_tma and TensorDescriptor is not None
+    tma = _tma_enabled(cfg.fwd_tma, hoist)
     _record("fwd", _sta_fwd_kernel[grid](
         q, k, v, o, lse, windows, text_len,
         geo.descriptor(k, cfg.fwd_block_n, tma), geo.descriptor(v, cfg.fwd_block_n, tma),
@@ -1025,7 +1043,7 @@ def _launch_dq(cfg, geo, q, k, v, o, do, lse, delta, dq, windows, text_len, scal
     video_blocks = geo.num_tiles * q_subs
     grid = (video_blocks + triton.cdiv(geo.num_text, cfg.dq_block_m), batch * heads)
     hoist = geo.hoist(cfg.dq_block_n, cfg.dq_block_m, cfg.dq_block_n)
-    tma = hoist and cfg.dq_tma and TensorDescriptor is not None
+    tma = _tma_enabled(cfg.dq_tma, hoist)
     _record("dq", _sta_dq_kernel[grid](
         q, k, v, o, do, lse, delta, dq, windows, text_len,
         geo.descriptor(k, cfg.dq_block_n, tma), geo.descriptor(v, cfg.dq_block_n, tma),
@@ -1048,15 +1066,14 @@ def _launch_dkdv(cfg, geo, q, k, v, do, lse, delta, dk, dv, windows, text_len, s
     video_blocks = geo.num_tiles * k_subs
     grid = (video_blocks + triton.cdiv(geo.num_text, cfg.bwd_block_n), batch * heads)
     hoist = geo.hoist(cfg.bwd_block_m, cfg.bwd_block_m, cfg.bwd_block_n)
-    tma = hoist and cfg.bwd_tma and TensorDescriptor is not None
+    tma = _tma_enabled(cfg.bwd_tma, hoist)
     # (triton's CPU interpreter has no descriptor reduce: pointer atomics there)
-    dq_tma = (hoist and dq_acc is not None and cfg.fused_dq_tma
-              and TensorDescriptor is not None and not is_interpreter())
+    dq_tma = _tma_enabled(cfg.fused_dq_tma, hoist and dq_acc is not None and not is_interpreter())
+    dqa = q if dq_acc is None else dq_acc  # an unused pointer without the fused dq
     _record("dkdv", _sta_dkdv_kernel[grid](
         q, k, v, do, lse, delta, dk, dv, windows, text_len,
         geo.descriptor(q, cfg.bwd_block_m, tma), geo.descriptor(do, cfg.bwd_block_m, tma),
-        q if dq_acc is None else dq_acc,
-        geo.descriptor(dq_acc, cfg.bwd_block_m, dq_tma) if dq_tma else q,
+        dqa, geo.descriptor(dqa, cfg.bwd_block_m, dq_tma),
         *common, video_blocks, *geo.args(), scale, scale * LOG2E,
         TT=geo.tile[0], TH=geo.tile[1], TW=geo.tile[2], HEAD_DIM=head_dim,
         BLOCK_M=cfg.bwd_block_m, BLOCK_N=cfg.bwd_block_n,
