@@ -113,8 +113,13 @@ class DataConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first invalid ``data.<field>``."""
-        if self.source not in SOURCES:
-            raise ValueError(f"data.source must be one of {SOURCES}, got {self.source!r}")
+        for name, choices in (("source", SOURCES), ("video_encoder", VIDEO_ENCODERS),
+                              ("text_encoder", TEXT_ENCODERS), ("cache_dtype", CACHE_DTYPES),
+                              ("encoder_dtype", CACHE_DTYPES)):
+            if getattr(self, name) not in choices:
+                raise ValueError(
+                    f"data.{name} must be one of {choices}, got {getattr(self, name)!r}"
+                )
         if self.source == "folder" and not self.manifest:
             raise ValueError("data.manifest must be set when data.source is 'folder'")
         if self.source == "hf_dataset" and not self.dataset_path:
@@ -140,14 +145,6 @@ class DataConfig:
             raise ValueError(f"data.fps must be positive or null, got {self.fps}")
         if self.max_aspect_ratio < 1:
             raise ValueError(f"data.max_aspect_ratio must be >= 1, got {self.max_aspect_ratio}")
-        if self.video_encoder not in VIDEO_ENCODERS:
-            raise ValueError(
-                f"data.video_encoder must be one of {VIDEO_ENCODERS}, got {self.video_encoder!r}"
-            )
-        if self.text_encoder not in TEXT_ENCODERS:
-            raise ValueError(
-                f"data.text_encoder must be one of {TEXT_ENCODERS}, got {self.text_encoder!r}"
-            )
         if self.video_encoder != "tiny" and not self.video_encoder_path:
             raise ValueError(
                 f"data.video_encoder_path must point to a local VAE folder for {self.video_encoder!r}"
@@ -158,14 +155,6 @@ class DataConfig:
             )
         if self.text_encoder == "hunyuan" and not self.text_encoder_2_path:
             raise ValueError("data.text_encoder_2_path must point to the CLIP text model folder")
-        if self.cache_dtype not in CACHE_DTYPES:
-            raise ValueError(
-                f"data.cache_dtype must be one of {CACHE_DTYPES}, got {self.cache_dtype!r}"
-            )
-        if self.encoder_dtype not in CACHE_DTYPES:
-            raise ValueError(
-                f"data.encoder_dtype must be one of {CACHE_DTYPES}, got {self.encoder_dtype!r}"
-            )
         for i, bucket in enumerate(self.all_buckets()):
             if len(bucket) != 3 or any(int(v) <= 0 for v in bucket):
                 raise ValueError(
