@@ -4,7 +4,9 @@ Layout and addressing
     q, k, v, o are (B, S, H, D) with video tokens in raster (t, h, w) order. No tile-order
     copy is made: a program's block of BLOCK tokens is a slice of one tile's local index
     space (``local = lt*TH*TW + lh*TW + lw``), turned into raster token indices in-kernel,
-    so every row load is one D-contiguous segment wherever the token sits.
+    so every row load is one D-contiguous segment wherever the token sits. With full
+    tiles, a block of whole (TH, TW) frames is instead one box of a TMA descriptor of the
+    (B, CT, CH, CW, H * D) view (``KernelConfig.*_tma``).
 
 Programs (grid = (blocks, B*H), one launch for every batch element, head and window)
     forward / dq: one program per query block. Video query blocks loop over the
@@ -14,6 +16,10 @@ Programs (grid = (blocks, B*H), one launch for every batch element, head and win
     dk / dv: one program per key block. A video key tile's queries form a contiguous tile
         range per axis (the window start is monotone in the query tile), looped the same
         way, then the valid text queries. Text key blocks are attended by every query.
+        By default (``fused_dq``) it also adds each block pair's dq = ds k into an fp32
+        buffer with atomics, and the dq kernel does not run; a delta = rowsum(o * do)
+        kernel runs before it and a scale-and-cast kernel after it. Blocks made only of
+        padding (the tail of a partial tile on t) run no iterations.
 
 Softmax runs in fp32 with exp2; the forward saves the log2-domain log-sum-exp (B, H, S).
 """
