@@ -86,11 +86,10 @@ def main() -> None:
     device = torch.device("cuda")
     torch.manual_seed(0)
     dit = build_model(
-        ModelConfig(flavor=args.flavor, gradient_checkpointing=True),
-        AttentionConfig(mode="full"),
-        device=device,
+        ModelConfig(flavor=args.flavor), AttentionConfig(mode="full"), device=device,
         dtype=torch.bfloat16,
-    )
+    )  # fmt: skip
+    dit.enable_gradient_checkpointing()  # what parallelize() does for model.gradient_checkpointing
     b, (t, h, w) = 1, args.latent
     latents = torch.randn(b, dit.in_channels, t, h, w, device=device)
     timestep = torch.full((b,), 500.0, device=device)

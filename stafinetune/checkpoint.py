@@ -1,16 +1,23 @@
-"""Atomic, resumable training checkpoints.
+"""Atomic, resumable training checkpoints that never unpickle anything.
 
-Layout of one checkpoint, ``<run>/checkpoints/step_00000100/``:
+Layout of one checkpoint, ``<run>/checkpoints/step_00000100/``::
 
-    model.safetensors     trainable student weights (the full module state)
-    ema.safetensors       EMA weights (when EMA is on)
-    optimizer.pt          optimiser state
-    trainer.pt            step, scheduler, anything the loop needs to continue
-    rank_00000.pt ...     per-rank RNG states and data-loader position
-    meta.json             step, time, world size (written last)
+    model.safetensors           the student's full module state (rank 0)
+    ema.safetensors             EMA weights (when EMA is on)
+    optimizer.{json,safetensors} optimiser state: structure as JSON, tensors as safetensors
+    trainer.json                step and scheduler state
+    rank_00000.{json,safetensors} ... per-rank RNG states and data-loader position
+    meta.json                   step, time, world size, format (written last)
 
-A checkpoint is written into ``step_XXXXXXXX.tmp`` and renamed into place only once every
-file is flushed to disk, so a crash mid-write never leaves a checkpoint that looks complete.
+Every state that is not a plain weight dict is stored as a JSON tree plus a safetensors file
+(:func:`save_tree` / :func:`load_tree`): loading a checkpoint parses JSON and reads raw
+tensors, so a crafted checkpoint cannot run code. A checkpoint is written into
+``step_XXXXXXXX.tmp`` and renamed into place only once every file is flushed to disk, so a
+crash mid-write never leaves a checkpoint that looks complete.
+
+:class:`CheckpointManager` is what the training loop talks to: ``should_save(step)``,
+``save(step, state)``, ``resume(state)``. The state it saves is a :class:`TrainState` of
+named parts; a sharded engine provides its own parts with the same interface.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ import random
 import re
 import shutil
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,24 +37,80 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .distributed import barrier, broadcast_object
+from .parallel import ParallelDims, barrier, broadcast_object
 
+FORMAT_VERSION = 2
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+# --------------------------------------------------------------------- pickle-free state files
+def _encode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """A JSON tree for ``obj``; tensors and arrays go to ``tensors`` and are referenced by key."""
+    if isinstance(obj, torch.Tensor):
+        key = str(len(tensors))
+        tensors[key] = obj.detach().to("cpu").contiguous()
+        return {"__tensor__": key}
+    if isinstance(obj, np.ndarray):
+        key = str(len(tensors))
+        array = obj.astype(np.int64) if obj.dtype.kind in "ui" else obj  # e.g. numpy's uint32 RNG
+        tensors[key] = torch.from_numpy(np.ascontiguousarray(array))
+        return {"__ndarray__": key, "dtype": str(obj.dtype)}
+    if isinstance(obj, (np.integer, np.floating)):
+        return obj.item()
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, tensors) for v in obj]}
+    if isinstance(obj, list):
+        return [_encode(v, tensors) for v in obj]
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
+            return {k: _encode(v, tensors) for k, v in obj.items()}
+        return {"__items__": [[_encode(k, tensors), _encode(v, tensors)] for k, v in obj.items()]}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store a {type(obj).__name__} in a checkpoint state file")
+
+
+def _decode(node: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(node, list):
+        return [_decode(v, tensors) for v in node]
+    if not isinstance(node, dict):
+        return node
+    if "__tensor__" in node:
+        return tensors[node["__tensor__"]]
+    if "__ndarray__" in node:
+        return tensors[node["__ndarray__"]].numpy().astype(np.dtype(node["dtype"]))
+    if "__tuple__" in node:
+        return tuple(_decode(v, tensors) for v in node["__tuple__"])
+    if "__items__" in node:
+        return {_decode(k, tensors): _decode(v, tensors) for k, v in node["__items__"]}
+    return {k: _decode(v, tensors) for k, v in node.items()}
+
+
+def save_tree(stem: Path, obj: Any) -> list[Path]:
+    """Write ``obj`` (nested dicts, lists, tuples, numbers, strings, tensors, numpy arrays) as
+    ``<stem>.json`` plus ``<stem>.safetensors``; returns the files written."""
+    tensors: dict[str, torch.Tensor] = {}
+    tree = _encode(obj, tensors)
+    json_path, tensor_path = stem.with_suffix(".json"), stem.with_suffix(".safetensors")
+    json_path.write_text(json.dumps(tree))
+    save_file(tensors, str(tensor_path))
+    return [json_path, tensor_path]
+
+
+def load_tree(stem: Path) -> Any:
+    """Read what :func:`save_tree` wrote (JSON and raw tensors only: no code can run)."""
+    json_path, tensor_path = stem.with_suffix(".json"), stem.with_suffix(".safetensors")
+    for path in (json_path, tensor_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint file missing: {path}")
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        tree = json.loads(json_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"checkpoint file {json_path} is not valid JSON ({err})") from err
+    return _decode(tree, load_file(str(tensor_path)))
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as handle:
-        os.fsync(handle.fileno())
-
-
+# --------------------------------------------------------------------- RNG states
 def rng_state() -> dict[str, Any]:
     """Capture python, numpy, torch CPU and CUDA RNG states of this process."""
     state: dict[str, Any] = {
@@ -59,16 +124,27 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` captured."""
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Restore what :func:`rng_state` captured (also after a :func:`save_tree` round trip)."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np.random.set_state(tuple(state["numpy"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all(list(state["cuda"]))
 
 
-def _contiguous_state(module_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu").contiguous() for k, v in module_state.items()}
+# --------------------------------------------------------------------- files on disk
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
 
 
 def list_checkpoints(ckpt_dir: Path) -> list[Path]:
@@ -84,90 +160,6 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     """The newest complete checkpoint, or None."""
     found = list_checkpoints(ckpt_dir)
     return found[-1] if found else None
-
-
-def save_checkpoint(
-    ckpt_dir: Path,
-    step: int,
-    *,
-    rank: int,
-    world_size: int,
-    model_state: dict[str, torch.Tensor] | None,
-    ema_state: dict[str, torch.Tensor] | None,
-    optimizer_state: dict[str, Any] | None,
-    trainer_state: dict[str, Any],
-    rank_state: dict[str, Any],
-    keep_last: int,
-) -> Path:
-    """Write one checkpoint atomically; every rank calls this (rank 0 writes the shared parts).
-
-    Args:
-        ckpt_dir: folder holding the run's checkpoints.
-        step: optimiser steps done.
-        model_state, ema_state, optimizer_state: rank 0's full states (others pass None).
-        trainer_state: scheduler and loop state (rank 0).
-        rank_state: this rank's own state (RNG, data position).
-        keep_last: checkpoints to keep; older complete ones are removed after the write.
-    Returns:
-        The final checkpoint directory.
-    """
-    final = ckpt_dir / f"step_{step:08d}"
-    tmp = ckpt_dir / f"step_{step:08d}.tmp"
-    if rank == 0:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    barrier()
-    rank_file = tmp / f"rank_{rank:05d}.pt"
-    torch.save(rank_state, rank_file)
-    _fsync_file(rank_file)
-    barrier()
-    if rank == 0:
-        if model_state is not None:
-            save_file(_contiguous_state(model_state), str(tmp / "model.safetensors"))
-        if ema_state is not None:
-            save_file(_contiguous_state(ema_state), str(tmp / "ema.safetensors"))
-        if optimizer_state is not None:
-            torch.save(optimizer_state, tmp / "optimizer.pt")
-        torch.save(trainer_state, tmp / "trainer.pt")
-        meta = {"step": step, "world_size": world_size, "time": time.time(), "format": 1}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        for path in tmp.iterdir():
-            _fsync_file(path)
-        _fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(ckpt_dir)
-        for old in list_checkpoints(ckpt_dir)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    barrier()
-    return final
-
-
-def load_checkpoint(path: Path, *, rank: int, world_size: int) -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint`.
-
-    Returns a dict with ``step``, ``model``, ``ema`` (or None), ``optimizer`` (or None),
-    ``trainer`` and ``rank`` (this rank's own state).
-    """
-    meta = json.loads((path / "meta.json").read_text())
-    if meta["world_size"] != world_size:
-        raise ValueError(
-            f"checkpoint {path} was written by {meta['world_size']} ranks but this run has "
-            f"{world_size}; exact resume needs the same world size"
-        )
-    ema_path = path / "ema.safetensors"
-    opt_path = path / "optimizer.pt"
-    return {
-        "step": int(meta["step"]),
-        "model": load_file(str(path / "model.safetensors")),
-        "ema": load_file(str(ema_path)) if ema_path.exists() else None,
-        "optimizer": torch.load(opt_path, weights_only=False) if opt_path.exists() else None,
-        "trainer": torch.load(path / "trainer.pt", weights_only=False),
-        "rank": torch.load(path / f"rank_{rank:05d}.pt", weights_only=False),
-    }
 
 
 def resolve_resume(resume: str | None, ckpt_dir: Path, is_main: bool) -> Path | None:
@@ -191,3 +183,110 @@ def resolve_resume(resume: str | None, ckpt_dir: Path, is_main: bool) -> Path | 
                         f"train.resume={resume!r}: no complete checkpoint found there"
                     )
     return broadcast_object(choice)  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------- what is saved
+@dataclass
+class TrainState:
+    """The named parts of a run's state, each a pair of (get, set) functions.
+
+    ``weights`` parts are flat name -> tensor dicts written as safetensors by rank 0;
+    ``trees`` parts are any JSON/tensor tree written by rank 0; ``rank`` parts are written by
+    every rank into its own file (RNG states, data position). Getters return the full state on
+    rank 0 (other ranks may return None for global parts).
+    """
+
+    weights: dict[
+        str, tuple[Callable[[], dict[str, torch.Tensor] | None], Callable[[dict], None]]
+    ] = field(default_factory=dict)
+    trees: dict[str, tuple[Callable[[], Any], Callable[[Any], None]]] = field(default_factory=dict)
+    rank: dict[str, tuple[Callable[[], Any], Callable[[Any], None]]] = field(default_factory=dict)
+
+    def rank_snapshot(self) -> dict[str, Any]:
+        """This rank's own parts, now (e.g. the state a NaN step rolls back to)."""
+        return {name: get() for name, (get, _) in self.rank.items()}
+
+
+class CheckpointManager:
+    """Saves and restores a :class:`TrainState` under ``<run>/checkpoints``.
+
+    Args:
+        ckpt_dir: the run's checkpoint folder (shared by every rank).
+        dims: the run's parallel degrees (rank 0 writes the global parts).
+        every: save every this many optimiser steps (0: only at the end).
+        keep_last: complete checkpoints kept; older ones are removed after a save.
+    """
+
+    def __init__(self, ckpt_dir: Path, dims: ParallelDims, *, every: int, keep_last: int) -> None:
+        self.ckpt_dir = ckpt_dir
+        self.dims = dims
+        self.every = every
+        self.keep_last = keep_last
+
+    def should_save(self, step: int, last: int) -> bool:
+        """Save on the cadence and at the last step of the run (``last``)."""
+        return step == last or (self.every > 0 and step % self.every == 0)
+
+    def save(self, step: int, state: TrainState, rank_state: dict[str, Any] | None = None) -> Path:
+        """Write one checkpoint atomically (every rank calls this); ``rank_state`` overrides this
+        rank's current parts (a NaN stop saves the state before the bad step)."""
+        rank, main = self.dims.rank, self.dims.is_main
+        final = self.ckpt_dir / f"step_{step:08d}"
+        tmp = self.ckpt_dir / f"step_{step:08d}.tmp"
+        if main:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        barrier()
+        own = rank_state if rank_state is not None else state.rank_snapshot()
+        for path in save_tree(tmp / f"rank_{rank:05d}", own):
+            _fsync_file(path)
+        barrier()
+        if main:
+            for name, (get, _) in state.weights.items():
+                weights = get()
+                if weights is not None:
+                    flat = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
+                    save_file(flat, str(tmp / f"{name}.safetensors"))
+            for name, (get, _) in state.trees.items():
+                save_tree(tmp / name, get())
+            meta = {"step": step, "world_size": self.dims.world_size, "time": time.time(),
+                    "format": FORMAT_VERSION}  # fmt: skip
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+            for path in tmp.iterdir():
+                _fsync_file(path)
+            _fsync_dir(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(self.ckpt_dir)
+            for old in list_checkpoints(self.ckpt_dir)[: -self.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        barrier()
+        return final
+
+    def load(self, path: Path, state: TrainState) -> int:
+        """Restore every part of ``state`` from checkpoint ``path``; returns its step."""
+        meta = json.loads((path / "meta.json").read_text())
+        if meta.get("format") != FORMAT_VERSION:
+            raise ValueError(
+                f"checkpoint {path} has format {meta.get('format')!r}; this version of "
+                f"stafinetune reads format {FORMAT_VERSION}"
+            )
+        if meta["world_size"] != self.dims.world_size:
+            raise ValueError(
+                f"checkpoint {path} was written by {meta['world_size']} ranks but this run has "
+                f"{self.dims.world_size}; exact resume needs the same world size"
+            )
+        for name, (_, set_) in state.weights.items():
+            file = path / f"{name}.safetensors"
+            if not file.is_file():
+                raise FileNotFoundError(f"checkpoint {path} has no {file.name}")
+            set_(load_file(str(file)))
+        for name, (_, set_) in state.trees.items():
+            set_(load_tree(path / name))
+        own = load_tree(path / f"rank_{self.dims.rank:05d}")
+        for name, (_, set_) in state.rank.items():
+            set_(own[name])
+        return int(meta["step"])

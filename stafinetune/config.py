@@ -9,7 +9,6 @@ passes explicit objects down.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .data.config import DataConfig
 from .models.config import AttentionConfig, ModelConfig
+from .parallel.world import launched_rank
 
 
 def _check(cond: bool, message: str) -> None:
@@ -150,16 +150,22 @@ class DistillConfig:
 
 @dataclass
 class ParallelConfig:
-    """How the student is replicated over ranks (group ``parallel``)."""
+    """How the launched processes share the work (group ``parallel``).
 
-    data_parallel: str = "ddp"  # ddp (replicate; only active with several ranks)
+    Attributes:
+        strategy: how the student's parameters are kept over the data-parallel ranks:
+            ``ddp`` replicates them (gradients all-reduced).
+        sp: sequence-parallel degree; must divide the number of processes.
+        find_unused_parameters: DDP's option, for trainable weights that get no gradient.
+    """
+
+    strategy: str = "ddp"
+    sp: int = 1
     find_unused_parameters: bool = False
 
     def __post_init__(self) -> None:
-        _check(
-            self.data_parallel == "ddp",
-            f"parallel.data_parallel must be ddp, got {self.data_parallel!r}",
-        )
+        _check(self.strategy == "ddp", f"parallel.strategy must be ddp, got {self.strategy!r}")
+        _check(self.sp == 1, f"parallel.sp must be 1 (no sequence parallelism yet), got {self.sp}")
 
 
 @dataclass
@@ -267,7 +273,7 @@ def conf_dir() -> Path:
 
 
 def _rank_resolver() -> str:
-    return os.environ.get("RANK", "0")
+    return str(launched_rank())
 
 
 def asset_path(name: str) -> str:

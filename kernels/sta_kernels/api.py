@@ -8,11 +8,9 @@ import torch
 
 from .geometry import as_triple, normalize_window
 from .reference import sta_reference, text_lengths
+from .support import TRITON_DTYPES, TRITON_HEAD_DIMS
 
 BACKENDS = ("auto", "triton", "flex", "reference")
-# What the triton kernels support; kept here so dispatch needs no triton import.
-TRITON_DTYPES = (torch.bfloat16, torch.float16)
-TRITON_HEAD_DIMS = (16, 32, 64, 128)
 
 
 def resolve_backend(q: torch.Tensor, backend: str = "auto") -> str:

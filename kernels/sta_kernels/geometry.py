@@ -20,14 +20,32 @@ Triple = tuple[int, int, int]
 
 
 def as_triple(value: Sequence[int], name: str) -> Triple:
-    """Return ``value`` as a tuple of three positive ints, or raise ``ValueError`` naming ``name``."""
+    """Return ``value`` as three positive ints, or raise ``ValueError`` naming ``name``.
+
+    The one validator of (t, h, w) triples (canvases, tiles, windows) in this package and in
+    stafinetune: integral numbers only (``3`` or ``3.0``; not ``3.5``, ``True`` or ``"3"``).
+    """
+    message = f"{name} must be a list of 3 positive ints, got {value!r}"
     try:
-        triple = tuple(int(v) for v in value)
-    except TypeError as err:
-        raise ValueError(f"{name} must be a sequence of 3 ints, got {value!r}") from err
-    if len(triple) != 3 or any(v < 1 for v in triple):
-        raise ValueError(f"{name} must be 3 positive ints, got {value!r}")
-    return triple  # type: ignore[return-value]
+        items = list(value)
+    except TypeError:
+        raise ValueError(message) from None
+    triple = []
+    for v in items:
+        if isinstance(v, (bool, str, bytes)):
+            raise ValueError(message)
+        try:
+            as_int, as_float = int(v), float(v)
+        except (TypeError, ValueError):
+            raise ValueError(message) from None
+        if as_int != as_float:
+            raise ValueError(f"{name} must hold integers, got {value!r}")
+        if as_int < 1:
+            raise ValueError(message)
+        triple.append(as_int)
+    if len(triple) != 3:
+        raise ValueError(message)
+    return tuple(triple)  # type: ignore[return-value]
 
 
 def num_tiles(canvas: Sequence[int], tile: Sequence[int]) -> Triple:

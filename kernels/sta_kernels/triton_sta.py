@@ -39,12 +39,10 @@ try:  # host-side TMA descriptors (triton >= 3.4)
 except ImportError:  # pragma: no cover - older triton: the TMA switches fall back to loads
     TensorDescriptor = None
 
-from .api import TRITON_DTYPES, TRITON_HEAD_DIMS
 from .geometry import num_tiles
+from .support import TRITON_DTYPES, TRITON_HEAD_DIMS
 
 LOG2E = 1.4426950408889634
-SUPPORTED_DTYPES = TRITON_DTYPES
-SUPPORTED_HEAD_DIMS = TRITON_HEAD_DIMS
 # A finite "minus infinity": exp2 of it underflows to 0 and never yields inf - inf = NaN.
 NEG_BIG = tl.constexpr(-1.0e30)
 
@@ -831,14 +829,14 @@ def is_interpreter() -> bool:
 
 def check_inputs(q: torch.Tensor) -> None:
     """Raise ``ValueError`` for inputs the triton kernels do not support."""
-    if q.dtype not in SUPPORTED_DTYPES:
+    if q.dtype not in TRITON_DTYPES:
         raise ValueError(
-            f"triton backend supports q/k/v dtypes {SUPPORTED_DTYPES}, got {q.dtype}; "
+            f"triton backend supports q/k/v dtypes {TRITON_DTYPES}, got {q.dtype}; "
             "use backend='reference' for float32/float64"
         )
-    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+    if q.shape[-1] not in TRITON_HEAD_DIMS:
         raise ValueError(
-            f"triton backend supports head dims {SUPPORTED_HEAD_DIMS}, got D={q.shape[-1]}"
+            f"triton backend supports head dims {TRITON_HEAD_DIMS}, got D={q.shape[-1]}"
         )
     if not q.is_cuda and not is_interpreter():
         raise ValueError(

@@ -31,6 +31,11 @@ def default_data_root() -> Path:
     return base / "stafinetune" / "data"
 
 
+# Every supported VAE (tiny, Wan, HunyuanVideo) compresses 4x causally in time, 8x in space.
+VAE_TIME_FACTOR = 4
+VAE_SPACE_FACTOR = 8
+
+
 @dataclass
 class DataConfig:
     """Where the clips come from, how they are sampled, encoded, cached and loaded.
@@ -161,13 +166,12 @@ class DataConfig:
                     f"data.buckets[{i}] must be [num_frames, height, width] of positive ints, got {bucket}"
                 )
             frames, height, width = (int(v) for v in bucket)
-            # Every supported VAE (tiny, Wan, HunyuanVideo) compresses 4x causal in time, 8x in space.
-            if (frames - 1) % 4 != 0:
+            if (frames - 1) % VAE_TIME_FACTOR != 0:
                 raise ValueError(
                     f"data.buckets[{i}] / data.num_frames: {frames} frames is not 1 + 4k "
                     "(the VAEs compress time 4x causally)"
                 )
-            if height % 8 or width % 8:
+            if height % VAE_SPACE_FACTOR or width % VAE_SPACE_FACTOR:
                 raise ValueError(
                     f"data.buckets[{i}] / data.height, data.width: {height}x{width} is not a "
                     "multiple of 8 (the VAEs compress space 8x)"
@@ -187,6 +191,13 @@ class DataConfig:
         if self.buckets:
             return [list(b) for b in self.buckets]
         return [[self.num_frames, self.height, self.width]]
+
+    def latent_grids(self) -> list[tuple[int, int, int]]:
+        """(T, H, W) latent grid of every bucket, as the VAEs produce it."""
+        return [
+            ((int(f) - 1) // VAE_TIME_FACTOR + 1, int(h) // VAE_SPACE_FACTOR, int(w) // VAE_SPACE_FACTOR)
+            for f, h, w in self.all_buckets()
+        ]
 
     def data_root(self) -> Path:
         """The resolved data root (``data.root`` or :func:`default_data_root`)."""

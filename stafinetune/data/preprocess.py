@@ -19,10 +19,8 @@ only the kept record indices and buckets; the loader then decodes and encodes on
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
-import sys
 import time
 from collections import Counter
 from dataclasses import asdict, replace
@@ -381,82 +379,3 @@ def prepare_data(
     else:
         _wait_for([cache_dir / "cache.json"], "rank 0 to finish the cache index", timeout_s)
     return cache_dir
-
-
-def conf_dir() -> Path:
-    """The ``conf/`` tree: inside the installed package, or at the repository root."""
-    here = Path(__file__).resolve().parent.parent
-    for candidate in (here / "conf", here.parent / "conf"):
-        if (candidate / "data").is_dir():
-            return candidate
-    raise FileNotFoundError(f"no conf/data folder near {here}")
-
-
-def load_config(name_or_path: str, overrides: list[str] | None = None) -> DataConfig:
-    """A DataConfig from ``conf/data/<name>.yaml`` (or a YAML path) plus ``key=value`` overrides.
-
-    Overrides may be written ``data.key=value`` or ``key=value``, as on the training command line.
-    """
-    from omegaconf import OmegaConf
-
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = conf_dir() / "data" / f"{name_or_path}.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"no data config {path}")
-    values = OmegaConf.load(path)
-    dotlist = [o[len("data.") :] if o.startswith("data.") else o for o in overrides or []]
-    merged = OmegaConf.merge(
-        OmegaConf.structured(DataConfig), values, OmegaConf.from_dotlist(dotlist)
-    )
-    return OmegaConf.to_object(merged)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``stafinetune-preprocess``: build the latent cache for a data config.
-
-    Examples::
-
-        stafinetune-preprocess                                   # the synthetic default
-        stafinetune-preprocess --config folder data.manifest=/videos/train.jsonl
-        torchrun --nproc-per-node 8 -m stafinetune.data --config hf_dataset \\
-            data.dataset_path=/datasets/clips data.device=cuda
-
-    Under torchrun the rank and world size come from the launcher; ``--rank`` and
-    ``--world-size`` run independent processes (e.g. one per GPU or per node) instead.
-    """
-    import os
-
-    parser = argparse.ArgumentParser(
-        prog="stafinetune-preprocess", description=main.__doc__.split("\n")[0]
-    )
-    parser.add_argument(
-        "--config", default="synthetic", help="conf/data/<name>.yaml or a YAML path"
-    )
-    parser.add_argument("--rank", type=int, default=None)
-    parser.add_argument("--world-size", type=int, default=None)
-    parser.add_argument("--quiet", action="store_true")
-    parser.add_argument("overrides", nargs="*", help="data.key=value overrides")
-    args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    torchrun = "TORCHELASTIC_RUN_ID" in os.environ  # torchrun only provides the coordinates
-    rank = args.rank if args.rank is not None else int(os.environ.get("RANK", 0)) if torchrun else 0
-    world = (
-        args.world_size
-        if args.world_size is not None
-        else int(os.environ.get("WORLD_SIZE", 1))
-        if torchrun
-        else 1
-    )
-    if cfg.device == "cuda" and torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count()))
-        cfg.device = f"cuda:{local}"
-        torch.cuda.set_device(local)
-    cache_dir = prepare_data(cfg, rank=rank, world_size=world, verbose=not args.quiet)
-    if rank == 0:
-        print(cache_dir)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

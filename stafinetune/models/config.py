@@ -16,21 +16,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from sta_kernels.geometry import as_triple
+
 ATTENTION_MODES = ("full", "sta")
 ATTENTION_BACKENDS = ("auto", "triton", "flex", "reference")
 
 
 def check_triple(value: Any, name: str) -> list[int]:
     """Return ``value`` as a list of three positive ints or raise ``ValueError`` naming ``name``."""
-    try:
-        triple = [int(v) for v in value]
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{name} must be a list of 3 positive ints, got {value!r}") from err
-    if len(triple) != 3 or any(v < 1 for v in triple):
-        raise ValueError(f"{name} must be a list of 3 positive ints, got {value!r}")
-    if any(float(v) != t for v, t in zip(value, triple, strict=True)):
-        raise ValueError(f"{name} must hold integers, got {value!r}")
-    return triple
+    return list(as_triple(value, name))
 
 
 @dataclass

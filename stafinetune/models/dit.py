@@ -35,6 +35,40 @@ from .windows import WindowPlan, build_window_plan
 ATTENTION_FILE = "stafinetune_attention.json"
 
 
+def token_canvas(latent_shape: Sequence[int], patch_size: Sequence[int]) -> tuple[int, int, int]:
+    """Token canvas (T/pt, H/ph, W/pw) of latents shaped (..., T, H, W); must divide evenly."""
+    if len(latent_shape) < 3:
+        raise ValueError(f"latent shape must end with (T, H, W), got {tuple(latent_shape)}")
+    grid = tuple(int(s) for s in latent_shape[-3:])
+    for axis, size, p in zip("THW", grid, patch_size, strict=True):
+        if size % p != 0 or size < p:
+            raise ValueError(
+                f"latent {axis}={size} is not a positive multiple of the patch size "
+                f"{p} (patch_size={tuple(patch_size)})"
+            )
+    return tuple(s // p for s, p in zip(grid, patch_size, strict=True))  # type: ignore[return-value]
+
+
+def patch_size_of(family: str, config: Any) -> tuple[int, int, int]:
+    """(pt, ph, pw) latent patch of a diffusers transformer config (a mapping or its FrozenDict)."""
+    get = config.get if isinstance(config, dict) else lambda k: getattr(config, k)
+    if family == "wan":
+        return tuple(int(p) for p in get("patch_size"))  # type: ignore[return-value]
+    return (int(get("patch_size_t")), int(get("patch_size")), int(get("patch_size")))
+
+
+def model_patch_size(model_cfg: ModelConfig) -> tuple[int, int, int]:
+    """The latent patch of the model ``model_cfg`` names, read without building it."""
+    flavor = get_flavor(model_cfg.flavor)
+    if model_cfg.path is None:
+        config = {**flavor.config, **dict(model_cfg.config_overrides)}
+    else:
+        folder = resolve_transformer_dir(model_cfg.path)
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+    return patch_size_of(flavor.family, config)
+
+
 def _transformer_class(family: str) -> type[nn.Module]:
     from diffusers import HunyuanVideoTransformer3DModel, WanTransformer3DModel
 
@@ -68,12 +102,11 @@ class VideoDiT(nn.Module):
         self.num_heads: int = int(cfg.num_attention_heads)
         self.head_dim: int = int(cfg.attention_head_dim)
         self.in_channels: int = int(cfg.in_channels)
+        self.patch_size: tuple[int, int, int] = patch_size_of(family, cfg)
         if family == "wan":
-            self.patch_size: tuple[int, int, int] = tuple(int(p) for p in cfg.patch_size)  # type: ignore[assignment]
             self.text_dim: int = int(cfg.text_dim)
             self.pooled_dim: int | None = None
         else:
-            self.patch_size = (int(cfg.patch_size_t), int(cfg.patch_size), int(cfg.patch_size))
             self.text_dim = int(cfg.text_embed_dim)
             self.pooled_dim = int(cfg.pooled_projection_dim)
         self.num_layers: int = len(self.sta_layers())
@@ -132,16 +165,7 @@ class VideoDiT(nn.Module):
 
     def canvas_for(self, latent_shape: Sequence[int]) -> tuple[int, int, int]:
         """Token canvas (T/pt, H/ph, W/pw) of latents shaped (..., T, H, W); must divide evenly."""
-        if len(latent_shape) < 3:
-            raise ValueError(f"latent shape must end with (T, H, W), got {tuple(latent_shape)}")
-        grid = tuple(int(s) for s in latent_shape[-3:])
-        for axis, size, p in zip("THW", grid, self.patch_size, strict=True):
-            if size % p != 0 or size < p:
-                raise ValueError(
-                    f"latent {axis}={size} is not a positive multiple of the patch size "
-                    f"{p} (patch_size={self.patch_size})"
-                )
-        return tuple(s // p for s, p in zip(grid, self.patch_size, strict=True))  # type: ignore[return-value]
+        return token_canvas(latent_shape, self.patch_size)
 
     # ----------------------------------------------------------------- forward
     def _text_lengths(self, text_mask: torch.Tensor) -> torch.Tensor:
@@ -379,6 +403,8 @@ def build_model(
     Without ``model_cfg.path`` the flavor's config is instantiated with random weights directly
     on ``device`` (``"meta"`` builds the real shapes without memory, for benchmarks); with a
     path the weights load from that local diffusers directory and move to ``device``.
+    ``model_cfg.gradient_checkpointing`` is applied by ``stafinetune.parallel.parallelize``
+    (training only), not here.
     """
     model_cfg = as_config(model_cfg, ModelConfig)
     attention_cfg = as_config(attention_cfg, AttentionConfig)
@@ -395,7 +421,4 @@ def build_model(
         except TypeError as err:
             raise ValueError(f"model.config_overrides has a key {cls.__name__} rejects: {err}") from err
         cast_like_diffusers(transformer, dtype)
-    dit = VideoDiT(transformer, flavor.family, attention_cfg, guidance_scale=model_cfg.guidance_scale)
-    if model_cfg.gradient_checkpointing:
-        dit.enable_gradient_checkpointing()
-    return dit
+    return VideoDiT(transformer, flavor.family, attention_cfg, guidance_scale=model_cfg.guidance_scale)

@@ -22,12 +22,14 @@ Every window must be one of the candidates and fit the canvas's tile grid
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from sta_kernels import num_tiles
+from sta_kernels.geometry import as_triple
 
 FORMAT = "stafinetune.mask_strategy"
 VERSION = 1
@@ -38,15 +40,10 @@ class StrategyError(ValueError):
 
 
 def _triple(value: Any, where: str) -> list[int]:
-    if (
-        not isinstance(value, (list, tuple))
-        or len(value) != 3
-        or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-    ):
-        raise StrategyError(f"{where} must be a list of 3 ints, got {value!r}")
-    if any(v < 1 for v in value):
-        raise StrategyError(f"{where} must be 3 ints >= 1, got {list(value)}")
-    return [int(v) for v in value]
+    try:
+        return list(as_triple(value, where))
+    except ValueError as err:
+        raise StrategyError(str(err)) from None
 
 
 @dataclass
@@ -98,7 +95,7 @@ class MaskStrategy:
             raise StrategyError(f"{source}: version must be {VERSION}, got {self.version!r}")
         canvas = _triple(self.canvas, f"{source}: canvas")
         tile = _triple(self.tile, f"{source}: tile")
-        tiles = [math.ceil(c / t) for c, t in zip(canvas, tile, strict=True)]
+        tiles = list(num_tiles(canvas, tile))
         if not isinstance(self.candidates, list) or not self.candidates:
             raise StrategyError(f"{source}: candidates must be a non-empty list of windows")
         allowed = set()
@@ -140,7 +137,9 @@ class MaskStrategy:
         if self.train_windows is not None:
             check_grid(self.train_windows, f"{source}: train_windows")
         if not isinstance(self.metadata, dict):
-            raise StrategyError(f"{source}: metadata must be an object, got {type(self.metadata).__name__}")
+            raise StrategyError(
+                f"{source}: metadata must be an object, got {type(self.metadata).__name__}"
+            )
         return self
 
     def step_tensor(self) -> torch.Tensor:
@@ -176,6 +175,32 @@ class MaskStrategy:
             metadata=dict(metadata or {}),
         )
         return strategy.validate()
+
+    @classmethod
+    def from_plan(
+        cls,
+        plan: Any,
+        *,
+        canvas: list[int] | tuple[int, int, int],
+        tile: list[int] | tuple[int, int, int],
+        metadata: dict[str, Any] | None = None,
+    ) -> MaskStrategy:
+        """The windows of a ``WindowPlan`` (e.g. what a student was trained with) as a strategy
+        for ``canvas``; windows wider than its tile grid become the whole axis."""
+        if plan.train is None:
+            raise StrategyError("a dense plan (attention.mode=full) has no windows to write")
+        grid = torch.tensor(num_tiles(canvas, tile))
+        train = torch.minimum(plan.train, grid)  # (L, H, 3)
+        steps = train[None] if plan.steps is None else torch.minimum(plan.steps, grid)
+        candidates = torch.unique(torch.cat([steps.reshape(-1, 3), train.reshape(-1, 3)]), dim=0)
+        return cls.from_tensor(
+            steps,
+            canvas=list(canvas),
+            tile=list(tile),
+            candidates=candidates.tolist(),
+            train_windows=train,
+            metadata=metadata,
+        )
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object written by ``save``."""
@@ -217,7 +242,16 @@ class MaskStrategy:
             raise StrategyError(f"{source}: top level must be a JSON object")
         if raw.get("format") != FORMAT:
             raise StrategyError(f"{source}: format must be {FORMAT!r}, got {raw.get('format')!r}")
-        known = {"format", "version", "canvas", "tile", "candidates", "windows", "train_windows", "metadata"}
+        known = {
+            "format",
+            "version",
+            "canvas",
+            "tile",
+            "candidates",
+            "windows",
+            "train_windows",
+            "metadata",
+        }
         unknown = sorted(set(raw) - known)
         if unknown:
             raise StrategyError(f"{source}: unknown keys {unknown}")

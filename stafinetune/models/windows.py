@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
+
+from sta_kernels import num_tiles
 
 from .config import AttentionConfig
 from .strategy import MaskStrategy
@@ -56,7 +57,7 @@ class WindowPlan:
                 f"{self.source} was searched for canvas {list(self.canvas)} but this forward's "
                 f"canvas is {list(canvas)} (attention.strict_window is on)"
             )
-        tiles = torch.tensor([math.ceil(c / t) for c, t in zip(canvas, tile, strict=True)])
+        tiles = torch.tensor(num_tiles(canvas, tile))
         for windows in (self.train, self.steps):
             if windows is None:
                 continue
@@ -94,13 +95,17 @@ def build_window_plan(cfg: AttentionConfig, num_layers: int, num_heads: int) -> 
             canvas=tuple(strategy.canvas),  # type: ignore[arg-type]
         )
     if cfg.head_windows is not None:
-        windows = torch.tensor([[list(w) for w in layer] for layer in cfg.head_windows], dtype=torch.int64)
+        windows = torch.tensor(
+            [[list(w) for w in layer] for layer in cfg.head_windows], dtype=torch.int64
+        )
         if windows.shape[:2] != (num_layers, num_heads):
             raise ValueError(
                 f"attention.head_windows must be {num_layers} layers x {num_heads} heads for this "
                 f"model, got {windows.shape[0]} x {windows.shape[1]}"
             )
-        return WindowPlan(train=windows, dense_first_steps=dense_first, source="attention.head_windows")
+        return WindowPlan(
+            train=windows, dense_first_steps=dense_first, source="attention.head_windows"
+        )
     if cfg.layer_windows is not None:
         windows = torch.tensor([list(w) for w in cfg.layer_windows], dtype=torch.int64)
         if windows.shape[0] != num_layers:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -146,14 +148,14 @@ def test_on_the_fly_loader_equals_the_cached_loader(prepared):
         assert torch.equal(a[key], b[key]), key
 
 
-def test_cli_builds_the_cache_from_yaml_and_overrides(tmp_path, capsys):
-    assert (
-        pre.main(
-            ["--config", "synthetic", f"data.root={tmp_path}", "data.num_clips=3", "num_workers=0"]
-        )
-        == 0
-    )
-    out = capsys.readouterr().out.strip().splitlines()
+def test_cli_builds_the_cache_from_yaml_and_overrides(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "stafinetune.preprocess", f"data.root={tmp_path}",
+         "data.num_clips=3", "data.num_workers=0", f"hydra.run.dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout.strip().splitlines()
     assert "kept 3 of 3 records" in out[-2]
     info = json.loads(
         (tmp_path / out[-1].split(str(tmp_path))[-1].lstrip("/") / "cache.json").read_text()

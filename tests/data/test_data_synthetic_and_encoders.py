@@ -10,9 +10,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from stafinetune.config import compose_job_config, conf_dir
 from stafinetune.data import DataConfig
 from stafinetune.data.encoders import TinyTextEncoder, TinyVideoEncoder, low_frequency_basis
-from stafinetune.data.preprocess import conf_dir, load_config
 from stafinetune.data.sources import synthetic_dir
 from stafinetune.data.synthetic import COLOURS
 from stafinetune.data.video import (
@@ -147,10 +147,10 @@ def test_invalid_config_names_the_field(kwargs, field):
 def test_yaml_files_compose_onto_the_dataclass(tmp_path):
     names = sorted(p.stem for p in (conf_dir() / "data").glob("*.yaml"))
     assert names == ["folder", "hf_dataset", "synthetic"]
-    assert load_config("synthetic") == DataConfig()
-    folder = load_config("folder", ["data.manifest=/x/m.jsonl", "fps=12"])
+    assert compose_job_config().data == DataConfig()
+    folder = compose_job_config(["data=folder", "data.manifest=/x/m.jsonl", "data.fps=12"]).data
     assert folder.source == "folder" and folder.fps == 12.0
-    hf = load_config("hf_dataset", [f"data.dataset_path={tmp_path}"])
+    hf = compose_job_config(["data=hf_dataset", f"data.dataset_path={tmp_path}"]).data
     assert hf.source == "hf_dataset"
     # Hydra sees the same: compose the group against the structured schema.
     from hydra import compose, initialize_config_dir

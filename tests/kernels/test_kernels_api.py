@@ -25,7 +25,7 @@ GEOMETRY = dict(canvas=(2, 4, 4), tile=(1, 2, 2))
         (dict(window=(1.5, 1, 1)), "window must hold integers"),
         (dict(window=(1, 1, 1), backend="cuda"), "backend must be one of"),
         (dict(window=(1, 1, 1), canvas=(2, 4, 5)), "smaller than the canvas"),
-        (dict(window=(1, 1, 1), tile=(0, 2, 2)), "tile must be 3 positive ints"),
+        (dict(window=(1, 1, 1), tile=(0, 2, 2)), "tile must be a list of 3 positive ints"),
     ],
 )
 def test_bad_arguments_name_the_field(kwargs, match):

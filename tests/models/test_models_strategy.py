@@ -85,10 +85,10 @@ def write(tmp_path: Path, **changes) -> Path:
     [
         ({"windows": [[[[3, 3, 3]] * 4]] * 2}, r"windows\[0\] must hold 2 layers"),
         ({"windows": [[[[3, 3, 3]] * 3] * 2]}, r"windows\[0\]\[0\] must hold 4 heads"),
-        ({"windows": [[[[3, 3, 3]] * 4, [[3, 3, 3], [3, 3], [3, 3, 3], [3, 3, 3]]]]}, r"windows\[0\]\[1\]\[1\] must be a list of 3 ints"),
-        ({"windows": [[[[3, 3, 3]] * 4, [[3, 3, 3]] * 3 + [[0, 3, 3]]]]}, r"windows\[0\]\[1\]\[3\] must be 3 ints >= 1"),
+        ({"windows": [[[[3, 3, 3]] * 4, [[3, 3, 3], [3, 3], [3, 3, 3], [3, 3, 3]]]]}, r"windows\[0\]\[1\]\[1\] must be a list of 3 positive ints"),
+        ({"windows": [[[[3, 3, 3]] * 4, [[3, 3, 3]] * 3 + [[0, 3, 3]]]]}, r"windows\[0\]\[1\]\[3\] must be a list of 3 positive ints"),
         ({"windows": [[[[3, 3, 3]] * 4, [[3, 3, 3]] * 3 + [[1, 3, 1]]]]}, r"\[1, 3, 1\] is not one of the candidates"),
-        ({"windows": [[[[3, 3, 3]] * 4, [[3, 3, 3]] * 3 + [[3, 3.5, 3]]]]}, r"must be a list of 3 ints"),
+        ({"windows": [[[[3, 3, 3]] * 4, [[3, 3, 3]] * 3 + [[3, 3.5, 3]]]]}, r"windows\[0\]\[1\]\[3\] must hold integers"),
         ({"candidates": [[3, 3, 3], [7, 4, 4]]}, r"candidates\[1\] = \[7, 4, 4\] is wider than the tile grid \[5, 4, 4\]"),
         ({"version": 2}, r"version must be 1"),
         ({"format": "other"}, r"format must be 'stafinetune.mask_strategy'"),

@@ -81,10 +81,11 @@ def test_training_reduces_loss_and_writes_everything(data_root: Path, tmp_path: 
 
 
 def _final_state(run_dir: Path) -> dict[str, torch.Tensor]:
-    state = ckpt.load_checkpoint(
-        ckpt.latest_checkpoint(run_dir / "checkpoints"), rank=0, world_size=1
-    )
-    return {**state["model"], **{f"ema.{k}": v for k, v in state["ema"].items()}}
+    path = ckpt.latest_checkpoint(run_dir / "checkpoints")
+    model, ema = (load_file(str(path / f"{n}.safetensors")) for n in ("model", "ema"))
+    optimizer = ckpt.load_tree(path / "optimizer")["state"]
+    moments = {f"opt.{i}.{k}": v for i, s in optimizer.items() for k, v in s.items()}
+    return {**model, **{f"ema.{k}": v for k, v in ema.items()}, **moments}
 
 
 def test_resume_is_exact(data_root: Path, tmp_path: Path):
@@ -132,7 +133,7 @@ def test_distillation_narrows_student_teacher_gap(data_root: Path, tmp_path: Pat
 
 def test_nonfinite_loss_stops_with_last_good_checkpoint(data_root: Path, tmp_path: Path):
     trainer = Trainer(_job(data_root, "train.steps=5", "train.export=false"), tmp_path)
-    real_losses = trainer._losses
+    real_losses = trainer.distill.losses
 
     def poisoned(*args, **kwargs):
         terms = real_losses(*args, **kwargs)
@@ -140,7 +141,7 @@ def test_nonfinite_loss_stops_with_last_good_checkpoint(data_root: Path, tmp_pat
             terms["total"] = terms["total"] * float("nan")
         return terms
 
-    trainer._losses = poisoned
+    trainer.distill.losses = poisoned
     with pytest.raises(NonFiniteLossError, match="step 3.*last good state is saved"):
         trainer.fit()
     good = ckpt.latest_checkpoint(tmp_path / "checkpoints")
@@ -190,7 +191,7 @@ def test_torchrun_ranks_keep_separate_outputs(data_root: Path, tmp_path: Path):
     for rank in (0, 1):
         assert (run / ".hydra" / f"rank{rank}" / "config.yaml").is_file()
         assert (run / f"train_rank{rank}.log").is_file()
-        assert (run / "checkpoints" / "step_00000004" / f"rank_{rank:05d}.pt").is_file()
+        assert (run / "checkpoints" / "step_00000004" / f"rank_{rank:05d}.json").is_file()
     assert proc.stdout.count("run directory") == 1  # only rank 0 reports
 
 

@@ -1,0 +1,199 @@
+"""Build the parts of a run from their config slices: data, student, teacher, validation batches.
+
+Every command (train, and the search / sample / eval commands) makes its models and data
+here, so they all see the same student, the same teacher and the same fixed batches. Nothing
+here trains, logs or checkpoints, and nothing here knows about process groups beyond the
+data-parallel coordinates it is handed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import DistillConfig, JobConfig
+from .data import DataConfig, TrainLoader, build_train_loader, prepare_data
+from .models import AttentionConfig, ModelConfig, VideoDiT, build_model
+from .models.dit import cast_like_diffusers, model_patch_size, token_canvas
+from .parallel import ParallelDims
+
+log = logging.getLogger(__name__)
+
+# Seed offsets of the independent random streams derived from ``train.seed``.
+VALIDATION_LOADER_SEED = 1_000_003
+VALIDATION_NOISE_SEED = 7
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """The one bf16 decision: ``auto`` means bf16 on CUDA and fp32 elsewhere.
+
+    ``precision`` is ``train.precision`` or ``distill.teacher_dtype`` (``auto``/``fp32``/``bf16``).
+    """
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA when ``bf16``; nothing otherwise (CPU runs stay fp32)."""
+    if bf16 and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def check_data_geometry(data_cfg: DataConfig, model_cfg: ModelConfig) -> list[tuple[int, int, int]]:
+    """Token canvas of every data bucket; fails before any encoding when one cannot feed the model.
+
+    Returns:
+        One (T, Hc, Wc) token canvas per bucket of ``data_cfg``, in bucket order.
+    """
+    patch = model_patch_size(model_cfg)
+    canvases = []
+    for bucket, grid in zip(data_cfg.all_buckets(), data_cfg.latent_grids(), strict=True):
+        try:
+            canvases.append(token_canvas(grid, patch))
+        except ValueError as err:
+            raise ValueError(
+                f"data bucket {bucket} (data.num_frames/height/width or data.buckets) gives "
+                f"latents of {list(grid)} (T, H, W), which model.flavor={model_cfg.flavor!r} "
+                f"cannot patch: {err}"
+            ) from None
+    return canvases
+
+
+def check_data_fits_model(batch: dict[str, Any], dit: VideoDiT, job: JobConfig) -> None:
+    """Fail at start-up, naming the fields, when a batch's channels or text width mismatch."""
+    latents, text = batch["latents"], batch["text"]
+    if latents.shape[1] != dit.in_channels:
+        raise ValueError(
+            f"the data gives {latents.shape[1]} latent channels (data.video_encoder="
+            f"{job.data.video_encoder!r}) but model.flavor={job.model.flavor!r} "
+            f"takes {dit.in_channels}"
+        )
+    if text.shape[-1] != dit.text_dim:
+        raise ValueError(
+            f"the data gives text states of width {text.shape[-1]} (data.text_encoder="
+            f"{job.data.text_encoder!r}) but model.flavor={job.model.flavor!r} "
+            f"takes {dit.text_dim}"
+        )
+
+
+@dataclass
+class RunData:
+    """The data side of a run.
+
+    Attributes:
+        cache_dir: the prepared latent cache.
+        loader: this dp rank's training stream (resumable).
+        val_batches: fixed batches with their own ``noise`` (B, C, T, H, W) and ``sigma`` (B,).
+        canvases: token canvas of every bucket.
+    """
+
+    cache_dir: Path
+    loader: TrainLoader
+    val_batches: list[dict[str, Any]]
+    canvases: list[tuple[int, int, int]]
+
+    @property
+    def export_canvas(self) -> tuple[int, int, int]:
+        """The largest bucket's canvas: what an exported mask strategy is written for."""
+        return max(self.canvases, key=lambda c: c[0] * c[1] * c[2])
+
+
+def validation_batches(
+    data_cfg: DataConfig, *, batch_size: int, seed: int, count: int = 2
+) -> list[dict[str, Any]]:
+    """``count`` batches with fixed noise and sigmas, from a loader stream independent of training."""
+    loader = build_train_loader(data_cfg, batch_size=batch_size, seed=seed + VALIDATION_LOADER_SEED)
+    gen = torch.Generator().manual_seed(seed + VALIDATION_NOISE_SEED)
+    batches = []
+    for batch, _ in zip(loader, range(count), strict=False):
+        x0 = batch["latents"]
+        sigma = torch.linspace(0.1, 0.9, x0.shape[0])  # (B,)
+        noise = torch.randn(x0.shape, generator=gen)  # (B, C, T, H, W)
+        batches.append({**batch, "sigma": sigma, "noise": noise})
+    return batches
+
+
+def build_data(job: JobConfig, dims: ParallelDims) -> RunData:
+    """Check the geometry, prepare the cache (every rank encodes its share) and open the loaders."""
+    canvases = check_data_geometry(job.data, job.model)
+    cache_dir = prepare_data(
+        job.data, rank=dims.rank, world_size=dims.world_size, verbose=dims.is_main
+    )
+    loader = build_train_loader(
+        job.data,
+        batch_size=job.train.batch_size,
+        seed=job.train.seed,
+        dp_rank=dims.dp_rank,
+        dp_size=dims.dp_size,
+    )
+    val = validation_batches(job.data, batch_size=job.train.batch_size, seed=job.train.seed)
+    return RunData(cache_dir=cache_dir, loader=loader, val_batches=val, canvases=canvases)
+
+
+def _build_seeded(
+    model_cfg: ModelConfig,
+    attention_cfg: AttentionConfig,
+    *,
+    seed: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> VideoDiT:
+    """Build a model; without ``model.path`` its random weights depend on ``seed`` alone.
+
+    Random weights are drawn on the CPU and then moved, so a student on a GPU and a teacher on
+    the CPU (or another GPU) built from the same seed hold the same weights.
+    """
+    if model_cfg.path is not None:
+        return build_model(model_cfg, attention_cfg, device=device, dtype=dtype)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        dit = build_model(model_cfg, attention_cfg, device="cpu", dtype=torch.float32)
+    cast_like_diffusers(dit.transformer, dtype)  # keeps diffusers' fp32 modules
+    return dit.to(device)
+
+
+def build_student(job: JobConfig, device: torch.device) -> VideoDiT:
+    """The student in fp32 (autocast lowers the compute precision), attending as ``attention``."""
+    return _build_seeded(
+        job.model, job.attention, seed=job.train.seed, device=device, dtype=torch.float32
+    )
+
+
+def teacher_device(distill_cfg: DistillConfig, student_device: torch.device) -> torch.device:
+    """Where the teacher runs: ``distill.teacher_device`` (``same``: the student's device)."""
+    if distill_cfg.teacher_device == "same":
+        return student_device
+    return torch.device(distill_cfg.teacher_device)
+
+
+def build_teacher(job: JobConfig, student_device: torch.device) -> VideoDiT | None:
+    """The frozen dense teacher, or None when no loss term needs it.
+
+    Its weights: ``distill.teacher_path``, else ``model.path``, else the student's initial
+    weights (the same flavor built from the same seed).
+    """
+    dcfg = job.distill
+    if not dcfg.needs_teacher:
+        return None
+    model_cfg = job.model
+    if dcfg.teacher_path is not None:
+        model_cfg = dataclasses.replace(model_cfg, path=dcfg.teacher_path, config_overrides={})
+    elif model_cfg.path is None:
+        log.warning(
+            "model.path is not set: the dense teacher is the student's own random initial "
+            "weights (model.flavor=%s), which teaches nothing useful outside tests",
+            model_cfg.flavor,
+        )
+    device = teacher_device(dcfg, student_device)
+    dtype = torch.bfloat16 if use_bf16(dcfg.teacher_dtype, device) else torch.float32
+    dense = dataclasses.replace(job.attention, mode="full")
+    teacher = _build_seeded(model_cfg, dense, seed=job.train.seed, device=device, dtype=dtype)
+    teacher.requires_grad_(False)
+    teacher.eval()
+    return teacher

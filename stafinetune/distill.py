@@ -1,0 +1,182 @@
+"""One distillation step: noised inputs -> dense teacher -> STA student -> losses -> backward.
+
+:class:`DistillStep` holds what does not change between steps (the frozen teacher, the loss
+weights, devices and precision) and offers the two calls the loop and the evaluation need:
+:meth:`DistillStep.losses` (one forward of both models, every loss term) and
+:meth:`DistillStep.forward_backward` (the micro-batches of one optimiser step, backward
+included). The optimiser step itself stays in the loop.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .build import autocast
+from .config import DistillConfig
+from .flow_matching import add_noise, sample_sigmas, velocity_target
+from .losses import distillation_losses
+from .models import VideoDiT
+from .parallel import ParallelModel
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Move a batch dict's tensors to ``device`` (other values pass through)."""
+    return {
+        k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()
+    }
+
+
+def model_inputs(
+    batch: dict[str, Any],
+    x_t: torch.Tensor,
+    sigma: torch.Tensor,
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+) -> dict[str, Any]:
+    """The keyword arguments of ``VideoDiT.forward`` for noisy latents ``x_t`` at ``sigma`` (B,)."""
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        t = t.to(device)
+        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+    return {
+        "latents": cast(x_t),  # (B, C, T, H, W)
+        "timestep": cast(sigma * 1000.0),  # (B,)
+        "text": cast(batch["text"]),  # (B, L, Dt)
+        "text_mask": batch["text_mask"].to(device),  # (B, L)
+        "pooled_text": cast(batch["pooled_text"]),  # (B, Dp)
+    }
+
+
+def draw_noise(
+    x0: torch.Tensor, cfg: DistillConfig, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise (B, C, T, H, W) and noise levels sigma (B,) for clean latents ``x0``, on the CPU
+    from ``generator`` (so that nothing drawing from the global RNG can shift them)."""
+    noise = torch.randn(x0.shape, generator=generator)
+    sigma = sample_sigmas(
+        x0.shape[0], sampling=cfg.timestep_sampling, shift=cfg.timestep_shift, generator=generator
+    )
+    return noise, sigma
+
+
+@dataclass
+class DistillStep:
+    """Loss computation of the run (see the module docstring).
+
+    Attributes:
+        cfg: loss weights, captured layers and timestep sampling.
+        teacher: the frozen dense teacher, or None (plain flow matching).
+        device: the student's device; losses are computed there.
+        bf16: bf16 autocast for the student.
+        teacher_bf16: bf16 autocast for the teacher (on its own device).
+    """
+
+    cfg: DistillConfig
+    teacher: VideoDiT | None
+    device: torch.device
+    bf16: bool
+    teacher_bf16: bool
+
+    @torch.no_grad()
+    def teacher_forward(
+        self, batch: dict[str, Any], x_t: torch.Tensor, sigma: torch.Tensor, capture: bool
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor] | None]:
+        """The teacher's output (B, C, T, H, W) fp32 and, if ``capture``, its attention outputs,
+        both on the student's device."""
+        assert self.teacher is not None
+        param = next(self.teacher.parameters())
+        inputs = model_inputs(batch, x_t, sigma, param.device, param.dtype)
+        with autocast(param.device, self.teacher_bf16):
+            if capture:
+                with self.teacher.capture(layers=self.cfg.layers, detach=True) as store:
+                    out = self.teacher(**inputs)
+                attn = {i: a.to(self.device) for i, a in store.layers.items()}
+            else:
+                out, attn = self.teacher(**inputs), None
+        return out.to(self.device, torch.float32), attn
+
+    def losses(
+        self,
+        module: nn.Module,
+        model: VideoDiT,
+        batch: dict[str, Any],
+        noise: torch.Tensor,
+        sigma: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """Every loss term of one forward (see ``distillation_losses``).
+
+        Args:
+            module: what to call (the student or its data-parallel wrapper).
+            model: the unwrapped student (its ``capture()`` records attention outputs).
+            batch: a batch dict on ``device``; ``noise`` (B, C, T, H, W), ``sigma`` (B,).
+        """
+        cfg = self.cfg
+        x0 = batch["latents"]
+        x_t = add_noise(x0, noise, sigma)
+        target = velocity_target(x0, noise)
+        want_attn = cfg.w_attn > 0
+        teacher_out = teacher_attn = None
+        if self.teacher is not None:
+            teacher_out, teacher_attn = self.teacher_forward(batch, x_t, sigma, capture=want_attn)
+        inputs = model_inputs(batch, x_t, sigma, self.device)
+        with autocast(self.device, self.bf16):
+            if want_attn:
+                with model.capture(layers=cfg.layers) as store:
+                    pred = module(**inputs)
+                student_attn = store.layers
+            else:
+                pred, student_attn = module(**inputs), None
+        return distillation_losses(
+            student_out=pred.float(),
+            target=target,
+            teacher_out=teacher_out,
+            student_attn=student_attn,
+            teacher_attn=teacher_attn,
+            w_data=cfg.w_data,
+            w_out=cfg.w_out,
+            w_attn=cfg.w_attn,
+            layers=cfg.layers,
+        )
+
+    def forward_backward(
+        self,
+        student: ParallelModel,
+        next_batch: Callable[[], dict[str, Any]],
+        generator: torch.Generator,
+        grad_accum: int,
+    ) -> tuple[dict[str, float], int, int]:
+        """Forward and backward of the ``grad_accum`` micro-batches of one optimiser step.
+
+        Gradients are averaged over micro-batches (each loss is divided by ``grad_accum``) and
+        reduced over ranks on the last one only.
+        Returns:
+            (the mean of each loss term over the micro-batches, samples processed, video tokens
+            processed: each batch counted at its own bucket's canvas).
+        """
+        sums: dict[str, float] = {}
+        samples = tokens = 0
+        for micro in range(grad_accum):
+            batch = to_device(next_batch(), self.device)
+            noise, sigma = draw_noise(batch["latents"], self.cfg, generator)
+            with student.grad_sync(micro == grad_accum - 1):
+                terms = self.losses(
+                    student.module,
+                    student.model,
+                    batch,
+                    noise.to(self.device),
+                    sigma.to(self.device),
+                )
+                (terms["total"] / grad_accum).backward()
+            for key, value in terms.items():
+                sums[key] = sums.get(key, 0.0) + float(value.detach()) / grad_accum
+            latents = batch["latents"]
+            samples += latents.shape[0]
+            tokens += latents.shape[0] * math.prod(student.model.canvas_for(latents.shape))
+        return sums, samples, tokens
