@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -58,6 +60,52 @@ def test_resolve_backend_off_cuda_and_explicit_choices():
     for dtype in (torch.bfloat16, torch.float32, torch.float64):
         assert resolve_backend(_q(dtype=dtype)) == "reference"
     assert resolve_backend(_q(), "flex") == "flex"
+
+
+# The triton kernels' documented head dims (kernels/README.md), written out here rather than
+# read from TRITON_HEAD_DIMS so that a change to the dispatch table shows up as a failure.
+TRITON_DIMS = (16, 32, 64, 128)
+
+
+def _cuda_q(dtype, head_dim):
+    """What resolve_backend reads of a CUDA q (is_cuda, dtype, shape), without a GPU."""
+    return SimpleNamespace(is_cuda=True, dtype=dtype, shape=(1, 8, 2, head_dim))
+
+
+@pytest.mark.parametrize("head_dim", [8, 16, 32, 48, 64, 80, 96, 128, 256])
+@pytest.mark.parametrize(
+    "dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64], ids=str
+)
+def test_resolve_backend_on_cuda(dtype, head_dim):
+    """auto on CUDA: triton for bf16/fp16 at the kernels' head dims, flex for the other
+    fp16/bf16/fp32 inputs, the reference for anything else (float64)."""
+    if dtype in (torch.bfloat16, torch.float16) and head_dim in TRITON_DIMS:
+        expected = "triton"
+    elif dtype in (torch.bfloat16, torch.float16, torch.float32):
+        expected = "flex"
+    else:
+        expected = "reference"
+    q = _cuda_q(dtype, head_dim)
+    assert resolve_backend(q) == expected
+    assert resolve_backend(q, "auto") == expected
+    for backend in ("triton", "flex", "reference"):  # an explicit choice is never overridden
+        assert resolve_backend(q, backend) == backend
+
+
+@pytest.mark.parametrize("head_dim", [16, 48, 64, 80])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_auto_picks_triton_exactly_where_the_kernels_accept_the_input(dtype, head_dim):
+    """Dispatch and the triton backend's own input check agree, so auto never routes an
+    input to triton that it would reject."""
+    from sta_kernels.triton_sta import check_inputs
+
+    q = _cuda_q(dtype, head_dim)
+    try:
+        check_inputs(q)
+        accepted = True
+    except ValueError:
+        accepted = False
+    assert (resolve_backend(q) == "triton") == accepted
 
 
 def test_auto_uses_the_reference_off_cuda():
