@@ -33,7 +33,7 @@ from sta_kernels import (
     token_tile_ids,
 )
 
-from ..models.attention import ActivationStore, ForwardState, text_key_mask
+from ..models.attention import ActivationStore, ForwardState, common_dtype, text_key_mask
 from ..models.dit import VideoDiT
 from ..models.windows import WindowPlan
 from ..sampling import flow_sigmas
@@ -264,7 +264,8 @@ class SearchStore(ActivationStore):
         """Add layer ``layer``'s per-head candidate errors (dense ``o``: (B, S, H, D))."""
         if not self.active:
             return
-        q, k, v = (_take_heads(x.detach(), self.heads) for x in qkv)  # (B, S, h, D)
+        dtype = common_dtype(*qkv)  # as STAAttention: q, k may leave an RMSNorm in fp32
+        q, k, v = (_take_heads(x.detach(), self.heads).to(dtype) for x in qkv)  # (B, S, h, D)
         errors = candidate_errors(
             q,
             k,

@@ -85,6 +85,11 @@ def select_windows(
     err = measured.errors[cfg.metric]  # (steps, L, H, C)
     if err.shape[0] != cfg.steps:
         raise ValueError(f"the errors hold {err.shape[0]} steps but search.steps={cfg.steps}")
+    if torch.isnan(err[dense_first:]).any():
+        raise ValueError(
+            f"search.dense_first_steps={dense_first} selects steps that were not scored; select "
+            "with the dense_first_steps the errors were evaluated with (or a larger one)"
+        )
     full = measured.candidates.tolist().index(list(num_tiles(measured.canvas, measured.tile)))
     choice = torch.full(err.shape[:-1], full, dtype=torch.int64)  # (steps, L, H)
     choice[dense_first:] = _choose(err[dense_first:], measured.densities, cfg)

@@ -11,10 +11,10 @@ from stafinetune.search import CandidateErrors, SearchConfig, evaluate_candidate
 
 @pytest.fixture(scope="session")
 def wan_errors() -> CandidateErrors:
-    """Errors of a short search (4 steps, 3 samples in 2 batches) on a random tiny Wan."""
+    """Errors of a short search (3 steps, 3 samples in 2 batches) on a random tiny Wan."""
     dit = build_tiny("wan_tiny")
     return evaluate_candidates(
-        dit, calibration("wan_tiny", sizes=(2, 1)), SearchConfig(steps=4), progress=False
+        dit, calibration("wan_tiny", sizes=(2, 1)), SearchConfig(steps=3), progress=False
     )
 
 

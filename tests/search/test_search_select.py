@@ -95,7 +95,7 @@ def test_budget_below_the_sparsest_candidate_fails() -> None:
 
 
 def test_select_windows_budget_counts_only_searched_steps(wan_errors: CandidateErrors) -> None:
-    cfg = SearchConfig(steps=4, dense_first_steps=1, mode="budget", budget=0.2)
+    cfg = SearchConfig(steps=3, dense_first_steps=1, mode="budget", budget=0.2)
     errors = {m: e.clone() for m, e in wan_errors.errors.items()}
     for e in errors.values():
         e[0] = float("nan")  # as evaluated with dense_first_steps=1
@@ -117,4 +117,6 @@ def test_select_windows_budget_counts_only_searched_steps(wan_errors: CandidateE
     )
     assert result.strategy.metadata["model"] == "wan_tiny"
     assert result.strategy.metadata["search"]["budget"] == 0.2
-    assert result.strategy.step_tensor().shape == (4, 2, 4, 3)
+    assert result.strategy.step_tensor().shape == (3, 2, 4, 3)
+    with pytest.raises(ValueError, match="selects steps that were not scored"):
+        select_windows(measured, SearchConfig(steps=3, mode="budget", budget=0.2))
