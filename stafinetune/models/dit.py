@@ -254,7 +254,12 @@ class VideoDiT(nn.Module):
     # ----------------------------------------------------------------- hooks
     @contextlib.contextmanager
     def capture(
-        self, layers: Iterable[int] | None = None, detach: bool = False, inputs: bool = False
+        self,
+        layers: Iterable[int] | None = None,
+        detach: bool = False,
+        inputs: bool = False,
+        *,
+        store: ActivationStore | None = None,
     ) -> Iterator[ActivationStore]:
         """Collect STA-layer attention outputs and the final output of forwards in the block.
 
@@ -262,11 +267,18 @@ class VideoDiT(nn.Module):
             layers: STA layer indices to keep (default: all). Others cost nothing.
             detach: store detached tensors (e.g. for a teacher).
             inputs: also keep each layer's (q, k, v) (for replaying windows in a mask search).
+            store: record into this store instead of a new one (``layers``, ``detach`` and
+                ``inputs`` are then the store's own). A subclass overriding ``record(layer, o,
+                qkv, state)`` sees each layer's output and (q, k, v) as they are computed and
+                can reduce them on the fly instead of keeping them (the window search does).
         Yields:
             an ``ActivationStore``: ``store[i]`` (B, S, H, D) per layer, ``store["final"]``.
         Outside ``capture()`` nothing is recorded (one ``is None`` check per layer).
         """
-        store = ActivationStore(layers, detach, inputs)
+        if store is None:
+            store = ActivationStore(layers, detach, inputs)
+        elif layers is not None or detach or inputs:
+            raise ValueError("capture(store=...) takes layers/detach/inputs from the store")
         previous, self._store = self._store, store
         try:
             yield store
