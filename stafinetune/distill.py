@@ -9,6 +9,7 @@ included). The optimiser step itself stays in the loop.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from .flow_matching import add_noise, sample_sigmas, velocity_target
 from .losses import distillation_losses
 from .models import VideoDiT
 from .parallel import ParallelModel
+from .parallel.sequence import SequenceParallel
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -76,6 +78,10 @@ class DistillStep:
         device: the student's device; losses are computed there.
         bf16: bf16 autocast for the student.
         teacher_bf16: bf16 autocast for the teacher (on its own device).
+        teacher_module: what to call for the teacher's forward (a sharding engine around
+            ``teacher``); defaults to ``teacher``.
+        sequence: the sequence split of both models (``parallel.sp > 1``): attention outputs
+            are then local shards and their loss is reduced over the sp group.
     """
 
     cfg: DistillConfig
@@ -83,6 +89,12 @@ class DistillStep:
     device: torch.device
     bf16: bool
     teacher_bf16: bool
+    teacher_module: nn.Module | None = None
+    sequence: SequenceParallel | None = None
+
+    def __post_init__(self) -> None:
+        if self.teacher_module is None:
+            self.teacher_module = self.teacher
 
     @torch.no_grad()
     def teacher_forward(
@@ -96,10 +108,10 @@ class DistillStep:
         with autocast(param.device, self.teacher_bf16):
             if capture:
                 with self.teacher.capture(layers=self.cfg.layers, detach=True) as store:
-                    out = self.teacher(**inputs)
+                    out = self.teacher_module(**inputs)
                 attn = {i: a.to(self.device) for i, a in store.layers.items()}
             else:
-                out, attn = self.teacher(**inputs), None
+                out, attn = self.teacher_module(**inputs), None
         return out.to(self.device, torch.float32), attn
 
     def losses(
@@ -133,7 +145,12 @@ class DistillStep:
                 student_attn = store.layers
             else:
                 pred, student_attn = module(**inputs), None
+        mse = None
+        if self.sequence is not None:
+            num_video = math.prod(model.canvas_for(x0.shape))
+            mse = functools.partial(self.sequence.mean_squared_error, num_video=num_video)
         return distillation_losses(
+            attn_mse=mse,
             student_out=pred.float(),
             target=target,
             teacher_out=teacher_out,

@@ -72,7 +72,7 @@ def generate_pair(
     models = [(student, step.device, step.bf16)]
     if step.teacher is not None:
         device = next(step.teacher.parameters()).device
-        models.append((step.teacher, device, step.teacher_bf16))
+        models.append((step.teacher_module, device, step.teacher_bf16))
     latents = []
     for model, device, bf16 in models:
         was_training = model.training
@@ -121,7 +121,8 @@ class Validator:
         sample_steps, sample_shift, num_samples, seed: the sample videos' sampler and noise.
         decode: latents -> pixels (the data's video encoder), when sampling videos.
         out_dir, fps: where and at which rate the videos are written.
-        is_main: only rank 0 generates videos.
+        is_main: only rank 0 writes and logs the videos (every rank generates them: under
+            sequence parallelism or sharding the model runs on all ranks together).
     """
 
     step: DistillStep
@@ -143,7 +144,7 @@ class Validator:
     def __call__(self, student: VideoDiT, step: int, tracker: Any) -> dict[str, float]:
         """Every validation metric at ``step``; videos are logged to ``tracker`` (rank 0)."""
         metrics = validation_gap(self.step, student, self.batches)
-        if self.sample_steps > 0 and self.is_main:
+        if self.sample_steps > 0:
             batch = self.batches[0]
             latents, gap = generate_pair(
                 self.step,
@@ -155,9 +156,10 @@ class Validator:
                 seed=self.seed + SAMPLE_NOISE_SEED,
             )
             metrics.update(gap)
-            paths = write_side_by_side(
-                latents, self.decode, self.out_dir, f"step_{step:08d}", self.fps
-            )
-            for k, path in enumerate(paths):
-                tracker.log_video(f"samples/{k}", path, step, caption=batch["caption"][k])
+            if self.is_main:
+                paths = write_side_by_side(
+                    latents, self.decode, self.out_dir, f"step_{step:08d}", self.fps
+                )
+                for k, path in enumerate(paths):
+                    tracker.log_video(f"samples/{k}", path, step, caption=batch["caption"][k])
         return metrics

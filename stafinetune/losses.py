@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -12,12 +12,15 @@ def attention_loss(
     student: Mapping[int, torch.Tensor],
     teacher: Mapping[int, torch.Tensor],
     layers: Iterable[int] | None = None,
+    mse: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Mean over layers of the MSE between student and teacher attention outputs.
 
     Args:
         student, teacher: layer index -> attention output (same shape per layer, e.g. (B, S, H, D)).
         layers: the layers to compare; None means every layer both captured.
+        mse: the per-layer error (default ``F.mse_loss``); sequence parallelism passes one that
+            reduces local shards over the sp group.
     Raises:
         KeyError: if a requested layer was not captured by both models.
     """
@@ -28,9 +31,9 @@ def attention_loss(
             f"attention loss needs layers {chosen} from both models; missing {missing} "
             f"(student captured {sorted(student)}, teacher {sorted(teacher)})"
         )
+    mse = mse or F.mse_loss
     terms = [
-        F.mse_loss(student[i].float(), teacher[i].detach().to(student[i].device).float())
-        for i in chosen
+        mse(student[i].float(), teacher[i].detach().to(student[i].device).float()) for i in chosen
     ]
     return torch.stack(terms).mean()
 
@@ -46,6 +49,7 @@ def distillation_losses(
     student_attn: Mapping[int, torch.Tensor] | None = None,
     teacher_attn: Mapping[int, torch.Tensor] | None = None,
     layers: Iterable[int] | None = None,
+    attn_mse: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """All loss terms and their weighted sum.
 
@@ -72,7 +76,7 @@ def distillation_losses(
     elif w_out > 0:
         raise ValueError("distill.w_out > 0 needs the teacher's output")
     if student_attn is not None and teacher_attn is not None:
-        out["attn"] = attention_loss(student_attn, teacher_attn, layers)
+        out["attn"] = attention_loss(student_attn, teacher_attn, layers, attn_mse)
         if w_attn > 0:
             total = total + w_attn * out["attn"]
     elif w_attn > 0:
