@@ -1,10 +1,25 @@
 #!/usr/bin/env bash
-# Data-parallel training on one node with torchrun: one process per GPU.
+# Training with torchrun: one process per GPU on this node, or one node of several.
 #   launch/torchrun.sh [NUM_PROCS] [hydra overrides...]
-# e.g. launch/torchrun.sh 8 model=wan2.1_t2v_1.3b model.path=/ckpt/Wan2.1-T2V-1.3B-Diffusers data=folder data.manifest=/data/clips.jsonl
+#   NNODES=4 NODE_RANK=0 MASTER_ADDR=node0 launch/torchrun.sh 8 parallel=fsdp2 parallel.sp=4 ...
+# NUM_PROCS defaults to the number of visible GPUs (1 without any). Every rank uses the same
+# run directory: RUN_DIR (default outputs/torchrun-<time>) unless hydra.run.dir is given.
 set -euo pipefail
-nproc="${1:-$(python3 -c 'import torch; print(max(1, torch.cuda.device_count()))')}"
-shift || true
-# NVLink SHARP multicast stays off: it is not needed for all-reduce and can wedge shared hosts.
+if [[ "${1:-}" =~ ^[0-9]+$ ]]; then
+  nproc="$1"
+  shift
+else
+  nproc="$(python3 -c 'import torch; print(max(1, torch.cuda.device_count()))')"
+fi
+# NVLink SHARP multicast stays off: it is not needed here and can wedge shared hosts.
 export NCCL_NVLS_ENABLE="${NCCL_NVLS_ENABLE:-0}"
-exec torchrun --standalone --nproc-per-node "$nproc" -m stafinetune.train "$@"
+run_dir=(hydra.run.dir="${RUN_DIR:-outputs/torchrun-$(date +%Y%m%d-%H%M%S)}")
+for arg in "$@"; do [[ "$arg" == hydra.run.dir=* ]] && run_dir=(); done  # the user's wins
+if [[ -n "${NNODES:-}" && "${NNODES}" != 1 ]]; then
+  rendezvous=(--nnodes "$NNODES" --node-rank "${NODE_RANK:?set NODE_RANK}"
+              --master-addr "${MASTER_ADDR:?set MASTER_ADDR}" --master-port "${MASTER_PORT:-29500}")
+else
+  rendezvous=(--standalone)
+fi
+exec torchrun "${rendezvous[@]}" --nproc-per-node "$nproc" -m stafinetune.train \
+  "${run_dir[@]}" "$@"

@@ -22,8 +22,10 @@ named parts; a sharded engine provides its own parts with the same interface.
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -110,6 +112,78 @@ def load_tree(stem: Path) -> Any:
     return _decode(tree, load_file(str(tensor_path)))
 
 
+# --------------------------------------------------------------------- safe sharded loading
+# What the metadata of a torch.distributed.checkpoint folder may contain: its own record
+# types, torch.Size, dtypes, layouts and memory formats. Anything else (a crafted
+# ``.metadata`` naming os.system, say) is refused instead of being called.
+_DCP_CLASSES = {
+    ("torch.distributed.checkpoint.metadata", name)
+    for name in ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata",
+                 "ChunkStorageMetadata", "TensorProperties", "MetadataIndex", "StorageMeta",
+                 "_MEM_FORMAT_ENCODING")
+} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+     ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+     ("pathlib", "PosixPath"), ("pathlib", "WindowsPath")}  # fmt: skip
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _DCP_CLASSES:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(
+            getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)
+        ):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(
+            f"a sharded checkpoint's metadata names {module}.{name}, which a checkpoint never "
+            "holds: refusing to load it (the file may have been tampered with)"
+        )
+
+
+def _safe_dcp_reader(folder: Path) -> Any:
+    """A ``torch.distributed.checkpoint`` reader whose metadata and byte items cannot run code
+    (the stock reader unpickles both without restriction)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.storage import StorageMeta
+
+    class SafeFileSystemReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            path = Path(self.path) / ".metadata"
+            if not path.is_file():
+                raise FileNotFoundError(f"sharded checkpoint {folder} has no .metadata")
+            with open(path, "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeFileSystemReader(str(folder))
+
+
+def _safe_dcp_planner() -> Any:
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class SafeLoadPlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+            # non-tensor entries (optimiser hyper-parameters) hold only plain Python values
+            obj = torch.load(value, weights_only=True)
+            super().load_bytes(read_item, _BytesValue(obj))
+
+    return SafeLoadPlanner()
+
+
+class _BytesValue(io.BytesIO):
+    """Hands an already safely loaded object to the stock planner's ``load_bytes``."""
+
+    def __init__(self, obj: Any) -> None:
+        super().__init__()
+        buffer = io.BytesIO()
+        torch.save(obj, buffer)
+        self.write(buffer.getvalue())
+        self.seek(0)
+
+
 # --------------------------------------------------------------------- RNG states
 def rng_state() -> dict[str, Any]:
     """Capture python, numpy, torch CPU and CUDA RNG states of this process."""
@@ -186,21 +260,28 @@ def resolve_resume(resume: str | None, ckpt_dir: Path, is_main: bool) -> Path | 
 
 
 # --------------------------------------------------------------------- what is saved
+Getter = Callable[[], Any]
+Setter = Callable[[Any], None]
+
+
 @dataclass
 class TrainState:
     """The named parts of a run's state, each a pair of (get, set) functions.
 
-    ``weights`` parts are flat name -> tensor dicts written as safetensors by rank 0;
-    ``trees`` parts are any JSON/tensor tree written by rank 0; ``rank`` parts are written by
-    every rank into its own file (RNG states, data position). Getters return the full state on
-    rank 0 (other ranks may return None for global parts).
+    - ``weights``: flat name -> tensor dicts, written as safetensors by rank 0;
+    - ``trees``: any JSON/tensor tree, written by rank 0 (getters may return None elsewhere);
+    - ``rank``: each rank's own parts, in its own file (RNG states, data position);
+    - ``sharded``: state dicts of DTensors (FSDP2), written by every rank together with
+      ``torch.distributed.checkpoint`` into ``sharded/``;
+    - ``engine``: (save(folder), load(folder)) of an engine with its own format (DeepSpeed),
+      called by every rank with ``<checkpoint>/engine``.
     """
 
-    weights: dict[
-        str, tuple[Callable[[], dict[str, torch.Tensor] | None], Callable[[dict], None]]
-    ] = field(default_factory=dict)
-    trees: dict[str, tuple[Callable[[], Any], Callable[[Any], None]]] = field(default_factory=dict)
-    rank: dict[str, tuple[Callable[[], Any], Callable[[Any], None]]] = field(default_factory=dict)
+    weights: dict[str, tuple[Getter, Setter]] = field(default_factory=dict)
+    trees: dict[str, tuple[Getter, Setter]] = field(default_factory=dict)
+    rank: dict[str, tuple[Getter, Setter]] = field(default_factory=dict)
+    sharded: dict[str, tuple[Getter, Setter]] = field(default_factory=dict)
+    engine: tuple[Callable[[Path], None], Callable[[Path], None]] | None = None
 
     def rank_snapshot(self) -> dict[str, Any]:
         """This rank's own parts, now (e.g. the state a NaN step rolls back to)."""
@@ -242,6 +323,13 @@ class CheckpointManager:
         own = rank_state if rank_state is not None else state.rank_snapshot()
         for path in save_tree(tmp / f"rank_{rank:05d}", own):
             _fsync_file(path)
+        if state.sharded:
+            import torch.distributed.checkpoint as dcp
+
+            dcp.save({name: get() for name, (get, _) in state.sharded.items()},
+                     checkpoint_id=str(tmp / "sharded"))  # fmt: skip
+        if state.engine is not None:
+            state.engine[0](tmp / "engine")
         barrier()
         if main:
             for name, (get, _) in state.weights.items():
@@ -254,8 +342,9 @@ class CheckpointManager:
             meta = {"step": step, "world_size": self.dims.world_size, "time": time.time(),
                     "format": FORMAT_VERSION}  # fmt: skip
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-            for path in tmp.iterdir():
-                _fsync_file(path)
+            for path in tmp.rglob("*"):
+                if path.is_file():
+                    _fsync_file(path)
             _fsync_dir(tmp)
             if final.exists():
                 shutil.rmtree(final)
@@ -286,6 +375,19 @@ class CheckpointManager:
             set_(load_file(str(file)))
         for name, (_, set_) in state.trees.items():
             set_(load_tree(path / name))
+        if state.sharded:
+            import torch.distributed.checkpoint as dcp
+
+            loaded = {name: get() for name, (get, _) in state.sharded.items()}
+            dcp.load(
+                loaded,
+                storage_reader=_safe_dcp_reader(path / "sharded"),
+                planner=_safe_dcp_planner(),
+            )
+            for name, (_, set_) in state.sharded.items():
+                set_(loaded[name])
+        if state.engine is not None:
+            state.engine[1](path / "engine")
         own = load_tree(path / f"rank_{self.dims.rank:05d}")
         for name, (_, set_) in state.rank.items():
             set_(own[name])

@@ -8,6 +8,7 @@ dataclass) and the run directory; :func:`hydra_command` turns it into a console-
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -39,4 +40,29 @@ def hydra_command(
             sys.exit(2)
         task(job, Path(HydraConfig.get().runtime.output_dir))
 
-    return _main
+    def main() -> None:
+        sys.argv = [sys.argv[0], *strip_launcher_args(sys.argv[1:])]
+        _main()
+
+    return main
+
+
+def strip_launcher_args(argv: list[str]) -> list[str]:
+    """Drop ``--local_rank=N`` / ``--local_rank N`` (the deepspeed launcher appends it; Hydra
+    would reject it) into ``LOCAL_RANK``, keeping every Hydra override."""
+    out, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        for flag in ("--local_rank", "--local-rank"):
+            if arg.startswith(flag + "="):
+                os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
+                break
+            if arg == flag and i + 1 < len(argv):
+                os.environ.setdefault("LOCAL_RANK", argv[i + 1])
+                skip = True
+                break
+        else:
+            out.append(arg)
+    return out

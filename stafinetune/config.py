@@ -148,24 +148,62 @@ class DistillConfig:
         )
 
 
+PARALLEL_STRATEGIES = ("ddp", "fsdp2", "zero2", "zero3")
+
+
 @dataclass
 class ParallelConfig:
-    """How the launched processes share the work (group ``parallel``).
+    """How the launched processes share the work (group ``parallel``: ddp, fsdp2, zero2, zero3).
 
     Attributes:
-        strategy: how the student's parameters are kept over the data-parallel ranks:
-            ``ddp`` replicates them (gradients all-reduced).
-        sp: sequence-parallel degree; must divide the number of processes.
+        strategy: how the student's parameters live on the data-parallel ranks: ``ddp``
+            replicates them (gradients all-reduced); ``fsdp2`` shards them with torch's
+            ``fully_shard`` per transformer block; ``zero2`` / ``zero3`` hand the student to
+            DeepSpeed (ZeRO stage 2 shards optimiser state and gradients, stage 3 also the
+            parameters).
+        sp: Ulysses sequence-parallel degree; divides the number of processes and the heads.
+        dp_replicate: ``fsdp2`` only: replica groups of hybrid sharding (1: shard over all).
+        teacher: ``replicate`` the frozen teacher on every rank, or ``shard`` it
+            (``fsdp2``: fully_shard; ``zero3``: a DeepSpeed inference engine).
+        deepspeed_config: a DeepSpeed JSON file to start from (``zero2``/``zero3``); the
+            micro-batch size, accumulation and clipping always come from ``train``.
         find_unused_parameters: DDP's option, for trainable weights that get no gradient.
     """
 
     strategy: str = "ddp"
     sp: int = 1
+    dp_replicate: int = 1
+    teacher: str = "replicate"
+    deepspeed_config: str | None = None
     find_unused_parameters: bool = False
 
     def __post_init__(self) -> None:
-        _check(self.strategy == "ddp", f"parallel.strategy must be ddp, got {self.strategy!r}")
-        _check(self.sp == 1, f"parallel.sp must be 1 (no sequence parallelism yet), got {self.sp}")
+        _check(
+            self.strategy in PARALLEL_STRATEGIES,
+            f"parallel.strategy must be one of {PARALLEL_STRATEGIES}, got {self.strategy!r}",
+        )
+        _check(self.sp >= 1, f"parallel.sp must be >= 1, got {self.sp}")
+        _check(
+            self.dp_replicate >= 1, f"parallel.dp_replicate must be >= 1, got {self.dp_replicate}"
+        )
+        _check(
+            self.dp_replicate == 1 or self.strategy == "fsdp2",
+            f"parallel.dp_replicate={self.dp_replicate} (hybrid sharding) needs "
+            f"parallel.strategy=fsdp2, got {self.strategy!r}",
+        )
+        _check(
+            self.teacher in ("replicate", "shard"),
+            f"parallel.teacher must be replicate or shard, got {self.teacher!r}",
+        )
+        _check(
+            self.teacher == "replicate" or self.strategy in ("fsdp2", "zero3"),
+            f"parallel.teacher=shard needs parallel.strategy=fsdp2 or zero3, got {self.strategy!r}",
+        )
+        _check(
+            self.deepspeed_config is None or self.strategy in ("zero2", "zero3"),
+            "parallel.deepspeed_config is only read by parallel.strategy=zero2 or zero3, "
+            f"got {self.strategy!r}",
+        )
 
 
 @dataclass
@@ -214,6 +252,11 @@ class JobConfig:
                 "distill.w_attn/w_out > 0 distil an STA student from a dense teacher, "
                 f"but attention.mode={self.attention.mode!r}",
             )
+        _check(
+            self.parallel.sp == 1 or self.distill.teacher_device == "same",
+            f"parallel.sp={self.parallel.sp} runs the teacher under the same sequence split, so "
+            f"distill.teacher_device must be same, got {self.distill.teacher_device!r}",
+        )
 
 
 def register_configs() -> None:

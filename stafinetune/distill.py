@@ -23,7 +23,6 @@ from .config import DistillConfig
 from .flow_matching import add_noise, sample_sigmas, velocity_target
 from .losses import distillation_losses
 from .models import VideoDiT
-from .parallel import ParallelModel
 from .parallel.sequence import SequenceParallel
 
 
@@ -164,15 +163,16 @@ class DistillStep:
 
     def forward_backward(
         self,
-        student: ParallelModel,
+        student: Any,
         next_batch: Callable[[], dict[str, Any]],
         generator: torch.Generator,
         grad_accum: int,
     ) -> tuple[dict[str, float], int, int]:
         """Forward and backward of the ``grad_accum`` micro-batches of one optimiser step.
 
-        Gradients are averaged over micro-batches (each loss is divided by ``grad_accum``) and
-        reduced over ranks on the last one only.
+        ``student`` is the run's engine (``stafinetune.parallel.engine``): its ``backward``
+        averages gradients over the micro-batches, and they are reduced over ranks on the last
+        one only.
         Returns:
             (the mean of each loss term over the micro-batches, samples processed, video tokens
             processed: each batch counted at its own bucket's canvas).
@@ -182,7 +182,8 @@ class DistillStep:
         for micro in range(grad_accum):
             batch = to_device(next_batch(), self.device)
             noise, sigma = draw_noise(batch["latents"], self.cfg, generator)
-            with student.grad_sync(micro == grad_accum - 1):
+            last = micro == grad_accum - 1
+            with student.grad_sync(last):
                 terms = self.losses(
                     student.module,
                     student.model,
@@ -190,7 +191,7 @@ class DistillStep:
                     noise.to(self.device),
                     sigma.to(self.device),
                 )
-                (terms["total"] / grad_accum).backward()
+                student.backward(terms["total"], last)
             for key, value in terms.items():
                 sums[key] = sums.get(key, 0.0) + float(value.detach()) / grad_accum
             latents = batch["latents"]

@@ -3,9 +3,51 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+
+class _SquaredErrorSum(torch.autograd.Function):
+    """Sum of (a - b)^2 in fp32, rows ``head`` onwards along dim 1 weighted by ``tail_weight``,
+    keeping only its (usually bf16) inputs for backward.
+
+    ``F.mse_loss(a.float(), b.float())`` would keep fp32 copies of both: at 720p that is
+    twice the captured attention outputs of every layer again, in fp32.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, a: torch.Tensor, b: torch.Tensor, head: int | None, tail_weight: float
+    ) -> torch.Tensor:
+        ctx.save_for_backward(a, b)
+        ctx.head, ctx.tail_weight = head, tail_weight
+        sq = (a.float() - b.float()) ** 2
+        if head is None:
+            return sq.sum()
+        return sq[:, :head].sum() + tail_weight * sq[:, head:].sum()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        a, b = ctx.saved_tensors
+        diff = (a.float() - b.float()) * (2.0 * grad)
+        if ctx.head is not None:
+            diff[:, ctx.head :] *= ctx.tail_weight
+        return diff.to(a.dtype), None, None, None
+
+
+def squared_error_sum(
+    a: torch.Tensor, b: torch.Tensor, head: int | None = None, tail_weight: float = 1.0
+) -> torch.Tensor:
+    """``sum((a - b) ** 2)`` in fp32 over (B, S, ...) tensors, rows ``>= head`` of dim 1 weighted
+    by ``tail_weight``; differentiable in ``a`` only (``b`` is a target)."""
+    return _SquaredErrorSum.apply(a, b.detach(), head, tail_weight)
+
+
+def mean_squared_error(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``mean((a - b) ** 2)`` in fp32 without fp32 copies kept for backward."""
+    return squared_error_sum(a, b) / a.numel()
 
 
 def attention_loss(
@@ -31,10 +73,8 @@ def attention_loss(
             f"attention loss needs layers {chosen} from both models; missing {missing} "
             f"(student captured {sorted(student)}, teacher {sorted(teacher)})"
         )
-    mse = mse or F.mse_loss
-    terms = [
-        mse(student[i].float(), teacher[i].detach().to(student[i].device).float()) for i in chosen
-    ]
+    mse = mse or mean_squared_error
+    terms = [mse(student[i], teacher[i].detach().to(student[i].device)) for i in chosen]
     return torch.stack(terms).mean()
 
 

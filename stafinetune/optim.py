@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -89,20 +90,39 @@ def build_scheduler(
     )
 
 
+def _whole(param: nn.Parameter) -> torch.Tensor:
+    return param
+
+
 class EMA:
     """Exponential moving average of a module's trainable parameters (kept in fp32).
 
     ``decay`` ramps up as ``min(decay, (1 + n) / (10 + n))`` over the first updates so an
     early EMA is not dominated by the initial weights.
+
+    Args:
+        model: the student.
+        decay: the long-run decay in (0, 1).
+        view: the tensor of a parameter that this rank holds and updates: the parameter itself
+            (also a sharded DTensor under FSDP2), or ZeRO-3's local partition
+            (``lambda p: p.ds_tensor``). The average lives where that tensor lives.
     """
 
-    def __init__(self, model: nn.Module, decay: float) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        decay: float,
+        view: Callable[[nn.Parameter], torch.Tensor] = _whole,
+    ) -> None:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"train.ema_decay must lie in (0, 1), got {decay}")
         self.decay = decay
+        self.view = view
         self.updates = 0
         self.shadow = {
-            n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad
+            n: view(p).detach().float().clone()
+            for n, p in model.named_parameters()
+            if p.requires_grad
         }
 
     @torch.no_grad()
@@ -112,7 +132,7 @@ class EMA:
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
         for name, param in model.named_parameters():
             if name in self.shadow:
-                self.shadow[name].lerp_(param.detach().float(), 1.0 - d)
+                self.shadow[name].lerp_(self.view(param).detach().float(), 1.0 - d)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Shadow weights plus the update count (as a 0-d tensor, for safetensors)."""
@@ -133,4 +153,22 @@ class EMA:
         """Write the averaged weights into ``model``."""
         for name, param in model.named_parameters():
             if name in self.shadow:
-                param.copy_(self.shadow[name].to(param.dtype))
+                target = self.view(param)
+                target.copy_(self.shadow[name].to(target.dtype))
+
+    @contextlib.contextmanager
+    def applied(self, model: nn.Module) -> Iterator[None]:
+        """Within the block ``model`` holds the averaged weights; its own come back after."""
+        backup = {
+            n: self.view(p).detach().clone()
+            for n, p in model.named_parameters()
+            if n in self.shadow
+        }
+        self.copy_to(model)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    if name in backup:
+                        self.view(param).copy_(backup[name])

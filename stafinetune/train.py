@@ -47,7 +47,7 @@ def summary(result: TrainResult) -> str:
 
 def run(job: JobConfig, default_run_dir: Path) -> None:
     """Train with a validated config; prints where everything went on rank 0."""
-    world = init_world(job.train.device)
+    world = init_world(job.train.device, process_group=job.parallel.strategy != "ddp")
     run_dir = Path(job.run_dir) if job.run_dir else default_run_dir
     run_dir = Path(broadcast_object(str(run_dir.resolve())))
     if world.is_main:

@@ -9,6 +9,7 @@ optimiser, scheduler, EMA, RNG states, data position, step) is in each checkpoin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -36,8 +37,11 @@ from .data import build_video_encoder
 from .distill import DistillStep
 from .evaluate import Validator
 from .models import MaskStrategy
+from .models.dit import save_transformer_state
 from .optim import EMA, build_optimizer, build_scheduler, select_trainable
 from .parallel import ParallelDims, World, all_reduce_mean, barrier, init_world, parallelize
+from .parallel.engine import build_engine, deepspeed_config
+from .parallel.parallelize import parallelize_teacher
 from .profiling import AttentionTimer
 from .tracking import build_tracker
 
@@ -74,8 +78,10 @@ class Trainer:
         self.job, self.run_dir = job, run_dir
         tcfg, pcfg = job.train, job.parallel
         self.dims = ParallelDims(
-            world or init_world(tcfg.device), strategy=pcfg.strategy, sp=pcfg.sp
-        )
+            world or init_world(tcfg.device, process_group=pcfg.strategy != "ddp"),
+            strategy=pcfg.strategy, sp=pcfg.sp,
+            dp_replicate=pcfg.dp_replicate,
+        )  # fmt: skip
         self.device = self.dims.device
         torch.manual_seed(tcfg.seed)
         self.data = build_data(job, self.dims)
@@ -83,28 +89,52 @@ class Trainer:
         select_trainable(self.student, tcfg.trainable)  # freezes the rest
         self.teacher = build_teacher(job, self.device)
         check_data_fits_model(self.data.val_batches[0], self.student, job)
-        self.ema = EMA(self.student, tcfg.ema_decay) if tcfg.ema_decay else None
-        self.parallel = parallelize(
+        self.bf16 = use_bf16(tcfg.precision, self.device)
+        parallel = parallelize(
             self.student,
             self.dims,
             activation_checkpointing=job.model.gradient_checkpointing,
+            bf16=self.bf16,
             find_unused_parameters=pcfg.find_unused_parameters,
         )
-        self.optimizer = build_optimizer(
+        teacher_module = None
+        if self.teacher is not None:
+            teacher_module = parallelize_teacher(
+                self.teacher, self.dims, shard=pcfg.teacher == "shard", deepspeed=None
+            )
+        optimizer = build_optimizer(
             self.student.named_parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay,
-            betas=(tcfg.betas[0], tcfg.betas[1]), eps=tcfg.eps, fused=self.device.type == "cuda",
+            betas=(tcfg.betas[0], tcfg.betas[1]), eps=tcfg.eps,
+            fused=self.device.type == "cuda" and pcfg.strategy == "ddp",
         )  # fmt: skip
-        self.scheduler = build_scheduler(
-            self.optimizer, warmup=tcfg.warmup_steps, total=tcfg.steps, schedule=tcfg.schedule,
+        scheduler = build_scheduler(
+            optimizer, warmup=tcfg.warmup_steps, total=tcfg.steps, schedule=tcfg.schedule,
             min_ratio=tcfg.min_lr_ratio,
         )  # fmt: skip
-        self.bf16 = use_bf16(tcfg.precision, self.device)
+        ds_config = None
+        if pcfg.strategy in ("zero2", "zero3"):
+            ds_config = deepspeed_config(
+                stage=int(pcfg.strategy[-1]), batch_size=tcfg.batch_size,
+                grad_accum=tcfg.grad_accum, grad_clip=tcfg.grad_clip, bf16=self.bf16,
+                user_file=pcfg.deepspeed_config,
+            )  # fmt: skip
+        self.engine = build_engine(
+            parallel, optimizer, scheduler, self.dims, grad_accum=tcfg.grad_accum,
+            deepspeed=ds_config,
+        )  # fmt: skip
+        self.ema = None
+        if tcfg.ema_decay:
+            zero3 = pcfg.strategy == "zero3"
+            view = (lambda p: p.ds_tensor) if zero3 else (lambda p: p)
+            self.ema = EMA(self.student, tcfg.ema_decay, view=view)
         self.distill = DistillStep(
             cfg=job.distill,
             teacher=self.teacher,
             device=self.device,
             bf16=self.bf16,
             teacher_bf16=use_bf16(tcfg.precision, teacher_device(job.distill, self.device)),
+            teacher_module=teacher_module,
+            sequence=parallel.sequence,
         )
         # noise and sigmas come from the trainer's own generator (different per dp rank, equal
         # within an sp group), so nothing drawing from the global RNG can shift them on resume
@@ -137,27 +167,21 @@ class Trainer:
             print(self.describe(), flush=True)
 
     def _train_state(self) -> TrainState:
-        """What a checkpoint holds, as (get, set) pairs; rank 0 writes the global parts."""
-        main = self.dims.is_main
+        """What a checkpoint holds, as (get, set) pairs (the engine adds model and optimiser)."""
         state = TrainState()
-        state.weights["model"] = (
-            lambda: self.student.state_dict() if main else None,
-            self.student.load_state_dict,
-        )
+        self.engine.checkpoint_parts(state)
         if self.ema is not None:
-            state.weights["ema"] = (
-                lambda: self.ema.state_dict() if main else None,
-                self.ema.load_state_dict,
-            )
-        state.trees["optimizer"] = (self.optimizer.state_dict, self.optimizer.load_state_dict)
-
-        def set_trainer(tree: dict[str, Any]) -> None:
-            self.scheduler.load_state_dict(tree["scheduler"])
-
-        state.trees["trainer"] = (
-            lambda: {"scheduler": self.scheduler.state_dict(), "step": self.step},
-            set_trainer,
-        )
+            strategy, main = self.dims.strategy, self.dims.is_main
+            if strategy == "zero3":  # each rank averages its own partitions
+                state.rank["ema"] = (self.ema.state_dict, self.ema.load_state_dict)
+            elif strategy == "fsdp2" and self.dims.distributed:
+                state.sharded["ema"] = (self.ema.state_dict, self.ema.load_state_dict)
+            else:
+                state.weights["ema"] = (
+                    lambda: self.ema.state_dict() if main else None,
+                    self.ema.load_state_dict,
+                )
+        state.trees["trainer"] = (lambda: {"step": self.step}, lambda tree: None)
         state.rank["rng"] = (rng_state, set_rng_state)
         state.rank["noise_rng"] = (self.noise_rng.get_state, self.noise_rng.set_state)
         state.rank["loader"] = (self.data.loader.state_dict, self.data.loader.load_state_dict)
@@ -165,8 +189,10 @@ class Trainer:
 
     def describe(self) -> str:
         """One paragraph on what this run trains: models, attention, data and where it resumes."""
-        total = sum(p.numel() for p in self.student.parameters())
-        trainable = sum(p.numel() for p in self.student.parameters() if p.requires_grad)
+        sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad)  # ZeRO-3: partitioned
+                 for p in self.student.parameters()]  # fmt: skip
+        total = sum(n for n, _ in sizes)
+        trainable = sum(n for n, grad in sizes if grad)
         att, canvas = self.job.attention, self.data.export_canvas
         if att.mode == "sta" and self.student.plan.train is not None:
             dens = density(canvas, att.tile, self.student.plan.train.reshape(-1, 3)).mean()
@@ -207,30 +233,26 @@ class Trainer:
         """
         tcfg = self.job.train
         good_state = self.state.rank_snapshot()  # the state a NaN rolls back to
-        self.optimizer.zero_grad(set_to_none=True)
+        self.engine.zero_grad()
         sums, samples, tokens = self.distill.forward_backward(
-            self.parallel, self._next_batch, self.noise_rng, tcfg.grad_accum
+            self.engine, self._next_batch, self.noise_rng, tcfg.grad_accum
         )
-        params = [p for p in self.student.parameters() if p.requires_grad]
-        if tcfg.grad_clip > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip))
-        else:
-            grads = [p.grad.norm() for p in params if p.grad is not None]
-            grad_norm = float(torch.linalg.vector_norm(torch.stack(grads)))
-        if not (math.isfinite(sums["total"]) and math.isfinite(grad_norm)):
+        grad_norm = self.engine.clip_grad_norm(tcfg.grad_clip)  # None: known after the step
+        if not (math.isfinite(sums["total"]) and math.isfinite(grad_norm or 0.0)):
             saved = self.checkpoints.save(self.step, self.state, rank_state=good_state)
             raise NonFiniteLossError(
                 f"non-finite loss at step {self.step + 1} (loss {sums['total']}, grad norm "
                 f"{grad_norm}; terms {sums}); the last good state is saved in {saved}. "
                 "Lower train.lr, enable train.grad_clip or check the data, then resume."
             )
-        self.optimizer.step()
-        self.scheduler.step()
+        self.engine.step()
+        if grad_norm is None:
+            grad_norm = self.engine.last_grad_norm
         if self.ema is not None:
             self.ema.update(self.student)
         self.step += 1
         metrics = {f"loss/{k}": v for k, v in sums.items()}
-        metrics.update({"lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+        metrics.update({"lr": self.engine.lr, "grad_norm": grad_norm,
                         "samples": float(samples), "tokens": float(tokens)})  # fmt: skip
         return metrics
 
@@ -250,7 +272,7 @@ class Trainer:
         try:
             if self.step == 0:
                 self._validate(tracker, result)
-            self.parallel.module.train()
+            self.engine.module.train()
             rate = _Rate()
             while self.step < stop:
                 logged = (self.step + 1) % tcfg.log_every == 0 or self.step + 1 == stop
@@ -323,24 +345,19 @@ class Trainer:
 
     # ------------------------------------------------------------------ export
     def export(self) -> Path:
-        """Write the student (EMA weights if EMA is on) in diffusers format plus its windows."""
+        """Write the student (EMA weights if EMA is on) as one consolidated diffusers folder
+        plus its windows; every rank takes part (sharded weights are gathered to rank 0)."""
         out = self.run_dir / "export"
+        ema = self.ema.applied(self.student) if self.ema is not None else contextlib.nullcontext()
+        with ema:
+            full = self.engine.full_state_dict()
         if self.dims.is_main:
-            if self.ema is not None:
-                backup = {k: v.detach().clone() for k, v in self.student.state_dict().items()}
-                self.ema.copy_to(self.student)
-            self.student.save_pretrained(out / "transformer")
+            save_transformer_state(self.student, full, out / "transformer")
             if self.job.attention.mode == "sta":
                 self._export_strategy(out / "mask_strategy.json")
-            (out / "stafinetune.json").write_text(
-                json.dumps(
-                    {"step": self.step, "ema": self.ema is not None,
-                     "config": resolved_dict(self.job)},
-                    indent=2,
-                )
-            )  # fmt: skip
-            if self.ema is not None:
-                self.student.load_state_dict(backup)
+            info = {"step": self.step, "ema": self.ema is not None,
+                    "config": resolved_dict(self.job)}  # fmt: skip
+            (out / "stafinetune.json").write_text(json.dumps(info, indent=2))
         barrier()
         return out
 

@@ -328,6 +328,26 @@ class VideoDiT(nn.Module):
             json.dump(dataclasses.asdict(self.attention_cfg), f, indent=1)
 
 
+def save_transformer_state(
+    dit: VideoDiT, state: dict[str, torch.Tensor], path: str | os.PathLike[str]
+) -> None:
+    """Write ``dit``'s transformer with the weights ``state`` (keys as in ``dit.state_dict()``)
+    as a plain diffusers folder, plus ``stafinetune_attention.json``.
+
+    For weights gathered from a sharded model: the module is rebuilt from its config on the
+    meta device and takes the tensors as they are, so nothing is allocated twice.
+    """
+    prefix = "transformer."
+    weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    with torch.device("meta"):
+        copy = type(dit.transformer).from_config(dit.transformer.config)
+    copy.load_state_dict(weights, strict=True, assign=True)
+    os.makedirs(path, exist_ok=True)
+    copy.save_pretrained(path, safe_serialization=True)
+    with open(os.path.join(path, ATTENTION_FILE), "w", encoding="utf-8") as f:
+        json.dump(dataclasses.asdict(dit.attention_cfg), f, indent=1)
+
+
 def resolve_transformer_dir(path: str | os.PathLike[str]) -> str:
     """The folder holding the transformer's ``config.json``: ``path`` or ``path/transformer``."""
     path = os.fspath(path)

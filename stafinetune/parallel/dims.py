@@ -89,7 +89,10 @@ class ParallelDims:
 
     @property
     def distributed(self) -> bool:
-        return self.world.world_size > 1
+        """A process group exists (several processes, or a sharding engine in one)."""
+        import torch.distributed as dist
+
+        return dist.is_initialized()
 
     @property
     def mesh(self) -> DeviceMesh:

@@ -1,25 +1,34 @@
 """Apply parallelism to a single-device model, in one documented order.
 
-Model code stays single-device; this module is the one place that wraps it for training:
+Model code stays single-device; this module is the one place that wraps it:
 
-1. activation checkpointing (``model.gradient_checkpointing``): per transformer block;
-2. the data-parallel wrapper of ``parallel.strategy`` over the data-parallel ranks.
+1. sequence parallelism (``parallel.sp > 1``): Ulysses around the STA call (``sequence.py``);
+2. activation checkpointing (``model.gradient_checkpointing``, student only): per block;
+3. the data-parallel wrapper of ``parallel.strategy``: ``ddp`` wraps the model in
+   DistributedDataParallel; ``fsdp2`` applies ``fully_shard`` per transformer block and then
+   at the root, over the flattened (dp_shard, sp) mesh (with ``dp_replicate`` as the
+   replicate dimension of hybrid sharding), so the mean over sp ranks comes from the
+   sharding itself; ``zero2``/``zero3`` leave the model to ``deepspeed.initialize``
+   (``engine.py``).
 
 The result is a :class:`ParallelModel`: the module the loop calls, the unwrapped model (for
-capture, export and checkpoints), and gradient-synchronisation control for accumulation.
+capture, export and checkpoints), gradient-synchronisation control for accumulation, and the
+sequence split the losses need.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..models import VideoDiT
 from .dims import ParallelDims
+from .sequence import SequenceParallel, apply_sequence_parallel
 
 
 @dataclass
@@ -29,12 +38,14 @@ class ParallelModel:
     Attributes:
         module: what to call for the forward (the model itself or its data-parallel wrapper).
         model: the unwrapped ``VideoDiT`` (weights, capture, export).
-        no_sync: the wrapper's context that skips the gradient reduction, if it has one.
+        no_sync: a context that skips the gradient reduction, if the wrapper has one.
+        sequence: the sequence split (``parallel.sp > 1``), else None.
     """
 
     module: nn.Module
     model: VideoDiT
     no_sync: Callable[[], contextlib.AbstractContextManager] | None = None
+    sequence: SequenceParallel | None = None
 
     def grad_sync(self, enabled: bool) -> contextlib.AbstractContextManager:
         """Within the block, backward passes reduce gradients over ranks only if ``enabled``
@@ -44,21 +55,65 @@ class ParallelModel:
         return self.no_sync()
 
 
+def transformer_blocks(model: VideoDiT) -> list[nn.Module]:
+    """The repeated blocks of the wrapped diffusers transformer (the units of sharding)."""
+    t = model.transformer
+    if model.family == "wan":
+        return list(t.blocks)
+    refiner = getattr(getattr(t, "context_embedder", None), "token_refiner", None)
+    refiner_blocks = list(getattr(refiner, "refiner_blocks", []))
+    return [*refiner_blocks, *t.transformer_blocks, *t.single_transformer_blocks]
+
+
+def _apply_fsdp(model: VideoDiT, dims: ParallelDims, bf16: bool, reshard: bool) -> None:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16 if bf16 else None,
+        reduce_dtype=torch.float32 if bf16 else None,
+    )
+    mesh = dims.fsdp_mesh
+    for block in transformer_blocks(model):
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model: nn.Module) -> Iterator[None]:
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def sequence_split(model: VideoDiT, dims: ParallelDims) -> SequenceParallel | None:
+    """Apply the sp split of ``dims`` to ``model`` (None when ``sp == 1``)."""
+    if dims.sp == 1:
+        return None
+    sp = SequenceParallel(dims.sp_group, dims.sp, dims.sp_rank)
+    apply_sequence_parallel(model, sp)
+    return sp
+
+
 def parallelize(
     model: VideoDiT,
     dims: ParallelDims,
     *,
     activation_checkpointing: bool,
+    bf16: bool = False,
     find_unused_parameters: bool = False,
 ) -> ParallelModel:
-    """Make ``model`` ready for distributed training (see the module docstring for the order).
+    """Make the student ready for distributed training (see the module docstring for the order).
 
     Args:
         model: the student, already on ``dims.device``.
         dims: the run's parallel degrees.
         activation_checkpointing: recompute each transformer block in backward.
+        bf16: ``fsdp2`` computes in bf16 (parameters kept in fp32, gradients reduced in fp32).
         find_unused_parameters: DDP's option (needed when some trainable weights get no grad).
     """
+    sequence = sequence_split(model, dims)
     if activation_checkpointing:
         model.enable_gradient_checkpointing()
     if dims.strategy == "ddp" and dims.distributed:
@@ -68,5 +123,39 @@ def parallelize(
             device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=find_unused_parameters,
         )
-        return ParallelModel(module=ddp, model=model, no_sync=ddp.no_sync)
-    return ParallelModel(module=model, model=model)
+        return ParallelModel(module=ddp, model=model, no_sync=ddp.no_sync, sequence=sequence)
+    if dims.strategy == "fsdp2" and dims.distributed:
+        _apply_fsdp(model, dims, bf16, reshard=True)
+        return ParallelModel(
+            module=model, model=model, no_sync=lambda: _fsdp_no_sync(model), sequence=sequence
+        )
+    return ParallelModel(module=model, model=model, sequence=sequence)
+
+
+def parallelize_teacher(
+    teacher: VideoDiT, dims: ParallelDims, *, shard: bool, deepspeed: dict | None = None
+) -> nn.Module:
+    """The frozen teacher under the student's sequence split, replicated or sharded.
+
+    ``shard`` with ``fsdp2``: ``fully_shard`` per block (parameters gathered per block in the
+    forward); with ``zero3``: a DeepSpeed inference engine without optimiser (``deepspeed``
+    is its config). Returns what to call; ``teacher`` itself keeps ``capture()``.
+    """
+    sequence_split(teacher, dims)
+    if not (shard and dims.distributed):
+        return teacher
+    if dims.strategy == "fsdp2":
+        _apply_fsdp(teacher, dims, bf16=False, reshard=True)
+        return teacher
+    import deepspeed as ds
+
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "zero_optimization": {"stage": 3},
+        "bf16": {"enabled": next(teacher.parameters()).dtype == torch.bfloat16},
+        "steps_per_print": 2**31 - 1,
+        **(deepspeed or {}),
+    }
+    config["zero_optimization"] = {"stage": 3}
+    engine, *_ = ds.initialize(model=teacher, config=config)
+    return engine

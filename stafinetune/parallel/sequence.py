@@ -44,14 +44,16 @@ class _AllToAll(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
         ctx.group = group
+        x = x.contiguous()  # the collective reads and writes flat storage
         out = torch.empty_like(x)
-        dist.all_to_all_single(out, x.contiguous(), group=group)
+        dist.all_to_all_single(out, x, group=group)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        grad = grad.contiguous()
         out = torch.empty_like(grad)
-        dist.all_to_all_single(out, grad.contiguous(), group=ctx.group)
+        dist.all_to_all_single(out, grad, group=ctx.group)
         return out, None
 
 
@@ -155,22 +157,21 @@ class SequenceParallel:
         return x.permute(1, 2, 0, 3, 4).reshape(b, s_loc, p * hp, d)
 
     def mean_squared_error(
-        self, a: torch.Tensor, b: torch.Tensor, *, num_video: int, video_dim: int = 1
+        self, a: torch.Tensor, b: torch.Tensor, *, num_video: int
     ) -> torch.Tensor:
         """MSE over the whole sequence from this rank's shards, the same value on every rank.
 
         ``a``, ``b``: (B, S_loc + L, ...) local video shard (padding rows zero in both) then
-        ``L`` replicated text rows along ``video_dim``; ``num_video``: S of the whole canvas.
+        ``L`` replicated text rows; ``num_video``: S of the whole canvas.
         Replicated text rows count 1/P on each rank, so the sum over ranks counts them once.
         """
+        from ..losses import squared_error_sum
+
         s_loc = self.shard_len(num_video)
-        sq = (a.float() - b.float()) ** 2
-        video = sq.narrow(video_dim, 0, s_loc).sum()
-        text_rows = sq.shape[video_dim] - s_loc
-        text = sq.narrow(video_dim, s_loc, text_rows).sum() / self.size if text_rows else 0.0
-        rows = num_video + text_rows
-        numel = sq.numel() // sq.shape[video_dim] * rows
-        return _AllReduceSum.apply(video + text, self.group) / numel
+        local = squared_error_sum(a, b, head=s_loc, tail_weight=1.0 / self.size)
+        rows = num_video + a.shape[1] - s_loc
+        numel = a.numel() // a.shape[1] * rows
+        return _AllReduceSum.apply(local, self.group) / numel
 
 
 class UlyssesAttention(nn.Module):

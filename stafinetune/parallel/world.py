@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -54,11 +55,15 @@ def resolve_device(device: str) -> torch.device:
     return torch.device("cpu")
 
 
-def init_world(device: str = "auto", timeout_minutes: int = 30) -> World:
+def init_world(
+    device: str = "auto", *, process_group: bool = False, timeout_minutes: int = 30
+) -> World:
     """Initialise the default process group when launched with several processes.
 
     Args:
         device: "auto" (CUDA if available), "cpu" or "cuda" (validated by ``TrainConfig``).
+        process_group: create one even for a single process (sharding engines run their
+            collectives then too; without a launcher a local rendezvous is used).
         timeout_minutes: collective timeout.
     Returns:
         This process's :class:`World`. Single-process runs need no launcher.
@@ -67,13 +72,25 @@ def init_world(device: str = "auto", timeout_minutes: int = 30) -> World:
     dev = resolve_device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    if world_size > 1 and not dist.is_initialized():
+    if process_group and world_size == 1 and "MASTER_ADDR" not in os.environ:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("LOCAL_RANK", "0")
+    if (world_size > 1 or process_group) and not dist.is_initialized():
+        # on GPUs NCCL carries the tensors, gloo the few CPU ones (logged scalars, metadata)
         dist.init_process_group(
-            backend="nccl" if dev.type == "cuda" else "gloo",
+            backend="cuda:nccl,cpu:gloo" if dev.type == "cuda" else "gloo",
             timeout=datetime.timedelta(minutes=timeout_minutes),
             device_id=dev if dev.type == "cuda" else None,
         )
     return World(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def barrier() -> None:

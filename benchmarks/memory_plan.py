@@ -1,0 +1,270 @@
+"""Per-GPU memory and all-to-all traffic of an STA distillation step, on paper.
+
+For sizes no machine here holds (Wan 2.1 14B and HunyuanVideo 13B at 720p on 8 GPUs), this
+estimates what one GPU keeps during a distillation step under each ``parallel.strategy`` and
+``parallel.sp``, and how many bytes Ulysses moves per step. The model shapes come from the
+flavors themselves (built on the meta device), so the parameter counts are exact; the
+activation terms are formulas, stated below, checked against measured single-GPU peaks
+(``--check``, on a GPU: Wan 1.3B at 480p and a few full-width HunyuanVideo blocks at 720p).
+
+Assumptions (bf16 autocast, AdamW, gradient checkpointing per block, batch 1):
+- peak = parameters + optimiser state + teacher + the larger of (gradients at the end of
+  the backward, activations at its start): activations are freed as gradients fill in.
+- student: fp32 parameters, fp32 gradients, two fp32 Adam moments (16 B/parameter);
+  ``ddp`` keeps all of it per GPU; ``fsdp2`` shards all of it over the GPUs (plus two
+  unsharded bf16 blocks in flight); ``zero2`` keeps bf16 parameters whole and shards fp32
+  master weights, gradients and moments; ``zero3`` shards everything (plus two gathered
+  blocks).
+- teacher: bf16, replicated (or sharded with ``--teacher shard``).
+- activations: each block's input is kept (fp32, S/sp tokens); one block is recomputed at a
+  time in backward, keeping what its backward needs (Megatron's count for S/sp tokens:
+  about 20 x hidden + 4 x ffn bf16 values per token (Megatron's 12 x hidden, plus the norm and
+  RoPE copies of q and k), plus q, k, v, o and their gradients over
+  the whole sequence for H/sp heads after the all-to-all); both models' captured attention
+  outputs for the attention loss (bf16, S/sp tokens, every layer; the loss keeps no fp32
+  copies of them).
+- all-to-all: per attention call 4 tensors of (S, hidden) bf16 each way in the forward, the
+  same in the recomputation and the backward, and 4 in the teacher's forward; each rank
+  sends (sp - 1) / sp of its shard.
+
+    python benchmarks/memory_plan.py                      # the 720p table, JSON + markdown
+    python benchmarks/memory_plan.py --check              # on a GPU: estimate vs measured peak
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+GIB = 2**30
+RESULTS = Path(__file__).parent / "results"
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the estimate needs of a model at one resolution."""
+
+    name: str
+    flavor: str
+    params: int  # student parameters
+    block_params: int  # the largest transformer block
+    layers: int  # STA layers (= blocks)
+    hidden: int
+    ffn: int
+    heads: int
+    tokens: int  # video tokens S
+    text: int  # joint text tokens (HunyuanVideo) or cross-attention text (Wan)
+    joint_text: bool
+
+
+def model_shape(name: str, flavor: str, canvas: tuple[int, int, int], text: int,
+                overrides: dict | None = None) -> Shape:  # fmt: skip
+    """Exact sizes of ``flavor`` (built on the meta device) at a token ``canvas``."""
+    from stafinetune.models import AttentionConfig, ModelConfig, build_model
+    from stafinetune.parallel.parallelize import transformer_blocks
+
+    dit = build_model(
+        ModelConfig(flavor=flavor, config_overrides=overrides or {}),
+        AttentionConfig(mode="full"),
+        device="meta",
+    )
+    blocks = transformer_blocks(dit)
+    cfg = dit.transformer.config
+    hidden = dit.num_heads * dit.head_dim
+    ffn = int(cfg.ffn_dim) if dit.family == "wan" else int(hidden * cfg.mlp_ratio)
+    return Shape(
+        name=name,
+        flavor=flavor,
+        params=sum(p.numel() for p in dit.parameters()),
+        block_params=max(sum(p.numel() for p in b.parameters()) for b in blocks),
+        layers=dit.num_layers,
+        hidden=hidden,
+        ffn=ffn,
+        heads=dit.num_heads,
+        tokens=math.prod(canvas),
+        text=text,
+        joint_text=dit.family == "hunyuan",
+    )
+
+
+def estimate(shape: Shape, *, strategy: str, sp: int, gpus: int, teacher: str = "replicate",
+             attention_loss: bool = True) -> dict[str, float]:  # fmt: skip
+    """GiB per GPU by component, and all-to-all GiB sent per GPU per step."""
+    p, n = shape.params, gpus
+    block = shape.block_params
+    # resident: parameters and optimiser state; grads: what the gradients take at the end of
+    # the backward (activations are freed as gradients fill in, so only the larger counts)
+    if strategy == "ddp":
+        resident, grads = 12 * p + 4 * p, 4 * p  # + DDP's gradient buckets
+    elif strategy == "fsdp2":
+        resident, grads = 12 * p / n + 2 * 2 * block, 4 * p / n
+    elif strategy == "zero2":
+        resident, grads = 2 * p + (4 + 8) * p / n, 2 * p / n + 2 * block
+    elif strategy == "zero3":
+        resident, grads = 2 * p / n + (4 + 8) * p / n + 2 * 2 * block, 2 * p / n + 2 * block
+    else:
+        raise ValueError(f"unknown strategy {strategy!r}")
+    teacher_bytes = 2 * p if teacher == "replicate" else 2 * p / n + 2 * 2 * block
+    s_loc = math.ceil(shape.tokens / sp)
+    rows = s_loc + (shape.text if shape.joint_text else 0)
+    kept_inputs = shape.layers * rows * shape.hidden * 4
+    whole = shape.tokens + (shape.text if shape.joint_text else 0)
+    attention_working = 4 * whole * shape.hidden / sp * 2 * 2  # q, k, v, o and their grads
+    ffn_working = rows * (20 * shape.hidden + 4 * shape.ffn) * 2  # one block's saved tensors
+    captured = (2 if attention_loss else 0) * shape.layers * rows * shape.hidden * 2
+    a2a_tensor = shape.tokens * shape.hidden * 2 * (sp - 1) / sp / sp  # bytes one rank sends
+    a2a = shape.layers * (8 + 4 + 4 + 4) * a2a_tensor if sp > 1 else 0.0
+    activations = kept_inputs + attention_working + ffn_working + captured
+    out = {
+        "student": resident + grads,
+        "teacher": teacher_bytes,
+        "kept_block_inputs": kept_inputs,
+        "recompute_working_set": attention_working + ffn_working,
+        "captured_attention": captured,
+    }
+    gib = {k: v / GIB for k, v in out.items()}
+    gib["total"] = (resident + teacher_bytes + max(grads, activations)) / GIB
+    gib["all_to_all_gib_per_step"] = a2a / GIB
+    return gib
+
+
+def step_seconds(shape: Shape, *, sp: int, density: float, tflops: float = 600.0,
+                 a2a_gbps: float = 150.0) -> dict[str, float]:  # fmt: skip
+    """A rough step time per GPU: linear-layer and STA FLOPs at ``tflops``, all-to-all at
+    ``a2a_gbps`` GB/s per GPU (NVLink all-to-all in practice), and the all-to-all share."""
+    tokens = shape.tokens / sp
+    linear = 2 * shape.params * tokens * (3 + 1 + 1)  # student fwd+bwd, recompute, teacher fwd
+    attn_pairs = shape.tokens * shape.tokens * density * shape.heads / sp
+    attention = 4 * attn_pairs * (shape.hidden // shape.heads) * shape.layers
+    attention = attention * (1 + 2.5 + 1) + 4 * shape.tokens**2 * shape.hidden / sp * shape.layers
+    compute = (linear + attention) / (tflops * 1e12)
+    a2a = estimate(shape, strategy="fsdp2", sp=sp, gpus=8)["all_to_all_gib_per_step"]
+    comm = a2a * GIB / (a2a_gbps * 1e9)
+    return {"compute_s": compute, "all_to_all_s": comm, "all_to_all_share": comm / (compute + comm)}
+
+
+def plan_720p(gpus: int = 8, budget_gib: float = 80.0) -> dict:
+    """The table of the README: Wan 14B and HunyuanVideo 13B at 720p on ``gpus`` GPUs."""
+    shapes = [
+        model_shape("wan2.1-14B 720p", "wan2.1_t2v_14b", (21, 45, 80), 512),
+        model_shape("hunyuanvideo-13B 720p", "hunyuanvideo_13b", (30, 48, 80), 256),
+    ]
+    rows = []
+    for shape in shapes:
+        for strategy in ("ddp", "fsdp2", "zero2", "zero3"):
+            for sp in (1, 2, 4, 8):
+                est = estimate(shape, strategy=strategy, sp=sp, gpus=gpus)
+                timing = step_seconds(shape, sp=sp, density=0.09)
+                rows.append({"model": shape.name, "strategy": strategy, "sp": sp, **est,
+                             **timing, "fits": est["total"] <= budget_gib * 0.9})  # fmt: skip
+    return {"gpus": gpus, "budget_gib": budget_gib, "shapes": [asdict(s) for s in shapes],
+            "rows": rows}  # fmt: skip
+
+
+def markdown(plan: dict) -> str:
+    lines = [
+        f"Per-GPU memory (GiB) of an STA distillation step on {plan['gpus']} GPUs, batch 1, "
+        "bf16 autocast, gradient checkpointing, attention loss on; fits = under 90% of "
+        f"{plan['budget_gib']:.0f} GiB. All-to-all share from a 600 TFLOP/s, 150 GB/s model.",
+        "",
+        "| model | strategy | sp | student | teacher | activations | total | fits | a2a GiB/step | a2a share |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in plan["rows"]:
+        act = r["kept_block_inputs"] + r["recompute_working_set"] + r["captured_attention"]
+        lines.append(
+            f"| {r['model']} | {r['strategy']} | {r['sp']} | {r['student']:.1f} | "
+            f"{r['teacher']:.1f} | {act:.1f} | {r['total']:.1f} | "
+            f"{'yes' if r['fits'] else 'no'} | {r['all_to_all_gib_per_step']:.1f} | "
+            f"{r['all_to_all_share']:.1%} |"
+        )
+    return "\n".join(lines)
+
+
+def measure(flavor: str, canvas: tuple[int, int, int], text: int, overrides: dict) -> float:
+    """Peak GiB of one real distillation step (student STA + dense teacher) on this GPU."""
+    from stafinetune.config import DistillConfig
+    from stafinetune.distill import DistillStep
+    from stafinetune.models import AttentionConfig, ModelConfig, build_model
+
+    device = torch.device("cuda")
+    torch.cuda.reset_peak_memory_stats()
+    student = build_model(ModelConfig(flavor=flavor, config_overrides=overrides),
+                          AttentionConfig(tile=[6, 8, 8], window=[3, 3, 3]), device=device)  # fmt: skip
+    student.enable_gradient_checkpointing()
+    teacher = build_model(ModelConfig(flavor=flavor, config_overrides=overrides),
+                          AttentionConfig(mode="full"), device=device, dtype=torch.bfloat16)  # fmt: skip
+    teacher.requires_grad_(False)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5, fused=True)
+    step = DistillStep(DistillConfig(w_data=0.0, w_out=1.0, w_attn=1.0), teacher, device,
+                       bf16=True, teacher_bf16=True)  # fmt: skip
+    t, h, w = canvas
+    pt, ph, pw = student.patch_size
+    batch = {
+        "latents": torch.randn(1, student.in_channels, t * pt, h * ph, w * pw, device=device),
+        "text": torch.randn(1, text, student.text_dim, device=device),
+        "text_mask": torch.ones(1, text, dtype=torch.bool, device=device),
+        "pooled_text": torch.randn(1, student.pooled_dim or 1, device=device),
+    }
+    noise = torch.randn_like(batch["latents"])
+    sigma = torch.full((1,), 0.5, device=device)
+    for _ in range(2):  # the second step has the optimiser state allocated
+        terms = step.losses(student, student, batch, noise, sigma)
+        terms["total"].backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / GIB
+
+
+def check() -> dict:
+    """Estimate (one process, sp=1) against the measured peak at two real shapes."""
+    cases = [
+        ("wan2.1-1.3B 480p", "wan2.1_t2v_1.3b", (21, 30, 52), 512, {}),
+        ("hunyuanvideo 4 blocks 720p", "hunyuanvideo_13b", (30, 48, 80), 256,
+         {"num_layers": 2, "num_single_layers": 2}),
+    ]  # fmt: skip
+    out = []
+    for name, flavor, canvas, text, overrides in cases:
+        shape = model_shape(name, flavor, canvas, text, overrides)
+        predicted = estimate(shape, strategy="fsdp2", sp=1, gpus=1)  # one process: no buckets
+        measured = measure(flavor, canvas, text, overrides)
+        out.append({"case": name, "predicted_gib": predicted["total"], "measured_gib": measured,
+                    "ratio": predicted["total"] / measured, "components": predicted})  # fmt: skip
+        torch.cuda.empty_cache()
+    import triton
+
+    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "triton": triton.__version__, "date": datetime.datetime.now(datetime.UTC).isoformat(),
+            "cases": out}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--check", action="store_true", help="measure peaks on this GPU")
+    parser.add_argument("--gpus", type=int, default=8)
+    parser.add_argument("--budget-gib", type=float, default=80.0)
+    args = parser.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.check:
+        result = check()
+        (RESULTS / "memory_check.json").write_text(json.dumps(result, indent=1))
+        for case in result["cases"]:
+            print(f"{case['case']}: predicted {case['predicted_gib']:.1f} GiB, measured "
+                  f"{case['measured_gib']:.1f} GiB (ratio {case['ratio']:.2f})")  # fmt: skip
+        return
+    plan = plan_720p(args.gpus, args.budget_gib)
+    (RESULTS / f"memory_plan-{args.gpus}gpu.json").write_text(json.dumps(plan, indent=1))
+    table = markdown(plan)
+    (RESULTS / f"memory_plan-{args.gpus}gpu.md").write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
