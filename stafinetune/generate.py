@@ -306,6 +306,26 @@ def mean_density(dit: VideoDiT, canvas: Sequence[int], steps: int) -> float:
     return total / steps
 
 
+def check_encoders_fit(
+    dit: VideoDiT,
+    text_encoder: TextEncoder,
+    video_encoder: Any,
+    data_cfg: DataConfig,
+    model_cfg: ModelConfig,
+) -> None:
+    """ValueError naming the fields when the data's encoders do not fit the model's inputs."""
+    if text_encoder.text_dim != dit.text_dim:
+        raise ValueError(
+            f"data.text_encoder={data_cfg.text_encoder!r} gives text states of width "
+            f"{text_encoder.text_dim} but model.flavor={model_cfg.flavor!r} takes {dit.text_dim}"
+        )
+    if video_encoder.latent_channels != dit.in_channels:
+        raise ValueError(
+            f"data.video_encoder={data_cfg.video_encoder!r} decodes {video_encoder.latent_channels}"
+            f" latent channels but model.flavor={model_cfg.flavor!r} makes {dit.in_channels}"
+        )
+
+
 # --------------------------------------------------------------------------- prompts
 def read_prompts(path: str | Path, field_name: str = "sample.prompts") -> list[str]:
     """The non-blank lines of a text file, stripped; ValueError naming the field if none."""
@@ -559,8 +579,10 @@ def sample_model(
         )  # fmt: skip
         grid = data_cfg.latent_grids()[0]  # (T, H, W) of the data's first bucket
         canvas = dit.canvas_for(grid)
+        text_encoder, video_encoder = build_text_encoder(data_cfg), build_video_encoder(data_cfg)
+        check_encoders_fit(dit, text_encoder, video_encoder, data_cfg, model_cfg)
         videos = generate(
-            dit, prompts, build_text_encoder(data_cfg),
+            dit, prompts, text_encoder,
             latent_shape=(dit.in_channels, *grid), seed=sample_cfg.seed, steps=sample_cfg.steps,
             shift=sample_cfg.shift, guidance_scale=sample_cfg.guidance_scale,
             negative_prompt=sample_cfg.negative_prompt, bf16=bf16, warmup=sample_cfg.warmup,
@@ -583,6 +605,8 @@ def sample_model(
         "canvas": list(canvas),
     }
     del dit
-    decode = build_video_encoder(data_cfg).decode
-    write_videos(videos, decode, out_dir, fps=video_fps(sample_cfg, data_cfg), settings=settings)
+    write_videos(
+        videos, video_encoder.decode, out_dir, fps=video_fps(sample_cfg, data_cfg),
+        settings=settings,
+    )  # fmt: skip
     return videos, settings

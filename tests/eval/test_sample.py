@@ -11,9 +11,12 @@ import torch
 from eval_testing import DENSE, LATENT_SHAPE, STA, run_command, teacher_config
 from torch import nn
 
+from stafinetune.build import validation_batches
+from stafinetune.config import TrainConfig
 from stafinetune.data import DataConfig, build_text_encoder
 from stafinetune.generate import (
     Weights,
+    default_prompts,
     generate,
     inference_attention,
     load_model,
@@ -96,28 +99,30 @@ def test_guidance_combines_conditional_and_negative_velocities(text_encoder):
     assert model.batches == [4, 2]  # scale 1: the conditional forward alone
 
 
-def _short_run(tmp_path: Path):
-    """Distil the STA student for 2 steps (export on) on 8 synthetic clips."""
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory: pytest.TempPathFactory):
+    """Distil the STA student for 2 steps (export on) on 4 synthetic clips."""
     from stafinetune.config import compose_job_config
     from stafinetune.trainer import Trainer
 
+    root = tmp_path_factory.mktemp("short_run")
     job = compose_job_config([
-        f"data.root={tmp_path / 'data'}", "data.num_clips=8", "data.num_workers=0",
+        f"data.root={root / 'data'}", "data.num_clips=4", "data.num_workers=0",
         "data.decode_workers=0", "logging=none", "logging.progress=false", "train.steps=2",
         "train.batch_size=2", "train.lr=1e-2", "train.warmup_steps=0", "train.sample_steps=0",
         "train.ckpt_every=0", "train.device=cpu",
     ])  # fmt: skip
-    return Trainer(job, tmp_path / "run").fit()
+    return job, Trainer(job, root / "run").fit()
 
 
-def test_an_export_samples_as_the_checkpoint_it_came_from(tmp_path: Path, text_encoder):
-    result = _short_run(tmp_path)
+def test_an_export_samples_as_the_checkpoint_it_came_from(short_run, text_encoder):
+    _, result = short_run
     ckpt, export = (
         resolve_weights(str(result.last_checkpoint)),
         resolve_weights(str(result.export_dir)),
     )
     assert (ckpt.kind, export.kind) == ("checkpoint", "export")
-    assert resolve_weights(str(tmp_path / "run")) == export  # a finished run: its export
+    assert resolve_weights(str(result.run_dir)) == export  # a finished run: its export
     assert export.strategy == result.export_dir / "mask_strategy.json"
     latents = []
     for weights in (ckpt, export, Weights("base")):
@@ -127,7 +132,16 @@ def test_an_export_samples_as_the_checkpoint_it_came_from(tmp_path: Path, text_e
     assert all(torch.equal(a, b) for a, b in zip(from_ckpt, from_export, strict=True))
     assert not torch.allclose(from_ckpt[0], from_base[0])  # the 2 steps changed the weights
     with pytest.raises(ValueError, match="sample.checkpoint=.* is neither an export"):
-        resolve_weights(str(tmp_path / "data"))
+        resolve_weights(str(result.run_dir / "checkpoints"))
+
+
+def test_default_prompts_are_the_training_validation_captions(short_run):
+    job, _ = short_run
+    val = validation_batches(job.data, batch_size=TrainConfig().batch_size, seed=0, count=2)
+    captions = [c for batch in val for c in batch["caption"]]
+    assert default_prompts(job.data, 3, verbose=False) == captions[:3]
+    with pytest.raises(ValueError, match="sample.num_prompts=5 but .* hold only 4 distinct"):
+        default_prompts(job.data, 5, verbose=False)
 
 
 def test_a_one_step_strategy_holds_at_every_step_and_others_must_match(tmp_path: Path):
