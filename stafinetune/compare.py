@@ -30,10 +30,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from .data import DataConfig
 from .generate import GeneratedVideo, SampleConfig, sample_model
 from .metrics import METRIC_TABLE, latent_gap, score_folder
 from .metrics.fidelity import VMAF_AVAILABLE
 from .metrics.motion import parse_caption
+from .models import AttentionConfig, ModelConfig
+from .weights import inference_attention, resolve_weights
 
 QUALITY = (
     "temporal_flickering",
@@ -107,7 +110,7 @@ class CompareConfig:
             )
 
 
-def spec_attention(attention: Any, spec: ModelSpec) -> Any:
+def spec_attention(attention: AttentionConfig, spec: ModelSpec) -> AttentionConfig:
     """The attention group with ``spec``'s overrides applied (an ``AttentionConfig``)."""
     changes: dict[str, Any] = {"mode": spec.mode}
     if spec.strategy_path is not None:
@@ -117,6 +120,19 @@ def spec_attention(attention: Any, spec: ModelSpec) -> Any:
     if spec.dense_first_steps is not None:
         changes["dense_first_steps"] = spec.dense_first_steps
     return dataclasses.replace(attention, **changes)
+
+
+def check_models(compare_cfg: CompareConfig, attention: AttentionConfig, steps: int) -> None:
+    """Before any sampling: every compared model's weights and strategy file resolve.
+
+    Raises ValueError naming ``compare.models[i]`` and the field at fault.
+    """
+    for i, spec in enumerate(compare_cfg.models):
+        resolve_weights(spec.checkpoint, f"compare.models[{i}].checkpoint")
+        try:
+            inference_attention(spec_attention(attention, spec), steps)
+        except ValueError as err:
+            raise ValueError(f"compare.models[{i}] ({spec.name}): {err}") from None
 
 
 def motion_captions(videos: list[GeneratedVideo]) -> dict[str, str]:
@@ -296,27 +312,41 @@ def plot(report: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
-def compare_models(job: Any, run_dir: Path, prompts: list[str]) -> dict[str, Any]:
-    """Sample, score and compare every model of ``job.compare`` (see the module docstring).
+def compare_models(
+    compare_cfg: CompareConfig,
+    *,
+    model_cfg: ModelConfig,
+    attention_cfg: AttentionConfig,
+    data_cfg: DataConfig,
+    sample_cfg: SampleConfig,
+    prompts: list[str],
+    run_dir: Path,
+    dino_path: str | None = None,
+    clip_path: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Sample, score and compare every model of ``compare_cfg`` (see the module docstring).
 
     Args:
-        job: the eval command's config (``model``, ``attention``, ``data``, ``sample``,
-            ``compare``, ``dino_path``, ``clip_path``, ``logging``).
+        compare_cfg: the models and the reference.
+        model_cfg, attention_cfg: the base model and the attention each model's spec overrides.
+        data_cfg: the text and video encoders and the latent size.
+        sample_cfg: sampler, seeds and device, the same for every model.
+        prompts: the prompt set.
         run_dir: receives ``<name>/videos``, ``<name>/samples.json``, ``compare.json``,
             ``compare.md`` and ``compare.png``.
-        prompts: the prompt set.
+        dino_path, clip_path: local DINO / CLIP folders (None: pixel proxies, noted).
     Returns:
         the ``compare.json`` content.
     """
-    ccfg = job.compare
-    scfg: SampleConfig = job.sample
-    progress = job.logging.progress
+    ccfg, scfg = compare_cfg, sample_cfg
     generated: dict[str, list[GeneratedVideo]] = {}
     settings: dict[str, dict[str, Any]] = {}
-    for spec in ccfg.models:
+    for i, spec in enumerate(ccfg.models):
         videos, model_settings = sample_model(
-            job.model, spec_attention(job.attention, spec), job.data, scfg, prompts,
-            run_dir / spec.name, checkpoint=spec.checkpoint, progress=progress, name=spec.name,
+            model_cfg, spec_attention(attention_cfg, spec), data_cfg, scfg, prompts,
+            run_dir / spec.name, checkpoint=spec.checkpoint,
+            checkpoint_field=f"compare.models[{i}].checkpoint", progress=progress, name=spec.name,
         )  # fmt: skip
         generated[spec.name], settings[spec.name] = videos, model_settings
     ref = ccfg.reference
@@ -327,8 +357,8 @@ def compare_models(job: Any, run_dir: Path, prompts: list[str]) -> dict[str, Any
             run_dir / spec.name / "videos",
             reference_dir=run_dir / ref / "videos",
             captions=captions,
-            dino_path=job.dino_path,
-            clip_path=job.clip_path,
+            dino_path=dino_path,
+            clip_path=clip_path,
             progress=progress,
         )
         models[spec.name] = summarise_model(
@@ -347,7 +377,7 @@ def compare_models(job: Any, run_dir: Path, prompts: list[str]) -> dict[str, Any
         "device": settings[ref]["device"],
         "metrics": {name: {"kind": k, "formula": f} for name, (k, f) in METRIC_TABLE.items()},
         "notes": metric_notes(
-            models, dino_path=job.dino_path, clip_path=job.clip_path, motion=len(captions)
+            models, dino_path=dino_path, clip_path=clip_path, motion=len(captions)
         ),
         "models": models,
     }

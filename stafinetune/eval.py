@@ -36,7 +36,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from .cli import CommandError, hydra_command
-from .compare import FIDELITY, QUALITY, CompareConfig, compare_models
+from .compare import FIDELITY, QUALITY, CompareConfig, check_models, compare_models
 from .config import LoggingConfig
 from .data import DataConfig
 from .generate import SampleConfig, resolve_prompts
@@ -110,6 +110,11 @@ def check_inputs(job: EvalJobConfig) -> None:
             raise CommandError(f"{name}={value}: no such folder")
     if job.captions is not None and not Path(job.captions).expanduser().is_file():
         raise CommandError(f"captions={job.captions}: no such file")
+    if job.resolved_mode == "compare":
+        try:
+            check_models(job.compare, job.attention, job.sample.steps)
+        except ValueError as err:
+            raise CommandError(str(err)) from None
     if job.videos is not None and not any(
         p.suffix.lower() == ".mp4" and p.is_file() for p in Path(job.videos).iterdir()
     ):
@@ -158,10 +163,10 @@ def _log(job: EvalJobConfig, run_dir: Path, mode: str, report: dict[str, Any]) -
         if mode == "score":
             metrics = sorted({m for s in report["videos"].values() for m in s if m != "error"})
             rows = [
-                [name, *(s.get(m, s.get("error", "")) for m in metrics)]
+                [name, *(s.get(m) for m in metrics), s.get("error", "")]
                 for name, s in report["videos"].items()
             ]
-            tracker.log_table("eval/videos", ["video", *metrics], rows, step=0)
+            tracker.log_table("eval/videos", ["video", *metrics, "error"], rows, step=0)
             means = {f"eval/{k}": v for k, v in report["mean"].items() if not isinstance(v, str)}
             tracker.log(means, step=0)
         else:
@@ -186,7 +191,11 @@ def run(job: EvalJobConfig, run_dir: Path) -> None:
         report = score(job, run_dir)
     else:
         prompts = resolve_prompts(job.sample, job.data, verbose=job.logging.progress)
-        report = compare_models(job, run_dir, prompts)
+        report = compare_models(
+            job.compare, model_cfg=job.model, attention_cfg=job.attention, data_cfg=job.data,
+            sample_cfg=job.sample, prompts=prompts, run_dir=run_dir, dino_path=job.dino_path,
+            clip_path=job.clip_path, progress=job.logging.progress,
+        )  # fmt: skip
         print(f"\n{(run_dir / 'compare.md').read_text()}", flush=True)
         print(f"compare.json, compare.md, compare.png and the videos in {run_dir}", flush=True)
     _log(job, run_dir, mode, report)

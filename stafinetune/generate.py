@@ -3,8 +3,7 @@
 The library behind ``stafinetune-sample`` and the compare mode of ``stafinetune-eval``:
 
 - :class:`SampleConfig`: the ``sample`` section (prompts, seeds, steps, guidance, device).
-- :func:`resolve_weights`: what a ``sample.checkpoint`` path holds (run, checkpoint, export).
-- :func:`load_model`: the DiT with those weights, attending as it will sample.
+- weights and attention of the sampled model: :mod:`stafinetune.weights`.
 - :func:`read_prompts` / :func:`default_prompts`: prompts from a file or from the data.
 - :func:`generate`: flow Euler sampling with classifier-free guidance, one fixed seed per
   prompt (``sample.seed + k`` for prompt ``k``), each video timed.
@@ -20,7 +19,6 @@ and ``sample.seed`` start every video from the same latents.
 # ruff: noqa: UP045
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import re
@@ -31,13 +29,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from sta_kernels import density
-
 from .build import use_bf16, validation_batches
-from .checkpoint import latest_checkpoint
 from .cli import CommandError
 from .config import TrainConfig
 from .data import (
@@ -49,9 +43,16 @@ from .data import (
 )
 from .data.encoders import TextEncoder
 from .data.synthetic import write_mp4
-from .models import AttentionConfig, MaskStrategy, ModelConfig, VideoDiT, build_model
+from .models import AttentionConfig, ModelConfig, VideoDiT
 from .profiling import AttentionTimer
 from .sampling import ClassifierFreeGuidance, sample_latents, to_uint8_video
+from .weights import (
+    check_encoders_fit,
+    describe_attention,
+    load_model,
+    mean_density,
+    resolve_weights,
+)
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -142,188 +143,6 @@ def video_fps(sample_cfg: SampleConfig, data_cfg: DataConfig) -> int:
     if data_cfg.fps is not None:
         return max(1, round(data_cfg.fps))
     return data_cfg.synthetic_fps
-
-
-# --------------------------------------------------------------------------- weights
-@dataclass
-class Weights:
-    """Where a model's weights come from.
-
-    Attributes:
-        kind: ``base`` (``model.path`` as configured), ``checkpoint`` (a training
-            checkpoint's ``model.safetensors`` over the configured model) or ``export``.
-        path: the checkpoint directory or the export folder; None for ``base``.
-    """
-
-    kind: str
-    path: Path | None = None
-
-    @property
-    def strategy(self) -> Path | None:
-        """An export's ``mask_strategy.json`` (the windows it was trained with), if any."""
-        if self.kind == "export" and self.path is not None:
-            file = self.path / "mask_strategy.json"
-            return file if file.is_file() else None
-        return None
-
-    def describe(self) -> str:
-        """One line for tables and logs."""
-        return "base model" if self.path is None else f"{self.kind} {self.path}"
-
-
-def resolve_weights(checkpoint: str | None, field_name: str = "sample.checkpoint") -> Weights:
-    """Classify a checkpoint path (see :class:`SampleConfig`); ValueError naming the field.
-
-    A run directory resolves to its ``export/`` when the run finished (the final weights, EMA
-    ones when EMA was on), else to its newest complete checkpoint.
-    """
-    if checkpoint is None:
-        return Weights("base")
-    path = Path(checkpoint).expanduser()
-    if not path.is_dir():
-        raise ValueError(f"{field_name}={checkpoint}: no such directory")
-    if (path / "transformer").is_dir():
-        return Weights("export", path)
-    if (path / "model.safetensors").is_file():
-        return Weights("checkpoint", path)
-    if (path / "export" / "transformer").is_dir():
-        return Weights("export", path / "export")
-    if (path / "checkpoints").is_dir():
-        newest = latest_checkpoint(path / "checkpoints")
-        if newest is not None:
-            return Weights("checkpoint", newest)
-    raise ValueError(
-        f"{field_name}={checkpoint} is neither an export folder (transformer/), a checkpoint "
-        "(model.safetensors) nor a run directory holding one (export/ or checkpoints/)"
-    )
-
-
-def inference_attention(attention: AttentionConfig, steps: int) -> AttentionConfig:
-    """The attention to sample ``steps`` steps with; ValueError naming the field on a mismatch.
-
-    A mask strategy holding a single step (what the trainer exports: the step-independent
-    windows it trained with) applies at every step, as ``attention.head_windows``. A strategy
-    with per-step windows must have been searched for exactly ``steps`` steps.
-    """
-    if attention.mode != "sta" or attention.strategy_path is None:
-        return attention
-    strategy = MaskStrategy.load(attention.strategy_path)
-    if list(strategy.tile) != list(attention.tile):
-        raise ValueError(
-            f"attention.tile {list(attention.tile)} differs from the tile {strategy.tile} of "
-            f"attention.strategy_path={attention.strategy_path}; set attention.tile={strategy.tile}"
-        )
-    if strategy.num_steps == 1:
-        return dataclasses.replace(attention, strategy_path=None, head_windows=strategy.windows[0])
-    if strategy.num_steps != steps:
-        raise ValueError(
-            f"sample.steps={steps} but attention.strategy_path={attention.strategy_path} holds "
-            f"windows for {strategy.num_steps} denoising steps; sample with as many steps"
-        )
-    return attention
-
-
-def load_model(
-    model_cfg: ModelConfig,
-    attention_cfg: AttentionConfig,
-    weights: Weights,
-    *,
-    steps: int,
-    device: torch.device,
-    dtype: torch.dtype,
-    seed: int = 0,
-) -> VideoDiT:
-    """The DiT to sample with, frozen and in eval mode.
-
-    An export brings its transformer and (for ``attention.mode=sta`` without a
-    ``strategy_path`` of its own) its windows; a checkpoint's ``model.safetensors`` is loaded
-    over the configured model. Without any weights (``model.path`` null) the flavor is built
-    with random weights drawn from ``seed``. Raises ValueError naming the field at fault.
-    """
-    if weights.kind == "export":
-        assert weights.path is not None
-        model_cfg = dataclasses.replace(
-            model_cfg, path=str(weights.path / "transformer"), config_overrides={}
-        )
-        strategy = weights.strategy
-        if attention_cfg.mode == "sta" and attention_cfg.strategy_path is None and strategy:
-            tile = MaskStrategy.load(strategy).tile
-            attention_cfg = dataclasses.replace(
-                attention_cfg, strategy_path=str(strategy), tile=list(tile)
-            )
-    attention_cfg = inference_attention(attention_cfg, steps)
-    if model_cfg.path is not None:
-        dit = build_model(model_cfg, attention_cfg, device=device, dtype=dtype)
-    else:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            dit = build_model(model_cfg, attention_cfg, device="cpu", dtype=dtype).to(device)
-    if weights.kind == "checkpoint":
-        assert weights.path is not None
-        state = load_file(str(weights.path / "model.safetensors"))
-        try:
-            dit.load_state_dict(state)
-        except RuntimeError as err:
-            first = str(err).splitlines()[0]
-            raise ValueError(
-                f"the checkpoint {weights.path} does not fit model.flavor={model_cfg.flavor!r} "
-                f"(model.path={model_cfg.path}): {first}"
-            ) from None
-    dit.requires_grad_(False)
-    return dit.eval()
-
-
-def describe_attention(attention: AttentionConfig, weights: Weights) -> str:
-    """How a model attends, in a few words (for tables): dense, or STA and where its windows
-    come from."""
-    if attention.mode == "full":
-        return "dense"
-    if attention.strategy_path is not None:
-        where = f"strategy {attention.strategy_path}"
-    elif weights.strategy is not None:
-        where = f"export's strategy {weights.strategy}"
-    elif attention.head_windows is not None:
-        where = "attention.head_windows"
-    elif attention.layer_windows is not None:
-        where = "attention.layer_windows"
-    else:
-        where = f"window {list(attention.window)}"
-    dense = attention.dense_first_steps
-    return f"STA, {where}" + (f", first {dense} steps dense" if dense else "")
-
-
-def mean_density(dit: VideoDiT, canvas: Sequence[int], steps: int) -> float:
-    """Attended fraction of the video query/key pairs, mean over layers, heads and ``steps``
-    denoising steps (1.0 for dense attention and dense steps)."""
-    total = 0.0
-    for i in range(steps):
-        windows = dit.plan.windows_for_step(i)  # (L, H, 3) or None (dense)
-        if windows is None:
-            total += 1.0
-        else:
-            tile = dit.attention_cfg.tile
-            total += float(density(tuple(canvas), tuple(tile), windows.reshape(-1, 3)).mean())
-    return total / steps
-
-
-def check_encoders_fit(
-    dit: VideoDiT,
-    text_encoder: TextEncoder,
-    video_encoder: Any,
-    data_cfg: DataConfig,
-    model_cfg: ModelConfig,
-) -> None:
-    """ValueError naming the fields when the data's encoders do not fit the model's inputs."""
-    if text_encoder.text_dim != dit.text_dim:
-        raise ValueError(
-            f"data.text_encoder={data_cfg.text_encoder!r} gives text states of width "
-            f"{text_encoder.text_dim} but model.flavor={model_cfg.flavor!r} takes {dit.text_dim}"
-        )
-    if video_encoder.latent_channels != dit.in_channels:
-        raise ValueError(
-            f"data.video_encoder={data_cfg.video_encoder!r} decodes {video_encoder.latent_channels}"
-            f" latent channels but model.flavor={model_cfg.flavor!r} makes {dit.in_channels}"
-        )
 
 
 # --------------------------------------------------------------------------- prompts
@@ -553,6 +372,7 @@ def sample_model(
     out_dir: Path,
     *,
     checkpoint: str | None,
+    checkpoint_field: str = "sample.checkpoint",
     progress: bool = True,
     name: str = "sampling",
 ) -> tuple[list[GeneratedVideo], dict[str, Any]]:
@@ -563,6 +383,7 @@ def sample_model(
 
     Args:
         checkpoint: the weights (``sample.checkpoint`` or a compared model's own).
+        checkpoint_field: the config field ``checkpoint`` came from (for error messages).
         out_dir: receives ``videos/`` and ``samples.json``.
     Returns:
         (the videos with their latents and latencies, the settings written to samples.json).
@@ -572,7 +393,7 @@ def sample_model(
     try:
         device = resolve_device(sample_cfg.device)
         dtype, bf16 = model_dtype(sample_cfg.precision, device)
-        weights = resolve_weights(checkpoint)
+        weights = resolve_weights(checkpoint, checkpoint_field)
         dit: VideoDiT = load_model(
             model_cfg, attention_cfg, weights, steps=sample_cfg.steps, device=device,
             dtype=dtype, seed=sample_cfg.seed,

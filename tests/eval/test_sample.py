@@ -14,19 +14,11 @@ from torch import nn
 from stafinetune.build import validation_batches
 from stafinetune.config import TrainConfig
 from stafinetune.data import DataConfig, build_text_encoder
-from stafinetune.generate import (
-    Weights,
-    default_prompts,
-    generate,
-    inference_attention,
-    load_model,
-    prompt_noise,
-    read_prompts,
-    resolve_weights,
-)
+from stafinetune.generate import default_prompts, generate, prompt_noise, read_prompts
 from stafinetune.metrics import read_video
 from stafinetune.models import AttentionConfig, MaskStrategy
 from stafinetune.sampling import ClassifierFreeGuidance, sample_latents
+from stafinetune.weights import Weights, inference_attention, load_model, resolve_weights
 
 PROMPTS = ["a red circle moving right at 3 pixels per frame on a grey background",
            "a blue square moving up at 2 pixels per frame on a white background"]  # fmt: skip

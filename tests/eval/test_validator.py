@@ -16,8 +16,8 @@ from stafinetune.config import DistillConfig
 from stafinetune.data import DataConfig, build_text_encoder, build_video_encoder
 from stafinetune.distill import DistillStep
 from stafinetune.evaluate import VALIDATION_METRICS, Validator
-from stafinetune.generate import Weights, load_model
 from stafinetune.tracking import JsonlTracker, NullTracker, WandbTracker
+from stafinetune.weights import Weights, load_model
 
 CPU = torch.device("cpu")
 
