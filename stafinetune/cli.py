@@ -3,7 +3,9 @@
 A command is a function ``task(job, run_dir)`` receiving the validated root config (a
 dataclass) and the run directory; :func:`hydra_command` turns it into a console-script
 ``main`` that composes ``conf/<config_name>.yaml`` with the command line, validates it
-(a bad value exits with code 2 and one line naming the field) and hands over.
+(a bad value exits with code 2 and one line naming the field) and hands over. A task
+that finds bad input while running (a missing file, an empty folder) raises
+:class:`CommandError`, which also ends the command with code 2 and one line.
 """
 
 from __future__ import annotations
@@ -17,6 +19,14 @@ from typing import Any
 from omegaconf import DictConfig
 
 from .config import conf_dir, to_job_config
+
+
+class CommandError(Exception):
+    """Bad input a command finds after start-up; printed as ``error: <message>``, exit code 2.
+
+    The message names the config field or file at fault. Raise it only for the user's input,
+    never for a bug (those keep their traceback).
+    """
 
 
 def hydra_command(
@@ -38,7 +48,11 @@ def hydra_command(
         except ValueError as err:
             print(f"config error: {err}", file=sys.stderr)
             sys.exit(2)
-        task(job, Path(HydraConfig.get().runtime.output_dir))
+        try:
+            task(job, Path(HydraConfig.get().runtime.output_dir))
+        except CommandError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
 
     def main() -> None:
         sys.argv = [sys.argv[0], *strip_launcher_args(sys.argv[1:])]

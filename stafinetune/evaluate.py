@@ -3,14 +3,19 @@
 - :func:`validation_gap`: flow-matching loss and student-teacher gaps on fixed batches,
   noise and noise levels (the ``val/*`` metrics).
 - :func:`generate_pair`: sample latents with the student and the teacher from the same noise
-  and conditioning, and the gap between them (``val/sample_gap_mse``).
-- :func:`write_side_by_side`: decode latents and write student | teacher mp4s.
-- :class:`Validator`: the training loop's cadence around both.
+  and conditioning, the gap between them (``val/sample_gap_mse``) and the student's sampling
+  time (``val/sample_latency_s``).
+- :func:`decode_videos` and :func:`write_side_by_side`: latents to uint8 videos, and
+  student | teacher mp4s.
+- :func:`score_samples`: the offline metrics of those videos (:mod:`stafinetune.metrics`).
+- :class:`Validator`: the training loop's cadence around all of them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +23,27 @@ import torch
 
 from .data.synthetic import write_mp4
 from .distill import DistillStep, to_device
+from .metrics import score_video
+from .metrics.fidelity import PSNR_CAP_DB, psnr, ssim
 from .models import VideoDiT
 from .sampling import sample_latents, to_uint8_video
 
+log = logging.getLogger(__name__)
+
 SAMPLE_NOISE_SEED = 11  # offset from train.seed of the validation videos' noise
+
+# What validation scores on its videos: VBench-style temporal quality (pixel-proxy
+# consistency) and, for the student, PSNR / SSIM against the teacher's video of the same noise.
+# MS-SSIM and VMAF cost several times more on CPU: ``stafinetune-eval`` computes them.
+VALIDATION_METRICS = (
+    "temporal_flickering",
+    "dynamic_degree",
+    "motion_smoothness",
+    "subject_consistency",
+    "background_consistency",
+    "psnr",
+    "ssim",
+)
 
 _VAL_NAMES = {"data": "val/flow_loss", "out": "val/student_teacher_mse", "attn": "val/attn_mse"}
 
@@ -58,12 +80,18 @@ def generate_pair(
     steps: int,
     shift: float,
     seed: int,
+    teacher_latents: torch.Tensor | None = None,
 ) -> tuple[list[torch.Tensor], dict[str, float]]:
     """Generate ``num`` latents from fixed noise with the student (and the teacher).
 
+    Args:
+        teacher_latents: the teacher's latents (num, C, T, H, W) from an earlier call with the
+            same batch, noise and schedule (the frozen teacher gives the same ones again):
+            used instead of sampling the teacher.
     Returns:
         ([student latents, teacher latents (when distilling)], each (num, C, T, H, W) on the
-        CPU), and ``{"val/sample_gap_mse": ...}`` when there is a teacher.
+        CPU), and ``val/sample_latency_s`` (seconds to sample the student's ``num`` videos, in
+        one batch, CUDA-synchronised) plus ``val/sample_gap_mse`` when there is a teacher.
     """
     n = min(num, batch["latents"].shape[0])
     gen = torch.Generator().manual_seed(seed)
@@ -73,10 +101,14 @@ def generate_pair(
     if step.teacher is not None:
         device = next(step.teacher.parameters()).device
         models.append((step.teacher_module, device, step.teacher_bf16))
-    latents = []
+    if teacher_latents is not None:
+        models = models[:1]
+    latents, seconds = [], []
     for model, device, bf16 in models:
         was_training = model.training
         model.eval()
+        _sync(device)
+        start = time.perf_counter()
         out = sample_latents(
             model,
             noise.to(device),
@@ -85,34 +117,77 @@ def generate_pair(
             shift=shift,
             autocast_bf16=bf16 and device.type == "cuda",
         )
+        _sync(device)
+        seconds.append(time.perf_counter() - start)
         model.train(was_training)
         latents.append(out.float().cpu())
-    metrics = {}
+    if teacher_latents is not None:
+        latents.append(teacher_latents)
+    metrics = {"val/sample_latency_s": seconds[0]}
     if len(latents) == 2:
         metrics["val/sample_gap_mse"] = float(torch.mean((latents[0] - latents[1]) ** 2))
     return latents, metrics
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def decode_videos(latents: torch.Tensor, decode: Any) -> torch.Tensor:
+    """(n, C, T, H, W) latents -> (n, F, H, W, 3) uint8 videos; ``decode`` maps latents to
+    (n, 3, F, H, W) pixels in [-1, 1] (the data's video encoder)."""
+    pixels = decode(latents).float().cpu()  # (n, 3, F, H, W)
+    return torch.stack([to_uint8_video(v) for v in pixels])
+
+
 def write_side_by_side(
-    latents: list[torch.Tensor], decode: Any, out_dir: Path, stem: str, fps: int
+    videos: list[torch.Tensor], out_dir: Path, stem: str, fps: int
 ) -> list[Path]:
-    """Decode each model's latents and write one mp4 per sample, models side by side (left to
-    right in ``latents`` order). ``decode`` maps (n, C, T, H, W) latents to (n, 3, F, H, W)."""
-    videos = [decode(lat) for lat in latents]  # each (n, 3, F, H, W) in [-1, 1]
+    """Write one mp4 per sample, models side by side (left to right in ``videos`` order);
+    each entry of ``videos`` is (n, F, H, W, 3) uint8."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for k in range(videos[0].shape[0]):
-        frames = to_uint8_video(torch.cat([v[k] for v in videos], dim=-1))  # (F, H, W*m, 3)
+        frames = torch.cat([v[k] for v in videos], dim=2)  # (F, H, W*m, 3)
         path = out_dir / f"{stem}_{k}.mp4"
         write_mp4(path, frames.numpy(), fps=fps)
         paths.append(path)
     return paths
 
 
+def score_samples(
+    videos: torch.Tensor, reference: torch.Tensor | None = None, fps: float | None = None
+) -> list[dict[str, float]]:
+    """:data:`VALIDATION_METRICS` of each video (n, F, H, W, 3) uint8, F >= 3.
+
+    PSNR and SSIM compare video ``k`` with ``reference[k]`` (the teacher's video of the same
+    noise) and are left out without a reference; PSNR of identical videos is capped at
+    100 dB. ``fps``: the frame rate (dynamic degree samples frames at ~8 fps).
+    """
+    out = []
+    for k, video in enumerate(videos):
+        scores = score_video(video, fps=fps)
+        row = {name: float(scores[name]) for name in VALIDATION_METRICS if name in scores}
+        if reference is not None:
+            row["psnr"] = min(psnr(video, reference[k]), PSNR_CAP_DB)
+            row["ssim"] = ssim(video, reference[k])
+        out.append(row)
+    return out
+
+
 @dataclass
 class Validator:
     """Validation of the training loop: the gap on fixed batches every ``every`` steps (and at
     steps 0 and the end), plus sample videos when ``sample_steps > 0``.
+
+    With videos, rank 0 also scores them (``score_videos``): the student's videos with
+    :data:`VALIDATION_METRICS` (PSNR / SSIM against the teacher's video of the same noise),
+    the teacher's once (its videos never change: the teacher is frozen and the noise fixed,
+    so its latents are generated once and reused). It logs a table
+    ``val/sample_metrics`` (one row per model and video) and the means as
+    ``val/student/<metric>`` and ``val/teacher/<metric>``, with ``val/sample_latency_s`` and
+    ``val/metrics_s`` (seconds spent scoring).
 
     Attributes:
         step: the run's loss computation (teacher, weights, devices).
@@ -121,8 +196,9 @@ class Validator:
         sample_steps, sample_shift, num_samples, seed: the sample videos' sampler and noise.
         decode: latents -> pixels (the data's video encoder), when sampling videos.
         out_dir, fps: where and at which rate the videos are written.
-        is_main: only rank 0 writes and logs the videos (every rank generates them: under
-            sequence parallelism or sharding the model runs on all ranks together).
+        is_main: only rank 0 writes, scores and logs the videos (every rank generates them:
+            under sequence parallelism or sharding the model runs on all ranks together).
+        score_videos: score the videos with the offline metrics.
     """
 
     step: DistillStep
@@ -136,13 +212,15 @@ class Validator:
     out_dir: Path
     fps: int
     is_main: bool
+    score_videos: bool = True
+    _teacher: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
 
     def should_validate(self, step: int, last: int) -> bool:
         """Validate at step 0, every ``every`` steps, and at the final step ``last``."""
         return step == 0 or step == last or (self.every > 0 and step % self.every == 0)
 
     def __call__(self, student: VideoDiT, step: int, tracker: Any) -> dict[str, float]:
-        """Every validation metric at ``step``; videos are logged to ``tracker`` (rank 0)."""
+        """Every validation metric at ``step``; videos and tables go to ``tracker`` (rank 0)."""
         metrics = validation_gap(self.step, student, self.batches)
         if self.sample_steps > 0:
             batch = self.batches[0]
@@ -154,12 +232,47 @@ class Validator:
                 steps=self.sample_steps,
                 shift=self.sample_shift,
                 seed=self.seed + SAMPLE_NOISE_SEED,
+                teacher_latents=self._teacher.get("latents"),
             )
+            if len(latents) == 2 and "latents" not in self._teacher:
+                self._teacher["latents"] = latents[1]
             metrics.update(gap)
             if self.is_main:
-                paths = write_side_by_side(
-                    latents, self.decode, self.out_dir, f"step_{step:08d}", self.fps
-                )
+                videos = [decode_videos(lat, self.decode) for lat in latents]
+                paths = write_side_by_side(videos, self.out_dir, f"step_{step:08d}", self.fps)
                 for k, path in enumerate(paths):
                     tracker.log_video(f"samples/{k}", path, step, caption=batch["caption"][k])
+                if self.score_videos:
+                    metrics.update(self._score(videos, batch["caption"], step, tracker))
         return metrics
+
+    def _score(
+        self, videos: list[torch.Tensor], captions: list[str], step: int, tracker: Any
+    ) -> dict[str, float]:
+        """Score the student's (and, once, the teacher's) videos; log the table; the means."""
+        if videos[0].shape[1] < 3:
+            if not self._teacher.get("warned"):
+                log.warning("validation videos have %d frames: not scored (the metrics need 3)",
+                            videos[0].shape[1])  # fmt: skip
+                self._teacher["warned"] = True
+            return {}
+        start = time.perf_counter()
+        teacher = videos[1] if len(videos) == 2 else None
+        scored = {"student": score_samples(videos[0], teacher, fps=self.fps)}
+        if teacher is not None:
+            if "scores" not in self._teacher:
+                self._teacher["scores"] = score_samples(teacher, fps=self.fps)
+            scored["teacher"] = self._teacher["scores"]
+        columns = ["model", "sample", "caption", *VALIDATION_METRICS]
+        rows = [
+            [model, k, captions[k], *(row.get(m) for m in VALIDATION_METRICS)]
+            for model, rows_ in scored.items()
+            for k, row in enumerate(rows_)
+        ]
+        tracker.log_table("val/sample_metrics", columns, rows, step)
+        means = {}
+        for model, rows_ in scored.items():
+            for name in rows_[0]:
+                means[f"val/{model}/{name}"] = sum(r[name] for r in rows_) / len(rows_)
+        means["val/metrics_s"] = time.perf_counter() - start
+        return means

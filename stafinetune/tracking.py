@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import time
 from pathlib import Path
@@ -25,6 +26,9 @@ class NullTracker:
 
     def log_video(self, key: str, path: Path, step: int, caption: str = "") -> None:
         """Drop the video."""
+
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
+        """Drop the table."""
 
     def summary(self, values: dict[str, Any]) -> None:
         """Drop the summary values."""
@@ -84,6 +88,10 @@ class WandbTracker:
         """Log an mp4 file (already encoded, so wandb needs no video libraries)."""
         self.run.log({key: self._wandb.Video(str(path), caption=caption)}, step=step)
 
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
+        """Log a table (one ``wandb.Table`` per call: rows of numbers and strings)."""
+        self.run.log({key: self._wandb.Table(columns=list(columns), data=rows)}, step=step)
+
     def summary(self, values: dict[str, Any]) -> None:
         """Set run summary values."""
         for key, value in values.items():
@@ -95,7 +103,9 @@ class WandbTracker:
 
 
 class JsonlTracker:
-    """Appends every logged scalar to ``<run_dir>/metrics.jsonl`` (one JSON object per call).
+    """Appends every logged scalar to ``<run_dir>/metrics.jsonl`` (one JSON object per call)
+    and every table to ``tables.jsonl`` beside it (``{"step", "time", "key", "columns",
+    "rows"}`` per call), so ``metrics.jsonl`` stays scalars only.
 
     Runs beside wandb so a run's numbers can be read without any service, and forwards
     everything to an inner tracker (wandb or null).
@@ -108,6 +118,7 @@ class JsonlTracker:
         self.mode = inner.mode
         path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in finish()
+        self.tables_path = path.with_name("tables.jsonl")
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         """Write the scalar metrics as one JSON line, then forward them."""
@@ -123,6 +134,17 @@ class JsonlTracker:
         """Videos go to the inner tracker only (the file itself stays in the run directory)."""
         self.inner.log_video(key, path, step, caption=caption)
 
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
+        """Append the table as one JSON line of ``tables.jsonl``, then forward it.
+
+        Non-finite floats are written as strings (``"nan"``), as in ``metrics.jsonl``.
+        """
+        cells = [[_json_cell(v) for v in row] for row in rows]
+        row = {"step": step, "time": time.time(), "key": key, "columns": list(columns)}
+        with open(self.tables_path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({**row, "rows": cells}) + "\n")
+        self.inner.log_table(key, columns, rows, step)
+
     def summary(self, values: dict[str, Any]) -> None:
         """Forward summary values."""
         self.inner.summary(values)
@@ -131,6 +153,16 @@ class JsonlTracker:
         """Close the file and the inner tracker."""
         self._file.close()
         self.inner.finish()
+
+
+def _json_cell(value: Any) -> Any:
+    """A table cell as JSON: numbers as floats/ints (non-finite as strings), the rest as str."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, numbers.Real):
+        number = float(value)
+        return number if math.isfinite(number) else str(number)
+    return str(value)
 
 
 def _has_wandb_key() -> bool:

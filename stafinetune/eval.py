@@ -1,0 +1,208 @@
+"""``stafinetune-eval`` / ``python -m stafinetune.eval``: score videos, or compare models.
+
+Two modes (``mode=auto`` picks ``score`` when ``videos`` is set, else ``compare``):
+
+``score``: every mp4 of a folder with the offline metrics (:mod:`stafinetune.metrics`), into
+``<run dir>/metrics.json`` shaped ``{"videos": {file: {metric: value}}, "mean": {metric:
+value}}``. A file that cannot be scored is reported by name (on stderr and as ``{"error":
+...}`` in ``videos``) and the rest are scored::
+
+    stafinetune-eval videos=outputs/sample/.../videos hydra.run.dir=eval/run1
+    stafinetune-eval videos=student/ reference=teacher/ captions=clips.jsonl \\
+        dino_path=/weights/dino-vitb16 clip_path=/weights/clip-vit-b-32
+
+``compare``: sample every model of ``compare.models`` with the same prompts and seeds, score
+them, measure fidelity to the reference model, latency and attention share, and write
+``compare.json``, ``compare.md`` and ``compare.png`` (:mod:`stafinetune.compare`)::
+
+    stafinetune-eval sample.num_prompts=8 'compare.models=[{name: dense, mode: full},
+        {name: sta, mode: sta}, {name: distilled, checkpoint: outputs/<run>/export}]'
+
+An empty or missing folder, or a missing weights / manifest path, ends the command with exit
+code 2 and one line naming the field.
+"""
+
+# OmegaConf 2.3 structured configs understand typing.Optional, not PEP 604 unions.
+# ruff: noqa: UP045
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from .cli import CommandError, hydra_command
+from .compare import FIDELITY, QUALITY, CompareConfig, check_models, compare_models
+from .config import LoggingConfig
+from .data import DataConfig
+from .generate import SampleConfig, resolve_prompts
+from .metrics import METRIC_TABLE, score_folder
+from .models import AttentionConfig, ModelConfig
+from .tracking import build_tracker
+
+EVAL_MODES = ("auto", "score", "compare")
+
+
+@dataclass
+class EvalJobConfig:
+    """Root of ``conf/eval.yaml``.
+
+    Attributes:
+        mode: ``auto`` (``score`` when ``videos`` is set, else ``compare``), ``score`` or
+            ``compare``.
+        videos: score mode: the folder of mp4s to score.
+        reference: score mode: a folder of reference mp4s with the same file names (adds
+            PSNR, SSIM, MS-SSIM, VMAF).
+        captions: score mode: a JSONL manifest (``path``, ``caption``, optional ``motion``)
+            whose captions give the intended motion (adds the motion errors).
+        dino_path, clip_path: local transformers folders of DINO / CLIP (exact subject /
+            background consistency); None: the pixel proxy, named in the reports.
+        sample, compare: compare mode: how videos are sampled, and which models.
+        model, attention, data: compare mode: the base model, the default attention (each
+            compared model overrides its mode and windows), the text and video encoders.
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    logging: LoggingConfig = field(default_factory=lambda: LoggingConfig(backend="none"))
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
+    mode: str = "auto"
+    videos: Optional[str] = None
+    reference: Optional[str] = None
+    captions: Optional[str] = None
+    dino_path: Optional[str] = None
+    clip_path: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in EVAL_MODES:
+            raise ValueError(f"mode must be one of {EVAL_MODES}, got {self.mode!r}")
+        if self.mode == "score" and self.videos is None:
+            raise ValueError("mode=score needs videos=<folder of mp4s>")
+        if self.mode == "compare" and self.videos is not None:
+            raise ValueError("mode=compare samples its own videos: leave videos unset")
+
+    @property
+    def resolved_mode(self) -> str:
+        """``score`` or ``compare``."""
+        if self.mode != "auto":
+            return self.mode
+        return "score" if self.videos is not None else "compare"
+
+
+def register_eval_config() -> None:
+    """Register the root schema of ``conf/eval.yaml`` in Hydra's ConfigStore (idempotent)."""
+    ConfigStore.instance().store(name="eval_config", node=EvalJobConfig)
+
+
+def check_inputs(job: EvalJobConfig) -> None:
+    """Every path the job names exists, as the field expects; CommandError naming it."""
+    folders = {"reference": job.reference, "dino_path": job.dino_path, "clip_path": job.clip_path}
+    if job.resolved_mode == "score":
+        folders["videos"] = job.videos
+    for name, value in folders.items():
+        if value is not None and not Path(value).expanduser().is_dir():
+            raise CommandError(f"{name}={value}: no such folder")
+    if job.captions is not None and not Path(job.captions).expanduser().is_file():
+        raise CommandError(f"captions={job.captions}: no such file")
+    if job.resolved_mode == "compare":
+        try:
+            check_models(job.compare, job.attention, job.sample.steps)
+        except ValueError as err:
+            raise CommandError(str(err)) from None
+    if job.videos is not None and not any(
+        p.suffix.lower() == ".mp4" and p.is_file() for p in Path(job.videos).iterdir()
+    ):
+        raise CommandError(f"videos={job.videos} holds no .mp4 files")
+
+
+def score(job: EvalJobConfig, run_dir: Path) -> dict[str, Any]:
+    """Score mode: ``run_dir/metrics.json``; failures are reported on stderr by file name."""
+    assert job.videos is not None
+    report = score_folder(
+        Path(job.videos).expanduser(),
+        reference_dir=job.reference,
+        captions=job.captions,
+        dino_path=job.dino_path,
+        clip_path=job.clip_path,
+        progress=job.logging.progress,
+    )
+    (run_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+    failed = {name: s["error"] for name, s in report["videos"].items() if "error" in s}
+    for name, error in failed.items():
+        print(f"warning: {name} was not scored: {error}", file=sys.stderr)
+    scored = len(report["videos"]) - len(failed)
+    lines = [f"\nscored {scored} of {len(report['videos'])} videos  {run_dir / 'metrics.json'}"]
+    for metric, value in report["mean"].items():
+        kind = METRIC_TABLE.get(metric, ("", ""))[0]
+        shown = value if isinstance(value, str) else f"{value:.4f}"
+        lines.append(f"  {metric:<28} {shown:<10} {kind}")
+    if job.reference is None:
+        lines.append(f"  {', '.join(FIDELITY)}: not computed (set reference=<folder>)")
+    if job.captions is None:
+        lines.append("  motion errors: not computed (set captions=<manifest.jsonl>)")
+    print("\n".join(lines), flush=True)
+    return report
+
+
+def _log(job: EvalJobConfig, run_dir: Path, mode: str, report: dict[str, Any]) -> None:
+    """The report's tables and mean scalars to the tracker (``logging=wandb``: a wandb run)."""
+    lcfg = job.logging
+    tracker = build_tracker(
+        lcfg.backend, is_main=True, directory=run_dir,
+        config=OmegaConf.to_container(OmegaConf.structured(job), resolve=True),
+        project=lcfg.project, entity=lcfg.entity, name=lcfg.name, group=lcfg.group,
+        tags=lcfg.tags, mode=lcfg.mode,
+    )  # fmt: skip
+    try:
+        if mode == "score":
+            metrics = sorted({m for s in report["videos"].values() for m in s if m != "error"})
+            rows = [
+                [name, *(s.get(m) for m in metrics), s.get("error", "")]
+                for name, s in report["videos"].items()
+            ]
+            tracker.log_table("eval/videos", ["video", *metrics, "error"], rows, step=0)
+            means = {f"eval/{k}": v for k, v in report["mean"].items() if not isinstance(v, str)}
+            tracker.log(means, step=0)
+        else:
+            columns = ["model", "latency_s", "speedup", "attention_share", *FIDELITY]
+            columns += ["latent_gap", *QUALITY]
+            rows = []
+            for name, m in report["models"].items():
+                values = [m["mean"].get(k, "n/a") for k in (*FIDELITY, "latent_gap", *QUALITY)]
+                rows.append([name, m["latency_s"], m["speedup"], m["attention_share"], *values])
+            tracker.log_table("eval/compare", columns, rows, step=0)
+    finally:
+        tracker.finish()
+
+
+def run(job: EvalJobConfig, run_dir: Path) -> None:
+    """Score a folder or compare models (see the module docstring)."""
+    check_inputs(job)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.structured(job), run_dir / "config.yaml")
+    mode = job.resolved_mode
+    if mode == "score":
+        report = score(job, run_dir)
+    else:
+        prompts = resolve_prompts(job.sample, job.data, verbose=job.logging.progress)
+        report = compare_models(
+            job.compare, model_cfg=job.model, attention_cfg=job.attention, data_cfg=job.data,
+            sample_cfg=job.sample, prompts=prompts, run_dir=run_dir, dino_path=job.dino_path,
+            clip_path=job.clip_path, progress=job.logging.progress,
+        )  # fmt: skip
+        print(f"\n{(run_dir / 'compare.md').read_text()}", flush=True)
+        print(f"compare.json, compare.md, compare.png and the videos in {run_dir}", flush=True)
+    _log(job, run_dir, mode, report)
+
+
+register_eval_config()
+main = hydra_command(run, config_name="eval")
+
+if __name__ == "__main__":
+    main()

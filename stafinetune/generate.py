@@ -1,0 +1,433 @@
+"""Generate videos from prompts with a base model, a training checkpoint or an export.
+
+The library behind ``stafinetune-sample`` and the compare mode of ``stafinetune-eval``:
+
+- :class:`SampleConfig`: the ``sample`` section (prompts, seeds, steps, guidance, device).
+- weights and attention of the sampled model: :mod:`stafinetune.weights`.
+- :func:`read_prompts` / :func:`default_prompts`: prompts from a file or from the data.
+- :func:`generate`: flow Euler sampling with classifier-free guidance, one fixed seed per
+  prompt (``sample.seed + k`` for prompt ``k``), each video timed.
+- :func:`write_videos`: decode, write ``videos/<k>_<slug>.mp4`` and ``samples.json``.
+- :func:`resolve_prompts` and :func:`sample_model`: the above as the commands run them, with
+  bad input raised as :class:`~stafinetune.cli.CommandError` (exit code 2).
+
+Prompt ``k`` always gets the same noise, so two models (or two runs) given the same prompts
+and ``sample.seed`` start every video from the same latents.
+"""
+
+# OmegaConf 2.3 structured configs understand typing.Optional, not PEP 604 unions.
+# ruff: noqa: UP045
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from .build import use_bf16, validation_batches
+from .cli import CommandError
+from .config import TrainConfig
+from .data import (
+    DataConfig,
+    build_text_encoder,
+    build_video_encoder,
+    prepare_data,
+    resolve_cache_dir,
+)
+from .data.encoders import TextEncoder
+from .data.synthetic import write_mp4
+from .models import AttentionConfig, ModelConfig, VideoDiT
+from .profiling import AttentionTimer
+from .sampling import ClassifierFreeGuidance, sample_latents, to_uint8_video
+from .weights import (
+    check_encoders_fit,
+    describe_attention,
+    load_model,
+    mean_density,
+    resolve_weights,
+)
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+@dataclass
+class SampleConfig:
+    """How videos are sampled (the ``sample`` section of ``stafinetune-sample`` and
+    ``stafinetune-eval``).
+
+    Attributes:
+        prompts: a text file, one prompt per line (blank lines skipped); None: the captions
+            of the data's fixed validation batches (those the training videos use).
+        num_prompts: how many captions to take from the data when ``prompts`` is None.
+        checkpoint: the weights: a training run directory (its ``export/``, else its newest
+            checkpoint), a checkpoint directory (``model.safetensors``) or an export folder
+            (``transformer/`` + ``mask_strategy.json``); None: ``model.path`` as configured
+            (the shipped tiny teacher by default).
+        steps: Euler steps.
+        shift: timestep shift of the schedule (Wan: 3 to 5 at 480p-720p).
+        guidance_scale: classifier-free guidance scale; 1 disables it (one forward a step).
+            The tiny teacher was trained without caption dropout: keep 1 for it.
+        negative_prompt: the unconditional prompt of guidance ("" for plain CFG).
+        seed: prompt ``k`` is sampled from noise seeded with ``seed + k``.
+        device: ``auto`` (cuda when available), ``cpu``, ``cuda`` or ``cuda:N``.
+        precision: ``auto`` (bf16 weights and autocast on CUDA, fp32 on CPU), ``fp32``, ``bf16``.
+        warmup: sample the first prompt once, untimed, before timing (first-call costs such
+            as kernel compilation stay out of the latencies).
+        fps: frame rate of the written mp4s; None: ``data.fps``, else ``data.synthetic_fps``.
+    """
+
+    prompts: Optional[str] = None
+    num_prompts: int = 2
+    checkpoint: Optional[str] = None
+    steps: int = 20
+    shift: float = 1.0
+    guidance_scale: float = 1.0
+    negative_prompt: str = ""
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    warmup: bool = True
+    fps: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        _check(self.num_prompts >= 1, f"sample.num_prompts must be >= 1, got {self.num_prompts}")
+        _check(self.steps >= 1, f"sample.steps must be >= 1, got {self.steps}")
+        _check(self.shift >= 1.0, f"sample.shift must be >= 1, got {self.shift}")
+        _check(
+            self.guidance_scale >= 0,
+            f"sample.guidance_scale must be >= 0, got {self.guidance_scale}",
+        )
+        _check(
+            self.device in ("auto", "cpu") or re.fullmatch(r"cuda(:\d+)?", self.device) is not None,
+            f"sample.device must be auto, cpu, cuda or cuda:N, got {self.device!r}",
+        )
+        _check(
+            self.precision in PRECISIONS,
+            f"sample.precision must be one of {PRECISIONS}, got {self.precision!r}",
+        )
+        _check(self.fps is None or self.fps >= 1, f"sample.fps must be >= 1, got {self.fps}")
+        for name in ("prompts", "checkpoint"):
+            value = getattr(self, name)
+            _check(
+                value is None or bool(str(value).strip()),
+                f"sample.{name} must be a path or null, got an empty string",
+            )
+
+
+def resolve_device(device: str) -> torch.device:
+    """``sample.device`` as a torch device; ``auto`` is CUDA when one is visible."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"sample.device={device} but no CUDA device is visible")
+    return resolved
+
+
+def video_fps(sample_cfg: SampleConfig, data_cfg: DataConfig) -> int:
+    """Frame rate of the written videos: ``sample.fps``, ``data.fps`` or ``data.synthetic_fps``."""
+    if sample_cfg.fps is not None:
+        return sample_cfg.fps
+    if data_cfg.fps is not None:
+        return max(1, round(data_cfg.fps))
+    return data_cfg.synthetic_fps
+
+
+# --------------------------------------------------------------------------- prompts
+def read_prompts(path: str | Path, field_name: str = "sample.prompts") -> list[str]:
+    """The non-blank lines of a text file, stripped; ValueError naming the field if none."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ValueError(f"{field_name}={path}: no such file")
+    prompts = [line.strip() for line in file.read_text(encoding="utf-8").splitlines()]
+    prompts = [p for p in prompts if p]
+    if not prompts:
+        raise ValueError(f"{field_name}={path} holds no prompt (one prompt per line)")
+    return prompts
+
+
+def default_prompts(data_cfg: DataConfig, num: int, *, verbose: bool = True) -> list[str]:
+    """The first ``num`` distinct captions of the fixed validation batches training uses
+    (with the training defaults' batch size and seed).
+
+    The synthetic data is generated and encoded if needed; other sources need their latent
+    cache built (``stafinetune-preprocess``) or ``sample.prompts``.
+    """
+    if data_cfg.source != "synthetic" and not (resolve_cache_dir(data_cfg) / "cache.json").exists():
+        raise ValueError(
+            f"sample.prompts is not set and the data's latent cache {resolve_cache_dir(data_cfg)} "
+            "is not built: pass sample.prompts=FILE or run stafinetune-preprocess first"
+        )
+    prepare_data(data_cfg, verbose=verbose)
+    defaults = TrainConfig()
+    batches = validation_batches(
+        data_cfg,
+        batch_size=defaults.batch_size,
+        seed=defaults.seed,
+        count=math.ceil(num / defaults.batch_size),
+    )
+    captions = list(dict.fromkeys(c for b in batches for c in b["caption"]))[:num]
+    if len(captions) < num:
+        raise ValueError(
+            f"sample.num_prompts={num} but the data's validation batches hold only "
+            f"{len(captions)} distinct captions"
+        )
+    return captions
+
+
+def slug(text: str, max_len: int = 48) -> str:
+    """A file-name fragment of ``text``: lower-case words joined by ``-``, at most ``max_len``."""
+    words = re.findall(r"[a-z0-9]+", text.lower())
+    out = "-".join(words)[:max_len].rstrip("-")
+    return out or "prompt"
+
+
+# --------------------------------------------------------------------------- sampling
+@dataclass
+class GeneratedVideo:
+    """One sampled video.
+
+    Attributes:
+        index: the prompt's position ``k``.
+        prompt, seed: what it was sampled from (noise seeded with ``seed``).
+        latents: (C, T, H, W) float32 on the CPU.
+        latency_s: wall clock of the denoising loop (CUDA-synchronised on GPU).
+        attention_s: the part of it spent in the attention modules.
+    """
+
+    index: int
+    prompt: str
+    seed: int
+    latents: torch.Tensor
+    latency_s: float
+    attention_s: float
+    file: str = ""
+    decode_s: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def record(self) -> dict[str, Any]:
+        """The JSON row of ``samples.json``."""
+        return {
+            "index": self.index,
+            "prompt": self.prompt,
+            "seed": self.seed,
+            "file": self.file,
+            "latency_s": self.latency_s,
+            "attention_s": self.attention_s,
+            "decode_s": self.decode_s,
+            **self.extra,
+        }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def prompt_noise(shape: Sequence[int], seed: int) -> torch.Tensor:
+    """The starting latents (1, *shape) of a prompt: CPU normal noise from ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn((1, *shape), generator=gen)
+
+
+@torch.no_grad()
+def generate(
+    dit: VideoDiT,
+    prompts: Sequence[str],
+    text_encoder: TextEncoder,
+    *,
+    latent_shape: Sequence[int],
+    seed: int,
+    steps: int,
+    shift: float = 1.0,
+    guidance_scale: float = 1.0,
+    negative_prompt: str = "",
+    bf16: bool = False,
+    warmup: bool = True,
+    progress: bool = True,
+    desc: str = "sampling",
+) -> list[GeneratedVideo]:
+    """Sample one video per prompt; prompt ``k`` starts from noise seeded with ``seed + k``.
+
+    Args:
+        dit: the model (on its device, eval mode).
+        prompts: the prompts, encoded by ``text_encoder`` (the data's).
+        latent_shape: (C, T, H, W) of one video's latents.
+        steps, shift: the Euler schedule (``flow_sigmas``); step ``i`` passes ``step_index=i``.
+        guidance_scale, negative_prompt: classifier-free guidance (1: off).
+        bf16: bf16 autocast (CUDA only).
+        warmup: sample the first prompt once, untimed, first.
+    Returns:
+        the videos in prompt order, latents (C, T, H, W) on the CPU, each with its latency.
+    """
+    device = next(dit.parameters()).device
+    text, mask, pooled = text_encoder.encode(list(prompts))  # (N, L, Dt), (N, L), (N, Dp)
+    negative = text_encoder.encode([negative_prompt])
+    if guidance_scale != 1.0 and dit.family == "hunyuan" and not bool(negative[1].any()):
+        raise ValueError(
+            f"sample.negative_prompt={negative_prompt!r} encodes to no text token, which "
+            "HunyuanVideo cannot take: use a text encoder that adds a BOS token, or another prompt"
+        )
+    model = ClassifierFreeGuidance(dit, negative, guidance_scale)
+    autocast_bf16 = bf16 and device.type == "cuda"
+    timer = AttentionTimer([dit.attention], device)
+
+    def run(k: int) -> torch.Tensor:
+        noise = prompt_noise(latent_shape, seed + k).to(device)
+        cond = (text[k : k + 1].to(device), mask[k : k + 1].to(device))
+        return sample_latents(
+            model, noise, *cond, pooled[k : k + 1].to(device),
+            steps=steps, shift=shift, autocast_bf16=autocast_bf16,
+        )  # fmt: skip
+
+    if warmup and prompts:
+        run(0)
+    videos = []
+    for k in tqdm(range(len(prompts)), desc=desc, unit="video", disable=not progress):
+        _sync(device)
+        start = time.perf_counter()
+        timer.start()
+        latents = run(k)
+        attention_s = timer.stop()  # synchronises CUDA
+        latency_s = time.perf_counter() - start
+        videos.append(
+            GeneratedVideo(
+                index=k,
+                prompt=prompts[k],
+                seed=seed + k,
+                latents=latents[0].float().cpu(),
+                latency_s=latency_s,
+                attention_s=attention_s,
+            )
+        )
+    return videos
+
+
+def write_videos(
+    videos: Sequence[GeneratedVideo],
+    decode: Callable[[torch.Tensor], torch.Tensor],
+    out_dir: Path,
+    *,
+    fps: int,
+    settings: dict[str, Any],
+) -> Path:
+    """Decode and write ``out_dir/videos/<k>_<slug>.mp4`` (k zero-padded) and
+    ``out_dir/samples.json`` (``settings`` plus one row per video: prompt, seed, file,
+    latencies). ``decode`` maps (1, C, T, H, W) latents to (1, 3, F, H, W) in [-1, 1].
+
+    Returns:
+        the videos folder; each video's ``file`` and ``decode_s`` are filled in.
+    """
+    video_dir = out_dir / "videos"
+    video_dir.mkdir(parents=True, exist_ok=True)
+    width = max(4, len(str(len(videos) - 1)))
+    for video in videos:
+        start = time.perf_counter()
+        frames = to_uint8_video(decode(video.latents[None])[0].float().cpu())  # (F, H, W, 3)
+        video.decode_s = time.perf_counter() - start
+        video.file = f"{video.index:0{width}d}_{slug(video.prompt)}.mp4"
+        write_mp4(video_dir / video.file, frames.numpy(), fps=fps)
+    payload = {**settings, "samples": [v.record() for v in videos]}
+    (out_dir / "samples.json").write_text(json.dumps(payload, indent=2) + "\n")
+    return video_dir
+
+
+def model_dtype(precision: str, device: torch.device) -> tuple[torch.dtype, bool]:
+    """(weight dtype, bf16 autocast) of ``sample.precision`` on ``device``."""
+    bf16 = use_bf16(precision, device)
+    return (torch.bfloat16 if bf16 else torch.float32), bf16
+
+
+# --------------------------------------------------------------------------- commands
+def resolve_prompts(
+    sample_cfg: SampleConfig, data_cfg: DataConfig, *, verbose: bool = True
+) -> list[str]:
+    """``sample.prompts``' lines, or the data's captions; CommandError naming the field."""
+    try:
+        if sample_cfg.prompts is not None:
+            return read_prompts(sample_cfg.prompts)
+        return default_prompts(data_cfg, sample_cfg.num_prompts, verbose=verbose)
+    except ValueError as err:
+        raise CommandError(str(err)) from None
+
+
+def sample_model(
+    model_cfg: ModelConfig,
+    attention_cfg: AttentionConfig,
+    data_cfg: DataConfig,
+    sample_cfg: SampleConfig,
+    prompts: list[str],
+    out_dir: Path,
+    *,
+    checkpoint: str | None,
+    checkpoint_field: str = "sample.checkpoint",
+    progress: bool = True,
+    name: str = "sampling",
+) -> tuple[list[GeneratedVideo], dict[str, Any]]:
+    """Load one model, sample every prompt with ``sample_cfg``'s seeds and write the videos.
+
+    What both commands run: ``stafinetune-sample`` once, the compare mode of
+    ``stafinetune-eval`` once per model (same prompts, same seeds).
+
+    Args:
+        checkpoint: the weights (``sample.checkpoint`` or a compared model's own).
+        checkpoint_field: the config field ``checkpoint`` came from (for error messages).
+        out_dir: receives ``videos/`` and ``samples.json``.
+    Returns:
+        (the videos with their latents and latencies, the settings written to samples.json).
+    Raises:
+        CommandError naming the field, for weights or windows that do not fit.
+    """
+    try:
+        device = resolve_device(sample_cfg.device)
+        dtype, bf16 = model_dtype(sample_cfg.precision, device)
+        weights = resolve_weights(checkpoint, checkpoint_field)
+        dit: VideoDiT = load_model(
+            model_cfg, attention_cfg, weights, steps=sample_cfg.steps, device=device,
+            dtype=dtype, seed=sample_cfg.seed,
+        )  # fmt: skip
+        grid = data_cfg.latent_grids()[0]  # (T, H, W) of the data's first bucket
+        canvas = dit.canvas_for(grid)
+        text_encoder, video_encoder = build_text_encoder(data_cfg), build_video_encoder(data_cfg)
+        check_encoders_fit(dit, text_encoder, video_encoder, data_cfg, model_cfg)
+        videos = generate(
+            dit, prompts, text_encoder,
+            latent_shape=(dit.in_channels, *grid), seed=sample_cfg.seed, steps=sample_cfg.steps,
+            shift=sample_cfg.shift, guidance_scale=sample_cfg.guidance_scale,
+            negative_prompt=sample_cfg.negative_prompt, bf16=bf16, warmup=sample_cfg.warmup,
+            progress=progress, desc=name,
+        )  # fmt: skip
+    except ValueError as err:
+        raise CommandError(str(err)) from None
+    settings = {
+        "weights": weights.describe(),
+        "flavor": model_cfg.flavor,
+        "attention": describe_attention(attention_cfg, weights),
+        "video_density": mean_density(dit, canvas, sample_cfg.steps),
+        "dense_first_steps": dit.attention_cfg.dense_first_steps,
+        "steps": sample_cfg.steps,
+        "shift": sample_cfg.shift,
+        "guidance_scale": sample_cfg.guidance_scale,
+        "negative_prompt": sample_cfg.negative_prompt,
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "canvas": list(canvas),
+    }
+    del dit
+    write_videos(
+        videos, video_encoder.decode, out_dir, fps=video_fps(sample_cfg, data_cfg),
+        settings=settings,
+    )  # fmt: skip
+    return videos, settings
