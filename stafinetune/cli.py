@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from omegaconf import DictConfig
 
@@ -35,8 +35,16 @@ def hydra_command(
         try:
             job = to_job_config(cfg)
         except ValueError as err:
-            print(f"config error: {err}", file=sys.stderr)
-            sys.exit(2)
+            config_error(err)
         task(job, Path(HydraConfig.get().runtime.output_dir))
 
     return _main
+
+
+def config_error(err: Exception) -> NoReturn:
+    """Stop a command over a bad input: one line naming the field on stderr, exit code 2.
+
+    For checks a task can only make after composition (e.g. against the data's canvas).
+    """
+    print(f"config error: {err}", file=sys.stderr)
+    sys.exit(2)

@@ -26,6 +26,9 @@ class NullTracker:
     def log_video(self, key: str, path: Path, step: int, caption: str = "") -> None:
         """Drop the video."""
 
+    def log_image(self, key: str, path: Path, step: int, caption: str = "") -> None:
+        """Drop the image."""
+
     def summary(self, values: dict[str, Any]) -> None:
         """Drop the summary values."""
 
@@ -84,6 +87,10 @@ class WandbTracker:
         """Log an mp4 file (already encoded, so wandb needs no video libraries)."""
         self.run.log({key: self._wandb.Video(str(path), caption=caption)}, step=step)
 
+    def log_image(self, key: str, path: Path, step: int, caption: str = "") -> None:
+        """Log an image file (e.g. a PNG figure)."""
+        self.run.log({key: self._wandb.Image(str(path), caption=caption)}, step=step)
+
     def summary(self, values: dict[str, Any]) -> None:
         """Set run summary values."""
         for key, value in values.items():
@@ -122,6 +129,10 @@ class JsonlTracker:
     def log_video(self, key: str, path: Path, step: int, caption: str = "") -> None:
         """Videos go to the inner tracker only (the file itself stays in the run directory)."""
         self.inner.log_video(key, path, step, caption=caption)
+
+    def log_image(self, key: str, path: Path, step: int, caption: str = "") -> None:
+        """Images go to the inner tracker only (the file itself stays in the run directory)."""
+        self.inner.log_image(key, path, step, caption=caption)
 
     def summary(self, values: dict[str, Any]) -> None:
         """Forward summary values."""
