@@ -173,12 +173,13 @@ def calibration_batches(
 
 
 def build_search_model(job: SearchJobConfig, device: torch.device) -> VideoDiT:
-    """The model to search: ``model.path``'s weights (or ``seed``'s random ones), frozen.
+    """The dense model to search: ``model.path``'s weights (or ``seed``'s random ones), frozen.
 
-    Built with ``attention`` minus any strategy file (the search runs dense and takes only
-    the tile and backend from it), in bf16 when ``precision`` says so on ``device``.
+    Built with ``attention.mode=full`` (the search scores windows against dense attention
+    and takes only the tile and backend from ``attention``), in bf16 when ``precision`` says
+    so on ``device``.
     """
-    attention = dataclasses.replace(job.attention, strategy_path=None)
+    attention = dataclasses.replace(job.attention, mode="full", strategy_path=None)
     dtype = torch.bfloat16 if use_bf16(job.precision, device) else torch.float32
     dit = _build_seeded(job.model, attention, seed=job.seed, device=device, dtype=dtype)
     dit.requires_grad_(False)

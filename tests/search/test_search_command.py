@@ -80,9 +80,10 @@ def test_command_writes_a_strategy_the_wan_adapter_loads(searched: Path) -> None
     assert strategy.metadata["model"] == "wan_tiny"
     assert len(strategy.metadata["calibration_indices"]) == 2
     steps = strategy.step_tensor()  # (steps, L, H, 3)
-    assert float(density([5, 8, 8], [1, 2, 2], steps.reshape(-1, 3)).double().mean()) <= 0.3
     train = strategy.train_tensor()  # (L, H, 3)
-    assert float(density([5, 8, 8], [1, 2, 2], train.reshape(-1, 3)).double().mean()) <= 0.3
+    for windows in (steps, train):
+        mean = density([5, 8, 8], [1, 2, 2], windows.reshape(-1, 3)).double().mean()
+        assert float(mean) <= 0.3 + 1e-6  # density() is float32: 0.3 reads 0.30000001
 
     report = json.loads((searched / "search_report.json").read_text())
     assert report["timing"]["cpu_s"] > 0 and report["calibration"]["samples"] == 2
