@@ -228,11 +228,11 @@ def log_result(tracker: Any, result: SearchResult, heatmap: Path) -> None:
         if err is not None:
             row[f"search/{report['metric']}"] = err
         tracker.log(row, step=step)
-    summary = {f"search/density_{k}": v for k, v in report["density"].items()}
-    summary.update(
+    values = {f"search/density_{k}": v for k, v in report["density"].items()}
+    values.update(
         {f"search/speedup_{k}": v for k, v in report["predicted_attention_speedup"].items()}
     )
-    summary.update(
+    values.update(
         {
             "search/total_error": report["total_error"],
             "search/mode": report["mode"],
@@ -240,13 +240,15 @@ def log_result(tracker: Any, result: SearchResult, heatmap: Path) -> None:
             "search/wall_s": report["timing"]["wall_s"],
         }
     )
-    tracker.summary(summary)
+    tracker.summary(values)
     caption = f"{report['mode']} mode, density {report['density']['searched_steps']:.3f}"
     tracker.log_image("search/window_heatmap", heatmap, step=0, caption=caption)
 
 
-def summary(run_dir: Path, paths: Mapping[str, Path], result: SearchResult, wandb: Any) -> str:
-    """Where everything went and what the search chose."""
+def summary(
+    run_dir: Path, paths: Mapping[str, Path], result: SearchResult, tracker_dir: Path | None
+) -> str:
+    """Where everything went (``tracker_dir``: the wandb run, if any) and what was chosen."""
     report = result.report
     setting = (
         f"budget {report['budget']}"
@@ -261,8 +263,8 @@ def summary(run_dir: Path, paths: Mapping[str, Path], result: SearchResult, wand
         f"report            {paths['markdown']}",
         f"heatmap           {paths['heatmap']}",
     ]
-    if wandb is not None:
-        lines.append(f"wandb run         {wandb}")
+    if tracker_dir is not None:
+        lines.append(f"wandb run         {tracker_dir}")
     lines += [
         f"mode              {report['mode']} ({setting}, {report['metric']})",
         f"density           {dens['searched_steps']:.4f} per-step windows "
