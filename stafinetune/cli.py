@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from omegaconf import DictConfig
 
@@ -80,3 +80,12 @@ def strip_launcher_args(argv: list[str]) -> list[str]:
         else:
             out.append(arg)
     return out
+
+
+def config_error(err: Exception) -> NoReturn:
+    """Stop a command over a bad input: one line naming the field on stderr, exit code 2.
+
+    For checks a task can only make after composition (e.g. against the data's canvas).
+    """
+    print(f"config error: {err}", file=sys.stderr)
+    sys.exit(2)

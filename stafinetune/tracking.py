@@ -30,6 +30,9 @@ class NullTracker:
     def log_table(self, key: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
         """Drop the table."""
 
+    def log_image(self, key: str, path: Path, step: int, caption: str = "") -> None:
+        """Drop the image."""
+
     def summary(self, values: dict[str, Any]) -> None:
         """Drop the summary values."""
 
@@ -92,6 +95,10 @@ class WandbTracker:
         """Log a table (one ``wandb.Table`` per call: rows of numbers and strings)."""
         self.run.log({key: self._wandb.Table(columns=list(columns), data=rows)}, step=step)
 
+    def log_image(self, key: str, path: Path, step: int, caption: str = "") -> None:
+        """Log an image file (e.g. a PNG figure)."""
+        self.run.log({key: self._wandb.Image(str(path), caption=caption)}, step=step)
+
     def summary(self, values: dict[str, Any]) -> None:
         """Set run summary values."""
         for key, value in values.items():
@@ -144,6 +151,10 @@ class JsonlTracker:
         with open(self.tables_path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps({**row, "rows": cells}) + "\n")
         self.inner.log_table(key, columns, rows, step)
+
+    def log_image(self, key: str, path: Path, step: int, caption: str = "") -> None:
+        """Images go to the inner tracker only (the file itself stays in the run directory)."""
+        self.inner.log_image(key, path, step, caption=caption)
 
     def summary(self, values: dict[str, Any]) -> None:
         """Forward summary values."""

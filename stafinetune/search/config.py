@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 SEARCH_MODES = ("threshold", "budget")
+# ``auto`` resolves to one of SEARCH_MODES when the config is built (see ``SearchConfig.mode``).
+MODE_CHOICES = ("auto", *SEARCH_MODES)
 SEARCH_METRICS = ("rel_l2", "rel_l1")
 
 
@@ -25,8 +27,10 @@ class SearchConfig:
 
     Attributes:
         mode: ``threshold`` (per (step, layer, head), the sparsest candidate whose error is
-            within ``threshold`` of the best candidate's) or ``budget`` (the windows with the
-            least total error whose mean density stays within ``budget``).
+            within ``threshold`` of the best candidate's), ``budget`` (the windows with the
+            least total error whose mean density stays within ``budget``) or ``auto``
+            (``budget`` when ``budget`` is set, else ``threshold``; resolved in place when the
+            config is built, so ``mode`` always reads ``threshold`` or ``budget`` afterwards).
         threshold: additive tolerance of ``threshold`` mode on ``metric``: candidate ``c`` is
             acceptable iff ``err(c) <= min_c' err(c') + threshold``.
         budget: ``budget`` mode's ceiling on the mean attended fraction of video query/key
@@ -46,10 +50,14 @@ class SearchConfig:
             ``candidates`` is given), each in (0, 1).
         candidate_batch: candidates evaluated per kernel call, stacked along the head axis
             (more uses more memory and fewer, larger launches).
-        seed: seed of the calibration noise.
+        seed: seed of the calibration noise (and, in ``stafinetune-search``, of the draw of
+            calibration samples from the data).
+        num_samples: calibration samples ``stafinetune-search`` draws from the data (the
+            library functions search whatever batches they are given).
+        batch_size: calibration samples per forward in ``stafinetune-search``.
     """
 
-    mode: str = "threshold"
+    mode: str = "auto"
     threshold: float = 0.05
     budget: Optional[float] = None
     metric: str = "rel_l2"
@@ -60,10 +68,14 @@ class SearchConfig:
     density_levels: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4])
     candidate_batch: int = 1
     seed: int = 0
+    num_samples: int = 4
+    batch_size: int = 4
 
     def __post_init__(self) -> None:
-        if self.mode not in SEARCH_MODES:
-            raise ValueError(f"search.mode must be one of {SEARCH_MODES}, got {self.mode!r}")
+        if self.mode not in MODE_CHOICES:
+            raise ValueError(f"search.mode must be one of {MODE_CHOICES}, got {self.mode!r}")
+        if self.mode == "auto":
+            self.mode = "threshold" if self.budget is None else "budget"
         if self.metric not in SEARCH_METRICS:
             raise ValueError(f"search.metric must be one of {SEARCH_METRICS}, got {self.metric!r}")
         if not (math.isfinite(self.threshold) and self.threshold >= 0):
@@ -75,8 +87,8 @@ class SearchConfig:
                 raise ValueError(f"search.budget must lie in (0, 1], got {self.budget}")
         elif self.budget is not None:
             raise ValueError(
-                f"search.budget={self.budget} is only used with search.mode=budget "
-                "(set search.mode=budget or search.budget=null)"
+                f"search.budget={self.budget} is only used in budget mode, but "
+                "search.mode=threshold (set search.mode=budget or auto, or search.budget=null)"
             )
         _check_int(self.steps, "search.steps", 1)
         if not (math.isfinite(self.shift) and self.shift >= 1):
@@ -102,6 +114,8 @@ class SearchConfig:
                 raise ValueError(f"search.density_levels[{i}] must lie in (0, 1), got {level}")
         _check_int(self.candidate_batch, "search.candidate_batch", 1)
         _check_int(self.seed, "search.seed", 0)
+        _check_int(self.num_samples, "search.num_samples", 1)
+        _check_int(self.batch_size, "search.batch_size", 1)
 
 
 def _check_int(value: object, name: str, minimum: int) -> None:

@@ -171,6 +171,13 @@ def format_markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"| {name} | {report['density'][key]:.4f} | {report['predicted_attention_speedup'][key]:.2f}x |"
         )
+    timing = report.get("timing")  # added by the stafinetune-search command
+    if timing is not None:
+        lines += [
+            "",
+            f"Search time: {timing['wall_s']:.1f} s wall, {timing['cpu_s']:.1f} s CPU "
+            f"({timing['device']}, {timing['torch_threads']} torch threads).",
+        ]
     with_text = report["predicted_attention_speedup_with_text"]
     if with_text is not None:
         lines += [

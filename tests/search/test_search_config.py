@@ -18,7 +18,8 @@ from stafinetune.search import SearchConfig, default_candidates, resolve_candida
         ({"mode": "budget", "budget": 0.0}, r"search.budget must lie in \(0, 1\], got 0.0"),
         ({"mode": "budget", "budget": 1.5}, r"search.budget must lie in \(0, 1\], got 1.5"),
         ({"mode": "budget", "budget": -0.1}, r"search.budget must lie in \(0, 1\]"),
-        ({"budget": 0.3}, r"search.budget=0.3 is only used with search.mode=budget"),
+        ({"mode": "threshold", "budget": 0.3}, r"search.budget=0.3 is only used in budget mode"),
+        ({"budget": 1.5}, r"search.budget must lie in \(0, 1\], got 1.5"),
         ({"candidates": []}, r"search.candidates must be null .* or a non-empty list"),
         ({"candidates": [[3, 3]]}, r"search.candidates\[0\] must be a window of 3 ints"),
         ({"candidates": [[3, 3, 3], [0, 1, 1]]}, r"search.candidates\[1\] must be a window"),
@@ -30,11 +31,27 @@ from stafinetune.search import SearchConfig, default_candidates, resolve_candida
         ({"steps": 4, "dense_first_steps": 4}, r"search.dense_first_steps=4 leaves no step"),
         ({"density_levels": [0.2, 1.0]}, r"search.density_levels\[1\] must lie in \(0, 1\)"),
         ({"candidate_batch": 0}, r"search.candidate_batch must be an int >= 1"),
+        ({"num_samples": 0}, r"search.num_samples must be an int >= 1"),
+        ({"batch_size": 0}, r"search.batch_size must be an int >= 1"),
     ],
 )
 def test_bad_config_names_the_field(fields: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         SearchConfig(**fields)
+
+
+@pytest.mark.parametrize(
+    ("fields", "mode"),
+    [
+        ({}, "threshold"),
+        ({"budget": 0.3}, "budget"),
+        ({"mode": "auto", "budget": 0.3}, "budget"),
+        ({"mode": "threshold", "threshold": 0.1}, "threshold"),
+        ({"mode": "budget", "budget": 0.5}, "budget"),
+    ],
+)
+def test_auto_mode_follows_the_budget(fields: dict, mode: str) -> None:
+    assert SearchConfig(**fields).mode == mode
 
 
 def test_structured_config_round_trip() -> None:
@@ -49,6 +66,9 @@ def test_structured_config_round_trip() -> None:
     assert cfg.budget == 0.15 and cfg.candidates == [[3, 3, 3], [1, 4, 4]]
     with pytest.raises(ValueError, match="search.budget must lie in"):
         OmegaConf.to_object(OmegaConf.merge(schema, {"mode": "budget", "budget": 2.0}))
+    # a budget alone selects budget mode, and the resolved mode is what the config holds
+    alone = OmegaConf.to_object(OmegaConf.merge(schema, OmegaConf.from_dotlist(["budget=0.3"])))
+    assert alone.mode == "budget" and OmegaConf.structured(alone).mode == "budget"
 
 
 def test_default_candidates_span_the_grid() -> None:

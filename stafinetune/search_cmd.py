@@ -1,0 +1,337 @@
+"""``stafinetune-search`` / ``python -m stafinetune.search``: training-free window search.
+
+Searches an STA window for every (denoising step, layer, head) of the dense model on a few
+calibration samples of the data cache, and writes ``<run dir>/mask_strategy.json`` with the
+report and heatmap (``stafinetune.search.write_report``)::
+
+    stafinetune-search search.budget=0.3                  # budget mode: mean density <= 30%
+    stafinetune-search search.threshold=0.03              # threshold mode (the default mode)
+    stafinetune-search model=wan2.1_t2v_1.3b model.path=/models/Wan2.1-T2V-1.3B-Diffusers \\
+        attention.tile=[6,8,8] data=folder data.manifest=/data/clips.jsonl ... search.budget=0.15
+
+The configuration is ``conf/search.yaml``: the ``model``, ``attention``, ``data`` and
+``logging`` groups of training plus a ``search`` section (:class:`SearchConfig`). The searched
+model is the dense one: ``model.path`` (or, without weights, the random initial weights of
+``seed``, as the trainer builds them); ``attention`` gives only the tile and the backend.
+Train from the result with ``stafinetune-train attention.strategy_path=<run>/mask_strategy.json``.
+
+The work is :func:`search_dense_model` (model and calibration in, ``SearchResult`` out);
+a sequence-parallel run will replace its ``search_windows`` call by each rank scoring its own
+heads (``evaluate_candidates(..., heads=...)``), a gather over heads and one ``select_windows``.
+"""
+
+# OmegaConf 2.3 structured configs understand typing.Optional, not PEP 604 unions.
+# ruff: noqa: UP045
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from .build import _build_seeded, check_data_fits_model, check_data_geometry, use_bf16
+from .cli import config_error, hydra_command
+from .config import LoggingConfig, conf_dir, resolved_dict, to_job_config
+from .data import DataConfig, build_train_loader, prepare_data
+from .models import AttentionConfig, ModelConfig, VideoDiT
+from .parallel import launcher_coordinates
+from .parallel.world import resolve_device
+from .search import SearchConfig, SearchResult, resolve_candidates, search_windows, write_report
+from .search.select import check_budget
+from .tracking import build_tracker
+
+# Offset from ``search.seed`` of the loader stream the calibration samples are drawn from
+# (apart from the trainer's and the validation batches' streams).
+CALIBRATION_LOADER_SEED = 2_000_029
+
+
+@dataclass
+class SearchJobConfig:
+    """Root of ``conf/search.yaml``.
+
+    Attributes:
+        model, attention, data, logging: the groups of training (``attention`` supplies the
+            tile and the kernel backend; the search runs the model dense).
+        search: how candidates are scored and chosen, and how many calibration samples.
+        seed: seed of the random weights of a model without ``model.path`` (as
+            ``train.seed``: the same seed searches the model the trainer starts from).
+        device: ``auto`` (CUDA when visible), ``cpu`` or ``cuda``.
+        precision: ``auto`` (bf16 weights on CUDA, fp32 elsewhere), ``fp32`` or ``bf16``.
+        run_dir: where the outputs go; None: Hydra's output directory.
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    run_dir: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device=cuda but no CUDA device is visible")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
+
+
+def register_search_configs() -> None:
+    """Register the root schema of ``conf/search.yaml`` in Hydra's ConfigStore (idempotent)."""
+    ConfigStore.instance().store(name="base_search", node=SearchJobConfig)
+
+
+def compose_search_config(
+    overrides: Sequence[str] = (), *, validate: bool = True
+) -> SearchJobConfig | Any:
+    """Compose ``conf/search.yaml`` with command-line style overrides, without running.
+
+    Returns a :class:`SearchJobConfig` (``validate=True``) or the raw DictConfig.
+    """
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose(config_name="search", overrides=list(overrides))
+    return to_job_config(cfg) if validate else cfg
+
+
+def search_canvas(job: SearchJobConfig) -> tuple[tuple[int, int, int], list[int]]:
+    """The canvas the search runs on, checked with the candidates and budget before any work.
+
+    The canvas is the largest data bucket's (as the trainer exports its strategy for); a
+    strategy belongs to one canvas.
+
+    Returns:
+        ((T, Hc, Wc) token canvas, [T, H, W] latent grid of that bucket).
+    Raises:
+        ValueError naming the field: data that cannot feed the model, an empty candidate set,
+        a candidate wider than the tile grid, a budget below the sparsest candidate.
+    """
+    canvases = check_data_geometry(job.data, job.model)
+    grids = job.data.latent_grids()
+    best = max(range(len(canvases)), key=lambda i: math.prod(canvases[i]))
+    canvas = tuple(canvases[best])
+    cfg = job.search
+    _, densities = resolve_candidates(
+        cfg.candidates, canvas, job.attention.tile, cfg.density_levels
+    )
+    if cfg.budget is not None:
+        check_budget(cfg.budget, densities)
+    return canvas, [int(g) for g in grids[best]]  # type: ignore[return-value]
+
+
+def calibration_batches(
+    data_cfg: DataConfig,
+    latent_grid: Sequence[int],
+    *,
+    num_samples: int,
+    batch_size: int,
+    seed: int,
+) -> list[dict[str, Any]]:
+    """``num_samples`` samples of the latent grid ``latent_grid``, in batches of ``batch_size``.
+
+    Drawn from the prepared data with a loader stream of its own (seed ``seed +
+    CALIBRATION_LOADER_SEED``), at most one epoch; samples of other buckets are skipped.
+
+    Returns:
+        Loader batches (``latents`` (B, C, T, H, W), ``text`` (B, L, Dt), ``text_mask`` (B, L),
+        ``pooled_text`` (B, Dp), ``caption``, ``index`` (B,)); the last one may be smaller.
+    Raises:
+        ValueError naming ``search.num_samples`` when the data holds fewer such samples.
+    """
+    loader = build_train_loader(
+        data_cfg, batch_size=min(batch_size, num_samples), seed=seed + CALIBRATION_LOADER_SEED
+    )
+    batches: list[dict[str, Any]] = []
+    found = 0
+    for batch, _ in zip(loader, range(len(loader)), strict=False):  # one epoch at most
+        if list(batch["latents"].shape[2:]) != list(latent_grid):
+            continue
+        take = min(batch["latents"].shape[0], num_samples - found)
+        batches.append({k: v[:take] for k, v in batch.items()})
+        found += take
+        if found == num_samples:
+            break
+    if found < num_samples:
+        raise ValueError(
+            f"search.num_samples={num_samples} but the data holds only {found} samples of "
+            f"latent shape {list(latent_grid)} in full batches of search.batch_size"
+        )
+    return batches
+
+
+def build_search_model(job: SearchJobConfig, device: torch.device) -> VideoDiT:
+    """The dense model to search: ``model.path``'s weights (or ``seed``'s random ones), frozen.
+
+    Built with ``attention.mode=full`` (the search scores windows against dense attention
+    and takes only the tile and backend from ``attention``), in bf16 when ``precision`` says
+    so on ``device``.
+    """
+    attention = dataclasses.replace(job.attention, mode="full", strategy_path=None)
+    dtype = torch.bfloat16 if use_bf16(job.precision, device) else torch.float32
+    dit = _build_seeded(job.model, attention, seed=job.seed, device=device, dtype=dtype)
+    dit.requires_grad_(False)
+    dit.eval()
+    return dit
+
+
+def search_dense_model(
+    dit: VideoDiT,
+    calibration: Sequence[Mapping[str, Any]],
+    cfg: SearchConfig,
+    *,
+    progress: bool = True,
+    metadata: Mapping[str, Any] | None = None,
+) -> SearchResult:
+    """Search ``dit``'s windows on ``calibration`` and time it.
+
+    Args:
+        dit: the model (run dense during the search).
+        calibration: batches with ``latents`` (B, C, T, H, W), ``text`` (B, L, Dt),
+            ``text_mask`` (B, L), ``pooled_text`` (B, Dp), of one latent shape.
+        cfg: the search settings.
+        progress: a tqdm bar over the denoising steps.
+        metadata: extra facts stored in the strategy.
+    Returns:
+        the ``SearchResult``; its report gains ``timing`` (wall and process CPU seconds).
+    """
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = search_windows(dit, calibration, cfg, progress=progress, metadata=metadata)
+    result.report["timing"] = {
+        "wall_s": round(time.perf_counter() - wall, 3),
+        "cpu_s": round(time.process_time() - cpu, 3),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(next(dit.parameters()).device),
+    }
+    return result
+
+
+def log_result(tracker: Any, result: SearchResult, heatmap: Path) -> None:
+    """Per-step density and error, the summary and the heatmap, to a ``tracking`` tracker."""
+    report = result.report
+    for step, (dens, err) in enumerate(
+        zip(report["density_per_step"], report["error_per_step"], strict=True)
+    ):
+        row = {"search/density": dens}
+        if err is not None:
+            row[f"search/{report['metric']}"] = err
+        tracker.log(row, step=step)
+    values = {f"search/density_{k}": v for k, v in report["density"].items()}
+    values.update(
+        {f"search/speedup_{k}": v for k, v in report["predicted_attention_speedup"].items()}
+    )
+    values.update(
+        {
+            "search/total_error": report["total_error"],
+            "search/mode": report["mode"],
+            "search/cpu_s": report["timing"]["cpu_s"],
+            "search/wall_s": report["timing"]["wall_s"],
+        }
+    )
+    tracker.summary(values)
+    caption = f"{report['mode']} mode, density {report['density']['searched_steps']:.3f}"
+    tracker.log_image("search/window_heatmap", heatmap, step=0, caption=caption)
+
+
+def summary(
+    run_dir: Path, paths: Mapping[str, Path], result: SearchResult, tracker_dir: Path | None
+) -> str:
+    """Where everything went (``tracker_dir``: the wandb run, if any) and what was chosen."""
+    report = result.report
+    setting = (
+        f"budget {report['budget']}"
+        if report["mode"] == "budget"
+        else f"threshold {report['threshold']}"
+    )
+    dens, speed = report["density"], report["predicted_attention_speedup"]
+    lines = [
+        "",
+        f"run directory     {run_dir}",
+        f"mask strategy     {paths['strategy']}",
+        f"report            {paths['markdown']}",
+        f"heatmap           {paths['heatmap']}",
+    ]
+    if tracker_dir is not None:
+        lines.append(f"wandb run         {tracker_dir}")
+    lines += [
+        f"mode              {report['mode']} ({setting}, {report['metric']})",
+        f"density           {dens['searched_steps']:.4f} per-step windows "
+        f"({speed['searched_steps']:.2f}x predicted attention speedup), "
+        f"{dens['train']:.4f} train windows",
+        f"search time       {report['timing']['wall_s']:.1f} s wall, "
+        f"{report['timing']['cpu_s']:.1f} s CPU",
+        f"train with        stafinetune-train attention.strategy_path={paths['strategy']}",
+    ]
+    return "\n".join(lines)
+
+
+def run(job: SearchJobConfig, default_run_dir: Path) -> None:
+    """Search with a validated config and write the outputs into the run directory."""
+    _, world_size, _ = launcher_coordinates()
+    if world_size > 1:
+        raise RuntimeError(
+            f"stafinetune-search runs in one process (the launcher set WORLD_SIZE={world_size})"
+        )
+    try:
+        canvas, grid = search_canvas(job)
+    except ValueError as err:
+        config_error(err)
+    device = resolve_device(job.device)
+    run_dir = Path(job.run_dir) if job.run_dir else default_run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.create(resolved_dict(job)), run_dir / "config.yaml")
+    prepare_data(job.data, verbose=job.logging.progress)
+    cfg = job.search
+    try:
+        calibration = calibration_batches(
+            job.data, grid, num_samples=cfg.num_samples, batch_size=cfg.batch_size, seed=cfg.seed
+        )
+        dit = build_search_model(job, device)
+        check_data_fits_model(calibration[0], dit, job)  # type: ignore[arg-type]
+    except ValueError as err:
+        config_error(err)
+    lcfg = job.logging
+    tracker = build_tracker(
+        lcfg.backend, is_main=True, directory=run_dir, config=resolved_dict(job),  # type: ignore[arg-type]
+        project=lcfg.project, entity=lcfg.entity, name=lcfg.name, group=lcfg.group,
+        tags=lcfg.tags, mode=lcfg.mode,
+    )  # fmt: skip
+    metadata = {
+        "model": job.model.flavor,
+        "model_path": job.model.path,
+        "command": "stafinetune-search",
+        "calibration_indices": torch.cat([b["index"] for b in calibration]).tolist(),
+    }
+    try:
+        print(
+            f"searching {job.model.flavor} on canvas {list(canvas)} (tile {job.attention.tile}), "
+            f"{cfg.num_samples} calibration samples, {cfg.steps} steps, {device}",
+            flush=True,
+        )
+        result = search_dense_model(
+            dit, calibration, cfg, progress=lcfg.progress, metadata=metadata
+        )
+        paths = write_report(result, run_dir)
+        log_result(tracker, result, paths["heatmap"])
+    finally:
+        tracker.finish()
+    print(summary(run_dir, paths, result, tracker.run_dir), flush=True)
+
+
+register_search_configs()
+main = hydra_command(run, config_name="search")
+
+if __name__ == "__main__":
+    main()
