@@ -136,7 +136,7 @@ def build_data(job: JobConfig, dims: ParallelDims) -> RunData:
     return RunData(cache_dir=cache_dir, loader=loader, val_batches=val, canvases=canvases)
 
 
-def _build_seeded(
+def build_seeded(
     model_cfg: ModelConfig,
     attention_cfg: AttentionConfig,
     *,
@@ -160,7 +160,7 @@ def _build_seeded(
 
 def build_student(job: JobConfig, device: torch.device) -> VideoDiT:
     """The student in fp32 (autocast lowers the compute precision), attending as ``attention``."""
-    return _build_seeded(
+    return build_seeded(
         job.model, job.attention, seed=job.train.seed, device=device, dtype=torch.float32
     )
 
@@ -193,7 +193,7 @@ def build_teacher(job: JobConfig, student_device: torch.device) -> VideoDiT | No
     device = teacher_device(dcfg, student_device)
     dtype = torch.bfloat16 if use_bf16(dcfg.teacher_dtype, device) else torch.float32
     dense = dataclasses.replace(job.attention, mode="full")
-    teacher = _build_seeded(model_cfg, dense, seed=job.train.seed, device=device, dtype=dtype)
+    teacher = build_seeded(model_cfg, dense, seed=job.train.seed, device=device, dtype=dtype)
     teacher.requires_grad_(False)
     teacher.eval()
     return teacher

@@ -36,7 +36,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from .build import _build_seeded, check_data_fits_model, check_data_geometry, use_bf16
+from .build import build_seeded, check_data_fits_model, check_data_geometry, use_bf16
 from .cli import config_error, hydra_command
 from .config import LoggingConfig, conf_dir, resolved_dict, to_job_config
 from .data import DataConfig, build_train_loader, prepare_data
@@ -181,7 +181,7 @@ def build_search_model(job: SearchJobConfig, device: torch.device) -> VideoDiT:
     """
     attention = dataclasses.replace(job.attention, mode="full", strategy_path=None)
     dtype = torch.bfloat16 if use_bf16(job.precision, device) else torch.float32
-    dit = _build_seeded(job.model, attention, seed=job.seed, device=device, dtype=dtype)
+    dit = build_seeded(job.model, attention, seed=job.seed, device=device, dtype=dtype)
     dit.requires_grad_(False)
     dit.eval()
     return dit
