@@ -50,6 +50,9 @@ class TrainConfig:
     ckpt_every: int = 100  # 0: only the final checkpoint
     keep_last: int = 2  # checkpoints kept on disk
     resume: str = "auto"  # auto (latest in this run dir) | never | <checkpoint or run dir>
+    # parallel=zero2/zero3 checkpoints are DeepSpeed's pickle files: resuming one from outside
+    # this run directory needs this consent (they can run code when loaded)
+    trust_checkpoint: bool = False
     val_every: int = 0  # 0 disables the periodic validation hook
     export: bool = True  # write the final student in diffusers format
     sample_steps: int = 20  # Euler steps of the validation videos; 0: no videos

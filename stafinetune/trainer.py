@@ -31,7 +31,14 @@ from .build import (
     teacher_device,
     use_bf16,
 )
-from .checkpoint import CheckpointManager, TrainState, resolve_resume, rng_state, set_rng_state
+from .checkpoint import (
+    CheckpointManager,
+    TrainState,
+    check_trusted,
+    resolve_resume,
+    rng_state,
+    set_rng_state,
+)
 from .config import JobConfig, resolved_dict
 from .data import build_video_encoder
 from .distill import DistillStep
@@ -160,6 +167,9 @@ class Trainer:
         self._data_iter = None
         path = resolve_resume(tcfg.resume, self.checkpoints.ckpt_dir, self.dims.is_main)
         if path is not None:
+            check_trusted(
+                path, run_dir, pickles=self.state.engine is not None, trust=tcfg.trust_checkpoint
+            )
             self.step = self.checkpoints.load(path, self.state)
             if self.dims.is_main:
                 log.info("resumed from %s at step %d", path, self.step)
