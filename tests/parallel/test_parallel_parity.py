@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TORCHRUN, assert_close, losses, run_training, val_gap
+from parallel_testing import TORCHRUN, assert_close, losses, run_training, val_gap
 from safetensors.torch import load_file
 
 HERE = Path(__file__).parent
@@ -132,7 +132,9 @@ def test_search_under_sequence_parallelism_matches_one_process(tmp_path, data_ro
             capture_output=True, text=True, timeout=600, env=env,
         )  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-3000:]
-    one, sp2 = (json.loads((tmp_path / n / "mask_strategy.json").read_text()) for n in ("one", "sp2"))
+    one, sp2 = (
+        json.loads((tmp_path / n / "mask_strategy.json").read_text()) for n in ("one", "sp2")
+    )
     assert one["windows"] == sp2["windows"] and one["train_windows"] == sp2["train_windows"]
     errors = [json.loads((tmp_path / n / "search_errors.json").read_text()) for n in ("one", "sp2")]
     a, b = (torch.tensor(e["rel_l2"], dtype=torch.float64) for e in errors)
