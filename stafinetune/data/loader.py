@@ -213,6 +213,11 @@ class TrainLoader:
         # One DataLoader over an endless batch stream: workers persist across epochs. The
         # position advances only when a batch reaches the caller, so it ignores prefetching.
         per_epoch = len(self)
+        # DataLoader draws its workers' base seed when iterated: from this position's own
+        # generator, not torch's global one, which a checkpoint restores and a resume (which
+        # iterates again) would otherwise shift away from an uninterrupted run
+        position = [self.seed, self.dp_rank, self.epoch, self.step_in_epoch]
+        base_seed = int(np.random.SeedSequence(position).generate_state(1, np.uint64)[0])
         loader = DataLoader(
             self.dataset,
             batch_sampler=self._batch_stream(self.epoch, self.step_in_epoch),
@@ -221,6 +226,7 @@ class TrainLoader:
             pin_memory=self.pin_memory,
             prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
             persistent_workers=False,
+            generator=torch.Generator().manual_seed(base_seed),
         )
         for batch in loader:
             self.step_in_epoch += 1
