@@ -19,6 +19,7 @@ import torch
 
 from .config import DistillConfig, JobConfig
 from .data import DataConfig, TrainLoader, build_train_loader, prepare_data
+from .errors import user_errors
 from .models import AttentionConfig, ModelConfig, VideoDiT, build_model
 from .models.dit import cast_like_diffusers, model_patch_size, token_canvas
 from .parallel import ParallelDims
@@ -120,18 +121,25 @@ def validation_batches(
 
 
 def build_data(job: JobConfig, dims: ParallelDims) -> RunData:
-    """Check the geometry, prepare the cache (every rank encodes its share) and open the loaders."""
-    canvases = check_data_geometry(job.data, job.model)
+    """Check the geometry, prepare the cache (every rank encodes its share) and open the loaders.
+
+    Raises:
+        UserError: a geometry the model cannot patch, a missing or empty source, no usable
+            sample, a batch larger than every bucket.
+    """
+    with user_errors():  # config checks only: encoding errors stay bugs
+        canvases = check_data_geometry(job.data, job.model)
     cache_dir = prepare_data(
         job.data, rank=dims.rank, world_size=dims.world_size, verbose=dims.is_main
     )
-    loader = build_train_loader(
-        job.data,
-        batch_size=job.train.batch_size,
-        seed=job.train.seed,
-        dp_rank=dims.dp_rank,
-        dp_size=dims.dp_size,
-    )
+    with user_errors():
+        loader = build_train_loader(
+            job.data,
+            batch_size=job.train.batch_size,
+            seed=job.train.seed,
+            dp_rank=dims.dp_rank,
+            dp_size=dims.dp_size,
+        )
     val = validation_batches(job.data, batch_size=job.train.batch_size, seed=job.train.seed)
     return RunData(cache_dir=cache_dir, loader=loader, val_batches=val, canvases=canvases)
 

@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from .cli import hydra_command
 from .config import JobConfig, resolved_dict
+from .errors import user_errors
 from .parallel import broadcast_object, cleanup, init_world
 from .trainer import Trainer, TrainResult
 
@@ -47,7 +48,8 @@ def summary(result: TrainResult) -> str:
 
 def run(job: JobConfig, default_run_dir: Path) -> None:
     """Train with a validated config; prints where everything went on rank 0."""
-    world = init_world(job.train.device, process_group=job.parallel.strategy != "ddp")
+    with user_errors():  # train.device=cuda without a GPU, a launcher's bad RANK
+        world = init_world(job.train.device, process_group=job.parallel.strategy != "ddp")
     run_dir = Path(job.run_dir) if job.run_dir else default_run_dir
     run_dir = Path(broadcast_object(str(run_dir.resolve())))
     if world.is_main:

@@ -35,6 +35,7 @@ from .checkpoint import CheckpointManager, TrainState, resolve_resume, rng_state
 from .config import JobConfig, resolved_dict
 from .data import build_video_encoder
 from .distill import DistillStep
+from .errors import user_errors
 from .evaluate import Validator
 from .models import MaskStrategy
 from .models.dit import save_transformer_state
@@ -85,10 +86,11 @@ class Trainer:
         self.device = self.dims.device
         torch.manual_seed(tcfg.seed)
         self.data = build_data(job, self.dims)
-        self.student = build_student(job, self.device)
-        select_trainable(self.student, tcfg.trainable)  # freezes the rest
-        self.teacher = build_teacher(job, self.device)
-        check_data_fits_model(self.data.val_batches[0], self.student, job)
+        with user_errors():  # model.path, attention windows and train.trainable
+            self.student = build_student(job, self.device)
+            select_trainable(self.student, tcfg.trainable)  # freezes the rest
+            self.teacher = build_teacher(job, self.device)
+            check_data_fits_model(self.data.val_batches[0], self.student, job)
         self.bf16 = use_bf16(tcfg.precision, self.device)
         parallel = parallelize(
             self.student,

@@ -1,0 +1,133 @@
+"""User errors end the commands with one line and exit code 2, no traceback; bugs keep theirs.
+
+The commands run in-process (``main()`` with ``sys.argv``), which is what the console
+scripts do, without paying a Python start-up per case.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from stafinetune import preprocess, train
+
+
+def run_command(
+    main: Callable[[], None], *args: str, capsys: pytest.CaptureFixture[str]
+) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of a console-script ``main`` given ``args``."""
+    argv = sys.argv
+    sys.argv = ["stafinetune", *args]
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.argv = argv
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture()
+def base(tmp_path: Path) -> list[str]:
+    return [
+        f"hydra.run.dir={tmp_path / 'run'}", f"data.root={tmp_path / 'data'}",
+        "data.num_clips=8", "data.num_workers=0", "data.decode_workers=0", "train.steps=2",
+        "train.val_every=0", "train.sample_steps=0", "logging=none", "logging.progress=false",
+        "train.device=cpu",
+    ]  # fmt: skip
+
+
+def _bad_manifest(tmp_path: Path) -> Path:
+    """A manifest whose only clip does not exist: every record is skipped."""
+    manifest = tmp_path / "clips.jsonl"
+    manifest.write_text(json.dumps({"path": "missing.mp4", "caption": "a clip"}) + "\n")
+    return manifest
+
+
+def _user_errors(tmp_path: Path) -> list[tuple[list[str], str]]:
+    cases = [
+        (["model.path=/nonexistent/model"], "error: model.path='/nonexistent/model' holds no"),
+        (
+            ["data=folder", "data.manifest=/nonexistent/clips.jsonl"],
+            "error: data.manifest: no such",
+        ),
+        (
+            ["train.trainable=nothing_matches"],
+            "error: train.trainable='nothing_matches' matches no",
+        ),
+        (
+            ["data=folder", f"data.manifest={_bad_manifest(tmp_path)}"],
+            "error: data: the prepared data holds no usable sample",
+        ),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["train.device=cuda"], "error: train.device=cuda but no CUDA device"))
+    return cases
+
+
+def test_user_errors_are_one_line_with_exit_code_2(tmp_path, base, capsys, monkeypatch):
+    monkeypatch.delenv("STAFINETUNE_DEBUG", raising=False)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    for k, (overrides, message) in enumerate(_user_errors(tmp_path)):
+        args = [*base, f"hydra.run.dir={tmp_path / f'run{k}'}", *overrides]
+        code, _, err = run_command(train.main, *args, capsys=capsys)
+        assert code == 2, (overrides, err)
+        assert "Traceback" not in err, err
+        # the data pipeline's progress bar may come first
+        lines = [line for line in err.splitlines() if line.strip() and "[data]" not in line]
+        assert len(lines) == 1 and lines[0].startswith(message), (message, err)
+        # the rank's log file holds the message too
+        assert message in (tmp_path / f"run{k}" / "train_rank0.log").read_text()
+
+
+def test_debug_switch_shows_the_traceback(tmp_path, base, capsys, monkeypatch):
+    monkeypatch.setenv("STAFINETUNE_DEBUG", "1")
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    code, _, err = run_command(train.main, *base, "train.trainable=nothing_matches", capsys=capsys)
+    assert code == 1 and "Traceback" in err and "UserError" in err
+
+
+def test_a_bug_keeps_its_traceback(tmp_path, base, capsys, monkeypatch):
+    monkeypatch.delenv("STAFINETUNE_DEBUG", raising=False)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+
+    def broken(*args, **kwargs):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr(train, "Trainer", broken)
+    code, _, err = run_command(train.main, *base, capsys=capsys)
+    assert code == 1 and "Traceback" in err and "an internal bug" in err
+    assert "ValueError: an internal bug" in (tmp_path / "run" / "train_rank0.log").read_text()
+
+
+def test_hydra_composition_errors_exit_2(tmp_path, base, capsys):
+    code, _, err = run_command(train.main, *base, "train.steps=many", capsys=capsys)
+    assert code == 2 and "train.steps" in err
+
+
+def test_preprocess_config_errors_are_one_line(tmp_path, base, capsys):
+    # a geometry the model cannot patch is refused before anything is encoded
+    code, _, err = run_command(preprocess.main, *base, "data.height=136", capsys=capsys)
+    assert code == 2 and "Traceback" not in err, err
+    assert err.startswith("error: data bucket [17, 136, 128]") and "cannot patch" in err
+    assert not (tmp_path / "data").exists()
+
+
+def test_preprocess_refuses_an_empty_manifest(tmp_path, base, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    args = [*base, "data=folder", f"data.manifest={empty}"]
+    code, _, err = run_command(preprocess.main, *args, capsys=capsys)
+    assert code == 2 and "Traceback" not in err, err
+    assert f"data.manifest={empty} holds no records" in err
+    # a manifest whose every record is bad: exit 2 too, pointing at the report
+    args = [*base, "data=folder", f"data.manifest={_bad_manifest(tmp_path)}"]
+    code, _, err = run_command(preprocess.main, *args, capsys=capsys)
+    assert code == 2 and "kept 0 of 1 records" in err and "bad_inputs.jsonl" in err
