@@ -9,12 +9,14 @@ passes explicit objects down.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .data.config import DataConfig
 from .models.config import AttentionConfig, ModelConfig
@@ -278,8 +280,12 @@ def register_configs() -> None:
 def to_job_config(cfg: DictConfig) -> JobConfig:
     """Validate a composed config and turn it into dataclass objects.
 
-    Raises ValueError naming the first bad field, or every mandatory (``???``) field left unset.
+    Raises ValueError naming the first bad field, every mandatory (``???``) field left unset,
+    or a key that a typed group has no field for (``+train.stepz=10``).
     """
+    unknown = _unknown_keys(cfg, "")
+    if unknown:
+        raise ValueError("; ".join(unknown))
     missing = set(OmegaConf.missing_keys(cfg))
     for key in cfg.get("required", []):
         if OmegaConf.select(cfg, key, default=None, throw_on_missing=False) is None:
@@ -291,6 +297,32 @@ def to_job_config(cfg: DictConfig) -> JobConfig:
             f"(pass them as overrides, e.g. {missing[0]}=...)"
         )
     return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+def _unknown_keys(node: Any, prefix: str) -> list[str]:
+    """One message per key of a dataclass-typed node that its dataclass has no field for
+    (Hydra's ``+group.key=value`` adds such keys silently); free-form dicts take any key."""
+    problems: list[str] = []
+    if isinstance(node, ListConfig):
+        for i in range(len(node)):
+            if not OmegaConf.is_interpolation(node, i):
+                problems += _unknown_keys(node[i], f"{prefix}{i}.")
+        return problems
+    if not isinstance(node, DictConfig):
+        return problems
+    schema = OmegaConf.get_type(node)
+    names = (
+        [f.name for f in dataclasses.fields(schema)] if dataclasses.is_dataclass(schema) else None
+    )
+    for key in node.keys():
+        path = f"{prefix}{key}"
+        if names is not None and key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else ""
+            problems.append(f"unknown config key {path} (no such field in {schema.__name__}{hint})")
+        elif not OmegaConf.is_interpolation(node, key):
+            problems += _unknown_keys(node[key], f"{path}.")
+    return problems
 
 
 def compose_job_config(overrides: list[str] | None = None, *, validate: bool = True) -> Any:

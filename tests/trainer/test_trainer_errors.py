@@ -131,3 +131,19 @@ def test_preprocess_refuses_an_empty_manifest(tmp_path, base, capsys):
     args = [*base, "data=folder", f"data.manifest={_bad_manifest(tmp_path)}"]
     code, _, err = run_command(preprocess.main, *args, capsys=capsys)
     assert code == 2 and "kept 0 of 1 records" in err and "bad_inputs.jsonl" in err
+
+
+def test_unknown_keys_in_structured_groups_name_the_key(tmp_path, base, capsys):
+    from stafinetune.config import compose_job_config
+
+    with pytest.raises(ValueError, match=r"unknown config key train\.stepz.*train\.steps\?"):
+        compose_job_config(["+train.stepz=10"])
+    with pytest.raises(ValueError, match=r"unknown config key data\.extra"):
+        compose_job_config(["+data.extra=1"])
+    # free-form dicts still take new keys
+    job = compose_job_config(
+        ["model=wan_tiny", "distill=none", "+model.config_overrides.num_layers=4"]
+    )
+    assert job.model.config_overrides == {"num_layers": 4}
+    code, _, err = run_command(train.main, *base, "+train.stepz=10", capsys=capsys)
+    assert code == 2 and err.startswith("config error: unknown config key train.stepz"), err
