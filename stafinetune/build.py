@@ -183,7 +183,8 @@ def teacher_device(distill_cfg: DistillConfig, student_device: torch.device) -> 
 def build_teacher(job: JobConfig, student_device: torch.device) -> VideoDiT | None:
     """The frozen dense teacher, or None when no loss term needs it.
 
-    Its weights: ``distill.teacher_path``, else ``model.path``, else the student's initial
+    Its weights: ``distill.teacher_path``, else ``model.path``, else (only with
+    ``distill.allow_random_teacher``, which the config check demands) the student's initial
     weights (the same flavor built from the same seed).
     """
     dcfg = job.distill

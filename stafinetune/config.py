@@ -108,6 +108,8 @@ class DistillConfig:
     loss = w_attn * mean over layers of MSE(student STA attention output, teacher dense
     attention output) + w_out * MSE(student output, teacher output) + w_data * flow-matching
     MSE against the data. With w_attn = w_out = 0 no teacher is built (plain finetuning).
+    A teacher needs weights (``teacher_path`` or ``model.path``): distilling from the
+    student's own random initialisation is refused unless ``allow_random_teacher`` (tests).
     """
 
     w_data: float = 1.0
@@ -119,6 +121,7 @@ class DistillConfig:
     teacher_path: str | None = None  # local diffusers dir; None = the student's model.path
     teacher_dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     teacher_device: str = "same"  # same (the student's device) | cpu | cuda:N
+    allow_random_teacher: bool = False  # distil from random weights when no path is set (tests)
 
     @property
     def needs_teacher(self) -> bool:
@@ -253,6 +256,15 @@ class JobConfig:
                 self.attention.mode == "sta",
                 "distill.w_attn/w_out > 0 distil an STA student from a dense teacher, "
                 f"but attention.mode={self.attention.mode!r}",
+            )
+            _check(
+                self.model.path is not None
+                or self.distill.teacher_path is not None
+                or self.distill.allow_random_teacher,
+                "distill.w_attn/w_out > 0 need a trained teacher, but neither model.path nor "
+                "distill.teacher_path is set: the teacher would be the student's own random "
+                f"weights (model.flavor={self.model.flavor}). Set one of them, use distill=none, "
+                "or distill.allow_random_teacher=true (for tests)",
             )
         _check(
             self.parallel.sp == 1 or self.distill.teacher_device == "same",

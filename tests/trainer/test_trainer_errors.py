@@ -147,3 +147,14 @@ def test_unknown_keys_in_structured_groups_name_the_key(tmp_path, base, capsys):
     assert job.model.config_overrides == {"num_layers": 4}
     code, _, err = run_command(train.main, *base, "+train.stepz=10", capsys=capsys)
     assert code == 2 and err.startswith("config error: unknown config key train.stepz"), err
+
+
+def test_distillation_refuses_a_random_teacher_unless_allowed():
+    from stafinetune.config import compose_job_config
+
+    message = r"model.path.*distill.teacher_path.*random.*distill.allow_random_teacher=true"
+    with pytest.raises(ValueError, match=message):
+        compose_job_config(["model=hunyuan_tiny"])
+    assert compose_job_config(["model=hunyuan_tiny", "distill.allow_random_teacher=true"])
+    assert compose_job_config(["model=hunyuan_tiny", "distill=none"])  # no teacher needed
+    assert compose_job_config(["model=wan_tiny", "distill.teacher_path=/weights/teacher"])
