@@ -46,6 +46,26 @@ def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextMana
     return contextlib.nullcontext()
 
 
+def check_attention_backend(
+    attention_cfg: AttentionConfig, device: torch.device, *, training: bool
+) -> None:
+    """Fail at start-up when the STA backend cannot run the job on ``device``.
+
+    torch's ``flex_attention`` has no CPU backward: ``flex`` trains only on CUDA (it samples
+    on the CPU). The triton backend's own device check happens when the model is built.
+    """
+    if (
+        attention_cfg.mode == "sta"
+        and attention_cfg.backend == "flex"
+        and device.type == "cpu"
+        and training
+    ):
+        raise ValueError(
+            "attention.backend=flex cannot train on the CPU (torch's flex_attention has no CPU "
+            "backward); use attention.backend=auto or reference on the CPU, flex or triton on CUDA"
+        )
+
+
 def check_data_geometry(data_cfg: DataConfig, model_cfg: ModelConfig) -> list[tuple[int, int, int]]:
     """Token canvas of every data bucket; fails before any encoding when one cannot feed the model.
 

@@ -27,6 +27,7 @@ from .build import (
     build_data,
     build_student,
     build_teacher,
+    check_attention_backend,
     check_data_fits_model,
     teacher_device,
     use_bf16,
@@ -84,6 +85,8 @@ class Trainer:
             dp_replicate=pcfg.dp_replicate,
         )  # fmt: skip
         self.device = self.dims.device
+        with user_errors():
+            check_attention_backend(job.attention, self.device, training=True)
         torch.manual_seed(tcfg.seed)
         self.data = build_data(job, self.dims)
         with user_errors():  # model.path, attention windows and train.trainable

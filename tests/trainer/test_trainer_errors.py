@@ -158,3 +158,24 @@ def test_distillation_refuses_a_random_teacher_unless_allowed():
     assert compose_job_config(["model=hunyuan_tiny", "distill.allow_random_teacher=true"])
     assert compose_job_config(["model=hunyuan_tiny", "distill=none"])  # no teacher needed
     assert compose_job_config(["model=wan_tiny", "distill.teacher_path=/weights/teacher"])
+
+
+def test_flex_backend_cannot_train_on_the_cpu(tmp_path):
+    from stafinetune.build import check_attention_backend
+    from stafinetune.config import compose_job_config
+    from stafinetune.errors import UserError
+    from stafinetune.models import AttentionConfig
+    from stafinetune.trainer import Trainer
+
+    flex = AttentionConfig(backend="flex")
+    cpu = torch.device("cpu")
+    with pytest.raises(ValueError, match="attention.backend=flex cannot train on the CPU"):
+        check_attention_backend(flex, cpu, training=True)
+    check_attention_backend(flex, cpu, training=False)  # inference runs (no backward)
+    check_attention_backend(AttentionConfig(mode="full", backend="flex"), cpu, training=True)
+    job = compose_job_config(
+        [f"data.root={tmp_path / 'data'}", "attention.backend=flex", "train.device=cpu"]
+    )
+    with pytest.raises(UserError, match="attention.backend=flex"):
+        Trainer(job, tmp_path / "run")
+    assert not (tmp_path / "data").exists()  # refused before any data work
