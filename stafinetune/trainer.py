@@ -87,6 +87,11 @@ class Trainer:
         self.device = self.dims.device
         with user_errors():
             check_attention_backend(job.attention, self.device, training=True)
+        self.checkpoints = CheckpointManager(
+            run_dir / "checkpoints", self.dims, every=tcfg.ckpt_every, keep_last=tcfg.keep_last,
+            config=resolved_dict(job),
+        )  # fmt: skip
+        self.checkpoints.check_writable()  # at start-up, not at the first save hours later
         torch.manual_seed(tcfg.seed)
         self.data = build_data(job, self.dims)
         with user_errors():  # model.path, attention windows and train.trainable
@@ -157,9 +162,7 @@ class Trainer:
             fps=job.data.synthetic_fps,
             is_main=self.dims.is_main,
         )
-        self.checkpoints = CheckpointManager(
-            run_dir / "checkpoints", self.dims, every=tcfg.ckpt_every, keep_last=tcfg.keep_last
-        )
+        self.checkpoints.check_free_space(self._checkpoint_bytes())
         self.state = self._train_state()
         self.step = 0
         self._data_iter = None
@@ -170,6 +173,16 @@ class Trainer:
                 log.info("resumed from %s at step %d", path, self.step)
         if self.dims.is_main:
             print(self.describe(), flush=True)
+
+    def _checkpoint_bytes(self) -> int:
+        """About how large one checkpoint is: the weights, and Adam's two moments and the EMA
+        of the trainable ones in fp32."""
+        total = trainable = 0
+        for p in self.student.parameters():
+            n = getattr(p, "ds_numel", p.numel())  # ZeRO-3: partitioned
+            total += n * p.element_size()
+            trainable += n if p.requires_grad else 0
+        return total + trainable * 4 * (2 + (self.ema is not None))
 
     def _train_state(self) -> TrainState:
         """What a checkpoint holds, as (get, set) pairs (the engine adds model and optimiser)."""
