@@ -52,11 +52,11 @@ def run(job: JobConfig, default_run_dir: Path) -> None:
         world = init_world(job.train.device, process_group=job.parallel.strategy != "ddp")
     run_dir = Path(job.run_dir) if job.run_dir else default_run_dir
     run_dir = Path(broadcast_object(str(run_dir.resolve())))
-    if world.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(OmegaConf.create(resolved_dict(job)), run_dir / "config.yaml")
     try:
-        result = Trainer(job, run_dir, world).fit()
+        trainer = Trainer(job, run_dir, world)  # checks a resume against the old config.yaml
+        if world.is_main:
+            OmegaConf.save(OmegaConf.create(resolved_dict(job)), run_dir / "config.yaml")
+        result = trainer.fit()
     finally:
         cleanup()
     if world.is_main:

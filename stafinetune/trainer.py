@@ -45,6 +45,13 @@ from .parallel import ParallelDims, World, all_reduce_mean, barrier, init_world,
 from .parallel.engine import build_engine, deepspeed_config
 from .parallel.parallelize import parallelize_teacher
 from .profiling import AttentionTimer
+from .runs import (
+    apply_optimizer_settings,
+    check_resume_config,
+    cut_logs,
+    optimizer_settings,
+    resume_point,
+)
 from .tracking import build_tracker
 
 log = logging.getLogger(__name__)
@@ -92,6 +99,10 @@ class Trainer:
             config=resolved_dict(job),
         )  # fmt: skip
         self.checkpoints.check_writable()  # at start-up, not at the first save hours later
+        with user_errors():  # before any data work: the run-directory and resume-config rules
+            resumed = resolve_resume(tcfg.resume, self.checkpoints.ckpt_dir, self.dims.is_main)
+            resumed = resume_point(run_dir, tcfg.resume, resumed)
+            changes = check_resume_config(resumed, self.checkpoints.config) if resumed else []
         torch.manual_seed(tcfg.seed)
         self.data = build_data(job, self.dims)
         with user_errors():  # model.path, attention windows and train.trainable
@@ -121,6 +132,7 @@ class Trainer:
             optimizer, warmup=tcfg.warmup_steps, total=tcfg.steps, schedule=tcfg.schedule,
             min_ratio=tcfg.min_lr_ratio,
         )  # fmt: skip
+        configured = optimizer_settings(optimizer)  # what a resume must not overwrite
         ds_config = None
         if pcfg.strategy in ("zero2", "zero3"):
             ds_config = deepspeed_config(
@@ -166,11 +178,18 @@ class Trainer:
         self.state = self._train_state()
         self.step = 0
         self._data_iter = None
-        path = resolve_resume(tcfg.resume, self.checkpoints.ckpt_dir, self.dims.is_main)
-        if path is not None:
-            self.step = self.checkpoints.load(path, self.state)
+        if resumed is not None:
+            self.step = self.checkpoints.load(resumed, self.state)
+            apply_optimizer_settings(self.engine.scheduler, configured)
             if self.dims.is_main:
-                log.info("resumed from %s at step %d", path, self.step)
+                log.info("resumed from %s at step %d", resumed, self.step)
+                if changes:
+                    log.warning(
+                        "resuming with changed settings (applied from step %d): %s",
+                        self.step, "; ".join(str(c) for c in changes),
+                    )  # fmt: skip
+        if self.dims.is_main:  # metrics.jsonl holds each step once
+            cut_logs(run_dir, self.step if resumed is not None else None)
         if self.dims.is_main:
             print(self.describe(), flush=True)
 
