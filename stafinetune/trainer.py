@@ -349,6 +349,7 @@ class Trainer:
             lcfg.backend, is_main=self.dims.is_main, directory=self.run_dir,
             config=resolved_dict(self.job), project=lcfg.project, entity=lcfg.entity,
             name=lcfg.name, group=lcfg.group, tags=lcfg.tags, mode=lcfg.mode,
+            resume=self.step > 0,
         )  # fmt: skip
 
     def _validate(self, tracker: Any, result: TrainResult) -> dict[str, float]:

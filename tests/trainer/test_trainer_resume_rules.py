@@ -124,3 +124,17 @@ def test_config_changes_classify_keys():
     saved = {"train": {"lr": 1e-3, "resume": "auto", "ema_decay": None}, "model": {"flavor": "a"}}
     current = {"train": {"lr": 1e-4, "resume": "never", "ema_decay": 0.9}, "model": {"flavor": "a"}}
     assert [c.key for c in config_changes(saved, current)] == ["train.ema_decay", "train.lr"]
+
+
+def test_a_resumed_run_continues_its_wandb_run(data_root, tmp_path, monkeypatch):
+    for key in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_RUN_ID", "WANDB_RESUME"):
+        monkeypatch.delenv(key, raising=False)
+    run = tmp_path / "run"
+    job = _job(data_root, "logging=wandb", "logging.mode=offline", "logging.progress=false")
+    first = Trainer(job, run).fit(until_step=1)
+    second = Trainer(job, run).fit(until_step=2)
+    ids = {p.name.rsplit("-", 1)[-1] for p in (first.tracker_dir, second.tracker_dir)}
+    assert len(ids) == 1 and first.tracker_dir != second.tracker_dir
+    # a fresh run in another directory gets its own id
+    third = Trainer(job, tmp_path / "other").fit(until_step=1)
+    assert third.tracker_dir.name.rsplit("-", 1)[-1] not in ids
