@@ -18,6 +18,10 @@ size, seed, trainable set, parallel layout) stops the run, naming the fields.
 
 **Logs follow the checkpoint.** Rows of ``metrics.jsonl`` / ``tables.jsonl`` past the step a
 run resumes at are dropped, so the file holds each step once.
+
+**Stopping.** SIGTERM (preemption, ``scancel``, torchrun passing on its own SIGTERM) or
+SIGUSR1 asks the loop (:class:`StopSignals`) to finish its step, write a checkpoint and stop;
+the command then exits with 128 + the signal number. SIGINT (Ctrl-C) still interrupts at once.
 """
 
 from __future__ import annotations
@@ -25,8 +29,11 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
+import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import torch
@@ -237,3 +244,44 @@ def apply_optimizer_settings(
     for group, base, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
         group["lr"] = base * factor(scheduler.last_epoch)
     scheduler._last_lr = [group["lr"] for group in groups]
+
+
+class StopSignals:
+    """Turns SIGTERM and SIGUSR1 into a request to checkpoint and stop at the next step.
+
+    :meth:`install` before the training loop, :meth:`restore` after it (or use it as a
+    context manager). Handlers can only be set from the main thread; elsewhere it does
+    nothing. Further signals while installed only repeat the request, so a launcher that
+    passes a signal on twice cannot kill a checkpoint being written.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.received: signal.Signals | None = None
+        self._previous: dict[signal.Signals, Any] = {}
+
+    def install(self) -> None:
+        """Catch the signals (from the main thread only)."""
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        """Put the previous handlers back."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def __enter__(self) -> StopSignals:
+        self.install()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.received is None:
+            log.warning("%s received: checkpointing after this step, then stopping",
+                        signal.Signals(signum).name)  # fmt: skip
+        self.received = signal.Signals(signum)

@@ -6,11 +6,13 @@ Under torchrun every rank composes the same config, writes its own ``.hydra/rank
 
 from __future__ import annotations
 
+import signal
+import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from .cli import hydra_command
+from .cli import echo, hydra_command
 from .config import JobConfig, resolved_dict
 from .errors import user_errors
 from .parallel import broadcast_object, cleanup, init_world
@@ -47,7 +49,11 @@ def summary(result: TrainResult) -> str:
 
 
 def run(job: JobConfig, default_run_dir: Path) -> None:
-    """Train with a validated config; prints where everything went on rank 0."""
+    """Train with a validated config; prints where everything went on rank 0.
+
+    A run stopped by SIGTERM / SIGUSR1 saves a checkpoint and exits with 128 + the signal's
+    number (143 for SIGTERM), so schedulers see that it did not finish.
+    """
     with user_errors():  # train.device=cuda without a GPU, a launcher's bad RANK
         world = init_world(job.train.device, process_group=job.parallel.strategy != "ddp")
     run_dir = Path(job.run_dir) if job.run_dir else default_run_dir
@@ -61,6 +67,14 @@ def run(job: JobConfig, default_run_dir: Path) -> None:
         cleanup()
     if world.is_main:
         print(summary(result), flush=True)
+    if result.stopped_by is not None:
+        if world.is_main:
+            echo(
+                f"stopped by {result.stopped_by} at step {result.step}: checkpoint "
+                f"{result.last_checkpoint}; run the same command to resume",
+                error=True,
+            )
+        sys.exit(128 + getattr(signal, result.stopped_by, signal.SIGTERM))
 
 
 main = hydra_command(run)

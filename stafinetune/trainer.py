@@ -46,6 +46,7 @@ from .parallel.engine import build_engine, deepspeed_config
 from .parallel.parallelize import parallelize_teacher
 from .profiling import AttentionTimer
 from .runs import (
+    StopSignals,
     apply_optimizer_settings,
     check_resume_config,
     cut_logs,
@@ -72,6 +73,7 @@ class TrainResult:
     last_checkpoint: Path | None = None
     export_dir: Path | None = None
     tracker_dir: Path | None = None
+    stopped_by: str | None = None  # the signal that stopped the run early (e.g. SIGTERM)
 
 
 class Trainer:
@@ -296,7 +298,11 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def fit(self, until_step: int | None = None) -> TrainResult:
         """Train to ``train.steps`` (or stop early after ``until_step`` steps, for tests and
-        time-boxed jobs); returns what the run produced."""
+        time-boxed jobs); returns what the run produced.
+
+        SIGTERM / SIGUSR1 on any rank stops every rank after the current step with a checkpoint
+        (``result.stopped_by``); ``train.ckpt_minutes`` adds checkpoints by wall clock.
+        """
         tcfg, main = self.job.train, self.dims.is_main
         last = tcfg.steps
         stop = last if until_step is None else min(until_step, last)
@@ -306,11 +312,14 @@ class Trainer:
         timer = AttentionTimer(attn_modules, self.device)
         bar = tqdm(total=stop, initial=self.step, desc="train", dynamic_ncols=True,
                    disable=not (main and self.job.logging.progress))  # fmt: skip
+        signals = StopSignals()
         try:
+            signals.install()
             if self.step == 0:
                 self._validate(tracker, result)
             self.engine.module.train()
             rate = _Rate()
+            saved_at, saved_time = None, time.monotonic()
             while self.step < stop:
                 logged = (self.step + 1) % tcfg.log_every == 0 or self.step + 1 == stop
                 if logged:  # time attention on logged steps only: the others pay nothing
@@ -319,24 +328,34 @@ class Trainer:
                     timer.start()
                 metrics = self.train_step()
                 rate.add(metrics.pop("samples"), metrics.pop("tokens"))
-                loss = float(all_reduce_mean(torch.tensor(metrics["loss/total"])))
+                due = 0 < 60 * tcfg.ckpt_minutes <= time.monotonic() - saved_time
+                # one collective: the mean loss, and whether any rank was signalled or is due
+                flags = [metrics["loss/total"], signals.received is not None, due]
+                loss, signalled, due = all_reduce_mean(torch.tensor(flags)).tolist()
                 result.losses.append(loss)
                 bar.update(1)
                 if logged:
                     attn_seconds, step_seconds = timer.stop(), time.perf_counter() - start
                     self._log(tracker, metrics, attn_seconds, step_seconds, rate)
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{metrics['lr']:.2e}")
+                if signalled:
+                    name = signals.received.name if signals.received else "SIGTERM"
+                    result.stopped_by = name  # another rank's signal: reported as SIGTERM
+                    break
                 if self.step < stop and self.validator.should_validate(self.step, last):
                     self._validate(tracker, result)
-                if self.step < stop and self.checkpoints.should_save(self.step, last):
+                if self.step < stop and (due or self.checkpoints.should_save(self.step, last)):
                     result.last_checkpoint = self.checkpoints.save(self.step, self.state)
+                    saved_at, saved_time = self.step, time.monotonic()
             bar.close()
-            result.last_checkpoint = self.checkpoints.save(self.step, self.state)
-            if self.step == last:
+            if saved_at != self.step:
+                result.last_checkpoint = self.checkpoints.save(self.step, self.state)
+            if self.step == last and result.stopped_by is None:
                 tracker.summary(self._validate(tracker, result))
                 if tcfg.export:
                     result.export_dir = self.export()
         finally:
+            signals.restore()
             timer.stop()
             bar.close()
             tracker.finish()
