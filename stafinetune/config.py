@@ -94,9 +94,7 @@ class TrainConfig:
         _check(self.log_every >= 1, f"train.log_every must be >= 1, got {self.log_every}")
         _check(self.ckpt_every >= 0, f"train.ckpt_every must be >= 0, got {self.ckpt_every}")
         _check(self.keep_last >= 1, f"train.keep_last must be >= 1, got {self.keep_last}")
-        _check(
-            self.ckpt_minutes >= 0, f"train.ckpt_minutes must be >= 0, got {self.ckpt_minutes}"
-        )
+        _check(self.ckpt_minutes >= 0, f"train.ckpt_minutes must be >= 0, got {self.ckpt_minutes}")
         _check(self.val_every >= 0, f"train.val_every must be >= 0, got {self.val_every}")
         _check(self.sample_steps >= 0, f"train.sample_steps must be >= 0, got {self.sample_steps}")
         _check(self.num_samples >= 1, f"train.num_samples must be >= 1, got {self.num_samples}")
