@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 import traceback
 from collections.abc import Callable
@@ -101,6 +102,56 @@ def echo(text: str, *, error: bool = False) -> None:
 def _fail(message: str) -> NoReturn:
     echo(message, error=True)
     sys.exit(2)
+
+
+def share_run_dir(hydra_dir: Path, run_dir: Path, output_subdir: str | None = None) -> None:
+    """Move this process's Hydra files into ``run_dir`` when Hydra made its own folder.
+
+    Ranks started a second apart get different ``outputs/<date>/<time>`` folders when
+    ``hydra.run.dir`` is not set, and ``run_dir=...`` names another folder: the rank's
+    ``.hydra/rank<N>`` (``output_subdir``, default Hydra's) and its open log file move to
+    ``run_dir`` (appended to a log of an earlier attempt), and the emptied folder is removed.
+    """
+    hydra_dir, run_dir = hydra_dir.resolve(), run_dir.resolve()
+    if hydra_dir == run_dir:
+        return
+    if output_subdir is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        output_subdir = HydraConfig.get().output_subdir if HydraConfig.initialized() else None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if output_subdir and (hydra_dir / output_subdir).is_dir():
+        target = run_dir / output_subdir
+        if target.exists():
+            shutil.rmtree(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(hydra_dir / output_subdir), str(target))
+    for handler in logging.getLogger().handlers:
+        if not isinstance(handler, logging.FileHandler):
+            continue
+        old = Path(handler.baseFilename)
+        if not old.is_relative_to(hydra_dir):
+            continue
+        handler.acquire()
+        try:
+            handler.close()
+            new = run_dir / old.relative_to(hydra_dir)
+            new.parent.mkdir(parents=True, exist_ok=True)
+            if old.is_file():
+                with open(new, "ab") as dst:
+                    dst.write(old.read_bytes())
+                old.unlink()
+            handler.baseFilename, handler.mode = str(new), "a"
+            handler.stream = handler._open()
+        finally:
+            handler.release()
+    # remove what Hydra created and is now empty (never anything holding files)
+    for folder in (*sorted(hydra_dir.rglob("*"), reverse=True), hydra_dir):
+        if folder.is_dir():
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
 
 
 def strip_launcher_args(argv: list[str]) -> list[str]:

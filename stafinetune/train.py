@@ -1,7 +1,9 @@
 """``stafinetune-train`` / ``python -m stafinetune.train``: distil (or finetune) a video DiT.
 
 Under torchrun every rank composes the same config, writes its own ``.hydra/rank<N>`` and
-``train_rank<N>.log``, and uses rank 0's output directory as the shared run directory.
+``train_rank<N>.log``, and uses rank 0's output directory as the shared run directory (a
+rank whose Hydra made another folder moves its files there). The start-up summary, the
+closing summary and any error also go to the rank's log.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from .cli import echo, hydra_command
+from .cli import echo, hydra_command, share_run_dir
 from .config import JobConfig, resolved_dict
 from .errors import user_errors
 from .parallel import broadcast_object, cleanup, init_world
@@ -58,15 +60,17 @@ def run(job: JobConfig, default_run_dir: Path) -> None:
         world = init_world(job.train.device, process_group=job.parallel.strategy != "ddp")
     run_dir = Path(job.run_dir) if job.run_dir else default_run_dir
     run_dir = Path(broadcast_object(str(run_dir.resolve())))
+    share_run_dir(default_run_dir, run_dir)
     try:
         trainer = Trainer(job, run_dir, world)  # checks a resume against the old config.yaml
         if world.is_main:
+            echo(trainer.describe())
             OmegaConf.save(OmegaConf.create(resolved_dict(job)), run_dir / "config.yaml")
         result = trainer.fit()
     finally:
         cleanup()
     if world.is_main:
-        print(summary(result), flush=True)
+        echo(summary(result))
     if result.stopped_by is not None:
         if world.is_main:
             echo(

@@ -36,7 +36,7 @@ from .checkpoint import CheckpointManager, TrainState, resolve_resume, rng_state
 from .config import JobConfig, resolved_dict
 from .data import build_video_encoder
 from .distill import DistillStep
-from .errors import user_errors
+from .errors import UserError, user_errors
 from .evaluate import Validator
 from .models import MaskStrategy
 from .models.dit import save_transformer_state
@@ -58,8 +58,12 @@ from .tracking import build_tracker
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(FloatingPointError):
-    """Raised when a loss or gradient norm is NaN/inf; a checkpoint of the last good state exists."""
+class NonFiniteLossError(UserError, FloatingPointError):
+    """Raised when a loss or gradient norm is NaN/inf; a checkpoint of the last good state exists.
+
+    A UserError: the command prints its message (what to change, where the checkpoint is) in
+    one line and exits with code 2.
+    """
 
 
 @dataclass
@@ -192,8 +196,6 @@ class Trainer:
                     )  # fmt: skip
         if self.dims.is_main:  # metrics.jsonl holds each step once
             cut_logs(run_dir, self.step if resumed is not None else None)
-        if self.dims.is_main:
-            print(self.describe(), flush=True)
 
     def _checkpoint_bytes(self) -> int:
         """About how large one checkpoint is: the weights, and Adam's two moments and the EMA

@@ -179,3 +179,36 @@ def test_flex_backend_cannot_train_on_the_cpu(tmp_path):
     with pytest.raises(UserError, match="attention.backend=flex"):
         Trainer(job, tmp_path / "run")
     assert not (tmp_path / "data").exists()  # refused before any data work
+
+
+def test_rank_log_holds_the_header_summary_and_hydra_files_follow_the_run_dir(
+    tmp_path, base, capsys
+):
+    # run_dir= names another folder than Hydra's: the rank's Hydra files move there
+    run, hydra_dir = tmp_path / "shared", tmp_path / "hydra_own"
+    args = [*base, f"hydra.run.dir={hydra_dir}", f"run_dir={run}", "train.steps=1"]
+    code, out, err = run_command(train.main, *args, capsys=capsys)
+    assert code == 0, err
+    assert "student " in out and "run directory" in out
+    log = (run / "train_rank0.log").read_text()
+    assert "student " in log and f"run directory     {run}" in log
+    assert (run / ".hydra" / "rank0" / "config.yaml").is_file()
+    assert not hydra_dir.exists()
+
+
+def test_a_nan_stop_is_one_line_naming_the_checkpoint(tmp_path, base, capsys, monkeypatch):
+    from stafinetune.distill import DistillStep
+
+    real = DistillStep.losses
+
+    def poisoned(self, module, model, *args, **kwargs):
+        terms = real(self, module, model, *args, **kwargs)
+        if model.training:
+            terms["total"] = terms["total"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(DistillStep, "losses", poisoned)
+    code, _, err = run_command(train.main, *base, capsys=capsys)
+    lines = [line for line in err.splitlines() if line.strip() and "[data]" not in line]
+    assert code == 2 and len(lines) == 1, err
+    assert "non-finite loss at step 1" in lines[0] and "step_00000000" in lines[0]
