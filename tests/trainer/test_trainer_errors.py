@@ -212,3 +212,21 @@ def test_a_nan_stop_is_one_line_naming_the_checkpoint(tmp_path, base, capsys, mo
     lines = [line for line in err.splitlines() if line.strip() and "[data]" not in line]
     assert code == 2 and len(lines) == 1, err
     assert "non-finite loss at step 1" in lines[0] and "step_00000000" in lines[0]
+
+
+def test_training_checks_the_data_geometry_before_encoding(tmp_path):
+    from stafinetune.config import compose_job_config
+    from stafinetune.errors import UserError
+    from stafinetune.trainer import Trainer
+
+    job = compose_job_config([f"data.root={tmp_path / 'data'}", "data.height=136",
+                              "train.device=cpu", "logging=none"])  # fmt: skip
+    with pytest.raises(UserError, match=r"data bucket \[17, 136, 128\].*cannot patch"):
+        Trainer(job, tmp_path / "run")
+    assert not (tmp_path / "data").exists()
+
+
+def test_the_deepspeed_launchers_local_rank_argument_reaches_no_hydra_error(base, capsys):
+    # the launcher appends --local_rank=N; Hydra would reject it as an unknown argument
+    code, _, err = run_command(train.main, "--local_rank=0", *base, "train.steps=0", capsys=capsys)
+    assert code == 2 and err.startswith("config error: train.steps must be >= 1"), err
