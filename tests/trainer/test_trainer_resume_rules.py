@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -133,8 +134,12 @@ def test_a_resumed_run_continues_its_wandb_run(data_root, tmp_path, monkeypatch)
     job = _job(data_root, "logging=wandb", "logging.mode=offline", "logging.progress=false")
     first = Trainer(job, run).fit(until_step=1)
     second = Trainer(job, run).fit(until_step=2)
-    ids = {p.name.rsplit("-", 1)[-1] for p in (first.tracker_dir, second.tracker_dir)}
-    assert len(ids) == 1 and first.tracker_dir != second.tracker_dir
+
+    def run_id(folder: Path) -> str:  # offline-run-<date>_<time>-<id>[-<n> within one second]
+        return re.fullmatch(r"offline-run-\d{8}_\d{6}-([a-z0-9]+)(-\d+)?", folder.name).group(1)
+
+    assert run_id(first.tracker_dir) == run_id(second.tracker_dir)
+    assert first.tracker_dir != second.tracker_dir
     # a fresh run in another directory gets its own id
     third = Trainer(job, tmp_path / "other").fit(until_step=1)
-    assert third.tracker_dir.name.rsplit("-", 1)[-1] not in ids
+    assert run_id(third.tracker_dir) != run_id(first.tracker_dir)
