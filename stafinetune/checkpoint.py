@@ -114,8 +114,8 @@ def load_tree(stem: Path) -> Any:
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint file missing: {path}")
     try:
-        tree = json.loads(json_path.read_text())
-    except json.JSONDecodeError as err:
+        tree = json.loads(json_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"checkpoint file {json_path} is not valid JSON ({err})") from err
     return _decode(tree, load_file(str(tensor_path)))
 
@@ -265,13 +265,15 @@ def _safetensors_problem(path: Path) -> str | None:
 def verify_checkpoint(path: Path) -> str | None:
     """What is wrong with checkpoint ``path``, or None when it is complete as written.
 
-    Every file must have the size recorded in ``meta.json`` (older checkpoints: every
-    safetensors file the size its header gives), and every JSON file must parse.
+    Every JSON file must parse, and every file must have the size recorded in ``meta.json``
+    (older checkpoints: every safetensors file the size its header gives).
     """
-    try:
-        meta = json.loads((path / "meta.json").read_text())
-    except (OSError, ValueError) as err:
-        return f"meta.json cannot be read ({err})"
+    for file in sorted(path.glob("*.json")):
+        try:
+            json.loads(file.read_text())
+        except (OSError, ValueError):
+            return f"{file.name} is not valid JSON"
+    meta = json.loads((path / "meta.json").read_text())
     for name, size in (meta.get("files") or {}).items():
         file = path / name
         if not file.is_file():
@@ -282,11 +284,6 @@ def verify_checkpoint(path: Path) -> str | None:
         problem = _safetensors_problem(file)
         if problem:
             return problem
-    for file in sorted(path.glob("*.json")):
-        try:
-            json.loads(file.read_text())
-        except (OSError, ValueError):
-            return f"{file.name} is not valid JSON"
     return None
 
 
@@ -324,6 +321,21 @@ def _choose(resume: str, ckpt_dir: Path) -> tuple[Path | None, list[str]]:
             f"train.resume={resume!r}: no complete checkpoint found there{damaged}"
         )
     return choice, skipped
+
+
+def check_trusted(path: Path, run_dir: Path, *, pickles: bool, trust: bool) -> None:
+    """Refuse to hand a checkpoint from outside ``run_dir`` to an engine that unpickles it.
+
+    ``pickles``: the run's engine loads pickle files (DeepSpeed does, with
+    ``weights_only=False``); ``trust``: ``train.trust_checkpoint``.
+    """
+    inside = Path(path).resolve().is_relative_to(Path(run_dir).resolve())
+    if pickles and not inside and not trust:
+        raise ValueError(
+            f"train.resume: {path} is outside this run directory ({run_dir}), and "
+            "parallel=zero2/zero3 checkpoints are DeepSpeed pickle files that can run code when "
+            "loaded; set train.trust_checkpoint=true if you trust where it came from"
+        )
 
 
 def resolve_resume(resume: str | None, ckpt_dir: Path, is_main: bool) -> Path | None:
@@ -544,6 +556,13 @@ class CheckpointManager:
     def load(self, path: Path, state: TrainState) -> int:
         """Restore every part of ``state`` from checkpoint ``path``; returns its step."""
         meta = json.loads((path / "meta.json").read_text())
+        pickled = sorted(p.name for p in path.glob("*.pt"))
+        if pickled and state.engine is None:
+            raise ValueError(
+                f"checkpoint {path} holds pickled state files ({', '.join(pickled)}), which can "
+                "run code when loaded; stafinetune never unpickles them (checkpoints of this "
+                "version are JSON + safetensors). Resume from a checkpoint this version wrote."
+            )
         if meta.get("format") != FORMAT_VERSION:
             raise ValueError(
                 f"checkpoint {path} has format {meta.get('format')!r}; this version of "

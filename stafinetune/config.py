@@ -53,6 +53,9 @@ class TrainConfig:
     keep_last: int = 2  # checkpoints kept on disk
     ckpt_minutes: float = 0.0  # also checkpoint when this many minutes passed since the last; 0 off
     resume: str = "auto"  # auto (latest in this run dir) | never | <checkpoint or run dir>
+    # parallel=zero2/zero3 checkpoints are DeepSpeed's pickle files: resuming one from outside
+    # this run directory needs this consent (they can run code when loaded)
+    trust_checkpoint: bool = False
     val_every: int = 0  # 0 disables the periodic validation hook
     export: bool = True  # write the final student in diffusers format
     sample_steps: int = 20  # Euler steps of the validation videos; 0: no videos

@@ -18,10 +18,12 @@ from collections.abc import Iterator
 DEBUG_ENV = "STAFINETUNE_DEBUG"
 
 
-class UserError(Exception):
+class UserError(ValueError):
     """Bad input (config value, path, data) found at start-up or while running.
 
-    The message names what to change. Printed as ``error: <message>``, exit code 2.
+    The message names what to change. Printed as ``error: <message>``, exit code 2. A
+    ``ValueError``, so callers of library code that caught the ``ValueError`` a bad value used
+    to raise still catch it.
     """
 
 

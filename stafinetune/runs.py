@@ -53,10 +53,11 @@ APPLY_ON_RESUME = (
     "distill.*", "logging.*", "attention.backend", "attention.dense_first_steps",
     "model.gradient_checkpointing", "data.root", "data.cache_dir", "data.num_workers",
     "data.prefetch_factor", "data.decode_workers", "data.encode_batch_size", "data.device",
-    "parallel.teacher", "parallel.find_unused_parameters",
+    "parallel.teacher", "parallel.find_unused_parameters", "model.allow_pickle_weights",
+    "data.allow_pickle_weights",
 )  # fmt: skip
 # Not settings of the trained run (how this process was started).
-_IGNORED = ("train.resume", "run_dir", "required")
+_IGNORED = ("train.resume", "train.trust_checkpoint", "run_dir", "required")
 _LOGS = ("metrics.jsonl", "tables.jsonl")
 
 

@@ -15,9 +15,12 @@ model is the dense one: ``model.path`` (or, without weights, the random initial 
 ``seed``, as the trainer builds them); ``attention`` gives only the tile and the backend.
 Train from the result with ``stafinetune-train attention.strategy_path=<run>/mask_strategy.json``.
 
-The work is :func:`search_dense_model` (model and calibration in, ``SearchResult`` out);
-a sequence-parallel run will replace its ``search_windows`` call by each rank scoring its own
-heads (``evaluate_candidates(..., heads=...)``), a gather over heads and one ``select_windows``.
+The work is :func:`search_dense_model` (model and calibration in, ``SearchResult`` out).
+Under torchrun with ``parallel.sp=N`` (N = the number of processes) the model runs with
+Ulysses sequence parallelism: each rank scores its own heads on the whole sequence, the error
+tables are gathered over heads and every rank makes the same selection; rank 0 writes::
+
+    torchrun --nproc-per-node 8 -m stafinetune.search parallel.sp=8 model=... search.budget=0.15
 """
 
 # OmegaConf 2.3 structured configs understand typing.Optional, not PEP 604 unions.
@@ -38,12 +41,27 @@ from omegaconf import OmegaConf
 
 from .build import build_seeded, check_data_fits_model, check_data_geometry, use_bf16
 from .cli import config_error, hydra_command
-from .config import LoggingConfig, conf_dir, resolved_dict, to_job_config
+from .config import LoggingConfig, ParallelConfig, conf_dir, resolved_dict, to_job_config
 from .data import DataConfig, build_train_loader, prepare_data
 from .models import AttentionConfig, ModelConfig, VideoDiT
-from .parallel import launcher_coordinates
-from .parallel.world import resolve_device
-from .search import SearchConfig, SearchResult, resolve_candidates, search_windows, write_report
+from .parallel import (
+    ParallelDims,
+    broadcast_object,
+    cleanup,
+    init_world,
+    launcher_coordinates,
+)
+from .parallel.parallelize import sequence_split
+from .parallel.sequence import gather_along
+from .search import (
+    SearchConfig,
+    SearchResult,
+    evaluate_candidates,
+    resolve_candidates,
+    search_windows,
+    select_windows,
+    write_report,
+)
 from .search.select import check_budget
 from .tracking import build_tracker
 
@@ -59,6 +77,8 @@ class SearchJobConfig:
     Attributes:
         model, attention, data, logging: the groups of training (``attention`` supplies the
             tile and the kernel backend; the search runs the model dense).
+        parallel: only ``parallel.sp`` is read: the sequence-parallel degree, equal to the
+            number of launched processes (each scores its heads).
         search: how candidates are scored and chosen, and how many calibration samples.
         seed: seed of the random weights of a model without ``model.path`` (as
             ``train.seed``: the same seed searches the model the trainer starts from).
@@ -72,6 +92,7 @@ class SearchJobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
@@ -208,7 +229,20 @@ def search_dense_model(
         the ``SearchResult``; its report gains ``timing`` (wall and process CPU seconds).
     """
     wall, cpu = time.perf_counter(), time.process_time()
-    result = search_windows(dit, calibration, cfg, progress=progress, metadata=metadata)
+    sp = getattr(dit.attention, "sp", None)
+    if sp is None:
+        result = search_windows(dit, calibration, cfg, progress=progress, metadata=metadata)
+    else:  # each rank scores its heads; the tables are gathered over heads
+        heads = sp.heads(dit.num_heads)
+        measured = evaluate_candidates(
+            dit, calibration, cfg, heads=list(range(heads.start, heads.stop)), progress=progress
+        )
+        measured = dataclasses.replace(
+            measured,
+            errors={m: gather_along(e, 2, sp.group) for m, e in measured.errors.items()},
+            heads=list(range(dit.num_heads)),
+        )
+        result = select_windows(measured, cfg, metadata=metadata)
     result.report["timing"] = {
         "wall_s": round(time.perf_counter() - wall, 3),
         "cpu_s": round(time.process_time() - cpu, 3),
@@ -280,19 +314,26 @@ def summary(
 def run(job: SearchJobConfig, default_run_dir: Path) -> None:
     """Search with a validated config and write the outputs into the run directory."""
     _, world_size, _ = launcher_coordinates()
-    if world_size > 1:
-        raise RuntimeError(
-            f"stafinetune-search runs in one process (the launcher set WORLD_SIZE={world_size})"
+    if world_size != job.parallel.sp:
+        config_error(
+            ValueError(
+                f"parallel.sp={job.parallel.sp} must equal the number of launched processes "
+                f"({world_size}): the search runs one sequence-parallel group"
+            )
         )
     try:
         canvas, grid = search_canvas(job)
     except ValueError as err:
         config_error(err)
-    device = resolve_device(job.device)
+    world = init_world(job.device)
+    dims = ParallelDims(world, sp=job.parallel.sp)
+    device, main = world.device, world.is_main
     run_dir = Path(job.run_dir) if job.run_dir else default_run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(OmegaConf.create(resolved_dict(job)), run_dir / "config.yaml")
-    prepare_data(job.data, verbose=job.logging.progress)
+    run_dir = Path(broadcast_object(str(run_dir.resolve())))
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.create(resolved_dict(job)), run_dir / "config.yaml")
+    prepare_data(job.data, rank=world.rank, world_size=world.world_size, verbose=main)
     cfg = job.search
     try:
         calibration = calibration_batches(
@@ -300,11 +341,12 @@ def run(job: SearchJobConfig, default_run_dir: Path) -> None:
         )
         dit = build_search_model(job, device)
         check_data_fits_model(calibration[0], dit, job)  # type: ignore[arg-type]
+        sequence_split(dit, dims)
     except ValueError as err:
         config_error(err)
     lcfg = job.logging
     tracker = build_tracker(
-        lcfg.backend, is_main=True, directory=run_dir, config=resolved_dict(job),  # type: ignore[arg-type]
+        lcfg.backend, is_main=main, directory=run_dir, config=resolved_dict(job),  # type: ignore[arg-type]
         project=lcfg.project, entity=lcfg.entity, name=lcfg.name, group=lcfg.group,
         tags=lcfg.tags, mode=lcfg.mode,
     )  # fmt: skip
@@ -315,19 +357,24 @@ def run(job: SearchJobConfig, default_run_dir: Path) -> None:
         "calibration_indices": torch.cat([b["index"] for b in calibration]).tolist(),
     }
     try:
-        print(
-            f"searching {job.model.flavor} on canvas {list(canvas)} (tile {job.attention.tile}), "
-            f"{cfg.num_samples} calibration samples, {cfg.steps} steps, {device}",
-            flush=True,
-        )
+        if main:
+            print(
+                f"searching {job.model.flavor} on canvas {list(canvas)} (tile "
+                f"{job.attention.tile}), {cfg.num_samples} calibration samples, {cfg.steps} "
+                f"steps, {device}, {dims.describe()}",
+                flush=True,
+            )
         result = search_dense_model(
-            dit, calibration, cfg, progress=lcfg.progress, metadata=metadata
+            dit, calibration, cfg, progress=lcfg.progress and main, metadata=metadata
         )
-        paths = write_report(result, run_dir)
-        log_result(tracker, result, paths["heatmap"])
+        if main:
+            paths = write_report(result, run_dir)
+            log_result(tracker, result, paths["heatmap"])
     finally:
         tracker.finish()
-    print(summary(run_dir, paths, result, tracker.run_dir), flush=True)
+        cleanup()
+    if main:
+        print(summary(run_dir, paths, result, tracker.run_dir), flush=True)
 
 
 register_search_configs()

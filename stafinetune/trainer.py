@@ -32,7 +32,14 @@ from .build import (
     teacher_device,
     use_bf16,
 )
-from .checkpoint import CheckpointManager, TrainState, resolve_resume, rng_state, set_rng_state
+from .checkpoint import (
+    CheckpointManager,
+    TrainState,
+    check_trusted,
+    resolve_resume,
+    rng_state,
+    set_rng_state,
+)
 from .config import JobConfig, resolved_dict
 from .data import build_video_encoder
 from .distill import DistillStep
@@ -185,7 +192,13 @@ class Trainer:
         self.step = 0
         self._data_iter = None
         if resumed is not None:
-            self.step = self.checkpoints.load(resumed, self.state)
+            with user_errors():
+                check_trusted(
+                    resumed, run_dir, pickles=self.state.engine is not None,
+                    trust=tcfg.trust_checkpoint,
+                )  # fmt: skip
+            with user_errors():  # another world size, a refused pickle file
+                self.step = self.checkpoints.load(resumed, self.state)
             apply_optimizer_settings(self.engine.scheduler, configured)
             if self.dims.is_main:
                 log.info("resumed from %s at step %d", resumed, self.step)

@@ -96,9 +96,7 @@ def inference_attention(attention: AttentionConfig, steps: int) -> AttentionConf
             f"attention.tile {list(attention.tile)} differs from the tile {strategy.tile} of "
             f"attention.strategy_path={attention.strategy_path}; set attention.tile={strategy.tile}"
         )
-    if strategy.num_steps == 1:
-        return dataclasses.replace(attention, strategy_path=None, head_windows=strategy.windows[0])
-    if strategy.num_steps != steps:
+    if strategy.num_steps not in (1, steps):  # one step: applies at every step
         raise ValueError(
             f"sample.steps={steps} but attention.strategy_path={attention.strategy_path} holds "
             f"windows for {strategy.num_steps} denoising steps; sample with as many steps"

@@ -99,6 +99,8 @@ class DataConfig:
     encoder_dtype: str = "float32"  # dtype the real encoders run in
     device: str = "cpu"  # device the encoders run on while preprocessing
     sample_posterior: bool = False  # real VAEs: sample the latent distribution instead of its mean
+    # load .bin/.pt encoder weights when a folder has no safetensors (pickle can run code)
+    allow_pickle_weights: bool = False
 
     # --- cache ----------------------------------------------------------------------------
     cache_dtype: str = "float32"  # dtype of latents and text states stored in the cache

@@ -244,6 +244,7 @@ def build_video_encoder(cfg: DataConfig) -> VideoEncoder:
         dtype=torch_dtype(cfg.encoder_dtype),
         sample=cfg.sample_posterior,
         seed=cfg.encoder_seed,
+        allow_pickle=cfg.allow_pickle_weights,
     )
 
 
@@ -261,6 +262,7 @@ def build_text_encoder(cfg: DataConfig) -> TextEncoder:
             text_len=cfg.text_len,
             device=cfg.device,
             dtype=dtype,
+            allow_pickle=cfg.allow_pickle_weights,
         )
     return HunyuanTextEncoder(
         cfg.text_encoder_path,
@@ -270,4 +272,5 @@ def build_text_encoder(cfg: DataConfig) -> TextEncoder:
         text_len=cfg.text_len,
         device=cfg.device,
         dtype=dtype,
+        allow_pickle=cfg.allow_pickle_weights,
     )

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from stafinetune.safety import weights_loading_kwargs
+
 # The HunyuanVideo prompt template (as in diffusers' HunyuanVideoPipeline); the caption goes at {}.
 HUNYUAN_TEMPLATE = (
     "<|start_header_id|>system<|end_header_id|>\n\nDescribe the video by detailing the following aspects: "
@@ -33,6 +35,12 @@ def _local_dir(path: str | None, field: str) -> str:
     if not path or not Path(path).expanduser().is_dir():
         raise FileNotFoundError(f"{field}: {path!r} is not a local folder (no hub downloads)")
     return str(Path(path).expanduser())
+
+
+def _safe(path: str, field: str, allow_pickle: bool) -> dict[str, bool]:
+    return weights_loading_kwargs(
+        path, field, allow_pickle=allow_pickle, consent="data.allow_pickle_weights"
+    )
 
 
 def _masked_mean(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -54,13 +62,15 @@ class DiffusersVideoVAE:
         dtype: torch.dtype = torch.float32,
         sample: bool = False,
         seed: int = 0,
+        allow_pickle: bool = False,
     ) -> None:
         from diffusers import AutoencoderKLHunyuanVideo, AutoencoderKLWan
 
         self.kind = kind
         self.path = _local_dir(path, "data.video_encoder_path")
         cls = {"wan": AutoencoderKLWan, "hunyuan": AutoencoderKLHunyuanVideo}[kind]
-        self.vae = cls.from_pretrained(self.path, torch_dtype=dtype).to(device).eval()
+        safe = _safe(self.path, "data.video_encoder_path", allow_pickle)
+        self.vae = cls.from_pretrained(self.path, torch_dtype=dtype, **safe).to(device).eval()
         self.vae.requires_grad_(False)
         self.device, self.dtype, self.sample = device, dtype, sample
         self.generator = torch.Generator(device=device).manual_seed(seed)
@@ -111,6 +121,7 @@ class UMT5TextEncoder:
         text_len: int = 512,
         device: str = "cpu",
         dtype: torch.dtype = torch.float32,
+        allow_pickle: bool = False,
     ) -> None:
         from transformers import AutoTokenizer, UMT5EncoderModel
 
@@ -118,7 +129,11 @@ class UMT5TextEncoder:
         tok = _local_dir(tokenizer_path or path, "data.tokenizer_path")
         self.tokenizer = AutoTokenizer.from_pretrained(tok)
         self.model = (
-            UMT5EncoderModel.from_pretrained(self.path, torch_dtype=dtype).to(device).eval()
+            UMT5EncoderModel.from_pretrained(
+                self.path, torch_dtype=dtype, **_safe(self.path, "data.text_encoder_path", allow_pickle)
+            )
+            .to(device)
+            .eval()
         )
         self.model.requires_grad_(False)
         self.device, self.dtype = device, dtype
@@ -168,6 +183,7 @@ class HunyuanTextEncoder:
         device: str = "cpu",
         dtype: torch.dtype = torch.float32,
         layers_to_skip: int = 2,
+        allow_pickle: bool = False,
     ) -> None:
         from transformers import AutoTokenizer, CLIPTextModel, LlamaModel
 
@@ -179,8 +195,12 @@ class HunyuanTextEncoder:
         self.tokenizer_2 = AutoTokenizer.from_pretrained(
             _local_dir(tokenizer_2_path or path_2, "data.tokenizer_2_path")
         )
-        self.llama = LlamaModel.from_pretrained(self.path, torch_dtype=dtype).to(device).eval()
-        self.clip = CLIPTextModel.from_pretrained(self.path_2, torch_dtype=dtype).to(device).eval()
+        safe = _safe(self.path, "data.text_encoder_path", allow_pickle)
+        safe_2 = _safe(self.path_2, "data.text_encoder_2_path", allow_pickle)
+        self.llama = LlamaModel.from_pretrained(self.path, torch_dtype=dtype, **safe).to(device).eval()
+        self.clip = (
+            CLIPTextModel.from_pretrained(self.path_2, torch_dtype=dtype, **safe_2).to(device).eval()
+        )
         self.llama.requires_grad_(False)
         self.clip.requires_grad_(False)
         self.device, self.dtype, self.layers_to_skip = device, dtype, layers_to_skip

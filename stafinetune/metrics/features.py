@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from stafinetune.metrics.video_io import as_video
+from stafinetune.safety import weights_loading_kwargs
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -153,7 +154,8 @@ class DinoFeatures(_BatchedModel):
                 f"DINO weights folder {folder} holds a {model_type!r} model; expected one of "
                 f"{self.MODEL_TYPES} (ViTModel or Dinov2Model)"
             )
-        self.model = AutoModel.from_pretrained(folder, local_files_only=True).eval()
+        safe = weights_loading_kwargs(folder, "DINO weights", allow_pickle=False, consent=None)
+        self.model = AutoModel.from_pretrained(folder, local_files_only=True, **safe).eval()
         self.model_type = model_type
         self.source = f"dino:{model_type}"
         self.batch_size = batch_size
@@ -176,18 +178,19 @@ class ClipFeatures(_BatchedModel):
         import transformers  # lazily: importing transformers takes seconds
 
         folder, config = _read_config(path, "CLIP")
+        safe = weights_loading_kwargs(folder, "CLIP weights", allow_pickle=False, consent=None)
         model_type = config.get("model_type")
         architectures = config.get("architectures") or []
         if model_type == "clip":
-            self.model = transformers.CLIPModel.from_pretrained(folder, local_files_only=True)
+            self.model = transformers.CLIPModel.from_pretrained(folder, local_files_only=True, **safe)
             self.kind, vision_config = "clip", self.model.config.vision_config
         elif model_type == "clip_vision_model" and "CLIPVisionModelWithProjection" in architectures:
             self.model = transformers.CLIPVisionModelWithProjection.from_pretrained(
-                folder, local_files_only=True
+                folder, local_files_only=True, **safe
             )
             self.kind, vision_config = "clip_vision_projection", self.model.config
         elif model_type == "clip_vision_model":
-            self.model = transformers.CLIPVisionModel.from_pretrained(folder, local_files_only=True)
+            self.model = transformers.CLIPVisionModel.from_pretrained(folder, local_files_only=True, **safe)
             self.kind, vision_config = "clip_vision_unprojected", self.model.config
         else:
             raise ValueError(

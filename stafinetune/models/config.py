@@ -43,6 +43,8 @@ class ModelConfig:
             ignored by Wan.
         config_overrides: values merged over the flavor's diffusers config when building
             without ``path`` (e.g. ``{num_layers: 4}`` for a short benchmark).
+        allow_pickle_weights: load ``.bin``/``.pt`` weights from ``path`` (and the teacher's
+            path) when no safetensors are there; pickle files can run code, so this is off.
     """
 
     flavor: str = "wan_tiny"
@@ -50,6 +52,7 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     guidance_scale: float = 6.0
     config_overrides: dict[str, Any] = field(default_factory=dict)
+    allow_pickle_weights: bool = False
 
     def __post_init__(self) -> None:
         from .flavors import FLAVORS

@@ -360,9 +360,17 @@ def resolve_transformer_dir(path: str | os.PathLike[str]) -> str:
     )
 
 
-def load_transformer(family: str, path: str | os.PathLike[str], dtype: torch.dtype) -> nn.Module:
-    """Load a diffusers transformer of ``family`` from a local directory (no hub access)."""
+def load_transformer(
+    family: str, path: str | os.PathLike[str], dtype: torch.dtype, *, allow_pickle: bool = False
+) -> nn.Module:
+    """Load a diffusers transformer of ``family`` from a local directory (no hub access;
+    safetensors only unless ``allow_pickle``)."""
+    from ..safety import weights_loading_kwargs
+
     folder = resolve_transformer_dir(path)
+    safe = weights_loading_kwargs(
+        folder, "model.path", allow_pickle=allow_pickle, consent="model.allow_pickle_weights"
+    )
     cls = _transformer_class(family)
     with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
         class_name = json.load(f).get("_class_name")
@@ -371,7 +379,7 @@ def load_transformer(family: str, path: str | os.PathLike[str], dtype: torch.dty
             f"model.path={os.fspath(path)!r} holds a {class_name}, but model.flavor is a "
             f"{family} flavor ({cls.__name__})"
         )
-    return cls.from_pretrained(folder, torch_dtype=dtype, local_files_only=True)
+    return cls.from_pretrained(folder, torch_dtype=dtype, local_files_only=True, **safe)
 
 
 def cast_like_diffusers(transformer: nn.Module, dtype: torch.dtype) -> None:
@@ -443,7 +451,9 @@ def build_model(
     flavor = get_flavor(model_cfg.flavor)
     device = torch.device(device)
     if model_cfg.path is not None:
-        transformer = load_transformer(flavor.family, model_cfg.path, dtype).to(device)
+        transformer = load_transformer(
+            flavor.family, model_cfg.path, dtype, allow_pickle=model_cfg.allow_pickle_weights
+        ).to(device)
     else:
         config = {**flavor.config, **dict(model_cfg.config_overrides)}
         cls = _transformer_class(flavor.family)

@@ -236,7 +236,7 @@ class MaskStrategy:
         try:
             with open(path, encoding="utf-8") as f:
                 raw = json.load(f)
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise StrategyError(f"{source}: not valid JSON ({err})") from err
         if not isinstance(raw, dict):
             raise StrategyError(f"{source}: top level must be a JSON object")

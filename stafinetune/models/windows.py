@@ -18,7 +18,8 @@ class WindowPlan:
 
     Attributes:
         train: (L, H, 3) int64 windows for ``step_index=None``; ``None`` means dense.
-        steps: (num_steps, L, H, 3) int64 per-step windows from a strategy file, or ``None``.
+        steps: (num_steps, L, H, 3) int64 per-step windows from a strategy file, or ``None``;
+            a strategy of one step applies at every step.
         dense_first_steps: steps ``< dense_first_steps`` run dense.
         source: the config field the windows came from (for error messages).
         canvas: the token canvas a strategy file was searched for, if any.
@@ -42,6 +43,8 @@ class WindowPlan:
             return None
         if self.steps is None:
             return self.train
+        if self.steps.shape[0] == 1:  # a step-independent strategy (what training exports)
+            return self.steps[0]
         if step_index >= self.steps.shape[0]:
             raise ValueError(
                 f"step_index={step_index} but the mask strategy ({self.source}) has "

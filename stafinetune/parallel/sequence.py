@@ -145,6 +145,13 @@ class SequenceParallel:
         x = x.permute(1, 0, 2, 3, 4).reshape(b, p * s_loc, h // p, d)
         return x[:, :seq]
 
+    def to_heads(self, x: torch.Tensor, seq: int) -> torch.Tensor:
+        """(B, S_loc + L, H, D) local video shard then text -> (B, seq + L, H/P, D): the whole
+        video sequence and the text, this rank's heads (what its STA call sees)."""
+        s_loc = self.shard_len(seq)
+        video = self.seq_to_heads(x[:, :s_loc], seq)  # (B, S, H/P, D)
+        return torch.cat([video, x[:, s_loc:, self.heads(x.shape[2])]], dim=1)
+
     def heads_to_seq(self, x: torch.Tensor, s_loc: int) -> torch.Tensor:
         """(B, S, H/P, D) whole sequence, this rank's heads -> (B, S_loc, H, D) shard."""
         b, seq, hp, d = x.shape
@@ -204,12 +211,8 @@ class UlyssesAttention(nn.Module):
         seq = canvas[0] * canvas[1] * canvas[2]
         s_loc = sp.shard_len(seq)
         heads = sp.heads(q.shape[2])
-        whole = []
-        for x in (q, k, v):
-            video = sp.seq_to_heads(x[:, :s_loc], seq)  # (B, S, H/P, D)
-            whole.append(torch.cat([video, x[:, s_loc:, heads]], dim=1))  # text: own heads
         o = self.inner(
-            *whole,
+            *(sp.to_heads(x, seq) for x in (q, k, v)),  # (B, S + L, H/P, D)
             canvas=canvas,
             text_len=text_len,
             window=None if window is None else window[heads],

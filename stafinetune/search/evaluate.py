@@ -264,13 +264,26 @@ class SearchStore(ActivationStore):
         """Add layer ``layer``'s per-head candidate errors (dense ``o``: (B, S, H, D))."""
         if not self.active:
             return
+        heads = self.heads
+        sp = getattr(state.attention, "sp", None)  # sequence parallel: own heads, whole sequence
+        if sp is not None:
+            seq = math.prod(state.canvas)
+            offset = sp.heads(o.shape[2]).start
+            qkv = tuple(sp.to_heads(x.detach(), seq) for x in qkv)  # type: ignore[assignment]
+            o = sp.to_heads(o.detach(), seq)
+            heads = [h - offset for h in heads]
+            if min(heads) < 0 or max(heads) >= o.shape[2]:
+                raise ValueError(
+                    f"under sequence parallelism a rank scores only its own heads "
+                    f"{list(range(offset, offset + o.shape[2]))}, got {self.heads}"
+                )
         dtype = common_dtype(*qkv)  # as STAAttention: q, k may leave an RMSNorm in fp32
-        q, k, v = (_take_heads(x.detach(), self.heads).to(dtype) for x in qkv)  # (B, S, h, D)
+        q, k, v = (_take_heads(x.detach(), heads).to(dtype) for x in qkv)  # (B, S, h, D)
         errors = candidate_errors(
             q,
             k,
             v,
-            _take_heads(o.detach(), self.heads),
+            _take_heads(o.detach(), heads),
             canvas=state.canvas,
             tile=self.tile,
             candidates=self.candidates,

@@ -16,7 +16,7 @@ from stafinetune.config import TrainConfig
 from stafinetune.data import DataConfig, build_text_encoder
 from stafinetune.generate import default_prompts, generate, prompt_noise, read_prompts
 from stafinetune.metrics import read_video
-from stafinetune.models import AttentionConfig, MaskStrategy
+from stafinetune.models import AttentionConfig, MaskStrategy, ModelConfig, build_model
 from stafinetune.sampling import ClassifierFreeGuidance, sample_latents
 from stafinetune.weights import Weights, inference_attention, load_model, resolve_weights
 
@@ -142,7 +142,8 @@ def test_a_one_step_strategy_holds_at_every_step_and_others_must_match(tmp_path:
     one = tmp_path / "one.json"
     MaskStrategy.from_tensor(windows, canvas=[5, 8, 8], tile=tile, candidates=[[3, 3, 3]]).save(one)
     attention = inference_attention(dataclasses.replace(STA, strategy_path=str(one)), steps=20)
-    assert attention.strategy_path is None and attention.head_windows == windows[0].tolist()
+    plan = build_model(ModelConfig(flavor="wan_tiny"), attention).plan
+    assert all(torch.equal(plan.windows_for_step(i), windows[0]) for i in range(20))
     four = tmp_path / "four.json"
     MaskStrategy.from_tensor(windows.expand(4, 2, 4, 3), canvas=[5, 8, 8], tile=tile,
                              candidates=[[3, 3, 3]]).save(four)  # fmt: skip

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TORCHRUN, assert_close, losses, run_training, val_gap
+from parallel_testing import TORCHRUN, assert_close, losses, run_training, val_gap
 from safetensors.torch import load_file
 
 HERE = Path(__file__).parent
@@ -117,3 +117,25 @@ def test_sp_must_divide_processes_and_heads(tmp_path, data_root, extensions_dir)
     )  # fmt: skip
     assert proc.returncode != 0
     assert "parallel.sp=2 must divide the number of launched processes (1)" in proc.stderr
+
+
+def test_search_under_sequence_parallelism_matches_one_process(tmp_path, data_root, extensions_dir):
+    # each rank scores its own heads on the whole sequence; the gathered tables select the same
+    args = ["search.budget=0.3", "search.steps=2", "search.num_samples=2", "logging=none",
+            f"data.root={data_root}", "data.num_clips=16", "data.num_workers=0", "device=cpu"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name, prefix in (("one", [sys.executable, "-m"]),
+                         ("sp2", [TORCHRUN, "--standalone", "--nproc-per-node=2", "-m"])):  # fmt: skip
+        extra = ["parallel.sp=2"] if name == "sp2" else []
+        proc = subprocess.run(
+            [*prefix, "stafinetune.search", f"hydra.run.dir={tmp_path / name}", *args, *extra],
+            capture_output=True, text=True, timeout=600, env=env,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    one, sp2 = (
+        json.loads((tmp_path / n / "mask_strategy.json").read_text()) for n in ("one", "sp2")
+    )
+    assert one["windows"] == sp2["windows"] and one["train_windows"] == sp2["train_windows"]
+    errors = [json.loads((tmp_path / n / "search_errors.json").read_text()) for n in ("one", "sp2")]
+    a, b = (torch.tensor(e["rel_l2"], dtype=torch.float64) for e in errors)
+    assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-7, equal_nan=True)
