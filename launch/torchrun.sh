@@ -13,6 +13,8 @@ else
 fi
 # NVLink SHARP multicast stays off: it is not needed here and can wedge shared hosts.
 export NCCL_NVLS_ENABLE="${NCCL_NVLS_ENABLE:-0}"
+# on SIGTERM torchrun passes the signal on and gives the ranks this long to checkpoint
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-300}"
 run_dir=(hydra.run.dir="${RUN_DIR:-outputs/torchrun-$(date +%Y%m%d-%H%M%S)}")
 for arg in "$@"; do [[ "$arg" == hydra.run.dir=* ]] && run_dir=(); done  # the user's wins
 if [[ -n "${NNODES:-}" && "${NNODES}" != 1 ]]; then

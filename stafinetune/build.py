@@ -19,6 +19,7 @@ import torch
 
 from .config import DistillConfig, JobConfig
 from .data import DataConfig, TrainLoader, build_train_loader, prepare_data
+from .errors import user_errors
 from .models import AttentionConfig, ModelConfig, VideoDiT, build_model
 from .models.dit import cast_like_diffusers, model_patch_size, token_canvas
 from .parallel import ParallelDims
@@ -43,6 +44,26 @@ def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextMana
     if bf16 and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def check_attention_backend(
+    attention_cfg: AttentionConfig, device: torch.device, *, training: bool
+) -> None:
+    """Fail at start-up when the STA backend cannot run the job on ``device``.
+
+    torch's ``flex_attention`` has no CPU backward: ``flex`` trains only on CUDA (it samples
+    on the CPU). The triton backend's own device check happens when the model is built.
+    """
+    if (
+        attention_cfg.mode == "sta"
+        and attention_cfg.backend == "flex"
+        and device.type == "cpu"
+        and training
+    ):
+        raise ValueError(
+            "attention.backend=flex cannot train on the CPU (torch's flex_attention has no CPU "
+            "backward); use attention.backend=auto or reference on the CPU, flex or triton on CUDA"
+        )
 
 
 def check_data_geometry(data_cfg: DataConfig, model_cfg: ModelConfig) -> list[tuple[int, int, int]]:
@@ -120,18 +141,25 @@ def validation_batches(
 
 
 def build_data(job: JobConfig, dims: ParallelDims) -> RunData:
-    """Check the geometry, prepare the cache (every rank encodes its share) and open the loaders."""
-    canvases = check_data_geometry(job.data, job.model)
+    """Check the geometry, prepare the cache (every rank encodes its share) and open the loaders.
+
+    Raises:
+        UserError: a geometry the model cannot patch, a missing or empty source, no usable
+            sample, a batch larger than every bucket.
+    """
+    with user_errors():  # config checks only: encoding errors stay bugs
+        canvases = check_data_geometry(job.data, job.model)
     cache_dir = prepare_data(
         job.data, rank=dims.rank, world_size=dims.world_size, verbose=dims.is_main
     )
-    loader = build_train_loader(
-        job.data,
-        batch_size=job.train.batch_size,
-        seed=job.train.seed,
-        dp_rank=dims.dp_rank,
-        dp_size=dims.dp_size,
-    )
+    with user_errors():
+        loader = build_train_loader(
+            job.data,
+            batch_size=job.train.batch_size,
+            seed=job.train.seed,
+            dp_rank=dims.dp_rank,
+            dp_size=dims.dp_size,
+        )
     val = validation_batches(job.data, batch_size=job.train.batch_size, seed=job.train.seed)
     return RunData(cache_dir=cache_dir, loader=loader, val_batches=val, canvases=canvases)
 
@@ -175,7 +203,8 @@ def teacher_device(distill_cfg: DistillConfig, student_device: torch.device) -> 
 def build_teacher(job: JobConfig, student_device: torch.device) -> VideoDiT | None:
     """The frozen dense teacher, or None when no loss term needs it.
 
-    Its weights: ``distill.teacher_path``, else ``model.path``, else the student's initial
+    Its weights: ``distill.teacher_path``, else ``model.path``, else (only with
+    ``distill.allow_random_teacher``, which the config check demands) the student's initial
     weights (the same flavor built from the same seed).
     """
     dcfg = job.distill

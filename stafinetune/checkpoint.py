@@ -7,13 +7,17 @@ Layout of one checkpoint, ``<run>/checkpoints/step_00000100/``::
     optimizer.{json,safetensors} optimiser state: structure as JSON, tensors as safetensors
     trainer.json                step and scheduler state
     rank_00000.{json,safetensors} ... per-rank RNG states and data-loader position
-    meta.json                   step, time, world size, format (written last)
+    meta.json                   step, time, world size, format, the run's resolved config
+                                and every file's size (written last)
 
 Every state that is not a plain weight dict is stored as a JSON tree plus a safetensors file
 (:func:`save_tree` / :func:`load_tree`): loading a checkpoint parses JSON and reads raw
 tensors, so a crafted checkpoint cannot run code. A checkpoint is written into
 ``step_XXXXXXXX.tmp`` and renamed into place only once every file is flushed to disk, so a
-crash mid-write never leaves a checkpoint that looks complete.
+crash mid-write never leaves a checkpoint that looks complete; a write that fails (a full
+disk) removes the temporary folder and says where and why. A checkpoint damaged later (a
+truncated copy) fails :func:`verify_checkpoint`, and ``train.resume=auto`` falls back to the
+newest complete one.
 
 :class:`CheckpointManager` is what the training loop talks to: ``should_save(step)``,
 ``save(step, state)``, ``resume(state)``. The state it saves is a :class:`TrainState` of
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import pickle
 import random
@@ -39,7 +44,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .errors import UserError
 from .parallel import ParallelDims, barrier, broadcast_object
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -236,6 +244,85 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def _safetensors_problem(path: Path) -> str | None:
+    """Why a safetensors file cannot be whole (its header says how long it must be)."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            if not 0 < length <= size - 8:
+                return f"{path.name} has a broken header"
+            header = json.loads(handle.read(length))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
+                  default=0)  # fmt: skip
+    except (ValueError, KeyError, TypeError, IndexError):
+        return f"{path.name} has a broken header"
+    if size != 8 + length + end:
+        return f"{path.name} has {size} bytes, its header needs {8 + length + end}"
+    return None
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """What is wrong with checkpoint ``path``, or None when it is complete as written.
+
+    Every JSON file must parse, and every file must have the size recorded in ``meta.json``
+    (older checkpoints: every safetensors file the size its header gives).
+    """
+    for file in sorted(path.glob("*.json")):
+        try:
+            json.loads(file.read_text())
+        except (OSError, ValueError):
+            return f"{file.name} is not valid JSON"
+    meta = json.loads((path / "meta.json").read_text())
+    for name, size in (meta.get("files") or {}).items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, {size} were written"
+    for file in sorted(path.glob("*.safetensors")):
+        problem = _safetensors_problem(file)
+        if problem:
+            return problem
+    return None
+
+
+def _newest_complete(folder: Path, skipped: list[str]) -> Path | None:
+    """The newest checkpoint under ``folder`` that verifies; damaged ones go to ``skipped``."""
+    for path in reversed(list_checkpoints(folder)):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path
+        skipped.append(f"{path} ({problem})")
+    return None
+
+
+def _choose(resume: str, ckpt_dir: Path) -> tuple[Path | None, list[str]]:
+    """(checkpoint, damaged ones skipped) for ``train.resume`` (not never); raises on errors."""
+    skipped: list[str] = []
+    if resume == "auto":
+        choice = _newest_complete(ckpt_dir, skipped)
+        if choice is None and skipped:
+            raise ValueError(
+                f"train.resume=auto: no complete checkpoint in {ckpt_dir}; damaged: "
+                + "; ".join(skipped)
+            )
+        return choice, skipped
+    given = Path(resume).expanduser()
+    if (given / "meta.json").is_file():
+        problem = verify_checkpoint(given)
+        if problem:
+            raise ValueError(f"train.resume={resume!r}: checkpoint {given} is damaged: {problem}")
+        return given, skipped
+    choice = _newest_complete(given, skipped) or _newest_complete(given / "checkpoints", skipped)
+    if choice is None:
+        damaged = f"; damaged: {'; '.join(skipped)}" if skipped else ""
+        raise FileNotFoundError(
+            f"train.resume={resume!r}: no complete checkpoint found there{damaged}"
+        )
+    return choice, skipped
+
+
 def check_trusted(path: Path, run_dir: Path, *, pickles: bool, trust: bool) -> None:
     """Refuse to hand a checkpoint from outside ``run_dir`` to an engine that unpickles it.
 
@@ -254,24 +341,25 @@ def check_trusted(path: Path, run_dir: Path, *, pickles: bool, trust: bool) -> N
 def resolve_resume(resume: str | None, ckpt_dir: Path, is_main: bool) -> Path | None:
     """Turn ``train.resume`` into a checkpoint path, agreed on by every rank.
 
-    ``None``/"never": start fresh. "auto": the latest checkpoint in this run, if any.
-    Anything else: a checkpoint directory, or a run/checkpoints directory whose latest is used.
+    ``None``/"never": start fresh. "auto": the newest complete checkpoint in this run, if any
+    (damaged newer ones are skipped with a warning). Anything else: a checkpoint directory, or
+    a run/checkpoints directory whose newest complete checkpoint is used. Rank 0 decides and
+    every rank raises the same error (FileNotFoundError: nothing there; ValueError: damaged).
     """
-    choice: Path | None = None
+    answer: tuple[Path | None, list[str], BaseException | None] = (None, [], None)
     if is_main and resume not in (None, "never", ""):
-        if resume == "auto":
-            choice = latest_checkpoint(ckpt_dir)
-        else:
-            given = Path(resume).expanduser()
-            if (given / "meta.json").is_file():
-                choice = given
-            else:
-                choice = latest_checkpoint(given) or latest_checkpoint(given / "checkpoints")
-                if choice is None:
-                    raise FileNotFoundError(
-                        f"train.resume={resume!r}: no complete checkpoint found there"
-                    )
-    return broadcast_object(choice)  # type: ignore[return-value]
+        try:
+            answer = (*_choose(resume, ckpt_dir), None)
+        except (FileNotFoundError, ValueError) as err:
+            answer = (None, [], err)
+    choice, skipped, error = broadcast_object(answer)  # type: ignore[misc]
+    if error is not None:
+        raise error
+    if is_main and skipped:
+        log.warning(
+            "skipping damaged checkpoint(s): %s; resuming from %s", "; ".join(skipped), choice
+        )
+    return choice
 
 
 # --------------------------------------------------------------------- what is saved
@@ -303,6 +391,22 @@ class TrainState:
         return {name: get() for name, (get, _) in self.rank.items()}
 
 
+class CheckpointWriteError(UserError):
+    """A checkpoint could not be written (full disk, no permission); names the folder."""
+
+
+# What torch's zip writer says when the disk fills up under it (it hides the OSError).
+_WRITE_FAILURES = ("unexpected pos", "file write failed", "No space left", "Disk quota")
+
+
+def _human(nbytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if nbytes < 1024:
+            return f"{nbytes:.0f} {unit}"
+        nbytes /= 1024
+    return f"{nbytes:.1f} TiB"
+
+
 class CheckpointManager:
     """Saves and restores a :class:`TrainState` under ``<run>/checkpoints``.
 
@@ -311,13 +415,60 @@ class CheckpointManager:
         dims: the run's parallel degrees (rank 0 writes the global parts).
         every: save every this many optimiser steps (0: only at the end).
         keep_last: complete checkpoints kept; older ones are removed after a save.
+        config: the run's resolved config, stored in every ``meta.json`` (so a resume from
+            another folder can compare it).
     """
 
-    def __init__(self, ckpt_dir: Path, dims: ParallelDims, *, every: int, keep_last: int) -> None:
+    def __init__(
+        self,
+        ckpt_dir: Path,
+        dims: ParallelDims,
+        *,
+        every: int,
+        keep_last: int,
+        config: dict[str, Any] | None = None,
+    ) -> None:
         self.ckpt_dir = ckpt_dir
         self.dims = dims
         self.every = every
         self.keep_last = keep_last
+        self.config = config
+
+    def check_writable(self) -> None:
+        """Create the folder and write, sync and delete a probe file (every rank, its own).
+
+        Raises:
+            CheckpointWriteError: naming the folder, at start-up rather than at the first save.
+        """
+        probe = self.ckpt_dir / f".write_test_rank{self.dims.rank:05d}"
+        try:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            with open(probe, "wb") as handle:
+                handle.write(b"stafinetune")
+                handle.flush()
+                os.fsync(handle.fileno())
+            probe.unlink()
+        except OSError as err:
+            raise CheckpointWriteError(
+                f"cannot write checkpoints to {self.ckpt_dir}: {err.strerror or err} "
+                "(the run directory must be writable: hydra.run.dir=...)"
+            ) from err
+
+    def check_free_space(self, nbytes: int) -> None:
+        """Refuse to start when one checkpoint of about ``nbytes`` does not fit on the disk;
+        warn when the ``keep_last`` + 1 that rotation holds at once do not."""
+        free = shutil.disk_usage(self.ckpt_dir).free
+        if free < nbytes:
+            raise CheckpointWriteError(
+                f"{self.ckpt_dir} has {_human(free)} free but one checkpoint needs about "
+                f"{_human(nbytes)}"
+            )
+        if free < nbytes * (self.keep_last + 1) and self.dims.is_main:
+            log.warning(
+                "%s has %s free; train.keep_last=%d checkpoints of about %s each (plus the one "
+                "being written) may not fit",
+                self.ckpt_dir, _human(free), self.keep_last, _human(nbytes),
+            )  # fmt: skip
 
     def should_save(self, step: int, last: int) -> bool:
         """Save on the cadence and at the last step of the run (``last``)."""
@@ -325,10 +476,40 @@ class CheckpointManager:
 
     def save(self, step: int, state: TrainState, rank_state: dict[str, Any] | None = None) -> Path:
         """Write one checkpoint atomically (every rank calls this); ``rank_state`` overrides this
-        rank's current parts (a NaN stop saves the state before the bad step)."""
-        rank, main = self.dims.rank, self.dims.is_main
+        rank's current parts (a NaN stop saves the state before the bad step).
+
+        Raises:
+            CheckpointWriteError: the disk is full or the folder unwritable; the temporary
+                folder is removed (any other error removes it too and propagates).
+        """
         final = self.ckpt_dir / f"step_{step:08d}"
         tmp = self.ckpt_dir / f"step_{step:08d}.tmp"
+        try:
+            self._write(step, state, rank_state, tmp, final)
+        except BaseException as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            failed = isinstance(err, OSError) or any(m in str(err) for m in _WRITE_FAILURES)
+            if not isinstance(err, Exception) or not failed:
+                raise
+            try:
+                free = _human(shutil.disk_usage(self.ckpt_dir).free)
+            except OSError:
+                free = "unknown space"
+            raise CheckpointWriteError(
+                f"could not write checkpoint {final}: {err} ({free} free on {self.ckpt_dir}); "
+                f"the partial folder {tmp.name} was removed"
+            ) from err
+        return final
+
+    def _write(
+        self,
+        step: int,
+        state: TrainState,
+        rank_state: dict[str, Any] | None,
+        tmp: Path,
+        final: Path,
+    ) -> None:
+        rank, main = self.dims.rank, self.dims.is_main
         if main:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             if tmp.exists():
@@ -354,12 +535,15 @@ class CheckpointManager:
                     save_file(flat, str(tmp / f"{name}.safetensors"))
             for name, (get, _) in state.trees.items():
                 save_tree(tmp / name, get())
-            meta = {"step": step, "world_size": self.dims.world_size, "time": time.time(),
-                    "format": FORMAT_VERSION}  # fmt: skip
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
             for path in tmp.rglob("*"):
                 if path.is_file():
                     _fsync_file(path)
+            files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*"))
+                     if p.is_file()}  # fmt: skip
+            meta = {"step": step, "world_size": self.dims.world_size, "time": time.time(),
+                    "format": FORMAT_VERSION, "config": self.config, "files": files}  # fmt: skip
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+            _fsync_file(tmp / "meta.json")
             _fsync_dir(tmp)
             if final.exists():
                 shutil.rmtree(final)
@@ -368,7 +552,6 @@ class CheckpointManager:
             for old in list_checkpoints(self.ckpt_dir)[: -self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         barrier()
-        return final
 
     def load(self, path: Path, state: TrainState) -> int:
         """Restore every part of ``state`` from checkpoint ``path``; returns its step."""

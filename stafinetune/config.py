@@ -9,12 +9,14 @@ passes explicit objects down.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .data.config import DataConfig
 from .models.config import AttentionConfig, ModelConfig
@@ -49,6 +51,7 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 100  # 0: only the final checkpoint
     keep_last: int = 2  # checkpoints kept on disk
+    ckpt_minutes: float = 0.0  # also checkpoint when this many minutes passed since the last; 0 off
     resume: str = "auto"  # auto (latest in this run dir) | never | <checkpoint or run dir>
     # parallel=zero2/zero3 checkpoints are DeepSpeed's pickle files: resuming one from outside
     # this run directory needs this consent (they can run code when loaded)
@@ -94,6 +97,7 @@ class TrainConfig:
         _check(self.log_every >= 1, f"train.log_every must be >= 1, got {self.log_every}")
         _check(self.ckpt_every >= 0, f"train.ckpt_every must be >= 0, got {self.ckpt_every}")
         _check(self.keep_last >= 1, f"train.keep_last must be >= 1, got {self.keep_last}")
+        _check(self.ckpt_minutes >= 0, f"train.ckpt_minutes must be >= 0, got {self.ckpt_minutes}")
         _check(self.val_every >= 0, f"train.val_every must be >= 0, got {self.val_every}")
         _check(self.sample_steps >= 0, f"train.sample_steps must be >= 0, got {self.sample_steps}")
         _check(self.num_samples >= 1, f"train.num_samples must be >= 1, got {self.num_samples}")
@@ -109,6 +113,8 @@ class DistillConfig:
     loss = w_attn * mean over layers of MSE(student STA attention output, teacher dense
     attention output) + w_out * MSE(student output, teacher output) + w_data * flow-matching
     MSE against the data. With w_attn = w_out = 0 no teacher is built (plain finetuning).
+    A teacher needs weights (``teacher_path`` or ``model.path``): distilling from the
+    student's own random initialisation is refused unless ``allow_random_teacher`` (tests).
     """
 
     w_data: float = 1.0
@@ -120,6 +126,7 @@ class DistillConfig:
     teacher_path: str | None = None  # local diffusers dir; None = the student's model.path
     teacher_dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     teacher_device: str = "same"  # same (the student's device) | cpu | cuda:N
+    allow_random_teacher: bool = False  # distil from random weights when no path is set (tests)
 
     @property
     def needs_teacher(self) -> bool:
@@ -255,6 +262,15 @@ class JobConfig:
                 "distill.w_attn/w_out > 0 distil an STA student from a dense teacher, "
                 f"but attention.mode={self.attention.mode!r}",
             )
+            _check(
+                self.model.path is not None
+                or self.distill.teacher_path is not None
+                or self.distill.allow_random_teacher,
+                "distill.w_attn/w_out > 0 need a trained teacher, but neither model.path nor "
+                "distill.teacher_path is set: the teacher would be the student's own random "
+                f"weights (model.flavor={self.model.flavor}). Set one of them, use distill=none, "
+                "or distill.allow_random_teacher=true (for tests)",
+            )
         _check(
             self.parallel.sp == 1 or self.distill.teacher_device == "same",
             f"parallel.sp={self.parallel.sp} runs the teacher under the same sequence split, so "
@@ -281,8 +297,12 @@ def register_configs() -> None:
 def to_job_config(cfg: DictConfig) -> JobConfig:
     """Validate a composed config and turn it into dataclass objects.
 
-    Raises ValueError naming the first bad field, or every mandatory (``???``) field left unset.
+    Raises ValueError naming the first bad field, every mandatory (``???``) field left unset,
+    or a key that a typed group has no field for (``+train.stepz=10``).
     """
+    unknown = _unknown_keys(cfg, "")
+    if unknown:
+        raise ValueError("; ".join(unknown))
     missing = set(OmegaConf.missing_keys(cfg))
     for key in cfg.get("required", []):
         if OmegaConf.select(cfg, key, default=None, throw_on_missing=False) is None:
@@ -294,6 +314,32 @@ def to_job_config(cfg: DictConfig) -> JobConfig:
             f"(pass them as overrides, e.g. {missing[0]}=...)"
         )
     return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+def _unknown_keys(node: Any, prefix: str) -> list[str]:
+    """One message per key of a dataclass-typed node that its dataclass has no field for
+    (Hydra's ``+group.key=value`` adds such keys silently); free-form dicts take any key."""
+    problems: list[str] = []
+    if isinstance(node, ListConfig):
+        for i in range(len(node)):
+            if not OmegaConf.is_interpolation(node, i):
+                problems += _unknown_keys(node[i], f"{prefix}{i}.")
+        return problems
+    if not isinstance(node, DictConfig):
+        return problems
+    schema = OmegaConf.get_type(node)
+    names = (
+        [f.name for f in dataclasses.fields(schema)] if dataclasses.is_dataclass(schema) else None
+    )
+    for key in node.keys():
+        path = f"{prefix}{key}"
+        if names is not None and key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else ""
+            problems.append(f"unknown config key {path} (no such field in {schema.__name__}{hint})")
+        elif not OmegaConf.is_interpolation(node, key):
+            problems += _unknown_keys(node[key], f"{path}.")
+    return problems
 
 
 def compose_job_config(overrides: list[str] | None = None, *, validate: bool = True) -> Any:

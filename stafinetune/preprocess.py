@@ -14,6 +14,7 @@ the shards; they meet through files, so no process group is needed::
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import torch
@@ -22,20 +23,31 @@ from .build import check_data_geometry
 from .cli import hydra_command
 from .config import JobConfig
 from .data import prepare_data
+from .data.preprocess import summary_line
+from .errors import UserError, user_errors
 from .parallel import launcher_coordinates
 
 
 def run(job: JobConfig, default_run_dir: Path) -> None:
-    """Encode this process's share of the cache; rank 0 prints the cache folder last."""
-    rank, world_size, local_rank = launcher_coordinates()
-    check_data_geometry(job.data, job.model)  # before any encoding
+    """Encode this process's share of the cache; rank 0 prints the cache folder last.
+
+    Raises:
+        UserError: bad data geometry or device, a missing or empty source, or a source whose
+            every record was skipped (the reasons are in ``bad_inputs.jsonl``).
+    """
+    with user_errors():
+        rank, world_size, local_rank = launcher_coordinates()
+        check_data_geometry(job.data, job.model)  # before any encoding
     data = job.data
     if data.device == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("data.device=cuda but no CUDA device is visible")
+            raise UserError("data.device=cuda but no CUDA device is visible")
         torch.cuda.set_device(local_rank)
         data = dataclasses.replace(data, device=f"cuda:{local_rank}")
     cache_dir = prepare_data(data, rank=rank, world_size=world_size, verbose=job.logging.progress)
+    info = json.loads((cache_dir / "cache.json").read_text())
+    if info["kept"] == 0:
+        raise UserError(f"{summary_line(info, cache_dir)}: every record was skipped")
     if rank == 0:
         print(cache_dir, flush=True)
 

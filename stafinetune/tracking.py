@@ -10,6 +10,7 @@ import json
 import math
 import numbers
 import os
+import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,8 @@ class WandbTracker:
             or "offline".
         directory: where wandb writes its run folder (``<directory>/wandb/...``).
         config: the resolved job config, stored with the run.
+        resume: continue the wandb run whose id this directory stored (a resumed training
+            run); otherwise a new id is stored in ``<directory>/wandb/run_id``.
     """
 
     def __init__(
@@ -62,6 +65,7 @@ class WandbTracker:
         mode: str,
         directory: Path,
         config: dict[str, Any],
+        resume: bool = False,
     ) -> None:
         import wandb
 
@@ -70,7 +74,16 @@ class WandbTracker:
             mode = "online" if _has_wandb_key() else "offline"
         self.mode = mode
         directory.mkdir(parents=True, exist_ok=True)
+        id_file = directory / "wandb" / "run_id"
+        if resume and id_file.is_file():
+            run_id = id_file.read_text().strip()
+        else:
+            run_id = secrets.token_hex(4)  # wandb's id alphabet: [a-z0-9]
+            id_file.parent.mkdir(parents=True, exist_ok=True)
+            id_file.write_text(run_id + "\n")
         self.run = wandb.init(
+            id=run_id,
+            resume="allow",
             project=project,
             entity=entity,
             name=name,
@@ -198,11 +211,13 @@ def build_tracker(
     group: str | None = None,
     tags: list[str] | None = None,
     mode: str = "auto",
+    resume: bool = False,
 ) -> NullTracker | JsonlTracker:
     """The tracker of this process.
 
     Rank 0 writes ``<directory>/metrics.jsonl`` and, with ``backend="wandb"``, a wandb run
-    under ``<directory>/wandb``; other ranks get a NullTracker.
+    under ``<directory>/wandb`` (``resume``: the run this directory logged to before, so a
+    resumed training run keeps one wandb run); other ranks get a NullTracker.
     """
     if not is_main:
         return NullTracker()
@@ -219,5 +234,6 @@ def build_tracker(
         mode=mode,
         directory=directory,
         config=config,
+        resume=resume,
     )
     return JsonlTracker(directory / "metrics.jsonl", inner)

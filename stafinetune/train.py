@@ -1,17 +1,22 @@
 """``stafinetune-train`` / ``python -m stafinetune.train``: distil (or finetune) a video DiT.
 
 Under torchrun every rank composes the same config, writes its own ``.hydra/rank<N>`` and
-``train_rank<N>.log``, and uses rank 0's output directory as the shared run directory.
+``train_rank<N>.log``, and uses rank 0's output directory as the shared run directory (a
+rank whose Hydra made another folder moves its files there). The start-up summary, the
+closing summary and any error also go to the rank's log.
 """
 
 from __future__ import annotations
 
+import signal
+import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from .cli import hydra_command
+from .cli import echo, hydra_command, share_run_dir
 from .config import JobConfig, resolved_dict
+from .errors import user_errors
 from .parallel import broadcast_object, cleanup, init_world
 from .trainer import Trainer, TrainResult
 
@@ -46,19 +51,34 @@ def summary(result: TrainResult) -> str:
 
 
 def run(job: JobConfig, default_run_dir: Path) -> None:
-    """Train with a validated config; prints where everything went on rank 0."""
-    world = init_world(job.train.device, process_group=job.parallel.strategy != "ddp")
+    """Train with a validated config; prints where everything went on rank 0.
+
+    A run stopped by SIGTERM / SIGUSR1 saves a checkpoint and exits with 128 + the signal's
+    number (143 for SIGTERM), so schedulers see that it did not finish.
+    """
+    with user_errors():  # train.device=cuda without a GPU, a launcher's bad RANK
+        world = init_world(job.train.device, process_group=job.parallel.strategy != "ddp")
     run_dir = Path(job.run_dir) if job.run_dir else default_run_dir
     run_dir = Path(broadcast_object(str(run_dir.resolve())))
-    if world.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(OmegaConf.create(resolved_dict(job)), run_dir / "config.yaml")
+    share_run_dir(default_run_dir, run_dir)
     try:
-        result = Trainer(job, run_dir, world).fit()
+        trainer = Trainer(job, run_dir, world)  # checks a resume against the old config.yaml
+        if world.is_main:
+            echo(trainer.describe())
+            OmegaConf.save(OmegaConf.create(resolved_dict(job)), run_dir / "config.yaml")
+        result = trainer.fit()
     finally:
         cleanup()
     if world.is_main:
-        print(summary(result), flush=True)
+        echo(summary(result))
+    if result.stopped_by is not None:
+        if world.is_main:
+            echo(
+                f"stopped by {result.stopped_by} at step {result.step}: checkpoint "
+                f"{result.last_checkpoint}; run the same command to resume",
+                error=True,
+            )
+        sys.exit(128 + getattr(signal, result.stopped_by, signal.SIGTERM))
 
 
 main = hydra_command(run)

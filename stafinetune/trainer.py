@@ -27,6 +27,7 @@ from .build import (
     build_data,
     build_student,
     build_teacher,
+    check_attention_backend,
     check_data_fits_model,
     teacher_device,
     use_bf16,
@@ -42,6 +43,7 @@ from .checkpoint import (
 from .config import JobConfig, resolved_dict
 from .data import build_video_encoder
 from .distill import DistillStep
+from .errors import UserError, user_errors
 from .evaluate import Validator
 from .models import MaskStrategy
 from .models.dit import save_transformer_state
@@ -50,13 +52,25 @@ from .parallel import ParallelDims, World, all_reduce_mean, barrier, init_world,
 from .parallel.engine import build_engine, deepspeed_config
 from .parallel.parallelize import parallelize_teacher
 from .profiling import AttentionTimer
+from .runs import (
+    StopSignals,
+    apply_optimizer_settings,
+    check_resume_config,
+    cut_logs,
+    optimizer_settings,
+    resume_point,
+)
 from .tracking import build_tracker
 
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(FloatingPointError):
-    """Raised when a loss or gradient norm is NaN/inf; a checkpoint of the last good state exists."""
+class NonFiniteLossError(UserError, FloatingPointError):
+    """Raised when a loss or gradient norm is NaN/inf; a checkpoint of the last good state exists.
+
+    A UserError: the command prints its message (what to change, where the checkpoint is) in
+    one line and exits with code 2.
+    """
 
 
 @dataclass
@@ -70,6 +84,7 @@ class TrainResult:
     last_checkpoint: Path | None = None
     export_dir: Path | None = None
     tracker_dir: Path | None = None
+    stopped_by: str | None = None  # the signal that stopped the run early (e.g. SIGTERM)
 
 
 class Trainer:
@@ -90,12 +105,24 @@ class Trainer:
             dp_replicate=pcfg.dp_replicate,
         )  # fmt: skip
         self.device = self.dims.device
+        with user_errors():
+            check_attention_backend(job.attention, self.device, training=True)
+        self.checkpoints = CheckpointManager(
+            run_dir / "checkpoints", self.dims, every=tcfg.ckpt_every, keep_last=tcfg.keep_last,
+            config=resolved_dict(job),
+        )  # fmt: skip
+        self.checkpoints.check_writable()  # at start-up, not at the first save hours later
+        with user_errors():  # before any data work: the run-directory and resume-config rules
+            resumed = resolve_resume(tcfg.resume, self.checkpoints.ckpt_dir, self.dims.is_main)
+            resumed = resume_point(run_dir, tcfg.resume, resumed)
+            changes = check_resume_config(resumed, self.checkpoints.config) if resumed else []
         torch.manual_seed(tcfg.seed)
         self.data = build_data(job, self.dims)
-        self.student = build_student(job, self.device)
-        select_trainable(self.student, tcfg.trainable)  # freezes the rest
-        self.teacher = build_teacher(job, self.device)
-        check_data_fits_model(self.data.val_batches[0], self.student, job)
+        with user_errors():  # model.path, attention windows and train.trainable
+            self.student = build_student(job, self.device)
+            select_trainable(self.student, tcfg.trainable)  # freezes the rest
+            self.teacher = build_teacher(job, self.device)
+            check_data_fits_model(self.data.val_batches[0], self.student, job)
         self.bf16 = use_bf16(tcfg.precision, self.device)
         parallel = parallelize(
             self.student,
@@ -118,6 +145,7 @@ class Trainer:
             optimizer, warmup=tcfg.warmup_steps, total=tcfg.steps, schedule=tcfg.schedule,
             min_ratio=tcfg.min_lr_ratio,
         )  # fmt: skip
+        configured = optimizer_settings(optimizer)  # what a resume must not overwrite
         ds_config = None
         if pcfg.strategy in ("zero2", "zero3"):
             ds_config = deepspeed_config(
@@ -159,22 +187,38 @@ class Trainer:
             fps=job.data.synthetic_fps,
             is_main=self.dims.is_main,
         )
-        self.checkpoints = CheckpointManager(
-            run_dir / "checkpoints", self.dims, every=tcfg.ckpt_every, keep_last=tcfg.keep_last
-        )
+        self.checkpoints.check_free_space(self._checkpoint_bytes())
         self.state = self._train_state()
         self.step = 0
         self._data_iter = None
-        path = resolve_resume(tcfg.resume, self.checkpoints.ckpt_dir, self.dims.is_main)
-        if path is not None:
-            check_trusted(
-                path, run_dir, pickles=self.state.engine is not None, trust=tcfg.trust_checkpoint
-            )
-            self.step = self.checkpoints.load(path, self.state)
+        if resumed is not None:
+            with user_errors():
+                check_trusted(
+                    resumed, run_dir, pickles=self.state.engine is not None,
+                    trust=tcfg.trust_checkpoint,
+                )  # fmt: skip
+            with user_errors():  # another world size, a refused pickle file
+                self.step = self.checkpoints.load(resumed, self.state)
+            apply_optimizer_settings(self.engine.scheduler, configured)
             if self.dims.is_main:
-                log.info("resumed from %s at step %d", path, self.step)
-        if self.dims.is_main:
-            print(self.describe(), flush=True)
+                log.info("resumed from %s at step %d", resumed, self.step)
+                if changes:
+                    log.warning(
+                        "resuming with changed settings (applied from step %d): %s",
+                        self.step, "; ".join(str(c) for c in changes),
+                    )  # fmt: skip
+        if self.dims.is_main:  # metrics.jsonl holds each step once
+            cut_logs(run_dir, self.step if resumed is not None else None)
+
+    def _checkpoint_bytes(self) -> int:
+        """About how large one checkpoint is: the weights, and Adam's two moments and the EMA
+        of the trainable ones in fp32."""
+        total = trainable = 0
+        for p in self.student.parameters():
+            n = getattr(p, "ds_numel", p.numel())  # ZeRO-3: partitioned
+            total += n * p.element_size()
+            trainable += n if p.requires_grad else 0
+        return total + trainable * 4 * (2 + (self.ema is not None))
 
     def _train_state(self) -> TrainState:
         """What a checkpoint holds, as (get, set) pairs (the engine adds model and optimiser)."""
@@ -269,7 +313,11 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def fit(self, until_step: int | None = None) -> TrainResult:
         """Train to ``train.steps`` (or stop early after ``until_step`` steps, for tests and
-        time-boxed jobs); returns what the run produced."""
+        time-boxed jobs); returns what the run produced.
+
+        SIGTERM / SIGUSR1 on any rank stops every rank after the current step with a checkpoint
+        (``result.stopped_by``); ``train.ckpt_minutes`` adds checkpoints by wall clock.
+        """
         tcfg, main = self.job.train, self.dims.is_main
         last = tcfg.steps
         stop = last if until_step is None else min(until_step, last)
@@ -279,11 +327,14 @@ class Trainer:
         timer = AttentionTimer(attn_modules, self.device)
         bar = tqdm(total=stop, initial=self.step, desc="train", dynamic_ncols=True,
                    disable=not (main and self.job.logging.progress))  # fmt: skip
+        signals = StopSignals()
         try:
+            signals.install()
             if self.step == 0:
                 self._validate(tracker, result)
             self.engine.module.train()
             rate = _Rate()
+            saved_at, saved_time = None, time.monotonic()
             while self.step < stop:
                 logged = (self.step + 1) % tcfg.log_every == 0 or self.step + 1 == stop
                 if logged:  # time attention on logged steps only: the others pay nothing
@@ -292,24 +343,34 @@ class Trainer:
                     timer.start()
                 metrics = self.train_step()
                 rate.add(metrics.pop("samples"), metrics.pop("tokens"))
-                loss = float(all_reduce_mean(torch.tensor(metrics["loss/total"])))
+                due = 0 < 60 * tcfg.ckpt_minutes <= time.monotonic() - saved_time
+                # one collective: the mean loss, and whether any rank was signalled or is due
+                flags = [metrics["loss/total"], signals.received is not None, due]
+                loss, signalled, due = all_reduce_mean(torch.tensor(flags)).tolist()
                 result.losses.append(loss)
                 bar.update(1)
                 if logged:
                     attn_seconds, step_seconds = timer.stop(), time.perf_counter() - start
                     self._log(tracker, metrics, attn_seconds, step_seconds, rate)
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{metrics['lr']:.2e}")
+                if signalled:
+                    name = signals.received.name if signals.received else "SIGTERM"
+                    result.stopped_by = name  # another rank's signal: reported as SIGTERM
+                    break
                 if self.step < stop and self.validator.should_validate(self.step, last):
                     self._validate(tracker, result)
-                if self.step < stop and self.checkpoints.should_save(self.step, last):
+                if self.step < stop and (due or self.checkpoints.should_save(self.step, last)):
                     result.last_checkpoint = self.checkpoints.save(self.step, self.state)
+                    saved_at, saved_time = self.step, time.monotonic()
             bar.close()
-            result.last_checkpoint = self.checkpoints.save(self.step, self.state)
-            if self.step == last:
+            if saved_at != self.step:
+                result.last_checkpoint = self.checkpoints.save(self.step, self.state)
+            if self.step == last and result.stopped_by is None:
                 tracker.summary(self._validate(tracker, result))
                 if tcfg.export:
                     result.export_dir = self.export()
         finally:
+            signals.restore()
             timer.stop()
             bar.close()
             tracker.finish()
@@ -322,6 +383,7 @@ class Trainer:
             lcfg.backend, is_main=self.dims.is_main, directory=self.run_dir,
             config=resolved_dict(self.job), project=lcfg.project, entity=lcfg.entity,
             name=lcfg.name, group=lcfg.group, tags=lcfg.tags, mode=lcfg.mode,
+            resume=self.step > 0,
         )  # fmt: skip
 
     def _validate(self, tracker: Any, result: TrainResult) -> dict[str, float]:

@@ -42,6 +42,7 @@ from stafinetune.data.config import DataConfig
 from stafinetune.data.encoders import build_text_encoder, build_video_encoder
 from stafinetune.data.sources import build_source, synthetic_dir
 from stafinetune.data.video import BadVideo, load_clip
+from stafinetune.errors import UserError, user_errors
 
 # Fields that change what the cache holds (loader-only fields are left out on purpose).
 _CONTENT_FIELDS = (
@@ -339,10 +340,16 @@ def prepare_data(
     if cfg.source == "synthetic" and rank != 0:  # rank 0 writes the clips, the others wait
         _wait_for([synthetic_dir(cfg) / "manifest.jsonl"], "the synthetic clips", timeout_s)
         source = build_source(cfg, generate=False)
-    else:
+    elif cfg.source == "synthetic":
         source = build_source(cfg)
+    else:
+        with user_errors():  # a missing or malformed manifest / dataset names its field
+            source = build_source(cfg)
 
     n_records = len(source)
+    if n_records == 0:
+        field = "data.manifest" if cfg.source == "folder" else "data.dataset_path"
+        raise UserError(f"{field}={getattr(cfg, field[5:])} holds no records")
     n_shards = max(1, -(-n_records // cfg.shard_size))
     shard_dir = cache_dir / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)

@@ -84,6 +84,9 @@ def _decord():
     import decord  # imported lazily: it loads ffmpeg libraries at import time
 
     decord.bridge.set_bridge("native")
+    # ffmpeg's own messages ("partial file", one per broken video) would flood the console;
+    # every problem is reported as a BadVideo reason in bad_inputs.jsonl instead
+    decord.logging.set_level(decord.logging.QUIET)
     return decord
 
 

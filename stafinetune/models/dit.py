@@ -155,7 +155,7 @@ class VideoDiT(nn.Module):
         ):
             raise ValueError(
                 "attention.backend=triton needs a CUDA device (or TRITON_INTERPRET=1 for the slow "
-                "CPU interpreter); use auto, reference or flex on CPU"
+                "CPU interpreter); use auto or reference on the CPU"
             )
 
     @property

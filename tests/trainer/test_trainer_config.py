@@ -48,6 +48,8 @@ def test_every_group_option_composes(group):
         overrides = [f"{group}={option}", *extra.get(option, [])]
         if group == "attention" and option == "full":
             overrides.append("distill=none")
+        if group == "model":  # flavors without weights distil from a random teacher
+            overrides.append("distill.allow_random_teacher=true")
         job = compose_job_config(overrides)
         assert isinstance(job, JobConfig), option
 
