@@ -37,7 +37,11 @@ def common_dtype(*tensors: torch.Tensor) -> torch.dtype:
     Under autocast, q and k can leave an RMSNorm in float32 while v stays bf16 (HunyuanVideo);
     the attention then runs in the autocast precision, as SDPA would.
     """
-    return min((t.dtype for t in tensors), key=lambda d: torch.finfo(d).bits)
+    lowest = tensors[0].dtype
+    for t in tensors[1:]:  # a plain loop: torch.compile traces it (min(key=...) breaks the graph)
+        if torch.finfo(t.dtype).bits < torch.finfo(lowest).bits:
+            lowest = t.dtype
+    return lowest
 
 
 def text_key_mask(
