@@ -231,3 +231,15 @@ def choose_route(
     if split < sum(sta_costs):
         return Route("split", tuple(dense), tuple(sparse))
     return STA
+
+
+def load_cost_table(path: str | Path | None) -> CostTable | None:
+    """The table at ``path`` (``attention.cost_table``), or None without a path."""
+    if path is None:
+        return None
+    try:
+        return CostTable.load(path)
+    except (OSError, KeyError, TypeError, ValueError) as err:
+        raise ValueError(
+            f"attention.cost_table={str(path)!r} is not a readable cost table: {err}"
+        ) from err

@@ -190,3 +190,14 @@ def test_dit_with_a_covering_window_never_calls_the_kernel(flavor, full_window, 
             got = run(build(flavor, mode="sta", window=window), b)
         torch.testing.assert_close(got, dense, atol=2e-5, rtol=1e-4)
     assert spy.sta == []
+
+
+def test_attention_cost_table_config(tmp_path):
+    """``attention.cost_table`` loads into the model's STAAttention; a bad file names the field."""
+    path = tmp_path / "costs.json"
+    _table(1.0, 4.0).save(path)
+    dit = build("wan_tiny", mode="sta", cost_table=str(path))
+    assert dit.attention.cost_table == _table(1.0, 4.0)
+    path.write_text("{}")
+    with pytest.raises(ValueError, match="attention.cost_table="):
+        build("wan_tiny", mode="sta", cost_table=str(path))
