@@ -86,6 +86,12 @@ def compile_checkpointed(
     side effect); eager checkpointing skips that in the recomputation, which is what
     dynamo's ``skip_fwd_side_effects_in_bwd_under_checkpoint`` does in the compiled one.
     """
+    if not hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        raise RuntimeError(
+            f"model.compile with gradient checkpointing needs a torch whose dynamo can skip a "
+            f"checkpointed forward's side effects in the recomputation; torch {torch.__version__} "
+            "cannot: turn model.compile or model.gradient_checkpointing off"
+        )
     raise_recompile_limit(4 * num_layers)  # per layer: training, captured, two canvases
     compiled = torch.compile(fn, backend=backend, fullgraph=True)
 
