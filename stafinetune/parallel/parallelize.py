@@ -81,9 +81,9 @@ def sta_blocks(model: VideoDiT) -> list[nn.Module]:
 def apply_compile(model: VideoDiT, *, checkpointed: bool, backend: str = "inductor") -> None:
     """``torch.compile`` each STA block's forward in place (torchtitan's per-block compile).
 
-    A checkpointed model was compiled with its checkpoint already
-    (``enable_gradient_checkpointing(compile=True)``); then only the calls outside it are
-    left, the forwards without gradients (validation, sampling), which keep running eagerly.
+    With ``checkpointed`` there is nothing left to do: the blocks were compiled together with
+    their checkpoint (``enable_gradient_checkpointing(compile=True)``), and the forwards
+    without gradients (validation), which diffusers runs without the checkpoint, stay eager.
     Parameters keep their names (the module is not wrapped), so checkpoints and FSDP see the
     same model.
     """
