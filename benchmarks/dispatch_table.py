@@ -67,7 +67,7 @@ def timer(device: torch.device, warmup: int, iters: int) -> Callable[[Callable[[
     if device.type == "cuda":
         from triton.testing import do_bench
 
-        return lambda fn: float(do_bench(fn, warmup=25, rep=100))
+        return lambda fn: float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
     return lambda fn: median_ms(fn, device, warmup, iters)
 
 
