@@ -1,170 +1,407 @@
-"""Benchmark one distillation training step of a real-shape video DiT on a GPU: STA vs dense.
+"""Training-step speed on one GPU: dense finetuning vs STA distillation vs an STA-only step.
 
-Builds a published flavor with random weights (default Wan 2.1 T2V 1.3B) in bf16 on the
-GPU, with gradient checkpointing, and times at a real latent size (default 81 frames at
-480x832 -> latents 21x60x104 -> token canvas 21x30x52):
+Every step is what training does: ``stafinetune.distill.DistillStep.losses`` (noising, the
+teacher's dense forward with its captured attention outputs, the student's forward and every
+loss term), then backward and a fused AdamW step. The student keeps fp32 weights under bf16
+autocast (as ``train.precision=auto``), the teacher bf16 weights; random weights, batch 1,
+gradient checkpointing per block. Per suite (model and resolution) the rows are:
 
-    dense    student forward + backward with SDPA attention
-    sta      the same with Sliding Tile Attention (triton backend), per window
-    teacher  one dense forward without gradients (what distillation adds per step)
+    dense     plain finetuning: dense student, flow-matching loss, no teacher
+    sta       the STA student alone (flow-matching loss, no teacher)
+    teacher   the teacher's dense forward with capture (no gradients): what distillation adds
+    distill   the STA distillation step: teacher forward + STA student forward/backward with
+              the output and attention-output losses (distill.w_out = w_attn = 1)
 
-Numbers are medians of CUDA-event timings after warm-up; peak memory is per configuration.
-Writes JSON (device, versions, date) and a markdown table.
+each with ``model.checkpoint_policy`` full and selective (keeps attention outputs, so the
+recomputation skips attention), and with ``--compile`` (``model.compile``: each block and its
+checkpoint compiled as one region) as extra rows. Suites:
 
-    PYTHONPATH=kernels:. python benchmarks/train_step.py --out benchmarks/results
+    wan480      Wan 2.1 T2V 1.3B, 81 frames 480x832: canvas 21x30x52 (32,760 tokens)
+    wan720      Wan 2.1 T2V 1.3B, 81 frames 720x1280: canvas 21x45x80 (75,600 tokens)
+    hunyuan720  HunyuanVideo 13B-shaped, 2 dual + 2 single full-width blocks (of 20 + 40),
+                117 frames 720x1280: canvas 30x48x80 (115,200 tokens) + 256 text tokens
+    compile     Wan 2.1 1.3B with 1 block at 720p: the distillation step eager vs compiled
+                (one block keeps inductor's compile time inside the run's budget)
+
+Reported per row: median step time, video tokens per second, peak memory (since the row's
+first step, with the optimiser state), and the attention share of one timed step
+(``stafinetune.profiling.AttentionTimer``: time inside the student's and the teacher's
+attention modules, forward, recomputation and backward; not measured under compile).
+Windows are one triple for every layer and head (default 3x3x3 tiles of 6x8x8 tokens).
+
+    PYTHONPATH=kernels:. python benchmarks/train_step.py                 # all suites, ~6 min on an H200
+    PYTHONPATH=kernels:. python benchmarks/train_step.py --suites wan720 --policies selective
+    PYTHONPATH=kernels:. python benchmarks/train_step.py --smoke          # CPU, tiny models: checks the script
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
+import copy
+import functools
+import math
 import statistics
+import sys
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
-import triton
+from bench_util import (
+    Budget,
+    describe_environment,
+    environment,
+    fmt,
+    free_memory,
+    peak_gib,
+    reset_peak,
+    run_guarded,
+    sdpa_priority,
+    synchronize,
+    time_call,
+    write_results,
+)
 
 from sta_kernels import density
+from stafinetune.config import DistillConfig
+from stafinetune.distill import DistillStep
+from stafinetune.flow_matching import add_noise
 from stafinetune.models import AttentionConfig, ModelConfig, build_model
+from stafinetune.models.dit import cast_like_diffusers
+from stafinetune.parallel.parallelize import apply_compile
+from stafinetune.profiling import AttentionTimer
 
 
-def _time(fn, warmup: int, reps: int) -> tuple[float, float]:
-    """Median milliseconds of ``fn`` and its peak memory in GiB."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times), torch.cuda.max_memory_allocated() / 2**30
+@dataclass(frozen=True)
+class Suite:
+    """One model at one resolution."""
+
+    title: str
+    flavor: str
+    latent: tuple[int, int, int]  # latent (T, H, W)
+    text_len: int
+    overrides: dict[str, int] = field(default_factory=dict)
+    tile: tuple[int, int, int] = (6, 8, 8)
+    compile_only: bool = False  # the compile suite: distillation eager vs compiled only
 
 
-def render_table(meta: dict, rows: list[dict]) -> str:
-    """Markdown table of the measured rows (the teacher row has no step speedup)."""
-    canvas = meta["canvas"]
-    lines = [
-        f"Training step of {meta['flavor']} (random weights, bf16, gradient checkpointing), batch 1, "
-        f"canvas {canvas[0]}x{canvas[1]}x{canvas[2]} = {meta['video_tokens']} video tokens + "
-        f"{meta['text_len']} text; {meta['device']}, torch {meta['torch']}, triton {meta['triton']}, "
-        f"{meta['date'][:10]}.",
-        "",
-        "| configuration | window (tiles) | video density | time (ms) | step speedup vs dense | peak GiB |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    for r in rows:
-        win = "-" if r["window"] is None else "x".join(map(str, r["window"]))
-        speed = "-" if r["config"].startswith("teacher") else f"{r['speedup_vs_dense_step']:.2f}x"
-        lines.append(
-            f"| {r['config']} | {win} | {r['density']:.1%} | {r['step_ms']:.0f} | {speed} | {r['peak_gib']:.1f} |"
+SUITES = {
+    "wan480": Suite("Wan 2.1 1.3B, 480p", "wan2.1_t2v_1.3b", (21, 60, 104), 512),
+    "wan720": Suite("Wan 2.1 1.3B, 720p", "wan2.1_t2v_1.3b", (21, 90, 160), 512),
+    "hunyuan720": Suite("HunyuanVideo 13B-shaped, 2+2 full-width blocks, 720p",
+                        "hunyuanvideo_13b", (30, 96, 160), 256,
+                        {"num_layers": 2, "num_single_layers": 2}),
+    "compile": Suite("Wan 2.1 1.3B-shaped, 1 block, 720p", "wan2.1_t2v_1.3b", (21, 90, 160), 512,
+                     {"num_layers": 1}, compile_only=True),
+}  # fmt: skip
+
+# --smoke: the same code paths on tiny models on the CPU (reference STA, aot_eager compile)
+SMOKE_SUITES = {
+    "wan480": Suite("wan_tiny (smoke)", "wan_tiny", (5, 16, 16), 16, tile=(1, 2, 2)),
+    "wan720": Suite("wan_tiny (smoke)", "wan_tiny", (5, 16, 16), 16, tile=(1, 2, 2)),
+    "hunyuan720": Suite("hunyuan_tiny (smoke)", "hunyuan_tiny", (5, 16, 16), 16, tile=(1, 2, 2)),
+    "compile": Suite("wan_tiny 1 block (smoke)", "wan_tiny", (5, 16, 16), 16, {"num_layers": 1},
+                     tile=(1, 2, 2), compile_only=True),
+}  # fmt: skip
+
+KINDS = ("dense", "sta", "teacher", "distill")
+
+
+@dataclass(frozen=True)
+class Row:
+    kind: str
+    policy: str  # checkpoint policy; "-" for the teacher (no backward)
+    compiled: bool = False
+
+
+def suite_rows(suite: Suite, kinds: list[str], policies: list[str], compile: bool) -> list[Row]:
+    """The rows of ``suite``: eager ones first (compiling changes the models in place)."""
+    if suite.compile_only:
+        policy = policies[-1]
+        return [Row("distill", policy), Row("distill", policy, compiled=True)]
+    rows = []
+    for kind in kinds:
+        if kind == "teacher":
+            rows.append(Row("teacher", "-"))
+            continue
+        rows.extend(Row(kind, p) for p in policies)
+    if compile:
+        rows.extend(Row(r.kind, r.policy, True) for r in list(rows) if r.kind != "teacher")
+    return rows
+
+
+class Bench:
+    """One suite's models, batch and steps; rows reconfigure the same models."""
+
+    def __init__(self, suite: Suite, window: list[int], device: torch.device, backend: str) -> None:
+        self.suite, self.device, self.compile_backend = suite, device, backend
+        self.sta_cfg = AttentionConfig(mode="sta", tile=list(suite.tile), window=window)
+        self.dense_cfg = AttentionConfig(mode="full", tile=list(suite.tile))
+        torch.manual_seed(0)
+        model_cfg = ModelConfig(flavor=suite.flavor, config_overrides=dict(suite.overrides))
+        self.student = build_model(model_cfg, self.sta_cfg, device=device, dtype=torch.float32)
+        self.teacher = copy.deepcopy(self.student)
+        cast_like_diffusers(
+            self.teacher.transformer, torch.bfloat16 if device.type == "cuda" else torch.float32
         )
+        self.teacher.set_attention(self.dense_cfg)
+        self.teacher.requires_grad_(False).eval()
+        self.optimizer = torch.optim.AdamW(
+            self.student.parameters(), lr=1e-6, fused=device.type == "cuda"
+        )
+        student = self.student
+        b = 1
+        t, h, w = suite.latent
+        gen = torch.Generator().manual_seed(1)
+        self.batch = {
+            "latents": torch.randn(b, student.in_channels, t, h, w, generator=gen).to(device),
+            "text": torch.randn(b, suite.text_len, student.text_dim, generator=gen).to(device),
+            "text_mask": torch.ones(b, suite.text_len, dtype=torch.bool, device=device),
+            "pooled_text": torch.randn(b, student.pooled_dim or 1, generator=gen).to(device),
+        }
+        self.noise = torch.randn(self.batch["latents"].shape, generator=gen).to(device)
+        self.sigma = torch.full((b,), 0.6, device=device)
+        self.canvas = student.canvas_for(self.batch["latents"].shape)
+        self.tokens = math.prod(self.canvas)
+        self.compiled_student = self.compiled_teacher = False
+
+    def density(self) -> float:
+        return float(density(self.canvas, self.suite.tile, torch.tensor([self.sta_cfg.window]))[0])
+
+    def configure(self, row: Row) -> DistillStep:
+        """Attention, checkpointing and compile of the student for ``row``; its DistillStep."""
+        bf16 = self.device.type == "cuda"
+        if row.kind == "dense":
+            self.student.set_attention(self.dense_cfg)
+        else:
+            self.student.set_attention(self.sta_cfg)
+        if row.kind != "teacher":
+            self.student.enable_gradient_checkpointing(
+                row.policy, compile=row.compiled, backend=self.compile_backend
+            )
+        if row.compiled and row.kind in ("distill", "teacher") and not self.compiled_teacher:
+            apply_compile(self.teacher, checkpointed=False, backend=self.compile_backend)
+            self.compiled_teacher = True
+        if row.kind in ("distill", "teacher"):
+            cfg = DistillConfig(w_data=0.0, w_out=1.0, w_attn=1.0)
+            teacher = self.teacher
+        else:
+            cfg, teacher = DistillConfig(w_data=1.0), None
+        return DistillStep(cfg, teacher, self.device, bf16=bf16, teacher_bf16=bf16)
+
+    def step_fn(self, row: Row, step: DistillStep):
+        """One training step of ``row`` (the teacher row: its captured forward only)."""
+        if row.kind == "teacher":
+            x_t = add_noise(self.batch["latents"], self.noise, self.sigma)
+
+            def teacher_only() -> None:
+                step.teacher_forward(self.batch, x_t, self.sigma, capture=True)
+
+            return teacher_only
+
+        def train_step() -> None:
+            self.optimizer.zero_grad(set_to_none=True)
+            terms = step.losses(self.student, self.student, self.batch, self.noise, self.sigma)
+            terms["total"].backward()
+            self.optimizer.step()
+
+        return train_step
+
+    def measure(self, row: Row, warmup: int, iters: int) -> dict[str, Any]:
+        step = self.configure(row)
+        fn = self.step_fn(row, step)
+        reset_peak(self.device)
+        for _ in range(warmup):
+            fn()
+        synchronize(self.device)
+        times = [time_call(fn, self.device) for _ in range(iters - 1)]
+        modules = [self.student.attention, self.teacher.attention]
+        timer = AttentionTimer(modules, self.device, enabled=not row.compiled)
+        timer.start()
+        last = time_call(fn, self.device)
+        attn_s = timer.stop()
+        times.append(last)
+        ms = statistics.median(times)
+        return {
+            "step_ms": ms,
+            "tokens_per_s": self.tokens / (ms / 1e3),
+            "peak_gib": peak_gib(self.device),
+            "attn_share": attn_s / (last / 1e3) if attn_s == attn_s else None,
+            "times_ms": times,
+        }
+
+
+def run_suite(name: str, suite: Suite, args: argparse.Namespace, device: torch.device,
+              budget: Budget) -> list[dict[str, Any]]:  # fmt: skip
+    rows = suite_rows(suite, args.kinds, args.policies, args.compile)
+    out = []
+    bench = None
+    for row in rows:
+        record = {"suite": name, "title": suite.title, **asdict(row)}
+        if budget.exhausted():
+            record["error"] = f"skipped: the {budget.seconds:.0f} s budget ran out"
+            out.append(record)
+            continue
+        if bench is None:
+            bench = Bench(suite, args.window, device, args.compile_backend)
+            meta = {"canvas": list(bench.canvas), "video_tokens": bench.tokens,
+                    "text_len": suite.text_len, "tile": list(suite.tile),
+                    "window": args.window, "density": bench.density(),
+                    "layers": bench.student.num_layers}  # fmt: skip
+        record.update(meta)
+        print(f"[{budget.elapsed():6.0f} s] {name}: {row}", flush=True)
+        measure = functools.partial(bench.measure, row, args.warmup, args.iters)
+        with sdpa_priority(device, args.sdpa):
+            record.update(run_guarded(measure, device))
+        out.append(record)
+    bench = None  # free the suite's models before the next one
+    free_memory(device)
+    return out
+
+
+def render_table(env: dict[str, Any], rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    """One markdown table over all suites; speedups against the suite's dense full-checkpointing step."""
+    tiles = ", ".join(sorted({"x".join(map(str, r["tile"])) for r in rows if "tile" in r})) or "-"
+    lines = [
+        f"One training step, batch 1, random weights (student fp32 + bf16 autocast, teacher bf16), "
+        f"fused AdamW, gradient checkpointing per block; STA window {'x'.join(map(str, args.window))} "
+        f"tiles (of {tiles} tokens) for every layer and head, Triton kernel; dense attention: SDPA "
+        f"({'cuDNN first' if args.sdpa == 'cudnn' else 'torch default order'}); median of "
+        f"{args.iters} timed step(s) after {args.warmup} warm-up. {describe_environment(env)}.",
+        "",
+        "| suite | canvas (video density) | step | checkpointing | compiled | ms | x dense step | "
+        "tokens/s | peak GiB | attention share |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    base = {r["suite"]: r["step_ms"] for r in rows
+            if r["kind"] == "dense" and r["policy"] == "full" and not r["compiled"] and "step_ms" in r}  # fmt: skip
+    for r in rows:
+        canvas = "x".join(map(str, r["canvas"])) if "canvas" in r else "-"
+        where = f"{canvas} ({r['density']:.1%})" if "density" in r else canvas
+        head = f"| {r['title']} | {where} | {r['kind']} | {r['policy']} | {'yes' if r['compiled'] else 'no'} |"
+        if "error" in r:
+            lines.append(f"{head} {r['error']} | | | | |")
+            continue
+        ref = base.get(r["suite"])
+        speed = f"{ref / r['step_ms']:.2f}x" if ref and r["kind"] != "teacher" else "-"
+        share = fmt(None if r["attn_share"] is None else 100 * r["attn_share"], ".0f")
+        share = share if share == "-" else share + "%"
+        lines.append(
+            f"{head} {r['step_ms']:.0f} | {speed} | {r['tokens_per_s']:,.0f} | "
+            f"{fmt(r['peak_gib'], '.1f')} | {share} |"
+        )
+    lines += ["", *summary_lines(rows)]
     return "\n".join(lines)
 
 
-def main() -> None:
+def summary_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Per suite: the distillation step against dense finetuning (same policy, and the best of
+    each), and every compiled row against its eager twin."""
+    done = [r for r in rows if "step_ms" in r]
+    out = []
+    for suite in dict.fromkeys(r["suite"] for r in done):
+        mine = [r for r in done if r["suite"] == suite and not r["compiled"]]
+        title = mine[0]["title"] if mine else suite
+        for policy in ("full", "selective"):
+            dense = [r for r in mine if r["kind"] == "dense" and r["policy"] == policy]
+            distill = [r for r in mine if r["kind"] == "distill" and r["policy"] == policy]
+            if dense and distill:
+                ratio = dense[0]["step_ms"] / distill[0]["step_ms"]
+                out.append(f"- {title}, {policy} checkpointing: the distillation step runs at "
+                           f"{ratio:.2f}x the speed of the dense finetuning step.")  # fmt: skip
+        best = {k: min((r["step_ms"] for r in mine if r["kind"] == k), default=None)
+                for k in ("dense", "distill")}  # fmt: skip
+        if best["dense"] and best["distill"]:
+            out.append(f"- {title}, fastest of each: distillation at "
+                       f"{best['dense'] / best['distill']:.2f}x the speed of dense finetuning.")  # fmt: skip
+    for r in (r for r in done if r["compiled"]):
+        twin = [e for e in done if not e["compiled"] and
+                (e["suite"], e["kind"], e["policy"]) == (r["suite"], r["kind"], r["policy"])]  # fmt: skip
+        if twin:
+            out.append(f"- {r['title']}, {r['kind']} ({r['policy']} checkpointing): compiled "
+                       f"{twin[0]['step_ms'] / r['step_ms']:.2f}x the speed of eager.")  # fmt: skip
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--flavor", default="wan2.1_t2v_1.3b")
-    parser.add_argument("--latent", type=int, nargs=3, default=[21, 60, 104], help="latent T H W")
-    parser.add_argument("--tile", type=int, nargs=3, default=[6, 8, 8])
-    parser.add_argument("--windows", default="3,3,3;2,3,4", help="';'-separated window triples")
-    parser.add_argument("--text-len", type=int, default=512)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("train_step.py needs a CUDA GPU")
-    device = torch.device("cuda")
-    torch.manual_seed(0)
-    dit = build_model(
-        ModelConfig(flavor=args.flavor), AttentionConfig(mode="full"), device=device,
-        dtype=torch.bfloat16,
-    )  # fmt: skip
-    dit.enable_gradient_checkpointing()  # what parallelize() does for model.gradient_checkpointing
-    b, (t, h, w) = 1, args.latent
-    latents = torch.randn(b, dit.in_channels, t, h, w, device=device)
-    timestep = torch.full((b,), 500.0, device=device)
-    text = torch.randn(b, args.text_len, dit.text_dim, device=device)
-    text_mask = torch.ones(b, args.text_len, dtype=torch.bool, device=device)
-    pooled = torch.randn(b, dit.pooled_dim, device=device) if dit.pooled_dim else None
-    canvas = dit.canvas_for(latents.shape)
-    tokens = canvas[0] * canvas[1] * canvas[2]
-
-    def train_step() -> None:
-        dit.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = dit(latents, timestep, text, text_mask, pooled)
-        out.float().square().mean().backward()
-
-    @torch.no_grad()
-    def teacher_forward() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            dit(latents, timestep, text, text_mask, pooled)
-
-    rows = []
-    ms, mem = _time(train_step, args.warmup, args.reps)
-    rows.append(
-        {"config": "dense (SDPA)", "window": None, "density": 1.0, "step_ms": ms, "peak_gib": mem}
+    parser.add_argument(
+        "--suites",
+        default="wan480,wan720,hunyuan720,compile",
+        help=f"comma-separated, from {list(SUITES)}",
     )
-    ms, mem = _time(teacher_forward, args.warmup, args.reps)
-    rows.append(
-        {
-            "config": "teacher fwd (dense, no grad)",
-            "window": None,
-            "density": 1.0,
-            "step_ms": ms,
-            "peak_gib": mem,
-        }
+    parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, from {KINDS}")
+    parser.add_argument(
+        "--policies",
+        default="full,selective",
+        help="checkpoint policies (full, selective); the compile suite uses the last",
     )
-    for spec in args.windows.split(";"):
-        window = [int(x) for x in spec.split(",")]
-        dit.set_attention(
-            AttentionConfig(mode="sta", backend="triton", tile=list(args.tile), window=window)
-        )
-        ms, mem = _time(train_step, args.warmup, args.reps)
-        dens = float(density(canvas, args.tile, torch.tensor([window]))[0])
-        rows.append(
-            {
-                "config": "STA (triton)",
-                "window": window,
-                "density": dens,
-                "step_ms": ms,
-                "peak_gib": mem,
-            }
-        )
-    dense_ms = rows[0]["step_ms"]
-    for row in rows:
-        row["speedup_vs_dense_step"] = dense_ms / row["step_ms"]
-    meta = {
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "flavor": args.flavor,
-        "latent": args.latent,
-        "canvas": list(canvas),
-        "video_tokens": tokens,
-        "text_len": args.text_len,
-        "tile": args.tile,
-        "gradient_checkpointing": True,
-        "dtype": "bf16 weights, bf16 autocast",
-    }
-    table = render_table(meta, rows)
-    print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "train_step.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    (args.out / "train_step.md").write_text(table + "\n")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time compiled variants of every row (slow to compile)",
+    )
+    parser.add_argument("--compile-backend", default="inductor")
+    parser.add_argument(
+        "--sdpa",
+        choices=("cudnn", "default"),
+        default="cudnn",
+        help="SDPA backend order of the dense attention (cudnn: cuDNN first)",
+    )
+    parser.add_argument("--window", type=int, nargs=3, default=[3, 3, 3])
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument(
+        "--iters", type=int, default=1, help="timed steps per row after the warm-up (median)"
+    )
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=360.0,
+        help="rows starting after this many seconds are skipped (recorded)",
+    )
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--name", default="train_step", help="results file stem")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny models on the CPU, aot_eager compile: checks the script only",
+    )
+    args = parser.parse_args(argv)
+    args.suites = [s for s in args.suites.split(",") if s]
+    args.kinds = [k for k in args.kinds.split(",") if k]
+    args.policies = [p for p in args.policies.split(",") if p]
+    unknown = [s for s in args.suites if s not in SUITES] + [
+        k for k in args.kinds if k not in KINDS
+    ]
+    unknown += [p for p in args.policies if p not in ("full", "selective")]
+    if unknown or not args.policies or args.iters < 1:
+        parser.error(f"unknown or empty choices: {unknown or 'policies/iters'}")
+    if args.smoke:
+        args.compile_backend = "aot_eager"
+        if args.window == [3, 3, 3]:
+            args.window = [3, 1, 3]
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = torch.device("cpu" if args.smoke else "cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("train_step.py needs a CUDA GPU (or --smoke for a CPU check)")
+    suites = SMOKE_SUITES if args.smoke else SUITES
+    budget = Budget(args.budget_s)
+    env = environment(device)
+    rows: list[dict[str, Any]] = []
+    for name in args.suites:
+        rows.extend(run_suite(name, suites[name], args, device, budget))
+    payload = {"meta": {**env, "args": {k: str(v) if isinstance(v, Path) else v
+                                        for k, v in vars(args).items()},
+                        "seconds": budget.elapsed()},
+               "rows": rows}  # fmt: skip
+    write_results(args.out, args.name, payload, render_table(env, rows, args))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -127,6 +127,9 @@ class DistillConfig:
     teacher_dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     teacher_device: str = "same"  # same (the student's device) | cpu | cuda:N
     allow_random_teacher: bool = False  # distil from random weights when no path is set (tests)
+    # dtype the teacher's captured attention outputs are kept in: auto (as computed: bf16
+    # under bf16 autocast) | bf16 (halves them when the teacher runs in fp32)
+    teacher_attn_dtype: str = "auto"
 
     @property
     def needs_teacher(self) -> bool:
@@ -151,6 +154,10 @@ class DistillConfig:
         _check(
             self.teacher_dtype in ("auto", "fp32", "bf16"),
             f"distill.teacher_dtype must be auto, fp32 or bf16, got {self.teacher_dtype!r}",
+        )
+        _check(
+            self.teacher_attn_dtype in ("auto", "bf16"),
+            f"distill.teacher_attn_dtype must be auto or bf16, got {self.teacher_attn_dtype!r}",
         )
         _check(
             self.teacher_device in ("same", "cpu") or self.teacher_device.startswith("cuda"),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,8 +22,25 @@ from .build import autocast
 from .config import DistillConfig
 from .flow_matching import add_noise, sample_sigmas, velocity_target
 from .losses import distillation_losses
-from .models import VideoDiT
+from .models import ActivationStore, VideoDiT
 from .parallel.sequence import SequenceParallel
+
+
+class CastingStore(ActivationStore):
+    """A detached capture store that keeps each attention output in ``dtype`` (None: as
+    computed), cast as it is recorded so a full-precision copy never accumulates."""
+
+    def __init__(self, layers: Iterable[int] | None, dtype: torch.dtype | None) -> None:
+        super().__init__(layers, detach=True)
+        self.dtype = dtype
+
+    def record(self, layer: int, o: torch.Tensor, qkv: tuple, state: Any) -> None:
+        super().record(layer, o if self.dtype is None else o.to(self.dtype), qkv, state)
+
+
+def capture_dtype(name: str) -> torch.dtype | None:
+    """``distill.teacher_attn_dtype``: ``auto`` -> None (keep), ``bf16`` -> torch.bfloat16."""
+    return {"auto": None, "bf16": torch.bfloat16}[name]
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -106,7 +123,8 @@ class DistillStep:
         inputs = model_inputs(batch, x_t, sigma, param.device, param.dtype)
         with autocast(param.device, self.teacher_bf16):
             if capture:
-                with self.teacher.capture(layers=self.cfg.layers, detach=True) as store:
+                store = CastingStore(self.cfg.layers, capture_dtype(self.cfg.teacher_attn_dtype))
+                with self.teacher.capture(store=store):
                     out = self.teacher_module(**inputs)
                 attn = {i: a.to(self.device) for i, a in store.layers.items()}
             else:

@@ -40,9 +40,14 @@ class AttentionTimer:
     Args:
         modules: the attention modules (e.g. the student's and the teacher's ``STAAttention``).
         device: where they run.
+        enabled: False attaches nothing and :meth:`stop` returns NaN (not measured), e.g. for
+            compiled models, whose graphs hooks would change.
     """
 
-    def __init__(self, modules: Iterable[nn.Module], device: torch.device) -> None:
+    def __init__(
+        self, modules: Iterable[nn.Module], device: torch.device, enabled: bool = True
+    ) -> None:
+        self.enabled = enabled
         self.modules = list(modules)
         self.clock = _Clock(device)
         self._handles: list[Any] = []
@@ -51,6 +56,8 @@ class AttentionTimer:
     def start(self) -> None:
         """Attach the hooks; every attention call until :meth:`stop` is timed."""
         self._spans = []
+        if not self.enabled:
+            return
         for module in self.modules:
             self._handles.append(module.register_forward_pre_hook(self._pre, with_kwargs=True))
             self._handles.append(module.register_forward_hook(self._post, with_kwargs=True))
@@ -75,7 +82,10 @@ class AttentionTimer:
             q.register_hook(grad_out)
 
     def stop(self) -> float:
-        """Detach the hooks and return the seconds spent in attention since :meth:`start`."""
+        """Detach the hooks and return the seconds spent in attention since :meth:`start`
+        (NaN when not enabled)."""
+        if not self.enabled:
+            return float("nan")
         for handle in self._handles:
             handle.remove()
         self._handles = []

@@ -128,14 +128,17 @@ class Trainer:
             self.student,
             self.dims,
             activation_checkpointing=job.model.gradient_checkpointing,
+            checkpoint_policy=job.model.checkpoint_policy,
+            compile=job.model.compile,
             bf16=self.bf16,
             find_unused_parameters=pcfg.find_unused_parameters,
         )
         teacher_module = None
         if self.teacher is not None:
             teacher_module = parallelize_teacher(
-                self.teacher, self.dims, shard=pcfg.teacher == "shard", deepspeed=None
-            )
+                self.teacher, self.dims, shard=pcfg.teacher == "shard", deepspeed=None,
+                compile=job.model.compile,
+            )  # fmt: skip
         optimizer = build_optimizer(
             self.student.named_parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay,
             betas=(tcfg.betas[0], tcfg.betas[1]), eps=tcfg.eps,
@@ -324,7 +327,8 @@ class Trainer:
         tracker = self._tracker()
         result = TrainResult(run_dir=self.run_dir, step=self.step, tracker_dir=tracker.run_dir)
         attn_modules = [self.student.attention] + ([self.teacher.attention] if self.teacher else [])
-        timer = AttentionTimer(attn_modules, self.device)
+        # hooks inside compiled blocks would change their graphs: no attention timing there
+        timer = AttentionTimer(attn_modules, self.device, enabled=not self.job.model.compile)
         bar = tqdm(total=stop, initial=self.step, desc="train", dynamic_ncols=True,
                    disable=not (main and self.job.logging.progress))  # fmt: skip
         signals = StopSignals()

@@ -7,7 +7,7 @@ attends only the key tiles of a 3D window around it. This package depends only o
 (and triton for the fast path) so it can be used without the stafinetune framework.
 """
 
-from .api import BACKENDS, resolve_backend, sliding_tile_attention
+from .api import BACKENDS, forward_ops, resolve_backend, sliding_tile_attention
 from .geometry import (
     density,
     num_tiles,
@@ -22,6 +22,7 @@ from .reference import sta_dense_mask
 __all__ = [
     "BACKENDS",
     "density",
+    "forward_ops",
     "num_tiles",
     "query_tile_range",
     "resolve_backend",

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from .geometry import as_triple, normalize_window
-from .reference import sta_reference, text_lengths
+from .reference import sta_reference_op, text_lengths
 from .support import TRITON_DTYPES, TRITON_HEAD_DIMS
 
 BACKENDS = ("auto", "triton", "flex", "reference")
@@ -26,6 +26,22 @@ def resolve_backend(q: torch.Tensor, backend: str = "auto") -> str:
     if q.dtype in TRITON_DTYPES and q.shape[-1] in TRITON_HEAD_DIMS:
         return "triton"
     return "flex" if q.dtype in (*TRITON_DTYPES, torch.float32) else "reference"
+
+
+def forward_ops() -> tuple[torch._ops.OpOverload, ...]:
+    """The registered forward ops of the backends: ``sta_kernels::sta_reference`` and, where
+    triton imports, ``sta_kernels::sta_fwd`` (it returns the output and the log-sum-exp).
+
+    A selective activation-checkpointing policy that saves these ops' outputs keeps the
+    attention result of a checkpointed block, so its recomputation skips the kernel. The
+    flex backend is a higher-order op and is recomputed.
+    """
+    ops = [torch.ops.sta_kernels.sta_reference.default]
+    try:
+        from . import triton_sta  # noqa: F401  (registers sta_kernels::sta_fwd)
+    except ImportError:
+        return tuple(ops)
+    return (*ops, torch.ops.sta_kernels.sta_fwd.default)
 
 
 def sliding_tile_attention(
@@ -83,7 +99,7 @@ def sliding_tile_attention(
     scale = head_dim**-0.5 if scale is None else float(scale)
     backend = resolve_backend(q, backend)
     if backend == "reference":
-        return sta_reference(q, k, v, canvas, tile, windows, lengths, scale)
+        return sta_reference_op(q, k, v, canvas, tile, windows, lengths, scale)
     if backend == "flex":
         from .flex import sta_flex
 

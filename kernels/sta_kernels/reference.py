@@ -55,6 +55,27 @@ def sta_dense_mask(
     return mask
 
 
+def _probabilities(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    canvas: Sequence[int],
+    tile: Sequence[int],
+    window: torch.Tensor,
+    text_len: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """(B, H, S, S) attention probabilities under the STA mask, float32 (float64 for float64
+    inputs); rows without any attended key (text padding queries) are all 0."""
+    batch, seq, _, _ = q.shape
+    mask = sta_dense_mask(canvas, tile, window, text_len, seq).to(q.device)  # (B, H, S, S)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qf, kf = (x.transpose(1, 2).to(acc) for x in (q, k))  # (B, H, S, D)
+    scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale  # (B, H, S, S)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    has_key = mask.any(dim=-1, keepdim=True)
+    return torch.softmax(scores.masked_fill(~has_key, 0.0), dim=-1) * has_key
+
+
 def sta_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -68,15 +89,119 @@ def sta_reference(
     """Dense attention under the STA mask, (B, S, H, D) in and out.
 
     Scores and softmax run in float32 (float64 for float64 inputs); rows without any
-    attended key (text padding queries) produce zeros.
+    attended key (text padding queries) produce zeros. Differentiable through torch's
+    autograd; ``sta_reference_op`` is the same computation as a registered op.
     """
-    batch, seq, _, _ = q.shape
-    mask = sta_dense_mask(canvas, tile, window, text_len, seq).to(q.device)  # (B, H, S, S)
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    qf, kf, vf = (x.transpose(1, 2).to(acc) for x in (q, k, v))  # (B, H, S, D)
-    scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale  # (B, H, S, S)
-    scores = scores.masked_fill(~mask, float("-inf"))
-    has_key = mask.any(dim=-1, keepdim=True)
-    probs = torch.softmax(scores.masked_fill(~has_key, 0.0), dim=-1) * has_key
-    o = torch.matmul(probs, vf)  # (B, H, S, D)
+    probs = _probabilities(q, k, canvas, tile, window, text_len, scale)  # (B, H, S, S)
+    o = torch.matmul(probs, v.transpose(1, 2).to(probs.dtype))  # (B, H, S, D)
     return o.transpose(1, 2).to(q.dtype)
+
+
+def sta_reference_backward(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    canvas: Sequence[int],
+    tile: Sequence[int],
+    window: torch.Tensor,
+    text_len: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv of ``sta_reference`` for the output gradient ``do``, all (B, S, H, D).
+
+    The softmax backward written out (as flash attention's): with P the probabilities,
+    dV = P^T dO, dS = P * (dO V^T - rowsum(P * dO V^T)), dQ = dS K * scale,
+    dK = dS^T Q * scale, in the reference's accumulation dtype.
+    """
+    probs = _probabilities(q, k, canvas, tile, window, text_len, scale)  # (B, H, S, S)
+    qf, kf, vf, dof = (x.transpose(1, 2).to(probs.dtype) for x in (q, k, v, do))  # (B, H, S, D)
+    dv = torch.matmul(probs.transpose(-1, -2), dof)
+    dp = torch.matmul(dof, vf.transpose(-1, -2))  # (B, H, S, S)
+    ds = probs * (dp - (dp * probs).sum(dim=-1, keepdim=True))
+    dq = torch.matmul(ds, kf) * scale
+    dk = torch.matmul(ds.transpose(-1, -2), qf) * scale
+    return tuple(  # type: ignore[return-value]
+        g.transpose(1, 2).to(x.dtype).contiguous()
+        for g, x in zip((dq, dk, dv), (q, k, v), strict=True)
+    )
+
+
+# torch.library registration of the reference, as the triton backend does for its kernels:
+# an opaque op traces under torch.compile without graph breaks, and a selective activation
+# checkpointing policy can name it (``sta_kernels.forward_ops()``) to keep its output.
+
+
+@torch.library.custom_op("sta_kernels::sta_reference", mutates_args=())
+def _reference_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: torch.Tensor,
+    text_len: torch.Tensor,
+    canvas: list[int],
+    tile: list[int],
+    scale: float,
+) -> torch.Tensor:
+    # contiguous, as the fake implementation promises (compiled graphs view it by those strides)
+    return sta_reference(q, k, v, canvas, tile, window, text_len, scale).contiguous()
+
+
+@_reference_op.register_fake
+def _reference_fake(q, k, v, window, text_len, canvas, tile, scale):
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op("sta_kernels::sta_reference_bwd", mutates_args=())
+def _reference_bwd_op(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: torch.Tensor,
+    text_len: torch.Tensor,
+    canvas: list[int],
+    tile: list[int],
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return sta_reference_backward(do, q, k, v, canvas, tile, window, text_len, scale)
+
+
+@_reference_bwd_op.register_fake
+def _reference_bwd_fake(do, q, k, v, window, text_len, canvas, tile, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _reference_setup(ctx, inputs, output) -> None:
+    q, k, v, window, text_len, canvas, tile, scale = inputs
+    ctx.save_for_backward(q, k, v, window, text_len)
+    ctx.geometry = (canvas, tile, scale)
+
+
+def _reference_backward(ctx, do):
+    q, k, v, window, text_len = ctx.saved_tensors
+    canvas, tile, scale = ctx.geometry
+    dq, dk, dv = torch.ops.sta_kernels.sta_reference_bwd(
+        do, q, k, v, window, text_len, canvas, tile, scale
+    )
+    return dq, dk, dv, None, None, None, None, None
+
+
+_reference_op.register_autograd(_reference_backward, setup_context=_reference_setup)
+
+
+def sta_reference_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    canvas: Sequence[int],
+    tile: Sequence[int],
+    window: torch.Tensor,
+    text_len: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """``sta_reference`` as the registered op ``sta_kernels::sta_reference`` (same values and
+    gradients; the backward recomputes the scores instead of keeping them)."""
+    return torch.ops.sta_kernels.sta_reference(
+        q, k, v, window, text_len, [int(c) for c in canvas], [int(t) for t in tile], float(scale)
+    )

@@ -27,6 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from sta_kernels import sliding_tile_attention
+from sta_kernels.geometry import normalize_window
+
+from .dispatch import CostTable, Route, choose_route
 
 Canvas = tuple[int, int, int]
 
@@ -37,7 +40,11 @@ def common_dtype(*tensors: torch.Tensor) -> torch.dtype:
     Under autocast, q and k can leave an RMSNorm in float32 while v stays bf16 (HunyuanVideo);
     the attention then runs in the autocast precision, as SDPA would.
     """
-    return min((t.dtype for t in tensors), key=lambda d: torch.finfo(d).bits)
+    lowest = tensors[0].dtype
+    for t in tensors[1:]:  # a plain loop: torch.compile traces it (min(key=...) breaks the graph)
+        if torch.finfo(t.dtype).bits < torch.finfo(lowest).bits:
+            lowest = t.dtype
+    return lowest
 
 
 def text_key_mask(
@@ -51,20 +58,29 @@ def text_key_mask(
 class STAAttention(nn.Module):
     """Attention over a video token canvas with optional joint text, sparse or dense.
 
+    A call with windows runs the cheapest exact route (``dispatch.choose_route``): windows that
+    cover the whole canvas run the dense path (SDPA), and a layer mixing covering and sparse
+    heads may split its heads between both when ``cost_table`` measured that to be faster.
+
     Args:
         tile: (tt, th, tw) STA tile in latent tokens.
         backend: ``auto`` | ``triton`` | ``flex`` | ``reference``; ``auto`` is resolved per call by
             ``sta_kernels.resolve_backend`` (triton for CUDA bf16/fp16, else flex on CUDA,
             the reference on CPU).
+        cost_table: measured per-head costs of SDPA and STA on this device, or None.
     """
 
-    def __init__(self, tile: Sequence[int], backend: str = "auto") -> None:
+    def __init__(
+        self, tile: Sequence[int], backend: str = "auto", cost_table: CostTable | None = None
+    ) -> None:
         super().__init__()
         self.tile: Canvas = tuple(int(t) for t in tile)  # type: ignore[assignment]
         self.backend = backend
+        self.cost_table = cost_table
 
     def extra_repr(self) -> str:
-        return f"tile={self.tile}, backend={self.backend!r}"
+        table = "" if self.cost_table is None else f", cost_table={self.cost_table.device!r}"
+        return f"tile={self.tile}, backend={self.backend!r}{table}"
 
     def forward(
         self,
@@ -86,18 +102,48 @@ class STAAttention(nn.Module):
         Returns:
             o: (B, S, H, D) in q's dtype; rows of padding text queries are 0 (both modes).
         """
-        if window is not None:
-            dtype = common_dtype(q, k, v)
-            return sliding_tile_attention(
-                q.to(dtype),
-                k.to(dtype),
-                v.to(dtype),
-                canvas=canvas,
-                tile=self.tile,
-                window=window,
-                text_len=text_len,
-                backend=self.backend,
-            )
+        if window is None:
+            return self._dense(q, k, v, canvas, text_len)
+        dtype = common_dtype(q, k, v)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        windows = normalize_window(window, q.shape[2])  # (H, 3) int64, validated
+        if torch.compiler.is_compiling():
+            # the route reads the window values, which a compiled graph does not specialise
+            # on: keep the kernel the windows name
+            return self._sta(q, k, v, canvas, text_len, windows)
+        route = choose_route(
+            windows, canvas, self.tile, head_dim=q.shape[-1], table=self.cost_table,
+            backward=torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)),
+        )  # fmt: skip
+        if route.kind == "dense":
+            return self._dense(q, k, v, canvas, text_len)
+        if route.kind == "split":
+            return self._split(q, k, v, canvas, text_len, windows, route)
+        return self._sta(q, k, v, canvas, text_len, windows)
+
+    def _sta(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        canvas: Canvas,
+        text_len: int | torch.Tensor,
+        windows: torch.Tensor,
+    ) -> torch.Tensor:
+        return sliding_tile_attention(
+            q, k, v, canvas=canvas, tile=self.tile, window=windows, text_len=text_len,
+            backend=self.backend,
+        )  # fmt: skip
+
+    @staticmethod
+    def _dense(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        canvas: Canvas,
+        text_len: int | torch.Tensor,
+    ) -> torch.Tensor:
+        """SDPA over all video keys and the valid text keys; padding query rows are 0."""
         batch, seq, _, _ = q.shape
         num_video = canvas[0] * canvas[1] * canvas[2]
         qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # (B, H, S, D)
@@ -107,6 +153,29 @@ class STAAttention(nn.Module):
         keep = text_key_mask(seq, num_video, lengths, q.device)  # (B, S)
         o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=keep[:, None, None, :])
         return o.transpose(1, 2) * keep[:, :, None, None].to(q.dtype)  # (B, S, H, D)
+
+    def _split(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        canvas: Canvas,
+        text_len: int | torch.Tensor,
+        windows: torch.Tensor,
+        route: Route,
+    ) -> torch.Tensor:
+        """SDPA on the covering heads, STA on the others, outputs back in head order."""
+        dense_idx = torch.tensor(route.dense_heads, device=q.device)
+        sparse_idx = torch.tensor(route.sparse_heads, device=q.device)
+        o_dense = self._dense(
+            *(x.index_select(2, dense_idx) for x in (q, k, v)), canvas, text_len
+        )  # (B, S, Hd, D)
+        sparse_qkv = (x.index_select(2, sparse_idx) for x in (q, k, v))
+        sparse_windows = windows[list(route.sparse_heads)]  # (Hs, 3)
+        o_sparse = self._sta(*sparse_qkv, canvas, text_len, sparse_windows)  # (B, S, Hs, D)
+        order = torch.tensor(route.dense_heads + route.sparse_heads)
+        inverse = torch.argsort(order).to(q.device)
+        return torch.cat([o_dense, o_sparse], dim=2).index_select(2, inverse)  # (B, S, H, D)
 
 
 class ActivationStore:

@@ -19,6 +19,7 @@ from typing import Any, Optional
 from sta_kernels.geometry import as_triple
 
 ATTENTION_MODES = ("full", "sta")
+CHECKPOINT_POLICIES = ("full", "selective")
 ATTENTION_BACKENDS = ("auto", "triton", "flex", "reference")
 
 
@@ -39,6 +40,11 @@ class ModelConfig:
             transformer folder itself, safetensors weights). ``None`` builds the flavor with
             random weights (or on the meta device for benchmarks). Nothing is fetched from a hub.
         gradient_checkpointing: recompute each transformer block in backward (works with STA).
+        checkpoint_policy: what a checkpointed block keeps: ``full`` only its inputs (the
+            whole block is recomputed); ``selective`` also every attention call's output, so
+            the recomputation skips the attention kernels (needs ``gradient_checkpointing``).
+        compile: ``torch.compile`` each transformer block (with checkpointing: the checkpoint
+            and its block as one region). Applied by ``stafinetune.parallel.parallelize``.
         guidance_scale: HunyuanVideo's embedded guidance (the model receives it times 1000);
             ignored by Wan.
         config_overrides: values merged over the flavor's diffusers config when building
@@ -50,6 +56,8 @@ class ModelConfig:
     flavor: str = "wan_tiny"
     path: Optional[str] = None
     gradient_checkpointing: bool = False
+    checkpoint_policy: str = "full"
+    compile: bool = False
     guidance_scale: float = 6.0
     config_overrides: dict[str, Any] = field(default_factory=dict)
     allow_pickle_weights: bool = False
@@ -61,6 +69,15 @@ class ModelConfig:
             raise ValueError(f"model.flavor must be one of {sorted(FLAVORS)}, got {self.flavor!r}")
         if self.path is not None and not str(self.path).strip():
             raise ValueError("model.path must be a local directory or null, got an empty string")
+        if self.checkpoint_policy not in CHECKPOINT_POLICIES:
+            raise ValueError(
+                f"model.checkpoint_policy must be one of {CHECKPOINT_POLICIES}, "
+                f"got {self.checkpoint_policy!r}"
+            )
+        if self.checkpoint_policy == "selective" and not self.gradient_checkpointing:
+            raise ValueError(
+                "model.checkpoint_policy=selective needs model.gradient_checkpointing=true"
+            )
         if not self.guidance_scale >= 0:
             raise ValueError(f"model.guidance_scale must be >= 0, got {self.guidance_scale}")
         if self.path is not None and self.config_overrides:
@@ -89,6 +106,11 @@ class AttentionConfig:
         dense_first_steps: denoising steps ``step_index < dense_first_steps`` run dense.
         strict_window: fail when a window is wider than the canvas's tile grid (instead of
             clipping it to the whole axis).
+        cost_table: a per-head attention cost table measured on the training device
+            (``benchmarks/dispatch_table.py``); layers mixing heads whose window covers the
+            canvas with sparse heads then run the covering heads through SDPA where that is
+            faster. Without it such layers run STA for every head. (Layers whose every head
+            covers the canvas always run SDPA.)
     """
 
     mode: str = "sta"
@@ -100,6 +122,7 @@ class AttentionConfig:
     strategy_path: Optional[str] = None
     dense_first_steps: int = 0
     strict_window: bool = False
+    cost_table: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.mode not in ATTENTION_MODES:
@@ -129,6 +152,8 @@ class AttentionConfig:
                     check_triple(w, f"attention.head_windows[{i}][{h}]")
         if self.strategy_path is not None and not str(self.strategy_path).strip():
             raise ValueError("attention.strategy_path must be a file path or null, got ''")
+        if self.cost_table is not None and not str(self.cost_table).strip():
+            raise ValueError("attention.cost_table must be a file path or null, got ''")
         if int(self.dense_first_steps) != self.dense_first_steps or self.dense_first_steps < 0:
             raise ValueError(
                 f"attention.dense_first_steps must be an int >= 0, got {self.dense_first_steps}"

@@ -28,7 +28,9 @@ from .attention import (
     STAAttention,
     WanSTAProcessor,
 )
+from .checkpointing import checkpoint_options, compile_checkpointed
 from .config import AttentionConfig, ModelConfig
+from .dispatch import load_cost_table
 from .flavors import get_flavor
 from .windows import WindowPlan, build_window_plan
 
@@ -141,7 +143,9 @@ class VideoDiT(nn.Module):
         self._check_backend(attention_cfg)
         self.attention_cfg = attention_cfg
         self.plan = plan
-        self.attention = STAAttention(attention_cfg.tile, attention_cfg.backend)
+        self.attention = STAAttention(
+            attention_cfg.tile, attention_cfg.backend, load_cost_table(attention_cfg.cost_table)
+        )
         self._install_processors()
 
     def _check_backend(self, attention_cfg: AttentionConfig) -> None:
@@ -286,18 +290,28 @@ class VideoDiT(nn.Module):
             self._store = previous
 
     # ----------------------------------------------------------------- checkpointing
-    def enable_gradient_checkpointing(self) -> None:
+    def enable_gradient_checkpointing(
+        self, policy: str = "full", *, compile: bool = False, backend: str = "inductor"
+    ) -> None:
         """Recompute each transformer block in backward; STA state travels with the block.
 
         The recomputation runs during backward, after ``forward`` returned, so the checkpoint
         function re-installs the forward's ``ForwardState`` (without capture store) around it.
+
+        Args:
+            policy: ``full`` recomputes the whole block; ``selective`` keeps every attention
+                call's output so the recomputation skips attention (``checkpointing.py``).
+            compile: compile each checkpointed block call (checkpoint and block) as one
+                region with ``torch.compile``; the compiler then plans the recomputation.
+            backend: the ``torch.compile`` backend (tests use ``aot_eager``).
         """
         runtime = self._runtime
+        options = checkpoint_options(policy)
 
         def checkpoint_block(block: nn.Module, *args: Any) -> Any:
             state = runtime.state
             if state is None:
-                return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+                return torch.utils.checkpoint.checkpoint(block, *args, **options)
             calls = 0
 
             def run(*inner: Any) -> Any:
@@ -307,9 +321,12 @@ class VideoDiT(nn.Module):
                 with runtime.use(current):
                     return block(*inner)
 
-            return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
+            return torch.utils.checkpoint.checkpoint(run, *args, **options)
 
-        self.transformer.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_block)
+        function = checkpoint_block
+        if compile:
+            function = compile_checkpointed(checkpoint_block, self.num_layers, backend)
+        self.transformer.enable_gradient_checkpointing(gradient_checkpointing_func=function)
 
     def disable_gradient_checkpointing(self) -> None:
         """Turn block recomputation off again."""

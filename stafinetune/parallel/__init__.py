@@ -2,7 +2,7 @@
 
 init_world(device) -> World            # once per process, from the launcher's environment
 ParallelDims(world, strategy, sp, ...)  # degrees, dp coordinates, the device mesh
-parallelize(model, dims, ...)           # activation checkpointing + data-parallel wrapper
+parallelize(model, dims, ...)           # activation checkpointing, compile, data-parallel wrapper
 """
 
 from .dims import ParallelDims

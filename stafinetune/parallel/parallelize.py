@@ -3,8 +3,12 @@
 Model code stays single-device; this module is the one place that wraps it:
 
 1. sequence parallelism (``parallel.sp > 1``): Ulysses around the STA call (``sequence.py``);
-2. activation checkpointing (``model.gradient_checkpointing``, student only): per block;
-3. the data-parallel wrapper of ``parallel.strategy``: ``ddp`` wraps the model in
+2. activation checkpointing (``model.gradient_checkpointing``, ``model.checkpoint_policy``,
+   student only): per block;
+3. ``torch.compile`` per transformer block (``model.compile``): with checkpointing, each
+   checkpointed block call is compiled as one region (checkpoint and block), so the
+   compiler plans the recomputation; without it, each block's forward;
+4. the data-parallel wrapper of ``parallel.strategy``: ``ddp`` wraps the model in
    DistributedDataParallel; ``fsdp2`` applies ``fully_shard`` per transformer block and then
    at the root, over the flattened (dp_shard, sp) mesh (with ``dp_replicate`` as the
    replicate dimension of hybrid sharding), so the mean over sp ranks comes from the
@@ -27,6 +31,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..models import VideoDiT
+from ..models.checkpointing import raise_recompile_limit
 from .dims import ParallelDims
 from .sequence import SequenceParallel, apply_sequence_parallel
 
@@ -65,6 +70,31 @@ def transformer_blocks(model: VideoDiT) -> list[nn.Module]:
     return [*refiner_blocks, *t.transformer_blocks, *t.single_transformer_blocks]
 
 
+def sta_blocks(model: VideoDiT) -> list[nn.Module]:
+    """The transformer blocks that hold the STA layers (what ``model.compile`` compiles)."""
+    t = model.transformer
+    if model.family == "wan":
+        return list(t.blocks)
+    return [*t.transformer_blocks, *t.single_transformer_blocks]
+
+
+def apply_compile(model: VideoDiT, *, checkpointed: bool, backend: str = "inductor") -> None:
+    """``torch.compile`` each STA block's forward in place (torchtitan's per-block compile).
+
+    With ``checkpointed`` there is nothing left to do: the blocks were compiled together with
+    their checkpoint (``enable_gradient_checkpointing(compile=True)``), and the forwards
+    without gradients (validation), which diffusers runs without the checkpoint, stay eager.
+    Parameters keep their names (the module is not wrapped), so checkpoints and FSDP see the
+    same model.
+    """
+    if checkpointed:
+        return
+    blocks = sta_blocks(model)
+    raise_recompile_limit(4 * len(blocks))  # one graph per block (its layer index is a constant)
+    for block in blocks:
+        block.forward = torch.compile(block.forward, backend=backend, fullgraph=True)
+
+
 def _apply_fsdp(model: VideoDiT, dims: ParallelDims, bf16: bool, reshard: bool) -> None:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -101,6 +131,8 @@ def parallelize(
     dims: ParallelDims,
     *,
     activation_checkpointing: bool,
+    checkpoint_policy: str = "full",
+    compile: bool = False,
     bf16: bool = False,
     find_unused_parameters: bool = False,
 ) -> ParallelModel:
@@ -110,12 +142,16 @@ def parallelize(
         model: the student, already on ``dims.device``.
         dims: the run's parallel degrees.
         activation_checkpointing: recompute each transformer block in backward.
+        checkpoint_policy: ``full`` or ``selective`` (keep attention outputs).
+        compile: ``torch.compile`` each transformer block.
         bf16: ``fsdp2`` computes in bf16 (parameters kept in fp32, gradients reduced in fp32).
         find_unused_parameters: DDP's option (needed when some trainable weights get no grad).
     """
     sequence = sequence_split(model, dims)
     if activation_checkpointing:
-        model.enable_gradient_checkpointing()
+        model.enable_gradient_checkpointing(checkpoint_policy, compile=compile)
+    if compile:
+        apply_compile(model, checkpointed=activation_checkpointing)
     if dims.strategy == "ddp" and dims.distributed:
         device = dims.device
         ddp = DistributedDataParallel(
@@ -133,15 +169,23 @@ def parallelize(
 
 
 def parallelize_teacher(
-    teacher: VideoDiT, dims: ParallelDims, *, shard: bool, deepspeed: dict | None = None
+    teacher: VideoDiT,
+    dims: ParallelDims,
+    *,
+    shard: bool,
+    deepspeed: dict | None = None,
+    compile: bool = False,
 ) -> nn.Module:
     """The frozen teacher under the student's sequence split, replicated or sharded.
 
     ``shard`` with ``fsdp2``: ``fully_shard`` per block (parameters gathered per block in the
     forward); with ``zero3``: a DeepSpeed inference engine without optimiser (``deepspeed``
-    is its config). Returns what to call; ``teacher`` itself keeps ``capture()``.
+    is its config). ``compile``: ``torch.compile`` each block's forward first. Returns what
+    to call; ``teacher`` itself keeps ``capture()``.
     """
     sequence_split(teacher, dims)
+    if compile:
+        apply_compile(teacher, checkpointed=False)
     if not (shard and dims.distributed):
         return teacher
     if dims.strategy == "fsdp2":

@@ -1,0 +1,56 @@
+"""The GPU speed benchmarks run their code paths on tiny CPU models (``--smoke``): every row
+measured (no recorded error), JSON and markdown written. Timings here mean nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(script: str, *args: str, out: Path) -> dict:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "kernels")])}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--out", str(out), *args]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    name = Path(script).stem
+    assert (out / f"{name}.md").read_text().count("|") > 10
+    return json.loads((out / f"{name}.json").read_text())
+
+
+@pytest.mark.slow
+def test_train_step_smoke(tmp_path):
+    result = _run("train_step.py", "--suites", "hunyuan720,compile", "--kinds",
+                  "dense,distill", "--policies", "selective", out=tmp_path)  # fmt: skip
+    rows = result["rows"]
+    assert [(r["suite"], r["kind"], r["compiled"]) for r in rows] == [
+        ("hunyuan720", "dense", False),
+        ("hunyuan720", "distill", False),
+        ("compile", "distill", False),
+        ("compile", "distill", True),
+    ]
+    assert all("error" not in r and r["step_ms"] > 0 for r in rows), rows
+    assert rows[1]["attn_share"] > 0 and rows[3]["attn_share"] is None  # not timed compiled
+    assert "the distillation step runs at" in (tmp_path / "train_step.md").read_text()
+
+
+@pytest.mark.slow
+def test_dispatch_table_and_sampling_smoke(tmp_path):
+    from stafinetune.models.dispatch import CostTable
+
+    table = _run("dispatch_table.py", out=tmp_path)
+    assert all("error" not in r for r in table["rows"]), table["rows"]
+    parsed = CostTable.load(tmp_path / "dispatch_table.json")
+    assert len(parsed.entries) == 2 and all(e.sta[-1].density == 1.0 for e in parsed.entries)
+    costs = str(tmp_path / "dispatch_table.json")
+    result = _run("sampling.py", "--suites", "wan720", "--cost-table", costs, out=tmp_path)
+    rows = result["rows"]
+    assert [r["row"] for r in rows] == ["dense", "STA 3x1x3", "strategy", "strategy + cost table"]
+    assert all("error" not in r and r["schedule_s"] > 0 for r in rows), rows
+    assert 0 < rows[2]["covering_heads"] < 1
