@@ -16,10 +16,21 @@ from stafinetune.build import build_student, build_teacher
 from stafinetune.config import DistillConfig, JobConfig, compose_job_config
 from stafinetune.distill import DistillStep, draw_noise
 from stafinetune.models import VideoDiT
-from stafinetune.parallel import ParallelModel
+from stafinetune.parallel import ParallelDims, ParallelModel, World
+from stafinetune.parallel.engine import TorchEngine
 from stafinetune.trainer import Trainer
 
 CPU = torch.device("cpu")
+
+
+def _engine(model, grad_accum: int) -> TorchEngine:
+    """The engine the trainer drives a single-process student with (its backward divides
+    by grad_accum); the optimiser is never stepped here."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    dims = ParallelDims(World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+    return TorchEngine(ParallelModel(module=model, model=model), optimizer, scheduler, dims,
+                       grad_accum)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +131,7 @@ def test_gradient_is_the_weighted_sum_of_independent_term_gradients(
 
     student = build_student(job, CPU)
     sums, _, _ = _step(cfg, teacher).forward_backward(
-        ParallelModel(module=student, model=student),
+        _engine(student, grad_accum=1),
         lambda: batch,
         torch.Generator().manual_seed(5),
         grad_accum=1,
@@ -148,7 +159,7 @@ def test_two_micro_batches_equal_one_step_on_the_concatenated_batch(
     accumulated = build_student(job, CPU)
     feed = iter(halves)
     sums, samples, _ = _step(cfg, teacher).forward_backward(
-        ParallelModel(module=accumulated, model=accumulated),
+        _engine(accumulated, grad_accum=2),
         lambda: next(feed),
         torch.Generator().manual_seed(9),
         grad_accum=2,
