@@ -18,7 +18,8 @@ class WindowPlan:
 
     Attributes:
         train: (L, H, 3) int64 windows for ``step_index=None``; ``None`` means dense.
-        steps: (num_steps, L, H, 3) int64 per-step windows from a strategy file, or ``None``.
+        steps: (num_steps, L, H, 3) int64 per-step windows from a strategy file, or ``None``;
+            a strategy of one step (what a finetune exports) applies to every step.
         dense_first_steps: steps ``< dense_first_steps`` run dense.
         source: the config field the windows came from (for error messages).
         canvas: the token canvas a strategy file was searched for, if any.
@@ -42,6 +43,8 @@ class WindowPlan:
             return None
         if self.steps is None:
             return self.train
+        if self.steps.shape[0] == 1:  # a one-step strategy holds step-independent windows
+            return self.steps[0]
         if step_index >= self.steps.shape[0]:
             raise ValueError(
                 f"step_index={step_index} but the mask strategy ({self.source}) has "
@@ -71,6 +74,17 @@ class WindowPlan:
                 )
 
 
+def strategy_plan(strategy: MaskStrategy, dense_first_steps: int, source: str) -> WindowPlan:
+    """The plan of a loaded (validated) mask strategy; ``source`` names it in errors."""
+    return WindowPlan(
+        train=strategy.train_tensor(),
+        steps=strategy.step_tensor(),
+        dense_first_steps=int(dense_first_steps),
+        source=source,
+        canvas=tuple(strategy.canvas),  # type: ignore[arg-type]
+    )
+
+
 def build_window_plan(cfg: AttentionConfig, num_layers: int, num_heads: int) -> WindowPlan:
     """Resolve ``cfg`` for a model with ``num_layers`` STA layers of ``num_heads`` heads.
 
@@ -87,12 +101,8 @@ def build_window_plan(cfg: AttentionConfig, num_layers: int, num_heads: int) -> 
                 f"attention.tile {list(cfg.tile)} differs from the tile {strategy.tile} of the mask "
                 f"strategy {cfg.strategy_path}; windows are counted in tiles, so they must match"
             )
-        return WindowPlan(
-            train=strategy.train_tensor(),
-            steps=strategy.step_tensor(),
-            dense_first_steps=dense_first,
-            source=f"attention.strategy_path={cfg.strategy_path}",
-            canvas=tuple(strategy.canvas),  # type: ignore[arg-type]
+        return strategy_plan(
+            strategy, dense_first, source=f"attention.strategy_path={cfg.strategy_path}"
         )
     if cfg.head_windows is not None:
         windows = torch.tensor(
