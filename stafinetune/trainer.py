@@ -79,6 +79,9 @@ class Trainer:
         self.device = self.dims.device
         torch.manual_seed(tcfg.seed)
         self.data = build_data(job, self.dims)
+        # building the cache draws from the global RNG only when it was missing; what trains
+        # from it (LoRA dropout) must not depend on that
+        torch.manual_seed(tcfg.seed)
         self.student = build_student(job, self.device)
         select_trainable(self.student, tcfg.trainable)  # freezes the rest
         self.teacher = build_teacher(job, self.device)

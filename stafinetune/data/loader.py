@@ -221,6 +221,9 @@ class TrainLoader:
             pin_memory=self.pin_memory,
             prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
             persistent_workers=False,
+            # its own base seed: iterating must not draw from the global RNG (a resumed run
+            # makes a new iterator, which would shift e.g. LoRA dropout)
+            generator=torch.Generator().manual_seed(self.seed),
         )
         for batch in loader:
             self.step_in_epoch += 1
