@@ -35,8 +35,9 @@ from .config import JobConfig, resolved_dict
 from .data import build_video_encoder
 from .distill import DistillStep
 from .evaluate import Validator
+from .lora import adapter_state_dict, export_lora, load_adapter_state_dict
 from .models import MaskStrategy
-from .optim import EMA, build_optimizer, build_scheduler, select_trainable
+from .optim import EMA, apply_trainable, build_optimizer, build_scheduler
 from .parallel import ParallelDims, World, all_reduce_mean, barrier, init_world, parallelize
 from .profiling import AttentionTimer
 from .tracking import build_tracker
@@ -83,7 +84,7 @@ class Trainer:
         # from it (LoRA dropout) must not depend on that
         torch.manual_seed(tcfg.seed)
         self.student = build_student(job, self.device)
-        select_trainable(self.student, tcfg.trainable)  # freezes the rest
+        apply_trainable(self.student, tcfg)  # freezes the rest (or adds a LoRA adapter)
         self.teacher = build_teacher(job, self.device)
         check_data_fits_model(self.data.val_batches[0], self.student, job)
         self.ema = EMA(self.student, tcfg.ema_decay) if tcfg.ema_decay else None
@@ -143,10 +144,16 @@ class Trainer:
         """What a checkpoint holds, as (get, set) pairs; rank 0 writes the global parts."""
         main = self.dims.is_main
         state = TrainState()
-        state.weights["model"] = (
-            lambda: self.student.state_dict() if main else None,
-            self.student.load_state_dict,
-        )
+        if self.job.train.trainable == "lora":  # the base weights are frozen: the adapter only
+            state.weights["adapter"] = (
+                lambda: adapter_state_dict(self.student) if main else None,
+                lambda tensors: load_adapter_state_dict(self.student, tensors),
+            )
+        else:
+            state.weights["model"] = (
+                lambda: self.student.state_dict() if main else None,
+                self.student.load_state_dict,
+            )
         if self.ema is not None:
             state.weights["ema"] = (
                 lambda: self.ema.state_dict() if main else None,
@@ -332,7 +339,10 @@ class Trainer:
             if self.ema is not None:
                 backup = {k: v.detach().clone() for k, v in self.student.state_dict().items()}
                 self.ema.copy_to(self.student)
-            self.student.save_pretrained(out / "transformer")
+            if self.job.train.trainable == "lora":
+                export_lora(self.student, out, merge=self.job.train.lora_merge_export)
+            else:
+                self.student.save_pretrained(out / "transformer")
             if self.job.attention.mode == "sta":
                 self._export_strategy(out / "mask_strategy.json")
             (out / "stafinetune.json").write_text(

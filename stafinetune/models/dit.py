@@ -289,6 +289,11 @@ class VideoDiT(nn.Module):
         The attention configuration goes next to it in ``stafinetune_attention.json``;
         diffusers ignores that file, so the folder loads as a plain diffusers transformer.
         """
+        if getattr(self.transformer, "_hf_peft_config_loaded", False):
+            raise ValueError(
+                "this model holds a LoRA adapter, so its weights are not a plain diffusers "
+                "transformer: export it with stafinetune.lora.export_lora (adapter, or merged)"
+            )
         os.makedirs(path, exist_ok=True)
         self.transformer.save_pretrained(path, safe_serialization=True)
         save_attention_config(path, self.attention_cfg)
