@@ -144,9 +144,8 @@ def enable_sta(
             loaded = strategy
         else:
             loaded, source = MaskStrategy.load(strategy), f"mask strategy {os.fspath(strategy)}"
-        if tile is not None and list(check_triple(tile, "enable_sta(tile=...)")) != list(
-            loaded.tile
-        ):
+        given = None if tile is None else check_triple(tile, "enable_sta(tile=...)")
+        if given is not None and given != list(loaded.tile):
             raise ValueError(
                 f"enable_sta(tile={list(tile)}) differs from the tile {loaded.tile} of the {source}; "
                 "windows are counted in tiles, so leave tile= out or make them match"
@@ -156,25 +155,26 @@ def enable_sta(
         raise ValueError("enable_sta(window=...) needs tile= (a strategy carries its own)")
     tile = check_triple(tile, "enable_sta(tile=...)")
     transformers = _transformers(target)
-    for transformer in transformers:
-        _detach_enabled(transformer)
+    previous = [_enabled_binding(t) for t in transformers]
+    plans = [_plan(t, loaded, source, window, int(dense_first_steps)) for t in transformers]
+    for binding in previous:  # only once everything is valid: a bad call changes nothing
+        if binding is not None:
+            binding.remove()
     tracker = StepTracker()  # shared: the pipeline's steps, whichever model runs them
-    for transformer in transformers:
-        plan = _plan(transformer, loaded, source, window, int(dense_first_steps))
+    for transformer, plan in zip(transformers, plans, strict=True):
         build_binding(transformer, plan, tile=tile, backend=backend, strict=strict, tracker=tracker)
     return target
 
 
-def _detach_enabled(transformer: nn.Module) -> None:
+def _enabled_binding(transformer: nn.Module) -> Any:
+    """The binding ``enable_sta`` put on ``transformer``, or None; refuses a ``VideoDiT``'s."""
     binding = binding_of(transformer)
-    if binding is None:
-        return
-    if binding.owner != "enable_sta":
+    if binding is not None and binding.owner != "enable_sta":
         raise ValueError(
             f"this {type(transformer).__name__} belongs to a {binding.owner}, which manages its "
             "attention itself: use its set_attention(...) instead of enable_sta/disable_sta"
         )
-    binding.remove()
+    return binding
 
 
 def disable_sta(target: Any) -> Any:
@@ -183,7 +183,9 @@ def disable_sta(target: Any) -> Any:
     A transformer without STA is left as it is.
     """
     for transformer in _transformers(target):
-        _detach_enabled(transformer)
+        binding = _enabled_binding(transformer)
+        if binding is not None:
+            binding.remove()
     return target
 
 

@@ -129,7 +129,7 @@ class StepTracker:
 
     def observe(self, timestep: torch.Tensor | float) -> int:
         """The step index of a call with ``timestep``."""
-        t = float(torch.as_tensor(timestep).detach().max())
+        t = float(torch.as_tensor(timestep).detach().max())  # one host sync per forward
         if self.last is None or t > self.last:
             self.step = 0
         elif t < self.last:

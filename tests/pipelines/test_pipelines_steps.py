@@ -136,12 +136,14 @@ def test_a_videodit_transformer_follows_a_pipeline(cond: dict[str, Any]) -> None
 )
 def test_bad_arguments_name_the_argument(kwargs: dict[str, Any], message: str) -> None:
     transformer = plain_copy(build_dit("wan_tiny", mode="full"))
+    enable_sta(transformer, tile=TILE, window=[3, 3, 3])
+    before = binding_of(transformer)
     if "strategy" in kwargs:
         heads = 3 if kwargs["strategy"] == "three_heads" else 4
         kwargs["strategy"] = step_strategy(2, heads=heads)
     with pytest.raises(ValueError, match=message):
         enable_sta(transformer, **kwargs)
-    assert binding_of(transformer) is None
+    assert binding_of(transformer) is before  # a bad call leaves the previous settings
 
 
 def test_other_models_and_short_strategies_fail_clearly() -> None:
