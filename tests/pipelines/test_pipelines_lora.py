@@ -7,13 +7,27 @@ from pathlib import Path
 
 import pytest
 import torch
-from pipeline_testing import TILE, build_dit, conditioning, generate, noise_of, wan_pipeline
+from pipeline_testing import (
+    TILE,
+    build_dit,
+    conditioning,
+    generate,
+    hunyuan_pipeline,
+    noise_of,
+    plain_copy,
+    wan_pipeline,
+)
 from safetensors.torch import load_file
 
 from stafinetune import checkpoint as ckpt
 from stafinetune import enable_sta
 from stafinetune.config import TrainConfig, compose_job_config
-from stafinetune.lora import adapter_state_dict, apply_lora, lora_target_modules
+from stafinetune.lora import (
+    adapter_state_dict,
+    apply_lora,
+    lora_target_modules,
+    save_lora_adapter,
+)
 from stafinetune.sampling import sample_latents
 from stafinetune.trainer import Trainer
 
@@ -153,4 +167,27 @@ def test_lora_export_loads_into_the_wan_pipeline(data_root: Path, tmp_path: Path
     with torch.no_grad():
         want = student(x, t, cond["text"], cond["text_mask"])
         got = merged(x, t, cond["text"], return_dict=False)[0]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_hunyuan_adapter_loads_into_the_hunyuan_pipeline(tmp_path: Path) -> None:
+    """The export format also fits ``HunyuanVideoPipeline.load_lora_weights`` (alpha != rank)."""
+    dit = build_dit("hunyuan_tiny", window=[3, 3, 3])
+    base = plain_copy(dit)
+    apply_lora(dit, rank=2, alpha=6.0)
+    with torch.no_grad():
+        for name, param in dit.named_parameters():
+            if param.requires_grad:
+                param.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    save_lora_adapter(dit, tmp_path)
+    pipe = hunyuan_pipeline(base)
+    pipe.load_lora_weights(tmp_path)
+    enable_sta(pipe, tile=TILE, window=[3, 3, 3])
+    x, t = noise_of(0), torch.tensor([300.0])
+    text, pooled = torch.randn(1, 8, 32), torch.randn(1, 32)
+    mask = torch.arange(8)[None] < 5
+    guidance = torch.tensor([6000.0])
+    with torch.no_grad():
+        want = dit(x, t, text, mask, pooled)
+        got = pipe.transformer(x, t, text, mask, pooled, guidance, return_dict=False)[0]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
