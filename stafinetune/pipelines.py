@@ -13,8 +13,10 @@ transformer (and Wan 2.2's ``transformer_2``): STA processors on the video self-
 valid text lengths and the denoising step from each call. The step is counted from the
 timesteps of the pipeline's own loop (a new, lower timestep is the next step; classifier-free
 guidance calls share their step; a higher timestep starts a new generation), so per-step
-windows of a mask strategy and ``dense_first_steps`` follow any pipeline, scheduler and
-guidance scheme that calls the transformer once or twice per step.
+windows of a mask strategy and ``dense_first_steps`` follow any pipeline whose scheduler
+evaluates the model once per step, with guidance as a second call or a doubled batch (a
+second-order scheduler such as Heun's counts each evaluation as a step; use
+:func:`sta_step` in such loops).
 """
 
 from __future__ import annotations
