@@ -44,7 +44,12 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     ema_decay: float | None = None  # e.g. 0.999; None disables EMA
-    trainable: str = "all"  # all | attention | a regex over parameter names
+    trainable: str = "all"  # all | attention | lora | a regex over parameter names
+    lora_rank: int = 16  # LoRA rank r (trainable=lora)
+    lora_alpha: float | None = None  # the update is alpha / r * B @ A; None: alpha = r
+    lora_targets: list[str] | None = None  # module-name suffixes; None: STA q/k/v/out projections
+    lora_dropout: float = 0.0  # dropout on the adapter's input
+    lora_merge_export: bool = False  # also export the merged transformer (export/transformer)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
@@ -85,6 +90,26 @@ class TrainConfig:
         _check(
             self.ema_decay is None or 0 < self.ema_decay < 1,
             f"train.ema_decay must lie in (0, 1) or be null, got {self.ema_decay}",
+        )
+        _check(self.lora_rank >= 1, f"train.lora_rank must be >= 1, got {self.lora_rank}")
+        _check(
+            self.lora_alpha is None or self.lora_alpha > 0,
+            f"train.lora_alpha must be > 0 or null (= lora_rank), got {self.lora_alpha}",
+        )
+        _check(
+            self.lora_targets is None
+            or (len(self.lora_targets) > 0 and all(str(t).strip() for t in self.lora_targets)),
+            "train.lora_targets must be null (the STA layers' to_q/to_k/to_v/to_out.0) or a "
+            f"non-empty list of module names, got {self.lora_targets}",
+        )
+        _check(
+            0 <= self.lora_dropout < 1,
+            f"train.lora_dropout must lie in [0, 1), got {self.lora_dropout}",
+        )
+        _check(
+            not self.lora_merge_export or self.trainable == "lora",
+            "train.lora_merge_export=true needs train.trainable=lora, got "
+            f"train.trainable={self.trainable!r}",
         )
         _check(
             self.device in ("auto", "cpu", "cuda"),

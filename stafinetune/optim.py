@@ -1,4 +1,5 @@
-"""Optimiser, learning-rate schedule, EMA of weights and the trainable-parameter selection."""
+"""Optimiser, learning-rate schedule, EMA of weights and the trainable-parameter selection
+(a pattern, or a LoRA adapter)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
+
+from .config import TrainConfig
+from .models import VideoDiT
 
 
 def select_trainable(model: nn.Module, pattern: str) -> list[str]:
@@ -39,6 +43,26 @@ def select_trainable(model: nn.Module, pattern: str) -> list[str]:
     if not names:
         raise ValueError(f"train.trainable={pattern!r} matches no parameter of the model")
     return names
+
+
+def apply_trainable(model: VideoDiT, cfg: TrainConfig) -> list[str]:
+    """Make ``train.trainable``'s parameters the only trainable ones; return their names.
+
+    ``lora`` adds a LoRA adapter (``train.lora_*``, see :mod:`stafinetune.lora`) and trains
+    only that; anything else is :func:`select_trainable`'s pattern.
+    """
+    if cfg.trainable == "lora":
+        from .lora import apply_lora
+
+        return apply_lora(
+            model,
+            rank=cfg.lora_rank,
+            alpha=cfg.lora_alpha,
+            targets=cfg.lora_targets,
+            dropout=cfg.lora_dropout,
+            seed=cfg.seed,
+        )
+    return select_trainable(model, cfg.trainable)
 
 
 def build_optimizer(

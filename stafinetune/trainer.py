@@ -45,9 +45,10 @@ from .data import build_video_encoder
 from .distill import DistillStep
 from .errors import UserError, user_errors
 from .evaluate import Validator
+from .lora import adapter_state_dict, export_lora, load_adapter_state_dict
 from .models import MaskStrategy
 from .models.dit import save_transformer_state
-from .optim import EMA, build_optimizer, build_scheduler, select_trainable
+from .optim import EMA, apply_trainable, build_optimizer, build_scheduler
 from .parallel import ParallelDims, World, all_reduce_mean, barrier, init_world, parallelize
 from .parallel.engine import build_engine, deepspeed_config
 from .parallel.parallelize import parallelize_teacher
@@ -118,9 +119,12 @@ class Trainer:
             changes = check_resume_config(resumed, self.checkpoints.config) if resumed else []
         torch.manual_seed(tcfg.seed)
         self.data = build_data(job, self.dims)
+        # building the cache draws from the global RNG only when it was missing; what trains
+        # from it (LoRA dropout) must not depend on that
+        torch.manual_seed(tcfg.seed)
         with user_errors():  # model.path, attention windows and train.trainable
             self.student = build_student(job, self.device)
-            select_trainable(self.student, tcfg.trainable)  # freezes the rest
+            apply_trainable(self.student, tcfg)  # freezes the rest (or adds a LoRA adapter)
             self.teacher = build_teacher(job, self.device)
             check_data_fits_model(self.data.val_batches[0], self.student, job)
         self.bf16 = use_bf16(tcfg.precision, self.device)
@@ -227,6 +231,13 @@ class Trainer:
         """What a checkpoint holds, as (get, set) pairs (the engine adds model and optimiser)."""
         state = TrainState()
         self.engine.checkpoint_parts(state)
+        if self.job.train.trainable == "lora" and "model" in state.weights:
+            main = self.dims.is_main  # the base weights are frozen: the adapter only
+            del state.weights["model"]
+            state.weights["adapter"] = (
+                lambda: adapter_state_dict(self.student) if main else None,
+                lambda tensors: load_adapter_state_dict(self.student, tensors),
+            )
         if self.ema is not None:
             strategy, main = self.dims.strategy, self.dims.is_main
             if strategy == "zero3":  # each rank averages its own partitions
@@ -424,11 +435,17 @@ class Trainer:
         """Write the student (EMA weights if EMA is on) as one consolidated diffusers folder
         plus its windows; every rank takes part (sharded weights are gathered to rank 0)."""
         out = self.run_dir / "export"
-        ema = self.ema.applied(self.student) if self.ema is not None else contextlib.nullcontext()
-        with ema:
+        def ema_weights() -> contextlib.AbstractContextManager:
+            return self.ema.applied(self.student) if self.ema is not None else contextlib.nullcontext()
+
+        with ema_weights():
             full = self.engine.full_state_dict()
         if self.dims.is_main:
-            save_transformer_state(self.student, full, out / "transformer")
+            if self.job.train.trainable == "lora":
+                with ema_weights():
+                    export_lora(self.student, out, merge=self.job.train.lora_merge_export)
+            else:
+                save_transformer_state(self.student, full, out / "transformer")
             if self.job.attention.mode == "sta":
                 self._export_strategy(out / "mask_strategy.json")
             info = {"step": self.step, "ema": self.ema is not None,

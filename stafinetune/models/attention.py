@@ -8,7 +8,8 @@ Three pieces:
   can wrap it in one place (it then has to slice the per-head ``window`` with the heads).
 - ``ForwardState`` / ``AttentionRuntime``: what one forward needs to know (the latent token
   canvas, valid text lengths, the windows of every layer, an optional capture store). The
-  ``VideoDiT`` owning the runtime sets it around each forward; there is no global state.
+  hooks that ``stafinetune.models.binding`` puts on the transformer set it around each of
+  its forwards; there is no global state.
 - ``WanSTAProcessor`` / ``HunyuanSTAProcessor``: diffusers attention processors for the
   video self-attention of Wan (cross-attention keeps diffusers' own processor) and the joint
   video+text attention of HunyuanVideo's dual- and single-stream blocks. They do the
@@ -237,7 +238,7 @@ class ActivationStore:
 
 @dataclasses.dataclass
 class ForwardState:
-    """Per-forward facts the processors need; built by ``VideoDiT.forward``."""
+    """Per-forward facts the processors need; built by the transformer's forward pre-hook."""
 
     attention: nn.Module
     canvas: Canvas
@@ -255,27 +256,47 @@ class ForwardState:
 
 
 class AttentionRuntime:
-    """Holds the ``ForwardState`` of the forward in flight for one ``VideoDiT``'s processors."""
+    """Holds the ``ForwardState`` of the forward in flight for one transformer's processors.
+
+    The transformer's forward hooks (``stafinetune.models.binding``) push a state before the
+    forward and pop it after; gradient checkpointing re-installs it with :meth:`use` while a
+    block is recomputed in backward.
+    """
 
     def __init__(self) -> None:
-        self.state: ForwardState | None = None
+        self._stack: list[ForwardState | None] = []
+
+    @property
+    def state(self) -> ForwardState | None:
+        """The current forward's state, or ``None`` outside a forward."""
+        return self._stack[-1] if self._stack else None
+
+    def push(self, state: ForwardState | None) -> None:
+        """Make ``state`` current until the matching :meth:`pop`."""
+        self._stack.append(state)
+
+    def pop(self) -> ForwardState | None:
+        """Make the previous state current again; returns the one that was current."""
+        return self._stack.pop() if self._stack else None
 
     @contextlib.contextmanager
     def use(self, state: ForwardState) -> Iterator[ForwardState]:
         """Make ``state`` current for the duration of the block (re-entrant)."""
-        previous, self.state = self.state, state
+        self.push(state)
         try:
             yield state
         finally:
-            self.state = previous
+            self.pop()
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Run layer ``layer``'s attention on (B, S, H, D) q, k, v and record it if capturing."""
         state = self.state
         if state is None:
             raise RuntimeError(
-                "an STA attention processor ran outside VideoDiT.forward: call the VideoDiT "
-                "wrapper, not its .transformer, so the token canvas of the forward is known"
+                "an STA attention processor ran outside its transformer's forward (e.g. a "
+                "block called on its own, or recomputed by a gradient-checkpointing function "
+                "other than VideoDiT.enable_gradient_checkpointing's), so the token canvas of "
+                "the forward is unknown"
             )
         o = state.attention(
             q, k, v, canvas=state.canvas, text_len=state.text_len, window=state.window_for(layer)

@@ -20,14 +20,8 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from .attention import (
-    ActivationStore,
-    AttentionRuntime,
-    ForwardState,
-    HunyuanSTAProcessor,
-    STAAttention,
-    WanSTAProcessor,
-)
+from .attention import ActivationStore, STAAttention
+from .binding import STABinding, patch_size_of, sta_layers, token_canvas
 from .checkpointing import checkpoint_options, compile_checkpointed
 from .config import AttentionConfig, ModelConfig
 from .dispatch import load_cost_table
@@ -35,28 +29,6 @@ from .flavors import get_flavor
 from .windows import WindowPlan, build_window_plan
 
 ATTENTION_FILE = "stafinetune_attention.json"
-
-
-def token_canvas(latent_shape: Sequence[int], patch_size: Sequence[int]) -> tuple[int, int, int]:
-    """Token canvas (T/pt, H/ph, W/pw) of latents shaped (..., T, H, W); must divide evenly."""
-    if len(latent_shape) < 3:
-        raise ValueError(f"latent shape must end with (T, H, W), got {tuple(latent_shape)}")
-    grid = tuple(int(s) for s in latent_shape[-3:])
-    for axis, size, p in zip("THW", grid, patch_size, strict=True):
-        if size % p != 0 or size < p:
-            raise ValueError(
-                f"latent {axis}={size} is not a positive multiple of the patch size "
-                f"{p} (patch_size={tuple(patch_size)})"
-            )
-    return tuple(s // p for s, p in zip(grid, patch_size, strict=True))  # type: ignore[return-value]
-
-
-def patch_size_of(family: str, config: Any) -> tuple[int, int, int]:
-    """(pt, ph, pw) latent patch of a diffusers transformer config (a mapping or its FrozenDict)."""
-    get = config.get if isinstance(config, dict) else lambda k: getattr(config, k)
-    if family == "wan":
-        return tuple(int(p) for p in get("patch_size"))  # type: ignore[return-value]
-    return (int(get("patch_size_t")), int(get("patch_size")), int(get("patch_size")))
 
 
 def model_patch_size(model_cfg: ModelConfig) -> tuple[int, int, int]:
@@ -112,25 +84,31 @@ class VideoDiT(nn.Module):
             self.text_dim = int(cfg.text_embed_dim)
             self.pooled_dim = int(cfg.pooled_projection_dim)
         self.num_layers: int = len(self.sta_layers())
-        self._runtime = AttentionRuntime()
-        self._store: ActivationStore | None = None
         self.attention_cfg: AttentionConfig
         self.attention: nn.Module  # STAAttention, or a parallel wrapper around it
-        self.plan: WindowPlan
+        self._binding: STABinding | None = None
         self.set_attention(attention_cfg)
 
     # ----------------------------------------------------------------- structure
     def sta_layers(self) -> list[nn.Module]:
         """The diffusers attention modules STA replaces, in STA-layer order."""
-        t = self.transformer
-        if self.family == "wan":
-            return [block.attn1 for block in t.blocks]
-        return [b.attn for b in t.transformer_blocks] + [b.attn for b in t.single_transformer_blocks]
+        return sta_layers(self.transformer, self.family)
 
-    def _install_processors(self) -> None:
-        proc = WanSTAProcessor if self.family == "wan" else HunyuanSTAProcessor
-        for i, attn in enumerate(self.sta_layers()):
-            attn.set_processor(proc(self._runtime, i))
+    @property
+    def plan(self) -> WindowPlan:
+        """The windows of every STA layer and head (per step when a strategy gives them)."""
+        assert self._binding is not None
+        return self._binding.plan
+
+    @plan.setter
+    def plan(self, plan: WindowPlan) -> None:
+        self.binding.plan = plan
+
+    @property
+    def binding(self) -> STABinding:
+        """The processors and forward hooks that carry STA on ``self.transformer``."""
+        assert self._binding is not None
+        return self._binding
 
     def set_attention(self, attention_cfg: AttentionConfig) -> None:
         """Switch how this model attends (e.g. dense teacher -> STA student), keeping weights.
@@ -142,11 +120,20 @@ class VideoDiT(nn.Module):
         plan = build_window_plan(attention_cfg, self.num_layers, self.num_heads)
         self._check_backend(attention_cfg)
         self.attention_cfg = attention_cfg
-        self.plan = plan
         self.attention = STAAttention(
             attention_cfg.tile, attention_cfg.backend, load_cost_table(attention_cfg.cost_table)
         )
-        self._install_processors()
+        if self._binding is None:
+            self._binding = STABinding(
+                self.transformer,
+                plan,
+                source=self,
+                strict=attention_cfg.strict_window,
+                owner="VideoDiT",
+            ).install()
+        else:
+            self._binding.plan = plan
+            self._binding.strict = attention_cfg.strict_window
 
     def _check_backend(self, attention_cfg: AttentionConfig) -> None:
         """Fail at build time, not at the first forward, when the triton backend cannot run."""
@@ -172,19 +159,6 @@ class VideoDiT(nn.Module):
         return token_canvas(latent_shape, self.patch_size)
 
     # ----------------------------------------------------------------- forward
-    def _text_lengths(self, text_mask: torch.Tensor) -> torch.Tensor:
-        """(B,) valid text lengths; HunyuanVideo needs valid tokens first, then padding."""
-        lengths = text_mask.sum(dim=1)  # (B,)
-        pos = torch.arange(text_mask.shape[1], device=text_mask.device)
-        if not torch.equal(text_mask, pos[None, :] < lengths[:, None]):
-            raise ValueError("text_mask must mark valid tokens first, then padding (True...False...)")
-        if (lengths == 0).any():
-            raise ValueError(
-                "text_mask has a sample without any valid text token; HunyuanVideo's text refiner "
-                "averages over valid tokens (encode at least the BOS token, also for empty prompts)"
-            )
-        return lengths.to("cpu", torch.int64)
-
     def forward(
         self,
         latents: torch.Tensor,
@@ -221,22 +195,16 @@ class VideoDiT(nn.Module):
                 f"text_mask must be a bool (B, L) = {tuple(text.shape[:2])} tensor, got "
                 f"{text_mask.dtype} {tuple(text_mask.shape)}"
             )
-        canvas = self.canvas_for(latents.shape)
         dtype = self.dtype
         timestep = torch.as_tensor(timestep, device=latents.device).float().expand(batch)
-        windows = self.plan.windows_for_step(step_index)
-        if self.attention_cfg.strict_window and windows is not None:
-            self.plan.check_canvas(canvas, self.attention.tile)
         latents = latents.to(dtype)
         text = text.to(dtype)
         if self.family == "wan":
-            text_len: int | torch.Tensor = 0
             kwargs: dict[str, Any] = {"encoder_hidden_states": text * text_mask[..., None].to(dtype)}
         else:
             if pooled_text is None or pooled_text.shape != (batch, self.pooled_dim):
                 got = None if pooled_text is None else tuple(pooled_text.shape)
                 raise ValueError(f"pooled_text must be (B={batch}, {self.pooled_dim}) for HunyuanVideo, got {got}")
-            text_len = self._text_lengths(text_mask)
             guidance = None
             if self.transformer.config.guidance_embeds:
                 guidance = torch.full((batch,), self.guidance_scale * 1000.0, device=latents.device, dtype=dtype)
@@ -246,14 +214,12 @@ class VideoDiT(nn.Module):
                 "pooled_projections": pooled_text.to(dtype),
                 "guidance": guidance,
             }
-        state = ForwardState(self.attention, canvas, text_len, windows, self._store)
-        with self._runtime.use(state):
-            out = self.transformer(
+        # the transformer's own hooks (``self.binding``) derive the canvas, text lengths and
+        # windows of this call; the step is the one given here
+        with self.binding.at_step(step_index):
+            return self.transformer(
                 hidden_states=latents, timestep=timestep, return_dict=False, **kwargs
             )[0]  # (B, C, T, H, W)
-        if self._store is not None:
-            self._store.final = out.detach() if self._store.detach else out
-        return out
 
     # ----------------------------------------------------------------- hooks
     @contextlib.contextmanager
@@ -283,11 +249,12 @@ class VideoDiT(nn.Module):
             store = ActivationStore(layers, detach, inputs)
         elif layers is not None or detach or inputs:
             raise ValueError("capture(store=...) takes layers/detach/inputs from the store")
-        previous, self._store = self._store, store
+        binding = self.binding
+        previous, binding.store = binding.store, store
         try:
             yield store
         finally:
-            self._store = previous
+            binding.store = previous
 
     # ----------------------------------------------------------------- checkpointing
     def enable_gradient_checkpointing(
@@ -305,7 +272,7 @@ class VideoDiT(nn.Module):
                 region with ``torch.compile``; the compiler then plans the recomputation.
             backend: the ``torch.compile`` backend (tests use ``aot_eager``).
         """
-        runtime = self._runtime
+        runtime = self.binding.runtime
         options = checkpoint_options(policy)
 
         def checkpoint_block(block: nn.Module, *args: Any) -> Any:
@@ -339,10 +306,20 @@ class VideoDiT(nn.Module):
         The attention configuration goes next to it in ``stafinetune_attention.json``;
         diffusers ignores that file, so the folder loads as a plain diffusers transformer.
         """
+        if getattr(self.transformer, "_hf_peft_config_loaded", False):
+            raise ValueError(
+                "this model holds a LoRA adapter, so its weights are not a plain diffusers "
+                "transformer: export it with stafinetune.lora.export_lora (adapter, or merged)"
+            )
         os.makedirs(path, exist_ok=True)
         self.transformer.save_pretrained(path, safe_serialization=True)
-        with open(os.path.join(path, ATTENTION_FILE), "w", encoding="utf-8") as f:
-            json.dump(dataclasses.asdict(self.attention_cfg), f, indent=1)
+        save_attention_config(path, self.attention_cfg)
+
+
+def save_attention_config(path: str | os.PathLike[str], attention_cfg: AttentionConfig) -> None:
+    """Write ``attention_cfg`` as ``<path>/stafinetune_attention.json`` (diffusers ignores it)."""
+    with open(os.path.join(path, ATTENTION_FILE), "w", encoding="utf-8") as f:
+        json.dump(dataclasses.asdict(attention_cfg), f, indent=1)
 
 
 def save_transformer_state(

@@ -74,6 +74,17 @@ class WindowPlan:
                 )
 
 
+def strategy_plan(strategy: MaskStrategy, dense_first_steps: int, source: str) -> WindowPlan:
+    """The plan of a loaded (validated) mask strategy; ``source`` names it in errors."""
+    return WindowPlan(
+        train=strategy.train_tensor(),
+        steps=strategy.step_tensor(),
+        dense_first_steps=int(dense_first_steps),
+        source=source,
+        canvas=tuple(strategy.canvas),  # type: ignore[arg-type]
+    )
+
+
 def build_window_plan(cfg: AttentionConfig, num_layers: int, num_heads: int) -> WindowPlan:
     """Resolve ``cfg`` for a model with ``num_layers`` STA layers of ``num_heads`` heads.
 
@@ -90,12 +101,8 @@ def build_window_plan(cfg: AttentionConfig, num_layers: int, num_heads: int) -> 
                 f"attention.tile {list(cfg.tile)} differs from the tile {strategy.tile} of the mask "
                 f"strategy {cfg.strategy_path}; windows are counted in tiles, so they must match"
             )
-        return WindowPlan(
-            train=strategy.train_tensor(),
-            steps=strategy.step_tensor(),
-            dense_first_steps=dense_first,
-            source=f"attention.strategy_path={cfg.strategy_path}",
-            canvas=tuple(strategy.canvas),  # type: ignore[arg-type]
+        return strategy_plan(
+            strategy, dense_first, source=f"attention.strategy_path={cfg.strategy_path}"
         )
     if cfg.head_windows is not None:
         windows = torch.tensor(

@@ -79,7 +79,7 @@ def test_capture_records_layers_and_final(flavor: str) -> None:
         assert torch.equal(store["final"], out)
         # outside capture nothing is stored and the processors keep no reference
         run(dit, b)
-    assert dit._store is None and dit._runtime.state is None
+    assert dit.binding.store is None and dit.binding.runtime.state is None
     with dit.capture(layers=[1]) as only_one, torch.no_grad():
         run(dit, b)
     assert only_one.keys() == [1]
@@ -139,7 +139,7 @@ def test_gradient_checkpointing_matches_plain_backward(flavor: str) -> None:
         with dit.capture() as store:
             out = run(dit, b)
         captured = dict(store.layers)
-        assert dit._runtime.state is None
+        assert dit.binding.runtime.state is None
         (out.square().mean() + store[dit.num_layers - 1].square().mean()).backward()
         assert store.layers == captured  # recomputation does not record again
         grads.append({n: p.grad.clone() for n, p in dit.named_parameters() if p.grad is not None})

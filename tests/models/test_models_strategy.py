@@ -58,6 +58,19 @@ def test_strategy_drives_per_step_windows(tmp_path: Path) -> None:
             run(dit, b, step_index=2)
 
 
+def test_one_step_strategy_applies_to_every_step(tmp_path: Path) -> None:
+    """What a finetune exports (one step-independent window per layer and head) drives a
+    sampler of any length."""
+    path = tmp_path / "mask.json"
+    one_step = two_step_strategy()
+    one_step.windows = one_step.windows[1:]
+    one_step.save(path)
+    plan = build_window_plan(AttentionConfig(strategy_path=str(path), dense_first_steps=1), 2, 4)
+    assert plan.windows_for_step(0) is None
+    for step in (1, 7, 49):
+        assert torch.equal(plan.windows_for_step(step), one_step.step_tensor()[0])
+
+
 def test_dense_first_steps(tmp_path: Path) -> None:
     b = make_batch(batch=1)
     dit = build("wan_tiny", mode="sta", window=[3, 3, 3], dense_first_steps=2)

@@ -1,0 +1,213 @@
+"""LoRA finetuning of the STA student through ``peft``, exported for diffusers pipelines.
+
+``train.trainable=lora`` puts a LoRA adapter on the student's transformer (by default on the
+attention projections ``to_q``, ``to_k``, ``to_v``, ``to_out.0`` of the STA layers: Wan's
+video self-attention, HunyuanVideo's joint attention) and trains only the adapter; the
+teacher is built separately and keeps the base weights.
+
+- :func:`apply_lora`: inject the adapter (``transformer.add_adapter``, diffusers' peft
+  integration) and freeze everything else.
+- :func:`adapter_state_dict` / :func:`load_adapter_state_dict`: the adapter's tensors under
+  the student's parameter names, for checkpoints (exact resume).
+- :func:`export_lora`: ``pytorch_lora_weights.safetensors`` in diffusers' key naming with
+  the adapter config as metadata (what ``pipe.load_lora_weights(dir)`` reads), and on request
+  a merged plain diffusers transformer folder.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .models import VideoDiT
+from .models.dit import save_attention_config
+
+ADAPTER = "default"
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
+_LORA_KEY = re.compile(r"\.lora_(A|B|embedding_A|embedding_B|magnitude_vector)\.")
+
+
+def lora_target_modules(dit: VideoDiT, targets: Sequence[str] | None = None) -> list[str]:
+    """Names (relative to ``dit.transformer``) of the linear layers the adapter goes on.
+
+    Args:
+        dit: the student.
+        targets: ``None``: ``DEFAULT_TARGETS`` inside the STA layers' attention modules only
+            (not Wan's text cross-attention). Otherwise module-name suffixes, as peft matches
+            them: a linear layer is adapted when its name equals a target or ends with
+            ``"." + target`` (e.g. ``["to_q", "to_v", "ffn.net.2"]``).
+    Raises:
+        ValueError naming ``train.lora_targets`` when nothing matches.
+    """
+    linear = {
+        name: module
+        for name, module in dit.transformer.named_modules()
+        if isinstance(module, nn.Linear)
+    }
+    if targets is None:
+        path = {id(m): n for n, m in dit.transformer.named_modules()}
+        prefixes = [path[id(attn)] for attn in dit.sta_layers()]
+        names = [f"{p}.{t}" for p in prefixes for t in DEFAULT_TARGETS if f"{p}.{t}" in linear]
+    else:
+        names = [n for n in linear if any(n == t or n.endswith("." + t) for t in targets)]
+    if not names:
+        raise ValueError(
+            f"train.lora_targets={None if targets is None else list(targets)} matches no linear "
+            "layer of the model"
+        )
+    return names
+
+
+def apply_lora(
+    dit: VideoDiT,
+    *,
+    rank: int,
+    alpha: float | None = None,
+    targets: Sequence[str] | None = None,
+    dropout: float = 0.0,
+    seed: int = 0,
+) -> list[str]:
+    """Put a LoRA adapter on ``dit.transformer`` and freeze every other parameter.
+
+    The adapter starts as the identity (B = 0), so the model's outputs are unchanged.
+    Args:
+        rank: LoRA rank r (``train.lora_rank``).
+        alpha: scaling numerator; the update is ``alpha / r * B @ A`` (``None``: ``rank``).
+        targets: see :func:`lora_target_modules`.
+        dropout: dropout on the adapter's input (``train.lora_dropout``).
+        seed: A's random initialisation depends on this alone, not on what drew from the
+            global random state before (``train.seed``).
+    Returns:
+        the names of the trainable (adapter) parameters of ``dit``.
+    """
+    from peft import LoraConfig
+
+    if has_lora(dit):
+        raise ValueError("the model already holds a LoRA adapter")
+    config = LoraConfig(
+        r=int(rank),
+        lora_alpha=float(rank if alpha is None else alpha),
+        lora_dropout=float(dropout),
+        target_modules=lora_target_modules(dit, targets),
+        init_lora_weights=True,
+    )
+    device = next(dit.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        dit.transformer.add_adapter(config, adapter_name=ADAPTER)
+    names = []
+    for name, param in dit.named_parameters():
+        keep = _LORA_KEY.search(name) is not None
+        param.requires_grad_(keep)
+        if keep:
+            names.append(name)
+    return names
+
+
+def has_lora(dit: VideoDiT) -> bool:
+    """Whether ``dit``'s transformer holds the LoRA adapter of :func:`apply_lora`."""
+    return ADAPTER in (getattr(dit.transformer, "peft_config", None) or {})
+
+
+def adapter_state_dict(dit: VideoDiT) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under ``dit``'s parameter names (for checkpoints)."""
+    return {n: p.detach() for n, p in dit.named_parameters() if _LORA_KEY.search(n)}
+
+
+def load_adapter_state_dict(dit: VideoDiT, state: dict[str, torch.Tensor]) -> None:
+    """Copy :func:`adapter_state_dict` tensors back into ``dit``'s adapter (names must match)."""
+    params = {n: p for n, p in dit.named_parameters() if _LORA_KEY.search(n)}
+    if params.keys() != state.keys():
+        missing, unexpected = (
+            sorted(params.keys() - state.keys()),
+            sorted(state.keys() - params.keys()),
+        )
+        raise KeyError(
+            f"the LoRA checkpoint does not fit the model's adapter (train.lora_rank, "
+            f"train.lora_targets): missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
+
+
+def _pipeline_class(family: str) -> Any:
+    from diffusers import HunyuanVideoPipeline, WanPipeline
+
+    return {"wan": WanPipeline, "hunyuan": HunyuanVideoPipeline}[family]
+
+
+def save_lora_adapter(dit: VideoDiT, out_dir: str | os.PathLike[str]) -> Path:
+    """Write the adapter as ``<out_dir>/pytorch_lora_weights.safetensors`` (diffusers' format).
+
+    Keys are ``transformer.<module>.lora_A.weight`` / ``.lora_B.weight``; the adapter config
+    (rank, alpha, targets) is stored as safetensors metadata, so ``pipe.load_lora_weights(
+    out_dir)`` of a ``WanPipeline`` / ``HunyuanVideoPipeline`` rebuilds the same adapter.
+    """
+    from peft.utils import get_peft_model_state_dict
+
+    if not has_lora(dit):
+        raise ValueError("the model holds no LoRA adapter to export")
+    transformer = dit.transformer
+    layers = get_peft_model_state_dict(transformer, adapter_name=ADAPTER)
+    layers = {k: v.detach().to("cpu").contiguous() for k, v in layers.items()}
+    os.makedirs(out_dir, exist_ok=True)
+    _pipeline_class(dit.family).save_lora_weights(
+        save_directory=out_dir,
+        transformer_lora_layers=layers,
+        transformer_lora_adapter_metadata=transformer.peft_config[ADAPTER].to_dict(),
+        weight_name=LORA_FILE,
+    )
+    return Path(out_dir) / LORA_FILE
+
+
+@torch.no_grad()
+def merged_state_dict(dit: VideoDiT) -> dict[str, torch.Tensor]:
+    """The transformer's state dict with the adapter merged (``W + alpha / r * B @ A``), under
+    the plain diffusers names (``...to_q.weight``); the model itself is not changed."""
+    from peft.tuners.lora import LoraLayer
+
+    transformer = dit.transformer
+    deltas = {
+        name: module.get_delta_weight(ADAPTER)
+        for name, module in transformer.named_modules()
+        if isinstance(module, LoraLayer) and ADAPTER in module.lora_A
+    }
+    merged = {}
+    for key, value in transformer.state_dict().items():
+        if _LORA_KEY.search(key):
+            continue
+        if ".base_layer." in key:
+            module, rest = key.split(".base_layer.")
+            key = f"{module}.{rest}"
+            if rest == "weight":
+                value = value + deltas[module].to(value.dtype)
+        merged[key] = value
+    return merged
+
+
+def save_merged_transformer(dit: VideoDiT, path: str | os.PathLike[str]) -> None:
+    """Write the merged student as a plain diffusers transformer folder (plus the attention
+    settings in ``stafinetune_attention.json``, as ``VideoDiT.save_pretrained`` does)."""
+    transformer = dit.transformer
+    with torch.device("meta"):  # no second copy of the weights: the merged tensors are assigned
+        plain = type(transformer).from_config(transformer.config)
+    plain.load_state_dict(merged_state_dict(dit), assign=True)
+    os.makedirs(path, exist_ok=True)
+    plain.save_pretrained(path, safe_serialization=True)
+    save_attention_config(path, dit.attention_cfg)
+
+
+def export_lora(dit: VideoDiT, out_dir: str | os.PathLike[str], *, merge: bool) -> None:
+    """The LoRA student's export: the adapter in ``out_dir`` and, with ``merge``, the merged
+    transformer in ``out_dir/transformer`` (``train.lora_merge_export``)."""
+    save_lora_adapter(dit, out_dir)
+    if merge:
+        save_merged_transformer(dit, Path(out_dir) / "transformer")

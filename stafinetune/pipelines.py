@@ -1,0 +1,209 @@
+"""Sliding Tile Attention inside diffusers pipelines, in one call.
+
+::
+
+    pipe = WanPipeline.from_pretrained("/models/Wan2.1-T2V-1.3B-Diffusers")
+    enable_sta(pipe, strategy="mask_strategy.json")       # the pipeline now runs STA
+    video = pipe(prompt, num_inference_steps=50).frames[0]
+    disable_sta(pipe)                                      # diffusers' own processors again
+
+``enable_sta`` installs a :class:`~stafinetune.models.binding.STABinding` on the pipeline's
+transformer (and Wan 2.2's ``transformer_2``): STA processors on the video self-attention
+(Wan) or joint attention (HunyuanVideo) and forward hooks that read the token canvas, the
+valid text lengths and the denoising step from each call. The step is counted from the
+timesteps of the pipeline's own loop (a new, lower timestep is the next step; classifier-free
+guidance calls share their step; a higher timestep starts a new generation), so per-step
+windows of a mask strategy and ``dense_first_steps`` follow any pipeline whose scheduler
+evaluates the model once per step, with guidance as a second call or a doubled batch (a
+second-order scheduler such as Heun's counts each evaluation as a step; use
+:func:`sta_step` in such loops).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .models.binding import StepTracker, binding_of, build_binding, family_of, sta_layers
+from .models.config import ATTENTION_BACKENDS, check_triple
+from .models.strategy import MaskStrategy
+from .models.windows import WindowPlan, strategy_plan
+
+TRANSFORMER_COMPONENTS = ("transformer", "transformer_2")
+
+
+def _transformers(target: Any) -> list[nn.Module]:
+    """The Wan / HunyuanVideo transformers of a pipeline, or ``[target]`` for a transformer."""
+    if isinstance(target, nn.Module):
+        family_of(target)
+        return [target]
+    found = [
+        getattr(target, name)
+        for name in TRANSFORMER_COMPONENTS
+        if getattr(target, name, None) is not None
+    ]
+    if not found:
+        raise TypeError(
+            f"expected a diffusers pipeline with a transformer, or a transformer; got "
+            f"{type(target).__name__}"
+        )
+    for transformer in found:
+        family_of(transformer)
+    return found
+
+
+def _window_tensor(window: Any, num_layers: int, num_heads: int) -> torch.Tensor:
+    """(L, H, 3) int64 windows from a triple, one triple per layer, or one per (layer, head)."""
+    w = torch.as_tensor(window, dtype=torch.int64)
+    if w.shape == (3,):
+        w = w.expand(num_layers, num_heads, 3)
+    elif w.shape == (num_layers, 3):
+        w = w[:, None, :].expand(num_layers, num_heads, 3)
+    elif w.shape != (num_layers, num_heads, 3):
+        raise ValueError(
+            f"enable_sta(window=...) must be (3,), ({num_layers}, 3) or ({num_layers}, "
+            f"{num_heads}, 3) windows in tiles for this transformer, got {tuple(w.shape)}"
+        )
+    if (w < 1).any():
+        raise ValueError("enable_sta(window=...) windows must be >= 1 tile on every axis")
+    return w.contiguous()
+
+
+def _plan(
+    transformer: nn.Module,
+    strategy: MaskStrategy | None,
+    source: str,
+    window: Any,
+    dense_first_steps: int,
+) -> WindowPlan:
+    layers = len(sta_layers(transformer, family_of(transformer)))
+    heads = int(transformer.config.num_attention_heads)
+    if strategy is not None:
+        strategy.validate(layers, heads, source=source)
+        return strategy_plan(strategy, dense_first_steps, source)
+    return WindowPlan(
+        train=_window_tensor(window, layers, heads),
+        dense_first_steps=dense_first_steps,
+        source="enable_sta(window=...)",
+    )
+
+
+def enable_sta(
+    target: Any,
+    *,
+    strategy: str | os.PathLike[str] | MaskStrategy | None = None,
+    tile: Sequence[int] | None = None,
+    window: Sequence[int] | Sequence[Sequence[int]] | torch.Tensor | None = None,
+    dense_first_steps: int = 0,
+    backend: str = "auto",
+    strict: bool = False,
+) -> Any:
+    """Turn STA on in a diffusers ``WanPipeline`` / ``HunyuanVideoPipeline`` or transformer.
+
+    Give either a mask ``strategy`` (windows per denoising step, layer and head, with its own
+    tile) or ``tile`` and ``window``. Calling it again replaces the previous settings.
+
+    Args:
+        target: a pipeline whose ``transformer`` (and ``transformer_2``) is a diffusers
+            ``WanTransformer3DModel`` or ``HunyuanVideoTransformer3DModel``, or such a
+            transformer. Changed in place.
+        strategy: a mask-strategy JSON file (``stafinetune.models.strategy``; a finetune's
+            ``export/mask_strategy.json`` or the window search's output) or a ``MaskStrategy``.
+            A strategy of several steps needs the pipeline to run exactly that many steps; one
+            of a single step applies to every step.
+        tile: (tt, th, tw) tile in latent tokens (after patchifying), e.g. (6, 8, 8); taken
+            from the strategy when one is given (a different one is an error).
+        window: windows in tiles: (wt, wh, ww) for every layer and head, (L, 3) one per STA
+            layer or (L, H, 3) one per (layer, head). A window at least as wide as the tile
+            grid on every axis attends densely.
+        dense_first_steps: denoising steps ``step < dense_first_steps`` run dense.
+        backend: STA kernel: ``auto`` (triton on CUDA bf16/fp16, flex on other CUDA inputs,
+            the reference elsewhere), ``triton``, ``flex`` or ``reference``.
+        strict: raise when a window is wider than the canvas's tile grid or the strategy was
+            searched for another canvas (otherwise that case is warned about once).
+    Returns:
+        ``target``.
+    """
+    if (strategy is None) == (window is None):
+        raise ValueError("enable_sta needs either strategy= or window= (with tile=), not both")
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(
+            f"enable_sta(backend=...) must be one of {ATTENTION_BACKENDS}, got {backend!r}"
+        )
+    if int(dense_first_steps) != dense_first_steps or dense_first_steps < 0:
+        raise ValueError(
+            f"enable_sta(dense_first_steps=...) must be an int >= 0, got {dense_first_steps}"
+        )
+    loaded: MaskStrategy | None = None
+    source = "enable_sta(strategy=...)"
+    if strategy is not None:
+        if isinstance(strategy, MaskStrategy):
+            loaded = strategy
+        else:
+            loaded, source = MaskStrategy.load(strategy), f"mask strategy {os.fspath(strategy)}"
+        given = None if tile is None else check_triple(tile, "enable_sta(tile=...)")
+        if given is not None and given != list(loaded.tile):
+            raise ValueError(
+                f"enable_sta(tile={list(tile)}) differs from the tile {loaded.tile} of the {source}; "
+                "windows are counted in tiles, so leave tile= out or make them match"
+            )
+        tile = loaded.tile
+    elif tile is None:
+        raise ValueError("enable_sta(window=...) needs tile= (a strategy carries its own)")
+    tile = check_triple(tile, "enable_sta(tile=...)")
+    transformers = _transformers(target)
+    previous = [_enabled_binding(t) for t in transformers]
+    plans = [_plan(t, loaded, source, window, int(dense_first_steps)) for t in transformers]
+    for binding in previous:  # only once everything is valid: a bad call changes nothing
+        if binding is not None:
+            binding.remove()
+    tracker = StepTracker()  # shared: the pipeline's steps, whichever model runs them
+    for transformer, plan in zip(transformers, plans, strict=True):
+        build_binding(transformer, plan, tile=tile, backend=backend, strict=strict, tracker=tracker)
+    return target
+
+
+def _enabled_binding(transformer: nn.Module) -> Any:
+    """The binding ``enable_sta`` put on ``transformer``, or None; refuses a ``VideoDiT``'s."""
+    binding = binding_of(transformer)
+    if binding is not None and binding.owner != "enable_sta":
+        raise ValueError(
+            f"this {type(transformer).__name__} belongs to a {binding.owner}, which manages its "
+            "attention itself: use its set_attention(...) instead of enable_sta/disable_sta"
+        )
+    return binding
+
+
+def disable_sta(target: Any) -> Any:
+    """Undo :func:`enable_sta`: the original processors, no hooks; returns ``target``.
+
+    A transformer without STA is left as it is.
+    """
+    for transformer in _transformers(target):
+        binding = _enabled_binding(transformer)
+        if binding is not None:
+            binding.remove()
+    return target
+
+
+@contextlib.contextmanager
+def sta_step(target: Any, step_index: int | None) -> Iterator[None]:
+    """Calls inside the block use denoising step ``step_index`` instead of counting timesteps.
+
+    For hand-written sampling loops that call the transformer in an order the timestep
+    counting does not follow. ``None`` selects the step-independent (training) windows.
+    """
+    with contextlib.ExitStack() as stack:
+        for transformer in _transformers(target):
+            binding = binding_of(transformer)
+            if binding is None:
+                raise ValueError(
+                    f"this {type(transformer).__name__} has no STA: call enable_sta first"
+                )
+            stack.enter_context(binding.at_step(step_index))
+        yield
