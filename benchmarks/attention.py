@@ -10,7 +10,9 @@ awkward geometry (partial tiles, per-head windows, padded text), then times, wit
     SDPA dense   flash and cuDNN backends, (B, H, S, D)
 
 and prints a table (ms, effective TFLOP/s counting only attended tiles, speedups over cuDNN
-dense and over flex), writes JSON (device, versions, date) and the markdown table.
+dense and over flex), writes JSON (device, versions, date), the markdown table and
+``attention.png``, time against window density (``plot_attention.py``, which also redraws
+it from a saved JSON without a GPU).
 
     NCCL_NVLS_ENABLE=0 PYTHONPATH=kernels python benchmarks/attention.py --out results/
 """
@@ -29,6 +31,7 @@ from functools import partial
 
 import torch
 import triton
+from plot_attention import plot_attention
 from triton.testing import do_bench
 
 from sta_kernels import density, sliding_tile_attention
@@ -372,6 +375,8 @@ def main() -> None:
     with open(os.path.join(args.out, "attention.md"), "w") as f:
         f.write(f"{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, "
                 f"{meta['date']}; bf16, B=1, D=128, text_len=0; median of do_bench.\n\n{md}\n")
+    out_json = os.path.join(args.out, "attention.json")
+    plot_attention(out_json, os.path.join(args.out, "attention.png"))
     print(json.dumps(meta))
     print(md)
 

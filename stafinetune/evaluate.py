@@ -7,8 +7,11 @@
   time (``val/sample_latency_s``).
 - :func:`decode_videos` and :func:`write_side_by_side`: latents to uint8 videos, and
   student | teacher mp4s.
-- :func:`score_samples`: the offline metrics of those videos (:mod:`stafinetune.metrics`).
-- :class:`Validator`: the training loop's cadence around all of them.
+- :func:`score_samples`: the offline metrics of those videos (:mod:`stafinetune.metrics`),
+  motion errors against the captions included.
+- :class:`Validator`: the training loop's cadence around all of them; it also keeps the
+  first and the latest student latents for the end-of-run frame strip
+  (:meth:`Validator.frame_strip`).
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ import torch
 
 from .data.synthetic import write_mp4
 from .distill import DistillStep, to_device
+from .figures import plot_frame_strip
 from .metrics import score_video
 from .metrics.fidelity import PSNR_CAP_DB, psnr, ssim
+from .metrics.motion import IntendedMotion, parse_caption
 from .models import VideoDiT
 from .sampling import sample_latents, to_uint8_video
 
@@ -33,8 +38,10 @@ log = logging.getLogger(__name__)
 SAMPLE_NOISE_SEED = 11  # offset from train.seed of the validation videos' noise
 
 # What validation scores on its videos: VBench-style temporal quality (pixel-proxy
-# consistency) and, for the student, PSNR / SSIM against the teacher's video of the same noise.
-# MS-SSIM and VMAF cost several times more on CPU: ``stafinetune-eval`` computes them.
+# consistency), for the student PSNR / SSIM against the teacher's video of the same noise,
+# and, where the caption states a shape's motion (the synthetic clips' do), the measured
+# motion's errors against it. MS-SSIM and VMAF cost several times more on CPU:
+# ``stafinetune-eval`` computes them.
 VALIDATION_METRICS = (
     "temporal_flickering",
     "dynamic_degree",
@@ -43,6 +50,8 @@ VALIDATION_METRICS = (
     "background_consistency",
     "psnr",
     "ssim",
+    "motion_direction_error_deg",
+    "motion_speed_error",
 )
 
 _VAL_NAMES = {"data": "val/flow_loss", "out": "val/student_teacher_mse", "attn": "val/attn_mse"}
@@ -156,18 +165,33 @@ def write_side_by_side(
     return paths
 
 
+def intended_motion(caption: str) -> list[IntendedMotion] | None:
+    """The shape motions a caption states, or None when it states none (real-data captions)."""
+    try:
+        return parse_caption(caption)
+    except ValueError:
+        return None
+
+
 def score_samples(
-    videos: torch.Tensor, reference: torch.Tensor | None = None, fps: float | None = None
+    videos: torch.Tensor,
+    reference: torch.Tensor | None = None,
+    fps: float | None = None,
+    captions: list[str] | None = None,
 ) -> list[dict[str, float]]:
     """:data:`VALIDATION_METRICS` of each video (n, F, H, W, 3) uint8, F >= 3.
 
     PSNR and SSIM compare video ``k`` with ``reference[k]`` (the teacher's video of the same
     noise) and are left out without a reference; PSNR of identical videos is capped at
-    100 dB. ``fps``: the frame rate (dynamic degree samples frames at ~8 fps).
+    100 dB. ``fps``: the frame rate (dynamic degree samples frames at ~8 fps). ``captions``:
+    the prompt of each video; where one states a shape's motion (``parse_caption``), the
+    row gets ``motion_direction_error_deg`` and ``motion_speed_error`` (px/frame) of the
+    measured motion against it.
     """
     out = []
     for k, video in enumerate(videos):
-        scores = score_video(video, fps=fps)
+        intended = intended_motion(captions[k]) if captions is not None else None
+        scores = score_video(video, fps=fps, caption=intended)
         row = {name: float(scores[name]) for name in VALIDATION_METRICS if name in scores}
         if reference is not None:
             row["psnr"] = min(psnr(video, reference[k]), PSNR_CAP_DB)
@@ -187,7 +211,11 @@ class Validator:
     so its latents are generated once and reused). It logs a table
     ``val/sample_metrics`` (one row per model and video) and the means as
     ``val/student/<metric>`` and ``val/teacher/<metric>``, with ``val/sample_latency_s`` and
-    ``val/metrics_s`` (seconds spent scoring).
+    ``val/metrics_s`` (seconds spent scoring). The motion errors use the batch captions and
+    average over the videos whose caption states a motion.
+
+    It keeps the student's latents of its first and latest validation (the same noise as
+    the teacher's), so :meth:`frame_strip` can set them beside the data clip and the teacher.
 
     Attributes:
         step: the run's loss computation (teacher, weights, devices).
@@ -199,6 +227,7 @@ class Validator:
         is_main: only rank 0 writes, scores and logs the videos (every rank generates them:
             under sequence parallelism or sharding the model runs on all ranks together).
         score_videos: score the videos with the offline metrics.
+        student_label: what the frame strip calls the student (e.g. ``STA student``).
     """
 
     step: DistillStep
@@ -213,7 +242,11 @@ class Validator:
     fps: int
     is_main: bool
     score_videos: bool = True
+    student_label: str = "student"
     _teacher: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
+    _student: dict[str, tuple[int, torch.Tensor]] = field(
+        default_factory=dict, init=False, repr=False
+    )  # "first" / "latest": (step, latents (n, C, T, H, W))
 
     def should_validate(self, step: int, last: int) -> bool:
         """Validate at step 0, every ``every`` steps, and at the final step ``last``."""
@@ -236,6 +269,8 @@ class Validator:
             )
             if len(latents) == 2 and "latents" not in self._teacher:
                 self._teacher["latents"] = latents[1]
+            self._student.setdefault("first", (step, latents[0]))
+            self._student["latest"] = (step, latents[0])
             metrics.update(gap)
             if self.is_main:
                 videos = [decode_videos(lat, self.decode) for lat in latents]
@@ -258,10 +293,10 @@ class Validator:
             return {}
         start = time.perf_counter()
         teacher = videos[1] if len(videos) == 2 else None
-        scored = {"student": score_samples(videos[0], teacher, fps=self.fps)}
+        scored = {"student": score_samples(videos[0], teacher, fps=self.fps, captions=captions)}
         if teacher is not None:
             if "scores" not in self._teacher:
-                self._teacher["scores"] = score_samples(teacher, fps=self.fps)
+                self._teacher["scores"] = score_samples(teacher, fps=self.fps, captions=captions)
             scored["teacher"] = self._teacher["scores"]
         columns = ["model", "sample", "caption", *VALIDATION_METRICS]
         rows = [
@@ -272,7 +307,32 @@ class Validator:
         tracker.log_table("val/sample_metrics", columns, rows, step)
         means = {}
         for model, rows_ in scored.items():
-            for name in rows_[0]:
-                means[f"val/{model}/{name}"] = sum(r[name] for r in rows_) / len(rows_)
+            for name in VALIDATION_METRICS:
+                values = [r[name] for r in rows_ if name in r]
+                if values:
+                    means[f"val/{model}/{name}"] = sum(values) / len(values)
         means["val/metrics_s"] = time.perf_counter() - start
         return means
+
+    def frame_strip(self, path: Path, *, frames: int = 6) -> Path | None:
+        """Write a PNG of frame strips per validation sample: the data clip (after the video
+        encoder's round trip), the dense teacher, the student at its first validation and at
+        its latest, all from the same noise; None when no videos were sampled.
+
+        ``frames``: how many evenly spaced frames of each video.
+        """
+        if "latest" not in self._student:
+            return None
+        num = self._student["latest"][1].shape[0]
+        captions = list(self.batches[0]["caption"][:num])
+        rows = [("data clip", self.batches[0]["latents"][:num].float().cpu())]
+        if "latents" in self._teacher:
+            rows.append(("dense teacher", self._teacher["latents"]))
+        seen = set()
+        for key in ("first", "latest"):
+            step, latents = self._student[key]
+            if step not in seen:
+                rows.append((f"{self.student_label}, step {step}", latents))
+                seen.add(step)
+        videos = [(label, decode_videos(lat, self.decode)) for label, lat in rows]
+        return plot_frame_strip(videos, captions, path, frames=frames)

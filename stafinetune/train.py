@@ -34,6 +34,8 @@ def summary(result: TrainResult) -> str:
         lines.append(f"exported student  {result.export_dir}")
     if result.tracker_dir:
         lines.append(f"wandb run         {result.tracker_dir}")
+    for path in result.figures:
+        lines.append(f"figure            {path}")
     losses = result.losses
     if losses:
         k = max(1, len(losses) // 10)

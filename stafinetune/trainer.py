@@ -45,6 +45,7 @@ from .data import build_video_encoder
 from .distill import DistillStep
 from .errors import UserError, user_errors
 from .evaluate import Validator
+from .figures import plot_training_curves
 from .lora import adapter_state_dict, export_lora, load_adapter_state_dict
 from .models import MaskStrategy
 from .models.dit import save_transformer_state
@@ -86,6 +87,7 @@ class TrainResult:
     export_dir: Path | None = None
     tracker_dir: Path | None = None
     stopped_by: str | None = None  # the signal that stopped the run early (e.g. SIGTERM)
+    figures: list[Path] = field(default_factory=list)  # PNGs written at the end (rank 0)
 
 
 class Trainer:
@@ -193,6 +195,7 @@ class Trainer:
             out_dir=run_dir / "samples",
             fps=job.data.synthetic_fps,
             is_main=self.dims.is_main,
+            student_label="STA student" if job.attention.mode == "sta" else "student",
         )
         self.checkpoints.check_free_space(self._checkpoint_bytes())
         self.state = self._train_state()
@@ -384,6 +387,8 @@ class Trainer:
                 tracker.summary(self._validate(tracker, result))
                 if tcfg.export:
                     result.export_dir = self.export()
+                if main:
+                    result.figures = self._write_figures(tracker)
         finally:
             signals.restore()
             timer.stop()
@@ -406,6 +411,19 @@ class Trainer:
         result.val_history.append({"step": self.step, **metrics})
         tracker.log(metrics, step=self.step)
         return metrics
+
+    def _write_figures(self, tracker: Any) -> list[Path]:
+        """``figures/frame_strip.png`` (data, teacher, student at its first and last
+        validation) and ``figures/curves.png`` (from ``metrics.jsonl``); logged as images."""
+        out = self.run_dir / "figures"
+        written = [
+            self.validator.frame_strip(out / "frame_strip.png"),
+            plot_training_curves(self.run_dir / "metrics.jsonl", out / "curves.png"),
+        ]
+        written = [path for path in written if path is not None]
+        for path in written:
+            tracker.log_image(f"figures/{path.stem}", path, self.step)
+        return written
 
     def _log(
         self, tracker: Any, metrics: dict[str, float], attn_s: float, step_s: float, rate: _Rate

@@ -91,7 +91,7 @@ class DataConfig:
     text_encoder_2_path: str | None = None  # hunyuan: the CLIP text model folder
     tokenizer_path: str | None = None  # None: text_encoder_path
     tokenizer_2_path: str | None = None  # None: text_encoder_2_path
-    text_len: int = 16  # L: text tokens per caption (padded / truncated)
+    text_len: int = 32  # L: text tokens per caption (padded / truncated)
     text_dim: int = 32  # Dt of the tiny text encoder
     pooled_dim: int = 32  # Dp of the tiny text encoder
     latent_channels: int = 16  # C of the tiny video encoder

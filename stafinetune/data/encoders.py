@@ -189,7 +189,7 @@ class TinyTextEncoder:
 
     vocab_size = 4096
 
-    def __init__(self, text_len: int = 16, text_dim: int = 32, pooled_dim: int = 32, seed: int = 0):
+    def __init__(self, text_len: int = 32, text_dim: int = 32, pooled_dim: int = 32, seed: int = 0):
         self.text_len, self.text_dim, self.pooled_dim, self.seed = (
             text_len,
             text_dim,

@@ -56,7 +56,7 @@ _HUNYUAN_13B: dict[str, Any] = {
 
 FLAVORS: dict[str, Flavor] = {
     # Embedded default: latents (16, 5, 16, 16) -> canvas (5, 8, 8) = 320 tokens; 2 layers,
-    # 4 heads x 16, text (16 tokens of 32). Small enough for hundreds of CPU steps a minute.
+    # 4 heads x 16, text tokens of width 32. Small enough for hundreds of CPU steps a minute.
     "wan_tiny": Flavor(
         "wan_tiny",
         "wan",

@@ -38,7 +38,7 @@ def test_cache_holds_exactly_what_the_encoders_produce(prepared):
     assert len(cache) == 12 and cache.info["kept"] == 12 and cache.info["shard_rows"] == [5, 5, 2]
     assert cache.info["latent_shapes"] == {"0": [16, 5, 16, 16]}
     assert (cache.info["text_len"], cache.info["text_dim"], cache.info["pooled_dim"]) == (
-        16,
+        32,
         32,
         32,
     )
@@ -65,7 +65,7 @@ def test_shards_open_with_datasets_and_carry_metadata(prepared):
     meta = json.loads(
         read_table(cache_dir / "shards" / "shard-00000.arrow").schema.metadata[b"stafinetune"]
     )
-    assert meta == {"dtype": "float32", "text_len": 16, "text_dim": 32, "pooled_dim": 32}
+    assert meta == {"dtype": "float32", "text_len": 32, "text_dim": 32, "pooled_dim": 32}
 
 
 def test_second_call_finds_the_cache_without_work(prepared, monkeypatch):

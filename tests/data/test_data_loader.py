@@ -19,8 +19,8 @@ def test_batch_matches_interface(prepared):
     cfg, _ = prepared
     batch = take(build_train_loader(cfg, batch_size=3, seed=0), 1)[0]
     assert batch["latents"].shape == (3, 16, 5, 16, 16) and batch["latents"].dtype == torch.float32
-    assert batch["text"].shape == (3, 16, 32) and batch["text"].dtype == torch.float32
-    assert batch["text_mask"].shape == (3, 16) and batch["text_mask"].dtype == torch.bool
+    assert batch["text"].shape == (3, 32, 32) and batch["text"].dtype == torch.float32
+    assert batch["text_mask"].shape == (3, 32) and batch["text_mask"].dtype == torch.bool
     assert batch["pooled_text"].shape == (3, 32)
     assert batch["index"].dtype == torch.int64 and batch["index"].shape == (3,)
     assert len(batch["caption"]) == 3 and all("moving" in c for c in batch["caption"])

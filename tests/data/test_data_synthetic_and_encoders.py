@@ -88,7 +88,7 @@ def test_tiny_text_encoder_is_deterministic_and_order_aware():
     ta, ma, pa = a.encode(caps)
     tb, mb, pb = b.encode(caps)
     assert torch.equal(ta, tb) and torch.equal(pa, pb)
-    assert ma.sum(1).tolist() == [5, 5, 16]  # truncated at L
+    assert ma.sum(1).tolist() == [5, 5, 32]  # truncated at L
     assert not torch.equal(ta[0], ta[1])  # positions matter
     assert torch.equal(
         ta[0], a.encode(["a red circle moving left"])[0][0]
@@ -162,4 +162,4 @@ def test_yaml_files_compose_onto_the_dataclass(tmp_path):
             config_name="data_test_root", overrides=["+data=synthetic", "data.num_clips=5"]
         )
     data = OmegaConf.to_object(cfg.data)
-    assert isinstance(data, DataConfig) and data.num_clips == 5 and data.text_len == 16
+    assert isinstance(data, DataConfig) and data.num_clips == 5 and data.text_len == 32

@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from eval_testing import DENSE, STA, teacher_config
+from eval_testing import DENSE, STA, moving_clip, teacher_config
 from torch import nn
 
 from stafinetune.config import DistillConfig
 from stafinetune.data import DataConfig, build_text_encoder, build_video_encoder
 from stafinetune.distill import DistillStep
-from stafinetune.evaluate import VALIDATION_METRICS, Validator
+from stafinetune.evaluate import VALIDATION_METRICS, Validator, score_samples
 from stafinetune.tracking import JsonlTracker, NullTracker, WandbTracker
 from stafinetune.weights import Weights, load_model
 
@@ -82,6 +82,9 @@ def test_validation_scores_the_student_each_time_and_the_teacher_once(tmp_path: 
             assert math.isfinite(metrics[f"val/student/{name}"])
         assert metrics["val/sample_latency_s"] > 0 and metrics["val/metrics_s"] > 0
         assert 0 < metrics["val/student/ssim"] < 1 and metrics["val/student/psnr"] < 100
+        for model in ("student", "teacher"):  # against the batch captions
+            assert 0 <= metrics[f"val/{model}/motion_direction_error_deg"] <= 180
+            assert metrics[f"val/{model}/motion_speed_error"] >= 0
         assert "val/teacher/psnr" not in metrics  # the teacher is the reference
     assert all(first[k] == second[k] for k in first if k.startswith("val/teacher/"))
     assert first["val/sample_gap_mse"] != second["val/sample_gap_mse"]
@@ -123,3 +126,18 @@ def test_jsonl_tracker_keeps_tables_apart_from_the_scalars(tmp_path: Path):
     assert table["key"] == "val/sample_metrics" and table["step"] == 3
     assert table["columns"] == ["model", "psnr", "note"]
     assert table["rows"] == [["student", 31.5, None], ["teacher", "nan", "ok"]]
+
+
+def test_validation_motion_errors_follow_the_captions():
+    # a red circle moving right at 4 px/frame: right against its caption, wrong against a
+    # caption stating another direction, unscored against a caption stating no motion
+    video = torch.from_numpy(moving_clip(4))
+    videos = torch.stack([video, video, video])
+    captions = ["a red circle moving right at 4 pixels per frame on a dark blue background",
+                "a red circle moving up at 4 pixels per frame on a dark blue background",
+                "a photo of a cat"]  # fmt: skip
+    right, wrong, none = score_samples(videos, fps=8, captions=captions)
+    assert right["motion_direction_error_deg"] < 2 and right["motion_speed_error"] < 0.2
+    assert abs(wrong["motion_direction_error_deg"] - 90) < 2
+    assert "motion_direction_error_deg" not in none and "temporal_flickering" in none
+    assert "motion_speed_error" not in score_samples(videos[:1], fps=8)[0]  # no captions
