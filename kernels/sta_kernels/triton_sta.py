@@ -1136,24 +1136,29 @@ def _sta_bwd_fake(do, q, k, v, o, lse, windows, text_len, canvas, tile, scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-class _STAFunction(torch.autograd.Function):
-    """Autograd over the two registered ops; saves q, k, v, o and the log-sum-exp."""
+def _sta_setup(ctx, inputs, output) -> None:
+    q, k, v, windows, text_len, canvas, tile, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, windows, text_len)
+    ctx.geometry = (canvas, tile, scale)
 
-    @staticmethod
-    def forward(ctx, q, k, v, windows, text_len, canvas, tile, scale):
-        o, lse = torch.ops.sta_kernels.sta_fwd(q, k, v, windows, text_len, canvas, tile, scale)
-        ctx.save_for_backward(q, k, v, o, lse, windows, text_len)
-        ctx.geometry = (canvas, tile, scale)
-        return o
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, windows, text_len = ctx.saved_tensors
-        canvas, tile, scale = ctx.geometry
-        dq, dk, dv = torch.ops.sta_kernels.sta_bwd(
-            do.contiguous(), q, k, v, o, lse, windows, text_len, canvas, tile, scale
-        )
-        return dq, dk, dv, None, None, None, None, None
+def _sta_backward(ctx, do, dlse):
+    """Gradients in q, k, v; the log-sum-exp is an auxiliary output (``dlse`` is ignored)."""
+    q, k, v, o, lse, windows, text_len = ctx.saved_tensors
+    canvas, tile, scale = ctx.geometry
+    dq, dk, dv = torch.ops.sta_kernels.sta_bwd(
+        do.contiguous(), q, k, v, o, lse, windows, text_len, canvas, tile, scale
+    )
+    return dq, dk, dv, None, None, None, None, None
+
+
+# Autograd registered on the op itself, not a Python autograd.Function around it: inside a
+# compiled, selectively checkpointed block dynamo then sees one op whose outputs (o, lse) the
+# policy keeps. With the wrapper, dynamo built a graph with a dangling output ("Argument
+# 'getitem_..' of Node 'output' does not belong to this Graph"; tests/kernels/
+# test_kernels_compiled_block.py).
+_sta_fwd_op.register_autograd(_sta_backward, setup_context=_sta_setup)
 
 
 _DEVICE_TABLES: dict[tuple, torch.Tensor] = {}
@@ -1204,6 +1209,7 @@ def sta_triton(
     q, k, v = (x.contiguous() for x in (q, k, v))
     windows = device_table(window, q.device)  # (H, 3) int32
     lengths = device_table(text_len, q.device)  # (B,) int32
-    return _STAFunction.apply(
+    o, _ = torch.ops.sta_kernels.sta_fwd(
         q, k, v, windows, lengths, [int(c) for c in canvas], [int(t) for t in tile], float(scale)
     )
+    return o

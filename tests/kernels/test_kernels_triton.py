@@ -126,6 +126,56 @@ def test_triton_under_torch_compile(triton_device):
         assert torch.equal(a, b)
 
 
+def test_triton_in_a_compiled_selectively_checkpointed_region(triton_device, monkeypatch):
+    """The op inside ``torch.compile(checkpoint(...))`` with a policy that keeps its outputs
+    (what ``model.checkpoint_policy=selective`` + ``model.compile`` build per block): same
+    values and gradients as eager, and the backward never reruns the forward kernel."""
+    from functools import partial
+
+    from torch.utils.checkpoint import (
+        CheckpointPolicy,
+        checkpoint,
+        create_selective_checkpoint_contexts,
+    )
+
+    from sta_kernels import triton_sta as ts
+
+    canvas, tile = (2, 4, 4), (2, 2, 4)
+    q, k, v, do = make_qkv(1, canvas, 0, 2, 16, torch.bfloat16, triton_device, seed=9)
+    weight = torch.randn(16, 16, dtype=torch.bfloat16, device=triton_device) / 4
+    fwd_op = torch.ops.sta_kernels.sta_fwd.default
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op is fwd_op else CheckpointPolicy.PREFER_RECOMPUTE
+
+    captured = []  # as distillation captures the student's attention outputs
+
+    def block(q, k, v, window):
+        o = sliding_tile_attention(
+            (q @ weight).tanh(), k, v, canvas=canvas, tile=tile, window=window, backend="triton"
+        )
+        captured.append(o)
+        return (o @ weight).sin()
+
+    def region(q, k, v, window):
+        context = partial(create_selective_checkpoint_contexts, policy)
+        return checkpoint(block, q, k, v, window, use_reentrant=False, context_fn=context)
+
+    forward_calls = []
+    kernel = ts.sta_triton_forward
+    monkeypatch.setattr(ts, "sta_triton_forward", lambda *a: forward_calls.append(1) or kernel(*a))
+    results = []
+    backend = "inductor" if torch.cuda.is_available() else "aot_eager"
+    for fn in (block, torch.compile(region, backend=backend)):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        o = fn(*leaves, torch.tensor([[1, 1, 1], [2, 1, 1]]))  # windows: a graph input
+        loss = (o.float() * do).sum() + captured.pop().float().square().sum()
+        results.append((o, *torch.autograd.grad(loss, leaves)))
+    for a, b in zip(*results, strict=True):
+        assert rel_err(b.float(), a.float()) < 2e-2
+    assert len(forward_calls) == 2  # eager once, compiled once: no recomputation in backward
+
+
 def test_triton_fake_ops_give_shapes_without_running():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
