@@ -61,6 +61,7 @@ from bench_util import (
     time_call,
     write_results,
 )
+from step_profile import profile_step, render_breakdown
 
 from sta_kernels import density
 from stafinetune.config import DistillConfig
@@ -207,7 +208,7 @@ class Bench:
 
         return train_step
 
-    def measure(self, row: Row, warmup: int, iters: int) -> dict[str, Any]:
+    def measure(self, row: Row, warmup: int, iters: int, profile: bool = False) -> dict[str, Any]:
         step = self.configure(row)
         fn = self.step_fn(row, step)
         reset_peak(self.device)
@@ -222,13 +223,16 @@ class Bench:
         attn_s = timer.stop()
         times.append(last)
         ms = statistics.median(times)
-        return {
+        result = {
             "step_ms": ms,
             "tokens_per_s": self.tokens / (ms / 1e3),
             "peak_gib": peak_gib(self.device),
             "attn_share": attn_s / (last / 1e3) if attn_s == attn_s else None,
             "times_ms": times,
         }
+        if profile:
+            result["profile"] = profile_step(fn, self.device)
+        return result
 
 
 def run_suite(name: str, suite: Suite, args: argparse.Namespace, device: torch.device,
@@ -250,7 +254,7 @@ def run_suite(name: str, suite: Suite, args: argparse.Namespace, device: torch.d
                     "layers": bench.student.num_layers}  # fmt: skip
         record.update(meta)
         print(f"[{budget.elapsed():6.0f} s] {name}: {row}", flush=True)
-        measure = functools.partial(bench.measure, row, args.warmup, args.iters)
+        measure = functools.partial(bench.measure, row, args.warmup, args.iters, args.profile)
         with sdpa_priority(device, args.sdpa):
             record.update(run_guarded(measure, device))
         out.append(record)
@@ -291,6 +295,15 @@ def render_table(env: dict[str, Any], rows: list[dict[str, Any]], args: argparse
             f"{fmt(r['peak_gib'], '.1f')} | {share} |"
         )
     lines += ["", *summary_lines(rows)]
+    if any("profile" in r for r in rows):
+        lines += [
+            "",
+            "Where one step's time goes (`--profile`: one more step under `torch.profiler`, its "
+            "kernels bucketed by name, `benchmarks/step_profile.py`; idle: wall time the GPU ran "
+            "no kernel; ms and share of the profiled step):",
+            "",
+            render_breakdown(rows),
+        ]
     return "\n".join(lines)
 
 
@@ -360,6 +373,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=360.0,
         help="rows starting after this many seconds are skipped (recorded)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="profile one more step per row: kernel time by kind (attention, matmul, norm, ...)",
     )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--name", default="train_step", help="results file stem")

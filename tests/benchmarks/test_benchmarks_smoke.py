@@ -27,7 +27,8 @@ def _run(script: str, *args: str, out: Path) -> dict:
 @pytest.mark.slow
 def test_train_step_smoke(tmp_path):
     result = _run("train_step.py", "--suites", "hunyuan720,compile", "--kinds",
-                  "dense,distill", "--policies", "selective", out=tmp_path)  # fmt: skip
+                  "dense,distill", "--policies", "selective", "--profile",
+                  out=tmp_path)  # fmt: skip
     rows = result["rows"]
     assert [(r["suite"], r["kind"], r["compiled"]) for r in rows] == [
         ("hunyuan720", "dense", False),
@@ -37,7 +38,9 @@ def test_train_step_smoke(tmp_path):
     ]
     assert all("error" not in r and r["step_ms"] > 0 for r in rows), rows
     assert rows[1]["attn_share"] > 0 and rows[3]["attn_share"] is None  # not timed compiled
-    assert "the distillation step runs at" in (tmp_path / "train_step.md").read_text()
+    table = (tmp_path / "train_step.md").read_text()
+    assert "the distillation step runs at" in table and "Where one step's time goes" in table
+    assert all(r["profile"]["buckets"]["matmul"] > 0 for r in rows)
 
 
 @pytest.mark.slow
