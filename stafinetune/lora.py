@@ -144,19 +144,37 @@ def _pipeline_class(family: str) -> Any:
     return {"wan": WanPipeline, "hunyuan": HunyuanVideoPipeline}[family]
 
 
-def save_lora_adapter(dit: VideoDiT, out_dir: str | os.PathLike[str]) -> Path:
+def _transformer_tensors(
+    dit: VideoDiT, state: dict[str, torch.Tensor] | None
+) -> dict[str, torch.Tensor]:
+    """The transformer's tensors under its own names: from ``state`` (keys as in
+    ``dit.state_dict()``, e.g. gathered to rank 0 from a sharded engine) or from the module."""
+    if state is None:
+        return {k: v.detach() for k, v in dit.transformer.state_dict().items()}
+    prefix = "transformer."
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def save_lora_adapter(
+    dit: VideoDiT,
+    out_dir: str | os.PathLike[str],
+    state: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Write the adapter as ``<out_dir>/pytorch_lora_weights.safetensors`` (diffusers' format).
 
     Keys are ``transformer.<module>.lora_A.weight`` / ``.lora_B.weight``; the adapter config
     (rank, alpha, targets) is stored as safetensors metadata, so ``pipe.load_lora_weights(
     out_dir)`` of a ``WanPipeline`` / ``HunyuanVideoPipeline`` rebuilds the same adapter.
+    ``state``: the full weights when the module itself is sharded (FSDP2, ZeRO-3).
     """
     from peft.utils import get_peft_model_state_dict
 
     if not has_lora(dit):
         raise ValueError("the model holds no LoRA adapter to export")
     transformer = dit.transformer
-    layers = get_peft_model_state_dict(transformer, adapter_name=ADAPTER)
+    layers = get_peft_model_state_dict(
+        transformer, state_dict=_transformer_tensors(dit, state), adapter_name=ADAPTER
+    )
     layers = {k: v.detach().to("cpu").contiguous() for k, v in layers.items()}
     os.makedirs(out_dir, exist_ok=True)
     _pipeline_class(dit.family).save_lora_weights(
@@ -169,45 +187,64 @@ def save_lora_adapter(dit: VideoDiT, out_dir: str | os.PathLike[str]) -> Path:
 
 
 @torch.no_grad()
-def merged_state_dict(dit: VideoDiT) -> dict[str, torch.Tensor]:
+def merged_state_dict(
+    dit: VideoDiT, state: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """The transformer's state dict with the adapter merged (``W + alpha / r * B @ A``), under
-    the plain diffusers names (``...to_q.weight``); the model itself is not changed."""
+    the plain diffusers names (``...to_q.weight``); the model itself is not changed.
+    ``state``: the full weights when the module itself is sharded."""
     from peft.tuners.lora import LoraLayer
 
-    transformer = dit.transformer
-    deltas = {
-        name: module.get_delta_weight(ADAPTER)
-        for name, module in transformer.named_modules()
+    layers = {
+        name: module
+        for name, module in dit.transformer.named_modules()
         if isinstance(module, LoraLayer) and ADAPTER in module.lora_A
     }
+    tensors = _transformer_tensors(dit, state)
     merged = {}
-    for key, value in transformer.state_dict().items():
+    for key, value in tensors.items():
         if _LORA_KEY.search(key):
             continue
         if ".base_layer." in key:
             module, rest = key.split(".base_layer.")
             key = f"{module}.{rest}"
             if rest == "weight":
-                value = value + deltas[module].to(value.dtype)
+                a = tensors[f"{module}.lora_A.{ADAPTER}.weight"].float()  # (r, in)
+                b = tensors[f"{module}.lora_B.{ADAPTER}.weight"].float()  # (out, r)
+                delta = (b @ a) * layers[module].scaling[ADAPTER]  # (out, in)
+                if layers[module].fan_in_fan_out:
+                    delta = delta.T
+                value = value + delta.to(value.dtype)
         merged[key] = value
     return merged
 
 
-def save_merged_transformer(dit: VideoDiT, path: str | os.PathLike[str]) -> None:
+def save_merged_transformer(
+    dit: VideoDiT,
+    path: str | os.PathLike[str],
+    state: dict[str, torch.Tensor] | None = None,
+) -> None:
     """Write the merged student as a plain diffusers transformer folder (plus the attention
     settings in ``stafinetune_attention.json``, as ``VideoDiT.save_pretrained`` does)."""
     transformer = dit.transformer
     with torch.device("meta"):  # no second copy of the weights: the merged tensors are assigned
         plain = type(transformer).from_config(transformer.config)
-    plain.load_state_dict(merged_state_dict(dit), assign=True)
+    plain.load_state_dict(merged_state_dict(dit, state), assign=True)
     os.makedirs(path, exist_ok=True)
     plain.save_pretrained(path, safe_serialization=True)
     save_attention_config(path, dit.attention_cfg)
 
 
-def export_lora(dit: VideoDiT, out_dir: str | os.PathLike[str], *, merge: bool) -> None:
+def export_lora(
+    dit: VideoDiT,
+    out_dir: str | os.PathLike[str],
+    *,
+    merge: bool,
+    state: dict[str, torch.Tensor] | None = None,
+) -> None:
     """The LoRA student's export: the adapter in ``out_dir`` and, with ``merge``, the merged
-    transformer in ``out_dir/transformer`` (``train.lora_merge_export``)."""
-    save_lora_adapter(dit, out_dir)
+    transformer in ``out_dir/transformer`` (``train.lora_merge_export``). ``state``: the full
+    weights (keys as in ``dit.state_dict()``) when ``dit`` is sharded."""
+    save_lora_adapter(dit, out_dir, state)
     if merge:
-        save_merged_transformer(dit, Path(out_dir) / "transformer")
+        save_merged_transformer(dit, Path(out_dir) / "transformer", state)

@@ -84,6 +84,9 @@ def build_optimizer(
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    # no empty group (a LoRA adapter has no 1-D parameters): DeepSpeed drops empty groups, and
+    # the scheduler built on this optimizer then has one learning rate too many
+    groups = [group for group in groups if group["params"]]
     kwargs = {"fused": True} if fused else {}
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **kwargs)
 

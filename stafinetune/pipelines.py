@@ -99,7 +99,7 @@ def enable_sta(
     strategy: str | os.PathLike[str] | MaskStrategy | None = None,
     tile: Sequence[int] | None = None,
     window: Sequence[int] | Sequence[Sequence[int]] | torch.Tensor | None = None,
-    dense_first_steps: int = 0,
+    dense_first_steps: int | None = None,
     backend: str = "auto",
     strict: bool = False,
 ) -> Any:
@@ -121,7 +121,9 @@ def enable_sta(
         window: windows in tiles: (wt, wh, ww) for every layer and head, (L, 3) one per STA
             layer or (L, H, 3) one per (layer, head). A window at least as wide as the tile
             grid on every axis attends densely.
-        dense_first_steps: denoising steps ``step < dense_first_steps`` run dense.
+        dense_first_steps: denoising steps ``step < dense_first_steps`` run dense. ``None``:
+            the strategy's own (``metadata["dense_first_steps"]``, which a finetune's export
+            records, so the pipeline samples as the student did), else 0.
         backend: STA kernel: ``auto`` (triton on CUDA bf16/fp16, flex on other CUDA inputs,
             the reference elsewhere), ``triton``, ``flex`` or ``reference``.
         strict: raise when a window is wider than the canvas's tile grid or the strategy was
@@ -135,10 +137,6 @@ def enable_sta(
         raise ValueError(
             f"enable_sta(backend=...) must be one of {ATTENTION_BACKENDS}, got {backend!r}"
         )
-    if int(dense_first_steps) != dense_first_steps or dense_first_steps < 0:
-        raise ValueError(
-            f"enable_sta(dense_first_steps=...) must be an int >= 0, got {dense_first_steps}"
-        )
     loaded: MaskStrategy | None = None
     source = "enable_sta(strategy=...)"
     if strategy is not None:
@@ -146,6 +144,8 @@ def enable_sta(
             loaded = strategy
         else:
             loaded, source = MaskStrategy.load(strategy), f"mask strategy {os.fspath(strategy)}"
+        if dense_first_steps is None:  # a finetune's export records what the student used
+            dense_first_steps = (loaded.metadata or {}).get("dense_first_steps", 0)
         given = None if tile is None else check_triple(tile, "enable_sta(tile=...)")
         if given is not None and given != list(loaded.tile):
             raise ValueError(
@@ -155,6 +155,15 @@ def enable_sta(
         tile = loaded.tile
     elif tile is None:
         raise ValueError("enable_sta(window=...) needs tile= (a strategy carries its own)")
+    dense_first_steps = 0 if dense_first_steps is None else dense_first_steps
+    if (
+        isinstance(dense_first_steps, bool)
+        or int(dense_first_steps) != dense_first_steps
+        or dense_first_steps < 0
+    ):
+        raise ValueError(
+            f"enable_sta(dense_first_steps=...) must be an int >= 0, got {dense_first_steps}"
+        )
     tile = check_triple(tile, "enable_sta(tile=...)")
     transformers = _transformers(target)
     previous = [_enabled_binding(t) for t in transformers]

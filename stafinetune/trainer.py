@@ -453,15 +453,12 @@ class Trainer:
         """Write the student (EMA weights if EMA is on) as one consolidated diffusers folder
         plus its windows; every rank takes part (sharded weights are gathered to rank 0)."""
         out = self.run_dir / "export"
-        def ema_weights() -> contextlib.AbstractContextManager:
-            return self.ema.applied(self.student) if self.ema is not None else contextlib.nullcontext()
-
-        with ema_weights():
+        ema = self.ema.applied(self.student) if self.ema is not None else contextlib.nullcontext()
+        with ema:
             full = self.engine.full_state_dict()
         if self.dims.is_main:
-            if self.job.train.trainable == "lora":
-                with ema_weights():
-                    export_lora(self.student, out, merge=self.job.train.lora_merge_export)
+            if self.job.train.trainable == "lora":  # from the gathered weights: FSDP2 shards
+                export_lora(self.student, out, merge=self.job.train.lora_merge_export, state=full)
             else:
                 save_transformer_state(self.student, full, out / "transformer")
             if self.job.attention.mode == "sta":
@@ -478,7 +475,12 @@ class Trainer:
             self.student.plan,
             canvas=self.data.export_canvas,
             tile=self.job.attention.tile,
-            metadata={"source": "stafinetune.trainer export", "step": self.step},
+            metadata={
+                "source": "stafinetune.trainer export",
+                "step": self.step,
+                # sampling steps kept dense; enable_sta(strategy=...) applies it by default
+                "dense_first_steps": self.student.plan.dense_first_steps,
+            },
         ).save(path)
 
 

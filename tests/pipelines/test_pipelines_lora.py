@@ -20,7 +20,7 @@ from pipeline_testing import (
 from safetensors.torch import load_file
 
 from stafinetune import checkpoint as ckpt
-from stafinetune import enable_sta
+from stafinetune import enable_sta, sta_step
 from stafinetune.config import TrainConfig, compose_job_config
 from stafinetune.lora import (
     adapter_state_dict,
@@ -140,8 +140,9 @@ def test_lora_export_loads_into_the_wan_pipeline(data_root: Path, tmp_path: Path
     """Base pipeline + ``load_lora_weights(export)`` + the exported strategy = the student."""
     from diffusers import WanTransformer3DModel
 
+    # step 0 dense, step 1 sparse: enable_sta takes dense_first_steps from the export's strategy
     job = _job(data_root, "train.steps=3", "train.lr=1e-2", "train.lora_merge_export=true",
-               "train.sample_steps=0")  # fmt: skip
+               "train.sample_steps=0", "attention.dense_first_steps=1")  # fmt: skip
     trainer = Trainer(job, tmp_path)
     base = {k: v.clone() for k, v in trainer.student.state_dict().items() if "lora_" not in k}
     result = trainer.fit()
@@ -164,7 +165,7 @@ def test_lora_export_loads_into_the_wan_pipeline(data_root: Path, tmp_path: Path
     merged = WanTransformer3DModel.from_pretrained(export / "transformer")
     enable_sta(merged, strategy=export / "mask_strategy.json")
     x, t = noise_of(4), torch.tensor([600.0])
-    with torch.no_grad():
+    with torch.no_grad(), sta_step(merged, None):  # the training windows, as student(...) uses
         want = student(x, t, cond["text"], cond["text_mask"])
         got = merged(x, t, cond["text"], return_dict=False)[0]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
