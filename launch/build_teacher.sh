@@ -3,6 +3,10 @@
 # train wan_tiny with full attention on the synthetic clips (experiment=teacher), then copy
 # the exported diffusers transformer into the package's assets.
 #   launch/build_teacher.sh [extra hydra overrides...]
+# The shipped teacher came from this recipe (conf/experiment/teacher.yaml: 6500 steps of batch
+# 32) on one H200 in about 7 minutes (bf16 autocast, 2026-12-01, two other candidate runs
+# sharing the GPU); on a 2-core CPU expect hours. Its samples on the first 32 training
+# captions: direction error 59 deg mean (47% within 30 deg), speed error 1.07 px/frame.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 run_dir="${RUN_DIR:-$repo/outputs/teacher-$(date +%Y%m%d-%H%M%S)}"
