@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DATA = ("data.num_clips=16", "data.num_workers=0")  # the default data, fewer clips
 # the default search, shortened: fewer calibration steps and samples
 SHORT = ("search.steps=4", "search.num_samples=2", "logging.progress=false")
+LAYERS = 4  # the shipped teacher's (the default model the search runs on)
 
 
 def _env() -> dict[str, str]:
@@ -72,7 +73,7 @@ def test_command_writes_a_strategy_the_wan_adapter_loads(searched: Path) -> None
         "wandb",
     } <= names
     path = searched / "mask_strategy.json"
-    strategy = MaskStrategy.load(path, num_layers=2, num_heads=4)
+    strategy = MaskStrategy.load(path, num_layers=LAYERS, num_heads=4)
     assert strategy.canvas == [5, 8, 8] and strategy.tile == [1, 2, 2]
     assert strategy.num_steps == 4
     assert strategy.metadata["search"]["mode"] == "budget"  # chosen by search.budget alone
@@ -96,7 +97,7 @@ def test_command_writes_a_strategy_the_wan_adapter_loads(searched: Path) -> None
     assert b"search/density_searched_steps" in next(run_dir.glob("run-*.wandb")).read_bytes()
 
     dit = build_model(
-        ModelConfig(flavor="wan_tiny"),
+        ModelConfig(flavor="wan_tiny", config_overrides={"num_layers": LAYERS}),
         AttentionConfig(backend="reference", strategy_path=str(path), strict_window=True),
     )
     assert torch.equal(dit.plan.steps, steps) and torch.equal(dit.plan.train, train)
@@ -120,7 +121,7 @@ def test_training_starts_from_the_searched_windows(
         ]
     )  # fmt: skip
     trainer = Trainer(job, tmp_path)
-    strategy = MaskStrategy.load(path, num_layers=2, num_heads=4)
+    strategy = MaskStrategy.load(path, num_layers=LAYERS, num_heads=4)
     assert torch.equal(trainer.student.plan.train, strategy.train_tensor())
     assert torch.equal(trainer.student.plan.steps, strategy.step_tensor())
     assert trainer.teacher is not None and trainer.teacher.plan.train is None  # dense teacher
