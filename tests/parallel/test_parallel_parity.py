@@ -88,25 +88,44 @@ def test_sharding_matches_ddp(overrides, ddp_run, tmp_path, data_root, extension
 
 
 LORA = ("train.trainable=lora", "train.lora_rank=4", "train.lora_merge_export=true")
+LORA_FILES = ("pytorch_lora_weights.safetensors", "transformer/diffusion_pytorch_model.safetensors")
 
 
-@pytest.mark.parametrize("strategy", ["fsdp2", "zero2"])
-def test_lora_under_sharding_matches_ddp(strategy, tmp_path, data_root, extensions_dir):
+def _same_lora_exports(a: Path, b: Path) -> None:
+    for name in LORA_FILES:
+        x, y = load_file(str(a / "export" / name)), load_file(str(b / "export" / name))
+        assert x.keys() == y.keys() and len(x) > 0, name
+        assert max(float((x[k] - y[k]).abs().max()) for k in x) < 1e-4, name
+
+
+@pytest.fixture(scope="module")
+def lora_ddp_run(tmp_path_factory, data_root, extensions_dir) -> Path:
+    run = tmp_path_factory.mktemp("lora-ddp")
+    run_training(run, data_root, extensions_dir, *STEPS, *LORA, nproc=2)
+    return run
+
+
+@pytest.mark.parametrize("strategy", ["fsdp2", "zero2", "zero3"])
+def test_lora_under_sharding_matches_ddp(
+    strategy, lora_ddp_run, tmp_path, data_root, extensions_dir
+):
     # the adapter trains and exports alike under every engine: FSDP2 shards the adapter (the
     # export reads the gathered weights), DeepSpeed drops empty optimizer groups (none built)
-    ref = run_training(tmp_path / "ddp", data_root, extensions_dir, *STEPS, *LORA, nproc=2)
     rows = run_training(tmp_path / strategy, data_root, extensions_dir, *STEPS, *LORA,
                         f"parallel={strategy}", nproc=2)  # fmt: skip
+    ref = [json.loads(line) for line in (lora_ddp_run / "metrics.jsonl").read_text().splitlines()]
     assert_close(losses(rows), losses(ref), 2e-3)
     assert_close(_grad_norms(rows), _grad_norms(ref), 2e-3)
-    for name in (
-        "pytorch_lora_weights.safetensors",
-        "transformer/diffusion_pytorch_model.safetensors",
-    ):
-        a = load_file(str(tmp_path / "ddp" / "export" / name))
-        b = load_file(str(tmp_path / strategy / "export" / name))
-        assert a.keys() == b.keys() and len(a) > 0, name
-        assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4, name
+    _same_lora_exports(lora_ddp_run, tmp_path / strategy)
+
+
+def test_lora_under_sequence_parallelism_matches_one_process(tmp_path, data_root, extensions_dir):
+    one = run_training(tmp_path / "one", data_root, extensions_dir, *STEPS, *LORA)
+    sp2 = run_training(tmp_path / "sp2", data_root, extensions_dir, *STEPS, *LORA,
+                       "parallel.sp=2", nproc=2)  # fmt: skip
+    assert_close(losses(sp2), losses(one), 2e-3)
+    assert_close(_grad_norms(sp2), _grad_norms(one), 2e-3)
+    _same_lora_exports(tmp_path / "one", tmp_path / "sp2")
 
 
 def test_checkpoints_resume_exactly_under_every_mode(tmp_path, data_root, extensions_dir):
