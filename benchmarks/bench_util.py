@@ -42,6 +42,20 @@ def environment(device: torch.device) -> dict[str, Any]:
     }
 
 
+def bench_device(smoke: bool, script: str) -> torch.device:
+    """The CPU for ``--smoke`` runs, else the GPU (exits with a message naming ``script`` when
+    there is none)."""
+    device = torch.device("cpu" if smoke else "cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"{script} needs a CUDA GPU (or --smoke for a CPU check)")
+    return device
+
+
+def args_record(args: Any) -> dict[str, Any]:
+    """The parsed command-line arguments as JSON-ready values (paths as strings)."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+
+
 def describe_environment(env: dict[str, Any]) -> str:
     """One line for the tables: device, torch, triton, date."""
     return f"{env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date'][:16]}Z"

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from bench_util import (
     Budget,
+    bench_device,
     describe_environment,
     environment,
     free_memory,
@@ -201,9 +202,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    device = torch.device("cpu" if args.smoke else "cuda")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("dispatch_table.py needs a CUDA GPU (or --smoke for a CPU check)")
+    device = bench_device(args.smoke, "dispatch_table.py")
     canvases = SMOKE_CANVASES if args.smoke else CANVASES
     env = environment(device)
     budget = Budget(args.budget_s)

@@ -49,6 +49,8 @@ from typing import Any
 import torch
 from bench_util import (
     Budget,
+    args_record,
+    bench_device,
     describe_environment,
     environment,
     fmt,
@@ -405,19 +407,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    device = torch.device("cpu" if args.smoke else "cuda")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("train_step.py needs a CUDA GPU (or --smoke for a CPU check)")
+    device = bench_device(args.smoke, "train_step.py")
     suites = SMOKE_SUITES if args.smoke else SUITES
     budget = Budget(args.budget_s)
     env = environment(device)
     rows: list[dict[str, Any]] = []
     for name in args.suites:
         rows.extend(run_suite(name, suites[name], args, device, budget))
-    payload = {"meta": {**env, "args": {k: str(v) if isinstance(v, Path) else v
-                                        for k, v in vars(args).items()},
-                        "seconds": budget.elapsed()},
-               "rows": rows}  # fmt: skip
+    meta = {**env, "args": args_record(args), "seconds": budget.elapsed()}
+    payload = {"meta": meta, "rows": rows}
     write_results(args.out, args.name, payload, render_table(env, rows, args))
 
 

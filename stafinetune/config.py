@@ -420,8 +420,9 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("stafinetune.asset", asset_path)
 
 
-def resolved_dict(job: JobConfig) -> dict[str, Any]:
-    """Plain-dict view of the validated config (for wandb and the run directory)."""
+def resolved_dict(job: Any) -> dict[str, Any]:
+    """Plain-dict view of a validated job config, any command's (for wandb and the run
+    directory)."""
     return OmegaConf.to_container(OmegaConf.structured(job), resolve=True)  # type: ignore[return-value]
 
 

@@ -37,7 +37,7 @@ from omegaconf import OmegaConf
 
 from .cli import CommandError, hydra_command
 from .compare import FIDELITY, QUALITY, CompareConfig, check_models, compare_models
-from .config import LoggingConfig
+from .config import LoggingConfig, resolved_dict
 from .data import DataConfig
 from .generate import SampleConfig, resolve_prompts
 from .metrics import METRIC_TABLE, score_folder
@@ -152,13 +152,7 @@ def score(job: EvalJobConfig, run_dir: Path) -> dict[str, Any]:
 
 def _log(job: EvalJobConfig, run_dir: Path, mode: str, report: dict[str, Any]) -> None:
     """The report's tables and mean scalars to the tracker (``logging=wandb``: a wandb run)."""
-    lcfg = job.logging
-    tracker = build_tracker(
-        lcfg.backend, is_main=True, directory=run_dir,
-        config=OmegaConf.to_container(OmegaConf.structured(job), resolve=True),
-        project=lcfg.project, entity=lcfg.entity, name=lcfg.name, group=lcfg.group,
-        tags=lcfg.tags, mode=lcfg.mode,
-    )  # fmt: skip
+    tracker = build_tracker(job.logging, is_main=True, directory=run_dir, config=resolved_dict(job))
     try:
         if mode == "score":
             metrics = sorted({m for s in report["videos"].values() for m in s if m != "error"})

@@ -145,7 +145,7 @@ def enable_sta(
         else:
             loaded, source = MaskStrategy.load(strategy), f"mask strategy {os.fspath(strategy)}"
         if dense_first_steps is None:  # a finetune's export records what the student used
-            dense_first_steps = (loaded.metadata or {}).get("dense_first_steps", 0)
+            dense_first_steps = loaded.metadata.get("dense_first_steps", 0)
         given = None if tile is None else check_triple(tile, "enable_sta(tile=...)")
         if given is not None and given != list(loaded.tile):
             raise ValueError(

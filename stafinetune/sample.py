@@ -25,7 +25,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from .cli import hydra_command
-from .config import LoggingConfig
+from .config import LoggingConfig, resolved_dict
 from .data import DataConfig
 from .generate import GeneratedVideo, SampleConfig, resolve_prompts, sample_model
 from .models import AttentionConfig, ModelConfig
@@ -58,13 +58,7 @@ def run(job: SampleJobConfig, run_dir: Path) -> None:
         job.model, job.attention, job.data, job.sample, prompts, run_dir,
         checkpoint=job.sample.checkpoint, progress=progress,
     )  # fmt: skip
-    lcfg = job.logging
-    tracker = build_tracker(
-        lcfg.backend, is_main=True, directory=run_dir,
-        config=OmegaConf.to_container(OmegaConf.structured(job), resolve=True),
-        project=lcfg.project, entity=lcfg.entity, name=lcfg.name, group=lcfg.group,
-        tags=lcfg.tags, mode=lcfg.mode,
-    )  # fmt: skip
+    tracker = build_tracker(job.logging, is_main=True, directory=run_dir, config=resolved_dict(job))
     try:
         columns = ["index", "prompt", "seed", "file", "latency_s", "attention_s"]
         rows = [[v.index, v.prompt, v.seed, v.file, v.latency_s, v.attention_s] for v in videos]

@@ -52,14 +52,11 @@ from .parallel import (
     launcher_coordinates,
 )
 from .parallel.parallelize import sequence_split
-from .parallel.sequence import gather_along
 from .search import (
     SearchConfig,
     SearchResult,
-    evaluate_candidates,
     resolve_candidates,
     search_windows,
-    select_windows,
     write_report,
 )
 from .search.select import check_budget
@@ -229,20 +226,7 @@ def search_dense_model(
         the ``SearchResult``; its report gains ``timing`` (wall and process CPU seconds).
     """
     wall, cpu = time.perf_counter(), time.process_time()
-    sp = getattr(dit.attention, "sp", None)
-    if sp is None:
-        result = search_windows(dit, calibration, cfg, progress=progress, metadata=metadata)
-    else:  # each rank scores its heads; the tables are gathered over heads
-        heads = sp.heads(dit.num_heads)
-        measured = evaluate_candidates(
-            dit, calibration, cfg, heads=list(range(heads.start, heads.stop)), progress=progress
-        )
-        measured = dataclasses.replace(
-            measured,
-            errors={m: gather_along(e, 2, sp.group) for m, e in measured.errors.items()},
-            heads=list(range(dit.num_heads)),
-        )
-        result = select_windows(measured, cfg, metadata=metadata)
+    result = search_windows(dit, calibration, cfg, progress=progress, metadata=metadata)
     result.report["timing"] = {
         "wall_s": round(time.perf_counter() - wall, 3),
         "cpu_s": round(time.process_time() - cpu, 3),
@@ -344,12 +328,7 @@ def run(job: SearchJobConfig, default_run_dir: Path) -> None:
         sequence_split(dit, dims)
     except ValueError as err:
         config_error(err)
-    lcfg = job.logging
-    tracker = build_tracker(
-        lcfg.backend, is_main=main, directory=run_dir, config=resolved_dict(job),  # type: ignore[arg-type]
-        project=lcfg.project, entity=lcfg.entity, name=lcfg.name, group=lcfg.group,
-        tags=lcfg.tags, mode=lcfg.mode,
-    )  # fmt: skip
+    tracker = build_tracker(job.logging, is_main=main, directory=run_dir, config=resolved_dict(job))
     metadata = {
         "model": job.model.flavor,
         "model_path": job.model.path,
@@ -365,7 +344,7 @@ def run(job: SearchJobConfig, default_run_dir: Path) -> None:
                 flush=True,
             )
         result = search_dense_model(
-            dit, calibration, cfg, progress=lcfg.progress and main, metadata=metadata
+            dit, calibration, cfg, progress=job.logging.progress and main, metadata=metadata
         )
         if main:
             paths = write_report(result, run_dir)

@@ -13,7 +13,10 @@ import os
 import secrets
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .config import LoggingConfig
 
 
 class NullTracker:
@@ -200,25 +203,20 @@ def _has_wandb_key() -> bool:
 
 
 def build_tracker(
-    backend: str,
+    settings: LoggingConfig,
     *,
     is_main: bool,
     directory: Path,
     config: dict[str, Any],
-    project: str,
-    entity: str | None = None,
-    name: str | None = None,
-    group: str | None = None,
-    tags: list[str] | None = None,
-    mode: str = "auto",
     resume: bool = False,
 ) -> NullTracker | JsonlTracker:
-    """The tracker of this process.
+    """The tracker of this process, as the ``logging`` group (``settings``) asks.
 
-    Rank 0 writes ``<directory>/metrics.jsonl`` and, with ``backend="wandb"``, a wandb run
-    under ``<directory>/wandb`` (``resume``: the run this directory logged to before, so a
+    Rank 0 writes ``<directory>/metrics.jsonl`` and, with ``settings.backend="wandb"``, a wandb
+    run under ``<directory>/wandb`` (``resume``: the run this directory logged to before, so a
     resumed training run keeps one wandb run); other ranks get a NullTracker.
     """
+    backend = settings.backend
     if not is_main:
         return NullTracker()
     if backend not in ("wandb", "none"):
@@ -226,12 +224,12 @@ def build_tracker(
     if backend == "none":
         return JsonlTracker(directory / "metrics.jsonl", NullTracker())
     inner = WandbTracker(
-        project=project,
-        entity=entity,
-        name=name,
-        group=group,
-        tags=tags or [],
-        mode=mode,
+        project=settings.project,
+        entity=settings.entity,
+        name=settings.name,
+        group=settings.group,
+        tags=list(settings.tags or []),
+        mode=settings.mode,
         directory=directory,
         config=config,
         resume=resume,

@@ -398,12 +398,9 @@ class Trainer:
         return result
 
     def _tracker(self) -> Any:
-        lcfg = self.job.logging
         return build_tracker(
-            lcfg.backend, is_main=self.dims.is_main, directory=self.run_dir,
-            config=resolved_dict(self.job), project=lcfg.project, entity=lcfg.entity,
-            name=lcfg.name, group=lcfg.group, tags=lcfg.tags, mode=lcfg.mode,
-            resume=self.step > 0,
+            self.job.logging, is_main=self.dims.is_main, directory=self.run_dir,
+            config=resolved_dict(self.job), resume=self.step > 0,
         )  # fmt: skip
 
     def _validate(self, tracker: Any, result: TrainResult) -> dict[str, float]:

@@ -17,6 +17,7 @@ from sta_kernels import num_tiles
 
 from ..models.dit import VideoDiT
 from ..models.strategy import MaskStrategy
+from ..parallel.sequence import gather_along
 from .config import SearchConfig
 from .evaluate import CandidateErrors, evaluate_candidates
 from .report import build_report
@@ -152,8 +153,24 @@ def search_windows(
         cfg: the search settings.
         progress: show a progress bar over the denoising steps.
         metadata: extra facts stored in the strategy's metadata (e.g. the model flavor).
+    Under sequence parallelism (``dit.attention.sp`` set by ``parallel.sequence_split``) each
+    rank scores its own heads on the whole sequence and the error tables are gathered over
+    heads, so every rank selects the same windows.
+
     Returns:
         the ``SearchResult``; ``write_report(result, out_dir)`` writes it.
     """
-    measured = evaluate_candidates(dit, calibration, cfg, progress=progress)
+    sp = getattr(dit.attention, "sp", None)
+    if sp is None:
+        measured = evaluate_candidates(dit, calibration, cfg, progress=progress)
+    else:
+        heads = sp.heads(dit.num_heads)
+        measured = evaluate_candidates(
+            dit, calibration, cfg, heads=list(range(heads.start, heads.stop)), progress=progress
+        )
+        measured = dataclasses.replace(
+            measured,
+            errors={m: gather_along(e, 2, sp.group) for m, e in measured.errors.items()},
+            heads=list(range(dit.num_heads)),
+        )
     return select_windows(measured, cfg, metadata=metadata)

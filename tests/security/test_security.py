@@ -53,26 +53,26 @@ def _job(data_root: Path, *overrides: str):
     ])  # fmt: skip
 
 
-def test_a_pickled_state_file_in_a_checkpoint_is_refused_and_never_run(data_root, tmp_path):
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        # a legacy pickle in a checkpoint is refused by name, never loaded
+        ("trainer.pt", r"trainer\.pt.*never unpickles"),
+        # the JSON + safetensors state files cannot carry code: a pickle in their place is
+        # rejected as what it is (not JSON)
+        ("rank_00000.json", "rank_00000.json is not valid JSON"),
+    ],
+    ids=["pickled-trainer-state", "tampered-json-state"],
+)
+def test_a_pickle_planted_in_a_checkpoint_is_refused_and_never_run(
+    name, message, data_root, tmp_path
+):
     run = tmp_path / "run"
     Trainer(_job(data_root, "train.steps=1"), run).fit()
     path = ckpt.latest_checkpoint(run / "checkpoints")
     marker = tmp_path / "pwned"
-    _malicious_pickle(path / "trainer.pt", marker)
-    with pytest.raises(ValueError, match=r"trainer\.pt.*never unpickles"):
-        Trainer(_job(data_root), run)
-    assert not marker.exists()
-
-
-def test_a_tampered_state_file_is_not_executed(data_root, tmp_path):
-    # the JSON + safetensors state files cannot carry code: a pickle in their place is
-    # rejected as what it is (not JSON), and nothing runs
-    run = tmp_path / "run"
-    Trainer(_job(data_root, "train.steps=1"), run).fit()
-    path = ckpt.latest_checkpoint(run / "checkpoints")
-    marker = tmp_path / "pwned"
-    _malicious_pickle(path / "rank_00000.json", marker)
-    with pytest.raises(ValueError, match="rank_00000.json is not valid JSON"):
+    _malicious_pickle(path / name, marker)
+    with pytest.raises(ValueError, match=message):
         Trainer(_job(data_root), run)
     assert not marker.exists()
 
