@@ -69,7 +69,9 @@ SHAPES = {
 V5 = KernelConfig(fwd_tma=False, dq_tma=False, fused_dq=False, fused_dq_tma=False)
 
 VARIANTS = {
-    "default": KernelConfig(),
+    # what a call without a config runs: default_config(device, partial tiles or not)
+    "default": None,
+    "full_fused": KernelConfig(),
     "v5": V5,
     "fwd_n64": replace(V5, fwd_block_n=64),
     "dkdv_s2": replace(V5, bwd_stages=2),
@@ -145,6 +147,20 @@ VARIANTS = {
                                 fused_dq_tma=True, bwd_early_dp=False),
     "fused_rtma_m32": replace(V5, fwd_tma=True, fused_dq=True, fused_dq_tma=True,
                               bwd_block_m=32),
+    # v10 sweep (partial tiles): v9 = per-token index math and pointer gathers at partial
+    # tiles (the default before hoisted addressing and TMA reached them)
+    "v9": KernelConfig(frames_partial=False),
+    "p_dkdv_tma": KernelConfig(bwd_tma=True),
+    "p_dkdv_s2": KernelConfig(bwd_stages=2),
+    "p_dkdv_s4": KernelConfig(bwd_stages=4),
+    "p_two_kernel": KernelConfig(fused_dq=False),
+    "p_fused_ptr": KernelConfig(fused_dq_tma=False),
+    "p_fused_ptr_s2": KernelConfig(fused_dq_tma=False, bwd_stages=2),
+    "p_two_dq_edp": KernelConfig(fused_dq=False, dq_early_dp=True),
+    "p_two_dkdv_s2": KernelConfig(fused_dq=False, bwd_stages=2),
+    "p_two_dq_prescale": KernelConfig(fused_dq=False, dq_prescale=True, dq_early_dp=True),
+    "p_two_s2_dq_edp": KernelConfig(fused_dq=False, bwd_stages=2, dq_early_dp=True),
+    "p_two_s2_dq_s3": KernelConfig(fused_dq=False, bwd_stages=2, dq_block_n=64, dq_stages=3),
 }
 
 
@@ -359,7 +375,7 @@ def main() -> None:
                                     for n in ("o", "dq", "dk", "dv")))
     variants = {n: VARIANTS[n] for n in args.variants.split(",")}
     if "default" not in variants:
-        variants = {"default": KernelConfig(), **variants}
+        variants = {"default": None, **variants}
     results = []
     for name in args.shapes.split(","):
         shape = SHAPES[name]
@@ -371,7 +387,8 @@ def main() -> None:
     md = table(results)
     with open(os.path.join(args.out, "attention.json"), "w") as f:
         json.dump(dict(meta=meta, checks=checks, results=results,
-                       variants={n: asdict(c) for n, c in variants.items()}), f, indent=1)
+                       variants={n: asdict(c) if c else "default_config(device, partial)"
+                                 for n, c in variants.items()}), f, indent=1)
     with open(os.path.join(args.out, "attention.md"), "w") as f:
         f.write(f"{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, "
                 f"{meta['date']}; bf16, B=1, D=128, text_len=0; median of do_bench.\n\n{md}\n")

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
-from .geometry import as_triple, normalize_window
+from .geometry import as_triple, covering_heads, normalize_window
 from .reference import sta_reference_op, text_lengths
 from .support import TRITON_DTYPES, TRITON_HEAD_DIMS
 
@@ -26,6 +27,19 @@ def resolve_backend(q: torch.Tensor, backend: str = "auto") -> str:
     if q.dtype in TRITON_DTYPES and q.shape[-1] in TRITON_HEAD_DIMS:
         return "triton"
     return "flex" if q.dtype in (*TRITON_DTYPES, torch.float32) else "reference"
+
+
+def runs_dense(
+    windows: torch.Tensor, canvas: Sequence[int], tile: Sequence[int],
+    lengths: torch.Tensor, num_text: int,
+) -> bool:
+    """Whether a call is plain dense attention: every head's (H, 3) window covers the tile
+    grid and no text slot is padding (``lengths`` (B,) all ``num_text``).
+
+    ``backend="auto"`` runs such a call on CUDA as SDPA (cuDNN / flash), which is faster
+    there than any sparse kernel (benchmarks/results/attention.md, full windows).
+    """
+    return bool(covering_heads(windows, canvas, tile).all()) and bool((lengths == num_text).all())
 
 
 def forward_ops() -> tuple[torch._ops.OpOverload, ...]:
@@ -68,7 +82,8 @@ def sliding_tile_attention(
         text_len: valid text tokens, an int or a (B,) tensor; 0 for video-only models.
         scale: softmax scale, default D ** -0.5.
         backend: "auto" (see ``resolve_backend``: triton on CUDA for bf16/fp16, reference
-            off CUDA), "triton", "flex" or "reference".
+            off CUDA; on CUDA a call that is dense attention, see ``runs_dense``, runs
+            SDPA), "triton", "flex" or "reference".
     Returns:
         o: (B, S, H, D) in q's dtype; rows of padding text queries are 0.
     """
@@ -97,6 +112,13 @@ def sliding_tile_attention(
             "pass text_len for joint attention"
         )
     scale = head_dim**-0.5 if scale is None else float(scale)
+    dense = (
+        backend == "auto" and q.is_cuda and not torch.compiler.is_compiling()
+        and runs_dense(windows, canvas, tile, lengths, seq - num_video)
+    )  # fmt: skip
+    if dense:  # (the window values are not specialised on under torch.compile: kernel there)
+        qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # (B, H, S, D)
+        return F.scaled_dot_product_attention(qt, kt, vt, scale=scale).transpose(1, 2)
     backend = resolve_backend(q, backend)
     if backend == "reference":
         return sta_reference_op(q, k, v, canvas, tile, windows, lengths, scale)

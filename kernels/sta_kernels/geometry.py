@@ -53,6 +53,14 @@ def num_tiles(canvas: Sequence[int], tile: Sequence[int]) -> Triple:
     return tuple(math.ceil(c / t) for c, t in zip(canvas, tile, strict=True))  # type: ignore[return-value]
 
 
+def covering_heads(
+    window: torch.Tensor, canvas: Sequence[int], tile: Sequence[int]
+) -> torch.Tensor:
+    """(H,) bool: heads whose (H, 3) window spans the whole tile grid on every axis (dense
+    attention over the video)."""
+    return (window >= torch.tensor(num_tiles(canvas, tile))).all(dim=1)
+
+
 def window_start(qi: torch.Tensor, n: int, w: torch.Tensor) -> torch.Tensor:
     """First key tile of the window of query tile ``qi`` on an axis of ``n`` tiles.
 

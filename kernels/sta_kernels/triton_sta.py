@@ -4,9 +4,11 @@ Layout and addressing
     q, k, v, o are (B, S, H, D) with video tokens in raster (t, h, w) order. No tile-order
     copy is made: a program's block of BLOCK tokens is a slice of one tile's local index
     space (``local = lt*TH*TW + lh*TW + lw``), turned into raster token indices in-kernel,
-    so every row load is one D-contiguous segment wherever the token sits. With full
-    tiles, a block of whole (TH, TW) frames is instead one box of a TMA descriptor of the
-    (B, CT, CH, CW, H * D) view (``KernelConfig.*_tma``).
+    so every row load is one D-contiguous segment wherever the token sits. A block of
+    whole (TH, TW) frames is its first token plus loop-invariant offsets, or one box of a
+    TMA descriptor of the (B, CT, CH, CW, H * D) view (``KernelConfig.*_tma``); at partial
+    tiles its rows past the canvas are masked by their (t, h, w), and TMA reads them as
+    zeros and drops them from a reduce.
 
 Programs (grid = (blocks, B*H), one launch for every batch element, head and window)
     forward / dq: one program per query block. Video query blocks loop over the
@@ -18,8 +20,9 @@ Programs (grid = (blocks, B*H), one launch for every batch element, head and win
         way, then the valid text queries. Text key blocks are attended by every query.
         By default (``fused_dq``) it also adds each block pair's dq = ds k into an fp32
         buffer with atomics, and the dq kernel does not run; a delta = rowsum(o * do)
-        kernel runs before it and a scale-and-cast kernel after it. Blocks made only of
-        padding (the tail of a partial tile on t) run no iterations.
+        kernel runs before it and a scale-and-cast kernel after it. At partial tiles the
+        two-kernel schedule is the default (``PARTIAL_TILES``). Blocks made only of padding
+        (the tail of a partial tile on t) run no programs and no loop iterations.
 
 Softmax runs in fp32 with exp2; the forward saves the log2-domain log-sum-exp (B, H, S).
 """
@@ -74,7 +77,7 @@ class KernelConfig:
     bwd_early_dp: bool = True
     dq_early_dp: bool = False
     # TMA (tensor-descriptor) loads of the inner loop's gathered blocks where a block is
-    # whole tile frames (full tiles): k/v in the forward and dq kernels, q/do in dk/dv
+    # whole tile frames: k/v in the forward and dq kernels, q/do in dk/dv
     fwd_tma: bool = True
     dq_tma: bool = True
     bwd_tma: bool = False  # more register spills in dk/dv: slower
@@ -84,6 +87,9 @@ class KernelConfig:
     # schedule runs instead (see default_config).
     fused_dq: bool = True
     fused_dq_tma: bool = True  # fused_dq: TMA reduce-add of dq for blocks of whole frames
+    # blocks of whole frames keep their hoisted addressing and TMA at partial tiles, with
+    # validity from the block's coordinates (else: per-token index math, pointer gathers)
+    frames_partial: bool = True
 
 
 # Small blocks keep the interpreter (CPU) fast; tl.dot needs every dimension >= 16.
@@ -187,15 +193,45 @@ def _head_window(WIN, h, NT, NH, NW):
 
 
 @_device_fn
-def _box_tile(j, first_t, first_h, first_w, cnt_h, cnt_w, NH, NW, SUBS: tl.constexpr):
+def _box_trips(first_t, cnt_t, cnt_hw, CT, TT: tl.constexpr, TH: tl.constexpr,
+               TW: tl.constexpr, BLOCK: tl.constexpr, SUBS: tl.constexpr, EVEN: tl.constexpr):
+    """Iterations of a loop over a box of tiles (``cnt_t`` on t from ``first_t``, ``cnt_hw``
+    on h and w), SUBS blocks each, without the blocks that lie past the last frame.
+
+    Only the canvas's last tile on t can end in such blocks (a partial tile on t), and the
+    loop order of ``_box_split`` puts them last: the live iterations are a prefix.
+    """
+    if EVEN:
+        return cnt_t * SUBS * cnt_hw
+    last_t = first_t + cnt_t - 1
+    frames = tl.minimum(CT - last_t * TT, TT)  # frames of the box's last tile on the canvas
+    live_subs = (frames * (TH * TW) + BLOCK - 1) // BLOCK
+    return ((cnt_t - 1) * SUBS + live_subs) * cnt_hw
+
+
+@_device_fn
+def _box_split(j, cnt_h, cnt_w, SUBS: tl.constexpr, EVEN: tl.constexpr):
+    """Iteration ``j`` of a loop over a box of tiles, SUBS blocks each, as (dt, sub, dh, dw).
+
+    Full tiles: a tile's blocks one after another (the order the fused dq's reduce-adds
+    were tuned with). Partial tiles: t tile, then block, then h and w, so that the blocks
+    of a partial tile on t that lie past the canvas come last (see ``_box_trips``).
+    """
+    if EVEN:
+        sub = j % SUBS
+        cell = j // SUBS
+        return cell // (cnt_w * cnt_h), sub, (cell // cnt_w) % cnt_h, cell % cnt_w
+    cell = j % (cnt_h * cnt_w)
+    tsub = j // (cnt_h * cnt_w)
+    return tsub // SUBS, tsub % SUBS, cell // cnt_w, cell % cnt_w
+
+
+@_device_fn
+def _box_tile(j, first_t, first_h, first_w, cnt_h, cnt_w, NH, NW, SUBS: tl.constexpr,
+              EVEN: tl.constexpr):
     """Iteration ``j`` of a loop over a box of tiles, SUBS blocks each: (tile, sub)."""
-    sub = j % SUBS
-    cell = j // SUBS
-    dw = cell % cnt_w
-    dh = (cell // cnt_w) % cnt_h
-    dt = cell // (cnt_w * cnt_h)
-    tile = ((first_t + dt) * NH + first_h + dh) * NW + first_w + dw
-    return tile, sub
+    dt, sub, dh, dw = _box_split(j, cnt_h, cnt_w, SUBS, EVEN)
+    return ((first_t + dt) * NH + first_h + dh) * NW + first_w + dw, sub
 
 
 @_device_fn
@@ -216,34 +252,28 @@ def _frame_rows(offs, CH, CW, TH: tl.constexpr, TW: tl.constexpr):
 def _box_coords(
     j, first_t, first_h, first_w, cnt_h, cnt_w,
     TT: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, SUBS: tl.constexpr,
-    FRAMES: tl.constexpr,
+    FRAMES: tl.constexpr, EVEN: tl.constexpr,
 ):
     """(t, h, w) of the first token of iteration ``j`` of a tile-box loop of whole frames.
 
-    With full tiles and blocks of ``FRAMES`` whole (th, tw) frames, block ``sub`` of a tile
-    starts ``sub * FRAMES`` frames into it.
+    With blocks of ``FRAMES`` whole (th, tw) frames, block ``sub`` of a tile starts
+    ``sub * FRAMES`` frames into it; the loop order is that of ``_box_split``.
     """
-    sub = j % SUBS
-    cell = j // SUBS
-    dw = cell % cnt_w
-    dh = (cell // cnt_w) % cnt_h
-    dt = cell // (cnt_w * cnt_h)
+    dt, sub, dh, dw = _box_split(j, cnt_h, cnt_w, SUBS, EVEN)
     return (first_t + dt) * TT + sub * FRAMES, (first_h + dh) * TH, (first_w + dw) * TW
 
 
 @_device_fn
-def _box_start(
-    j, first_t, first_h, first_w, cnt_h, cnt_w, CH, CW,
-    TT: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, SUBS: tl.constexpr,
-    FRAMES: tl.constexpr,
-):
-    """First raster token of iteration ``j`` of a tile-box loop whose blocks are whole frames.
+def _frame_local(offs, TH: tl.constexpr, TW: tl.constexpr):
+    """(t, h, w) of each row of a block of whole tile frames, relative to its first token."""
+    return offs // (TH * TW), (offs // TW) % TH, offs % TW
 
-    A block's tokens are then its first token plus loop-invariant offsets (``_frame_rows``),
-    so the loop body needs one scalar here instead of per-token index arithmetic.
-    """
-    t, h, w = _box_coords(j, first_t, first_h, first_w, cnt_h, cnt_w, TT, TH, TW, SUBS, FRAMES)
-    return (t * CH + h) * CW + w
+
+@_device_fn
+def _frame_valid(t, h, w, loc_t, loc_h, loc_w, CT, CH, CW):
+    """Validity (N,) of the rows of a block of whole frames starting at token (t, h, w):
+    rows of a partial tile past the canvas on any axis are padding."""
+    return (loc_t < CT - t) & (loc_h < CH - h) & (loc_w < CW - w)
 
 
 @_device_fn
@@ -355,8 +385,8 @@ def _query_rows(Q, DO, Out, LSE, q_off, q_tok, q_valid, MASKED: tl.constexpr):
 
 @_device_fn
 def _window_keys(
-    j, K, V, KD, VD, b, h, first_t, first_h, first_w, wh, ww, kv_inv, offs_n, offs_d,
-    stride_s, CT, CH, CW, NH, NW,
+    j, K, V, KD, VD, b, h, first_t, first_h, first_w, wh, ww, kv_inv, loc_t, loc_h, loc_w,
+    offs_n, offs_d, stride_s, CT, CH, CW, NH, NW,
     TT: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr, K_SUBS: tl.constexpr, EVEN: tl.constexpr, WIDE: tl.constexpr,
     HOIST: tl.constexpr, TMA: tl.constexpr,
@@ -364,29 +394,32 @@ def _window_keys(
     """Key and value rows (BLOCK_N, D), zero where invalid, and their validity (BLOCK_N,)
     for iteration ``j`` of a query block's loop over its window of key tiles.
 
-    Through TMA (``TMA``), from the first token plus the loop-invariant offsets ``kv_inv``
-    (``HOIST``: blocks of whole frames of full tiles), or per token (partial tiles).
+    With ``HOIST`` (blocks of whole frames) a block is its first token plus loop-invariant
+    offsets (``kv_inv``; ``loc_*``: each row's place in the block, for validity at partial
+    tiles), loaded through TMA (``TMA``: out-of-canvas rows read as zeros) or with pointers;
+    else every token's index is computed.
     """
     k_valid = offs_n < BLOCK_N
-    if TMA:
+    if HOIST:
         kt, kh, kw = _box_coords(
             j, first_t, first_h, first_w, wh, ww, TT, TH, TW, K_SUBS, BLOCK_N // (TH * TW),
+            EVEN,
         )
-        k = _tma_rows(KD, b, kt, kh, kw, h, BLOCK_N, HEAD_DIM)
-        v = _tma_rows(VD, b, kt, kh, kw, h, BLOCK_N, HEAD_DIM)
-    else:
-        if HOIST:
-            k_start = _box_start(
-                j, first_t, first_h, first_w, wh, ww, CH, CW, TT, TH, TW, K_SUBS,
-                BLOCK_N // (TH * TW),
-            )
-            kv_off = _widen(k_start, WIDE) * stride_s + kv_inv
+        if not EVEN:
+            k_valid = _frame_valid(kt, kh, kw, loc_t, loc_h, loc_w, CT, CH, CW)
+        if TMA:
+            k = _tma_rows(KD, b, kt, kh, kw, h, BLOCK_N, HEAD_DIM)
+            v = _tma_rows(VD, b, kt, kh, kw, h, BLOCK_N, HEAD_DIM)
         else:
-            k_tile, k_sub = _box_tile(j, first_t, first_h, first_w, wh, ww, NH, NW, K_SUBS)
-            k_tok, k_valid = _tile_tokens(
-                k_tile, k_sub, offs_n, CT, CH, CW, NH, NW, TT, TH, TW, BLOCK_N, WIDE,
-            )
-            kv_off = k_tok[:, None] * stride_s + offs_d[None, :]  # (BLOCK_N, D)
+            kv_off = _widen((kt * CH + kh) * CW + kw, WIDE) * stride_s + kv_inv
+            k = _load_rows(K, kv_off, k_valid, not EVEN)
+            v = _load_rows(V, kv_off, k_valid, not EVEN)
+    else:
+        k_tile, k_sub = _box_tile(j, first_t, first_h, first_w, wh, ww, NH, NW, K_SUBS, EVEN)
+        k_tok, k_valid = _tile_tokens(
+            k_tile, k_sub, offs_n, CT, CH, CW, NH, NW, TT, TH, TW, BLOCK_N, WIDE,
+        )
+        kv_off = k_tok[:, None] * stride_s + offs_d[None, :]  # (BLOCK_N, D)
         k = _load_rows(K, kv_off, k_valid, not EVEN)
         v = _load_rows(V, kv_off, k_valid, not EVEN)
     return k, v, k_valid
@@ -447,12 +480,14 @@ def _sta_fwd_kernel(
         q = _load_rows(Q, q_off, q_valid, not EVEN)
         wt, wh, ww, first_t, first_h, first_w = _query_window(q_tile, WIN, h, NT, NH, NW)
         _, kv_inv = _frame_offsets(offs_n, offs_d, stride_s, CH, CW, TH, TW, HOIST)
+        loc_t, loc_h, loc_w = _frame_local(offs_n, TH, TW)
         live = _live(q_tile, q_sub, CT, NH, NW, TT, TH, TW, BLOCK_M, EVEN)
-        for j in range(0, wt * wh * ww * K_SUBS * live):
+        trips = _box_trips(first_t, wt, wh * ww, CT, TT, TH, TW, BLOCK_N, K_SUBS, EVEN)
+        for j in range(0, trips * live):
             k, v, k_valid = _window_keys(
-                j, K, V, KD, VD, b, h, first_t, first_h, first_w, wh, ww, kv_inv, offs_n,
-                offs_d, stride_s, CT, CH, CW, NH, NW, TT, TH, TW, HEAD_DIM, BLOCK_N, K_SUBS,
-                EVEN, WIDE, HOIST, TMA,
+                j, K, V, KD, VD, b, h, first_t, first_h, first_w, wh, ww, kv_inv, loc_t,
+                loc_h, loc_w, offs_n, offs_d, stride_s, CT, CH, CW, NH, NW, TT, TH, TW,
+                HEAD_DIM, BLOCK_N, K_SUBS, EVEN, WIDE, HOIST, TMA,
             )
             m_i, l_i, acc = _fwd_block(
                 q, m_i, l_i, acc, k, v, k_valid, scale_log2, not EVEN, DOT_F32,
@@ -606,27 +641,31 @@ def _sta_dkdv_kernel(
         first_h, cnt_h = _axis_queries((k_tile // NW) % NH, NH, wh)
         first_w, cnt_w = _axis_queries(k_tile % NW, NW, ww)
         q_rows, q_inv = _frame_offsets(offs_m, offs_d, stride_s, CH, CW, TH, TW, HOIST)
+        loc_t, loc_h, loc_w = _frame_local(offs_m, TH, TW)
         live = _live(k_tile, k_sub, CT, NH, NW, TT, TH, TW, BLOCK_N, EVEN)
-        for j in tl.range(0, cnt_t * cnt_h * cnt_w * Q_SUBS * live, warp_specialize=WS):
+        trips = _box_trips(first_t, cnt_t, cnt_h * cnt_w, CT, TT, TH, TW, BLOCK_M, Q_SUBS, EVEN)
+        for j in tl.range(0, trips * live, warp_specialize=WS):
             q_valid = offs_m < BLOCK_M
             if HOIST:
                 qt, qh, qw = _box_coords(
                     j, first_t, first_h, first_w, cnt_h, cnt_w, TT, TH, TW, Q_SUBS,
-                    BLOCK_M // (TH * TW),
+                    BLOCK_M // (TH * TW), EVEN,
                 )
+                if not EVEN:
+                    q_valid = _frame_valid(qt, qh, qw, loc_t, loc_h, loc_w, CT, CH, CW)
                 q_start = _widen((qt * CH + qh) * CW + qw, WIDE)
                 q_tok = q_start + q_rows
-                if TMA:
+                if TMA:  # rows past the canvas read as zeros
                     q = _tma_rows(QD, b, qt, qh, qw, h, BLOCK_M, HEAD_DIM)
                     do = _tma_rows(DOD, b, qt, qh, qw, h, BLOCK_M, HEAD_DIM)
                     q_off = q_tok[:, None] * stride_s + offs_d[None, :]  # for pointer atomics
                 else:
                     q_off = q_start * stride_s + q_inv
-                    q = _load_rows(Q, q_off, q_valid, False)
-                    do = _load_rows(DO, q_off, q_valid, False)
+                    q = _load_rows(Q, q_off, q_valid, not EVEN)
+                    do = _load_rows(DO, q_off, q_valid, not EVEN)
             else:
                 q_tile, q_sub = _box_tile(
-                    j, first_t, first_h, first_w, cnt_h, cnt_w, NH, NW, Q_SUBS
+                    j, first_t, first_h, first_w, cnt_h, cnt_w, NH, NW, Q_SUBS, EVEN,
                 )
                 q_tok, q_valid = _tile_tokens(
                     q_tile, q_sub, offs_m, CT, CH, CW, NH, NW, TT, TH, TW, BLOCK_M, WIDE,
@@ -776,12 +815,14 @@ def _sta_dq_kernel(
         q = _prescale(q, scale_log2, PRESCALE)
         wt, wh, ww, first_t, first_h, first_w = _query_window(q_tile, WIN, h, NT, NH, NW)
         _, kv_inv = _frame_offsets(offs_n, offs_d, stride_s, CH, CW, TH, TW, HOIST)
+        loc_t, loc_h, loc_w = _frame_local(offs_n, TH, TW)
         live = _live(q_tile, q_sub, CT, NH, NW, TT, TH, TW, BLOCK_M, EVEN)
-        for j in tl.range(0, wt * wh * ww * K_SUBS * live, warp_specialize=WS):
+        trips = _box_trips(first_t, wt, wh * ww, CT, TT, TH, TW, BLOCK_N, K_SUBS, EVEN)
+        for j in tl.range(0, trips * live, warp_specialize=WS):
             k, v, k_valid = _window_keys(
-                j, K, V, KD, VD, b, h, first_t, first_h, first_w, wh, ww, kv_inv, offs_n,
-                offs_d, stride_s, CT, CH, CW, NH, NW, TT, TH, TW, HEAD_DIM, BLOCK_N, K_SUBS,
-                EVEN, WIDE, HOIST, TMA,
+                j, K, V, KD, VD, b, h, first_t, first_h, first_w, wh, ww, kv_inv, loc_t,
+                loc_h, loc_w, offs_n, offs_d, stride_s, CT, CH, CW, NH, NW, TT, TH, TW,
+                HEAD_DIM, BLOCK_N, K_SUBS, EVEN, WIDE, HOIST, TMA,
             )
             dq = _dq_block(
                 q, do, lse, delta, dq, k, v, k_valid, scale_log2, not EVEN, DOT_F32,
@@ -845,13 +886,22 @@ def check_inputs(q: torch.Tensor) -> None:
         )
 
 
-def default_config(device: torch.device) -> KernelConfig:
-    """The launch configuration for ``device`` (small blocks under the interpreter).
+# At partial tiles (a canvas the tile does not divide) the two-kernel backward with a
+# 2-stage dk/dv pipeline beat the fused dq: Wan 480p (3,3,3) 55.2 ms against 70.1 (H200,
+# benchmarks/NOTES.md, v10); with full tiles the fused dq wins (HunyuanVideo 720p).
+PARTIAL_TILES = dict(fused_dq=False, bwd_stages=2)
+
+
+def default_config(device: torch.device, partial: bool = False) -> KernelConfig:
+    """The launch configuration for ``device`` (small blocks under the interpreter) and a
+    canvas with (``partial``) or without partial tiles.
 
     With ``torch.use_deterministic_algorithms(True)`` the backward uses its deterministic
     two-kernel schedule (no atomics), bitwise reproducible from run to run.
     """
     config = INTERPRETER_CONFIG if device.type != "cuda" else KernelConfig()
+    if partial and device.type == "cuda":
+        config = replace(config, **PARTIAL_TILES)
     if torch.are_deterministic_algorithms_enabled():
         config = replace(config, fused_dq=False)
     return config
@@ -869,6 +919,8 @@ class _Geometry:
         self.seq_len = seq_len
         self.num_video = self.canvas[0] * self.canvas[1] * self.canvas[2]
         self.num_text = seq_len - self.num_video
+        # a tile that does not divide the canvas on some axis: partial tiles at its end
+        self.partial = any(c % t for c, t in zip(self.canvas, self.tile, strict=True))
 
     def subs(self, block: int) -> int:
         return math.ceil(self.tile_tokens / block)
@@ -878,9 +930,14 @@ class _Geometry:
         aligned = all(c % t == 0 for c, t in zip(self.canvas, self.tile, strict=True))
         return aligned and all(self.tile_tokens % b == 0 for b in blocks)
 
-    def hoist(self, inner: int, *blocks: int) -> bool:
-        """Masks compiled out and the inner-loop block made of whole tile frames."""
-        return self.even(*blocks) and inner % (self.tile[1] * self.tile[2]) == 0
+    def hoist(self, inner: int, *blocks: int, partial: bool = True) -> bool:
+        """Blocks that divide the tile and an inner-loop block of whole tile frames: its
+        tokens are its first token plus loop-invariant offsets; at partial tiles too
+        unless ``partial`` is false."""
+        tiled = all(self.tile_tokens % b == 0 for b in blocks)
+        if not partial:
+            tiled = self.even(*blocks)
+        return tiled and inner % (self.tile[1] * self.tile[2]) == 0
 
     def descriptor(self, x: torch.Tensor, block: int, use: bool):
         """A TMA descriptor of ``x``'s video tokens in blocks of ``block`` whole frames.
@@ -903,8 +960,10 @@ class _Geometry:
         )
 
     def wide(self, x: torch.Tensor) -> bool:
-        """Whether token offsets within one (batch, head) need 64-bit integers."""
-        return self.seq_len * x.stride(1) >= 2**31
+        """Whether token offsets within one (batch, head) need 64-bit integers: those of
+        padding rows (masked, never accessed) included, which may lie past the sequence."""
+        padded = math.prod(n * t for n, t in zip(self.n, self.tile, strict=True))
+        return (max(self.seq_len, padded + self.num_text)) * x.stride(1) >= 2**31
 
     def args(self) -> tuple[int, ...]:
         return (*self.canvas, *self.n)
@@ -959,15 +1018,16 @@ def sta_triton_forward(
     Returns:
         o: (B, S, H, D); lse: (B, H, S) float32 log2-domain log-sum-exp (0 at padding).
     """
-    cfg = config or default_config(q.device)
     batch, seq, heads, head_dim = q.shape
     geo = _Geometry(seq, canvas, tile)
+    cfg = config or default_config(q.device, geo.partial)
     o = torch.empty_like(q)
     lse = torch.empty(batch, heads, seq, device=q.device, dtype=torch.float32)
     q_subs = geo.subs(cfg.fwd_block_m)
     video_blocks = geo.num_tiles * q_subs
     grid = (video_blocks + triton.cdiv(geo.num_text, cfg.fwd_block_m), batch * heads)
-    hoist = geo.hoist(cfg.fwd_block_n, cfg.fwd_block_m, cfg.fwd_block_n)
+    hoist = geo.hoist(cfg.fwd_block_n, cfg.fwd_block_m, cfg.fwd_block_n,
+                     partial=cfg.frames_partial)
     tma = _tma_enabled(cfg.fwd_tma, hoist)
     _record("fwd", _sta_fwd_kernel[grid](
         q, k, v, o, lse, windows, text_len,
@@ -1008,11 +1068,11 @@ def sta_triton_backward(
     one part alone: "dq" is the dq kernel (or the delta kernel when fused), "dkdv" the
     dk/dv kernel, which reads ``delta`` (B, H, S).
     """
-    cfg = config or default_config(q.device)
-    if cfg.fused_dq and cfg.bwd_prescale:
-        raise ValueError("KernelConfig: fused_dq needs the unscaled k (bwd_prescale=False)")
     batch, seq, heads, head_dim = q.shape
     geo = _Geometry(seq, canvas, tile)
+    cfg = config or default_config(q.device, geo.partial)
+    if cfg.fused_dq and cfg.bwd_prescale:
+        raise ValueError("KernelConfig: fused_dq needs the unscaled k (bwd_prescale=False)")
     do = do.contiguous()
     if delta is None:
         delta = torch.empty(batch, heads, seq, device=q.device, dtype=torch.float32)  # (B, H, S)
@@ -1046,7 +1106,8 @@ def _launch_dq(cfg, geo, q, k, v, o, do, lse, delta, dq, windows, text_len, scal
     q_subs = geo.subs(cfg.dq_block_m)
     video_blocks = geo.num_tiles * q_subs
     grid = (video_blocks + triton.cdiv(geo.num_text, cfg.dq_block_m), batch * heads)
-    hoist = geo.hoist(cfg.dq_block_n, cfg.dq_block_m, cfg.dq_block_n)
+    hoist = geo.hoist(cfg.dq_block_n, cfg.dq_block_m, cfg.dq_block_n,
+                     partial=cfg.frames_partial)
     tma = _tma_enabled(cfg.dq_tma, hoist)
     _record("dq", _sta_dq_kernel[grid](
         q, k, v, o, do, lse, delta, dq, windows, text_len,
@@ -1069,7 +1130,8 @@ def _launch_dkdv(cfg, geo, q, k, v, do, lse, delta, dk, dv, windows, text_len, s
     k_subs = geo.subs(cfg.bwd_block_n)
     video_blocks = geo.num_tiles * k_subs
     grid = (video_blocks + triton.cdiv(geo.num_text, cfg.bwd_block_n), batch * heads)
-    hoist = geo.hoist(cfg.bwd_block_m, cfg.bwd_block_m, cfg.bwd_block_n)
+    hoist = geo.hoist(cfg.bwd_block_m, cfg.bwd_block_m, cfg.bwd_block_n,
+                     partial=cfg.frames_partial)
     tma = _tma_enabled(cfg.bwd_tma, hoist)
     # (triton's CPU interpreter has no descriptor reduce: pointer atomics there)
     dq_tma = _tma_enabled(cfg.fused_dq_tma, hoist and dq_acc is not None and not is_interpreter())

@@ -27,8 +27,7 @@ from pathlib import Path
 
 import torch
 
-from sta_kernels import num_tiles
-from sta_kernels.geometry import as_triple
+from sta_kernels.geometry import as_triple, covering_heads
 
 Triple = tuple[int, int, int]
 TABLE_VERSION = 1
@@ -182,13 +181,6 @@ def head_density(canvas: Sequence[int], tile: Sequence[int], window: Sequence[in
     return math.prod(
         _axis_density(c, t, int(w)) for c, t, w in zip(canvas, tile, window, strict=True)
     )
-
-
-def covering_heads(
-    window: torch.Tensor, canvas: Sequence[int], tile: Sequence[int]
-) -> torch.Tensor:
-    """(H,) bool: heads whose (H, 3) window spans the whole tile grid on every axis."""
-    return (window >= torch.tensor(num_tiles(canvas, tile))).all(dim=1)
 
 
 def choose_route(

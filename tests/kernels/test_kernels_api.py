@@ -113,3 +113,40 @@ def test_auto_uses_the_reference_off_cuda():
     auto = sliding_tile_attention(q, k, v, window=(1, 2, 1), **GEOMETRY)
     ref = sliding_tile_attention(q, k, v, window=(1, 2, 1), backend="reference", **GEOMETRY)
     assert torch.equal(auto, ref)
+
+
+def test_runs_dense_needs_covering_windows_and_no_text_padding():
+    """``auto`` hands a call to SDPA only when STA is dense attention: every head's window
+    spans the tile grid (2x2x2 tiles here) and no text slot is padding."""
+    from sta_kernels.api import runs_dense
+
+    canvas, tile = (2, 4, 4), (1, 2, 2)
+    full = torch.tensor([[2, 2, 2], [9, 9, 9]])
+    none = torch.zeros(1, dtype=torch.int64)
+    assert runs_dense(full, canvas, tile, none, 0)
+    assert runs_dense(full, canvas, tile, torch.tensor([3, 3]), 3)
+    assert not runs_dense(full, canvas, tile, torch.tensor([3, 1]), 3)  # padded text
+    assert not runs_dense(torch.tensor([[2, 2, 2], [2, 1, 2]]), canvas, tile, none, 0)
+
+
+def test_auto_runs_sdpa_for_a_dense_call(monkeypatch):
+    """On CUDA, ``auto`` at a covering window equals the triton kernel without running it."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA: off CUDA auto resolves to the reference")
+    from sta_kernels import triton_sta
+
+    canvas, tile = (5, 12, 20), (6, 8, 8)  # partial tiles on every axis, 1x2x3 tiles
+    q, k, v = (torch.randn(2, 1200, 2, 64, device="cuda", dtype=torch.bfloat16)
+               for _ in range(3))
+    kernel = sliding_tile_attention(q, k, v, canvas=canvas, tile=tile, window=(1, 2, 3),
+                                    backend="triton")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("auto ran the sparse kernel for a dense call")
+
+    monkeypatch.setattr(triton_sta, "sta_triton", refuse)
+    dense = sliding_tile_attention(q, k, v, canvas=canvas, tile=tile, window=(1, 2, 3))
+    err = ((dense.float() - kernel.float()).norm() / kernel.float().norm()).item()
+    assert err < 1e-2, err
+    with pytest.raises(AssertionError, match="sparse kernel"):  # a sparse window still does
+        sliding_tile_attention(q, k, v, canvas=canvas, tile=tile, window=(1, 1, 3))

@@ -37,6 +37,11 @@ CASES = {
     # 3 tiles on every axis, all partial; even window on h, odd on w (3 of 3 tiles: clamped
     # at both ends); joint text with a different valid length per batch element
     "text_tiles_3x3x3": (2, (5, 5, 7), (2, 2, 3), [[1, 2, 3]], [4, 1], 5, 16, torch.bfloat16),
+    # interpreter blocks of 16 = 2 whole frames of 2x4 (hoisted addressing, TMA loads) at
+    # partial tiles on every axis; the last tile on t has 1 frame: its second block is all
+    # padding and skipped inside the loops
+    "frames_partial": (2, (5, 3, 6), (4, 2, 4), [[1, 1, 1], [2, 2, 2]], [3, 0], 3, 16,
+                       torch.bfloat16),
 }
 # Those two cost ~10x the others in triton's interpreter (about ten seconds each), so off
 # CUDA they run the default schedule (fused dq) only: the dq kernel finds its key tiles with
@@ -63,7 +68,7 @@ def test_triton_matches_reference(name, fused, triton_device, monkeypatch):
     if not fused and name in INTERPRETER_FUSED_ONLY and triton_device.type != "cuda":
         pytest.skip("many tiles: the interpreter runs this case's default schedule only")
     config = replace(ts.default_config(triton_device), fused_dq=fused)
-    monkeypatch.setattr(ts, "default_config", lambda device: config)
+    monkeypatch.setattr(ts, "default_config", lambda device, partial=False: config)
     batch, canvas, tile, window, text, slots, head_dim, dtype = CASES[name]
     window, text = torch.tensor(window), torch.tensor(text)
     q, k, v, do = make_qkv(batch, canvas, slots, window.shape[0], head_dim, dtype, triton_device)
@@ -212,9 +217,11 @@ def test_triton_rejects_unsupported_inputs(dtype, head_dim, match, triton_device
                                backend="triton")
 
 
-def test_triton_tma_loads_match_pointer_loads(triton_device):
+@pytest.mark.parametrize("partial", [False, True], ids=["full_tiles", "partial_tiles"])
+def test_triton_tma_loads_match_pointer_loads(partial, triton_device):
     """The TMA (tensor-descriptor) paths compute what the pointer paths do: loads in the
-    three kernels, and the fused dq's reduce-add; full tiles whose blocks are whole frames,
+    three kernels, and the fused dq's reduce-add; blocks of whole frames, full tiles or
+    partial ones on every axis (TMA reads zeros past the canvas and drops the reduce there),
     per-head windows, padded text."""
     from dataclasses import replace
 
@@ -223,9 +230,9 @@ def test_triton_tma_loads_match_pointer_loads(triton_device):
     if ts.TensorDescriptor is None:
         pytest.skip("this triton has no host-side tensor descriptors")
     if torch.cuda.is_available():  # the tuned blocks: 6x8x8 tiles, blocks of 1-2 frames
-        canvas, tile, head_dim = (12, 16, 24), (6, 8, 8), 128
+        canvas, tile, head_dim = ((11, 13, 21) if partial else (12, 16, 24)), (6, 8, 8), 128
     else:  # tiles of 2 frames of 2x4 tokens; interpreter blocks of 16 tokens = 2 frames
-        canvas, tile, head_dim = (4, 4, 8), (2, 2, 4), 16
+        canvas, tile, head_dim = ((3, 3, 7) if partial else (4, 4, 8)), (2, 2, 4), 16
     slots = 3
     window = torch.tensor([[1, 1, 1], [2, 1, 3]])
     text = torch.tensor([2, 0])
@@ -238,6 +245,8 @@ def test_triton_tma_loads_match_pointer_loads(triton_device):
     # fused dq: TMA reduce-add for the window's blocks, pointer atomics for text queries
     fused = replace(base, fused_dq=True, fused_dq_tma=True)
     geo = ts._Geometry(q.shape[1], canvas, tile)
+    assert geo.hoist(tma.fwd_block_n, tma.fwd_block_m, tma.fwd_block_n)
+    assert geo.even(tma.fwd_block_m, tma.fwd_block_n) is not partial
     assert isinstance(geo.descriptor(k, tma.fwd_block_n, True), ts.TensorDescriptor)
     results = []
     for cfg in (base, tma, fused):
