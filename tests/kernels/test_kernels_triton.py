@@ -244,12 +244,15 @@ def test_triton_tma_loads_match_pointer_loads(partial, triton_device):
     tma = replace(base, fwd_tma=True, dq_tma=True, bwd_tma=True)
     # fused dq: TMA reduce-add for the window's blocks, pointer atomics for text queries
     fused = replace(base, fused_dq=True, fused_dq_tma=True)
+    # the two-kernel schedule with TMA loads in the forward and dq kernels (the default at
+    # partial tiles on CUDA, see PARTIAL_TILES)
+    two = replace(base, fused_dq=False, fwd_tma=True, dq_tma=True)
     geo = ts._Geometry(q.shape[1], canvas, tile)
     assert geo.hoist(tma.fwd_block_n, tma.fwd_block_m, tma.fwd_block_n)
     assert geo.even(tma.fwd_block_m, tma.fwd_block_n) is not partial
     assert isinstance(geo.descriptor(k, tma.fwd_block_n, True), ts.TensorDescriptor)
     results = []
-    for cfg in (base, tma, fused):
+    for cfg in (base, tma, fused, two):
         o, lse = ts.sta_triton_forward(q, k, v, windows, lengths, canvas, tile, scale, cfg)
         grads = ts.sta_triton_backward(do, q, k, v, o, lse, windows, lengths, canvas, tile,
                                        scale, cfg)
