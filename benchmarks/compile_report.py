@@ -33,10 +33,13 @@ from triton.compiler import ASTSource
 
 from sta_kernels import triton_sta as ts
 
-# (canvas, tile, heads, head_dim) of the benchmark shapes (benchmarks/attention.py)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from attention import SHAPES as BENCH_SHAPES  # noqa: E402
+from attention import VARIANTS  # noqa: E402
+
+# (canvas, tile, heads, head_dim): the shapes of benchmarks/attention.py and two small ones
 SHAPES = {
-    "hunyuan": ((30, 48, 80), (6, 8, 8), 24, 128),
-    "wan": ((21, 30, 52), (6, 8, 8), 40, 128),
+    **{name: (s.canvas, s.tile, s.heads, s.head_dim) for name, s in BENCH_SHAPES.items()},
     "tiny": ((6, 16, 16), (6, 8, 8), 2, 64),
     "tiny_partial": ((5, 12, 20), (6, 8, 8), 2, 64),
 }
@@ -116,10 +119,10 @@ def _specialise(launch: Launch) -> tuple[dict, dict, dict, dict]:
     given = dict(zip(kernel.arg_names, launch.args, strict=False))  # the rest: kwargs
     given.update({k: v for k, v in launch.kwargs.items() if k not in options})
     signature, constexprs, attrs = {}, {}, {}
+    declared = {p.num for p in kernel.params if p.is_constexpr}
     for index, name in enumerate(kernel.arg_names):
         value = given[name]
-        is_constexpr = index in {p.num for p in kernel.params if p.is_constexpr}
-        if is_constexpr or (isinstance(value, int) and not isinstance(value, bool)
+        if index in declared or (isinstance(value, int) and not isinstance(value, bool)
                             and value == 1):
             signature[name] = "constexpr"
             constexprs[(index,)] = value
@@ -180,7 +183,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kernels", default="fwd,dq,dkdv",
                         help="which kernels to compile (fwd, dq, dkdv, delta, cast)")
     args = parser.parse_args(argv)
-    from attention import VARIANTS  # the benchmark's named configs (benchmarks/attention.py)
 
     wanted = {f"_sta_{k}_kernel" if k != "cast" else "_scale_cast_kernel"
               for k in args.kernels.split(",")}
@@ -198,5 +200,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     main()

@@ -927,8 +927,7 @@ class _Geometry:
 
     def even(self, *blocks: int) -> bool:
         """No partial tile on any axis and every block full: masks can be compiled out."""
-        aligned = all(c % t == 0 for c, t in zip(self.canvas, self.tile, strict=True))
-        return aligned and all(self.tile_tokens % b == 0 for b in blocks)
+        return not self.partial and all(self.tile_tokens % b == 0 for b in blocks)
 
     def hoist(self, inner: int, *blocks: int, partial: bool = True) -> bool:
         """Blocks that divide the tile and an inner-loop block of whole tile frames: its

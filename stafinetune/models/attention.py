@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sta_kernels import sliding_tile_attention
+from sta_kernels import resolve_backend, sliding_tile_attention
 from sta_kernels.geometry import normalize_window
 
 from .dispatch import CostTable, Route, choose_route
@@ -131,9 +131,11 @@ class STAAttention(nn.Module):
         text_len: int | torch.Tensor,
         windows: torch.Tensor,
     ) -> torch.Tensor:
+        # the route is chosen already: a concrete backend, so the call does not test for a
+        # dense window again (``backend="auto"`` would)
         return sliding_tile_attention(
             q, k, v, canvas=canvas, tile=self.tile, window=windows, text_len=text_len,
-            backend=self.backend,
+            backend=resolve_backend(q, self.backend),
         )  # fmt: skip
 
     @staticmethod
