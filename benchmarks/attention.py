@@ -66,7 +66,8 @@ SHAPES = {
 
 # The default before TMA loads and the fused dq (v5, benchmarks/NOTES.md); every variant
 # below is a change from it, as measured in its sweep.
-V5 = KernelConfig(fwd_tma=False, dq_tma=False, fused_dq=False, fused_dq_tma=False)
+V5 = KernelConfig(fwd_tma=False, dq_tma=False, fused_dq=False, fused_dq_tma=False,
+                  fwd_gluon=False)
 
 VARIANTS = {
     # what a call without a config runs: default_config(device, partial tiles or not)
@@ -161,6 +162,10 @@ VARIANTS = {
     "p_two_dq_prescale": KernelConfig(fused_dq=False, dq_prescale=True, dq_early_dp=True),
     "p_two_s2_dq_edp": KernelConfig(fused_dq=False, bwd_stages=2, dq_early_dp=True),
     "p_two_s2_dq_s3": KernelConfig(fused_dq=False, bwd_stages=2, dq_block_n=64, dq_stages=3),
+    # v11 (issue 15): the forward's video queries by the warp-specialised Gluon kernel at
+    # full tiles; v10 = the triton forward everywhere (the default before it)
+    "v10": KernelConfig(fwd_gluon=False),
+    "gluon_s3": KernelConfig(fwd_gluon_stages=3),
 }
 
 

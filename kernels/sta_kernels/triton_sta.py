@@ -42,6 +42,7 @@ try:  # host-side TMA descriptors (triton >= 3.4)
 except ImportError:  # pragma: no cover - older triton: the TMA switches fall back to loads
     TensorDescriptor = None
 
+from . import gluon_sta
 from .geometry import num_tiles
 from .support import TRITON_DTYPES, TRITON_HEAD_DIMS
 
@@ -90,6 +91,11 @@ class KernelConfig:
     # blocks of whole frames keep their hoisted addressing and TMA at partial tiles, with
     # validity from the block's coordinates (else: per-token index math, pointer gathers)
     frames_partial: bool = True
+    # the warp-specialised Gluon forward (gluon_sta) for the video queries, where it
+    # applies (gluon_sta.supports: Hopper, bf16, full tiles); the text queries and every
+    # other call run _sta_fwd_kernel
+    fwd_gluon: bool = True
+    fwd_gluon_stages: int = 2
 
 
 # Small blocks keep the interpreter (CPU) fast; tl.dot needs every dimension >= 16.
@@ -450,7 +456,7 @@ def _fwd_block(
 
 @triton.jit
 def _sta_fwd_kernel(
-    Q, K, V, Out, LSE, WIN, TEXT_LEN, KD, VD,
+    Q, K, V, Out, LSE, WIN, TEXT_LEN, KD, VD, PID_BASE,
     stride_b, stride_s, stride_h,
     seq_len, num_video, num_heads, num_video_blocks,
     CT, CH, CW, NT, NH, NW,
@@ -461,6 +467,7 @@ def _sta_fwd_kernel(
     WIDE: tl.constexpr, HOIST: tl.constexpr, TMA: tl.constexpr,
 ):
     pid, bh, b, h, base = _program(num_heads, stride_b, stride_h)
+    pid += PID_BASE  # > 0: only the text query blocks run (the video ones ran elsewhere)
     Q += base
     K += base
     V += base
@@ -994,6 +1001,13 @@ def kernel_resources() -> dict[str, dict[str, int]]:
     return {name: dict(report) for name, report in _RESOURCES.items()}
 
 
+def _gluon_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   canvas: Sequence[int], tile: Sequence[int]) -> bool:
+    """Whether the Gluon forward can run this call's video queries (see gluon_sta)."""
+    return (not is_interpreter() and gluon_sta.supports(q, canvas, tile)
+            and k.is_contiguous() and v.is_contiguous())
+
+
 def _strides(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
@@ -1024,14 +1038,22 @@ def sta_triton_forward(
     lse = torch.empty(batch, heads, seq, device=q.device, dtype=torch.float32)
     q_subs = geo.subs(cfg.fwd_block_m)
     video_blocks = geo.num_tiles * q_subs
-    grid = (video_blocks + triton.cdiv(geo.num_text, cfg.fwd_block_m), batch * heads)
+    first = 0  # first program: past the video query blocks when the Gluon kernel ran them
+    if cfg.fwd_gluon and _gluon_applies(q, k, v, canvas, tile):
+        _record("fwd_gluon", gluon_sta.sta_gluon_video_forward(
+            q, k, v, o, lse, windows, text_len, canvas, tile, scale,
+            stages=cfg.fwd_gluon_stages))
+        first = video_blocks
+    programs = video_blocks + triton.cdiv(geo.num_text, cfg.fwd_block_m) - first
+    if programs == 0:
+        return o, lse
     hoist = geo.hoist(cfg.fwd_block_n, cfg.fwd_block_m, cfg.fwd_block_n,
                      partial=cfg.frames_partial)
     tma = _tma_enabled(cfg.fwd_tma, hoist)
-    _record("fwd", _sta_fwd_kernel[grid](
+    _record("fwd", _sta_fwd_kernel[(programs, batch * heads)](
         q, k, v, o, lse, windows, text_len,
         geo.descriptor(k, cfg.fwd_block_n, tma), geo.descriptor(v, cfg.fwd_block_n, tma),
-        *_strides(q), seq, geo.num_video, heads, video_blocks, *geo.args(),
+        first, *_strides(q), seq, geo.num_video, heads, video_blocks, *geo.args(),
         scale * LOG2E,
         TT=geo.tile[0], TH=geo.tile[1], TW=geo.tile[2], HEAD_DIM=head_dim,
         BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n,

@@ -1,0 +1,360 @@
+"""A warp-specialised STA forward for Hopper, written in triton's Gluon dialect.
+
+The triton forward (``triton_sta._sta_fwd_kernel``) runs every warp through the same
+program: both warpgroups issue the score matmul, wait for it, run the exp2s, then issue the
+PV matmul, so the tensor cores idle while the softmax runs. This kernel splits the work
+the way FlashAttention-3 does on Hopper:
+
+- one producer warp issues the TMA loads of q once and of k and v into a ring of
+  ``STAGES`` buffers, k and v on separate barriers so a score matmul can start before its
+  v has landed;
+- two consumer warpgroups, one per 64-query frame of a 128-query block, each run the
+  online softmax with the score matmul of key block j issued before the PV matmul of block
+  j - 1 and the exp2s of block j running while that PV matmul is on the tensor cores
+  (intra-warpgroup overlap); the two warpgroups share every k/v buffer.
+
+Scope: the video queries (which attend their window's video keys and the valid text keys)
+of a canvas the tile divides (full tiles), tiles of an even number of (TH, TW) frames with
+TH * TW = 64, bf16, D of 64 or 128, on Hopper. ``supports`` says whether a call is in
+scope; ``triton_sta.sta_triton_forward`` calls this kernel for the video queries of such
+calls and runs its own kernel for the text queries and for everything else.
+
+Layout and semantics are those of ``triton_sta``: q, k, v, o are (B, S, H, D) contiguous
+with video tokens in raster (t, h, w) order, a block of whole frames is one box of a TMA
+descriptor of the (B, CT, CH, CW, H * D) view, and the saved lse (B, H, S) is in the log2
+domain.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+try:  # Gluon ships with triton >= 3.5; the kernel needs Hopper (sm_90) to run
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    AVAILABLE = True
+except ImportError:  # pragma: no cover - older triton
+    AVAILABLE = False
+
+from .geometry import num_tiles
+
+LOG2E = 1.4426950408889634
+FRAME = 64  # tokens of one (TH, TW) frame: the rows of one consumer warpgroup
+MAXNREG = 168  # 12 warps (3 warpgroups) x 168 x 32 fits the 64K registers of an SM
+
+
+if AVAILABLE:
+    # triton 3.7 renamed the TMA copies (async_load / async_store)
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
+    # ... and made shared_memory_descriptor._reinterpret public (reinterpret)
+    _PUBLIC_REINTERPRET = gl.constexpr(hasattr(gl.shared_memory_descriptor, "reinterpret"))
+    NEG_BIG = gl.constexpr(-1.0e30)  # a finite minus infinity (as in triton_sta)
+    CONSUMER_REGS = gl.constexpr(240)  # registers per thread of the second consumer
+    PRODUCER_REGS = gl.constexpr(24)  # the producer warp issues TMA copies only
+
+    @gluon.jit
+    def _axis_start(qi, n, w):
+        """First key tile of the window of ``w`` tiles around query tile ``qi`` (of ``n``)."""
+        return gl.minimum(gl.maximum(qi - w // 2, 0), n - w)
+
+    @gluon.jit
+    def _key_coords(j, ft, fh, fw, wh, ww, TT: gl.constexpr, TH: gl.constexpr,
+                    TW: gl.constexpr, K_SUBS: gl.constexpr):
+        """(t, h, w) of the first token of key block ``j`` of a query block's window loop:
+        a tile's ``K_SUBS`` blocks of two frames one after another, tiles in raster order."""
+        sub = j % K_SUBS
+        cell = j // K_SUBS
+        dt = cell // (ww * wh)
+        dh = (cell // ww) % wh
+        dw = cell % ww
+        return (ft + dt) * TT + sub * 2, (fh + dh) * TH, (fw + dw) * TW
+
+    @gluon.jit
+    def _as_box(buf, desc):
+        """The shared buffer ``buf`` viewed as one box of ``desc`` (same bytes and swizzle)."""
+        if _PUBLIC_REINTERPRET:
+            view = buf.reinterpret(gl.bfloat16, desc.block_type.shape, desc.layout)
+        else:
+            view = buf._reinterpret(gl.bfloat16, desc.block_type.shape, desc.layout)
+        return view
+
+    @gluon.jit
+    def _load_block(j, video_trips, desc, rows_desc, buf, ready, b, col, ft, fh, fw, wh, ww,
+                    num_video, TT: gl.constexpr, TH: gl.constexpr, TW: gl.constexpr,
+                    K_SUBS: gl.constexpr):
+        """TMA copy of key block ``j`` of k or v into ``buf``, completing on ``ready``:
+        two video frames of the window (``desc``), or past ``video_trips`` a block of text
+        rows (``rows_desc``: the same bytes as a (1, N, D) box of the (B, S, H * D) view)."""
+        mbarrier.expect(ready, desc.block_type.nbytes)
+        if j < video_trips:
+            kt, kh, kw = _key_coords(j, ft, fh, fw, wh, ww, TT, TH, TW, K_SUBS)
+            _tma_load(desc, [b, kt, kh, kw, col], ready, buf)
+        else:
+            row = num_video + (j - video_trips) * (2 * TH * TW)
+            _tma_load(rows_desc, [b, row, col], ready, _as_box(buf, rows_desc))
+
+    @gluon.jit
+    def _producer(q_desc, k_desc, v_desc, kt_desc, vt_desc, q_smem, k_bufs, v_bufs,
+                  q_bar, k_ready, k_empty, v_ready, v_empty,
+                  b, col, t0, h0, w0, ft, fh, fw, wh, ww, video_trips, trips, num_video,
+                  TT: gl.constexpr, TH: gl.constexpr, TW: gl.constexpr,
+                  K_SUBS: gl.constexpr, STAGES: gl.constexpr):
+        """The load warp: q's two frames once, then k and v of every key block in turn:
+        the window's video blocks, then the text blocks."""
+        mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
+        _tma_load(q_desc, [b, t0, h0, w0, col], q_bar, q_smem.index(0))
+        _tma_load(q_desc, [b, t0 + 1, h0, w0, col], q_bar, q_smem.index(1))
+        for j in range(trips):
+            stage = j % STAGES
+            phase = (j // STAGES) & 1
+            # a fresh barrier counts as completed for phase 1: the first pass does not wait
+            mbarrier.wait(k_empty.index(stage), phase ^ 1)
+            _load_block(j, video_trips, k_desc, kt_desc, k_bufs.index(stage),
+                        k_ready.index(stage), b, col, ft, fh, fw, wh, ww, num_video, TT, TH,
+                        TW, K_SUBS)
+            mbarrier.wait(v_empty.index(stage), phase ^ 1)
+            _load_block(j, video_trips, v_desc, vt_desc, v_bufs.index(stage),
+                        v_ready.index(stage), b, col, ft, fh, fw, wh, ww, num_video, TT, TH,
+                        TW, K_SUBS)
+
+    @gluon.jit
+    def _consumer(o_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty,
+                  LSE, b, col, t0, h0, w0, video_trips, trips, text_len, lse_base, CH, CW,
+                  scale_log2, HEAD_DIM: gl.constexpr, TH: gl.constexpr, TW: gl.constexpr,
+                  STAGES: gl.constexpr, C: gl.constexpr):
+        """Consumer warpgroup ``C``: the online softmax of frame ``C`` of the query block.
+
+        Key block j's score matmul is issued before block j - 1's PV matmul; the exp2s of
+        block j run while that PV matmul holds the tensor cores. Text key blocks (j past
+        ``video_trips``) mask their slots past ``text_len``.
+        """
+        M: gl.constexpr = TH * TW  # query rows: one frame
+        N: gl.constexpr = 2 * TH * TW  # keys per block: two frames
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout,
+                                                     k_width=2)
+        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        cols = gl.arange(0, N, layout=gl.SliceLayout(0, s_layout))
+        q = q_smem.index(C).reshape([M, HEAD_DIM])
+        zero_s = gl.zeros([M, N], gl.float32, s_layout)
+        mbarrier.wait(q_bar, 0)
+
+        # key block 0 (always video): scores, then softmax; its PV matmul waits for the
+        # next block's score matmul
+        mbarrier.wait(k_ready.index(0), 0)
+        kt = k_bufs.index(0).reshape([N, HEAD_DIM]).permute((1, 0))  # (D, N)
+        s_tok = warpgroup_mma(q, kt, zero_s, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(0, deps=(s_tok,))  # (M, N) raw scores
+        mbarrier.arrive(k_empty.index(0), count=1)
+        m_i = gl.max(s, axis=1) * scale_log2  # (M,) running max, log2 domain
+        p = gl.exp2(s * scale_log2 - gl.expand_dims(m_i, 1))
+        l_i = gl.sum(p, axis=1)
+        p_op = gl.convert_layout(p.to(gl.bfloat16), p_layout)
+        acc = gl.zeros([M, HEAD_DIM], gl.float32, o_layout)
+        for j in range(1, trips):
+            stage = j % STAGES
+            prev = (j - 1) % STAGES
+            mbarrier.wait(k_ready.index(stage), (j // STAGES) & 1)
+            kt = k_bufs.index(stage).reshape([N, HEAD_DIM]).permute((1, 0))
+            mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
+            v = v_bufs.index(prev).reshape([N, HEAD_DIM])
+            s_tok = warpgroup_mma(q, kt, zero_s, use_acc=False, is_async=True)
+            o_tok = warpgroup_mma(p_op, v, acc, is_async=True)
+            s = warpgroup_mma_wait(1, deps=(s_tok,))  # the scores; PV may still run
+            mbarrier.arrive(k_empty.index(stage), count=1)
+            if j >= video_trips:  # text keys: slots past the valid text are padding
+                pos = (j - video_trips) * N + cols
+                s = gl.where(gl.expand_dims(pos < text_len, 0), s, NEG_BIG)
+            m_new = gl.maximum(m_i, gl.max(s, axis=1) * scale_log2)
+            alpha = gl.exp2(m_i - m_new)
+            p = gl.exp2(s * scale_log2 - gl.expand_dims(m_new, 1))
+            l_i = l_i * alpha + gl.sum(p, axis=1)
+            acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
+            mbarrier.arrive(v_empty.index(prev), count=1)
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
+            p_op = gl.convert_layout(p.to(gl.bfloat16), p_layout)
+            m_i = m_new
+        last = (trips - 1) % STAGES
+        mbarrier.wait(v_ready.index(last), ((trips - 1) // STAGES) & 1)
+        v = v_bufs.index(last).reshape([N, HEAD_DIM])
+        o_tok = warpgroup_mma(p_op, v, acc, is_async=True)
+        acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
+        mbarrier.arrive(v_empty.index(last), count=1)
+
+        # epilogue: o through this frame's q buffer (its last reader has finished) and TMA
+        o = acc / gl.expand_dims(gl.convert_layout(l_i, row_o), 1)
+        q.store(o.to(gl.bfloat16))
+        fence_async_shared()
+        _tma_store(o_desc, [b, t0 + C, h0, w0, col], q_smem.index(C))
+        rows = gl.arange(0, M, layout=row_s)
+        tok = ((t0 + C) * CH + h0 + rows // TW) * CW + w0 + rows % TW
+        gl.store(LSE + lse_base + tok, m_i + gl.log2(l_i))
+        tma.store_wait(0)
+
+    @gluon.jit
+    def _sta_fwd_ws_kernel(
+        q_desc, k_desc, v_desc, o_desc, kt_desc, vt_desc, LSE, WIN, TEXT_LEN,
+        seq_len, num_video, num_heads, CH, CW, NT, NH, NW, scale_log2,
+        TT: gl.constexpr, TH: gl.constexpr, TW: gl.constexpr, HEAD_DIM: gl.constexpr,
+        STAGES: gl.constexpr, TEXT: gl.constexpr,
+    ):
+        """One program per video query block (two frames of a tile) and (batch, head)."""
+        Q_SUBS: gl.constexpr = TT // 2  # query blocks of two frames per tile
+        K_SUBS: gl.constexpr = TT // 2  # key blocks of two frames per tile
+        N: gl.constexpr = 2 * TH * TW
+        pid = gl.program_id(0)
+        bh = gl.program_id(1)
+        b = bh // num_heads
+        h = bh % num_heads
+        col = h * HEAD_DIM
+        lse_base = bh.to(gl.int64) * seq_len
+        tile = pid // Q_SUBS
+        tile_t = tile // (NH * NW)
+        tile_h = (tile // NW) % NH
+        tile_w = tile % NW
+        t0 = tile_t * TT + (pid % Q_SUBS) * 2
+        h0 = tile_h * TH
+        w0 = tile_w * TW
+        wt = gl.minimum(gl.maximum(gl.load(WIN + h * 3 + 0), 1), NT)
+        wh = gl.minimum(gl.maximum(gl.load(WIN + h * 3 + 1), 1), NH)
+        ww = gl.minimum(gl.maximum(gl.load(WIN + h * 3 + 2), 1), NW)
+        ft = _axis_start(tile_t, NT, wt)
+        fh = _axis_start(tile_h, NH, wh)
+        fw = _axis_start(tile_w, NW, ww)
+        video_trips = wt * wh * ww * K_SUBS
+        text_len = 0
+        if TEXT:
+            text_len = gl.load(TEXT_LEN + b)
+        trips = video_trips + (text_len + N - 1) // N
+
+        q_smem = gl.allocate_shared_memory(gl.bfloat16, [2] + q_desc.block_type.shape,
+                                           q_desc.layout)
+        k_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES] + k_desc.block_type.shape,
+                                           k_desc.layout)
+        v_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES] + v_desc.block_type.shape,
+                                           v_desc.layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(k_empty.index(i), count=2)  # both consumers release a buffer
+            mbarrier.init(v_empty.index(i), count=2)
+
+        gl.warp_specialize([
+            (_consumer, (o_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready,
+                         v_empty, LSE, b, col, t0, h0, w0, video_trips, trips, text_len,
+                         lse_base, CH, CW, scale_log2, HEAD_DIM, TH, TW, STAGES, 0)),
+            (_consumer, (o_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready,
+                         v_empty, LSE, b, col, t0, h0, w0, video_trips, trips, text_len,
+                         lse_base, CH, CW, scale_log2, HEAD_DIM, TH, TW, STAGES, 1)),
+            (_producer, (q_desc, k_desc, v_desc, kt_desc, vt_desc, q_smem, k_bufs, v_bufs,
+                         q_bar, k_ready, k_empty, v_ready, v_empty, b, col, t0, h0, w0, ft, fh,
+                         fw, wh, ww, video_trips, trips, num_video, TT, TH, TW, K_SUBS,
+                         STAGES)),
+        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+def supports(q: torch.Tensor, canvas: Sequence[int], tile: Sequence[int]) -> bool:
+    """Whether ``sta_gluon_video_forward`` covers the video queries of this call: Gluon
+    present, a Hopper GPU, contiguous bf16 with D in (64, 128), and full tiles (the tile
+    divides the canvas) of an even number of 64-token frames."""
+    if not (AVAILABLE and q.is_cuda and q.dtype == torch.bfloat16 and q.is_contiguous()):
+        return False
+    if torch.cuda.get_device_capability(q.device)[0] != 9:
+        return False
+    tt, th, tw = (int(t) for t in tile)
+    return (q.shape[-1] in (64, 128) and th * tw == FRAME and tt % 2 == 0
+            and all(int(c) % int(t) == 0 for c, t in zip(canvas, tile, strict=True)))
+
+
+def _frames_descriptor(x: torch.Tensor, canvas: Sequence[int], tile: Sequence[int],
+                       frames: int):
+    """TMA descriptor of ``x``'s video tokens (B, S, H, D) as (B, CT, CH, CW, H * D), box
+    ``frames`` whole (TH, TW) frames of one head."""
+    batch, _, heads, head_dim = x.shape
+    ct, ch, cw = (int(c) for c in canvas)
+    row = x.stride(1)
+    block = [1, frames, int(tile[1]), int(tile[2]), head_dim]
+    layout = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16)
+    return TensorDescriptor(x, [batch, ct, ch, cw, heads * head_dim],
+                            [x.stride(0), ch * cw * row, cw * row, row, 1], block, layout)
+
+
+def _rows_descriptor(x: torch.Tensor, rows: int):
+    """TMA descriptor of ``x`` (B, S, H, D) as (B, S, H * D), box ``rows`` tokens of one
+    head (the text tokens after the video)."""
+    batch, seq, heads, head_dim = x.shape
+    block = [1, rows, head_dim]
+    layout = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16)
+    return TensorDescriptor(x, [batch, seq, heads * head_dim], [x.stride(0), x.stride(1), 1],
+                            block, layout)
+
+
+def video_blocks(canvas: Sequence[int], tile: Sequence[int]) -> int:
+    """Programs of the kernel per (batch, head): one per two frames of every tile."""
+    n = num_tiles(canvas, tile)
+    return n[0] * n[1] * n[2] * (int(tile[0]) // 2)
+
+
+def sta_gluon_video_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    windows: torch.Tensor,
+    text_len: torch.Tensor,
+    canvas: Sequence[int],
+    tile: Sequence[int],
+    scale: float,
+    stages: int = 2,
+):
+    """Write the video query rows of ``o`` and ``lse`` with the warp-specialised kernel;
+    the same values as ``sta_triton_forward`` gives those rows. Text query rows (if any)
+    are left to the caller.
+
+    Args:
+        q, k, v, o: (B, S, H, D) contiguous bf16 on a Hopper GPU (see ``supports``), video
+            tokens first in raster order, then S - CT*CH*CW text slots.
+        lse: (B, H, S) float32, written in the log2 domain.
+        windows: (H, 3) int32; text_len: (B,) int32 valid text tokens; both on the device.
+    Returns:
+        the launched kernel (its compiled handle: registers, shared memory).
+    """
+    if not supports(q, canvas, tile):
+        raise ValueError("sta_gluon_video_forward: call outside the kernel's scope (see "
+                         "gluon_sta.supports)")
+    batch, seq, heads, head_dim = q.shape
+    n = num_tiles(canvas, tile)
+    num_video = int(canvas[0]) * int(canvas[1]) * int(canvas[2])
+    block_n = 2 * int(tile[1]) * int(tile[2])
+    return _sta_fwd_ws_kernel[(video_blocks(canvas, tile), batch * heads)](
+        _frames_descriptor(q, canvas, tile, 1), _frames_descriptor(k, canvas, tile, 2),
+        _frames_descriptor(v, canvas, tile, 2), _frames_descriptor(o, canvas, tile, 1),
+        _rows_descriptor(k, block_n), _rows_descriptor(v, block_n), lse, windows, text_len,
+        seq, num_video, heads, int(canvas[1]), int(canvas[2]), *n, scale * LOG2E,
+        TT=int(tile[0]), TH=int(tile[1]), TW=int(tile[2]), HEAD_DIM=head_dim,
+        STAGES=stages, TEXT=seq > num_video,
+        num_warps=4, maxnreg=MAXNREG,
+    )
