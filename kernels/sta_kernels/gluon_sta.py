@@ -31,7 +31,11 @@ from collections.abc import Sequence
 
 import torch
 
-try:  # Gluon ships with triton >= 3.5; the kernel needs Hopper (sm_90) to run
+try:  # Gluon ships with triton >= 3.5 (3.6 has the warp_specialize API used here)
+    import triton
+
+    if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 6):
+        raise ImportError(f"triton {triton.__version__}: the Gluon forward needs >= 3.6")
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
@@ -44,7 +48,7 @@ try:  # Gluon ships with triton >= 3.5; the kernel needs Hopper (sm_90) to run
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     AVAILABLE = True
-except ImportError:  # pragma: no cover - older triton
+except (ImportError, ValueError):  # pragma: no cover - older triton, or a local version tag
     AVAILABLE = False
 
 from .geometry import num_tiles
