@@ -9,6 +9,9 @@ registers, spills and shared memory of the cubin (``cuobjdump`` bundled with tri
 
     PYTHONPATH=kernels python benchmarks/compile_report.py --shape hunyuan --variants default,v9
 
+``--gluon`` adds the Gluon forward (``gluon_report``); its launch register count is the
+kernel's ``maxnreg``, the partitions then reallocate registers among themselves.
+
 Numbers match the device only for the triton version the device runs. With triton 3.6 they
 equal what ``kernel_resources()`` reported on the H200 (2026-12-02) for every kernel of the
 HunyuanVideo and Wan rows checked: e.g. Wan 480p dk/dv 255 registers, 20 spills, 131584
@@ -175,6 +178,50 @@ def compile_report(launch: Launch, capability: int = 90) -> dict:
             **cubin_report(compiled.asm["cubin"])}
 
 
+def gluon_report(shape: str, stages: int = 2, text: bool = False,
+                 capability: int = 90) -> dict:
+    """Compile the Gluon forward (``sta_kernels.gluon_sta``) for ``shape`` with the
+    arguments ``sta_gluon_video_forward`` passes it, and report its resources.
+
+    Its launch is not recorded from the host code like the triton kernels' (the host code
+    only calls it for CUDA tensors); the descriptors are built on CPU tensors instead, with
+    64 text slots when ``text``.
+    """
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    from sta_kernels import gluon_sta as gs
+
+    if not gs.AVAILABLE:
+        raise RuntimeError(f"the Gluon forward needs triton >= 3.6, this is {triton.__version__}")
+    canvas, tile, heads, head_dim = SHAPES[shape]
+    seq = canvas[0] * canvas[1] * canvas[2] + (64 if text else 0)
+    x = torch.empty(1, seq, heads, head_dim, dtype=torch.bfloat16)
+    frame, pair = gs._frames_descriptor(x, canvas, tile, 1), gs._frames_descriptor(x, canvas,
+                                                                                  tile, 2)
+    rows = gs._rows_descriptor(x, 2 * tile[1] * tile[2])
+    given = dict(q_desc=frame, k_desc=pair, v_desc=pair, o_desc=frame, kt_desc=rows,
+                 vt_desc=rows, LSE="*fp32", WIN="*i32", TEXT_LEN="*i32", scale_log2="fp32")
+    const = dict(TT=tile[0], TH=tile[1], TW=tile[2], HEAD_DIM=head_dim, STAGES=stages,
+                 TEXT=text)
+    kernel = gs._sta_fwd_ws_kernel
+    signature, constexprs = {}, {}
+    for index, name in enumerate(kernel.arg_names):
+        if name in const:
+            signature[name], constexprs[(index,)] = "constexpr", const[name]
+        else:
+            value = given.get(name, "i32")  # the remaining scalars are int32
+            signature[name] = value if isinstance(value, str) else mangle_type(value)
+    options = {"num_warps": 4, "maxnreg": gs.MAXNREG}
+    compiled = triton.compile(GluonASTSource(kernel, signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", capability, 32), options=options)
+    ptx = compiled.asm["ptx"]
+    return {"kernel": "_sta_fwd_ws_kernel", "stages": stages, "text": text,
+            "head_dim": head_dim, "shared_bytes": compiled.metadata.shared,
+            "wgmma": ptx.count("wgmma.mma_async"), "setmaxnreg": ptx.count("setmaxnreg"),
+            **cubin_report(compiled.asm["cubin"])}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="hunyuan", choices=sorted(SHAPES))
@@ -182,6 +229,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="comma list of benchmarks/attention.py VARIANTS names")
     parser.add_argument("--kernels", default="fwd,dq,dkdv",
                         help="which kernels to compile (fwd, dq, dkdv, delta, cast)")
+    parser.add_argument("--gluon", action="store_true",
+                        help="also compile the Gluon forward (2 and 3 stages, with text)")
     args = parser.parse_args(argv)
 
     wanted = {f"_sta_{k}_kernel" if k != "cast" else "_scale_cast_kernel"
@@ -197,6 +246,11 @@ def main(argv: list[str] | None = None) -> None:
             print(f"| {name} | {launch.name} | {r['num_warps']} | {r['num_stages']} | "
                   f"{r['registers']} | {r['spills']} | "
                   f"{r['shared_bytes']} |", flush=True)
+    if args.gluon:
+        for stages in (2, 3):
+            r = gluon_report(args.shape, stages=stages, text=True)
+            print(f"| gluon | {r['kernel']} | 4+4+1 | {stages} | {r['registers']} at launch | "
+                  f"{r['spills']} | {r['shared_bytes']} |", flush=True)
 
 
 if __name__ == "__main__":
