@@ -59,7 +59,7 @@ MAXNREG = 168  # 12 warps (3 warpgroups) x 168 x 32 fits the 64K registers of an
 
 
 if AVAILABLE:
-    # triton 3.7 renamed the TMA copies (async_load / async_store)
+    # later triton releases (3.9 here) renamed the TMA copies (async_load / async_store)
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
     _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
     # ... and made shared_memory_descriptor._reinterpret public (reinterpret)
