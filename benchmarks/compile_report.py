@@ -33,6 +33,12 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.runtime.jit import mangle_type
+
+try:  # Gluon kernels compile from their own AST source (triton >= 3.5)
+    from triton.experimental.gluon._runtime import GluonASTSource
+except ImportError:  # pragma: no cover - older triton: gluon_report is unavailable
+    GluonASTSource = None
 
 from sta_kernels import triton_sta as ts
 
@@ -119,6 +125,8 @@ def _specialise(launch: Launch) -> tuple[dict, dict, dict, dict]:
     kernel = launch.kernel
     options = {"num_warps": launch.kwargs.get("num_warps", 4),
                "num_stages": launch.kwargs.get("num_stages", 3)}
+    if "maxnreg" in launch.kwargs:
+        options["maxnreg"] = launch.kwargs["maxnreg"]
     given = dict(zip(kernel.arg_names, launch.args, strict=False))  # the rest: kwargs
     given.update({k: v for k, v in launch.kwargs.items() if k not in options})
     signature, constexprs, attrs = {}, {}, {}
@@ -132,6 +140,8 @@ def _specialise(launch: Launch) -> tuple[dict, dict, dict, dict]:
         elif isinstance(value, ts.TensorDescriptor):
             block = ", ".join(str(b) for b in value.block_shape)
             signature[name] = f"tensordesc<{TYPES[value.base.dtype]}[{block}]>"
+        elif type(value).__name__ == "TensorDescriptor":  # Gluon's: its layout is in the type
+            signature[name] = mangle_type(value)
         elif isinstance(value, torch.Tensor):
             signature[name] = "*" + TYPES[value.dtype]
             attrs[(index,)] = [["tt.divisibility", 16]]
@@ -172,54 +182,42 @@ def cubin_report(cubin: bytes) -> dict[str, int]:
 def compile_report(launch: Launch, capability: int = 90) -> dict:
     """Compile one recorded launch for ``capability`` and report its resources."""
     signature, constexprs, attrs, options = _specialise(launch)
-    source = ASTSource(launch.kernel, signature, constexprs=constexprs, attrs=attrs)
+    gluon = getattr(launch.kernel, "is_gluon", lambda: False)()
+    source = (GluonASTSource if gluon else ASTSource)(launch.kernel, signature,
+                                                      constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
+    ptx = compiled.asm["ptx"]
     return {"kernel": launch.name, **options, "shared_bytes": compiled.metadata.shared,
+            "wgmma": ptx.count("wgmma.mma_async"), "setmaxnreg": ptx.count("setmaxnreg"),
             **cubin_report(compiled.asm["cubin"])}
 
 
 def gluon_report(shape: str, stages: int = 2, text: bool = False,
                  capability: int = 90) -> dict:
-    """Compile the Gluon forward (``sta_kernels.gluon_sta``) for ``shape`` with the
-    arguments ``sta_gluon_video_forward`` passes it, and report its resources.
+    """Compile the Gluon forward (``sta_kernels.gluon_sta``) as it launches at ``shape``
+    (with 64 text slots when ``text``) and report its resources.
 
-    Its launch is not recorded from the host code like the triton kernels' (the host code
-    only calls it for CUDA tensors); the descriptors are built on CPU tensors instead, with
-    64 text slots when ``text``.
+    The host code calls it for CUDA tensors only, so its launch is recorded from
+    ``gluon_sta._launch`` on CPU tensors (never written: ``torch.empty`` allocates lazily).
     """
-    from triton.experimental.gluon._runtime import GluonASTSource
-    from triton.runtime.jit import mangle_type
-
     from sta_kernels import gluon_sta as gs
 
     if not gs.AVAILABLE:
         raise RuntimeError(f"the Gluon forward needs triton >= 3.6, this is {triton.__version__}")
     canvas, tile, heads, head_dim = SHAPES[shape]
     seq = canvas[0] * canvas[1] * canvas[2] + (64 if text else 0)
-    x = torch.empty(1, seq, heads, head_dim, dtype=torch.bfloat16)
-    frame, pair = gs._frames_descriptor(x, canvas, tile, 1), gs._frames_descriptor(x, canvas,
-                                                                                  tile, 2)
-    rows = gs._rows_descriptor(x, 2 * tile[1] * tile[2])
-    given = dict(q_desc=frame, k_desc=pair, v_desc=pair, o_desc=frame, kt_desc=rows,
-                 vt_desc=rows, LSE="*fp32", WIN="*i32", TEXT_LEN="*i32", scale_log2="fp32")
-    const = dict(TT=tile[0], TH=tile[1], TW=tile[2], HEAD_DIM=head_dim, STAGES=stages,
-                 TEXT=text)
+    q, k, v, o = (torch.empty(1, seq, heads, head_dim, dtype=torch.bfloat16) for _ in range(4))
+    lse = torch.empty(1, heads, seq)
+    windows = torch.full((heads, 3), 3, dtype=torch.int32)
+    text_len = torch.zeros(1, dtype=torch.int32)
+    log: list[Launch] = []
     kernel = gs._sta_fwd_ws_kernel
-    signature, constexprs = {}, {}
-    for index, name in enumerate(kernel.arg_names):
-        if name in const:
-            signature[name], constexprs[(index,)] = "constexpr", const[name]
-        else:
-            value = given.get(name, "i32")  # the remaining scalars are int32
-            signature[name] = value if isinstance(value, str) else mangle_type(value)
-    options = {"num_warps": 4, "maxnreg": gs.MAXNREG}
-    compiled = triton.compile(GluonASTSource(kernel, signature, constexprs=constexprs),
-                              target=GPUTarget("cuda", capability, 32), options=options)
-    ptx = compiled.asm["ptx"]
-    return {"kernel": "_sta_fwd_ws_kernel", "stages": stages, "text": text,
-            "head_dim": head_dim, "shared_bytes": compiled.metadata.shared,
-            "wgmma": ptx.count("wgmma.mma_async"), "setmaxnreg": ptx.count("setmaxnreg"),
-            **cubin_report(compiled.asm["cubin"])}
+    gs._sta_fwd_ws_kernel = _Recorder("_sta_fwd_ws_kernel", kernel, log)
+    try:
+        gs._launch(q, k, v, o, lse, windows, text_len, canvas, tile, head_dim**-0.5, stages)
+    finally:
+        gs._sta_fwd_ws_kernel = kernel
+    return {**compile_report(log[0], capability), "stages": stages, "text": text}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -249,8 +247,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.gluon:
         for stages in (2, 3):
             r = gluon_report(args.shape, stages=stages, text=True)
-            print(f"| gluon | {r['kernel']} | 4+4+1 | {stages} | {r['registers']} at launch | "
-                  f"{r['spills']} | {r['shared_bytes']} |", flush=True)
+            print(f"| gluon s{stages} | {r['kernel']} | 4+4+1 | - | {r['registers']} at launch "
+                  f"| {r['spills']} | {r['shared_bytes']} |", flush=True)
 
 
 if __name__ == "__main__":

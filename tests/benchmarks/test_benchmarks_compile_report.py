@@ -1,8 +1,10 @@
-"""benchmarks/compile_report.py records the launches the host code makes and compiles them
-for sm_90 without a GPU (in a subprocess: TRITON_INTERPRET must be unset for compiling)."""
+"""benchmarks/compile_report.py records the launches the host code makes (the Triton kernels'
+and the Gluon forward's) and compiles them for sm_90 without a GPU (in a subprocess:
+TRITON_INTERPRET must be unset for compiling)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -28,22 +30,40 @@ for shape in ("tiny", "tiny_partial"):
     out[shape] = [(l.name, l.kwargs.get("num_stages")) for l in launches]
 fwd = cr.record_launches("tiny", None)[0]
 out["fwd"] = cr.compile_report(fwd)
+from sta_kernels import gluon_sta
+if gluon_sta.AVAILABLE:
+    # D=64 with and without text slots; D=128 (HunyuanVideo) at the default 2 stages and 3
+    out["gluon"] = [cr.gluon_report("tiny", stages=2, text=True), cr.gluon_report("tiny", 2),
+                    cr.gluon_report("hunyuan", stages=2, text=True),
+                    cr.gluon_report("hunyuan", stages=3)]
 print(json.dumps(out))
 """
+SMEM_PER_BLOCK = 232448  # the most shared memory one block of an sm_90 SM may take
 
 
-def test_compile_report_records_the_default_schedules_and_compiles():
-    """Full tiles: forward, delta, fused dk/dv/dq, cast; partial tiles: forward, dq kernel,
-    dk/dv with 2 stages (``PARTIAL_TILES``). The forward compiles to a real sm_90 kernel."""
+@functools.cache
+def _report() -> tuple[int, str, str]:
+    """(return code, stdout, stderr) of SCRIPT, run once for both tests."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     paths = [str(ROOT / "kernels"), str(ROOT / "benchmarks"), env.get("PYTHONPATH", "")]
     env["PYTHONPATH"] = os.pathsep.join(filter(None, paths))
     proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
                           text=True, timeout=600, cwd=ROOT)
-    if proc.stdout.startswith("SKIP"):
-        pytest.skip(proc.stdout.strip())
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def _run() -> dict:
+    code, stdout, stderr = _report()
+    if stdout.startswith("SKIP"):
+        pytest.skip(stdout.strip())
+    assert code == 0, stderr[-3000:]
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def test_compile_report_records_the_default_schedules_and_compiles():
+    """Full tiles: forward, delta, fused dk/dv/dq, cast; partial tiles: forward, dq kernel,
+    dk/dv with 2 stages (``PARTIAL_TILES``). The forward compiles to a real sm_90 kernel."""
+    out = _run()
     assert [n for n, _ in out["tiny"]] == [
         "_sta_fwd_kernel", "_sta_delta_kernel", "_sta_dkdv_kernel", "_scale_cast_kernel"]
     assert [n for n, _ in out["tiny_partial"]] == [
@@ -52,3 +72,17 @@ def test_compile_report_records_the_default_schedules_and_compiles():
     fwd = out["fwd"]
     assert 0 < fwd["registers"] <= 255 and fwd["shared_bytes"] > 0
     assert fwd["spills"] >= 0 and fwd["num_warps"] == 8
+
+
+def test_compile_report_builds_the_gluon_forward_without_spills():
+    """The Gluon forward's launches (D 64 and 128, with and without text slots, 2 and 3
+    stages) build for sm_90: warp-specialised (register reallocation between the
+    partitions), wgmma matmuls, no spills, shared memory in budget."""
+    out = _run()
+    if "gluon" not in out:
+        pytest.skip("the Gluon forward needs triton >= 3.6")
+    assert len(out["gluon"]) == 4
+    for variant in out["gluon"]:
+        assert variant["spills"] == 0, variant
+        assert 0 < variant["shared_bytes"] <= SMEM_PER_BLOCK, variant
+        assert variant["wgmma"] > 0 and variant["setmaxnreg"] > 0, variant
