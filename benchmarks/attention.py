@@ -67,7 +67,7 @@ SHAPES = {
 # The default before TMA loads and the fused dq (v5, benchmarks/NOTES.md); every variant
 # below is a change from it, as measured in its sweep.
 V5 = KernelConfig(fwd_tma=False, dq_tma=False, fused_dq=False, fused_dq_tma=False,
-                  fwd_gluon=False)
+                  fwd_gluon=False, bwd_gluon=False)
 
 VARIANTS = {
     # what a call without a config runs: default_config(device, partial tiles or not)
@@ -164,8 +164,12 @@ VARIANTS = {
     "p_two_s2_dq_s3": KernelConfig(fused_dq=False, bwd_stages=2, dq_block_n=64, dq_stages=3),
     # v11 (issue 15): the forward's video queries by the warp-specialised Gluon kernel at
     # full tiles; v10 = the triton forward everywhere (the default before it)
-    "v10": KernelConfig(fwd_gluon=False),
+    "v10": KernelConfig(fwd_gluon=False, bwd_gluon=False),
     "gluon_s3": KernelConfig(fwd_gluon_stages=3),
+    # v12: the backward's video key blocks by the warp-specialised Gluon kernel (gluon_bwd);
+    # v11 = the triton backward everywhere (the default before it)
+    "v11": KernelConfig(bwd_gluon=False),
+    "gluon_bwd_s3": KernelConfig(bwd_gluon_stages=3),
 }
 
 

@@ -9,8 +9,8 @@ registers, spills and shared memory of the cubin (``cuobjdump`` bundled with tri
 
     PYTHONPATH=kernels python benchmarks/compile_report.py --shape hunyuan --variants default,v9
 
-``--gluon`` adds the Gluon forward (``gluon_report``); its launch register count is the
-kernel's ``maxnreg``, the partitions then reallocate registers among themselves.
+``--gluon`` adds the Gluon forward and backward (``gluon_report``); their launch register count is the
+kernels' ``maxnreg``, the partitions then reallocate registers among themselves.
 
 Numbers match the device only for the triton version the device runs. With triton 3.6 they
 equal what ``kernel_resources()`` reported on the H200 (2026-12-02) for every kernel of the
@@ -189,35 +189,50 @@ def compile_report(launch: Launch, capability: int = 90) -> dict:
     ptx = compiled.asm["ptx"]
     return {"kernel": launch.name, **options, "shared_bytes": compiled.metadata.shared,
             "wgmma": ptx.count("wgmma.mma_async"), "setmaxnreg": ptx.count("setmaxnreg"),
+            "tma_reduce": ptx.count("cp.reduce.async.bulk.tensor"),
             **cubin_report(compiled.asm["cubin"])}
 
 
 def gluon_report(shape: str, stages: int = 2, text: bool = False,
-                 capability: int = 90) -> dict:
-    """Compile the Gluon forward (``sta_kernels.gluon_sta``) as it launches at ``shape``
-    (with 64 text slots when ``text``) and report its resources.
+                 capability: int = 90, kernel: str = "fwd") -> dict:
+    """Compile a Gluon kernel as it launches at ``shape`` (with 64 text slots when
+    ``text``) and report its resources: the forward (``sta_kernels.gluon_sta``, ``kernel``
+    "fwd") or the backward (``sta_kernels.gluon_bwd``, "bwd").
 
-    The host code calls it for CUDA tensors only, so its launch is recorded from
-    ``gluon_sta._launch`` on CPU tensors (never written: ``torch.empty`` allocates lazily).
+    The host code calls them for CUDA tensors only, so a launch is recorded from the
+    module's ``_launch`` on CPU tensors (never written: ``torch.empty`` allocates lazily;
+    the backward's triton stats kernel is recorded, not run).
     """
+    from sta_kernels import gluon_bwd as gb
     from sta_kernels import gluon_sta as gs
 
     if not gs.AVAILABLE:
-        raise RuntimeError(f"the Gluon forward needs triton >= 3.6, this is {triton.__version__}")
+        raise RuntimeError(f"the Gluon kernels need triton >= 3.6, this is {triton.__version__}")
     canvas, tile, heads, head_dim = SHAPES[shape]
     seq = canvas[0] * canvas[1] * canvas[2] + (64 if text else 0)
-    q, k, v, o = (torch.empty(1, seq, heads, head_dim, dtype=torch.bfloat16) for _ in range(4))
-    lse = torch.empty(1, heads, seq)
+    q, k, v, o, do, dk, dv = (torch.empty(1, seq, heads, head_dim, dtype=torch.bfloat16)
+                              for _ in range(7))
+    lse, delta = torch.empty(1, heads, seq), torch.empty(1, heads, seq)
     windows = torch.full((heads, 3), 3, dtype=torch.int32)
     text_len = torch.zeros(1, dtype=torch.int32)
+    scale = head_dim**-0.5
+    module, names = (gs, ["_sta_fwd_ws_kernel"]) if kernel == "fwd" else (
+        gb, ["_frame_stats_kernel", "_sta_bwd_ws_kernel"])
     log: list[Launch] = []
-    kernel = gs._sta_fwd_ws_kernel
-    gs._sta_fwd_ws_kernel = _Recorder("_sta_fwd_ws_kernel", kernel, log)
+    saved = {name: getattr(module, name) for name in names}
+    for name, fn in saved.items():
+        setattr(module, name, _Recorder(name, fn, log))
     try:
-        gs._launch(q, k, v, o, lse, windows, text_len, canvas, tile, head_dim**-0.5, stages)
+        if kernel == "fwd":
+            gs._launch(q, k, v, o, lse, windows, text_len, canvas, tile, scale, stages)
+        else:
+            dq_acc = torch.empty(1, seq, heads, head_dim)
+            gb._launch(do, q, k, v, o, lse, windows, text_len, canvas, tile, scale, delta,
+                       dq_acc, dk, dv, stages)
     finally:
-        gs._sta_fwd_ws_kernel = kernel
-    return {**compile_report(log[0], capability), "stages": stages, "text": text}
+        for name, fn in saved.items():
+            setattr(module, name, fn)
+    return {**compile_report(log[-1], capability), "stages": stages, "text": text}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -228,7 +243,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kernels", default="fwd,dq,dkdv",
                         help="which kernels to compile (fwd, dq, dkdv, delta, cast)")
     parser.add_argument("--gluon", action="store_true",
-                        help="also compile the Gluon forward (2 and 3 stages, with text)")
+                        help="also compile the Gluon forward and backward (2 and 3 stages, "
+                             "with text)")
     args = parser.parse_args(argv)
 
     wanted = {f"_sta_{k}_kernel" if k != "cast" else "_scale_cast_kernel"
@@ -245,10 +261,12 @@ def main(argv: list[str] | None = None) -> None:
                   f"{r['registers']} | {r['spills']} | "
                   f"{r['shared_bytes']} |", flush=True)
     if args.gluon:
-        for stages in (2, 3):
-            r = gluon_report(args.shape, stages=stages, text=True)
-            print(f"| gluon s{stages} | {r['kernel']} | 4+4+1 | - | {r['registers']} at launch "
-                  f"| {r['spills']} | {r['shared_bytes']} |", flush=True)
+        for kernel in ("fwd", "bwd") if SHAPES[args.shape][3] == 128 else ("fwd",):
+            for stages in (2, 3):
+                r = gluon_report(args.shape, stages=stages, text=True, kernel=kernel)
+                print(f"| gluon {kernel} s{stages} | {r['kernel']} | 4+4+1 | - | "
+                      f"{r['registers']} at launch | {r['spills']} | {r['shared_bytes']} |",
+                      flush=True)
 
 
 if __name__ == "__main__":

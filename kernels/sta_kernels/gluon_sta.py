@@ -8,8 +8,8 @@ the way FlashAttention-3 does on Hopper:
 - one producer warp issues the TMA loads of q once and of k and v into a ring of
   ``STAGES`` buffers, k and v on separate barriers so a score matmul can start before its
   v has landed;
-- two consumer warpgroups, one per 64-query frame of a 128-query block, each run the
-  online softmax with the score matmul of key block j issued before the PV matmul of block
+- two consumer warpgroups, one per 64-query frame of a 128-query block, each hold their
+  frame's q in registers (the score matmul's A operand) and run the online softmax with the score matmul of key block j issued before the PV matmul of block
   j - 1 and the exp2s of block j running while that PV matmul is on the tensor cores
   (intra-warpgroup overlap); the two warpgroups share every k/v buffer.
 
@@ -74,6 +74,26 @@ if AVAILABLE:
         return gl.minimum(gl.maximum(qi - w // 2, 0), n - w)
 
     @gluon.jit
+    def _head_window(WIN, h, NT, NH, NW):
+        """Head ``h``'s window (t, h, w) in tiles from the (H, 3) table, clamped to [1, n]."""
+        wt = gl.minimum(gl.maximum(gl.load(WIN + h * 3 + 0), 1), NT)
+        wh = gl.minimum(gl.maximum(gl.load(WIN + h * 3 + 1), 1), NH)
+        ww = gl.minimum(gl.maximum(gl.load(WIN + h * 3 + 2), 1), NW)
+        return wt, wh, ww
+
+    @gluon.jit
+    def _pair_block(pid, NH, NW, TT: gl.constexpr, TH: gl.constexpr, TW: gl.constexpr):
+        """Program ``pid``'s block of two frames (TT // 2 per tile, tiles in raster order):
+        its tile's (t, h, w) tile indices and its first token's (t, h, w)."""
+        SUBS: gl.constexpr = TT // 2
+        tile = pid // SUBS
+        tile_t = tile // (NH * NW)
+        tile_h = (tile // NW) % NH
+        tile_w = tile % NW
+        return (tile_t, tile_h, tile_w,
+                tile_t * TT + (pid % SUBS) * 2, tile_h * TH, tile_w * TW)
+
+    @gluon.jit
     def _key_coords(j, ft, fh, fw, wh, ww, TT: gl.constexpr, TH: gl.constexpr,
                     TW: gl.constexpr, K_SUBS: gl.constexpr):
         """(t, h, w) of the first token of key block ``j`` of a query block's window loop:
@@ -89,9 +109,9 @@ if AVAILABLE:
     def _as_box(buf, desc):
         """The shared buffer ``buf`` viewed as one box of ``desc`` (same bytes and swizzle)."""
         if _PUBLIC_REINTERPRET:
-            view = buf.reinterpret(gl.bfloat16, desc.block_type.shape, desc.layout)
+            view = buf.reinterpret(buf.dtype, desc.block_type.shape, desc.layout)
         else:
-            view = buf._reinterpret(gl.bfloat16, desc.block_type.shape, desc.layout)
+            view = buf._reinterpret(buf.dtype, desc.block_type.shape, desc.layout)
         return view
 
     @gluon.jit
@@ -158,12 +178,15 @@ if AVAILABLE:
         q = q_smem.index(C).reshape([M, HEAD_DIM])
         zero_s = gl.zeros([M, N], gl.float32, s_layout)
         mbarrier.wait(q_bar, 0)
+        # q as the score matmul's register operand: loaded once, it is not re-read from
+        # shared memory by every score wgmma (both consumers also read each k/v tile there)
+        q_op = q.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
 
         # key block 0 (always video): scores, then softmax; its PV matmul waits for the
         # next block's score matmul
         mbarrier.wait(k_ready.index(0), 0)
         kt = k_bufs.index(0).reshape([N, HEAD_DIM]).permute((1, 0))  # (D, N)
-        s_tok = warpgroup_mma(q, kt, zero_s, use_acc=False, is_async=True)
+        s_tok = warpgroup_mma(q_op, kt, zero_s, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(0, deps=(s_tok,))  # (M, N) raw scores
         mbarrier.arrive(k_empty.index(0), count=1)
         m_i = gl.max(s, axis=1) * scale_log2  # (M,) running max, log2 domain
@@ -178,7 +201,7 @@ if AVAILABLE:
             kt = k_bufs.index(stage).reshape([N, HEAD_DIM]).permute((1, 0))
             mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
             v = v_bufs.index(prev).reshape([N, HEAD_DIM])
-            s_tok = warpgroup_mma(q, kt, zero_s, use_acc=False, is_async=True)
+            s_tok = warpgroup_mma(q_op, kt, zero_s, use_acc=False, is_async=True)
             o_tok = warpgroup_mma(p_op, v, acc, is_async=True)
             s = warpgroup_mma_wait(1, deps=(s_tok,))  # the scores; PV may still run
             mbarrier.arrive(k_empty.index(stage), count=1)
@@ -219,7 +242,6 @@ if AVAILABLE:
         STAGES: gl.constexpr, TEXT: gl.constexpr,
     ):
         """One program per video query block (two frames of a tile) and (batch, head)."""
-        Q_SUBS: gl.constexpr = TT // 2  # query blocks of two frames per tile
         K_SUBS: gl.constexpr = TT // 2  # key blocks of two frames per tile
         N: gl.constexpr = 2 * TH * TW
         pid = gl.program_id(0)
@@ -228,16 +250,8 @@ if AVAILABLE:
         h = bh % num_heads
         col = h * HEAD_DIM
         lse_base = bh.to(gl.int64) * seq_len
-        tile = pid // Q_SUBS
-        tile_t = tile // (NH * NW)
-        tile_h = (tile // NW) % NH
-        tile_w = tile % NW
-        t0 = tile_t * TT + (pid % Q_SUBS) * 2
-        h0 = tile_h * TH
-        w0 = tile_w * TW
-        wt = gl.minimum(gl.maximum(gl.load(WIN + h * 3 + 0), 1), NT)
-        wh = gl.minimum(gl.maximum(gl.load(WIN + h * 3 + 1), 1), NH)
-        ww = gl.minimum(gl.maximum(gl.load(WIN + h * 3 + 2), 1), NW)
+        tile_t, tile_h, tile_w, t0, h0, w0 = _pair_block(pid, NH, NW, TT, TH, TW)
+        wt, wh, ww = _head_window(WIN, h, NT, NH, NW)
         ft = _axis_start(tile_t, NT, wt)
         fh = _axis_start(tile_h, NH, wh)
         fw = _axis_start(tile_w, NW, ww)

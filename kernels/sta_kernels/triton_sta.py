@@ -42,7 +42,7 @@ try:  # host-side TMA descriptors (triton >= 3.4)
 except ImportError:  # pragma: no cover - older triton: the TMA switches fall back to loads
     TensorDescriptor = None
 
-from . import gluon_sta
+from . import gluon_bwd, gluon_sta
 from .geometry import num_tiles
 from .support import TRITON_DTYPES, TRITON_HEAD_DIMS
 
@@ -96,6 +96,11 @@ class KernelConfig:
     # other call run _sta_fwd_kernel
     fwd_gluon: bool = True
     fwd_gluon_stages: int = 2
+    # the warp-specialised Gluon backward (gluon_bwd) for the video key blocks of the fused
+    # schedule, where it applies (gluon_bwd.supports: the forward's scope with D = 128);
+    # the text key blocks run _sta_dkdv_kernel
+    bwd_gluon: bool = True
+    bwd_gluon_stages: int = 2
 
 
 # Small blocks keep the interpreter (CPU) fast; tl.dot needs every dimension >= 16.
@@ -607,7 +612,7 @@ def _prescale(k, scale_log2, PRESCALE: tl.constexpr):
 
 @triton.jit
 def _sta_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, WIN, TEXT_LEN, QD, DOD, DQA, DQAD,
+    Q, K, V, DO, LSE, DELTA, DK, DV, WIN, TEXT_LEN, QD, DOD, DQA, DQAD, PID_BASE,
     stride_b, stride_s, stride_h,
     seq_len, num_video, num_heads, num_video_blocks,
     CT, CH, CW, NT, NH, NW,
@@ -620,8 +625,10 @@ def _sta_dkdv_kernel(
 ):
     """dk, dv of one key block; with ``FUSED_DQ`` also its (unscaled) dq contributions,
     added into the fp32 ``DQA`` (B, S, H, D) with atomics (through the TMA descriptor
-    ``DQAD`` for blocks of whole frames when ``DQ_TMA``)."""
+    ``DQAD`` for blocks of whole frames when ``DQ_TMA``). ``PID_BASE`` > 0: only the
+    text key blocks run (the video ones ran in the Gluon backward)."""
     pid, bh, b, h, base = _program(num_heads, stride_b, stride_h)
+    pid += PID_BASE
     Q += base
     K += base
     V += base
@@ -1008,6 +1015,14 @@ def _gluon_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             and k.is_contiguous() and v.is_contiguous())
 
 
+def _gluon_bwd_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                       do: torch.Tensor, lse: torch.Tensor, canvas: Sequence[int],
+                       tile: Sequence[int]) -> bool:
+    """Whether the Gluon backward can run this call's video key blocks (see gluon_bwd)."""
+    return (not is_interpreter() and gluon_bwd.supports(q, canvas, tile)
+            and all(x.is_contiguous() for x in (k, v, o, do, lse)))
+
+
 def _strides(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
@@ -1101,13 +1116,21 @@ def sta_triton_backward(
     dv = torch.empty_like(v)
     if cfg.fused_dq:
         dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32)  # (B, S, H, D)
-        if "dq" in kernels:
+        use_gluon = (cfg.bwd_gluon and "dkdv" in kernels
+                     and _gluon_bwd_applies(q, k, v, o, do, lse, canvas, tile))
+        if "dq" in kernels and not use_gluon:  # (the Gluon backward writes delta itself)
             grid = (triton.cdiv(seq, 128), batch * heads)
             _sta_delta_kernel[grid](o, do, delta, *_strides(q), seq, heads,
                                     HEAD_DIM=head_dim, BLOCK=128, WIDE=geo.wide(q))
         if "dkdv" in kernels:
+            first = 0  # first dk/dv program: past the video key blocks when Gluon ran them
+            if use_gluon:
+                _record("bwd_gluon", gluon_bwd.sta_gluon_backward(
+                    do, q, k, v, o, lse, windows, text_len, canvas, tile, scale, delta,
+                    dq_acc, dk, dv, stages=cfg.bwd_gluon_stages))
+                first = geo.num_tiles * geo.subs(cfg.bwd_block_n)
             _launch_dkdv(cfg, geo, q, k, v, do, lse, delta, dk, dv, windows, text_len, scale,
-                         dq_acc)
+                         dq_acc, first)
         dq = torch.empty_like(q)
         _scale_cast_kernel[(triton.cdiv(dq.numel(), 4096),)](dq_acc, dq, dq.numel(), scale,
                                                               BLOCK=4096)
@@ -1145,12 +1168,16 @@ def _launch_dq(cfg, geo, q, k, v, o, do, lse, delta, dq, windows, text_len, scal
 
 
 def _launch_dkdv(cfg, geo, q, k, v, do, lse, delta, dk, dv, windows, text_len, scale,
-                 dq_acc=None) -> None:
+                 dq_acc=None, first=0) -> None:
+    """The dk/dv kernel's programs from ``first`` on (key blocks: video, then text)."""
     batch, seq, heads, head_dim = q.shape
     common = (*_strides(q), seq, geo.num_video, heads)
     k_subs = geo.subs(cfg.bwd_block_n)
     video_blocks = geo.num_tiles * k_subs
-    grid = (video_blocks + triton.cdiv(geo.num_text, cfg.bwd_block_n), batch * heads)
+    programs = video_blocks + triton.cdiv(geo.num_text, cfg.bwd_block_n) - first
+    if programs == 0:
+        return
+    grid = (programs, batch * heads)
     hoist = geo.hoist(cfg.bwd_block_m, cfg.bwd_block_m, cfg.bwd_block_n,
                      partial=cfg.frames_partial)
     tma = _tma_enabled(cfg.bwd_tma, hoist)
@@ -1160,7 +1187,7 @@ def _launch_dkdv(cfg, geo, q, k, v, do, lse, delta, dk, dv, windows, text_len, s
     _record("dkdv", _sta_dkdv_kernel[grid](
         q, k, v, do, lse, delta, dk, dv, windows, text_len,
         geo.descriptor(q, cfg.bwd_block_m, tma), geo.descriptor(do, cfg.bwd_block_m, tma),
-        dqa, geo.descriptor(dqa, cfg.bwd_block_m, dq_tma),
+        dqa, geo.descriptor(dqa, cfg.bwd_block_m, dq_tma), first,
         *common, video_blocks, *geo.args(), scale, scale * LOG2E,
         TT=geo.tile[0], TH=geo.tile[1], TW=geo.tile[2], HEAD_DIM=head_dim,
         BLOCK_M=cfg.bwd_block_m, BLOCK_N=cfg.bwd_block_n,

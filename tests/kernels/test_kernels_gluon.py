@@ -1,10 +1,12 @@
-"""The warp-specialised Gluon forward (``sta_kernels.gluon_sta``) and its dispatch.
+"""The warp-specialised Gluon kernels (``sta_kernels.gluon_sta`` forward, ``gluon_bwd``
+backward) and their dispatch.
 
-On a Hopper GPU the kernel runs against the float64 reference and against the triton
-forward. Without one, the host code that splits a call between the two kernels (video
-queries by the Gluon kernel, text queries by the triton kernel from a program offset) runs
-in the interpreter with a stand-in for the Gluon kernel. The kernel's sm_90 build (no
-spills, shared memory in budget) is checked in tests/benchmarks/test_benchmarks_compile_report.py.
+On a Hopper GPU the kernels run against the float64 reference and against the triton
+kernels. Without one, the host code that splits a call between the two (video queries or
+video key blocks by the Gluon kernel, text ones by the triton kernel from a program offset)
+runs in the interpreter with a stand-in for the Gluon kernel, and the backward's stats
+kernel (a triton kernel) runs against torch. The kernels' sm_90 builds are checked in
+tests/benchmarks/test_benchmarks_compile_report.py.
 """
 
 from __future__ import annotations
@@ -103,3 +105,121 @@ def test_split_call_runs_text_queries_from_the_program_offset(triton_device, mon
     assert sentinel and sentinel[0] is o
     assert torch.equal(o, whole_o) and torch.equal(lse, whole_lse)
     assert torch.any(o[:, num_video:] != 0)
+
+
+def _grads(q, k, v, do, window, text, canvas, config):
+    """(dq, dk, dv) of the triton entry points with ``config`` (forward, then backward)."""
+    from sta_kernels import triton_sta as ts
+
+    args = (window.to(torch.int32).to(q.device), text.to(torch.int32).to(q.device), canvas,
+            (6, 8, 8), q.shape[-1] ** -0.5)
+    o, lse = ts.sta_triton_forward(q, k, v, *args, config)
+    return ts.sta_triton_backward(do, q, k, v, o, lse, *args, config)
+
+
+@pytest.mark.parametrize("name", ["video_only", "joint_text"])
+def test_gluon_backward_matches_reference_and_triton(name, monkeypatch):
+    """dq, dk, dv of the Gluon backward (video key blocks; text key blocks by the triton
+    kernel) within the low-precision kernels' error of the fp64 truth and equal to the
+    triton backward's to a few bf16 roundings (dk, dv measured bitwise equal on the H200;
+    dq differs by the order of its fp32 reduce-adds)."""
+    if not _hopper():
+        pytest.skip("the Gluon backward needs a Hopper GPU")
+    from sta_kernels import gluon_bwd
+    from sta_kernels import triton_sta as ts
+
+    batch, canvas, window, text, slots, head_dim = CASES[name]
+    window, text = torch.tensor(window), torch.tensor(text)
+    q, k, v, do = make_qkv(batch, canvas, slots, window.shape[0], head_dim, torch.bfloat16,
+                           torch.device("cuda"))
+    calls = []
+    launch = gluon_bwd.sta_gluon_backward
+    monkeypatch.setattr(gluon_bwd, "sta_gluon_backward",
+                        lambda *a, **k: calls.append(1) or launch(*a, **k))
+    got = _grads(q, k, v, do, window, text, canvas, ts.default_config(q.device))
+    assert calls, "the Gluon backward did not run"
+    triton_only = _grads(q, k, v, do, window, text, canvas,
+                         replace(ts.default_config(q.device), bwd_gluon=False))
+    assert len(calls) == 1
+    leaves = [x.double().cpu().requires_grad_() for x in (q, k, v)]
+    o = sliding_tile_attention(*leaves, canvas=canvas, tile=(6, 8, 8), window=window,
+                               text_len=text, backend="reference")
+    ref = torch.autograd.grad(o, leaves, do.double().cpu())
+    for label, g, t, r in zip(("dq", "dk", "dv"), got, triton_only, ref, strict=True):
+        assert torch.isfinite(g).all(), label
+        assert rel_err(g, t) < 1e-3, label
+        assert rel_err(g.cpu(), r) <= 1.1 * rel_err(t.cpu(), r) + 1e-4, label
+
+
+def test_frame_stats_rows_match_torch(triton_device):
+    """The backward's stats kernel: delta = rowsum(o * do) in the raster layout for every
+    row, and per block of TH * TW queries (frames of the canvas in (t, tile row, tile
+    column) order, then the text rows) its lse and delta, with lse +1e30 and delta 0 where
+    the row is no query (text padding, rows past the sequence)."""
+    from sta_kernels import gluon_bwd
+
+    canvas, tile, heads, text_slots = (4, 16, 16), (2, 8, 8), 2, 70
+    o, do, _, _ = make_qkv(2, canvas, text_slots, heads, 16, torch.bfloat16, triton_device,
+                           seed=5)
+    num_video = math.prod(canvas)
+    lse = torch.randn(2, heads, num_video + text_slots, generator=torch.Generator().manual_seed(6)
+                      ).to(triton_device)
+    text = torch.tensor([70, 5], dtype=torch.int32, device=triton_device)
+    delta = torch.full_like(lse, float("nan"))
+    stats = gluon_bwd.frame_stats(o, do, lse, delta, text, canvas, tile).cpu()
+    want = (o.float() * do.float()).sum(-1).transpose(1, 2).cpu()  # (B, H, S)
+    torch.testing.assert_close(delta.cpu(), want, rtol=0, atol=1e-5)
+    blocks = 16 + 2  # 4 frames x 2 x 2 tiles of 64 queries, then 70 text rows in 2 blocks
+    stats = stats.view(2, heads, blocks, 128)
+    lse = lse.cpu()
+    # block 3: frame t=0, tile row 1, tile column 1
+    tok = torch.tensor([(8 + r // 8) * 16 + 8 + r % 8 for r in range(64)])
+    assert torch.equal(stats[:, :, 3, :64], lse[:, :, tok])
+    torch.testing.assert_close(stats[:, :, 3, 64:], want[:, :, tok], rtol=0, atol=1e-5)
+    # block 4: frame t=1, tile row 0, tile column 0
+    tok = torch.tensor([256 + (r // 8) * 16 + r % 8 for r in range(64)])
+    assert torch.equal(stats[:, :, 4, :64], lse[:, :, tok])
+    # text: batch 0 has 70 valid rows (block 17 holds 6 of them), batch 1 has 5
+    first = stats[:, :, 16]
+    assert torch.equal(first[0, :, :64], lse[0, :, num_video:num_video + 64])
+    assert torch.equal(first[1, :, :5], lse[1, :, num_video:num_video + 5])
+    assert (first[1, :, 5:64] == 1e30).all() and (first[1, :, 64 + 5:] == 0).all()
+    second = stats[:, :, 17]
+    assert torch.equal(second[0, :, :6], lse[0, :, num_video + 64:])
+    assert (second[0, :, 6:64] == 1e30).all() and (second[0, :, 64 + 6:] == 0).all()
+    assert (second[1, :, :64] == 1e30).all()
+
+
+def test_split_backward_runs_text_keys_from_the_program_offset(triton_device, monkeypatch):
+    """With the Gluon kernel taking the video key blocks, the triton dk/dv kernel launches
+    only the text key blocks (program offset past the video blocks): the text rows of dk and
+    dv equal the unsplit call's, and the video rows (written here by a stand-in that also
+    fills delta through the real stats kernel) are not overwritten."""
+    from sta_kernels import gluon_bwd
+    from sta_kernels import triton_sta as ts
+
+    canvas, tile, slots = (4, 4, 8), (2, 2, 4), 24
+    window, text = torch.tensor([[1, 1, 1], [2, 1, 2]]), torch.tensor([21, 6])
+    q, k, v, do = make_qkv(2, canvas, slots, 2, 16, torch.bfloat16, triton_device, seed=11)
+    args = (window.to(torch.int32).to(triton_device), text.to(torch.int32).to(triton_device),
+            canvas, tile, 0.25)
+    o, lse = ts.sta_triton_forward(q, k, v, *args)
+    whole = ts.sta_triton_backward(do, q, k, v, o, lse, *args)
+    num_video = math.prod(canvas)
+    calls = []
+
+    def stand_in(do, q, k, v, o, lse, windows, text_len, canvas, tile, scale, delta, dq_acc,
+                 dk, dv, stages=2):
+        gluon_bwd.frame_stats(o, do, lse, delta, text_len, canvas, tile)
+        dk[:, :num_video] = 7.0
+        dv[:, :num_video] = 7.0
+        calls.append(dq_acc)
+
+    monkeypatch.setattr(ts, "_gluon_bwd_applies", lambda *a: True)
+    monkeypatch.setattr(gluon_bwd, "sta_gluon_backward", stand_in)
+    _, dk, dv = ts.sta_triton_backward(do, q, k, v, o, lse, *args)
+    assert len(calls) == 1 and calls[0].dtype == torch.float32
+    for got, want in ((dk, whole[1]), (dv, whole[2])):
+        assert torch.equal(got[:, num_video:], want[:, num_video:])
+        assert torch.any(got[:, num_video:] != 0)
+        assert torch.all(got[:, :num_video] == 7.0)
