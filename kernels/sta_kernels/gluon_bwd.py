@@ -340,35 +340,11 @@ def supports(q: torch.Tensor, canvas: Sequence[int], tile: Sequence[int]) -> boo
     return q.shape[-1] == 128 and gluon_sta.supports(q, canvas, tile)
 
 
-def video_key_blocks(canvas: Sequence[int], tile: Sequence[int]) -> int:
-    """Programs of the kernel per (batch, head): one per two frames of every tile."""
-    return gluon_sta.video_blocks(canvas, tile)
-
-
 def _stats_descriptor(stats: torch.Tensor):
     """TMA descriptor of the (rows, 128) fp32 stats buffer, box one row."""
     block = [1, STATS]
     layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
     return TensorDescriptor(stats, list(stats.shape), [stats.stride(0), 1], block, layout)
-
-
-def _half_descriptor(x: torch.Tensor, canvas: Sequence[int], tile: Sequence[int],
-                     frames: bool):
-    """TMA descriptor of the fp32 dq buffer ``x`` (B, S, H, D) with a box of half a head's
-    columns: one (TH, TW) frame of the (B, CT, CH, CW, H * D) view (``frames``), or 64 rows
-    of the (B, S, H * D) view (the text rows)."""
-    batch, seq, heads, head_dim = x.shape
-    if frames:
-        ct, ch, cw = (int(c) for c in canvas)
-        shape = [batch, ct, ch, cw, heads * head_dim]
-        row = x.stride(1)
-        strides = [x.stride(0), ch * cw * row, cw * row, row, 1]
-        block = [1, 1, int(tile[1]), int(tile[2]), head_dim // 2]
-    else:
-        shape, strides = [batch, seq, heads * head_dim], [x.stride(0), x.stride(1), 1]
-        block = [1, FRAME, head_dim // 2]
-    layout = gl.NVMMASharedLayout.get_default_for(block, gl.float32)
-    return TensorDescriptor(x, shape, strides, block, layout)
 
 
 def sta_gluon_backward(
@@ -442,12 +418,12 @@ def _launch(do, q, k, v, o, lse, windows, text_len, canvas, tile, scale, delta, 
     num_video = int(canvas[0]) * int(canvas[1]) * int(canvas[2])
     stats = frame_stats(o, do, lse, delta, text_len, canvas, tile)
     num_blocks = stats.shape[0] // (batch * heads)
-    return _sta_bwd_ws_kernel[(video_key_blocks(canvas, tile), batch * heads)](
+    return _sta_bwd_ws_kernel[(gluon_sta.video_blocks(canvas, tile), batch * heads)](
         _frames_descriptor(q, canvas, tile, 1), _frames_descriptor(do, canvas, tile, 1),
         _frames_descriptor(k, canvas, tile, 2), _frames_descriptor(v, canvas, tile, 2),
         _rows_descriptor(q, FRAME), _rows_descriptor(do, FRAME), _stats_descriptor(stats),
-        _half_descriptor(dq_acc, canvas, tile, frames=True),
-        _half_descriptor(dq_acc, canvas, tile, frames=False), dk, dv, windows, text_len,
+        _frames_descriptor(dq_acc, canvas, tile, 1, head_dim // 2),  # half a head of dq
+        _rows_descriptor(dq_acc, FRAME, head_dim // 2), dk, dv, windows, text_len,
         q.stride(0), num_video, heads, int(canvas[1]), int(canvas[2]), *n, num_blocks, scale,
         scale * gluon_sta.LOG2E,
         TT=int(tile[0]), TH=int(tile[1]), TW=int(tile[2]), HEAD_DIM=head_dim,

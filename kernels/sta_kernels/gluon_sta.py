@@ -306,27 +306,34 @@ def supports(q: torch.Tensor, canvas: Sequence[int], tile: Sequence[int]) -> boo
             and all(int(c) % int(t) == 0 for c, t in zip(canvas, tile, strict=True)))
 
 
+_GL_DTYPES = {torch.bfloat16: "bfloat16", torch.float32: "float32"}
+
+
+def _descriptor(x: torch.Tensor, shape: list[int], strides: list[int], block: list[int]):
+    """TMA descriptor of ``x`` viewed as ``shape`` / ``strides``, box ``block``, in the
+    default NVMMA shared layout of ``x``'s dtype (bf16 tensors, the fp32 dq buffer)."""
+    layout = gl.NVMMASharedLayout.get_default_for(block, getattr(gl, _GL_DTYPES[x.dtype]))
+    return TensorDescriptor(x, shape, strides, block, layout)
+
+
 def _frames_descriptor(x: torch.Tensor, canvas: Sequence[int], tile: Sequence[int],
-                       frames: int):
+                       frames: int, cols: int | None = None):
     """TMA descriptor of ``x``'s video tokens (B, S, H, D) as (B, CT, CH, CW, H * D), box
-    ``frames`` whole (TH, TW) frames of one head."""
+    ``frames`` whole (TH, TW) frames of ``cols`` columns (default: one head's D)."""
     batch, _, heads, head_dim = x.shape
     ct, ch, cw = (int(c) for c in canvas)
     row = x.stride(1)
-    block = [1, frames, int(tile[1]), int(tile[2]), head_dim]
-    layout = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16)
-    return TensorDescriptor(x, [batch, ct, ch, cw, heads * head_dim],
-                            [x.stride(0), ch * cw * row, cw * row, row, 1], block, layout)
+    return _descriptor(x, [batch, ct, ch, cw, heads * head_dim],
+                       [x.stride(0), ch * cw * row, cw * row, row, 1],
+                       [1, frames, int(tile[1]), int(tile[2]), cols or head_dim])
 
 
-def _rows_descriptor(x: torch.Tensor, rows: int):
-    """TMA descriptor of ``x`` (B, S, H, D) as (B, S, H * D), box ``rows`` tokens of one
-    head (the text tokens after the video)."""
+def _rows_descriptor(x: torch.Tensor, rows: int, cols: int | None = None):
+    """TMA descriptor of ``x`` (B, S, H, D) as (B, S, H * D), box ``rows`` tokens of
+    ``cols`` columns (default: one head's D; the text tokens after the video)."""
     batch, seq, heads, head_dim = x.shape
-    block = [1, rows, head_dim]
-    layout = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16)
-    return TensorDescriptor(x, [batch, seq, heads * head_dim], [x.stride(0), x.stride(1), 1],
-                            block, layout)
+    return _descriptor(x, [batch, seq, heads * head_dim], [x.stride(0), x.stride(1), 1],
+                       [1, rows, cols or head_dim])
 
 
 def video_blocks(canvas: Sequence[int], tile: Sequence[int]) -> int:

@@ -1008,19 +1008,12 @@ def kernel_resources() -> dict[str, dict[str, int]]:
     return {name: dict(report) for name, report in _RESOURCES.items()}
 
 
-def _gluon_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   canvas: Sequence[int], tile: Sequence[int]) -> bool:
-    """Whether the Gluon forward can run this call's video queries (see gluon_sta)."""
-    return (not is_interpreter() and gluon_sta.supports(q, canvas, tile)
-            and k.is_contiguous() and v.is_contiguous())
-
-
-def _gluon_bwd_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                       do: torch.Tensor, lse: torch.Tensor, canvas: Sequence[int],
-                       tile: Sequence[int]) -> bool:
-    """Whether the Gluon backward can run this call's video key blocks (see gluon_bwd)."""
-    return (not is_interpreter() and gluon_bwd.supports(q, canvas, tile)
-            and all(x.is_contiguous() for x in (k, v, o, do, lse)))
+def _gluon_applies(supports, q: torch.Tensor, canvas: Sequence[int], tile: Sequence[int],
+                   *others: torch.Tensor) -> bool:
+    """Whether a Gluon kernel (``supports``: gluon_sta's or gluon_bwd's scope check) can run
+    this call's video blocks: a GPU run, the call in its scope, ``others`` contiguous."""
+    return (not is_interpreter() and supports(q, canvas, tile)
+            and all(x.is_contiguous() for x in others))
 
 
 def _strides(x: torch.Tensor) -> tuple[int, int, int]:
@@ -1054,7 +1047,7 @@ def sta_triton_forward(
     q_subs = geo.subs(cfg.fwd_block_m)
     video_blocks = geo.num_tiles * q_subs
     first = 0  # first program: past the video query blocks when the Gluon kernel ran them
-    if cfg.fwd_gluon and _gluon_applies(q, k, v, canvas, tile):
+    if cfg.fwd_gluon and _gluon_applies(gluon_sta.supports, q, canvas, tile, k, v):
         _record("fwd_gluon", gluon_sta.sta_gluon_video_forward(
             q, k, v, o, lse, windows, text_len, canvas, tile, scale,
             stages=cfg.fwd_gluon_stages))
@@ -1117,20 +1110,18 @@ def sta_triton_backward(
     if cfg.fused_dq:
         dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32)  # (B, S, H, D)
         use_gluon = (cfg.bwd_gluon and "dkdv" in kernels
-                     and _gluon_bwd_applies(q, k, v, o, do, lse, canvas, tile))
+                     and _gluon_applies(gluon_bwd.supports, q, canvas, tile, k, v, o, do, lse))
         if "dq" in kernels and not use_gluon:  # (the Gluon backward writes delta itself)
             grid = (triton.cdiv(seq, 128), batch * heads)
             _sta_delta_kernel[grid](o, do, delta, *_strides(q), seq, heads,
                                     HEAD_DIM=head_dim, BLOCK=128, WIDE=geo.wide(q))
         if "dkdv" in kernels:
-            first = 0  # first dk/dv program: past the video key blocks when Gluon ran them
             if use_gluon:
                 _record("bwd_gluon", gluon_bwd.sta_gluon_backward(
                     do, q, k, v, o, lse, windows, text_len, canvas, tile, scale, delta,
                     dq_acc, dk, dv, stages=cfg.bwd_gluon_stages))
-                first = geo.num_tiles * geo.subs(cfg.bwd_block_n)
             _launch_dkdv(cfg, geo, q, k, v, do, lse, delta, dk, dv, windows, text_len, scale,
-                         dq_acc, first)
+                         dq_acc, text_only=use_gluon)
         dq = torch.empty_like(q)
         _scale_cast_kernel[(triton.cdiv(dq.numel(), 4096),)](dq_acc, dq, dq.numel(), scale,
                                                               BLOCK=4096)
@@ -1168,12 +1159,14 @@ def _launch_dq(cfg, geo, q, k, v, o, do, lse, delta, dq, windows, text_len, scal
 
 
 def _launch_dkdv(cfg, geo, q, k, v, do, lse, delta, dk, dv, windows, text_len, scale,
-                 dq_acc=None, first=0) -> None:
-    """The dk/dv kernel's programs from ``first`` on (key blocks: video, then text)."""
+                 dq_acc=None, text_only=False) -> None:
+    """The dk/dv kernel over the video, then the text key blocks; with ``text_only`` (the
+    Gluon backward ran the video ones) its programs start past the video blocks."""
     batch, seq, heads, head_dim = q.shape
     common = (*_strides(q), seq, geo.num_video, heads)
     k_subs = geo.subs(cfg.bwd_block_n)
     video_blocks = geo.num_tiles * k_subs
+    first = video_blocks if text_only else 0
     programs = video_blocks + triton.cdiv(geo.num_text, cfg.bwd_block_n) - first
     if programs == 0:
         return

@@ -34,6 +34,23 @@ CASES = {
 }
 
 
+def _case(name):
+    """(canvas, window, text, q, k, v, do) of ``CASES[name]`` on the GPU, bf16."""
+    batch, canvas, window, text, slots, head_dim = CASES[name]
+    window, text = torch.tensor(window), torch.tensor(text)
+    q, k, v, do = make_qkv(batch, canvas, slots, window.shape[0], head_dim, torch.bfloat16,
+                           torch.device("cuda"))
+    return canvas, window, text, q, k, v, do
+
+
+def _count_calls(monkeypatch, module, name: str) -> list:
+    """Wrap ``module.name`` so that each call appends to the returned list."""
+    calls = []
+    launch = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or launch(*a, **k))
+    return calls
+
+
 def _run(q, k, v, do, **kw):
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
     o = sliding_tile_attention(*leaves, **kw)
@@ -50,15 +67,9 @@ def test_gluon_forward_matches_reference_and_triton(name, monkeypatch):
     from sta_kernels import gluon_sta
     from sta_kernels import triton_sta as ts
 
-    batch, canvas, window, text, slots, head_dim = CASES[name]
-    window, text = torch.tensor(window), torch.tensor(text)
-    q, k, v, do = make_qkv(batch, canvas, slots, window.shape[0], head_dim, torch.bfloat16,
-                           torch.device("cuda"))
+    canvas, window, text, q, k, v, do = _case(name)
     kw = dict(canvas=canvas, tile=(6, 8, 8), window=window, text_len=text, backend="triton")
-    calls = []
-    launch = gluon_sta.sta_gluon_video_forward
-    monkeypatch.setattr(gluon_sta, "sta_gluon_video_forward",
-                        lambda *a, **k: calls.append(1) or launch(*a, **k))
+    calls = _count_calls(monkeypatch, gluon_sta, "sta_gluon_video_forward")
     got = _run(q, k, v, do, **kw)
     assert calls, "the Gluon forward did not run"
     plain = replace(ts.default_config(q.device), fwd_gluon=False)
@@ -128,23 +139,15 @@ def test_gluon_backward_matches_reference_and_triton(name, monkeypatch):
     from sta_kernels import gluon_bwd
     from sta_kernels import triton_sta as ts
 
-    batch, canvas, window, text, slots, head_dim = CASES[name]
-    window, text = torch.tensor(window), torch.tensor(text)
-    q, k, v, do = make_qkv(batch, canvas, slots, window.shape[0], head_dim, torch.bfloat16,
-                           torch.device("cuda"))
-    calls = []
-    launch = gluon_bwd.sta_gluon_backward
-    monkeypatch.setattr(gluon_bwd, "sta_gluon_backward",
-                        lambda *a, **k: calls.append(1) or launch(*a, **k))
+    canvas, window, text, q, k, v, do = _case(name)
+    calls = _count_calls(monkeypatch, gluon_bwd, "sta_gluon_backward")
     got = _grads(q, k, v, do, window, text, canvas, ts.default_config(q.device))
     assert calls, "the Gluon backward did not run"
     triton_only = _grads(q, k, v, do, window, text, canvas,
                          replace(ts.default_config(q.device), bwd_gluon=False))
     assert len(calls) == 1
-    leaves = [x.double().cpu().requires_grad_() for x in (q, k, v)]
-    o = sliding_tile_attention(*leaves, canvas=canvas, tile=(6, 8, 8), window=window,
-                               text_len=text, backend="reference")
-    ref = torch.autograd.grad(o, leaves, do.double().cpu())
+    _, *ref = _run(*(x.double().cpu() for x in (q, k, v, do)), canvas=canvas, tile=(6, 8, 8),
+                   window=window, text_len=text, backend="reference")
     for label, g, t, r in zip(("dq", "dk", "dv"), got, triton_only, ref, strict=True):
         assert torch.isfinite(g).all(), label
         assert rel_err(g, t) < 1e-3, label
@@ -215,7 +218,7 @@ def test_split_backward_runs_text_keys_from_the_program_offset(triton_device, mo
         dv[:, :num_video] = 7.0
         calls.append(dq_acc)
 
-    monkeypatch.setattr(ts, "_gluon_bwd_applies", lambda *a: True)
+    monkeypatch.setattr(ts, "_gluon_applies", lambda *a: True)
     monkeypatch.setattr(gluon_bwd, "sta_gluon_backward", stand_in)
     _, dk, dv = ts.sta_triton_backward(do, q, k, v, o, lse, *args)
     assert len(calls) == 1 and calls[0].dtype == torch.float32
