@@ -55,7 +55,7 @@ SHAPES = {
 KERNELS = ("_sta_fwd_kernel", "_sta_dq_kernel", "_sta_dkdv_kernel", "_sta_delta_kernel",
            "_scale_cast_kernel")
 TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
-         torch.int32: "i32", torch.int64: "i64"}
+         torch.int32: "i32", torch.int64: "i64", torch.float8_e4m3fn: "fp8e4nv"}
 
 
 @dataclass
@@ -190,6 +190,7 @@ def compile_report(launch: Launch, capability: int = 90) -> dict:
     return {"kernel": launch.name, **options, "shared_bytes": compiled.metadata.shared,
             "wgmma": ptx.count("wgmma.mma_async"), "setmaxnreg": ptx.count("setmaxnreg"),
             "tma_reduce": ptx.count("cp.reduce.async.bulk.tensor"),
+            "shfl_idx": ptx.count("shfl.sync.idx"),
             **cubin_report(compiled.asm["cubin"])}
 
 
@@ -197,13 +198,15 @@ def gluon_report(shape: str, stages: int = 2, text: bool = False,
                  capability: int = 90, kernel: str = "fwd") -> dict:
     """Compile a Gluon kernel as it launches at ``shape`` (with 64 text slots when
     ``text``) and report its resources: the forward (``sta_kernels.gluon_sta``, ``kernel``
-    "fwd") or the backward (``sta_kernels.gluon_bwd``, "bwd").
+    "fwd"), the backward (``sta_kernels.gluon_bwd``, "bwd") or the FP8 forward
+    (``sta_kernels.gluon_fp8``, "fp8").
 
     The host code calls them for CUDA tensors only, so a launch is recorded from the
     module's ``_launch`` on CPU tensors (never written: ``torch.empty`` allocates lazily;
     the backward's triton stats kernel is recorded, not run).
     """
     from sta_kernels import gluon_bwd as gb
+    from sta_kernels import gluon_fp8 as gf
     from sta_kernels import gluon_sta as gs
 
     if not gs.AVAILABLE:
@@ -216,8 +219,9 @@ def gluon_report(shape: str, stages: int = 2, text: bool = False,
     windows = torch.full((heads, 3), 3, dtype=torch.int32)
     text_len = torch.zeros(1, dtype=torch.int32)
     scale = head_dim**-0.5
-    module, names = (gs, ["_sta_fwd_ws_kernel"]) if kernel == "fwd" else (
-        gb, ["_frame_stats_kernel", "_sta_bwd_ws_kernel"])
+    module, names = {"fwd": (gs, ["_sta_fwd_ws_kernel"]),
+                     "bwd": (gb, ["_frame_stats_kernel", "_sta_bwd_ws_kernel"]),
+                     "fp8": (gf, ["_sta_fwd_fp8_kernel"])}[kernel]
     log: list[Launch] = []
     saved = {name: getattr(module, name) for name in names}
     for name, fn in saved.items():
@@ -225,6 +229,15 @@ def gluon_report(shape: str, stages: int = 2, text: bool = False,
     try:
         if kernel == "fwd":
             gs._launch(q, k, v, o, lse, windows, text_len, canvas, tile, scale, stages)
+        elif kernel == "fp8":
+            video, blocks = gf.packed_blocks(canvas, tile, seq)
+            f8, rows = torch.float8_e4m3fn, gf.BLOCK
+            ops = gf.Fp8Operands(
+                torch.empty(1, heads, blocks * rows, head_dim, dtype=f8),
+                torch.empty(1, heads, blocks),
+                torch.empty(1, heads, head_dim, blocks * rows, dtype=f8),
+                torch.empty(1, heads, blocks), torch.empty(1, heads), video, blocks)
+            gf._launch(q, ops, o, windows, text_len, canvas, tile, scale, stages)
         else:
             dq_acc = torch.empty(1, seq, heads, head_dim)
             gb._launch(do, q, k, v, o, lse, windows, text_len, canvas, tile, scale, delta,
@@ -261,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"{r['registers']} | {r['spills']} | "
                   f"{r['shared_bytes']} |", flush=True)
     if args.gluon:
-        for kernel in ("fwd", "bwd") if SHAPES[args.shape][3] == 128 else ("fwd",):
+        for kernel in ("fwd", "bwd", "fp8") if SHAPES[args.shape][3] == 128 else ("fwd",):
             for stages in (2, 3):
                 r = gluon_report(args.shape, stages=stages, text=True, kernel=kernel)
                 print(f"| gluon {kernel} s{stages} | {r['kernel']} | 4+4+1 | - | "

@@ -69,6 +69,7 @@ def sliding_tile_attention(
     text_len: int | torch.Tensor = 0,
     scale: float | None = None,
     backend: str = "auto",
+    fp8: bool = False,
 ) -> torch.Tensor:
     """Sliding Tile Attention over a 3D video token grid with optional joint text.
 
@@ -84,6 +85,13 @@ def sliding_tile_attention(
         backend: "auto" (see ``resolve_backend``: triton on CUDA for bf16/fp16, reference
             off CUDA; on CUDA a call that is dense attention, see ``runs_dense``, runs
             SDPA), "triton", "flex" or "reference".
+        fp8: run the video queries' attention in float8 e4m3 (``sta_kernels.gluon_fp8``: q
+            scaled per token, k shifted by its mean and scaled per 128-key block, v per
+            channel, both matmuls in FP8 with fp32 accumulation). For sampling: no
+            backward, and it needs the triton backend on a Hopper GPU with bf16 inputs,
+            D = 128 and tiles of 64-token frames that divide the canvas (text queries run
+            in bf16). Its output differs from the bf16 kernel's by about 5e-2 (relative
+            norm, benchmarks/NOTES.md).
     Returns:
         o: (B, S, H, D) in q's dtype; rows of padding text queries are 0.
     """
@@ -112,6 +120,8 @@ def sliding_tile_attention(
             "pass text_len for joint attention"
         )
     scale = head_dim**-0.5 if scale is None else float(scale)
+    if fp8:
+        return _fp8_attention(q, k, v, canvas, tile, windows, lengths, scale, backend)
     dense = (
         backend == "auto" and q.is_cuda and not torch.compiler.is_compiling()
         and runs_dense(windows, canvas, tile, lengths, seq - num_video)
@@ -129,3 +139,18 @@ def sliding_tile_attention(
     from .triton_sta import sta_triton
 
     return sta_triton(q, k, v, canvas, tile, windows, lengths, scale)
+
+
+def _fp8_attention(q, k, v, canvas, tile, windows, lengths, scale, backend) -> torch.Tensor:
+    """``sliding_tile_attention(..., fp8=True)`` after its common checks."""
+    if backend not in ("auto", "triton"):
+        raise ValueError(f"fp8=True runs the triton backend; backend={backend!r} cannot")
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        raise ValueError("fp8=True has no backward: call it under torch.no_grad() or "
+                         "torch.inference_mode() (sampling), or train with fp8=False")
+    from .triton_sta import fp8_unsupported, sta_triton
+
+    reason = fp8_unsupported(q, canvas, tile)
+    if reason:
+        raise ValueError(f"fp8=True: the FP8 kernel {reason}")
+    return sta_triton(q, k, v, canvas, tile, windows, lengths, scale, fp8=True)

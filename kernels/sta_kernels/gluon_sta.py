@@ -235,6 +235,24 @@ if AVAILABLE:
         tma.store_wait(0)
 
     @gluon.jit
+    def _ring_barriers(STAGES: gl.constexpr):
+        """The forward's mbarriers, initialised: q's, and per stage of the k/v ring a ready
+        barrier (the producer's TMA) and an empty one (released by both consumers) for k and
+        for v. Returns (q_bar, k_ready, k_empty, v_ready, v_empty)."""
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(k_empty.index(i), count=2)  # both consumers release a buffer
+            mbarrier.init(v_empty.index(i), count=2)
+        return q_bar, k_ready, k_empty, v_ready, v_empty
+
+    @gluon.jit
     def _sta_fwd_ws_kernel(
         q_desc, k_desc, v_desc, o_desc, kt_desc, vt_desc, LSE, WIN, TEXT_LEN,
         seq_len, num_video, num_heads, CH, CW, NT, NH, NW, scale_log2,
@@ -267,17 +285,7 @@ if AVAILABLE:
                                            k_desc.layout)
         v_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES] + v_desc.block_type.shape,
                                            v_desc.layout)
-        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(q_bar, count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(k_ready.index(i), count=1)
-            mbarrier.init(v_ready.index(i), count=1)
-            mbarrier.init(k_empty.index(i), count=2)  # both consumers release a buffer
-            mbarrier.init(v_empty.index(i), count=2)
+        q_bar, k_ready, k_empty, v_ready, v_empty = _ring_barriers(STAGES)
 
         gl.warp_specialize([
             (_consumer, (o_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready,

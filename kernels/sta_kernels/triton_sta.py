@@ -42,7 +42,7 @@ try:  # host-side TMA descriptors (triton >= 3.4)
 except ImportError:  # pragma: no cover - older triton: the TMA switches fall back to loads
     TensorDescriptor = None
 
-from . import gluon_bwd, gluon_sta
+from . import gluon_bwd, gluon_fp8, gluon_sta
 from .geometry import num_tiles
 from .support import TRITON_DTYPES, TRITON_HEAD_DIMS
 
@@ -101,6 +101,7 @@ class KernelConfig:
     # the text key blocks run _sta_dkdv_kernel
     bwd_gluon: bool = True
     bwd_gluon_stages: int = 2
+    fwd_fp8_stages: int = 3  # the FP8 forward (gluon_fp8), where a call asks for it
 
 
 # Small blocks keep the interpreter (CPU) fast; tl.dot needs every dimension >= 16.
@@ -1016,6 +1017,27 @@ def _gluon_applies(supports, q: torch.Tensor, canvas: Sequence[int], tile: Seque
             and all(x.is_contiguous() for x in others))
 
 
+def fp8_unsupported(q: torch.Tensor, canvas: Sequence[int], tile: Sequence[int]
+                    ) -> str | None:
+    """Why the FP8 forward cannot run this call (None when it can): it needs a Hopper GPU,
+    triton >= 3.6, bf16 inputs with D = 128, and full tiles (the tile divides the canvas)
+    of an even number of 64-token (TH, TW) frames."""
+    if is_interpreter() or not q.is_cuda:
+        return f"needs a CUDA (Hopper) device, got {q.device}"
+    if not gluon_fp8.AVAILABLE:
+        return f"needs triton >= 3.6 (Gluon), this is {triton.__version__}"
+    if torch.cuda.get_device_capability(q.device)[0] != 9:
+        return f"needs a Hopper GPU (sm_90), got {torch.cuda.get_device_name(q.device)}"
+    if q.dtype != torch.bfloat16 or q.shape[-1] != 128:
+        return f"needs bf16 inputs with head dim 128, got {q.dtype} D={q.shape[-1]}"
+    tt, th, tw = (int(t) for t in tile)
+    if th * tw != gluon_sta.FRAME or tt % 2 or any(
+            int(c) % int(t) for c, t in zip(canvas, tile, strict=True)):
+        return (f"needs full tiles (the tile divides the canvas) of an even number of "
+                f"{gluon_sta.FRAME}-token frames, got canvas {tuple(canvas)} tile {tuple(tile)}")
+    return None
+
+
 def _strides(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
@@ -1030,12 +1052,15 @@ def sta_triton_forward(
     tile: Sequence[int],
     scale: float,
     config: KernelConfig | None = None,
+    fp8: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel.
 
     Args:
         q, k, v: (B, S, H, D) contiguous, bf16/fp16, on the kernel device.
         windows: (H, 3) int32 on the kernel device; text_len: (B,) int32 on the kernel device.
+        fp8: the video queries through the FP8 kernel (``gluon_fp8``; the call must be in
+            its scope, see ``fp8_unsupported``); their lse rows are then not written (NaN).
     Returns:
         o: (B, S, H, D); lse: (B, H, S) float32 log2-domain log-sum-exp (0 at padding).
     """
@@ -1046,8 +1071,17 @@ def sta_triton_forward(
     lse = torch.empty(batch, heads, seq, device=q.device, dtype=torch.float32)
     q_subs = geo.subs(cfg.fwd_block_m)
     video_blocks = geo.num_tiles * q_subs
-    first = 0  # first program: past the video query blocks when the Gluon kernel ran them
-    if cfg.fwd_gluon and _gluon_applies(gluon_sta.supports, q, canvas, tile, k, v):
+    first = 0  # first program: past the video query blocks when a Gluon kernel ran them
+    if fp8:
+        reason = fp8_unsupported(q, canvas, tile)
+        if reason or not _gluon_applies(gluon_fp8.supports, q, canvas, tile, k, v):
+            raise ValueError(f"fp8 forward: {reason or 'needs contiguous q, k, v'}")
+        ops = gluon_fp8.quantize_kv(k, v, canvas, tile)
+        _record("fwd_fp8", gluon_fp8.sta_gluon_fp8_video_forward(
+            q, ops, o, windows, text_len, canvas, tile, scale, stages=cfg.fwd_fp8_stages))
+        lse[:, :, : geo.num_video] = float("nan")
+        first = video_blocks
+    elif cfg.fwd_gluon and _gluon_applies(gluon_sta.supports, q, canvas, tile, k, v):
         _record("fwd_gluon", gluon_sta.sta_gluon_video_forward(
             q, k, v, o, lse, windows, text_len, canvas, tile, scale,
             stages=cfg.fwd_gluon_stages))
@@ -1217,6 +1251,25 @@ def _sta_fwd_fake(q, k, v, windows, text_len, canvas, tile, scale):
     return torch.empty_like(q), q.new_empty((batch, heads, seq), dtype=torch.float32)
 
 
+@torch.library.custom_op("sta_kernels::sta_fwd_fp8", mutates_args=())
+def _sta_fwd_fp8_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    windows: torch.Tensor,
+    text_len: torch.Tensor,
+    canvas: list[int],
+    tile: list[int],
+    scale: float,
+) -> torch.Tensor:
+    return sta_triton_forward(q, k, v, windows, text_len, canvas, tile, scale, fp8=True)[0]
+
+
+@_sta_fwd_fp8_op.register_fake
+def _sta_fwd_fp8_fake(q, k, v, windows, text_len, canvas, tile, scale):
+    return torch.empty_like(q)
+
+
 @torch.library.custom_op("sta_kernels::sta_bwd", mutates_args=())
 def _sta_bwd_op(
     do: torch.Tensor,
@@ -1297,14 +1350,17 @@ def sta_triton(
     window: torch.Tensor,
     text_len: torch.Tensor,
     scale: float,
+    fp8: bool = False,
 ) -> torch.Tensor:
-    """STA through the fused triton kernels; differentiable in q, k, v.
+    """STA through the fused triton kernels; differentiable in q, k, v (unless ``fp8``).
 
     Args:
         q, k, v: (B, S, H, D) bf16/fp16 (CUDA, or CPU under TRITON_INTERPRET=1).
         canvas, tile: latent grid and tile shape in tokens.
         window: (H, 3) int64 CPU windows in tiles; text_len: (B,) int64 CPU valid text tokens.
         scale: softmax scale.
+        fp8: the video queries through the FP8 forward (no backward; see
+            ``fp8_unsupported`` for its scope).
     Returns:
         o: (B, S, H, D), zero at text padding queries.
     """
@@ -1312,7 +1368,9 @@ def sta_triton(
     q, k, v = (x.contiguous() for x in (q, k, v))
     windows = device_table(window, q.device)  # (H, 3) int32
     lengths = device_table(text_len, q.device)  # (B,) int32
-    o, _ = torch.ops.sta_kernels.sta_fwd(
-        q, k, v, windows, lengths, [int(c) for c in canvas], [int(t) for t in tile], float(scale)
-    )
+    args = (q, k, v, windows, lengths, [int(c) for c in canvas], [int(t) for t in tile],
+            float(scale))
+    if fp8:
+        return torch.ops.sta_kernels.sta_fwd_fp8(*args)
+    o, _ = torch.ops.sta_kernels.sta_fwd(*args)
     return o

@@ -1,5 +1,5 @@
 """benchmarks/compile_report.py records the launches the host code makes (the Triton kernels'
-and the Gluon forward's and backward's) and compiles them for sm_90 without a GPU (in a subprocess:
+and the Gluon forward's, backward's and FP8 forward's) and compiles them for sm_90 without a GPU (in a subprocess:
 TRITON_INTERPRET must be unset for compiling)."""
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ if gluon_sta.AVAILABLE:
                     cr.gluon_report("hunyuan", stages=2, text=True),
                     cr.gluon_report("hunyuan", stages=3)]
     out["gluon_bwd"] = cr.gluon_report("hunyuan", stages=2, text=True, kernel="bwd")
+    out["gluon_fp8"] = cr.gluon_report("hunyuan", stages=2, text=True, kernel="fp8")
 print(json.dumps(out))
 """
 SMEM_PER_BLOCK = 232448  # the most shared memory one block of an sm_90 SM may take
@@ -105,3 +106,21 @@ def test_compile_report_builds_the_gluon_backward():
     assert bwd["wgmma"] == 64 and bwd["tma_reduce"] == 4 and bwd["setmaxnreg"] > 0, bwd
     assert 0 < bwd["shared_bytes"] <= SMEM_PER_BLOCK, bwd
     assert bwd["spills"] <= 64, bwd
+
+
+def test_compile_report_builds_the_fp8_forward():
+    """The FP8 forward (HunyuanVideo, with text slots) builds for sm_90: warp-specialised,
+    16 e4m3 wgmmas per consumer (k32 steps: the score and PV matmuls 4 each, in the first
+    block, the loop and the last PV), p handed to the PV matmul without shuffles between
+    threads (no more shfl.idx than the bf16 forward, which has no such conversion; a plain
+    layout conversion of e4m3 p adds dozens), shared memory in budget, few spilled words
+    (none with triton 3.6, 20 scalar words with 3.9)."""
+    out = _run()
+    if "gluon_fp8" not in out:
+        pytest.skip("the Gluon kernels need triton >= 3.6")
+    fp8, bf16 = out["gluon_fp8"], out["gluon"][2]
+    assert fp8["kernel"] == "_sta_fwd_fp8_kernel"
+    assert fp8["wgmma"] == 32 and fp8["setmaxnreg"] > 0, fp8
+    assert fp8["shfl_idx"] <= bf16["shfl_idx"], (fp8, bf16)
+    assert 0 < fp8["shared_bytes"] <= SMEM_PER_BLOCK, fp8
+    assert fp8["spills"] <= 24, fp8

@@ -150,3 +150,25 @@ def test_auto_runs_sdpa_for_a_dense_call(monkeypatch):
     assert err < 1e-2, err
     with pytest.raises(AssertionError, match="sparse kernel"):  # a sparse window still does
         sliding_tile_attention(q, k, v, canvas=canvas, tile=tile, window=(1, 1, 3))
+
+
+def test_fp8_refuses_what_it_cannot_run():
+    """fp8=True is a forward for sampling on the triton backend: gradients, another backend
+    and a call outside the FP8 kernel's scope each fail with the reason."""
+    q = _q(seq=2 * 16 * 8, dim=128, dtype=torch.bfloat16)
+    geometry = dict(canvas=(2, 16, 8), tile=(2, 8, 8), window=(1, 1, 1))
+    with pytest.raises(ValueError, match="fp8=True has no backward"):
+        sliding_tile_attention(q.requires_grad_(), q, q, fp8=True, **geometry)
+    q = q.detach()
+    with pytest.raises(ValueError, match="backend='flex' cannot"):
+        sliding_tile_attention(q, q, q, fp8=True, backend="flex", **geometry)
+    with pytest.raises(ValueError, match="needs a CUDA"):  # this machine's q is on the CPU
+        sliding_tile_attention(q, q, q, fp8=True, **geometry)
+    if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9:
+        qc = q.cuda()
+        with pytest.raises(ValueError, match="full tiles"):
+            sliding_tile_attention(qc[:, : 2 * 8 * 8], qc[:, : 2 * 8 * 8], qc[:, : 2 * 8 * 8],
+                                   fp8=True, canvas=(2, 8, 8), tile=(2, 4, 4), window=(1, 1, 1))
+        with pytest.raises(ValueError, match="head dim 128"):
+            qd = qc[..., :64].contiguous()
+            sliding_tile_attention(qd, qd, qd, fp8=True, **geometry)
