@@ -102,6 +102,7 @@ def enable_sta(
     dense_first_steps: int | None = None,
     backend: str = "auto",
     strict: bool = False,
+    fp8: bool = False,
 ) -> Any:
     """Turn STA on in a diffusers ``WanPipeline`` / ``HunyuanVideoPipeline`` or transformer.
 
@@ -128,6 +129,10 @@ def enable_sta(
             the reference elsewhere), ``triton``, ``flex`` or ``reference``.
         strict: raise when a window is wider than the canvas's tile grid or the strategy was
             searched for another canvas (otherwise that case is warned about once).
+        fp8: calls without gradients (the pipeline's sampling) run both attention matmuls
+            in float8 e4m3 (``sliding_tile_attention(..., fp8=True)``): a Hopper GPU, bf16,
+            head dim 128, tiles of 64-token frames that divide the canvas; ``backend`` auto
+            or triton. A call outside that scope fails naming the reason.
     Returns:
         ``target``.
     """
@@ -137,6 +142,10 @@ def enable_sta(
         raise ValueError(
             f"enable_sta(backend=...) must be one of {ATTENTION_BACKENDS}, got {backend!r}"
         )
+    if not isinstance(fp8, bool):
+        raise ValueError(f"enable_sta(fp8=...) must be True or False, got {fp8!r}")
+    if fp8 and backend not in ("auto", "triton"):
+        raise ValueError(f"enable_sta(fp8=True) runs the triton backend, not backend={backend!r}")
     loaded: MaskStrategy | None = None
     source = "enable_sta(strategy=...)"
     if strategy is not None:
@@ -173,7 +182,8 @@ def enable_sta(
             binding.remove()
     tracker = StepTracker()  # shared: the pipeline's steps, whichever model runs them
     for transformer, plan in zip(transformers, plans, strict=True):
-        build_binding(transformer, plan, tile=tile, backend=backend, strict=strict, tracker=tracker)
+        build_binding(transformer, plan, tile=tile, backend=backend, strict=strict,
+                      tracker=tracker, fp8=fp8)
     return target
 
 

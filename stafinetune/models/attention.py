@@ -69,19 +69,24 @@ class STAAttention(nn.Module):
             ``sta_kernels.resolve_backend`` (triton for CUDA bf16/fp16, else flex on CUDA,
             the reference on CPU).
         cost_table: measured per-head costs of SDPA and STA on this device, or None.
+        fp8: calls without gradients (sampling) run the FP8 forward
+            (``sliding_tile_attention(..., fp8=True)``); calls with gradients stay bf16.
     """
 
     def __init__(
-        self, tile: Sequence[int], backend: str = "auto", cost_table: CostTable | None = None
+        self, tile: Sequence[int], backend: str = "auto", cost_table: CostTable | None = None,
+        fp8: bool = False,
     ) -> None:
         super().__init__()
         self.tile: Canvas = tuple(int(t) for t in tile)  # type: ignore[assignment]
         self.backend = backend
         self.cost_table = cost_table
+        self.fp8 = fp8
 
     def extra_repr(self) -> str:
         table = "" if self.cost_table is None else f", cost_table={self.cost_table.device!r}"
-        return f"tile={self.tile}, backend={self.backend!r}{table}"
+        fp8 = ", fp8=True" if self.fp8 else ""
+        return f"tile={self.tile}, backend={self.backend!r}{table}{fp8}"
 
     def forward(
         self,
@@ -133,6 +138,12 @@ class STAAttention(nn.Module):
     ) -> torch.Tensor:
         # the route is chosen already: a concrete backend, so the call does not test for a
         # dense window again (``backend="auto"`` would)
+        grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+        if self.fp8 and not grad:  # the FP8 kernel, or an error naming why it cannot run
+            return sliding_tile_attention(
+                q, k, v, canvas=canvas, tile=self.tile, window=windows, text_len=text_len,
+                backend=self.backend, fp8=True,
+            )  # fmt: skip
         return sliding_tile_attention(
             q, k, v, canvas=canvas, tile=self.tile, window=windows, text_len=text_len,
             backend=resolve_backend(q, self.backend),

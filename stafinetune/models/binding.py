@@ -328,9 +328,11 @@ def build_binding(
     backend: str = "auto",
     strict: bool = False,
     tracker: StepTracker | None = None,
+    fp8: bool = False,
 ) -> STABinding:
-    """A binding with its own ``STAAttention(tile, backend)``, installed on ``transformer``."""
-    attention = STAAttention(tile, backend)
+    """A binding with its own ``STAAttention(tile, backend, fp8=fp8)``, installed on
+    ``transformer``."""
+    attention = STAAttention(tile, backend, fp8=fp8)
     return STABinding(
         transformer, plan, attention=attention, strict=strict, tracker=tracker
     ).install()

@@ -121,7 +121,8 @@ class VideoDiT(nn.Module):
         self._check_backend(attention_cfg)
         self.attention_cfg = attention_cfg
         self.attention = STAAttention(
-            attention_cfg.tile, attention_cfg.backend, load_cost_table(attention_cfg.cost_table)
+            attention_cfg.tile, attention_cfg.backend, load_cost_table(attention_cfg.cost_table),
+            fp8=attention_cfg.fp8,
         )
         if self._binding is None:
             self._binding = STABinding(
@@ -147,6 +148,12 @@ class VideoDiT(nn.Module):
             raise ValueError(
                 "attention.backend=triton needs a CUDA device (or TRITON_INTERPRET=1 for the slow "
                 "CPU interpreter); use auto or reference on the CPU"
+            )
+        if attention_cfg.mode == "sta" and attention_cfg.fp8 and (
+                device.type == "cpu" or attention_cfg.backend not in ("auto", "triton")):
+            raise ValueError(
+                "attention.fp8=true runs the triton backend's FP8 kernel on a Hopper GPU; this "
+                f"model is on {device.type} with attention.backend={attention_cfg.backend}"
             )
 
     @property

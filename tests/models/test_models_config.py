@@ -174,6 +174,18 @@ def test_triton_backend_on_cpu_fails_at_build(monkeypatch: pytest.MonkeyPatch) -
         dit.set_attention(AttentionConfig(backend="triton"))
 
 
+def test_fp8_is_checked_at_build() -> None:
+    """attention.fp8 needs the triton backend on a GPU: a CPU model or another backend fails
+    when the model is built, not at the first sampling step."""
+    with pytest.raises(ValueError, match="attention.fp8 must be true or false"):
+        AttentionConfig(fp8="yes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="attention.fp8=true runs the triton backend"):
+        build_model(ModelConfig(), AttentionConfig(fp8=True))
+    dit = build("wan_tiny", mode="full")
+    with pytest.raises(ValueError, match="attention.backend=reference"):
+        dit.set_attention(AttentionConfig(backend="reference", fp8=True))
+
+
 def test_meta_build_then_materialize(flavor: str) -> None:
     """Build on meta, allocate, load weights: reset_rope_buffers restores non-persistent state."""
     source = build(flavor, mode="sta", window=[3, 3, 3], seed=5)

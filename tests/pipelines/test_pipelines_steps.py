@@ -130,6 +130,9 @@ def test_a_videodit_transformer_follows_a_pipeline(cond: dict[str, Any]) -> None
         ({"tile": [1, 2], "window": [3, 3, 3]}, r"enable_sta\(tile=\.\.\.\)"),
         ({"tile": TILE, "window": [3, 3, 3], "backend": "cuda"}, "backend"),
         ({"tile": TILE, "window": [3, 3, 3], "dense_first_steps": -1}, "dense_first_steps"),
+        ({"tile": TILE, "window": [3, 3, 3], "fp8": "yes"}, r"fp8=\.\.\.\) must be True or False"),
+        ({"tile": TILE, "window": [3, 3, 3], "fp8": True, "backend": "reference"},
+         "fp8=True\\) runs the triton backend"),
         ({"strategy": "two_steps", "tile": [1, 1, 1]}, r"differs from the tile \[1, 2, 2\]"),
         ({"strategy": "three_heads"}, "must hold 4 heads"),
     ],
@@ -156,3 +159,15 @@ def test_other_models_and_short_strategies_fail_clearly() -> None:
     with pytest.raises(ValueError, match="step_index=2 but the mask strategy.*inference steps"):
         generate(pipe, 3)
     assert binding_of(pipe.transformer).runtime.state is None  # the failed forward cleaned up
+
+
+def test_fp8_reaches_the_attention_and_names_its_scope() -> None:
+    """``enable_sta(fp8=True)`` hands fp8 to the attention of sampling calls; on this CPU
+    model the FP8 kernel cannot run, and the pipeline's first forward says why."""
+    pipe = wan_pipeline(plain_copy(build_dit("wan_tiny", mode="full")), 2)
+    enable_sta(pipe, tile=TILE, window=[3, 3, 3], fp8=True)
+    assert binding_of(pipe.transformer).attention.fp8
+    with pytest.raises(ValueError, match="fp8=True: the FP8 kernel needs a CUDA"):
+        generate(pipe, 2)
+    enable_sta(pipe, tile=TILE, window=[3, 3, 3])
+    assert not binding_of(pipe.transformer).attention.fp8
