@@ -8,6 +8,9 @@ awkward geometry (partial tiles, per-head windows, padded text), then times, wit
     flex STA     compiled flex_attention on tile-ordered (B, H, S, D) inputs (kernel only;
                  the raster -> tile gather it needs is timed on its own row)
     SDPA dense   flash and cuDNN backends, (B, H, S, D)
+    triton[fp8]  the FP8 forward (``sliding_tile_attention(..., fp8=True)``: k/v
+                 quantisation included, no backward), where it applies (full tiles on a
+                 Hopper GPU), with its output's relative error against the bf16 forward's
 
 and prints a table (ms, effective TFLOP/s counting only attended tiles, speedups over cuDNN
 dense and over flex), writes JSON (device, versions, date), the markdown table and
@@ -39,6 +42,7 @@ from sta_kernels.flex import _flex_fn, build_sta_block_mask, tile_order
 from sta_kernels.reference import sta_dense_mask
 from sta_kernels.triton_sta import (
     KernelConfig,
+    fp8_unsupported,
     kernel_resources,
     sta_triton_backward,
     sta_triton_forward,
@@ -303,7 +307,7 @@ def bench_shape(shape: Shape, device: torch.device, variants: dict, reps: int,
                 continue
             # a variant's gradients against the first (default) config's, same inputs
             if base_grads is None:
-                base_grads, vs_default = grads, {}
+                base_grads, base_o, vs_default = grads, o, {}
             else:
                 vs_default = {n: rel_err(a, r) for n, a, r in
                               zip(("dq", "dk", "dv"), grads, base_grads, strict=True)}
@@ -326,6 +330,16 @@ def bench_shape(shape: Shape, device: torch.device, variants: dict, reps: int,
                   f"{ {n: round(t, 2) for n, t in split.items()} } "
                   f"vs default { {n: f'{e:.1e}' for n, e in vs_default.items()} } "
                   f"(flex {f_fwd:.2f} / {f_bwd:.2f}) {kernel_resources()}", flush=True)
+        if base_grads is not None and fp8_unsupported(q, shape.canvas, shape.tile) is None:
+            fp8 = partial(sta_triton_forward, q, k, v, wdev, tdev, shape.canvas, shape.tile,
+                          scale, fp8=True)
+            err = rel_err(fp8()[0], base_o)
+            t_fp8 = timed(fp8)
+            results.append(dict(shape=shape.name, window=str(window),
+                                impl="triton[fp8] (forward only)", fwd_ms=t_fp8,
+                                bwd_ms=float("nan"), fwd_rel_err_vs_bf16=err))
+            print(f"{shape.name} {window} triton[fp8] fwd {t_fp8:.2f} ms, output vs bf16 "
+                  f"{err:.2e}", flush=True)
         for r in results:
             if r["shape"] == shape.name and r["window"] == str(window):
                 r["fwd_tflops"] = flops / r["fwd_ms"] / 1e9

@@ -2,7 +2,8 @@
 
 Reads the JSON that ``benchmarks/attention.py`` writes (no GPU, no triton needed) and draws,
 for each benchmarked shape, forward and backward time (ms, log scale) against the share of
-video query/key pairs the window attends: the Triton STA kernel, flex STA, and dense cuDNN
+video query/key pairs the window attends: the Triton STA kernel (and its FP8 forward where
+the run has it), flex STA, and dense cuDNN
 SDPA at density 1 with its proportional line (cuDNN time x density, what a kernel that only
 skips work would reach).
 
@@ -18,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 # impl name in the JSON -> (legend label, matplotlib format)
-STA_IMPLS = {"triton[default]": ("triton STA", "o-"), "flex": ("flex STA", "s--")}
+STA_IMPLS = {"triton[default]": ("triton STA", "o-"), "flex": ("flex STA", "s--"),
+             "triton[fp8] (forward only)": ("triton STA, FP8 forward", "^-")}
 DENSE_IMPL = "sdpa-cudnn"
 
 
