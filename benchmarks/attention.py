@@ -174,6 +174,11 @@ VARIANTS = {
     # v11 = the triton backward everywhere (the default before it)
     "v11": KernelConfig(bwd_gluon=False),
     "gluon_bwd_s3": KernelConfig(bwd_gluon_stages=3),
+    # the Gluon forward's accumulator rescaled only once a row's max grew by more than the
+    # threshold (log2 units): 0 keeps the arithmetic (skips blocks where no max grew), 8
+    # skips nearly every block (its probabilities stay below 256)
+    "gluon_rescale0": KernelConfig(fwd_gluon_rescale=0.0),
+    "gluon_rescale8": KernelConfig(fwd_gluon_rescale=8.0),
 }
 
 

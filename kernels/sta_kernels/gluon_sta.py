@@ -9,9 +9,12 @@ the way FlashAttention-3 does on Hopper:
   ``STAGES`` buffers, k and v on separate barriers so a score matmul can start before its
   v has landed;
 - two consumer warpgroups, one per 64-query frame of a 128-query block, each hold their
-  frame's q in registers (the score matmul's A operand) and run the online softmax with the score matmul of key block j issued before the PV matmul of block
-  j - 1 and the exp2s of block j running while that PV matmul is on the tensor cores
-  (intra-warpgroup overlap); the two warpgroups share every k/v buffer.
+  frame's q in registers (the score matmul's A operand) and run the online softmax with
+  the score matmul of key block j issued before the PV matmul of block j - 1; the two
+  warpgroups share every k/v buffer, and one's softmax runs while the other's matmuls hold
+  the tensor cores. (The source waits for the PV matmul after block j's exp2s, but ptxas
+  moves that wait before them, so within one warpgroup the two do not overlap: see
+  benchmarks/NOTES.md.)
 
 Scope: the video queries (which attend their window's video keys and the valid text keys)
 of a canvas the tile divides (full tiles), tiles of an even number of (TH, TW) frames with
@@ -157,12 +160,19 @@ if AVAILABLE:
     def _consumer(o_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty,
                   LSE, b, col, t0, h0, w0, video_trips, trips, text_len, lse_base, CH, CW,
                   scale_log2, HEAD_DIM: gl.constexpr, TH: gl.constexpr, TW: gl.constexpr,
-                  STAGES: gl.constexpr, C: gl.constexpr):
+                  STAGES: gl.constexpr, C: gl.constexpr, RESCALE: gl.constexpr):
         """Consumer warpgroup ``C``: the online softmax of frame ``C`` of the query block.
 
-        Key block j's score matmul is issued before block j - 1's PV matmul; the exp2s of
-        block j run while that PV matmul holds the tensor cores. Text key blocks (j past
-        ``video_trips``) mask their slots past ``text_len``.
+        Key block j's score matmul is issued before block j - 1's PV matmul, whose wait
+        the source places after block j's exp2s (ptxas moves it before them). Text key
+        blocks (j past ``video_trips``) mask their slots past ``text_len``.
+
+        ``RESCALE`` < 0 moves the running max to every block's (the triton forward's
+        arithmetic, bitwise). ``RESCALE`` >= 0 keeps it, and skips the rescale of the
+        accumulator (64 multiplies per thread and block), until some row of the warpgroup's
+        64 gains more than ``RESCALE`` over it (log2 units; the probabilities stay below
+        2^RESCALE, exact in fp32 and bf16); the decision is one reduction over the
+        warpgroup, so the branch is uniform.
         """
         M: gl.constexpr = TH * TW  # query rows: one frame
         N: gl.constexpr = 2 * TH * TW  # keys per block: two frames
@@ -208,13 +218,21 @@ if AVAILABLE:
             if j >= video_trips:  # text keys: slots past the valid text are padding
                 pos = (j - video_trips) * N + cols
                 s = gl.where(gl.expand_dims(pos < text_len, 0), s, NEG_BIG)
-            m_new = gl.maximum(m_i, gl.max(s, axis=1) * scale_log2)
+            m_blk = gl.max(s, axis=1) * scale_log2
+            if RESCALE < 0:  # rescale every block (the triton forward's arithmetic)
+                m_new = gl.maximum(m_i, m_blk)
+            else:  # only once some row's max grew past RESCALE (log2 units)
+                grow = gl.max(m_blk - m_i, axis=0) > RESCALE
+                m_new = gl.where(grow, gl.maximum(m_i, m_blk), m_i)
             alpha = gl.exp2(m_i - m_new)
             p = gl.exp2(s * scale_log2 - gl.expand_dims(m_new, 1))
             l_i = l_i * alpha + gl.sum(p, axis=1)
             acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
             mbarrier.arrive(v_empty.index(prev), count=1)
-            acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
+            if RESCALE < 0:
+                acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
+            elif grow:
+                acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
             p_op = gl.convert_layout(p.to(gl.bfloat16), p_layout)
             m_i = m_new
         last = (trips - 1) % STAGES
@@ -257,7 +275,7 @@ if AVAILABLE:
         q_desc, k_desc, v_desc, o_desc, kt_desc, vt_desc, LSE, WIN, TEXT_LEN,
         seq_len, num_video, num_heads, CH, CW, NT, NH, NW, scale_log2,
         TT: gl.constexpr, TH: gl.constexpr, TW: gl.constexpr, HEAD_DIM: gl.constexpr,
-        STAGES: gl.constexpr, TEXT: gl.constexpr,
+        STAGES: gl.constexpr, TEXT: gl.constexpr, RESCALE: gl.constexpr,
     ):
         """One program per video query block (two frames of a tile) and (batch, head)."""
         K_SUBS: gl.constexpr = TT // 2  # key blocks of two frames per tile
@@ -290,10 +308,10 @@ if AVAILABLE:
         gl.warp_specialize([
             (_consumer, (o_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready,
                          v_empty, LSE, b, col, t0, h0, w0, video_trips, trips, text_len,
-                         lse_base, CH, CW, scale_log2, HEAD_DIM, TH, TW, STAGES, 0)),
+                         lse_base, CH, CW, scale_log2, HEAD_DIM, TH, TW, STAGES, 0, RESCALE)),
             (_consumer, (o_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready,
                          v_empty, LSE, b, col, t0, h0, w0, video_trips, trips, text_len,
-                         lse_base, CH, CW, scale_log2, HEAD_DIM, TH, TW, STAGES, 1)),
+                         lse_base, CH, CW, scale_log2, HEAD_DIM, TH, TW, STAGES, 1, RESCALE)),
             (_producer, (q_desc, k_desc, v_desc, kt_desc, vt_desc, q_smem, k_bufs, v_bufs,
                          q_bar, k_ready, k_empty, v_ready, v_empty, b, col, t0, h0, w0, ft, fh,
                          fw, wh, ww, video_trips, trips, num_video, TT, TH, TW, K_SUBS,
@@ -362,6 +380,7 @@ def sta_gluon_video_forward(
     tile: Sequence[int],
     scale: float,
     stages: int = 2,
+    rescale: float | None = None,
 ):
     """Write the video query rows of ``o`` and ``lse`` with the warp-specialised kernel;
     the same values as ``sta_triton_forward`` gives those rows. Text query rows (if any)
@@ -372,16 +391,21 @@ def sta_gluon_video_forward(
             tokens first in raster order, then S - CT*CH*CW text slots.
         lse: (B, H, S) float32, written in the log2 domain.
         windows: (H, 3) int32; text_len: (B,) int32 valid text tokens; both on the device.
+        rescale: None rescales the accumulator at every key block; a threshold t >= 0
+            (log2 units) only once a row's max has grown by more than t (``_consumer``).
     Returns:
         the launched kernel (its compiled handle: registers, shared memory).
     """
+    if rescale is not None and not rescale >= 0:
+        raise ValueError(f"sta_gluon_video_forward: rescale must be None or a threshold >= 0 "
+                         f"(log2 units), got {rescale}")
     if not supports(q, canvas, tile):
         raise ValueError("sta_gluon_video_forward: call outside the kernel's scope (see "
                          "gluon_sta.supports)")
-    return _launch(q, k, v, o, lse, windows, text_len, canvas, tile, scale, stages)
+    return _launch(q, k, v, o, lse, windows, text_len, canvas, tile, scale, stages, rescale)
 
 
-def _launch(q, k, v, o, lse, windows, text_len, canvas, tile, scale, stages):
+def _launch(q, k, v, o, lse, windows, text_len, canvas, tile, scale, stages, rescale=None):
     """The kernel launch of ``sta_gluon_video_forward`` without its device checks
     (``benchmarks/compile_report.py`` records it on CPU tensors)."""
     batch, seq, heads, head_dim = q.shape
@@ -395,5 +419,6 @@ def _launch(q, k, v, o, lse, windows, text_len, canvas, tile, scale, stages):
         seq, num_video, heads, int(canvas[1]), int(canvas[2]), *n, scale * LOG2E,
         TT=int(tile[0]), TH=int(tile[1]), TW=int(tile[2]), HEAD_DIM=head_dim,
         STAGES=stages, TEXT=seq > num_video,
+        RESCALE=-1.0 if rescale is None else float(rescale),
         num_warps=4, maxnreg=MAXNREG,
     )

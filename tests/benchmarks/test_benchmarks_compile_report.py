@@ -35,7 +35,8 @@ if gluon_sta.AVAILABLE:
     # D=64 with and without text slots; D=128 (HunyuanVideo) at the default 2 stages and 3
     out["gluon"] = [cr.gluon_report("tiny", stages=2, text=True), cr.gluon_report("tiny", 2),
                     cr.gluon_report("hunyuan", stages=2, text=True),
-                    cr.gluon_report("hunyuan", stages=3)]
+                    cr.gluon_report("hunyuan", stages=3),
+                    cr.gluon_report("hunyuan", stages=2, text=True, rescale=8.0)]
     out["gluon_bwd"] = cr.gluon_report("hunyuan", stages=2, text=True, kernel="bwd")
     out["gluon_fp8"] = cr.gluon_report("hunyuan", stages=2, text=True, kernel="fp8")
 print(json.dumps(out))
@@ -85,7 +86,7 @@ def test_compile_report_builds_the_gluon_forward_without_spills():
     out = _run()
     if "gluon" not in out:
         pytest.skip("the Gluon forward needs triton >= 3.6")
-    assert len(out["gluon"]) == 4
+    assert len(out["gluon"]) == 5
     for variant in out["gluon"]:
         assert variant["spills"] <= 2, variant
         assert 0 < variant["shared_bytes"] <= SMEM_PER_BLOCK, variant

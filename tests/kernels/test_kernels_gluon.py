@@ -88,6 +88,48 @@ def test_gluon_forward_matches_reference_and_triton(name, monkeypatch):
         assert torch.all(got[0][b, num_video + n:] == 0)  # padding text rows
 
 
+@pytest.mark.parametrize("threshold", [-1.0, float("nan")])
+def test_gluon_forward_rejects_a_bad_rescale_threshold(threshold):
+    """A negative or NaN rescale threshold is refused by name, before any device check."""
+    from sta_kernels import gluon_sta
+
+    q = torch.zeros(1, 384, 1, 128, dtype=torch.bfloat16)
+    args = (q, q, q, q, torch.zeros(1, 1, 384), torch.ones(1, 3, dtype=torch.int32),
+            torch.zeros(1, dtype=torch.int32), (6, 8, 8), (6, 8, 8), 1.0)
+    with pytest.raises(ValueError, match="rescale must be None or a threshold"):
+        gluon_sta.sta_gluon_video_forward(*args, rescale=threshold)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 8.0])
+def test_gluon_forward_rescale_threshold(threshold):
+    """The accumulator rescale skipped until a row max grows past ``threshold``: with 0
+    the arithmetic is the per-block rescale's (o and lse bitwise equal); with 8 the output
+    stays within the low-precision reference's error of the fp64 truth and lse within
+    float32 rounding, also where the max does grow (one head's keys of the last two frames
+    scaled up 8x, so their blocks take the rescale branch)."""
+    if not _hopper():
+        pytest.skip("the Gluon forward needs a Hopper GPU")
+    from sta_kernels import triton_sta as ts
+
+    canvas, window, text, q, k, v, _ = _case("joint_text")
+    k = k.clone()
+    k[:, math.prod(canvas[1:]) * (canvas[0] - 2): math.prod(canvas), 0] *= 8
+    dev = q.device
+    args = (q, k, v, window.to(dev, torch.int32), text.to(dev, torch.int32), canvas,
+            (6, 8, 8), q.shape[-1] ** -0.5)
+    base_o, base_lse = ts.sta_triton_forward(*args, config=ts.KernelConfig())
+    o, lse = ts.sta_triton_forward(*args, config=ts.KernelConfig(fwd_gluon_rescale=threshold))
+    if threshold == 0:
+        assert torch.equal(o, base_o) and torch.equal(lse, base_lse)
+        return
+    torch.testing.assert_close(lse, base_lse, rtol=1e-5, atol=1e-4)
+    kw = dict(canvas=canvas, tile=(6, 8, 8), window=window, text_len=text)
+    ref = sliding_tile_attention(q.double(), k.double(), v.double(), backend="reference", **kw)
+    low = lowp_attention(q.cpu(), k.cpu(), v.cpu(), **kw)
+    assert rel_err(o, ref) <= 2 * rel_err(low, ref.cpu()) + 1e-4
+    assert rel_err(o, base_o) < 1e-2
+
+
 def test_split_call_runs_text_queries_from_the_program_offset(triton_device, monkeypatch):
     """With the Gluon kernel taking the video queries, the triton kernel launches only the
     text query blocks (program offset past the video blocks) and leaves the video rows to
