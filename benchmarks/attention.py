@@ -179,6 +179,10 @@ VARIANTS = {
     # skips nearly every block (its probabilities stay below 256)
     "gluon_rescale0": KernelConfig(fwd_gluon_rescale=0.0),
     "gluon_rescale8": KernelConfig(fwd_gluon_rescale=8.0),
+    # ... and each row's max of a score block as a tree (16 chains of 4) instead of a chain
+    # of 32 dependent max instructions
+    "gluon_tree_max": KernelConfig(fwd_gluon_tree_max=True),
+    "gluon_tree_max_rescale8": KernelConfig(fwd_gluon_tree_max=True, fwd_gluon_rescale=8.0),
 }
 
 

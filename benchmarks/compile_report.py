@@ -196,12 +196,13 @@ def compile_report(launch: Launch, capability: int = 90) -> dict:
 
 def gluon_report(shape: str, stages: int = 2, text: bool = False,
                  capability: int = 90, kernel: str = "fwd",
-                 rescale: float | None = None) -> dict:
+                 rescale: float | None = None, tree_max: bool = False) -> dict:
     """Compile a Gluon kernel as it launches at ``shape`` (with 64 text slots when
     ``text``) and report its resources: the forward (``sta_kernels.gluon_sta``, ``kernel``
     "fwd"), the backward (``sta_kernels.gluon_bwd``, "bwd") or the FP8 forward
     (``sta_kernels.gluon_fp8``, "fp8"); ``rescale`` is the forward's accumulator rescale
-    threshold (``KernelConfig.fwd_gluon_rescale``).
+    threshold (``KernelConfig.fwd_gluon_rescale``) and ``tree_max`` its tree row max
+    (``fwd_gluon_tree_max``).
 
     The host code calls them for CUDA tensors only, so a launch is recorded from the
     module's ``_launch`` on CPU tensors (never written: ``torch.empty`` allocates lazily;
@@ -230,7 +231,8 @@ def gluon_report(shape: str, stages: int = 2, text: bool = False,
         setattr(module, name, _Recorder(name, fn, log))
     try:
         if kernel == "fwd":
-            gs._launch(q, k, v, o, lse, windows, text_len, canvas, tile, scale, stages, rescale)
+            gs._launch(q, k, v, o, lse, windows, text_len, canvas, tile, scale, stages, rescale,
+                       tree_max)
         elif kernel == "fp8":
             video, blocks = gf.packed_blocks(canvas, tile, seq)
             f8, rows = torch.float8_e4m3fn, gf.BLOCK

@@ -160,12 +160,19 @@ if AVAILABLE:
     def _consumer(o_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty,
                   LSE, b, col, t0, h0, w0, video_trips, trips, text_len, lse_base, CH, CW,
                   scale_log2, HEAD_DIM: gl.constexpr, TH: gl.constexpr, TW: gl.constexpr,
-                  STAGES: gl.constexpr, C: gl.constexpr, RESCALE: gl.constexpr):
+                  STAGES: gl.constexpr, C: gl.constexpr, RESCALE: gl.constexpr,
+                  TREE_MAX: gl.constexpr):
         """Consumer warpgroup ``C``: the online softmax of frame ``C`` of the query block.
 
         Key block j's score matmul is issued before block j - 1's PV matmul, whose wait
         the source places after block j's exp2s (ptxas moves it before them). Text key
         blocks (j past ``video_trips``) mask their slots past ``text_len``.
+
+        ``TREE_MAX`` reduces each row's scores to their max as a tree (the reshape only
+        regroups the registers: the accumulator layout gives a thread 2 rows x 32
+        columns, column 8 i + 2 (lane % 4) + e) instead of one dependent chain, which
+        shortens the latency from the scores' arrival to the first exp2; max is exact, so
+        the result does not change.
 
         ``RESCALE`` < 0 moves the running max to every block's (the triton forward's
         arithmetic, bitwise). ``RESCALE`` >= 0 keeps it, and skips the rescale of the
@@ -218,7 +225,12 @@ if AVAILABLE:
             if j >= video_trips:  # text keys: slots past the valid text are padding
                 pos = (j - video_trips) * N + cols
                 s = gl.where(gl.expand_dims(pos < text_len, 0), s, NEG_BIG)
-            m_blk = gl.max(s, axis=1) * scale_log2
+            if TREE_MAX:  # 16 in-thread chains of 4, then 4 of 4: the same max, exactly
+                s4 = gl.reshape(s, [M, 4, 4, N // 16])  # col = 32 x + 8 y + z
+                m_blk = gl.max(gl.max(gl.max(s4, axis=2), axis=1), axis=1)
+                m_blk = gl.convert_layout(m_blk, row_s) * scale_log2
+            else:  # one chain of 32 dependent max per row and thread
+                m_blk = gl.max(s, axis=1) * scale_log2
             if RESCALE < 0:  # rescale every block (the triton forward's arithmetic)
                 m_new = gl.maximum(m_i, m_blk)
             else:  # only once some row's max grew past RESCALE (log2 units)
@@ -276,6 +288,7 @@ if AVAILABLE:
         seq_len, num_video, num_heads, CH, CW, NT, NH, NW, scale_log2,
         TT: gl.constexpr, TH: gl.constexpr, TW: gl.constexpr, HEAD_DIM: gl.constexpr,
         STAGES: gl.constexpr, TEXT: gl.constexpr, RESCALE: gl.constexpr,
+        TREE_MAX: gl.constexpr,
     ):
         """One program per video query block (two frames of a tile) and (batch, head)."""
         K_SUBS: gl.constexpr = TT // 2  # key blocks of two frames per tile
@@ -308,10 +321,12 @@ if AVAILABLE:
         gl.warp_specialize([
             (_consumer, (o_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready,
                          v_empty, LSE, b, col, t0, h0, w0, video_trips, trips, text_len,
-                         lse_base, CH, CW, scale_log2, HEAD_DIM, TH, TW, STAGES, 0, RESCALE)),
+                         lse_base, CH, CW, scale_log2, HEAD_DIM, TH, TW, STAGES, 0, RESCALE,
+                         TREE_MAX)),
             (_consumer, (o_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready,
                          v_empty, LSE, b, col, t0, h0, w0, video_trips, trips, text_len,
-                         lse_base, CH, CW, scale_log2, HEAD_DIM, TH, TW, STAGES, 1, RESCALE)),
+                         lse_base, CH, CW, scale_log2, HEAD_DIM, TH, TW, STAGES, 1, RESCALE,
+                         TREE_MAX)),
             (_producer, (q_desc, k_desc, v_desc, kt_desc, vt_desc, q_smem, k_bufs, v_bufs,
                          q_bar, k_ready, k_empty, v_ready, v_empty, b, col, t0, h0, w0, ft, fh,
                          fw, wh, ww, video_trips, trips, num_video, TT, TH, TW, K_SUBS,
@@ -381,6 +396,7 @@ def sta_gluon_video_forward(
     scale: float,
     stages: int = 2,
     rescale: float | None = None,
+    tree_max: bool = False,
 ):
     """Write the video query rows of ``o`` and ``lse`` with the warp-specialised kernel;
     the same values as ``sta_triton_forward`` gives those rows. Text query rows (if any)
@@ -393,6 +409,7 @@ def sta_gluon_video_forward(
         windows: (H, 3) int32; text_len: (B,) int32 valid text tokens; both on the device.
         rescale: None rescales the accumulator at every key block; a threshold t >= 0
             (log2 units) only once a row's max has grown by more than t (``_consumer``).
+        tree_max: each row's max of a score block as a tree of short chains (same values).
     Returns:
         the launched kernel (its compiled handle: registers, shared memory).
     """
@@ -402,10 +419,12 @@ def sta_gluon_video_forward(
     if not supports(q, canvas, tile):
         raise ValueError("sta_gluon_video_forward: call outside the kernel's scope (see "
                          "gluon_sta.supports)")
-    return _launch(q, k, v, o, lse, windows, text_len, canvas, tile, scale, stages, rescale)
+    return _launch(q, k, v, o, lse, windows, text_len, canvas, tile, scale, stages, rescale,
+                   tree_max)
 
 
-def _launch(q, k, v, o, lse, windows, text_len, canvas, tile, scale, stages, rescale=None):
+def _launch(q, k, v, o, lse, windows, text_len, canvas, tile, scale, stages, rescale=None,
+            tree_max=False):
     """The kernel launch of ``sta_gluon_video_forward`` without its device checks
     (``benchmarks/compile_report.py`` records it on CPU tensors)."""
     batch, seq, heads, head_dim = q.shape
@@ -419,6 +438,6 @@ def _launch(q, k, v, o, lse, windows, text_len, canvas, tile, scale, stages, res
         seq, num_video, heads, int(canvas[1]), int(canvas[2]), *n, scale * LOG2E,
         TT=int(tile[0]), TH=int(tile[1]), TW=int(tile[2]), HEAD_DIM=head_dim,
         STAGES=stages, TEXT=seq > num_video,
-        RESCALE=-1.0 if rescale is None else float(rescale),
+        RESCALE=-1.0 if rescale is None else float(rescale), TREE_MAX=bool(tree_max),
         num_warps=4, maxnreg=MAXNREG,
     )

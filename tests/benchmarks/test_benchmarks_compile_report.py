@@ -36,7 +36,8 @@ if gluon_sta.AVAILABLE:
     out["gluon"] = [cr.gluon_report("tiny", stages=2, text=True), cr.gluon_report("tiny", 2),
                     cr.gluon_report("hunyuan", stages=2, text=True),
                     cr.gluon_report("hunyuan", stages=3),
-                    cr.gluon_report("hunyuan", stages=2, text=True, rescale=8.0)]
+                    cr.gluon_report("hunyuan", stages=2, text=True, rescale=8.0,
+                                    tree_max=True)]
     out["gluon_bwd"] = cr.gluon_report("hunyuan", stages=2, text=True, kernel="bwd")
     out["gluon_fp8"] = cr.gluon_report("hunyuan", stages=2, text=True, kernel="fp8")
 print(json.dumps(out))
@@ -79,7 +80,8 @@ def test_compile_report_records_the_default_schedules_and_compiles():
 
 def test_compile_report_builds_the_gluon_forward_without_spills():
     """The Gluon forward's launches (D 64 and 128, with and without text slots, 2 and 3
-    stages) build for sm_90: warp-specialised (register reallocation between the
+    stages, and the softmax variants: tree row max with the rescale threshold) build for
+    sm_90: warp-specialised (register reallocation between the
     partitions), wgmma matmuls, shared memory in budget and no spills beyond two words (q
     held in registers, 32 per thread: none with the device's triton 3.6, two scalar words at
     HunyuanVideo's 2 stages with text under triton 3.9)."""

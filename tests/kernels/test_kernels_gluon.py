@@ -100,13 +100,24 @@ def test_gluon_forward_rejects_a_bad_rescale_threshold(threshold):
         gluon_sta.sta_gluon_video_forward(*args, rescale=threshold)
 
 
-@pytest.mark.parametrize("threshold", [0.0, 8.0])
-def test_gluon_forward_rescale_threshold(threshold):
-    """The accumulator rescale skipped until a row max grows past ``threshold``: with 0
-    the arithmetic is the per-block rescale's (o and lse bitwise equal); with 8 the output
-    stays within the low-precision reference's error of the fp64 truth and lse within
-    float32 rounding, also where the max does grow (one head's keys of the last two frames
-    scaled up 8x, so their blocks take the rescale branch)."""
+# KernelConfig fields of the Gluon forward's softmax variants: whether each keeps the
+# default's arithmetic (bitwise equal output and lse)
+SOFTMAX_VARIANTS = [
+    ({"fwd_gluon_rescale": 0.0}, True),
+    ({"fwd_gluon_tree_max": True}, True),
+    ({"fwd_gluon_rescale": 8.0}, False),
+    ({"fwd_gluon_tree_max": True, "fwd_gluon_rescale": 8.0}, False),
+]
+
+
+@pytest.mark.parametrize("fields,bitwise", SOFTMAX_VARIANTS)
+def test_gluon_forward_softmax_variants(fields, bitwise):
+    """The Gluon forward's softmax variants against the default: a tree row max, or the
+    accumulator rescale skipped until a row max grows past a threshold. Threshold 0 and the
+    tree max keep the arithmetic (o and lse bitwise equal); with threshold 8 the output stays
+    within the low-precision reference's error of the fp64 truth and lse within float32
+    rounding, also where the max does grow (one head's keys of the last two frames scaled
+    up 8x, so their blocks take the rescale branch)."""
     if not _hopper():
         pytest.skip("the Gluon forward needs a Hopper GPU")
     from sta_kernels import triton_sta as ts
@@ -118,8 +129,8 @@ def test_gluon_forward_rescale_threshold(threshold):
     args = (q, k, v, window.to(dev, torch.int32), text.to(dev, torch.int32), canvas,
             (6, 8, 8), q.shape[-1] ** -0.5)
     base_o, base_lse = ts.sta_triton_forward(*args, config=ts.KernelConfig())
-    o, lse = ts.sta_triton_forward(*args, config=ts.KernelConfig(fwd_gluon_rescale=threshold))
-    if threshold == 0:
+    o, lse = ts.sta_triton_forward(*args, config=ts.KernelConfig(**fields))
+    if bitwise:
         assert torch.equal(o, base_o) and torch.equal(lse, base_lse)
         return
     torch.testing.assert_close(lse, base_lse, rtol=1e-5, atol=1e-4)
