@@ -196,13 +196,15 @@ def compile_report(launch: Launch, capability: int = 90) -> dict:
 
 def gluon_report(shape: str, stages: int = 2, text: bool = False,
                  capability: int = 90, kernel: str = "fwd",
-                 rescale: float | None = None, tree_max: bool = False) -> dict:
+                 rescale: float | None = None, tree_max: bool = False,
+                 module=None) -> dict:
     """Compile a Gluon kernel as it launches at ``shape`` (with 64 text slots when
     ``text``) and report its resources: the forward (``sta_kernels.gluon_sta``, ``kernel``
     "fwd"), the backward (``sta_kernels.gluon_bwd``, "bwd") or the FP8 forward
     (``sta_kernels.gluon_fp8``, "fp8"); ``rescale`` is the forward's accumulator rescale
     threshold (``KernelConfig.fwd_gluon_rescale``) and ``tree_max`` its tree row max
-    (``fwd_gluon_tree_max``).
+    (``fwd_gluon_tree_max``); ``module`` replaces the module of ``kernel`` (an edited copy
+    of it, as ``benchmarks/gluon_ablation.py`` makes).
 
     The host code calls them for CUDA tensors only, so a launch is recorded from the
     module's ``_launch`` on CPU tensors (never written: ``torch.empty`` allocates lazily;
@@ -222,6 +224,9 @@ def gluon_report(shape: str, stages: int = 2, text: bool = False,
     windows = torch.full((heads, 3), 3, dtype=torch.int32)
     text_len = torch.zeros(1, dtype=torch.int32)
     scale = head_dim**-0.5
+    if module is not None:
+        gs, gb, gf = (module if kernel == name else m
+                      for name, m in (("fwd", gs), ("bwd", gb), ("fp8", gf)))
     module, names = {"fwd": (gs, ["_sta_fwd_ws_kernel"]),
                      "bwd": (gb, ["_frame_stats_kernel", "_sta_bwd_ws_kernel"]),
                      "fp8": (gf, ["_sta_fwd_fp8_kernel"])}[kernel]
