@@ -6,6 +6,7 @@ when it is collected, after this file, and triton reads it when a module is impo
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -88,3 +89,39 @@ def test_ablated_kernels_build_for_sm90():
     rows = dict(re.findall(r"^([\w ]+): (\d+) registers at launch", proc.stdout, re.M))
     assert set(rows) == {"default fwd", "default bwd", *ga.ABLATIONS}, proc.stdout
     assert set(rows.values()) == {"168"}, proc.stdout
+
+
+def test_report_groups_ablations_by_kernel_and_window(monkeypatch, tmp_path):
+    """The timing path's bookkeeping (the timings themselves need a Hopper GPU): each
+    kernel's ablations are timed beside its own unmodified kernel, per window, and the
+    report gives each one's time removed against that kernel's median."""
+    calls = []
+
+    def fake_times(kernel, modules, window, rounds, reps):
+        calls.append((kernel, sorted(modules), window, rounds))
+        base = {"fwd": 24.0, "bwd": 70.0}[kernel] * (1 + (window[2] == 5))
+        return {name: [base - i - 0.5, base - i, base - i + 9] for i, name in
+                enumerate(sorted(modules, key=lambda n: n != "default"))}
+
+    monkeypatch.setattr(ga, "time_variants", fake_times)
+    monkeypatch.setattr(ga, "kernel_module", lambda kernel: ga)
+    monkeypatch.setattr(ga, "load_ablated", lambda name, folder: name)
+    monkeypatch.setattr(ga, "environment", lambda device: {
+        "device": "H200", "torch": "2.11", "triton": "3.6", "date": "2026-12-02T00:00:00"})
+    monkeypatch.setattr(ga.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(ga.torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(ga, "AVAILABLE", True, raising=False)
+    ga.main(["--ablations", "no_exp2,bwd_no_dq_reduce", "--windows", "3,3,3;3,3,5",
+             "--rounds", "3", "--out", str(tmp_path)])
+    assert calls == [("fwd", ["default", "no_exp2"], (3, 3, 3), 3),
+                     ("fwd", ["default", "no_exp2"], (3, 3, 5), 3),
+                     ("bwd", ["bwd_no_dq_reduce", "default"], (3, 3, 3), 3),
+                     ("bwd", ["bwd_no_dq_reduce", "default"], (3, 3, 5), 3)]
+    results = json.loads((tmp_path / "gluon_ablation.json").read_text())["results"]
+    by_key = {(r["kernel"], tuple(r["window"]), r["variant"]): r for r in results}
+    assert by_key[("fwd", (3, 3, 3), "default")]["ms"] == 24.0
+    assert by_key[("fwd", (3, 3, 3), "no_exp2")]["saved_ms"] == 1.0
+    assert by_key[("bwd", (3, 3, 5), "bwd_no_dq_reduce")]["ms"] == 139.0
+    assert by_key[("bwd", (3, 3, 5), "bwd_no_dq_reduce")]["saved_share"] == 1.0 / 140.0
+    assert "| bwd | (3, 3, 5) | bwd_no_dq_reduce | 139.00 | +1.00 (+0.7%) |" in (
+        tmp_path / "gluon_ablation.md").read_text()
