@@ -75,9 +75,7 @@ _PV_WAIT = """\
             mbarrier.arrive(v_empty.index(prev), count=1)
 """
 _RESCALE = """\
-            if RESCALE < 0:
-                acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
-            elif grow:
+            if grow:
                 acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
 """
 _BWD_STATS_AND_LOADS = [

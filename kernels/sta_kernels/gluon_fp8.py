@@ -48,13 +48,11 @@ if AVAILABLE:
         NEG_BIG,
         PRODUCER_REGS,
         TensorDescriptor,
-        _axis_start,
         _frames_descriptor,
-        _head_window,
-        _pair_block,
         _ring_barriers,
         _tma_load,
         _tma_store,
+        _window_loop,
         fence_async_shared,
         gl,
         gluon,
@@ -426,16 +424,8 @@ if AVAILABLE:
         bh = gl.program_id(1)
         b = bh // num_heads
         h = bh % num_heads
-        tile_t, tile_h, tile_w, t0, h0, w0 = _pair_block(pid, NH, NW, TT, TH, TW)
-        wt, wh, ww = _head_window(WIN, h, NT, NH, NW)
-        ft = _axis_start(tile_t, NT, wt)
-        fh = _axis_start(tile_h, NH, wh)
-        fw = _axis_start(tile_w, NW, ww)
-        video_trips = wt * wh * ww * K_SUBS
-        text_len = 0
-        if TEXT:
-            text_len = gl.load(TEXT_LEN + b)
-        trips = video_trips + (text_len + N - 1) // N
+        t0, h0, w0, ft, fh, fw, wh, ww, video_trips, text_len, trips = _window_loop(
+            pid, b, h, WIN, TEXT_LEN, NT, NH, NW, TT, TH, TW, K_SUBS, N, TEXT)
 
         q_smem = gl.allocate_shared_memory(gl.bfloat16, [2] + q_desc.block_type.shape,
                                            q_desc.layout)

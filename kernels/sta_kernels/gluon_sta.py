@@ -109,6 +109,26 @@ if AVAILABLE:
         return (ft + dt) * TT + sub * 2, (fh + dh) * TH, (fw + dw) * TW
 
     @gluon.jit
+    def _window_loop(pid, b, h, WIN, TEXT_LEN, NT, NH, NW, TT: gl.constexpr,
+                     TH: gl.constexpr, TW: gl.constexpr, K_SUBS: gl.constexpr,
+                     N: gl.constexpr, TEXT: gl.constexpr):
+        """Program ``pid``'s query block and key loop for head ``h`` of batch element ``b``:
+        the block's first token (t0, h0, w0), the window's first key tile (ft, fh, fw) and
+        extent in h and w (wh, ww), the video key blocks (video_trips), the valid text
+        tokens, and all key blocks of ``N`` keys (trips: the video ones, then the text)."""
+        tile_t, tile_h, tile_w, t0, h0, w0 = _pair_block(pid, NH, NW, TT, TH, TW)
+        wt, wh, ww = _head_window(WIN, h, NT, NH, NW)
+        ft = _axis_start(tile_t, NT, wt)
+        fh = _axis_start(tile_h, NH, wh)
+        fw = _axis_start(tile_w, NW, ww)
+        video_trips = wt * wh * ww * K_SUBS
+        text_len = 0
+        if TEXT:
+            text_len = gl.load(TEXT_LEN + b)
+        trips = video_trips + (text_len + N - 1) // N
+        return t0, h0, w0, ft, fh, fw, wh, ww, video_trips, text_len, trips
+
+    @gluon.jit
     def _as_box(buf, desc):
         """The shared buffer ``buf`` viewed as one box of ``desc`` (same bytes and swizzle)."""
         if _PUBLIC_REINTERPRET:
@@ -233,6 +253,7 @@ if AVAILABLE:
                 m_blk = gl.max(s, axis=1) * scale_log2
             if RESCALE < 0:  # rescale every block (the triton forward's arithmetic)
                 m_new = gl.maximum(m_i, m_blk)
+                grow = True
             else:  # only once some row's max grew past RESCALE (log2 units)
                 grow = gl.max(m_blk - m_i, axis=0) > RESCALE
                 m_new = gl.where(grow, gl.maximum(m_i, m_blk), m_i)
@@ -241,9 +262,7 @@ if AVAILABLE:
             l_i = l_i * alpha + gl.sum(p, axis=1)
             acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
             mbarrier.arrive(v_empty.index(prev), count=1)
-            if RESCALE < 0:
-                acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
-            elif grow:
+            if grow:
                 acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
             p_op = gl.convert_layout(p.to(gl.bfloat16), p_layout)
             m_i = m_new
@@ -299,16 +318,8 @@ if AVAILABLE:
         h = bh % num_heads
         col = h * HEAD_DIM
         lse_base = bh.to(gl.int64) * seq_len
-        tile_t, tile_h, tile_w, t0, h0, w0 = _pair_block(pid, NH, NW, TT, TH, TW)
-        wt, wh, ww = _head_window(WIN, h, NT, NH, NW)
-        ft = _axis_start(tile_t, NT, wt)
-        fh = _axis_start(tile_h, NH, wh)
-        fw = _axis_start(tile_w, NW, ww)
-        video_trips = wt * wh * ww * K_SUBS
-        text_len = 0
-        if TEXT:
-            text_len = gl.load(TEXT_LEN + b)
-        trips = video_trips + (text_len + N - 1) // N
+        t0, h0, w0, ft, fh, fw, wh, ww, video_trips, text_len, trips = _window_loop(
+            pid, b, h, WIN, TEXT_LEN, NT, NH, NW, TT, TH, TW, K_SUBS, N, TEXT)
 
         q_smem = gl.allocate_shared_memory(gl.bfloat16, [2] + q_desc.block_type.shape,
                                            q_desc.layout)

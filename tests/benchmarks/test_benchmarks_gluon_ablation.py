@@ -27,7 +27,7 @@ REMOVED = {
     "no_pv": "acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))\n            mbarrier",
     "no_exp2": "p = gl.exp2(s * scale_log2 - gl.expand_dims(m_new, 1))",
     "no_row_max": "m_blk = gl.max(s, axis=1) * scale_log2",
-    "no_rescale": "elif grow:",
+    "no_rescale": "acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)",
     "bwd_no_qdo_loads": None,  # the loads stay, for the first ring pass
     "bwd_no_exp2": "p = gl.exp2(s * scale_log2 - gl.expand_dims(lse, 0))",
     "bwd_no_dq_reduce": "_tma_add(dq_desc,",
