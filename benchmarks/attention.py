@@ -174,15 +174,9 @@ VARIANTS = {
     # v11 = the triton backward everywhere (the default before it)
     "v11": KernelConfig(bwd_gluon=False),
     "gluon_bwd_s3": KernelConfig(bwd_gluon_stages=3),
-    # the Gluon forward's accumulator rescaled only once a row's max grew by more than the
-    # threshold (log2 units): 0 keeps the arithmetic (skips blocks where no max grew), 8
-    # skips nearly every block (its probabilities stay below 256)
-    "gluon_rescale0": KernelConfig(fwd_gluon_rescale=0.0),
-    "gluon_rescale8": KernelConfig(fwd_gluon_rescale=8.0),
-    # ... and each row's max of a score block as a tree (16 chains of 4) instead of a chain
-    # of 32 dependent max instructions
-    "gluon_tree_max": KernelConfig(fwd_gluon_tree_max=True),
-    "gluon_tree_max_rescale8": KernelConfig(fwd_gluon_tree_max=True, fwd_gluon_rescale=8.0),
+    # v14: the Gluon forward with three consumer warpgroups (query blocks of 3 frames) where
+    # the tile's frames divide by 3; gluon_2c = two consumers (the default before it)
+    "gluon_2c": KernelConfig(fwd_gluon_consumers=2),
 }
 
 

@@ -196,15 +196,14 @@ def compile_report(launch: Launch, capability: int = 90) -> dict:
 
 def gluon_report(shape: str, stages: int = 2, text: bool = False,
                  capability: int = 90, kernel: str = "fwd",
-                 rescale: float | None = None, tree_max: bool = False,
-                 module=None) -> dict:
+                 consumers: int | None = None, module=None) -> dict:
     """Compile a Gluon kernel as it launches at ``shape`` (with 64 text slots when
     ``text``) and report its resources: the forward (``sta_kernels.gluon_sta``, ``kernel``
     "fwd"), the backward (``sta_kernels.gluon_bwd``, "bwd") or the FP8 forward
-    (``sta_kernels.gluon_fp8``, "fp8"); ``rescale`` is the forward's accumulator rescale
-    threshold (``KernelConfig.fwd_gluon_rescale``) and ``tree_max`` its tree row max
-    (``fwd_gluon_tree_max``); ``module`` replaces the module of ``kernel`` (an edited copy
-    of it, as ``benchmarks/gluon_ablation.py`` makes).
+    (``sta_kernels.gluon_fp8``, "fp8"); ``consumers`` is the forward's consumer
+    warpgroups (``KernelConfig.fwd_gluon_consumers``; None: the default for the shape's
+    tile); ``module`` replaces the module of ``kernel`` (an edited copy of it, as
+    ``benchmarks/gluon_ablation.py`` makes).
 
     The host code calls them for CUDA tensors only, so a launch is recorded from the
     module's ``_launch`` on CPU tensors (never written: ``torch.empty`` allocates lazily;
@@ -236,8 +235,8 @@ def gluon_report(shape: str, stages: int = 2, text: bool = False,
         setattr(module, name, _Recorder(name, fn, log))
     try:
         if kernel == "fwd":
-            gs._launch(q, k, v, o, lse, windows, text_len, canvas, tile, scale, stages, rescale,
-                       tree_max)
+            gs._launch(q, k, v, o, lse, windows, text_len, canvas, tile, scale, stages,
+                       gs._check_consumers(tile, stages, consumers))
         elif kernel == "fp8":
             video, blocks = gf.packed_blocks(canvas, tile, seq)
             f8, rows = torch.float8_e4m3fn, gf.BLOCK

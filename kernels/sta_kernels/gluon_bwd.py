@@ -45,9 +45,9 @@ if AVAILABLE:
         PRODUCER_REGS,
         TensorDescriptor,
         _as_box,
+        _frame_block,
         _frames_descriptor,
         _head_window,
-        _pair_block,
         _rows_descriptor,
         _tma_load,
         fence_async_shared,
@@ -277,7 +277,7 @@ if AVAILABLE:
         h = bh % num_heads
         col = h * HEAD_DIM
         base = b.to(gl.int64) * stride_b + col  # (B, S, H, D) element offset of (b, 0, h, 0)
-        tile_t, tile_h, tile_w, kt0, kh0, kw0 = _pair_block(pid, NH, NW, TT, TH, TW)
+        tile_t, tile_h, tile_w, kt0, kh0, kw0 = _frame_block(pid, NH, NW, TT, TH, TW, 2)
         wt, wh, ww = _head_window(WIN, h, NT, NH, NW)
         first_t, cnt_t = _axis_queries(tile_t, NT, wt)
         first_h, cnt_h = _axis_queries(tile_h, NH, wh)

@@ -425,7 +425,7 @@ if AVAILABLE:
         b = bh // num_heads
         h = bh % num_heads
         t0, h0, w0, ft, fh, fw, wh, ww, video_trips, text_len, trips = _window_loop(
-            pid, b, h, WIN, TEXT_LEN, NT, NH, NW, TT, TH, TW, K_SUBS, N, TEXT)
+            pid, b, h, WIN, TEXT_LEN, NT, NH, NW, TT, TH, TW, K_SUBS, N, TEXT, 2)
 
         q_smem = gl.allocate_shared_memory(gl.bfloat16, [2] + q_desc.block_type.shape,
                                            q_desc.layout)
@@ -433,7 +433,7 @@ if AVAILABLE:
                                            k_desc.layout)
         v_bufs = gl.allocate_shared_memory(F8, [STAGES] + vt_desc.block_type.shape,
                                            vt_desc.layout)
-        q_bar, k_ready, k_empty, v_ready, v_empty = _ring_barriers(STAGES)
+        q_bar, k_ready, k_empty, v_ready, v_empty = _ring_barriers(STAGES, 2)
 
         gl.warp_specialize([
             (_fp8_consumer, (o_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready,

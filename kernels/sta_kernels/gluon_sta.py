@@ -8,13 +8,17 @@ the way FlashAttention-3 does on Hopper:
 - one producer warp issues the TMA loads of q once and of k and v into a ring of
   ``STAGES`` buffers, k and v on separate barriers so a score matmul can start before its
   v has landed;
-- two consumer warpgroups, one per 64-query frame of a 128-query block, each hold their
-  frame's q in registers (the score matmul's A operand) and run the online softmax with
-  the score matmul of key block j issued before the PV matmul of block j - 1; the two
-  warpgroups share every k/v buffer, and one's softmax runs while the other's matmuls hold
-  the tensor cores. (The source waits for the PV matmul after block j's exp2s, but ptxas
-  moves that wait before them, so within one warpgroup the two do not overlap: see
-  benchmarks/NOTES.md.)
+- one consumer warpgroup per 64-query frame of the program's query block, all sharing
+  every k/v buffer, so that one's softmax runs while the others' matmuls hold the tensor
+  cores. Where the tile's frames divide by 3, three consumers (``_consumer_seq``) take a
+  192-query block, which streams each k/v block from L2 once per 192 queries instead of
+  128 (a third less of the traffic that the ablations found to cost 14% of the
+  two-consumer kernel's time); at the 160 registers a thread then gets, q stays in shared
+  memory and each key block runs in sequence. Otherwise two consumers (``_consumer``) hold
+  q in registers (the score matmul's A operand) and issue the score matmul of key block j
+  before the PV matmul of block j - 1. (The source waits for that PV matmul after block
+  j's exp2s, but ptxas moves the wait before them, so within one warpgroup the two do not
+  overlap: see benchmarks/NOTES.md.) Both give the same bits.
 
 Scope: the video queries (which attend their window's video keys and the valid text keys)
 of a canvas the tile divides (full tiles), tiles of an even number of (TH, TW) frames with
@@ -59,6 +63,7 @@ from .geometry import num_tiles
 LOG2E = 1.4426950408889634
 FRAME = 64  # tokens of one (TH, TW) frame: the rows of one consumer warpgroup
 MAXNREG = 168  # 12 warps (3 warpgroups) x 168 x 32 fits the 64K registers of an SM
+MAXNREG_3 = 128  # the three-consumer forward: 16 warps (4 warpgroups) x 128 x 32
 
 
 if AVAILABLE:
@@ -70,6 +75,8 @@ if AVAILABLE:
     NEG_BIG = gl.constexpr(-1.0e30)  # a finite minus infinity (as in triton_sta)
     CONSUMER_REGS = gl.constexpr(240)  # registers per thread of the second consumer
     PRODUCER_REGS = gl.constexpr(24)  # the producer warp issues TMA copies only
+    # per consumer thread with three consumers: 3 x 160 + 24 <= 512 (64K / 128 threads)
+    CONSUMER_REGS_3 = gl.constexpr(160)
 
     @gluon.jit
     def _axis_start(qi, n, w):
@@ -85,16 +92,17 @@ if AVAILABLE:
         return wt, wh, ww
 
     @gluon.jit
-    def _pair_block(pid, NH, NW, TT: gl.constexpr, TH: gl.constexpr, TW: gl.constexpr):
-        """Program ``pid``'s block of two frames (TT // 2 per tile, tiles in raster order):
-        its tile's (t, h, w) tile indices and its first token's (t, h, w)."""
-        SUBS: gl.constexpr = TT // 2
+    def _frame_block(pid, NH, NW, TT: gl.constexpr, TH: gl.constexpr, TW: gl.constexpr,
+                     FRAMES: gl.constexpr):
+        """Program ``pid``'s block of ``FRAMES`` frames (TT // FRAMES per tile, tiles in
+        raster order): its tile's (t, h, w) tile indices and its first token's (t, h, w)."""
+        SUBS: gl.constexpr = TT // FRAMES
         tile = pid // SUBS
         tile_t = tile // (NH * NW)
         tile_h = (tile // NW) % NH
         tile_w = tile % NW
         return (tile_t, tile_h, tile_w,
-                tile_t * TT + (pid % SUBS) * 2, tile_h * TH, tile_w * TW)
+                tile_t * TT + (pid % SUBS) * FRAMES, tile_h * TH, tile_w * TW)
 
     @gluon.jit
     def _key_coords(j, ft, fh, fw, wh, ww, TT: gl.constexpr, TH: gl.constexpr,
@@ -111,12 +119,12 @@ if AVAILABLE:
     @gluon.jit
     def _window_loop(pid, b, h, WIN, TEXT_LEN, NT, NH, NW, TT: gl.constexpr,
                      TH: gl.constexpr, TW: gl.constexpr, K_SUBS: gl.constexpr,
-                     N: gl.constexpr, TEXT: gl.constexpr):
-        """Program ``pid``'s query block and key loop for head ``h`` of batch element ``b``:
-        the block's first token (t0, h0, w0), the window's first key tile (ft, fh, fw) and
+                     N: gl.constexpr, TEXT: gl.constexpr, FRAMES: gl.constexpr):
+        """Program ``pid``'s query block (``FRAMES`` frames) and key loop for head ``h`` of
+        batch element ``b``: the block's first token (t0, h0, w0), the window's first key tile (ft, fh, fw) and
         extent in h and w (wh, ww), the video key blocks (video_trips), the valid text
         tokens, and all key blocks of ``N`` keys (trips: the video ones, then the text)."""
-        tile_t, tile_h, tile_w, t0, h0, w0 = _pair_block(pid, NH, NW, TT, TH, TW)
+        tile_t, tile_h, tile_w, t0, h0, w0 = _frame_block(pid, NH, NW, TT, TH, TW, FRAMES)
         wt, wh, ww = _head_window(WIN, h, NT, NH, NW)
         ft = _axis_start(tile_t, NT, wt)
         fh = _axis_start(tile_h, NH, wh)
@@ -157,12 +165,12 @@ if AVAILABLE:
                   q_bar, k_ready, k_empty, v_ready, v_empty,
                   b, col, t0, h0, w0, ft, fh, fw, wh, ww, video_trips, trips, num_video,
                   TT: gl.constexpr, TH: gl.constexpr, TW: gl.constexpr,
-                  K_SUBS: gl.constexpr, STAGES: gl.constexpr):
-        """The load warp: q's two frames once, then k and v of every key block in turn:
-        the window's video blocks, then the text blocks."""
-        mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
-        _tma_load(q_desc, [b, t0, h0, w0, col], q_bar, q_smem.index(0))
-        _tma_load(q_desc, [b, t0 + 1, h0, w0, col], q_bar, q_smem.index(1))
+                  K_SUBS: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr):
+        """The load warp: the query block's ``CONSUMERS`` frames of q once, then k and v of
+        every key block in turn: the window's video blocks, then the text blocks."""
+        mbarrier.expect(q_bar, CONSUMERS * q_desc.block_type.nbytes)
+        for c in gl.static_range(CONSUMERS):
+            _tma_load(q_desc, [b, t0 + c, h0, w0, col], q_bar, q_smem.index(c))
         for j in range(trips):
             stage = j % STAGES
             phase = (j // STAGES) & 1
@@ -177,29 +185,45 @@ if AVAILABLE:
                         TW, K_SUBS)
 
     @gluon.jit
+    def _softmax_block(s, m_i, l_i, j, video_trips, text_len, cols, scale_log2,
+                       N: gl.constexpr):
+        """Online softmax of key block ``j``'s raw scores ``s`` (M, N) against the running
+        max ``m_i`` and sum ``l_i`` (M,): (p, alpha, m_new, l_new), in the log2 domain.
+        Text key blocks (j past ``video_trips``) mask their slots past ``text_len``."""
+        if j >= video_trips:  # text keys: slots past the valid text are padding
+            pos = (j - video_trips) * N + cols
+            s = gl.where(gl.expand_dims(pos < text_len, 0), s, NEG_BIG)
+        m_new = gl.maximum(m_i, gl.max(s, axis=1) * scale_log2)
+        alpha = gl.exp2(m_i - m_new)
+        p = gl.exp2(s * scale_log2 - gl.expand_dims(m_new, 1))
+        return p, alpha, m_new, l_i * alpha + gl.sum(p, axis=1)
+
+    @gluon.jit
+    def _epilogue(acc, m_i, l_i, q, q_smem, o_desc, LSE, b, col, t0, h0, w0, lse_base, CH,
+                  CW, row_s: gl.constexpr, row_o: gl.constexpr, TW: gl.constexpr,
+                  C: gl.constexpr):
+        """Frame ``C``'s o through its q buffer (whose last reader has finished) and TMA,
+        and its lse (log2 domain)."""
+        M: gl.constexpr = q.shape[0]
+        o = acc / gl.expand_dims(gl.convert_layout(l_i, row_o), 1)
+        q.store(o.to(gl.bfloat16))
+        fence_async_shared()
+        _tma_store(o_desc, [b, t0 + C, h0, w0, col], q_smem.index(C))
+        rows = gl.arange(0, M, layout=row_s)
+        tok = ((t0 + C) * CH + h0 + rows // TW) * CW + w0 + rows % TW
+        gl.store(LSE + lse_base + tok, m_i + gl.log2(l_i))
+        tma.store_wait(0)
+
+    @gluon.jit
     def _consumer(o_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty,
                   LSE, b, col, t0, h0, w0, video_trips, trips, text_len, lse_base, CH, CW,
                   scale_log2, HEAD_DIM: gl.constexpr, TH: gl.constexpr, TW: gl.constexpr,
-                  STAGES: gl.constexpr, C: gl.constexpr, RESCALE: gl.constexpr,
-                  TREE_MAX: gl.constexpr):
-        """Consumer warpgroup ``C``: the online softmax of frame ``C`` of the query block.
+                  STAGES: gl.constexpr, C: gl.constexpr):
+        """Consumer warpgroup ``C`` of two: the online softmax of frame ``C`` of the query
+        block, q in registers.
 
         Key block j's score matmul is issued before block j - 1's PV matmul, whose wait
-        the source places after block j's exp2s (ptxas moves it before them). Text key
-        blocks (j past ``video_trips``) mask their slots past ``text_len``.
-
-        ``TREE_MAX`` reduces each row's scores to their max as a tree (the reshape only
-        regroups the registers: the accumulator layout gives a thread 2 rows x 32
-        columns, column 8 i + 2 (lane % 4) + e) instead of one dependent chain, which
-        shortens the latency from the scores' arrival to the first exp2; max is exact, so
-        the result does not change.
-
-        ``RESCALE`` < 0 moves the running max to every block's (the triton forward's
-        arithmetic, bitwise). ``RESCALE`` >= 0 keeps it, and skips the rescale of the
-        accumulator (64 multiplies per thread and block), until some row of the warpgroup's
-        64 gains more than ``RESCALE`` over it (log2 units; the probabilities stay below
-        2^RESCALE, exact in fp32 and bf16); the decision is one reduction over the
-        warpgroup, so the branch is uniform.
+        the source places after block j's exp2s (ptxas moves it before them).
         """
         M: gl.constexpr = TH * TW  # query rows: one frame
         N: gl.constexpr = 2 * TH * TW  # keys per block: two frames
@@ -242,52 +266,78 @@ if AVAILABLE:
             o_tok = warpgroup_mma(p_op, v, acc, is_async=True)
             s = warpgroup_mma_wait(1, deps=(s_tok,))  # the scores; PV may still run
             mbarrier.arrive(k_empty.index(stage), count=1)
-            if j >= video_trips:  # text keys: slots past the valid text are padding
-                pos = (j - video_trips) * N + cols
-                s = gl.where(gl.expand_dims(pos < text_len, 0), s, NEG_BIG)
-            if TREE_MAX:  # 16 in-thread chains of 4, then 4 of 4: the same max, exactly
-                s4 = gl.reshape(s, [M, 4, 4, N // 16])  # col = 32 x + 8 y + z
-                m_blk = gl.max(gl.max(gl.max(s4, axis=2), axis=1), axis=1)
-                m_blk = gl.convert_layout(m_blk, row_s) * scale_log2
-            else:  # one chain of 32 dependent max per row and thread
-                m_blk = gl.max(s, axis=1) * scale_log2
-            if RESCALE < 0:  # rescale every block (the triton forward's arithmetic)
-                m_new = gl.maximum(m_i, m_blk)
-                grow = True
-            else:  # only once some row's max grew past RESCALE (log2 units)
-                grow = gl.max(m_blk - m_i, axis=0) > RESCALE
-                m_new = gl.where(grow, gl.maximum(m_i, m_blk), m_i)
-            alpha = gl.exp2(m_i - m_new)
-            p = gl.exp2(s * scale_log2 - gl.expand_dims(m_new, 1))
-            l_i = l_i * alpha + gl.sum(p, axis=1)
+            p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, j, video_trips, text_len, cols,
+                                                scale_log2, N)
             acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
             mbarrier.arrive(v_empty.index(prev), count=1)
-            if grow:
-                acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
             p_op = gl.convert_layout(p.to(gl.bfloat16), p_layout)
-            m_i = m_new
         last = (trips - 1) % STAGES
         mbarrier.wait(v_ready.index(last), ((trips - 1) // STAGES) & 1)
         v = v_bufs.index(last).reshape([N, HEAD_DIM])
         o_tok = warpgroup_mma(p_op, v, acc, is_async=True)
         acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
         mbarrier.arrive(v_empty.index(last), count=1)
-
-        # epilogue: o through this frame's q buffer (its last reader has finished) and TMA
-        o = acc / gl.expand_dims(gl.convert_layout(l_i, row_o), 1)
-        q.store(o.to(gl.bfloat16))
-        fence_async_shared()
-        _tma_store(o_desc, [b, t0 + C, h0, w0, col], q_smem.index(C))
-        rows = gl.arange(0, M, layout=row_s)
-        tok = ((t0 + C) * CH + h0 + rows // TW) * CW + w0 + rows % TW
-        gl.store(LSE + lse_base + tok, m_i + gl.log2(l_i))
-        tma.store_wait(0)
+        _epilogue(acc, m_i, l_i, q, q_smem, o_desc, LSE, b, col, t0, h0, w0, lse_base, CH, CW,
+                  row_s, row_o, TW, C)
 
     @gluon.jit
-    def _ring_barriers(STAGES: gl.constexpr):
+    def _consumer_seq(o_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready,
+                      v_empty, LSE, b, col, t0, h0, w0, video_trips, trips, text_len, lse_base,
+                      CH, CW, scale_log2, HEAD_DIM: gl.constexpr, TH: gl.constexpr,
+                      TW: gl.constexpr, STAGES: gl.constexpr, C: gl.constexpr):
+        """Consumer warpgroup ``C`` of three: the online softmax of frame ``C`` of the query
+        block, each key block in sequence (score matmul, softmax, PV matmul) with q read
+        from shared memory.
+
+        At the 160 registers a thread of three consumers gets, the scores (64), the
+        accumulator (64) and p fit only if p takes the scores' registers, i.e. if block
+        j's PV matmul finishes before block j + 1's score matmul is issued (and q stays in
+        shared memory); the other two consumers keep the tensor cores busy meanwhile. The
+        arithmetic is ``_consumer``'s, in the same order: the outputs are bitwise equal.
+        """
+        M: gl.constexpr = TH * TW
+        N: gl.constexpr = 2 * TH * TW
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout,
+                                                     k_width=2)
+        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        cols = gl.arange(0, N, layout=gl.SliceLayout(0, s_layout))
+        q = q_smem.index(C).reshape([M, HEAD_DIM])  # (M, D), the score matmul's A operand
+        zero_s = gl.zeros([M, N], gl.float32, s_layout)
+        m_i = gl.full([M], NEG_BIG, gl.float32, row_s)  # alpha of block 0 is exp2(-1e30) = 0
+        l_i = gl.zeros([M], gl.float32, row_s)
+        acc = gl.zeros([M, HEAD_DIM], gl.float32, o_layout)
+        mbarrier.wait(q_bar, 0)
+        for j in range(trips):
+            stage = j % STAGES
+            phase = (j // STAGES) & 1
+            mbarrier.wait(k_ready.index(stage), phase)
+            kt = k_bufs.index(stage).reshape([N, HEAD_DIM]).permute((1, 0))  # (D, N)
+            s_tok = warpgroup_mma(q, kt, zero_s, use_acc=False, is_async=True)
+            s = warpgroup_mma_wait(0, deps=(s_tok,))  # (M, N) raw scores
+            mbarrier.arrive(k_empty.index(stage), count=1)
+            p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, j, video_trips, text_len, cols,
+                                                scale_log2, N)
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
+            p_op = gl.convert_layout(p.to(gl.bfloat16), p_layout)
+            mbarrier.wait(v_ready.index(stage), phase)
+            v = v_bufs.index(stage).reshape([N, HEAD_DIM])
+            o_tok = warpgroup_mma(p_op, v, acc, is_async=True)
+            acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
+            mbarrier.arrive(v_empty.index(stage), count=1)
+        _epilogue(acc, m_i, l_i, q, q_smem, o_desc, LSE, b, col, t0, h0, w0, lse_base, CH, CW,
+                  row_s, row_o, TW, C)
+
+    @gluon.jit
+    def _ring_barriers(STAGES: gl.constexpr, CONSUMERS: gl.constexpr):
         """The forward's mbarriers, initialised: q's, and per stage of the k/v ring a ready
-        barrier (the producer's TMA) and an empty one (released by both consumers) for k and
-        for v. Returns (q_bar, k_ready, k_empty, v_ready, v_empty)."""
+        barrier (the producer's TMA) and an empty one (released by all ``CONSUMERS``) for k
+        and for v. Returns (q_bar, k_ready, k_empty, v_ready, v_empty)."""
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -297,8 +347,8 @@ if AVAILABLE:
         for i in gl.static_range(STAGES):
             mbarrier.init(k_ready.index(i), count=1)
             mbarrier.init(v_ready.index(i), count=1)
-            mbarrier.init(k_empty.index(i), count=2)  # both consumers release a buffer
-            mbarrier.init(v_empty.index(i), count=2)
+            mbarrier.init(k_empty.index(i), count=CONSUMERS)
+            mbarrier.init(v_empty.index(i), count=CONSUMERS)
         return q_bar, k_ready, k_empty, v_ready, v_empty
 
     @gluon.jit
@@ -306,10 +356,10 @@ if AVAILABLE:
         q_desc, k_desc, v_desc, o_desc, kt_desc, vt_desc, LSE, WIN, TEXT_LEN,
         seq_len, num_video, num_heads, CH, CW, NT, NH, NW, scale_log2,
         TT: gl.constexpr, TH: gl.constexpr, TW: gl.constexpr, HEAD_DIM: gl.constexpr,
-        STAGES: gl.constexpr, TEXT: gl.constexpr, RESCALE: gl.constexpr,
-        TREE_MAX: gl.constexpr,
+        STAGES: gl.constexpr, TEXT: gl.constexpr, CONSUMERS: gl.constexpr,
     ):
-        """One program per video query block (two frames of a tile) and (batch, head)."""
+        """One program per video query block (``CONSUMERS`` frames of a tile, one consumer
+        warpgroup each) and (batch, head)."""
         K_SUBS: gl.constexpr = TT // 2  # key blocks of two frames per tile
         N: gl.constexpr = 2 * TH * TW
         pid = gl.program_id(0)
@@ -319,30 +369,46 @@ if AVAILABLE:
         col = h * HEAD_DIM
         lse_base = bh.to(gl.int64) * seq_len
         t0, h0, w0, ft, fh, fw, wh, ww, video_trips, text_len, trips = _window_loop(
-            pid, b, h, WIN, TEXT_LEN, NT, NH, NW, TT, TH, TW, K_SUBS, N, TEXT)
+            pid, b, h, WIN, TEXT_LEN, NT, NH, NW, TT, TH, TW, K_SUBS, N, TEXT, CONSUMERS)
 
-        q_smem = gl.allocate_shared_memory(gl.bfloat16, [2] + q_desc.block_type.shape,
+        q_smem = gl.allocate_shared_memory(gl.bfloat16, [CONSUMERS] + q_desc.block_type.shape,
                                            q_desc.layout)
         k_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES] + k_desc.block_type.shape,
                                            k_desc.layout)
         v_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES] + v_desc.block_type.shape,
                                            v_desc.layout)
-        q_bar, k_ready, k_empty, v_ready, v_empty = _ring_barriers(STAGES)
-
-        gl.warp_specialize([
-            (_consumer, (o_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready,
-                         v_empty, LSE, b, col, t0, h0, w0, video_trips, trips, text_len,
-                         lse_base, CH, CW, scale_log2, HEAD_DIM, TH, TW, STAGES, 0, RESCALE,
-                         TREE_MAX)),
-            (_consumer, (o_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready,
-                         v_empty, LSE, b, col, t0, h0, w0, video_trips, trips, text_len,
-                         lse_base, CH, CW, scale_log2, HEAD_DIM, TH, TW, STAGES, 1, RESCALE,
-                         TREE_MAX)),
-            (_producer, (q_desc, k_desc, v_desc, kt_desc, vt_desc, q_smem, k_bufs, v_bufs,
-                         q_bar, k_ready, k_empty, v_ready, v_empty, b, col, t0, h0, w0, ft, fh,
-                         fw, wh, ww, video_trips, trips, num_video, TT, TH, TW, K_SUBS,
-                         STAGES)),
-        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+        q_bar, k_ready, k_empty, v_ready, v_empty = _ring_barriers(STAGES, CONSUMERS)
+        # (triton 3.6 builds warp_specialize only from partitions written out in place: a
+        # tuple of the shared arguments, assigned first, does not compile)
+        if CONSUMERS == 3:
+            gl.warp_specialize([
+                (_consumer_seq, (o_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready,
+                                v_empty, LSE, b, col, t0, h0, w0, video_trips, trips, text_len,
+                                lse_base, CH, CW, scale_log2, HEAD_DIM, TH, TW, STAGES, 0)),
+                (_consumer_seq, (o_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready,
+                                v_empty, LSE, b, col, t0, h0, w0, video_trips, trips, text_len,
+                                lse_base, CH, CW, scale_log2, HEAD_DIM, TH, TW, STAGES, 1)),
+                (_consumer_seq, (o_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready,
+                                v_empty, LSE, b, col, t0, h0, w0, video_trips, trips, text_len,
+                                lse_base, CH, CW, scale_log2, HEAD_DIM, TH, TW, STAGES, 2)),
+                (_producer, (q_desc, k_desc, v_desc, kt_desc, vt_desc, q_smem, k_bufs, v_bufs,
+                             q_bar, k_ready, k_empty, v_ready, v_empty, b, col, t0, h0, w0, ft,
+                             fh, fw, wh, ww, video_trips, trips, num_video, TT, TH, TW, K_SUBS,
+                             STAGES, CONSUMERS)),
+            ], [4, 4, 1], [CONSUMER_REGS_3, CONSUMER_REGS_3, PRODUCER_REGS])
+        else:
+            gl.warp_specialize([
+                (_consumer, (o_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready,
+                                v_empty, LSE, b, col, t0, h0, w0, video_trips, trips, text_len,
+                                lse_base, CH, CW, scale_log2, HEAD_DIM, TH, TW, STAGES, 0)),
+                (_consumer, (o_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready,
+                                v_empty, LSE, b, col, t0, h0, w0, video_trips, trips, text_len,
+                                lse_base, CH, CW, scale_log2, HEAD_DIM, TH, TW, STAGES, 1)),
+                (_producer, (q_desc, k_desc, v_desc, kt_desc, vt_desc, q_smem, k_bufs, v_bufs,
+                             q_bar, k_ready, k_empty, v_ready, v_empty, b, col, t0, h0, w0, ft,
+                             fh, fw, wh, ww, video_trips, trips, num_video, TT, TH, TW, K_SUBS,
+                             STAGES, CONSUMERS)),
+            ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
 def supports(q: torch.Tensor, canvas: Sequence[int], tile: Sequence[int]) -> bool:
@@ -388,10 +454,22 @@ def _rows_descriptor(x: torch.Tensor, rows: int, cols: int | None = None):
                        [1, rows, cols or head_dim])
 
 
-def video_blocks(canvas: Sequence[int], tile: Sequence[int]) -> int:
-    """Programs of the kernel per (batch, head): one per two frames of every tile."""
+def video_blocks(canvas: Sequence[int], tile: Sequence[int], frames: int = 2) -> int:
+    """Programs per (batch, head) of a kernel with one program per ``frames`` frames of
+    every tile (the forward's query blocks, the backward's key blocks of two frames)."""
     n = num_tiles(canvas, tile)
-    return n[0] * n[1] * n[2] * (int(tile[0]) // 2)
+    return n[0] * n[1] * n[2] * (int(tile[0]) // frames)
+
+
+def default_consumers(tile: Sequence[int], stages: int = 2) -> int:
+    """The forward's consumer warpgroups (frames per query block) for ``tile``: three
+    where the tile's frames divide by three and the ring has at most 2 stages (three q
+    frames and a third stage do not fit in shared memory), else two.
+
+    Three consumers load each k/v block for 192 queries instead of 128 (a third less L2
+    traffic for the same matmuls): 22.28 against 24.08 ms at HunyuanVideo (3,3,3) on the
+    H200 (benchmarks/NOTES.md, v14)."""
+    return 3 if int(tile[0]) % 3 == 0 and stages <= 2 else 2
 
 
 def sta_gluon_video_forward(
@@ -406,8 +484,7 @@ def sta_gluon_video_forward(
     tile: Sequence[int],
     scale: float,
     stages: int = 2,
-    rescale: float | None = None,
-    tree_max: bool = False,
+    consumers: int | None = None,
 ):
     """Write the video query rows of ``o`` and ``lse`` with the warp-specialised kernel;
     the same values as ``sta_triton_forward`` gives those rows. Text query rows (if any)
@@ -418,37 +495,54 @@ def sta_gluon_video_forward(
             tokens first in raster order, then S - CT*CH*CW text slots.
         lse: (B, H, S) float32, written in the log2 domain.
         windows: (H, 3) int32; text_len: (B,) int32 valid text tokens; both on the device.
-        rescale: None rescales the accumulator at every key block; a threshold t >= 0
-            (log2 units) only once a row's max has grown by more than t (``_consumer``).
-        tree_max: each row's max of a score block as a tree of short chains (same values).
+        stages: buffers of the k/v ring (2 or 3).
+        consumers: consumer warpgroups, i.e. 64-query frames per program: 2 (``_consumer``,
+            q in registers, PV matmul one block behind) or 3 (``_consumer_seq``, tiles whose
+            frames divide by 3, at most 2 stages); None picks ``default_consumers``. Both
+            give the same bits.
     Returns:
         the launched kernel (its compiled handle: registers, shared memory).
     """
-    if rescale is not None and not rescale >= 0:
-        raise ValueError(f"sta_gluon_video_forward: rescale must be None or a threshold >= 0 "
-                         f"(log2 units), got {rescale}")
+    consumers = _check_consumers(tile, stages, consumers)
     if not supports(q, canvas, tile):
         raise ValueError("sta_gluon_video_forward: call outside the kernel's scope (see "
                          "gluon_sta.supports)")
-    return _launch(q, k, v, o, lse, windows, text_len, canvas, tile, scale, stages, rescale,
-                   tree_max)
+    return _launch(q, k, v, o, lse, windows, text_len, canvas, tile, scale, stages, consumers)
 
 
-def _launch(q, k, v, o, lse, windows, text_len, canvas, tile, scale, stages, rescale=None,
-            tree_max=False):
+def _check_consumers(tile: Sequence[int], stages: int, consumers: int | None) -> int:
+    """``consumers`` resolved (None: ``default_consumers``) and checked against the tile
+    and the ring's stages; a ValueError names what does not fit."""
+    if stages not in (2, 3):
+        raise ValueError(f"sta_gluon_video_forward: stages must be 2 or 3, got {stages}")
+    if consumers is None:
+        return default_consumers(tile, stages)
+    if consumers not in (2, 3):
+        raise ValueError(f"sta_gluon_video_forward: consumers must be 2 or 3 (or None), "
+                         f"got {consumers}")
+    if consumers == 3 and int(tile[0]) % 3:
+        raise ValueError(f"sta_gluon_video_forward: 3 consumers take query blocks of 3 "
+                         f"frames, which tile {tuple(int(t) for t in tile)} (frames first) "
+                         f"does not divide into")
+    if consumers == 3 and stages > 2:
+        raise ValueError("sta_gluon_video_forward: 3 consumers fit in shared memory with a "
+                         f"2-stage k/v ring only, got stages={stages}")
+    return consumers
+
+
+def _launch(q, k, v, o, lse, windows, text_len, canvas, tile, scale, stages, consumers=2):
     """The kernel launch of ``sta_gluon_video_forward`` without its device checks
     (``benchmarks/compile_report.py`` records it on CPU tensors)."""
     batch, seq, heads, head_dim = q.shape
     n = num_tiles(canvas, tile)
     num_video = int(canvas[0]) * int(canvas[1]) * int(canvas[2])
     block_n = 2 * int(tile[1]) * int(tile[2])
-    return _sta_fwd_ws_kernel[(video_blocks(canvas, tile), batch * heads)](
+    return _sta_fwd_ws_kernel[(video_blocks(canvas, tile, consumers), batch * heads)](
         _frames_descriptor(q, canvas, tile, 1), _frames_descriptor(k, canvas, tile, 2),
         _frames_descriptor(v, canvas, tile, 2), _frames_descriptor(o, canvas, tile, 1),
         _rows_descriptor(k, block_n), _rows_descriptor(v, block_n), lse, windows, text_len,
         seq, num_video, heads, int(canvas[1]), int(canvas[2]), *n, scale * LOG2E,
         TT=int(tile[0]), TH=int(tile[1]), TW=int(tile[2]), HEAD_DIM=head_dim,
-        STAGES=stages, TEXT=seq > num_video,
-        RESCALE=-1.0 if rescale is None else float(rescale), TREE_MAX=bool(tree_max),
-        num_warps=4, maxnreg=MAXNREG,
+        STAGES=stages, TEXT=seq > num_video, CONSUMERS=consumers,
+        num_warps=4, maxnreg=MAXNREG_3 if consumers == 3 else MAXNREG,
     )

@@ -96,11 +96,9 @@ class KernelConfig:
     # other call run _sta_fwd_kernel
     fwd_gluon: bool = True
     fwd_gluon_stages: int = 2
-    # None: the Gluon forward rescales its accumulator at every key block; t >= 0: only
-    # once a row's max grew by more than t (log2 units), a warpgroup-uniform branch
-    fwd_gluon_rescale: float | None = None
-    # the Gluon forward's row max of each score block as a tree of short dependency chains
-    fwd_gluon_tree_max: bool = False
+    # consumer warpgroups (64-query frames per program) of the Gluon forward: 2, 3 (tiles
+    # whose frames divide by 3, 2 stages), or None: 3 where they fit (the same bits)
+    fwd_gluon_consumers: int | None = None
     # the warp-specialised Gluon backward (gluon_bwd) for the video key blocks of the fused
     # schedule, where it applies (gluon_bwd.supports: the forward's scope with D = 128);
     # the text key blocks run _sta_dkdv_kernel
@@ -1089,8 +1087,7 @@ def sta_triton_forward(
     elif cfg.fwd_gluon and _gluon_applies(gluon_sta.supports, q, canvas, tile, k, v):
         _record("fwd_gluon", gluon_sta.sta_gluon_video_forward(
             q, k, v, o, lse, windows, text_len, canvas, tile, scale,
-            stages=cfg.fwd_gluon_stages, rescale=cfg.fwd_gluon_rescale,
-            tree_max=cfg.fwd_gluon_tree_max))
+            stages=cfg.fwd_gluon_stages, consumers=cfg.fwd_gluon_consumers))
         first = video_blocks
     programs = video_blocks + triton.cdiv(geo.num_text, cfg.fwd_block_m) - first
     if programs == 0:

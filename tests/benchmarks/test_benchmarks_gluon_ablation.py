@@ -22,12 +22,15 @@ import gluon_ablation as ga  # noqa: E402
 # what each ablation must take out of the kernel's source
 REMOVED = {
     "no_kv_loads": None,  # the loads stay, behind `if j < STAGES`
-    "no_qk": "s_tok = warpgroup_mma(q_op, kt, zero_s, use_acc=False, is_async=True)\n"
-             "            o_tok",
-    "no_pv": "acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))\n            mbarrier",
+    "no_qk": "s_tok = warpgroup_mma(q, kt, zero_s, use_acc=False, is_async=True)",
+    "no_pv": "o_tok = warpgroup_mma(p_op, v, acc, is_async=True)\n"
+             "            acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))\n"
+             "            mbarrier.arrive(v_empty.index(stage)",
     "no_exp2": "p = gl.exp2(s * scale_log2 - gl.expand_dims(m_new, 1))",
-    "no_row_max": "m_blk = gl.max(s, axis=1) * scale_log2",
-    "no_rescale": "acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)",
+    "no_row_max": "m_new = gl.maximum(m_i, gl.max(s, axis=1) * scale_log2)",
+    "no_rescale": "acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)\n"
+                  "            p_op = gl.convert_layout(p.to(gl.bfloat16), p_layout)\n"
+                  "            mbarrier.wait(v_ready",
     "bwd_no_qdo_loads": None,  # the loads stay, for the first ring pass
     "bwd_no_exp2": "p = gl.exp2(s * scale_log2 - gl.expand_dims(lse, 0))",
     "bwd_no_dq_reduce": "_tma_add(dq_desc,",
@@ -76,7 +79,8 @@ def test_unknown_ablation_is_named():
 
 def test_ablated_kernels_build_for_sm90():
     """The unmodified kernels and every ablation compile for sm_90 (HunyuanVideo, 2
-    stages) with the kernels' register budget."""
+    stages) with the kernels' register budgets: 128 at launch for the three-consumer
+    forward, 168 for the backward."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     probe = ("import triton.backends.nvidia.compiler, sys; sys.path.insert(0, 'kernels'); "
              "from sta_kernels import gluon_sta; sys.exit(0 if gluon_sta.AVAILABLE else 3)")
@@ -88,7 +92,9 @@ def test_ablated_kernels_build_for_sm90():
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = dict(re.findall(r"^([\w ]+): (\d+) registers at launch", proc.stdout, re.M))
     assert set(rows) == {"default fwd", "default bwd", *ga.ABLATIONS}, proc.stdout
-    assert set(rows.values()) == {"168"}, proc.stdout
+    for name, registers in rows.items():
+        kernel = name.split()[1] if name.startswith("default") else ga.ABLATIONS[name][0]
+        assert registers == {"fwd": "128", "bwd": "168"}[kernel], proc.stdout
 
 
 def test_report_groups_ablations_by_kernel_and_window(monkeypatch, tmp_path):

@@ -88,57 +88,62 @@ def test_gluon_forward_matches_reference_and_triton(name, monkeypatch):
         assert torch.all(got[0][b, num_video + n:] == 0)  # padding text rows
 
 
-@pytest.mark.parametrize("threshold", [-1.0, float("nan")])
-def test_gluon_forward_rejects_a_bad_rescale_threshold(threshold):
-    """A negative or NaN rescale threshold is refused by name, before any device check."""
+@pytest.mark.parametrize("tile,stages,consumers,message", [
+    ((4, 8, 8), 2, 3, "does not divide into"),
+    ((6, 8, 8), 3, 3, "2-stage k/v ring only"),
+    ((6, 8, 8), 2, 4, "consumers must be 2 or 3"),
+    ((6, 8, 8), 4, None, "stages must be 2 or 3"),
+])
+def test_gluon_forward_refuses_consumers_that_do_not_fit(tile, stages, consumers, message):
+    """Three consumers need query blocks of 3 frames and a 2-stage ring (shared memory);
+    a bad count or ring is refused by name, before any device check."""
     from sta_kernels import gluon_sta
 
     q = torch.zeros(1, 384, 1, 128, dtype=torch.bfloat16)
     args = (q, q, q, q, torch.zeros(1, 1, 384), torch.ones(1, 3, dtype=torch.int32),
-            torch.zeros(1, dtype=torch.int32), (6, 8, 8), (6, 8, 8), 1.0)
-    with pytest.raises(ValueError, match="rescale must be None or a threshold"):
-        gluon_sta.sta_gluon_video_forward(*args, rescale=threshold)
+            torch.zeros(1, dtype=torch.int32), (6, 8, 8), tile, 1.0)
+    with pytest.raises(ValueError, match=message):
+        gluon_sta.sta_gluon_video_forward(*args, stages=stages, consumers=consumers)
 
 
-# KernelConfig fields of the Gluon forward's softmax variants: whether each keeps the
-# default's arithmetic (bitwise equal output and lse)
-SOFTMAX_VARIANTS = [
-    ({"fwd_gluon_rescale": 0.0}, True),
-    ({"fwd_gluon_tree_max": True}, True),
-    ({"fwd_gluon_rescale": 8.0}, False),
-    ({"fwd_gluon_tree_max": True, "fwd_gluon_rescale": 8.0}, False),
-]
+@pytest.mark.parametrize("tile,stages,want", [
+    ((6, 8, 8), 2, 3), ((12, 8, 8), 2, 3), ((6, 8, 8), 3, 2), ((4, 8, 8), 2, 2),
+    ((2, 8, 8), 2, 2),
+])
+def test_gluon_forward_picks_three_consumers_where_they_fit(tile, stages, want):
+    """The default consumer count: three where the tile's frames divide by 3 and the ring
+    has 2 stages, else two; the program count follows (frames per tile / consumers)."""
+    from sta_kernels import gluon_sta
+
+    assert gluon_sta.default_consumers(tile, stages) == want
+    canvas = (2 * tile[0], 16, 8)
+    assert gluon_sta.video_blocks(canvas, tile, want) == 2 * 2 * tile[0] // want
 
 
-@pytest.mark.parametrize("fields,bitwise", SOFTMAX_VARIANTS)
-def test_gluon_forward_softmax_variants(fields, bitwise):
-    """The Gluon forward's softmax variants against the default: a tree row max, or the
-    accumulator rescale skipped until a row max grows past a threshold. Threshold 0 and the
-    tree max keep the arithmetic (o and lse bitwise equal); with threshold 8 the output stays
-    within the low-precision reference's error of the fp64 truth and lse within float32
-    rounding, also where the max does grow (one head's keys of the last two frames scaled
-    up 8x, so their blocks take the rescale branch)."""
+@pytest.mark.parametrize("name", list(CASES))
+def test_gluon_forward_consumer_counts_agree_bitwise(name, monkeypatch):
+    """Three consumers (each key block in sequence, q from shared memory) and two (q in
+    registers, PV one block behind) do the same arithmetic in the same order: o and lse
+    bitwise equal, with text keys, per-head windows and D 64."""
     if not _hopper():
         pytest.skip("the Gluon forward needs a Hopper GPU")
+    from sta_kernels import gluon_sta
     from sta_kernels import triton_sta as ts
 
-    canvas, window, text, q, k, v, _ = _case("joint_text")
-    k = k.clone()
-    k[:, math.prod(canvas[1:]) * (canvas[0] - 2): math.prod(canvas), 0] *= 8
+    canvas, window, text, q, k, v, _ = _case(name)
     dev = q.device
     args = (q, k, v, window.to(dev, torch.int32), text.to(dev, torch.int32), canvas,
             (6, 8, 8), q.shape[-1] ** -0.5)
-    base_o, base_lse = ts.sta_triton_forward(*args, config=ts.KernelConfig())
-    o, lse = ts.sta_triton_forward(*args, config=ts.KernelConfig(**fields))
-    if bitwise:
-        assert torch.equal(o, base_o) and torch.equal(lse, base_lse)
-        return
-    torch.testing.assert_close(lse, base_lse, rtol=1e-5, atol=1e-4)
-    kw = dict(canvas=canvas, tile=(6, 8, 8), window=window, text_len=text)
-    ref = sliding_tile_attention(q.double(), k.double(), v.double(), backend="reference", **kw)
-    low = lowp_attention(q.cpu(), k.cpu(), v.cpu(), **kw)
-    assert rel_err(o, ref) <= 2 * rel_err(low, ref.cpu()) + 1e-4
-    assert rel_err(o, base_o) < 1e-2
+    seen = []
+    launch = gluon_sta._launch
+    monkeypatch.setattr(gluon_sta, "_launch",
+                        lambda *a: seen.append(a[-1]) or launch(*a))
+    got = {c: ts.sta_triton_forward(*args, config=ts.KernelConfig(fwd_gluon_consumers=c))
+           for c in (None, 2, 3)}
+    assert seen == [3, 2, 3]
+    for c in (2, 3):
+        assert torch.equal(got[c][0], got[None][0]) and torch.equal(got[c][1], got[None][1])
+    assert torch.isfinite(got[None][0]).all()
 
 
 def test_split_call_runs_text_queries_from_the_program_offset(triton_device, monkeypatch):
