@@ -169,7 +169,7 @@ VARIANTS = {
     # v11 (issue 15): the forward's video queries by the warp-specialised Gluon kernel at
     # full tiles; v10 = the triton forward everywhere (the default before it)
     "v10": KernelConfig(fwd_gluon=False, bwd_gluon=False),
-    "gluon_s3": KernelConfig(fwd_gluon_stages=3),
+    "gluon_s3": KernelConfig(fwd_gluon_consumers=2, fwd_gluon_stages=3),
     # v12: the backward's video key blocks by the warp-specialised Gluon kernel (gluon_bwd);
     # v11 = the triton backward everywhere (the default before it)
     "v11": KernelConfig(bwd_gluon=False),
@@ -177,6 +177,8 @@ VARIANTS = {
     # v14: the Gluon forward with three consumer warpgroups (query blocks of 3 frames) where
     # the tile's frames divide by 3; gluon_2c = two consumers (the default before it)
     "gluon_2c": KernelConfig(fwd_gluon_consumers=2),
+    # ... and three consumers with 2 k buffers instead of 3 (the v ring has 2 either way)
+    "gluon_3c_s2": KernelConfig(fwd_gluon_stages=2),
 }
 
 

@@ -194,15 +194,16 @@ def compile_report(launch: Launch, capability: int = 90) -> dict:
             **cubin_report(compiled.asm["cubin"])}
 
 
-def gluon_report(shape: str, stages: int = 2, text: bool = False,
+def gluon_report(shape: str, stages: int | None = None, text: bool = False,
                  capability: int = 90, kernel: str = "fwd",
                  consumers: int | None = None, module=None) -> dict:
     """Compile a Gluon kernel as it launches at ``shape`` (with 64 text slots when
     ``text``) and report its resources: the forward (``sta_kernels.gluon_sta``, ``kernel``
     "fwd"), the backward (``sta_kernels.gluon_bwd``, "bwd") or the FP8 forward
-    (``sta_kernels.gluon_fp8``, "fp8"); ``consumers`` is the forward's consumer
-    warpgroups (``KernelConfig.fwd_gluon_consumers``; None: the default for the shape's
-    tile); ``module`` replaces the module of ``kernel`` (an edited copy of it, as
+    (``sta_kernels.gluon_fp8``, "fp8"), with ``stages`` ring buffers (None: the forward's
+    default, ``gluon_sta.ring_stages``; 2 for the others); ``consumers`` is the forward's
+    consumer warpgroups (``KernelConfig.fwd_gluon_consumers``; None: the default for the
+    shape's tile); ``module`` replaces the module of ``kernel`` (an edited copy of it, as
     ``benchmarks/gluon_ablation.py`` makes).
 
     The host code calls them for CUDA tensors only, so a launch is recorded from the
@@ -223,6 +224,8 @@ def gluon_report(shape: str, stages: int = 2, text: bool = False,
     windows = torch.full((heads, 3), 3, dtype=torch.int32)
     text_len = torch.zeros(1, dtype=torch.int32)
     scale = head_dim**-0.5
+    if kernel != "fwd" and stages is None:
+        stages = 2
     if module is not None:
         gs, gb, gf = (module if kernel == name else m
                       for name, m in (("fwd", gs), ("bwd", gb), ("fp8", gf)))
@@ -235,8 +238,10 @@ def gluon_report(shape: str, stages: int = 2, text: bool = False,
         setattr(module, name, _Recorder(name, fn, log))
     try:
         if kernel == "fwd":
+            consumers = gs._check_consumers(tile, consumers)
+            stages, v_stages = gs.ring_stages(consumers, stages)
             gs._launch(q, k, v, o, lse, windows, text_len, canvas, tile, scale, stages,
-                       gs._check_consumers(tile, stages, consumers))
+                       consumers, v_stages)
         elif kernel == "fp8":
             video, blocks = gf.packed_blocks(canvas, tile, seq)
             f8, rows = torch.float8_e4m3fn, gf.BLOCK

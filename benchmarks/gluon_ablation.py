@@ -74,12 +74,12 @@ _SCORES = """\
 _PV = """\
             o_tok = warpgroup_mma(p_op, v, acc, is_async=True)
             acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
-            mbarrier.arrive(v_empty.index(stage), count=1)
+            mbarrier.arrive(v_empty.index(v_stage), count=1)
 """
 _RESCALE = """\
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
             p_op = gl.convert_layout(p.to(gl.bfloat16), p_layout)
-            mbarrier.wait(v_ready.index(stage), phase)
+            v_stage = j % V_STAGES
 """
 _BWD_STATS_AND_LOADS = [
     ("            mbarrier.expect(bar, NBYTES)\n            if j < video_trips:\n",
@@ -103,7 +103,7 @@ ABLATIONS: dict[str, tuple[str, list[tuple[str, str]]]] = {
                  + gl.expand_dims((cols + j).to(gl.float32), 0) * 0.01)
 """)]),
     "no_pv": ("fwd", [(_PV, """\
-            mbarrier.arrive(v_empty.index(stage), count=1)
+            mbarrier.arrive(v_empty.index(v_stage), count=1)
 """)]),
     "no_exp2": ("fwd", [("        p = gl.exp2(s * scale_log2 - gl.expand_dims(m_new, 1))\n",
                          "        p = s * scale_log2 - gl.expand_dims(m_new, 1)\n")]),

@@ -433,7 +433,7 @@ if AVAILABLE:
                                            k_desc.layout)
         v_bufs = gl.allocate_shared_memory(F8, [STAGES] + vt_desc.block_type.shape,
                                            vt_desc.layout)
-        q_bar, k_ready, k_empty, v_ready, v_empty = _ring_barriers(STAGES, 2)
+        q_bar, k_ready, k_empty, v_ready, v_empty = _ring_barriers(STAGES, 2, STAGES)
 
         gl.warp_specialize([
             (_fp8_consumer, (o_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready,

@@ -165,7 +165,8 @@ if AVAILABLE:
                   q_bar, k_ready, k_empty, v_ready, v_empty,
                   b, col, t0, h0, w0, ft, fh, fw, wh, ww, video_trips, trips, num_video,
                   TT: gl.constexpr, TH: gl.constexpr, TW: gl.constexpr,
-                  K_SUBS: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr):
+                  K_SUBS: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr,
+                  V_STAGES: gl.constexpr):
         """The load warp: the query block's ``CONSUMERS`` frames of q once, then k and v of
         every key block in turn: the window's video blocks, then the text blocks."""
         mbarrier.expect(q_bar, CONSUMERS * q_desc.block_type.nbytes)
@@ -179,9 +180,10 @@ if AVAILABLE:
             _load_block(j, video_trips, k_desc, kt_desc, k_bufs.index(stage),
                         k_ready.index(stage), b, col, ft, fh, fw, wh, ww, num_video, TT, TH,
                         TW, K_SUBS)
-            mbarrier.wait(v_empty.index(stage), phase ^ 1)
-            _load_block(j, video_trips, v_desc, vt_desc, v_bufs.index(stage),
-                        v_ready.index(stage), b, col, ft, fh, fw, wh, ww, num_video, TT, TH,
+            v_stage = j % V_STAGES
+            mbarrier.wait(v_empty.index(v_stage), ((j // V_STAGES) & 1) ^ 1)
+            _load_block(j, video_trips, v_desc, vt_desc, v_bufs.index(v_stage),
+                        v_ready.index(v_stage), b, col, ft, fh, fw, wh, ww, num_video, TT, TH,
                         TW, K_SUBS)
 
     @gluon.jit
@@ -218,7 +220,7 @@ if AVAILABLE:
     def _consumer(o_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty,
                   LSE, b, col, t0, h0, w0, video_trips, trips, text_len, lse_base, CH, CW,
                   scale_log2, HEAD_DIM: gl.constexpr, TH: gl.constexpr, TW: gl.constexpr,
-                  STAGES: gl.constexpr, C: gl.constexpr):
+                  STAGES: gl.constexpr, V_STAGES: gl.constexpr, C: gl.constexpr):
         """Consumer warpgroup ``C`` of two: the online softmax of frame ``C`` of the query
         block, q in registers.
 
@@ -257,10 +259,10 @@ if AVAILABLE:
         acc = gl.zeros([M, HEAD_DIM], gl.float32, o_layout)
         for j in range(1, trips):
             stage = j % STAGES
-            prev = (j - 1) % STAGES
+            prev = (j - 1) % V_STAGES
             mbarrier.wait(k_ready.index(stage), (j // STAGES) & 1)
             kt = k_bufs.index(stage).reshape([N, HEAD_DIM]).permute((1, 0))
-            mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
+            mbarrier.wait(v_ready.index(prev), ((j - 1) // V_STAGES) & 1)
             v = v_bufs.index(prev).reshape([N, HEAD_DIM])
             s_tok = warpgroup_mma(q_op, kt, zero_s, use_acc=False, is_async=True)
             o_tok = warpgroup_mma(p_op, v, acc, is_async=True)
@@ -272,8 +274,8 @@ if AVAILABLE:
             mbarrier.arrive(v_empty.index(prev), count=1)
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
             p_op = gl.convert_layout(p.to(gl.bfloat16), p_layout)
-        last = (trips - 1) % STAGES
-        mbarrier.wait(v_ready.index(last), ((trips - 1) // STAGES) & 1)
+        last = (trips - 1) % V_STAGES
+        mbarrier.wait(v_ready.index(last), ((trips - 1) // V_STAGES) & 1)
         v = v_bufs.index(last).reshape([N, HEAD_DIM])
         o_tok = warpgroup_mma(p_op, v, acc, is_async=True)
         acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
@@ -285,7 +287,8 @@ if AVAILABLE:
     def _consumer_seq(o_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready,
                       v_empty, LSE, b, col, t0, h0, w0, video_trips, trips, text_len, lse_base,
                       CH, CW, scale_log2, HEAD_DIM: gl.constexpr, TH: gl.constexpr,
-                      TW: gl.constexpr, STAGES: gl.constexpr, C: gl.constexpr):
+                      TW: gl.constexpr, STAGES: gl.constexpr, V_STAGES: gl.constexpr,
+                      C: gl.constexpr):
         """Consumer warpgroup ``C`` of three: the online softmax of frame ``C`` of the query
         block, each key block in sequence (score matmul, softmax, PV matmul) with q read
         from shared memory.
@@ -325,29 +328,32 @@ if AVAILABLE:
                                                 scale_log2, N)
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
             p_op = gl.convert_layout(p.to(gl.bfloat16), p_layout)
-            mbarrier.wait(v_ready.index(stage), phase)
-            v = v_bufs.index(stage).reshape([N, HEAD_DIM])
+            v_stage = j % V_STAGES
+            mbarrier.wait(v_ready.index(v_stage), (j // V_STAGES) & 1)
+            v = v_bufs.index(v_stage).reshape([N, HEAD_DIM])
             o_tok = warpgroup_mma(p_op, v, acc, is_async=True)
             acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
-            mbarrier.arrive(v_empty.index(stage), count=1)
+            mbarrier.arrive(v_empty.index(v_stage), count=1)
         _epilogue(acc, m_i, l_i, q, q_smem, o_desc, LSE, b, col, t0, h0, w0, lse_base, CH, CW,
                   row_s, row_o, TW, C)
 
     @gluon.jit
-    def _ring_barriers(STAGES: gl.constexpr, CONSUMERS: gl.constexpr):
+    def _ring_barriers(STAGES: gl.constexpr, CONSUMERS: gl.constexpr,
+                       V_STAGES: gl.constexpr):
         """The forward's mbarriers, initialised: q's, and per stage of the k/v ring a ready
         barrier (the producer's TMA) and an empty one (released by all ``CONSUMERS``) for k
         and for v. Returns (q_bar, k_ready, k_empty, v_ready, v_empty)."""
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], mbarrier.MBarrierLayout())
         mbarrier.init(q_bar, count=1)
         for i in gl.static_range(STAGES):
             mbarrier.init(k_ready.index(i), count=1)
-            mbarrier.init(v_ready.index(i), count=1)
             mbarrier.init(k_empty.index(i), count=CONSUMERS)
+        for i in gl.static_range(V_STAGES):
+            mbarrier.init(v_ready.index(i), count=1)
             mbarrier.init(v_empty.index(i), count=CONSUMERS)
         return q_bar, k_ready, k_empty, v_ready, v_empty
 
@@ -357,6 +363,7 @@ if AVAILABLE:
         seq_len, num_video, num_heads, CH, CW, NT, NH, NW, scale_log2,
         TT: gl.constexpr, TH: gl.constexpr, TW: gl.constexpr, HEAD_DIM: gl.constexpr,
         STAGES: gl.constexpr, TEXT: gl.constexpr, CONSUMERS: gl.constexpr,
+        V_STAGES: gl.constexpr,
     ):
         """One program per video query block (``CONSUMERS`` frames of a tile, one consumer
         warpgroup each) and (batch, head)."""
@@ -375,39 +382,44 @@ if AVAILABLE:
                                            q_desc.layout)
         k_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES] + k_desc.block_type.shape,
                                            k_desc.layout)
-        v_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES] + v_desc.block_type.shape,
+        v_bufs = gl.allocate_shared_memory(gl.bfloat16, [V_STAGES] + v_desc.block_type.shape,
                                            v_desc.layout)
-        q_bar, k_ready, k_empty, v_ready, v_empty = _ring_barriers(STAGES, CONSUMERS)
+        q_bar, k_ready, k_empty, v_ready, v_empty = _ring_barriers(STAGES, CONSUMERS, V_STAGES)
         # (triton 3.6 builds warp_specialize only from partitions written out in place: a
         # tuple of the shared arguments, assigned first, does not compile)
         if CONSUMERS == 3:
             gl.warp_specialize([
                 (_consumer_seq, (o_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready,
                                 v_empty, LSE, b, col, t0, h0, w0, video_trips, trips, text_len,
-                                lse_base, CH, CW, scale_log2, HEAD_DIM, TH, TW, STAGES, 0)),
+                                lse_base, CH, CW, scale_log2, HEAD_DIM, TH, TW, STAGES,
+                                V_STAGES, 0)),
                 (_consumer_seq, (o_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready,
                                 v_empty, LSE, b, col, t0, h0, w0, video_trips, trips, text_len,
-                                lse_base, CH, CW, scale_log2, HEAD_DIM, TH, TW, STAGES, 1)),
+                                lse_base, CH, CW, scale_log2, HEAD_DIM, TH, TW, STAGES,
+                                V_STAGES, 1)),
                 (_consumer_seq, (o_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready,
                                 v_empty, LSE, b, col, t0, h0, w0, video_trips, trips, text_len,
-                                lse_base, CH, CW, scale_log2, HEAD_DIM, TH, TW, STAGES, 2)),
+                                lse_base, CH, CW, scale_log2, HEAD_DIM, TH, TW, STAGES,
+                                V_STAGES, 2)),
                 (_producer, (q_desc, k_desc, v_desc, kt_desc, vt_desc, q_smem, k_bufs, v_bufs,
                              q_bar, k_ready, k_empty, v_ready, v_empty, b, col, t0, h0, w0, ft,
                              fh, fw, wh, ww, video_trips, trips, num_video, TT, TH, TW, K_SUBS,
-                             STAGES, CONSUMERS)),
+                             STAGES, CONSUMERS, V_STAGES)),
             ], [4, 4, 1], [CONSUMER_REGS_3, CONSUMER_REGS_3, PRODUCER_REGS])
         else:
             gl.warp_specialize([
                 (_consumer, (o_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready,
                                 v_empty, LSE, b, col, t0, h0, w0, video_trips, trips, text_len,
-                                lse_base, CH, CW, scale_log2, HEAD_DIM, TH, TW, STAGES, 0)),
+                                lse_base, CH, CW, scale_log2, HEAD_DIM, TH, TW, STAGES,
+                                V_STAGES, 0)),
                 (_consumer, (o_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready,
                                 v_empty, LSE, b, col, t0, h0, w0, video_trips, trips, text_len,
-                                lse_base, CH, CW, scale_log2, HEAD_DIM, TH, TW, STAGES, 1)),
+                                lse_base, CH, CW, scale_log2, HEAD_DIM, TH, TW, STAGES,
+                                V_STAGES, 1)),
                 (_producer, (q_desc, k_desc, v_desc, kt_desc, vt_desc, q_smem, k_bufs, v_bufs,
                              q_bar, k_ready, k_empty, v_ready, v_empty, b, col, t0, h0, w0, ft,
                              fh, fw, wh, ww, video_trips, trips, num_video, TT, TH, TW, K_SUBS,
-                             STAGES, CONSUMERS)),
+                             STAGES, CONSUMERS, V_STAGES)),
             ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -461,15 +473,28 @@ def video_blocks(canvas: Sequence[int], tile: Sequence[int], frames: int = 2) ->
     return n[0] * n[1] * n[2] * (int(tile[0]) // frames)
 
 
-def default_consumers(tile: Sequence[int], stages: int = 2) -> int:
+def default_consumers(tile: Sequence[int]) -> int:
     """The forward's consumer warpgroups (frames per query block) for ``tile``: three
-    where the tile's frames divide by three and the ring has at most 2 stages (three q
-    frames and a third stage do not fit in shared memory), else two.
+    where the tile's frames divide by three, else two.
 
     Three consumers load each k/v block for 192 queries instead of 128 (a third less L2
-    traffic for the same matmuls): 22.28 against 24.08 ms at HunyuanVideo (3,3,3) on the
+    traffic for the same matmuls): 22.83 against 24.41 ms at HunyuanVideo (3,3,3) on the
     H200 (benchmarks/NOTES.md, v14)."""
-    return 3 if int(tile[0]) % 3 == 0 and stages <= 2 else 2
+    return 3 if int(tile[0]) % 3 == 0 else 2
+
+
+def ring_stages(consumers: int, stages: int | None = None) -> tuple[int, int]:
+    """Buffers of the (k, v) rings for ``consumers`` and a requested k depth ``stages``
+    (None: the default, 3 with three consumers, 2 with two). Two consumers use ``stages``
+    for both rings. Three hold three q frames, so a third v buffer does not fit in shared
+    memory: their v ring has 2 (3 k buffers measured 1.2% faster than 2; a third v buffer
+    instead, nothing)."""
+    if stages is None:
+        stages = 3 if consumers == 3 else 2
+    if stages not in (2, 3):
+        raise ValueError(f"sta_gluon_video_forward: stages must be 2 or 3 (or None), got "
+                         f"{stages}")
+    return stages, (2 if consumers == 3 else stages)
 
 
 def sta_gluon_video_forward(
@@ -483,7 +508,7 @@ def sta_gluon_video_forward(
     canvas: Sequence[int],
     tile: Sequence[int],
     scale: float,
-    stages: int = 2,
+    stages: int | None = None,
     consumers: int | None = None,
 ):
     """Write the video query rows of ``o`` and ``lse`` with the warp-specialised kernel;
@@ -495,28 +520,27 @@ def sta_gluon_video_forward(
             tokens first in raster order, then S - CT*CH*CW text slots.
         lse: (B, H, S) float32, written in the log2 domain.
         windows: (H, 3) int32; text_len: (B,) int32 valid text tokens; both on the device.
-        stages: buffers of the k/v ring (2 or 3).
+        stages: buffers of the k ring, 2 or 3 (``ring_stages``; None: the default).
         consumers: consumer warpgroups, i.e. 64-query frames per program: 2 (``_consumer``,
             q in registers, PV matmul one block behind) or 3 (``_consumer_seq``, tiles whose
-            frames divide by 3, at most 2 stages); None picks ``default_consumers``. Both
-            give the same bits.
+            frames divide by 3); None picks ``default_consumers``. Both give the same bits.
     Returns:
         the launched kernel (its compiled handle: registers, shared memory).
     """
-    consumers = _check_consumers(tile, stages, consumers)
+    consumers = _check_consumers(tile, consumers)
+    k_stages, v_stages = ring_stages(consumers, stages)
     if not supports(q, canvas, tile):
         raise ValueError("sta_gluon_video_forward: call outside the kernel's scope (see "
                          "gluon_sta.supports)")
-    return _launch(q, k, v, o, lse, windows, text_len, canvas, tile, scale, stages, consumers)
+    return _launch(q, k, v, o, lse, windows, text_len, canvas, tile, scale, k_stages,
+                   consumers, v_stages)
 
 
-def _check_consumers(tile: Sequence[int], stages: int, consumers: int | None) -> int:
-    """``consumers`` resolved (None: ``default_consumers``) and checked against the tile
-    and the ring's stages; a ValueError names what does not fit."""
-    if stages not in (2, 3):
-        raise ValueError(f"sta_gluon_video_forward: stages must be 2 or 3, got {stages}")
+def _check_consumers(tile: Sequence[int], consumers: int | None) -> int:
+    """``consumers`` resolved (None: ``default_consumers``) and checked against the tile;
+    a ValueError names what does not fit."""
     if consumers is None:
-        return default_consumers(tile, stages)
+        return default_consumers(tile)
     if consumers not in (2, 3):
         raise ValueError(f"sta_gluon_video_forward: consumers must be 2 or 3 (or None), "
                          f"got {consumers}")
@@ -524,13 +548,11 @@ def _check_consumers(tile: Sequence[int], stages: int, consumers: int | None) ->
         raise ValueError(f"sta_gluon_video_forward: 3 consumers take query blocks of 3 "
                          f"frames, which tile {tuple(int(t) for t in tile)} (frames first) "
                          f"does not divide into")
-    if consumers == 3 and stages > 2:
-        raise ValueError("sta_gluon_video_forward: 3 consumers fit in shared memory with a "
-                         f"2-stage k/v ring only, got stages={stages}")
     return consumers
 
 
-def _launch(q, k, v, o, lse, windows, text_len, canvas, tile, scale, stages, consumers=2):
+def _launch(q, k, v, o, lse, windows, text_len, canvas, tile, scale, stages, consumers=2,
+            v_stages=None):
     """The kernel launch of ``sta_gluon_video_forward`` without its device checks
     (``benchmarks/compile_report.py`` records it on CPU tensors)."""
     batch, seq, heads, head_dim = q.shape
@@ -544,5 +566,6 @@ def _launch(q, k, v, o, lse, windows, text_len, canvas, tile, scale, stages, con
         seq, num_video, heads, int(canvas[1]), int(canvas[2]), *n, scale * LOG2E,
         TT=int(tile[0]), TH=int(tile[1]), TW=int(tile[2]), HEAD_DIM=head_dim,
         STAGES=stages, TEXT=seq > num_video, CONSUMERS=consumers,
+        V_STAGES=stages if v_stages is None else v_stages,
         num_warps=4, maxnreg=MAXNREG_3 if consumers == 3 else MAXNREG,
     )

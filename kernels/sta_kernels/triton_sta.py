@@ -95,9 +95,11 @@ class KernelConfig:
     # applies (gluon_sta.supports: Hopper, bf16, full tiles); the text queries and every
     # other call run _sta_fwd_kernel
     fwd_gluon: bool = True
-    fwd_gluon_stages: int = 2
+    # buffers of its k ring (2 or 3; None: 3 with three consumers, 2 with two;
+    # gluon_sta.ring_stages)
+    fwd_gluon_stages: int | None = None
     # consumer warpgroups (64-query frames per program) of the Gluon forward: 2, 3 (tiles
-    # whose frames divide by 3, 2 stages), or None: 3 where they fit (the same bits)
+    # whose frames divide by 3), or None: 3 where they fit (the same bits)
     fwd_gluon_consumers: int | None = None
     # the warp-specialised Gluon backward (gluon_bwd) for the video key blocks of the fused
     # schedule, where it applies (gluon_bwd.supports: the forward's scope with D = 128);

@@ -32,12 +32,13 @@ fwd = cr.record_launches("tiny", None)[0]
 out["fwd"] = cr.compile_report(fwd)
 from sta_kernels import gluon_sta
 if gluon_sta.AVAILABLE:
-    # D=64 with and without text slots; D=128 (HunyuanVideo) at the default 2 stages (three
-    # consumers) and 3 (two); two consumers at 2 stages with text
-    out["gluon"] = [cr.gluon_report("tiny", stages=2, text=True), cr.gluon_report("tiny", 2),
-                    cr.gluon_report("hunyuan", stages=2, text=True),
-                    cr.gluon_report("hunyuan", stages=3),
-                    cr.gluon_report("hunyuan", stages=2, text=True, consumers=2)]
+    # D=64 with and without text slots; D=128 (HunyuanVideo): three consumers at the
+    # default ring (3 k buffers, 2 v) and at 2 k buffers, two consumers at 2 and 3
+    out["gluon"] = [cr.gluon_report("tiny", text=True), cr.gluon_report("tiny", 2),
+                    cr.gluon_report("hunyuan", text=True),
+                    cr.gluon_report("hunyuan", stages=2),
+                    cr.gluon_report("hunyuan", stages=2, text=True, consumers=2),
+                    cr.gluon_report("hunyuan", stages=3, consumers=2)]
     out["gluon_bwd"] = cr.gluon_report("hunyuan", stages=2, text=True, kernel="bwd")
     out["gluon_fp8"] = cr.gluon_report("hunyuan", stages=2, text=True, kernel="fp8")
 print(json.dumps(out))
@@ -80,7 +81,7 @@ def test_compile_report_records_the_default_schedules_and_compiles():
 
 def test_compile_report_builds_the_gluon_forward_without_spills():
     """The Gluon forward's launches (D 64 and 128, with and without text slots, 2 and 3
-    stages, two and three consumers) build for sm_90: warp-specialised (register
+    k buffers, two and three consumers) build for sm_90: warp-specialised (register
     reallocation between the partitions), wgmma matmuls (per consumer the score matmul's
     D / 16 and the PV matmul's 8, written twice by the two-consumer loop, whose first score
     and last PV matmuls sit outside it), shared memory in budget, and no spilled
@@ -92,11 +93,12 @@ def test_compile_report_builds_the_gluon_forward_without_spills():
     out = _run()
     if "gluon" not in out:
         pytest.skip("the Gluon forward needs triton >= 3.6")
-    assert len(out["gluon"]) == 5
+    assert len(out["gluon"]) == 6
     consumers = [3 if variant["maxnreg"] == 128 else 2 for variant in out["gluon"]]
-    assert consumers == [3, 3, 3, 2, 2]  # None picks three where the frames divide by 3
+    assert consumers == [3, 3, 3, 3, 2, 2]  # None picks three where the frames divide by 3
     # D 64: 3 x (4 + 8); D 128: 3 x (8 + 8), 2 x 2 x (8 + 8)
-    assert [variant["wgmma"] for variant in out["gluon"]] == [36, 36, 48, 64, 64]
+    assert [variant["wgmma"] for variant in out["gluon"]] == [36, 36, 48, 48, 64, 64]
+    assert [variant["stages"] for variant in out["gluon"]] == [3, 2, 3, 2, 2, 3]
     for variant, count in zip(out["gluon"], consumers, strict=True):
         assert variant["spills"] <= (2 if count == 2 else 16), variant
         assert 0 < variant["shared_bytes"] <= SMEM_PER_BLOCK, variant

@@ -25,12 +25,12 @@ REMOVED = {
     "no_qk": "s_tok = warpgroup_mma(q, kt, zero_s, use_acc=False, is_async=True)",
     "no_pv": "o_tok = warpgroup_mma(p_op, v, acc, is_async=True)\n"
              "            acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))\n"
-             "            mbarrier.arrive(v_empty.index(stage)",
+             "            mbarrier.arrive(v_empty.index(v_stage)",
     "no_exp2": "p = gl.exp2(s * scale_log2 - gl.expand_dims(m_new, 1))",
     "no_row_max": "m_new = gl.maximum(m_i, gl.max(s, axis=1) * scale_log2)",
     "no_rescale": "acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)\n"
                   "            p_op = gl.convert_layout(p.to(gl.bfloat16), p_layout)\n"
-                  "            mbarrier.wait(v_ready",
+                  "            v_stage = j % V_STAGES",
     "bwd_no_qdo_loads": None,  # the loads stay, for the first ring pass
     "bwd_no_exp2": "p = gl.exp2(s * scale_log2 - gl.expand_dims(lse, 0))",
     "bwd_no_dq_reduce": "_tma_add(dq_desc,",

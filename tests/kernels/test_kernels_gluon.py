@@ -89,14 +89,14 @@ def test_gluon_forward_matches_reference_and_triton(name, monkeypatch):
 
 
 @pytest.mark.parametrize("tile,stages,consumers,message", [
-    ((4, 8, 8), 2, 3, "does not divide into"),
-    ((6, 8, 8), 3, 3, "2-stage k/v ring only"),
-    ((6, 8, 8), 2, 4, "consumers must be 2 or 3"),
+    ((4, 8, 8), None, 3, "does not divide into"),
+    ((6, 8, 8), None, 4, "consumers must be 2 or 3"),
     ((6, 8, 8), 4, None, "stages must be 2 or 3"),
+    ((4, 8, 8), 1, 2, "stages must be 2 or 3"),
 ])
 def test_gluon_forward_refuses_consumers_that_do_not_fit(tile, stages, consumers, message):
-    """Three consumers need query blocks of 3 frames and a 2-stage ring (shared memory);
-    a bad count or ring is refused by name, before any device check."""
+    """Three consumers need query blocks of 3 frames, and a ring 2 or 3 buffers deep; a bad
+    count or depth is refused by name, before any device check."""
     from sta_kernels import gluon_sta
 
     q = torch.zeros(1, 384, 1, 128, dtype=torch.bfloat16)
@@ -106,25 +106,36 @@ def test_gluon_forward_refuses_consumers_that_do_not_fit(tile, stages, consumers
         gluon_sta.sta_gluon_video_forward(*args, stages=stages, consumers=consumers)
 
 
-@pytest.mark.parametrize("tile,stages,want", [
-    ((6, 8, 8), 2, 3), ((12, 8, 8), 2, 3), ((6, 8, 8), 3, 2), ((4, 8, 8), 2, 2),
-    ((2, 8, 8), 2, 2),
+@pytest.mark.parametrize("tile,want", [
+    ((6, 8, 8), 3), ((12, 8, 8), 3), ((3, 8, 8), 3), ((4, 8, 8), 2), ((2, 8, 8), 2),
 ])
-def test_gluon_forward_picks_three_consumers_where_they_fit(tile, stages, want):
-    """The default consumer count: three where the tile's frames divide by 3 and the ring
-    has 2 stages, else two; the program count follows (frames per tile / consumers)."""
+def test_gluon_forward_picks_three_consumers_where_they_fit(tile, want):
+    """The default consumer count: three where the tile's frames divide by 3, else two;
+    the program count follows (frames per tile / consumers)."""
     from sta_kernels import gluon_sta
 
-    assert gluon_sta.default_consumers(tile, stages) == want
+    assert gluon_sta.default_consumers(tile) == want
     canvas = (2 * tile[0], 16, 8)
     assert gluon_sta.video_blocks(canvas, tile, want) == 2 * 2 * tile[0] // want
+
+
+@pytest.mark.parametrize("consumers,stages,want", [
+    (3, None, (3, 2)), (3, 2, (2, 2)), (3, 3, (3, 2)), (2, None, (2, 2)), (2, 3, (3, 3)),
+])
+def test_gluon_forward_ring_depths(consumers, stages, want):
+    """(k, v) ring buffers: three consumers keep 2 v buffers (a third beside three q
+    frames and three k buffers would not fit in shared memory) and default to 3 k buffers;
+    two consumers use one depth for both, 2 by default."""
+    from sta_kernels import gluon_sta
+
+    assert gluon_sta.ring_stages(consumers, stages) == want
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_gluon_forward_consumer_counts_agree_bitwise(name, monkeypatch):
     """Three consumers (each key block in sequence, q from shared memory) and two (q in
-    registers, PV one block behind) do the same arithmetic in the same order: o and lse
-    bitwise equal, with text keys, per-head windows and D 64."""
+    registers, PV one block behind), at either ring depth, do the same arithmetic in the
+    same order: o and lse bitwise equal, with text keys, per-head windows and D 64."""
     if not _hopper():
         pytest.skip("the Gluon forward needs a Hopper GPU")
     from sta_kernels import gluon_sta
@@ -137,13 +148,18 @@ def test_gluon_forward_consumer_counts_agree_bitwise(name, monkeypatch):
     seen = []
     launch = gluon_sta._launch
     monkeypatch.setattr(gluon_sta, "_launch",
-                        lambda *a: seen.append(a[-1]) or launch(*a))
-    got = {c: ts.sta_triton_forward(*args, config=ts.KernelConfig(fwd_gluon_consumers=c))
-           for c in (None, 2, 3)}
-    assert seen == [3, 2, 3]
-    for c in (2, 3):
-        assert torch.equal(got[c][0], got[None][0]) and torch.equal(got[c][1], got[None][1])
-    assert torch.isfinite(got[None][0]).all()
+                        lambda *a: seen.append(a[-3:]) or launch(*a))
+    configs = {"default": {}, "two": {"fwd_gluon_consumers": 2},
+               "two_s3": {"fwd_gluon_consumers": 2, "fwd_gluon_stages": 3},
+               "three_s2": {"fwd_gluon_consumers": 3, "fwd_gluon_stages": 2}}
+    got = {name: ts.sta_triton_forward(*args, config=ts.KernelConfig(**fields))
+           for name, fields in configs.items()}
+    # (k buffers, consumers, v buffers) of each launch
+    assert seen == [(3, 3, 2), (2, 2, 2), (3, 2, 3), (2, 3, 2)]
+    o, lse = got["default"]
+    for name in configs:
+        assert torch.equal(got[name][0], o) and torch.equal(got[name][1], lse), name
+    assert torch.isfinite(o).all()
 
 
 def test_split_call_runs_text_queries_from_the_program_offset(triton_device, monkeypatch):
