@@ -5,9 +5,9 @@ program: both warpgroups issue the score matmul, wait for it, run the exp2s, the
 PV matmul, so the tensor cores idle while the softmax runs. This kernel splits the work
 the way FlashAttention-3 does on Hopper:
 
-- one producer warp issues the TMA loads of q once and of k and v into a ring of
-  ``STAGES`` buffers, k and v on separate barriers so a score matmul can start before its
-  v has landed;
+- one producer warp issues the TMA loads of q once and of k and v into rings of
+  ``STAGES`` and ``V_STAGES`` buffers (``ring_stages``), k and v on separate barriers so a
+  score matmul can start before its v has landed;
 - one consumer warpgroup per 64-query frame of the program's query block, all sharing
   every k/v buffer, so that one's softmax runs while the others' matmuls hold the tensor
   cores. Where the tile's frames divide by 3, three consumers (``_consumer_seq``) take a
