@@ -121,9 +121,10 @@ if AVAILABLE:
                      TH: gl.constexpr, TW: gl.constexpr, K_SUBS: gl.constexpr,
                      N: gl.constexpr, TEXT: gl.constexpr, FRAMES: gl.constexpr):
         """Program ``pid``'s query block (``FRAMES`` frames) and key loop for head ``h`` of
-        batch element ``b``: the block's first token (t0, h0, w0), the window's first key tile (ft, fh, fw) and
-        extent in h and w (wh, ww), the video key blocks (video_trips), the valid text
-        tokens, and all key blocks of ``N`` keys (trips: the video ones, then the text)."""
+        batch element ``b``: the block's first token (t0, h0, w0), the window's first key
+        tile (ft, fh, fw) and extent in h and w (wh, ww), the video key blocks
+        (video_trips), the valid text tokens, and all key blocks of ``N`` keys (trips: the
+        video ones, then the text)."""
         tile_t, tile_h, tile_w, t0, h0, w0 = _frame_block(pid, NH, NW, TT, TH, TW, FRAMES)
         wt, wh, ww = _head_window(WIN, h, NT, NH, NW)
         ft = _axis_start(tile_t, NT, wt)
@@ -551,10 +552,11 @@ def _check_consumers(tile: Sequence[int], consumers: int | None) -> int:
     return consumers
 
 
-def _launch(q, k, v, o, lse, windows, text_len, canvas, tile, scale, stages, consumers=2,
-            v_stages=None):
+def _launch(q, k, v, o, lse, windows, text_len, canvas, tile, scale, stages, consumers,
+            v_stages):
     """The kernel launch of ``sta_gluon_video_forward`` without its device checks
-    (``benchmarks/compile_report.py`` records it on CPU tensors)."""
+    (``benchmarks/compile_report.py`` records it on CPU tensors): ``stages`` k buffers and
+    ``v_stages`` v buffers (``ring_stages``), ``consumers`` (``_check_consumers``)."""
     batch, seq, heads, head_dim = q.shape
     n = num_tiles(canvas, tile)
     num_video = int(canvas[0]) * int(canvas[1]) * int(canvas[2])
@@ -566,6 +568,6 @@ def _launch(q, k, v, o, lse, windows, text_len, canvas, tile, scale, stages, con
         seq, num_video, heads, int(canvas[1]), int(canvas[2]), *n, scale * LOG2E,
         TT=int(tile[0]), TH=int(tile[1]), TW=int(tile[2]), HEAD_DIM=head_dim,
         STAGES=stages, TEXT=seq > num_video, CONSUMERS=consumers,
-        V_STAGES=stages if v_stages is None else v_stages,
+        V_STAGES=v_stages,
         num_warps=4, maxnreg=MAXNREG_3 if consumers == 3 else MAXNREG,
     )
