@@ -1,6 +1,7 @@
 """Where the Gluon kernels' time goes: time copies of them with one part taken out.
 
-There is no profiler on the device machine, so this script measures the share of each part
+Hardware counters (ncu) say which pipe is busy, not what a part of the kernel costs; and
+not every device machine lets ncu read them. So this script measures the share of each part
 of the Gluon forward (``sta_kernels.gluon_sta``) and backward (``gluon_bwd``) by removing it:
 each ablation is a few exact text edits of the kernel's source (the script stops if an edit
 no longer applies), loaded as its own module and timed against the unmodified kernel in the
