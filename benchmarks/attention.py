@@ -10,7 +10,9 @@ awkward geometry (partial tiles, per-head windows, padded text), then times, wit
     SDPA dense   flash and cuDNN backends, (B, H, S, D)
     triton[fp8]  the FP8 forward (``sliding_tile_attention(..., fp8=True)``: k/v
                  quantisation included, no backward), where it applies (full tiles on a
-                 Hopper GPU), with its output's relative error against the bf16 forward's
+                 Hopper GPU), with its output's relative error against the bf16 forward's;
+                 triton[fp8_2c] the same with two consumer warpgroups, where the default
+                 takes three
 
 and prints a table (ms, effective TFLOP/s counting only attended tiles, speedups over cuDNN
 dense and over flex), writes JSON (device, versions, date), the markdown table and
@@ -39,6 +41,7 @@ from triton.testing import do_bench
 
 from sta_kernels import density, sliding_tile_attention
 from sta_kernels.flex import _flex_fn, build_sta_block_mask, tile_order
+from sta_kernels.gluon_sta import default_consumers
 from sta_kernels.reference import sta_dense_mask
 from sta_kernels.triton_sta import (
     KernelConfig,
@@ -336,15 +339,20 @@ def bench_shape(shape: Shape, device: torch.device, variants: dict, reps: int,
                   f"vs default { {n: f'{e:.1e}' for n, e in vs_default.items()} } "
                   f"(flex {f_fwd:.2f} / {f_bwd:.2f}) {kernel_resources()}", flush=True)
         if base_grads is not None and fp8_unsupported(q, shape.canvas, shape.tile) is None:
-            fp8 = partial(sta_triton_forward, q, k, v, wdev, tdev, shape.canvas, shape.tile,
-                          scale, fp8=True)
-            err = rel_err(fp8()[0], base_o)
-            t_fp8 = timed(fp8)
-            results.append(dict(shape=shape.name, window=str(window),
-                                impl="triton[fp8] (forward only)", fwd_ms=t_fp8,
-                                bwd_ms=float("nan"), fwd_rel_err_vs_bf16=err))
-            print(f"{shape.name} {window} triton[fp8] fwd {t_fp8:.2f} ms, output vs bf16 "
-                  f"{err:.2e}", flush=True)
+            # the default, and two consumer warpgroups where the default takes three
+            fp8_configs = {"fp8": None}
+            if default_consumers(shape.tile) == 3:
+                fp8_configs["fp8_2c"] = KernelConfig(fwd_fp8_consumers=2)
+            for fname, fcfg in fp8_configs.items():
+                fp8 = partial(sta_triton_forward, q, k, v, wdev, tdev, shape.canvas,
+                              shape.tile, scale, fcfg, fp8=True)
+                err = rel_err(fp8()[0], base_o)
+                t_fp8 = timed(fp8)
+                results.append(dict(shape=shape.name, window=str(window),
+                                    impl=f"triton[{fname}] (forward only)", fwd_ms=t_fp8,
+                                    bwd_ms=float("nan"), fwd_rel_err_vs_bf16=err))
+                print(f"{shape.name} {window} triton[{fname}] fwd {t_fp8:.2f} ms, output vs "
+                      f"bf16 {err:.2e}", flush=True)
         for r in results:
             if r["shape"] == shape.name and r["window"] == str(window):
                 r["fwd_tflops"] = flops / r["fwd_ms"] / 1e9

@@ -201,9 +201,9 @@ def gluon_report(shape: str, stages: int | None = None, text: bool = False,
     ``text``) and report its resources: the forward (``sta_kernels.gluon_sta``, ``kernel``
     "fwd"), the backward (``sta_kernels.gluon_bwd``, "bwd") or the FP8 forward
     (``sta_kernels.gluon_fp8``, "fp8"), with ``stages`` ring buffers (None: the forward's
-    default, ``gluon_sta.ring_stages``; 2 for the others); ``consumers`` is the forward's
-    consumer warpgroups (``KernelConfig.fwd_gluon_consumers``; None: the default for the
-    shape's tile); ``module`` replaces the module of ``kernel`` (an edited copy of it, as
+    default, ``gluon_sta.ring_stages``; 2 for the others); ``consumers`` is the bf16 or
+    FP8 forward's consumer warpgroups (``KernelConfig.fwd_gluon_consumers``,
+    ``fwd_fp8_consumers``; None: the default for the shape's tile); ``module`` replaces the module of ``kernel`` (an edited copy of it, as
     ``benchmarks/gluon_ablation.py`` makes).
 
     The host code calls them for CUDA tensors only, so a launch is recorded from the
@@ -250,7 +250,8 @@ def gluon_report(shape: str, stages: int | None = None, text: bool = False,
                 torch.empty(1, heads, blocks),
                 torch.empty(1, heads, head_dim, blocks * rows, dtype=f8),
                 torch.empty(1, heads, blocks), torch.empty(1, heads), video, blocks)
-            gf._launch(q, ops, o, windows, text_len, canvas, tile, scale, stages)
+            gf._launch(q, ops, o, windows, text_len, canvas, tile, scale, stages,
+                       gs._check_consumers(tile, consumers))
         else:
             dq_acc = torch.empty(1, seq, heads, head_dim)
             gb._launch(do, q, k, v, o, lse, windows, text_len, canvas, tile, scale, delta,

@@ -49,6 +49,7 @@ if AVAILABLE:
         _frames_descriptor,
         _head_window,
         _rows_descriptor,
+        _sync_threads,
         _tma_load,
         fence_async_shared,
         gl,
@@ -58,9 +59,6 @@ if AVAILABLE:
         warpgroup_mma_wait,
     )
     from .gluon_sta import tma as _tma
-
-    # a barrier of the calling partition's threads (later triton releases: gl.barrier)
-    _sync_threads = getattr(gl, "thread_barrier", None) or gl.barrier
 
     if hasattr(_tma, "async_atomic_add"):  # triton >= 3.7 names the TMA reduce
         _tma_add = _tma.async_atomic_add

@@ -3,8 +3,13 @@
 Inference only (no backward). The bf16 Gluon forward (``gluon_sta``) spends about 62% of a
 key block's time on its two bf16 matmuls; Hopper's FP8 tensor cores run twice as fast, so
 this kernel runs QK^T and PV in e4m3 with fp32 accumulation and the online softmax in fp32,
-under the same warp specialisation (one producer warp, two consumer warpgroups of one
-64-query frame each).
+under the same warp specialisation (one producer warp, one consumer warpgroup per 64-query
+frame). As in the bf16 forward, where the tile's frames divide by 3 three consumers take a
+192-query block (``_fp8_consumer_seq``: each key block in sequence, q's e4m3 copy in shared
+memory), which streams each k/v block for 192 queries instead of 128: 10% faster at
+HunyuanVideo 720p (benchmarks/NOTES.md, v15); elsewhere two (``_fp8_consumer``: q in
+registers, the score matmul of block j issued before the PV matmul of block j - 1). The two
+differ by fp32 rounding only (5e-6 to 7e-5 relative on the GPU tests' cases).
 
 Quantisation:
 
@@ -40,16 +45,18 @@ import triton.language as tl
 
 from . import gluon_sta
 from .geometry import num_tiles
-from .gluon_sta import AVAILABLE, FRAME, MAXNREG
+from .gluon_sta import AVAILABLE, FRAME, MAXNREG, MAXNREG_3
 
 if AVAILABLE:
     from .gluon_sta import (
         CONSUMER_REGS,
+        CONSUMER_REGS_3,
         NEG_BIG,
         PRODUCER_REGS,
         TensorDescriptor,
         _frames_descriptor,
         _ring_barriers,
+        _sync_threads,
         _tma_load,
         _tma_store,
         _window_loop,
@@ -299,13 +306,13 @@ if AVAILABLE:
     def _fp8_producer(q_desc, k_desc, vt_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready,
                       k_empty, v_ready, v_empty, b, col, t0, h0, w0, k_row, vt_row, ft, fh,
                       fw, wh, ww, video_trips, trips, NH, NW, video_blocks,
-                      K_SUBS: gl.constexpr, STAGES: gl.constexpr):
-        """The load warp: the query block's two bf16 q frames once, then k8 and v8^T of
-        every key block of the window and of the text."""
+                      K_SUBS: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr):
+        """The load warp: the query block's ``CONSUMERS`` bf16 q frames once, then k8 and
+        v8^T of every key block of the window and of the text."""
         N: gl.constexpr = 2 * ROWS_M
-        mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
-        _tma_load(q_desc, [b, t0, h0, w0, col], q_bar, q_smem.index(0))
-        _tma_load(q_desc, [b, t0 + 1, h0, w0, col], q_bar, q_smem.index(1))
+        mbarrier.expect(q_bar, CONSUMERS * q_desc.block_type.nbytes)
+        for c in gl.static_range(CONSUMERS):
+            _tma_load(q_desc, [b, t0 + c, h0, w0, col], q_bar, q_smem.index(c))
         for j in range(trips):
             stage = j % STAGES
             phase = (j // STAGES) & 1
@@ -328,6 +335,48 @@ if AVAILABLE:
         q_op = gl.convert_layout(x8, gl.DotOperandLayout(operand_index=0, parent=s_layout,
                                                          k_width=4))
         return q_op, gl.convert_layout(scale, gl.SliceLayout(1, s_layout))
+
+    @gluon.jit
+    def _quantize_q_smem(q, q8, s_layout: gl.constexpr, HEAD_DIM: gl.constexpr):
+        """This consumer's bf16 q frame quantised as ``_quantize_q`` does, into ``q8``
+        (shared memory: the score matmul's A operand, which leaves the three-consumer loop
+        the 16 registers per thread that q8 would hold), and each row's scale."""
+        blocked: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        x = q.reshape([ROWS_M, HEAD_DIM]).load(blocked).to(gl.float32)
+        scale = gl.maximum(gl.max(gl.abs(x), axis=1), 1e-30) / Q_MAX
+        q8.store((x / gl.expand_dims(scale, 1)).to(F8))
+        fence_async_shared()
+        _sync_threads()  # every thread's part of q8 written before the wgmma reads it
+        return gl.convert_layout(scale, gl.SliceLayout(1, s_layout))
+
+    @gluon.jit
+    def _fp8_softmax_block(s, m_i, l_i, j, video_trips, text_len, cols, q_f, ks, ve,
+                           N: gl.constexpr):
+        """Online softmax of key block ``j``'s raw e4m3 scores ``s`` (M, N): ``q_f`` (M,)
+        times the block's k scale ``ks`` takes them to log2-domain logits, ``ve`` is the
+        block's v exponent. Returns (p, alpha, m_new, l_new), p in [0, 256] with the v
+        scale folded in (``P_BOOST``), l 256 x the softmax denominator. Text key blocks
+        (j past ``video_trips``) mask their slots past ``text_len``."""
+        if j >= video_trips:  # text keys: slots past the valid text are padding
+            pos = (j - video_trips) * N + cols
+            s = gl.where(gl.expand_dims(pos < text_len, 0), s, NEG_BIG)
+        f = q_f * ks
+        m_new = gl.maximum(m_i, gl.max(s, axis=1) * f)
+        alpha = gl.exp2(m_i - m_new)
+        p = gl.exp2(s * gl.expand_dims(f, 1) - gl.expand_dims(m_new - (P_BOOST + ve), 1))
+        return p, alpha, m_new, l_i * alpha + gl.sum(p, axis=1) * gl.exp2(-ve)
+
+    @gluon.jit
+    def _fp8_epilogue(acc, l_i, q, o_desc, VMAX, bh, b, col, t0, h0, w0,
+                      row_o: gl.constexpr, C: gl.constexpr):
+        """o = acc 2^E / l of frame ``C``, through its q buffer and TMA."""
+        M: gl.constexpr = acc.shape[0]
+        HEAD_DIM: gl.constexpr = acc.shape[1]
+        o = acc * (gl.load(VMAX + bh) / gl.expand_dims(gl.convert_layout(l_i, row_o), 1))
+        q.reshape([M, HEAD_DIM]).store(o.to(gl.bfloat16))
+        fence_async_shared()
+        _tma_store(o_desc, [b, t0 + C, h0, w0, col], q)
+        tma.store_wait(0)
 
     @gluon.jit
     def _fp8_consumer(o_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready,
@@ -384,14 +433,8 @@ if AVAILABLE:
                                   acc, is_async=True)
             s = warpgroup_mma_wait(1, deps=(s_tok,))
             mbarrier.arrive(k_empty.index(stage), count=1)
-            if j >= video_trips:  # text keys: slots past the valid text are padding
-                pos = (j - video_trips) * N + cols
-                s = gl.where(gl.expand_dims(pos < text_len, 0), s, NEG_BIG)
-            f = q_f * ks
-            m_new = gl.maximum(m_i, gl.max(s, axis=1) * f)
-            alpha = gl.exp2(m_i - m_new)
-            p = gl.exp2(s * gl.expand_dims(f, 1) - gl.expand_dims(m_new - (P_BOOST + ve), 1))
-            l_i = l_i * alpha + gl.sum(p, axis=1) * gl.exp2(-ve)
+            p, alpha, m_new, l_i = _fp8_softmax_block(s, m_i, l_i, j, video_trips, text_len,
+                                                      cols, q_f, ks, ve, N)
             acc = warpgroup_mma_wait(0, deps=(o_tok,))
             mbarrier.arrive(v_empty.index(prev), count=1)
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
@@ -403,21 +446,68 @@ if AVAILABLE:
         acc = warpgroup_mma_wait(0, deps=(o_tok,))
         mbarrier.arrive(v_empty.index(last), count=1)
 
-        # epilogue: o = acc 2^E / l, through this frame's q buffer and TMA
-        o = acc * (gl.load(VMAX + bh) / gl.expand_dims(gl.convert_layout(l_i, row_o), 1))
-        q.reshape([M, HEAD_DIM]).store(o.to(gl.bfloat16))
-        fence_async_shared()
-        _tma_store(o_desc, [b, t0 + C, h0, w0, col], q)
-        tma.store_wait(0)
+        _fp8_epilogue(acc, l_i, q, o_desc, VMAX, bh, b, col, t0, h0, w0, row_o, C)
+
+    @gluon.jit
+    def _fp8_consumer_seq(o_desc, q_smem, q8_smem, k_bufs, v_bufs, q_bar, k_ready, k_empty,
+                          v_ready, v_empty, KS, VE, VMAX, bh, b, col, t0, h0, w0, ft, fh, fw,
+                          wh, ww, video_trips, trips, text_len, NH, NW, video_blocks, blocks,
+                          scale_log2, HEAD_DIM: gl.constexpr, K_SUBS: gl.constexpr,
+                          STAGES: gl.constexpr, C: gl.constexpr):
+        """Consumer warpgroup ``C`` of three: ``_fp8_consumer``'s online softmax with each
+        key block in sequence (score matmul, softmax, PV matmul) and q8 read from shared
+        memory, as ``gluon_sta._consumer_seq`` does at the 160 registers of three
+        consumers."""
+        M: gl.constexpr = ROWS_M
+        N: gl.constexpr = 2 * ROWS_M
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, N, 32])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 32])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout,
+                                                     k_width=4)
+        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        cols = gl.arange(0, N, layout=gl.SliceLayout(0, s_layout))
+        zero_s = gl.zeros([M, N], gl.float32, s_layout)
+        table = bh * blocks
+        q = q_smem.index(C)
+        q8 = q8_smem.index(C)  # (M, D) e4m3
+        mbarrier.wait(q_bar, 0)
+        q_f = _quantize_q_smem(q, q8, s_layout, HEAD_DIM) * scale_log2
+        m_i = gl.full([M], NEG_BIG, gl.float32, row_s)  # alpha of block 0 is 0
+        l_i = gl.zeros([M], gl.float32, row_s)
+        acc = gl.zeros([M, HEAD_DIM], gl.float32, o_layout)
+        for j in range(trips):
+            stage = j % STAGES
+            phase = (j // STAGES) & 1
+            blk = _key_block(j, video_trips, ft, fh, fw, wh, ww, NH, NW, video_blocks, K_SUBS)
+            ks = gl.load(KS + table + blk)
+            ve = gl.load(VE + table + blk)
+            mbarrier.wait(k_ready.index(stage), phase)
+            s_tok = warpgroup_mma(q8, k_bufs.index(stage).permute((1, 0)), zero_s,
+                                  use_acc=False, is_async=True)
+            s = warpgroup_mma_wait(0, deps=(s_tok,))  # (M, N) raw scores of q8 and k8
+            mbarrier.arrive(k_empty.index(stage), count=1)
+            p, alpha, m_i, l_i = _fp8_softmax_block(s, m_i, l_i, j, video_trips, text_len,
+                                                    cols, q_f, ks, ve, N)
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
+            mbarrier.wait(v_ready.index(stage), phase)
+            o_tok = warpgroup_mma(_p_operand(p, p_layout), v_bufs.index(stage).permute((1, 0)),
+                                  acc, is_async=True)
+            acc = warpgroup_mma_wait(0, deps=(o_tok,))
+            mbarrier.arrive(v_empty.index(stage), count=1)
+        _fp8_epilogue(acc, l_i, q, o_desc, VMAX, bh, b, col, t0, h0, w0, row_o, C)
 
     @gluon.jit
     def _sta_fwd_fp8_kernel(
         q_desc, k_desc, vt_desc, o_desc, KS, VE, VMAX, WIN, TEXT_LEN, num_heads, NT, NH, NW,
         video_blocks, blocks, scale_log2,
         TT: gl.constexpr, TH: gl.constexpr, TW: gl.constexpr, HEAD_DIM: gl.constexpr,
-        STAGES: gl.constexpr, TEXT: gl.constexpr,
+        STAGES: gl.constexpr, TEXT: gl.constexpr, CONSUMERS: gl.constexpr,
     ):
-        """One program per video query block (two frames of a tile) and (batch, head)."""
+        """One program per video query block (``CONSUMERS`` frames of a tile, one consumer
+        warpgroup each) and (batch, head)."""
         K_SUBS: gl.constexpr = TT // 2
         N: gl.constexpr = 2 * ROWS_M
         pid = gl.program_id(0)
@@ -425,30 +515,60 @@ if AVAILABLE:
         b = bh // num_heads
         h = bh % num_heads
         t0, h0, w0, ft, fh, fw, wh, ww, video_trips, text_len, trips = _window_loop(
-            pid, b, h, WIN, TEXT_LEN, NT, NH, NW, TT, TH, TW, K_SUBS, N, TEXT, 2)
+            pid, b, h, WIN, TEXT_LEN, NT, NH, NW, TT, TH, TW, K_SUBS, N, TEXT, CONSUMERS)
 
-        q_smem = gl.allocate_shared_memory(gl.bfloat16, [2] + q_desc.block_type.shape,
+        q_smem = gl.allocate_shared_memory(gl.bfloat16, [CONSUMERS] + q_desc.block_type.shape,
                                            q_desc.layout)
         k_bufs = gl.allocate_shared_memory(F8, [STAGES] + k_desc.block_type.shape,
                                            k_desc.layout)
         v_bufs = gl.allocate_shared_memory(F8, [STAGES] + vt_desc.block_type.shape,
                                            vt_desc.layout)
-        q_bar, k_ready, k_empty, v_ready, v_empty = _ring_barriers(STAGES, 2, STAGES)
+        q_bar, k_ready, k_empty, v_ready, v_empty = _ring_barriers(STAGES, CONSUMERS, STAGES)
 
-        gl.warp_specialize([
-            (_fp8_consumer, (o_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready,
-                             v_empty, KS, VE, VMAX, bh, b, h * HEAD_DIM, t0, h0, w0, ft, fh, fw,
-                             wh, ww, video_trips, trips, text_len, NH, NW, video_blocks, blocks,
-                             scale_log2, HEAD_DIM, K_SUBS, STAGES, 0)),
-            (_fp8_consumer, (o_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready,
-                             v_empty, KS, VE, VMAX, bh, b, h * HEAD_DIM, t0, h0, w0, ft, fh, fw,
-                             wh, ww, video_trips, trips, text_len, NH, NW, video_blocks, blocks,
-                             scale_log2, HEAD_DIM, K_SUBS, STAGES, 1)),
-            (_fp8_producer, (q_desc, k_desc, vt_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready,
-                             k_empty, v_ready, v_empty, b, h * HEAD_DIM, t0, h0, w0,
-                             bh * blocks * N, bh * HEAD_DIM, ft, fh, fw, wh, ww, video_trips,
-                             trips, NH, NW, video_blocks, K_SUBS, STAGES)),
-        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+        if CONSUMERS == 3:
+            q8_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS_M, HEAD_DIM],
+                                                                           F8)
+            q8_smem = gl.allocate_shared_memory(F8, [3, ROWS_M, HEAD_DIM], q8_layout)
+            gl.warp_specialize([
+                (_fp8_consumer_seq, (o_desc, q_smem, q8_smem, k_bufs, v_bufs, q_bar, k_ready,
+                                     k_empty, v_ready, v_empty, KS, VE, VMAX, bh, b,
+                                     h * HEAD_DIM, t0, h0, w0, ft, fh, fw, wh, ww, video_trips,
+                                     trips, text_len, NH, NW, video_blocks, blocks, scale_log2,
+                                     HEAD_DIM, K_SUBS, STAGES, 0)),
+                (_fp8_consumer_seq, (o_desc, q_smem, q8_smem, k_bufs, v_bufs, q_bar, k_ready,
+                                     k_empty, v_ready, v_empty, KS, VE, VMAX, bh, b,
+                                     h * HEAD_DIM, t0, h0, w0, ft, fh, fw, wh, ww, video_trips,
+                                     trips, text_len, NH, NW, video_blocks, blocks, scale_log2,
+                                     HEAD_DIM, K_SUBS, STAGES, 1)),
+                (_fp8_consumer_seq, (o_desc, q_smem, q8_smem, k_bufs, v_bufs, q_bar, k_ready,
+                                     k_empty, v_ready, v_empty, KS, VE, VMAX, bh, b,
+                                     h * HEAD_DIM, t0, h0, w0, ft, fh, fw, wh, ww, video_trips,
+                                     trips, text_len, NH, NW, video_blocks, blocks, scale_log2,
+                                     HEAD_DIM, K_SUBS, STAGES, 2)),
+                (_fp8_producer, (q_desc, k_desc, vt_desc, q_smem, k_bufs, v_bufs, q_bar,
+                                 k_ready, k_empty, v_ready, v_empty, b, h * HEAD_DIM, t0, h0,
+                                 w0, bh * blocks * N, bh * HEAD_DIM, ft, fh, fw, wh, ww,
+                                 video_trips, trips, NH, NW, video_blocks, K_SUBS, STAGES,
+                                 CONSUMERS)),
+            ], [4, 4, 1], [CONSUMER_REGS_3, CONSUMER_REGS_3, PRODUCER_REGS])
+        else:
+            gl.warp_specialize([
+                (_fp8_consumer, (o_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, k_empty,
+                                 v_ready, v_empty, KS, VE, VMAX, bh, b, h * HEAD_DIM, t0, h0,
+                                 w0, ft, fh, fw, wh, ww, video_trips, trips, text_len, NH, NW,
+                                 video_blocks, blocks, scale_log2, HEAD_DIM, K_SUBS, STAGES,
+                                 0)),
+                (_fp8_consumer, (o_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, k_empty,
+                                 v_ready, v_empty, KS, VE, VMAX, bh, b, h * HEAD_DIM, t0, h0,
+                                 w0, ft, fh, fw, wh, ww, video_trips, trips, text_len, NH, NW,
+                                 video_blocks, blocks, scale_log2, HEAD_DIM, K_SUBS, STAGES,
+                                 1)),
+                (_fp8_producer, (q_desc, k_desc, vt_desc, q_smem, k_bufs, v_bufs, q_bar,
+                                 k_ready, k_empty, v_ready, v_empty, b, h * HEAD_DIM, t0, h0,
+                                 w0, bh * blocks * N, bh * HEAD_DIM, ft, fh, fw, wh, ww,
+                                 video_trips, trips, NH, NW, video_blocks, K_SUBS, STAGES,
+                                 CONSUMERS)),
+            ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
 def supports(q: torch.Tensor, canvas: Sequence[int], tile: Sequence[int]) -> bool:
@@ -475,6 +595,7 @@ def sta_gluon_fp8_video_forward(
     tile: Sequence[int],
     scale: float,
     stages: int = 2,
+    consumers: int | None = None,
 ):
     """Write the video query rows of ``o`` from q and the quantised k, v (``quantize_kv``
     of this call). Text query rows are left to the caller.
@@ -482,26 +603,32 @@ def sta_gluon_fp8_video_forward(
     Args:
         q, o: (B, S, H, D) contiguous bf16 on a Hopper GPU (see ``supports``).
         windows: (H, 3) int32; text_len: (B,) int32 valid text tokens; both on the device.
+        stages: buffers of the k and v rings.
+        consumers: consumer warpgroups (64-query frames per program): 2, 3 (tiles whose
+            frames divide by 3), or None for ``gluon_sta.default_consumers``.
     Returns:
         the launched kernel (its compiled handle).
     """
+    consumers = gluon_sta._check_consumers(tile, consumers, "sta_gluon_fp8_video_forward")
     if not supports(q, canvas, tile) or not o.is_contiguous():
         raise ValueError("sta_gluon_fp8_video_forward: call outside the kernel's scope (see "
                          "gluon_fp8.supports)")
-    return _launch(q, ops, o, windows, text_len, canvas, tile, scale, stages)
+    return _launch(q, ops, o, windows, text_len, canvas, tile, scale, stages, consumers)
 
 
-def _launch(q, ops, o, windows, text_len, canvas, tile, scale, stages):
-    """The launch of ``sta_gluon_fp8_video_forward`` without its device checks."""
+def _launch(q, ops, o, windows, text_len, canvas, tile, scale, stages, consumers):
+    """The launch of ``sta_gluon_fp8_video_forward`` without its device checks
+    (``consumers`` resolved by ``gluon_sta._check_consumers``)."""
     batch, seq, heads, head_dim = q.shape
     n = num_tiles(canvas, tile)
     num_video = int(canvas[0]) * int(canvas[1]) * int(canvas[2])
-    return _sta_fwd_fp8_kernel[(ops.video_blocks, batch * heads)](
+    grid = (gluon_sta.video_blocks(canvas, tile, consumers), batch * heads)
+    return _sta_fwd_fp8_kernel[grid](
         _frames_descriptor(q, canvas, tile, 1), _fp8_descriptor(ops.k8, [BLOCK, head_dim]),
         _fp8_descriptor(ops.vt8, [head_dim, BLOCK]), _frames_descriptor(o, canvas, tile, 1),
         ops.k_scale, ops.v_exp, ops.v_max, windows, text_len, heads, *n, ops.video_blocks,
         ops.blocks, scale * gluon_sta.LOG2E,
         TT=int(tile[0]), TH=int(tile[1]), TW=int(tile[2]), HEAD_DIM=head_dim,
-        STAGES=stages, TEXT=seq > num_video,
-        num_warps=4, maxnreg=MAXNREG,
+        STAGES=stages, TEXT=seq > num_video, CONSUMERS=consumers,
+        num_warps=4, maxnreg=MAXNREG_3 if consumers == 3 else MAXNREG,
     )

@@ -77,6 +77,8 @@ if AVAILABLE:
     PRODUCER_REGS = gl.constexpr(24)  # the producer warp issues TMA copies only
     # per consumer thread with three consumers: 3 x 160 + 24 <= 512 (64K / 128 threads)
     CONSUMER_REGS_3 = gl.constexpr(160)
+    # a barrier of the calling partition's threads (later triton releases: gl.barrier)
+    _sync_threads = getattr(gl, "thread_barrier", None) or gl.barrier
 
     @gluon.jit
     def _axis_start(qi, n, w):
@@ -537,18 +539,17 @@ def sta_gluon_video_forward(
                    consumers, v_stages)
 
 
-def _check_consumers(tile: Sequence[int], consumers: int | None) -> int:
+def _check_consumers(tile: Sequence[int], consumers: int | None,
+                     caller: str = "sta_gluon_video_forward") -> int:
     """``consumers`` resolved (None: ``default_consumers``) and checked against the tile;
-    a ValueError names what does not fit."""
+    a ValueError, prefixed with ``caller``, names what does not fit."""
     if consumers is None:
         return default_consumers(tile)
     if consumers not in (2, 3):
-        raise ValueError(f"sta_gluon_video_forward: consumers must be 2 or 3 (or None), "
-                         f"got {consumers}")
+        raise ValueError(f"{caller}: consumers must be 2 or 3 (or None), got {consumers}")
     if consumers == 3 and int(tile[0]) % 3:
-        raise ValueError(f"sta_gluon_video_forward: 3 consumers take query blocks of 3 "
-                         f"frames, which tile {tuple(int(t) for t in tile)} (frames first) "
-                         f"does not divide into")
+        raise ValueError(f"{caller}: 3 consumers take query blocks of 3 frames, which tile "
+                         f"{tuple(int(t) for t in tile)} (frames first) does not divide into")
     return consumers
 
 

@@ -40,7 +40,9 @@ if gluon_sta.AVAILABLE:
                     cr.gluon_report("hunyuan", stages=2, text=True, consumers=2),
                     cr.gluon_report("hunyuan", stages=3, consumers=2)]
     out["gluon_bwd"] = cr.gluon_report("hunyuan", stages=2, text=True, kernel="bwd")
-    out["gluon_fp8"] = cr.gluon_report("hunyuan", stages=2, text=True, kernel="fp8")
+    out["gluon_fp8"] = [cr.gluon_report("hunyuan", stages=2, text=True, kernel="fp8"),
+                        cr.gluon_report("hunyuan", stages=3, text=True, kernel="fp8",
+                                        consumers=2)]
 print(json.dumps(out))
 """
 SMEM_PER_BLOCK = 232448  # the most shared memory one block of an sm_90 SM may take
@@ -122,18 +124,21 @@ def test_compile_report_builds_the_gluon_backward():
 
 
 def test_compile_report_builds_the_fp8_forward():
-    """The FP8 forward (HunyuanVideo, with text slots) builds for sm_90: warp-specialised,
-    16 e4m3 wgmmas per consumer (k32 steps: the score and PV matmuls 4 each, in the first
-    block, the loop and the last PV), p handed to the PV matmul without shuffles between
-    threads (no more shfl.idx than the bf16 forward, which has no such conversion; a plain
-    layout conversion of e4m3 p adds dozens), shared memory in budget, few spilled words
-    (none with triton 3.6, 20 scalar words with 3.9)."""
+    """The FP8 forward (HunyuanVideo, with text slots) builds for sm_90, with three consumer
+    warpgroups (the default at 6-frame tiles) and with two: warp-specialised, e4m3 wgmmas
+    in k32 steps (the score and PV matmuls 4 each: 8 per consumer in the sequential loop of
+    three; 16 per consumer of two, in the first block, the loop and the last PV), p handed
+    to the PV matmul without shuffles between threads (no more shfl.idx than the bf16
+    forward, which has no such conversion; a plain layout conversion of e4m3 p adds dozens),
+    shared memory in budget, few spilled words (none with triton 3.6; with 3.9, 20 for two
+    consumers and 26 for three: spilled accumulators would be hundreds)."""
     out = _run()
     if "gluon_fp8" not in out:
         pytest.skip("the Gluon kernels need triton >= 3.6")
-    fp8, bf16 = out["gluon_fp8"], out["gluon"][4]
-    assert fp8["kernel"] == "_sta_fwd_fp8_kernel"
-    assert fp8["wgmma"] == 32 and fp8["setmaxnreg"] > 0, fp8
-    assert fp8["shfl_idx"] <= bf16["shfl_idx"], (fp8, bf16)
-    assert 0 < fp8["shared_bytes"] <= SMEM_PER_BLOCK, fp8
-    assert fp8["spills"] <= 24, fp8
+    bf16 = out["gluon"][4]
+    for fp8, wgmma in zip(out["gluon_fp8"], (24, 32), strict=True):
+        assert fp8["kernel"] == "_sta_fwd_fp8_kernel"
+        assert fp8["wgmma"] == wgmma and fp8["setmaxnreg"] > 0, fp8
+        assert fp8["shfl_idx"] <= bf16["shfl_idx"], (fp8, bf16)
+        assert 0 < fp8["shared_bytes"] <= SMEM_PER_BLOCK, fp8
+        assert fp8["spills"] <= 32, fp8
