@@ -325,13 +325,19 @@ if AVAILABLE:
             _tma_load(vt_desc, [vt_row, blk * N], v_ready.index(stage), v_bufs.index(stage))
 
     @gluon.jit
-    def _quantize_q(q, s_layout: gl.constexpr, HEAD_DIM: gl.constexpr):
-        """This consumer's bf16 q frame (shared memory) as the e4m3 A operand of the score
-        matmul, and each row's scale."""
+    def _q_rows_e4m3(q, HEAD_DIM: gl.constexpr):
+        """This consumer's bf16 q frame (shared memory) in e4m3, one scale per row: (q8,
+        scale) in a blocked layout."""
         blocked: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
         x = q.reshape([ROWS_M, HEAD_DIM]).load(blocked).to(gl.float32)
         scale = gl.maximum(gl.max(gl.abs(x), axis=1), 1e-30) / Q_MAX
-        x8 = (x / gl.expand_dims(scale, 1)).to(F8)
+        return (x / gl.expand_dims(scale, 1)).to(F8), scale
+
+    @gluon.jit
+    def _quantize_q(q, s_layout: gl.constexpr, HEAD_DIM: gl.constexpr):
+        """This consumer's bf16 q frame (shared memory) as the e4m3 A operand of the score
+        matmul, and each row's scale."""
+        x8, scale = _q_rows_e4m3(q, HEAD_DIM)
         q_op = gl.convert_layout(x8, gl.DotOperandLayout(operand_index=0, parent=s_layout,
                                                          k_width=4))
         return q_op, gl.convert_layout(scale, gl.SliceLayout(1, s_layout))
@@ -341,10 +347,8 @@ if AVAILABLE:
         """This consumer's bf16 q frame quantised as ``_quantize_q`` does, into ``q8``
         (shared memory: the score matmul's A operand, which leaves the three-consumer loop
         the 16 registers per thread that q8 would hold), and each row's scale."""
-        blocked: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-        x = q.reshape([ROWS_M, HEAD_DIM]).load(blocked).to(gl.float32)
-        scale = gl.maximum(gl.max(gl.abs(x), axis=1), 1e-30) / Q_MAX
-        q8.store((x / gl.expand_dims(scale, 1)).to(F8))
+        x8, scale = _q_rows_e4m3(q, HEAD_DIM)
+        q8.store(x8)
         fence_async_shared()
         _sync_threads()  # every thread's part of q8 written before the wgmma reads it
         return gl.convert_layout(scale, gl.SliceLayout(1, s_layout))
