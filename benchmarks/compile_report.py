@@ -125,8 +125,9 @@ def _specialise(launch: Launch) -> tuple[dict, dict, dict, dict]:
     kernel = launch.kernel
     options = {"num_warps": launch.kwargs.get("num_warps", 4),
                "num_stages": launch.kwargs.get("num_stages", 3)}
-    if "maxnreg" in launch.kwargs:
-        options["maxnreg"] = launch.kwargs["maxnreg"]
+    for name in ("maxnreg", "sched4reg"):  # compile options some launches pass
+        if name in launch.kwargs:
+            options[name] = launch.kwargs[name]
     given = dict(zip(kernel.arg_names, launch.args, strict=False))  # the rest: kwargs
     given.update({k: v for k, v in launch.kwargs.items() if k not in options})
     signature, constexprs, attrs = {}, {}, {}

@@ -40,6 +40,8 @@ if gluon_sta.AVAILABLE:
                     cr.gluon_report("hunyuan", stages=2, text=True, consumers=2),
                     cr.gluon_report("hunyuan", stages=3, consumers=2)]
     out["gluon_bwd"] = cr.gluon_report("hunyuan", stages=2, text=True, kernel="bwd")
+    from triton.backends.nvidia.compiler import CUDAOptions
+    out["sched4reg"] = "sched4reg" in CUDAOptions.__dataclass_fields__
     out["gluon_fp8"] = [cr.gluon_report("hunyuan", stages=2, text=True, kernel="fp8"),
                         cr.gluon_report("hunyuan", stages=3, text=True, kernel="fp8",
                                         consumers=2)]
@@ -111,8 +113,9 @@ def test_compile_report_builds_the_gluon_backward():
     """The Gluon backward (HunyuanVideo, with text slots) builds for sm_90: warp-specialised,
     the 32 wgmmas of each consumer (s^T and dp^T 8 each, dv and dk 4, dq 8), one TMA reduce
     of dq per consumer for video and for text query blocks, shared memory in budget, and
-    only a few spilled words (scalars: 18 with triton 3.6, 46 with 3.9; spilled accumulators
-    would be hundreds)."""
+    only a few spilled words (scalars: 18 with triton 3.6; spilled accumulators would be
+    hundreds). Where triton has the ``sched4reg`` option (3.9) the launch passes it, and the
+    spills drop to 6 (46 without it)."""
     out = _run()
     if "gluon_bwd" not in out:
         pytest.skip("the Gluon kernels need triton >= 3.6")
@@ -120,7 +123,8 @@ def test_compile_report_builds_the_gluon_backward():
     assert bwd["kernel"] == "_sta_bwd_ws_kernel"
     assert bwd["wgmma"] == 64 and bwd["tma_reduce"] == 4 and bwd["setmaxnreg"] > 0, bwd
     assert 0 < bwd["shared_bytes"] <= SMEM_PER_BLOCK, bwd
-    assert bwd["spills"] <= 64, bwd
+    assert bwd.get("sched4reg", False) == out["sched4reg"], bwd
+    assert bwd["spills"] <= (8 if out["sched4reg"] else 24), bwd
 
 
 def test_compile_report_builds_the_fp8_forward():
