@@ -74,6 +74,7 @@ if AVAILABLE:
             _semantic.builder.create_async_tma_reduce(_ir.DESCRIPTOR_REDUCE_KIND.ADD,
                                                       tensor_desc.handle, coord, src.handle)
 
+
 def _launch_options() -> dict:
     """Compile options of the main kernel's launch beyond its warps and registers: from
     triton 3.9, ``sched4reg`` (LLVM's NVPTX scheduler ordering for register pressure). With
