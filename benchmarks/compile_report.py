@@ -123,11 +123,10 @@ def record_launches(shape: str, config: ts.KernelConfig | None, partial: bool | 
 def _specialise(launch: Launch) -> tuple[dict, dict, dict, dict]:
     """(signature, constexprs, attrs, options) as triton's launcher would derive them."""
     kernel = launch.kernel
-    options = {"num_warps": launch.kwargs.get("num_warps", 4),
-               "num_stages": launch.kwargs.get("num_stages", 3)}
-    for name in ("maxnreg", "sched4reg"):  # compile options some launches pass
-        if name in launch.kwargs:
-            options[name] = launch.kwargs[name]
+    # as in triton's launcher: keyword arguments that name no kernel parameter are compile
+    # options (num_warps, num_stages, maxnreg, sched4reg, ...)
+    options = {"num_warps": 4, "num_stages": 3}
+    options.update({k: v for k, v in launch.kwargs.items() if k not in kernel.arg_names})
     given = dict(zip(kernel.arg_names, launch.args, strict=False))  # the rest: kwargs
     given.update({k: v for k, v in launch.kwargs.items() if k not in options})
     signature, constexprs, attrs = {}, {}, {}

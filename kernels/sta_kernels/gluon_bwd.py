@@ -89,6 +89,7 @@ def _launch_options() -> dict:
 
 
 LAUNCH_OPTIONS = _launch_options()
+
 NOT_A_QUERY = tl.constexpr(1.0e30)  # the lse of a row that is not a query: exp2(s - it) = 0
 STATS = 2 * FRAME  # floats per query block in the kernel's stats rows: 64 lse, then 64 delta
 
