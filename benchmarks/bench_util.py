@@ -7,7 +7,6 @@ folder on ``sys.path``). Timing uses CUDA events on a GPU and ``perf_counter`` o
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 import platform
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from stafinetune.models.cost_table import sdpa_priority  # noqa: F401  (re-exported)
 
 GIB = 2**30
 
@@ -146,19 +147,3 @@ def fmt(value: float | None, spec: str, missing: str = "-") -> str:
     if value is None or value != value:
         return missing
     return format(value, spec)
-
-
-def sdpa_priority(device: torch.device, order: str) -> contextlib.AbstractContextManager:
-    """SDPA backend order for the dense baseline: ``cudnn`` tries cuDNN first (the fastest
-    dense kernel on Hopper in ``attention.py``'s tables), then flash, memory-efficient and
-    math; ``default`` leaves torch's own order."""
-    if device.type != "cuda" or order == "default":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    backends = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
-                SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]  # fmt: skip
-    try:
-        return sdpa_kernel(backends, set_priority=True)
-    except TypeError:  # torch without set_priority: the same set in torch's order
-        return sdpa_kernel(backends)

@@ -12,6 +12,8 @@ For each canvas (tile 6x8x8, head dim 128, bf16, batch 1) this times, per head (
 
 and writes ``results/dispatch_table.json`` (a ``stafinetune.models.dispatch.CostTable``) and
 a markdown table. Pass the JSON as ``attention.cost_table=...`` on the same kind of device.
+The measurement is the product's own (``python -m stafinetune.models.cost_table``); this
+script adds the benchmark's environment record, time budget and report.
 
     PYTHONPATH=kernels:. python benchmarks/dispatch_table.py             # ~1 min on an H200
     PYTHONPATH=kernels:. python benchmarks/dispatch_table.py --smoke     # CPU: checks the script
@@ -20,14 +22,11 @@ a markdown table. Pass the JSON as ``attention.cost_table=...`` on the same kind
 from __future__ import annotations
 
 import argparse
-import math
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from bench_util import (
     Budget,
     bench_device,
@@ -35,13 +34,11 @@ from bench_util import (
     environment,
     free_memory,
     median_ms,
-    run_guarded,
-    sdpa_priority,
     write_results,
 )
 
-from sta_kernels import num_tiles, sliding_tile_attention
-from stafinetune.models.dispatch import CostEntry, CostPoint, CostTable, head_density
+from stafinetune.models.cost_table import default_timer, measure_cost_entry
+from stafinetune.models.dispatch import CostTable
 
 CANVASES = {
     "wan480": (21, 30, 52),  # Wan 2.1 480p, partial tiles on every axis
@@ -49,102 +46,6 @@ CANVASES = {
     "hunyuan720": (30, 48, 80),  # HunyuanVideo 720p, whole tiles
 }
 SMOKE_CANVASES = {"wan480": (5, 8, 8), "hunyuan720": (4, 6, 6)}
-
-
-def candidate_windows(tiles: tuple[int, int, int]) -> list[tuple[int, int, int]]:
-    """Windows from small to the whole grid, one per distinct density."""
-    raw = [(2, 2, 2), (3, 3, 3), (3, 3, 5), (3, 5, 7), tiles]
-    seen, out = set(), []
-    for w in raw:
-        clipped = tuple(min(a, n) for a, n in zip(w, tiles, strict=True))
-        if clipped not in seen:
-            seen.add(clipped)
-            out.append(clipped)
-    return out
-
-
-def timer(device: torch.device, warmup: int, iters: int) -> Callable[[Callable[[], Any]], float]:
-    """Median milliseconds of a callable: triton's do_bench on a GPU, wall clock on the CPU."""
-    if device.type == "cuda":
-        from triton.testing import do_bench
-
-        return lambda fn: float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
-    return lambda fn: median_ms(fn, device, warmup, iters)
-
-
-def fwd_bwd_ms(fn: Callable[..., torch.Tensor], qkv: list[torch.Tensor], do: torch.Tensor,
-               bench: Callable) -> tuple[float, float]:  # fmt: skip
-    """Forward ms of ``fn(q, k, v)`` and the ms of its backward alone."""
-    fwd = bench(lambda: fn(*qkv))
-    o = fn(*qkv)
-    bwd = bench(lambda: torch.autograd.grad(o, qkv, do, retain_graph=True))
-    return fwd, bwd
-
-
-def measure_canvas(canvas: tuple[int, int, int], args: argparse.Namespace, device: torch.device,
-                   budget: Budget) -> tuple[CostEntry | None, list[dict[str, Any]]]:  # fmt: skip
-    """The cost entry of ``canvas`` and the table rows it came from."""
-    tile = tuple(args.tile)
-    heads, dim = args.heads, args.head_dim
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    backend = "triton" if device.type == "cuda" else "reference"
-    gen = torch.Generator().manual_seed(0)
-    seq = math.prod(canvas)
-    qkv = [torch.randn(1, seq, heads, dim, generator=gen).to(device, dtype).requires_grad_()
-           for _ in range(3)]  # fmt: skip
-    do = torch.randn(1, seq, heads, dim, generator=gen).to(device, dtype)
-    bench = timer(device, args.warmup, args.iters)
-    rows: list[dict[str, Any]] = []
-
-    def dense(q, k, v):
-        return F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v))).transpose(
-            1, 2
-        )
-
-    with sdpa_priority(device, args.sdpa):
-        dense_fwd, dense_bwd = fwd_bwd_ms(dense, qkv, do, bench)
-    rows.append({"canvas": canvas, "impl": "dense SDPA", "window": None, "density": 1.0,
-                 "fwd_ms": dense_fwd / heads, "bwd_ms": dense_bwd / heads})  # fmt: skip
-    half = torch.arange(0, heads, 2, device=device), torch.arange(1, heads, 2, device=device)
-    inverse = torch.argsort(torch.cat(half)).to(device)
-
-    def split() -> torch.Tensor:
-        parts = [[x.index_select(2, idx) for x in qkv] for idx in half]
-        return torch.cat([p[0] for p in parts], dim=2).index_select(2, inverse)
-
-    split_ms = bench(split) / heads
-    rows.append({"canvas": canvas, "impl": "head split (gather + scatter)", "window": None,
-                 "density": None, "fwd_ms": split_ms, "bwd_ms": split_ms})  # fmt: skip
-    points = []
-    for window in candidate_windows(num_tiles(canvas, tile)):
-        if budget.exhausted():
-            rows.append({"canvas": canvas, "impl": "STA", "window": window,
-                         "error": f"skipped: the {budget.seconds:.0f} s budget ran out"})  # fmt: skip
-            continue
-
-        def sta(q, k, v, window=window):
-            return sliding_tile_attention(q, k, v, canvas=canvas, tile=tile, window=window,
-                                          backend=backend)  # fmt: skip
-
-        def timed(sta=sta) -> dict[str, float]:
-            fwd, bwd = fwd_bwd_ms(sta, qkv, do, bench)
-            return {"fwd": fwd, "bwd": bwd}
-
-        result = run_guarded(timed, device)
-        density = head_density(canvas, tile, window)
-        row = {"canvas": canvas, "impl": "STA", "window": window, "density": density}
-        if "error" in result:
-            rows.append({**row, **result})
-            continue
-        row.update(fwd_ms=result["fwd"] / heads, bwd_ms=result["bwd"] / heads)
-        rows.append(row)
-        points.append(CostPoint(density, row["fwd_ms"], row["bwd_ms"], window))
-    if not points:
-        return None, rows
-    entry = CostEntry(canvas=canvas, tile=tile, head_dim=dim, dense_fwd_ms=dense_fwd / heads,
-                      dense_bwd_ms=dense_bwd / heads, split_ms=split_ms,
-                      sta=tuple(sorted(points, key=lambda p: p.density)))  # fmt: skip
-    return entry, rows
 
 
 def render_table(env: dict[str, Any], rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
@@ -210,8 +111,16 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict[str, Any]] = []
     for name in args.canvases:
         print(f"[{budget.elapsed():6.0f} s] {name}", flush=True)
+        if device.type == "cuda":
+            bench = default_timer(device)
+        else:
+            bench = lambda fn: median_ms(fn, device, args.warmup, args.iters)  # noqa: E731
         try:
-            entry, measured = measure_canvas(canvases[name], args, device, budget)
+            entry, measured = measure_cost_entry(
+                canvases[name], tile=args.tile, heads=args.heads, head_dim=args.head_dim,
+                device=device, bench=bench, sdpa=args.sdpa,
+                on_window=lambda window: not budget.exhausted(),
+            )  # fmt: skip
         except (RuntimeError, torch.cuda.OutOfMemoryError) as err:  # e.g. dense SDPA failing
             free_memory(device)
             rows.append({"canvas": canvases[name], "impl": "dense SDPA", "window": None,

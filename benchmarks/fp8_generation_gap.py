@@ -38,10 +38,10 @@ from sta_kernels.reference import sta_dense_mask, text_lengths
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from stafinetune.generate import resolve_prompts, sample_model  # noqa: E402
+from stafinetune.commands.sample import SampleJobConfig  # noqa: E402
+from stafinetune.inference.generate import resolve_prompts, sample_model  # noqa: E402
 from stafinetune.metrics import latent_gap  # noqa: E402
 from stafinetune.models import attention as attention_module  # noqa: E402
-from stafinetune.sample import SampleJobConfig  # noqa: E402
 
 E4M3_MAX = 448.0
 BLOCK = 128  # keys per k / v scale, as in the kernel

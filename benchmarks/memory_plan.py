@@ -67,14 +67,13 @@ def model_shape(name: str, flavor: str, canvas: tuple[int, int, int], text: int,
                 overrides: dict | None = None) -> Shape:  # fmt: skip
     """Exact sizes of ``flavor`` (built on the meta device) at a token ``canvas``."""
     from stafinetune.models import AttentionConfig, ModelConfig, build_model
-    from stafinetune.parallel.parallelize import transformer_blocks
 
     dit = build_model(
         ModelConfig(flavor=flavor, config_overrides=overrides or {}),
         AttentionConfig(mode="full"),
         device="meta",
     )
-    blocks = transformer_blocks(dit)
+    blocks = dit.adapter.blocks(dit.transformer)
     cfg = dit.transformer.config
     hidden = dit.num_heads * dit.head_dim
     ffn = int(cfg.ffn_dim) if dit.family == "wan" else int(hidden * cfg.mlp_ratio)
@@ -89,7 +88,7 @@ def model_shape(name: str, flavor: str, canvas: tuple[int, int, int], text: int,
         heads=dit.num_heads,
         tokens=math.prod(canvas),
         text=text,
-        joint_text=dit.family == "hunyuan",
+        joint_text=dit.adapter.joint_text,
     )
 
 
@@ -190,8 +189,8 @@ def markdown(plan: dict) -> str:
 def measure(flavor: str, canvas: tuple[int, int, int], text: int, overrides: dict) -> float:
     """Peak GiB of one real distillation step (student STA + dense teacher) on this GPU."""
     from stafinetune.config import DistillConfig
-    from stafinetune.distill import DistillStep
     from stafinetune.models import AttentionConfig, ModelConfig, build_model
+    from stafinetune.training.distill import DistillStep
 
     device = torch.device("cuda")
     torch.cuda.reset_peak_memory_stats()

@@ -37,10 +37,10 @@ import torch
 from sta_kernels import density, num_tiles
 from stafinetune.build import validation_batches
 from stafinetune.data import prepare_data
+from stafinetune.diffusion.sampling import sample_latents
 from stafinetune.models import AttentionConfig, VideoDiT, build_model
-from stafinetune.sampling import sample_latents
 from stafinetune.search.candidates import all_windows
-from stafinetune.search_cmd import (
+from stafinetune.search.job import (
     build_search_model,
     calibration_batches,
     compose_search_config,

@@ -1,6 +1,6 @@
 """Training-step speed on one GPU: dense finetuning vs STA distillation vs an STA-only step.
 
-Every step is what training does: ``stafinetune.distill.DistillStep.losses`` (noising, the
+Every step is what training does: ``stafinetune.training.distill.DistillStep.losses`` (noising, the
 teacher's dense forward with its captured attention outputs, the student's forward and every
 loss term), then backward and a fused AdamW step. The student keeps fp32 weights under bf16
 autocast (as ``train.precision=auto``), the teacher bf16 weights; random weights, batch 1,
@@ -25,7 +25,7 @@ checkpoint compiled as one region) as extra rows. Suites:
 
 Reported per row: median step time, video tokens per second, peak memory (since the row's
 first step, with the optimiser state), and the attention share of one timed step
-(``stafinetune.profiling.AttentionTimer``: time inside the student's and the teacher's
+(``stafinetune.models.profiling.AttentionTimer``: time inside the student's and the teacher's
 attention modules, forward, recomputation and backward; not measured under compile).
 Windows are one triple for every layer and head (default 3x3x3 tiles of 6x8x8 tokens).
 
@@ -67,12 +67,12 @@ from step_profile import profile_step, render_breakdown
 
 from sta_kernels import density
 from stafinetune.config import DistillConfig
-from stafinetune.distill import DistillStep
-from stafinetune.flow_matching import add_noise
+from stafinetune.diffusion.flow_matching import add_noise
 from stafinetune.models import AttentionConfig, ModelConfig, build_model
 from stafinetune.models.dit import cast_like_diffusers
+from stafinetune.models.profiling import AttentionTimer
 from stafinetune.parallel.parallelize import apply_compile
-from stafinetune.profiling import AttentionTimer
+from stafinetune.training.distill import DistillStep
 
 
 @dataclass(frozen=True)

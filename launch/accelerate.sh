@@ -16,5 +16,5 @@ done
 export NCCL_NVLS_ENABLE="${NCCL_NVLS_ENABLE:-0}"
 run_dir=(hydra.run.dir="${RUN_DIR:-outputs/accelerate-$(date +%Y%m%d-%H%M%S)}")
 for arg in "$@"; do [[ "$arg" == hydra.run.dir=* ]] && run_dir=(); done  # the user's wins
-exec accelerate launch --config_file "$config" "${accelerate_args[@]}" --module stafinetune.train \
+exec accelerate launch --config_file "$config" "${accelerate_args[@]}" --module stafinetune train \
   "${run_dir[@]}" "$@"

@@ -10,7 +10,7 @@
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 run_dir="${RUN_DIR:-$repo/outputs/teacher-$(date +%Y%m%d-%H%M%S)}"
-python3 -m stafinetune.train experiment=teacher hydra.run.dir="$run_dir" "$@"
+python3 -m stafinetune train experiment=teacher hydra.run.dir="$run_dir" "$@"
 dest="$repo/stafinetune/assets/wan_tiny_teacher"
 rm -rf "$dest"
 mkdir -p "$dest"

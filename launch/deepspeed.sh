@@ -11,4 +11,4 @@ shift
 export NCCL_NVLS_ENABLE="${NCCL_NVLS_ENABLE:-0}"
 run_dir=(hydra.run.dir="${RUN_DIR:-outputs/deepspeed-$(date +%Y%m%d-%H%M%S)}")
 for arg in "$@"; do [[ "$arg" == hydra.run.dir=* ]] && run_dir=(); done  # the user's wins
-exec deepspeed --hostfile "$hostfile" --module stafinetune.train "${run_dir[@]}" "$@"
+exec deepspeed --hostfile "$hostfile" --module stafinetune train "${run_dir[@]}" "$@"

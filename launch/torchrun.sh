@@ -23,5 +23,5 @@ if [[ -n "${NNODES:-}" && "${NNODES}" != 1 ]]; then
 else
   rendezvous=(--standalone)
 fi
-exec torchrun "${rendezvous[@]}" --nproc-per-node "$nproc" -m stafinetune.train \
+exec torchrun "${rendezvous[@]}" --nproc-per-node "$nproc" -m stafinetune train \
   "${run_dir[@]}" "$@"

@@ -17,12 +17,12 @@ from typing import Any
 
 import torch
 
-from .config import DistillConfig, JobConfig
-from .data import DataConfig, TrainLoader, build_train_loader, prepare_data
-from .errors import user_errors
-from .models import AttentionConfig, ModelConfig, VideoDiT, build_model
-from .models.dit import cast_like_diffusers, model_patch_size, token_canvas
-from .parallel import ParallelDims
+from stafinetune.config import DistillConfig, JobConfig
+from stafinetune.data import DataConfig, TrainLoader, build_train_loader, prepare_data
+from stafinetune.errors import user_errors
+from stafinetune.models import AttentionConfig, ModelConfig, VideoDiT, build_model
+from stafinetune.models.dit import cast_like_diffusers, model_patch_size, token_canvas
+from stafinetune.parallel import ParallelDims
 
 log = logging.getLogger(__name__)
 

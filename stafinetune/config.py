@@ -2,7 +2,7 @@
 
 Each part owns its dataclass next to its code (models, data); this module owns the trainer's
 groups and the root :class:`JobConfig`, and registers every schema so that YAML under
-``conf/`` only sets values. Hydra stops at :func:`stafinetune.train.main`, which converts the
+``conf/`` only sets values. Hydra stops at :func:`stafinetune.commands.train.main`, which converts the
 composed config with :func:`to_job_config` (running every ``__post_init__`` validation) and
 passes explicit objects down.
 """
@@ -18,9 +18,9 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from .data.config import DataConfig
-from .models.config import AttentionConfig, ModelConfig
-from .parallel.world import launched_rank
+from stafinetune.data.config import DataConfig
+from stafinetune.models.config import AttentionConfig, ModelConfig
+from stafinetune.parallel.world import launched_rank
 
 
 def _check(cond: bool, message: str) -> None:

@@ -1,7 +1,7 @@
 """The one exception type for mistakes in what the user gave us, and where bugs stay bugs.
 
 A :class:`UserError` carries a message that names the config field, file or folder at fault;
-the command-line entry points (:mod:`stafinetune.cli`) print it as one line and exit with
+the command-line entry points (:mod:`stafinetune.commands.cli`) print it as one line and exit with
 code 2, without a traceback. Anything else is a bug and keeps its traceback.
 
 Library code that already raises ``ValueError`` / ``FileNotFoundError`` for bad input (config

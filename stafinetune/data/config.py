@@ -111,7 +111,7 @@ class DataConfig:
     # --- loader --------------------------------------------------------------------------
     use_cache: bool = True  # False: decode + encode on the fly in the loader (small runs)
     num_workers: int = (
-        0  # loader workers; 0 is fastest for the small default cache (data/bench_data.py)
+        0  # loader workers; 0 is fastest for the small default cache (benchmarks/data_pipeline.py)
     )
     prefetch_factor: int = 2
 

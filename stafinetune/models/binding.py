@@ -44,10 +44,12 @@ from .attention import (
     STAAttention,
     WanSTAProcessor,
 )
+from .families import family_of
 from .windows import WindowPlan
 
 BINDING_ATTRIBUTE = "_stafinetune_sta"
-FAMILIES = ("wan", "hunyuan")
+# the processor that carries STA in each family's STA layers
+_PROCESSORS = {"wan": WanSTAProcessor, "hunyuan": HunyuanSTAProcessor}
 
 
 def token_canvas(latent_shape: Sequence[int], patch_size: Sequence[int]) -> tuple[int, int, int]:
@@ -62,37 +64,6 @@ def token_canvas(latent_shape: Sequence[int], patch_size: Sequence[int]) -> tupl
                 f"{p} (patch_size={tuple(patch_size)})"
             )
     return tuple(s // p for s, p in zip(grid, patch_size, strict=True))  # type: ignore[return-value]
-
-
-def patch_size_of(family: str, config: Any) -> tuple[int, int, int]:
-    """(pt, ph, pw) latent patch of a diffusers transformer config (a mapping or its FrozenDict)."""
-    get = config.get if isinstance(config, dict) else lambda k: getattr(config, k)
-    if family == "wan":
-        return tuple(int(p) for p in get("patch_size"))  # type: ignore[return-value]
-    return (int(get("patch_size_t")), int(get("patch_size")), int(get("patch_size")))
-
-
-def family_of(transformer: nn.Module) -> str:
-    """``wan`` or ``hunyuan`` for a diffusers transformer; ``TypeError`` for any other model."""
-    from diffusers import HunyuanVideoTransformer3DModel, WanTransformer3DModel
-
-    if isinstance(transformer, WanTransformer3DModel):
-        return "wan"
-    if isinstance(transformer, HunyuanVideoTransformer3DModel):
-        return "hunyuan"
-    raise TypeError(
-        "STA supports diffusers' WanTransformer3DModel and HunyuanVideoTransformer3DModel, got "
-        f"{type(transformer).__name__}"
-    )
-
-
-def sta_layers(transformer: nn.Module, family: str) -> list[nn.Module]:
-    """The attention modules STA replaces, in STA-layer order (see the package README)."""
-    if family == "wan":
-        return [block.attn1 for block in transformer.blocks]
-    return [b.attn for b in transformer.transformer_blocks] + [
-        b.attn for b in transformer.single_transformer_blocks
-    ]
 
 
 def text_lengths(text_mask: torch.Tensor) -> torch.Tensor:
@@ -174,7 +145,7 @@ class STABinding:
             raise ValueError("STABinding takes exactly one of attention= and source=")
         self.transformer = transformer
         self.family = family_of(transformer)
-        self.patch_size = patch_size_of(self.family, transformer.config)
+        self.patch_size = self.family.patch_size(transformer.config)
         self.plan = plan
         self.attention = attention
         self.source = source
@@ -188,7 +159,7 @@ class STABinding:
         self._originals: list[Any] = []
         self._hook_handles: list[Any] = []
         self._arg_positions = _argument_positions(transformer)
-        self.layers = sta_layers(transformer, self.family)
+        self.layers = self.family.sta_layers(transformer)
 
     # ----------------------------------------------------------------- install / remove
     @property
@@ -206,7 +177,7 @@ class STABinding:
                 f"this {type(self.transformer).__name__} already carries STA (installed by "
                 f"{binding_of(self.transformer).owner})"
             )
-        proc = WanSTAProcessor if self.family == "wan" else HunyuanSTAProcessor
+        proc = _PROCESSORS[self.family.name]
         self._originals = [attn.processor for attn in self.layers]
         for i, attn in enumerate(self.layers):
             attn.set_processor(proc(self.runtime, i))
@@ -274,7 +245,7 @@ class STABinding:
         if windows is not None:
             self._check_canvas(canvas, warn=not self._explicit)
         text_len: int | torch.Tensor = 0
-        if self.family == "hunyuan":
+        if self.family.joint_text:
             mask = self._argument("encoder_attention_mask", args, kwargs)
             if mask is None:
                 raise ValueError("HunyuanVideo's STA needs encoder_attention_mask (B, L)")

@@ -20,11 +20,12 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from .activation_checkpointing import checkpoint_options, compile_checkpointed
 from .attention import ActivationStore, STAAttention
-from .binding import STABinding, patch_size_of, sta_layers, token_canvas
-from .checkpointing import checkpoint_options, compile_checkpointed
+from .binding import STABinding, token_canvas
 from .config import AttentionConfig, ModelConfig
 from .dispatch import load_cost_table
+from .families import ModelFamily, get_family
 from .flavors import get_flavor
 from .windows import WindowPlan, build_window_plan
 
@@ -40,13 +41,7 @@ def model_patch_size(model_cfg: ModelConfig) -> tuple[int, int, int]:
         folder = resolve_transformer_dir(model_cfg.path)
         with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
             config = json.load(f)
-    return patch_size_of(flavor.family, config)
-
-
-def _transformer_class(family: str) -> type[nn.Module]:
-    from diffusers import HunyuanVideoTransformer3DModel, WanTransformer3DModel
-
-    return {"wan": WanTransformer3DModel, "hunyuan": HunyuanVideoTransformer3DModel}[family]
+    return get_family(flavor.family).patch_size(config)
 
 
 class VideoDiT(nn.Module):
@@ -67,8 +62,7 @@ class VideoDiT(nn.Module):
         guidance_scale: float = 6.0,
     ) -> None:
         super().__init__()
-        if family not in ("wan", "hunyuan"):
-            raise ValueError(f"family must be 'wan' or 'hunyuan', got {family!r}")
+        self.adapter: ModelFamily = get_family(family)
         self.transformer = transformer
         self.family = family
         self.guidance_scale = float(guidance_scale)
@@ -76,13 +70,8 @@ class VideoDiT(nn.Module):
         self.num_heads: int = int(cfg.num_attention_heads)
         self.head_dim: int = int(cfg.attention_head_dim)
         self.in_channels: int = int(cfg.in_channels)
-        self.patch_size: tuple[int, int, int] = patch_size_of(family, cfg)
-        if family == "wan":
-            self.text_dim: int = int(cfg.text_dim)
-            self.pooled_dim: int | None = None
-        else:
-            self.text_dim = int(cfg.text_embed_dim)
-            self.pooled_dim = int(cfg.pooled_projection_dim)
+        self.patch_size: tuple[int, int, int] = self.adapter.patch_size(cfg)
+        self.text_dim, self.pooled_dim = self.adapter.text_dims(cfg)
         self.num_layers: int = len(self.sta_layers())
         self.attention_cfg: AttentionConfig
         self.attention: nn.Module  # STAAttention, or a parallel wrapper around it
@@ -92,7 +81,7 @@ class VideoDiT(nn.Module):
     # ----------------------------------------------------------------- structure
     def sta_layers(self) -> list[nn.Module]:
         """The diffusers attention modules STA replaces, in STA-layer order."""
-        return sta_layers(self.transformer, self.family)
+        return self.adapter.sta_layers(self.transformer)
 
     @property
     def plan(self) -> WindowPlan:
@@ -206,21 +195,9 @@ class VideoDiT(nn.Module):
         timestep = torch.as_tensor(timestep, device=latents.device).float().expand(batch)
         latents = latents.to(dtype)
         text = text.to(dtype)
-        if self.family == "wan":
-            kwargs: dict[str, Any] = {"encoder_hidden_states": text * text_mask[..., None].to(dtype)}
-        else:
-            if pooled_text is None or pooled_text.shape != (batch, self.pooled_dim):
-                got = None if pooled_text is None else tuple(pooled_text.shape)
-                raise ValueError(f"pooled_text must be (B={batch}, {self.pooled_dim}) for HunyuanVideo, got {got}")
-            guidance = None
-            if self.transformer.config.guidance_embeds:
-                guidance = torch.full((batch,), self.guidance_scale * 1000.0, device=latents.device, dtype=dtype)
-            kwargs = {
-                "encoder_hidden_states": text,
-                "encoder_attention_mask": text_mask,
-                "pooled_projections": pooled_text.to(dtype),
-                "guidance": guidance,
-            }
+        kwargs = self.adapter.conditioning(
+            self.transformer, text, text_mask, pooled_text, self.guidance_scale
+        )
         # the transformer's own hooks (``self.binding``) derive the canvas, text lengths and
         # windows of this call; the step is the one given here
         with self.binding.at_step(step_index):
@@ -316,7 +293,7 @@ class VideoDiT(nn.Module):
         if getattr(self.transformer, "_hf_peft_config_loaded", False):
             raise ValueError(
                 "this model holds a LoRA adapter, so its weights are not a plain diffusers "
-                "transformer: export it with stafinetune.lora.export_lora (adapter, or merged)"
+                "transformer: export it with stafinetune.training.lora.export_lora (adapter, or merged)"
             )
         os.makedirs(path, exist_ok=True)
         self.transformer.save_pretrained(path, safe_serialization=True)
@@ -366,13 +343,13 @@ def load_transformer(
 ) -> nn.Module:
     """Load a diffusers transformer of ``family`` from a local directory (no hub access;
     safetensors only unless ``allow_pickle``)."""
-    from ..safety import weights_loading_kwargs
+    from stafinetune.safety import weights_loading_kwargs
 
     folder = resolve_transformer_dir(path)
     safe = weights_loading_kwargs(
         folder, "model.path", allow_pickle=allow_pickle, consent="model.allow_pickle_weights"
     )
-    cls = _transformer_class(family)
+    cls = get_family(family).transformer_class()
     with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
         class_name = json.load(f).get("_class_name")
     if class_name is not None and class_name != cls.__name__:
@@ -405,15 +382,7 @@ def reset_rope_buffers(dit: VideoDiT, device: str | torch.device) -> None:
     Needed after ``build_model(device="meta")`` + ``to_empty``: those buffers are not in the
     state dict, so loading weights does not restore them. HunyuanVideo computes RoPE on the fly.
     """
-    if dit.family != "wan":
-        return
-    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
-
-    cfg = dit.transformer.config
-    with torch.device(device):
-        dit.transformer.rope = WanRotaryPosEmbed(
-            int(cfg.attention_head_dim), tuple(cfg.patch_size), int(cfg.rope_max_seq_len)
-        )
+    dit.adapter.reset_buffers(dit.transformer, device)
 
 
 def as_config(cfg: Any, cls: type) -> Any:
@@ -457,7 +426,7 @@ def build_model(
         ).to(device)
     else:
         config = {**flavor.config, **dict(model_cfg.config_overrides)}
-        cls = _transformer_class(flavor.family)
+        cls = get_family(flavor.family).transformer_class()
         try:
             with device:
                 transformer = cls(**config)

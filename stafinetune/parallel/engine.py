@@ -10,7 +10,12 @@ way the strategy needs them:
   optimiser, the scheduler, gradient accumulation and clipping; checkpoints are DeepSpeed's.
 
 The training loop only calls :meth:`backward`, :meth:`clip_grad_norm`, :meth:`step`,
-:meth:`zero_grad` and :attr:`lr`, and registers :meth:`checkpoint_parts` in its state.
+:meth:`zero_grad` and :attr:`lr`, and registers :meth:`checkpoint_parts` in its state. Every
+other decision that depends on the strategy is made here too, so the loop has no branch on
+it: where per-parameter state such as an EMA lives (:meth:`add_param_state`,
+:meth:`local_view`), whether the checkpoints unpickle (:attr:`pickles`), the parameter
+counts of partitioned models (:func:`parameter_numel`), the fused optimiser
+(:func:`fused_optimizer`) and the process group (:func:`build_dims`).
 """
 
 from __future__ import annotations
@@ -18,15 +23,43 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..models import VideoDiT
+from stafinetune.models import VideoDiT
+
 from .dims import ParallelDims
 from .parallelize import ParallelModel
+from .world import World, init_world
+
+Getter = Callable[[], Any]
+Setter = Callable[[Any], None]
+SHARDING = ("zero2", "zero3")  # strategies whose optimiser step DeepSpeed owns
+
+
+def build_dims(
+    device: str, *, strategy: str, sp: int, dp_replicate: int, world: World | None = None
+) -> ParallelDims:
+    """The run's parallel degrees, initialising this process's world from the launcher unless
+    ``world`` is given. Every strategy but ``ddp`` needs a process group even alone (its
+    collectives run then too)."""
+    if world is None:
+        world = init_world(device, process_group=strategy != "ddp")
+    return ParallelDims(world, strategy=strategy, sp=sp, dp_replicate=dp_replicate)
+
+
+def fused_optimizer(dims: ParallelDims) -> bool:
+    """Whether the optimiser may be torch's fused AdamW (CUDA, unsharded parameters)."""
+    return dims.device.type == "cuda" and dims.strategy == "ddp"
+
+
+def parameter_numel(param: nn.Parameter) -> int:
+    """The whole parameter's element count, also when ZeRO-3 holds only a partition here."""
+    return int(getattr(param, "ds_numel", param.numel()))
 
 
 def _full_norm(norm: Any) -> float:
@@ -113,6 +146,21 @@ class TorchEngine:
             )
             state.trees["optimizer"] = (self.optimizer.state_dict, self.optimizer.load_state_dict)
         state.trees["scheduler"] = (self.scheduler.state_dict, self.scheduler.load_state_dict)
+
+    pickles = False  # checkpoints are safetensors, JSON and torch.distributed.checkpoint
+
+    def local_view(self, param: nn.Parameter) -> torch.Tensor:
+        """The tensor of ``param`` this rank updates (a DTensor shard under FSDP2)."""
+        return param
+
+    def add_param_state(self, state: Any, name: str, get: Getter, set_: Setter) -> None:
+        """Register a per-parameter state (an EMA of :meth:`local_view` tensors) in a
+        ``TrainState`` where this strategy keeps it: sharded under FSDP2, else on rank 0."""
+        if self.sharded:
+            state.sharded[name] = (get, set_)
+        else:
+            main = self.dims.is_main
+            state.weights[name] = (lambda: get() if main else None, set_)
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The student's whole state on rank 0 (None elsewhere); every rank must call it."""
@@ -251,6 +299,21 @@ class DeepSpeedEngine:
 
         state.engine = (save, load)
 
+    pickles = True  # DeepSpeed's checkpoints are pickle files its loader unpickles
+
+    def local_view(self, param: nn.Parameter) -> torch.Tensor:
+        """The tensor of ``param`` this rank updates (ZeRO-3: its local partition)."""
+        return param.ds_tensor if self.stage == 3 else param
+
+    def add_param_state(self, state: Any, name: str, get: Getter, set_: Setter) -> None:
+        """Register a per-parameter state in a ``TrainState``: ZeRO-3 partitions are each
+        rank's own, ZeRO-2's whole parameters are saved by rank 0."""
+        if self.stage == 3:
+            state.rank[name] = (get, set_)
+        else:
+            main = self.dims.is_main
+            state.weights[name] = (lambda: get() if main else None, set_)
+
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The student's whole state on rank 0 (None elsewhere); every rank must call it."""
         if self.stage < 3:
@@ -270,12 +333,18 @@ def build_engine(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     dims: ParallelDims,
     *,
+    batch_size: int,
     grad_accum: int,
-    deepspeed: dict[str, Any] | None = None,
+    grad_clip: float,
+    bf16: bool,
+    deepspeed_file: str | None = None,
 ) -> TorchEngine | DeepSpeedEngine:
-    """The engine of ``dims.strategy`` (``deepspeed``: the config for ``zero2``/``zero3``)."""
-    if dims.strategy in ("zero2", "zero3"):
-        if deepspeed is None:
-            raise ValueError(f"parallel.strategy={dims.strategy} needs a DeepSpeed config")
-        return DeepSpeedEngine(student.model, optimizer, scheduler, dims, deepspeed)
+    """The engine of ``dims.strategy``; for ``zero2``/``zero3`` DeepSpeed's config is made
+    from the train settings (and ``parallel.deepspeed_config``'s file, checked against them)."""
+    if dims.strategy in SHARDING:
+        config = deepspeed_config(
+            stage=int(dims.strategy[-1]), batch_size=batch_size, grad_accum=grad_accum,
+            grad_clip=grad_clip, bf16=bf16, user_file=deepspeed_file,
+        )  # fmt: skip
+        return DeepSpeedEngine(student.model, optimizer, scheduler, dims, config)
     return TorchEngine(student, optimizer, scheduler, dims, grad_accum)

@@ -30,8 +30,9 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..models import VideoDiT
-from ..models.checkpointing import raise_recompile_limit
+from stafinetune.models import VideoDiT
+from stafinetune.models.activation_checkpointing import raise_recompile_limit
+
 from .dims import ParallelDims
 from .sequence import SequenceParallel, apply_sequence_parallel
 
@@ -60,24 +61,6 @@ class ParallelModel:
         return self.no_sync()
 
 
-def transformer_blocks(model: VideoDiT) -> list[nn.Module]:
-    """The repeated blocks of the wrapped diffusers transformer (the units of sharding)."""
-    t = model.transformer
-    if model.family == "wan":
-        return list(t.blocks)
-    refiner = getattr(getattr(t, "context_embedder", None), "token_refiner", None)
-    refiner_blocks = list(getattr(refiner, "refiner_blocks", []))
-    return [*refiner_blocks, *t.transformer_blocks, *t.single_transformer_blocks]
-
-
-def sta_blocks(model: VideoDiT) -> list[nn.Module]:
-    """The transformer blocks that hold the STA layers (what ``model.compile`` compiles)."""
-    t = model.transformer
-    if model.family == "wan":
-        return list(t.blocks)
-    return [*t.transformer_blocks, *t.single_transformer_blocks]
-
-
 def apply_compile(model: VideoDiT, *, checkpointed: bool, backend: str = "inductor") -> None:
     """``torch.compile`` each STA block's forward in place (torchtitan's per-block compile).
 
@@ -89,7 +72,7 @@ def apply_compile(model: VideoDiT, *, checkpointed: bool, backend: str = "induct
     """
     if checkpointed:
         return
-    blocks = sta_blocks(model)
+    blocks = model.adapter.sta_blocks(model.transformer)
     raise_recompile_limit(4 * len(blocks))  # one graph per block (its layer index is a constant)
     for block in blocks:
         block.forward = torch.compile(block.forward, backend=backend, fullgraph=True)
@@ -103,7 +86,7 @@ def _apply_fsdp(model: VideoDiT, dims: ParallelDims, bf16: bool, reshard: bool) 
         reduce_dtype=torch.float32 if bf16 else None,
     )
     mesh = dims.fsdp_mesh
-    for block in transformer_blocks(model):
+    for block in model.adapter.blocks(model.transformer):
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
 

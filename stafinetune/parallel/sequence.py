@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..models import VideoDiT
+from stafinetune.models import VideoDiT
 
 
 # --------------------------------------------------------------------- collectives with autograd
@@ -172,7 +172,7 @@ class SequenceParallel:
         ``L`` replicated text rows; ``num_video``: S of the whole canvas.
         Replicated text rows count 1/P on each rank, so the sum over ranks counts them once.
         """
-        from ..losses import squared_error_sum
+        from stafinetune.diffusion.losses import squared_error_sum
 
         s_loc = self.shard_len(num_video)
         local = squared_error_sum(a, b, head=s_loc, tail_weight=1.0 / self.size)
@@ -265,13 +265,9 @@ def apply_sequence_parallel(dit: VideoDiT, sp: SequenceParallel) -> None:
             f"parallel.sp={sp.size} must divide the model's {dit.num_heads} attention heads "
             f"(model.flavor's num_attention_heads)"
         )
-    t = dit.transformer
+    seams = dit.adapter.sequence_seams(dit.transformer)
     state: dict[str, int] = {}
-    if dit.family == "wan":
-        first, rope_dim = t.blocks[0], 1  # rope: (1, S, 1, D) cos and sin
-    else:
-        first, rope_dim = t.transformer_blocks[0], 0  # rope: (S, D) cos and sin
-    t.rope.register_forward_hook(_split_rope(sp, rope_dim))
-    first.register_forward_pre_hook(_split_module_input(sp, state), with_kwargs=True)
-    t.proj_out.register_forward_hook(_gather_output(sp, state))
+    seams.rope.register_forward_hook(_split_rope(sp, seams.rope_dim))
+    seams.first_block.register_forward_pre_hook(_split_module_input(sp, state), with_kwargs=True)
+    seams.output.register_forward_hook(_gather_output(sp, state))
     dit.attention = UlyssesAttention(dit.attention, sp)

@@ -44,14 +44,21 @@ def launcher_coordinates() -> tuple[int, int, int]:
     return rank, world_size, int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> CUDA when visible, else CPU; ``cuda`` without a GPU is a user error."""
+def resolve_device(device: str, field: str = "train.device") -> torch.device:
+    """The torch device of a config's ``device`` field, the one rule of every command.
+
+    ``auto``: CUDA when visible, else the CPU. ``cuda``: this process's GPU (``LOCAL_RANK``
+    under a launcher). ``cuda:N``: that GPU. A CUDA device without a visible GPU is a
+    ``ValueError`` naming ``field``.
+    """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
+    if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ValueError("train.device=cuda but no CUDA device is visible")
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            raise ValueError(f"{field}={device} but no CUDA device is visible")
+        if device == "cuda":
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device(device)
     return torch.device("cpu")
 
 

@@ -14,8 +14,8 @@ The strategy loads with ``AttentionConfig(strategy_path="search_out/mask_strateg
 
 from .candidates import default_candidates, resolve_candidates
 from .config import SEARCH_METRICS, SEARCH_MODES, SearchConfig
-from .evaluate import CandidateErrors, SearchStore, candidate_errors, evaluate_candidates
 from .report import build_report, format_markdown, plot_heatmap, write_report
+from .scoring import CandidateErrors, SearchStore, candidate_errors, evaluate_candidates
 from .search import SearchResult, search_windows, select_windows
 from .select import select_budget, select_threshold
 

@@ -40,7 +40,7 @@ class SearchConfig:
             averaged over calibration samples. Both are always recorded.
         steps: Euler steps of the calibration sampler; the strategy has one window table per
             step, so sample with the same number of steps.
-        shift: timestep shift of the schedule (``stafinetune.sampling.flow_sigmas``), >= 1.
+        shift: timestep shift of the schedule (``stafinetune.diffusion.sampling.flow_sigmas``), >= 1.
         dense_first_steps: the first steps keep the full window (as the STA paper does);
             they are not evaluated and do not count towards ``budget``.
         candidates: windows in tiles, e.g. ``[[3, 3, 3], [1, 4, 4]]``; ``None`` derives a set

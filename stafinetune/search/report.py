@@ -19,7 +19,7 @@ import torch
 from sta_kernels import num_tiles
 
 from .config import SearchConfig
-from .evaluate import CandidateErrors
+from .scoring import CandidateErrors
 
 if TYPE_CHECKING:
     from .search import SearchResult

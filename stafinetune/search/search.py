@@ -14,13 +14,13 @@ from typing import Any
 import torch
 
 from sta_kernels import num_tiles
+from stafinetune.models.dit import VideoDiT
+from stafinetune.models.strategy import MaskStrategy
+from stafinetune.parallel.sequence import gather_along
 
-from ..models.dit import VideoDiT
-from ..models.strategy import MaskStrategy
-from ..parallel.sequence import gather_along
 from .config import SearchConfig
-from .evaluate import CandidateErrors, evaluate_candidates
 from .report import build_report
+from .scoring import CandidateErrors, evaluate_candidates
 from .select import select_budget, select_threshold
 
 

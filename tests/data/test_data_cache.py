@@ -150,7 +150,7 @@ def test_on_the_fly_loader_equals_the_cached_loader(prepared):
 
 def test_cli_builds_the_cache_from_yaml_and_overrides(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "stafinetune.preprocess", f"data.root={tmp_path}",
+        [sys.executable, "-m", "stafinetune.commands.preprocess", f"data.root={tmp_path}",
          "data.num_clips=3", "data.num_workers=0", f"hydra.run.dir={tmp_path / 'run'}"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip

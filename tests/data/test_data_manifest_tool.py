@@ -1,23 +1,14 @@
-"""data/make_manifest.py: folder of videos + .txt captions -> a manifest preprocessing accepts."""
+"""``python -m stafinetune.data.manifest``: folder of videos + .txt captions -> a manifest
+preprocessing accepts."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 from data_media import good_mp4
 
 from stafinetune.data import DataConfig, prepare_data
-
-SCRIPT = Path(__file__).resolve().parents[2] / "data" / "make_manifest.py"
-
-
-def load_tool():
-    spec = importlib.util.spec_from_file_location("make_manifest", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from stafinetune.data.manifest import build_manifest
 
 
 def test_manifest_from_folder_with_sidecar_captions(tmp_path):
@@ -27,7 +18,7 @@ def test_manifest_from_folder_with_sidecar_captions(tmp_path):
     good_mp4(videos / "sub" / "b.mp4")
     (videos / "a.txt").write_text("a bar slides right\n")
     (videos / "notes.md").write_text("not a video")
-    n, missing = load_tool().build_manifest(videos, tmp_path / "m.jsonl")
+    n, missing = build_manifest(videos, tmp_path / "m.jsonl")
     assert (n, missing) == (2, 1)
     lines = [json.loads(x) for x in (tmp_path / "m.jsonl").read_text().splitlines()]
     assert lines == [

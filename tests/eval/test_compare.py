@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from stafinetune import eval as eval_command
-from stafinetune.cli import CommandError
+from stafinetune.commands import eval as eval_command
 from stafinetune.config import conf_dir, to_job_config
+from stafinetune.errors import UserError
 
 PROMPTS = ["a red circle moving right at 4 pixels per frame on a dark blue background",
            "a yellow triangle moving down at 2 pixels per frame on a grey background"]  # fmt: skip
@@ -59,5 +59,5 @@ def test_compare_settings_fail_at_start_up_naming_the_field():
     job = _compose("compare.models=[{name: base, mode: full}, {name: ft, checkpoint: /x}]",
                    "compare.reference=base")  # fmt: skip
     assert job.compare.models[1].mode == "sta" and job.compare.models[1].checkpoint == "/x"
-    with pytest.raises(CommandError, match=r"^compare.models\[1\].checkpoint=/x: no such dir"):
+    with pytest.raises(UserError, match=r"^compare.models\[1\].checkpoint=/x: no such dir"):
         eval_command.check_inputs(job)  # before any model is sampled

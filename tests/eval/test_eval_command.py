@@ -1,4 +1,4 @@
-"""``python -m stafinetune.eval videos=DIR``: metrics.json's shape, bad files, empty folders."""
+"""``python -m stafinetune.commands.eval videos=DIR``: metrics.json's shape, bad files, empty folders."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from eval_testing import VBENCH, run_command, write_clips
 
-from stafinetune.cli import CommandError
-from stafinetune.eval import EvalJobConfig, check_inputs
+from stafinetune.commands.eval import EvalJobConfig, check_inputs
+from stafinetune.errors import UserError
 
 
 def test_scores_a_folder_into_metrics_json_of_the_fixed_shape(tmp_path: Path):
@@ -17,7 +17,7 @@ def test_scores_a_folder_into_metrics_json_of_the_fixed_shape(tmp_path: Path):
     write_clips(clips)
     out = tmp_path / "out"
     # the folder as its own reference: every fidelity metric at its maximum
-    proc = run_command("stafinetune.eval", f"videos={clips}", f"reference={clips}",
+    proc = run_command("stafinetune.commands.eval", f"videos={clips}", f"reference={clips}",
                        f"hydra.run.dir={out}")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "metrics.json").read_text())
@@ -41,7 +41,7 @@ def test_an_unreadable_video_is_reported_by_name_and_the_rest_scored(tmp_path: P
     (clips / "still.mp4").unlink()
     (clips / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 this is not a video" * 20)
     out = tmp_path / "out"
-    proc = run_command("stafinetune.eval", f"videos={clips}", f"hydra.run.dir={out}")
+    proc = run_command("stafinetune.commands.eval", f"videos={clips}", f"hydra.run.dir={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "broken.mp4" in proc.stderr and "Traceback" not in proc.stderr
     report = json.loads((out / "metrics.json").read_text())
@@ -56,7 +56,7 @@ def test_an_empty_folder_fails_with_one_line_and_exit_code_2(tmp_path: Path):
     videos = tmp_path / "empty"
     videos.mkdir()
     (videos / "notes.txt").write_text("no videos here")
-    proc = run_command("stafinetune.eval", f"videos={videos}", f"hydra.run.dir={tmp_path / 'o'}")
+    proc = run_command("stafinetune.commands.eval", f"videos={videos}", f"hydra.run.dir={tmp_path / 'o'}")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: videos={videos} holds no .mp4 files"]
     assert not (tmp_path / "o" / "metrics.json").exists()
@@ -64,16 +64,16 @@ def test_an_empty_folder_fails_with_one_line_and_exit_code_2(tmp_path: Path):
 
 def test_missing_inputs_are_named_before_any_work(tmp_path: Path):
     job = EvalJobConfig(videos=str(tmp_path / "missing"))
-    with pytest.raises(CommandError, match=r"^videos=.*missing: no such folder$"):
+    with pytest.raises(UserError, match=r"^videos=.*missing: no such folder$"):
         check_inputs(job)
     (tmp_path / "v").mkdir()
     write_clips(tmp_path / "v")
     for name in ("reference", "dino_path", "clip_path"):
         job = EvalJobConfig(videos=str(tmp_path / "v"), **{name: str(tmp_path / "nope")})
-        with pytest.raises(CommandError, match=rf"^{name}=.*nope: no such folder$"):
+        with pytest.raises(UserError, match=rf"^{name}=.*nope: no such folder$"):
             check_inputs(job)
     job = EvalJobConfig(videos=str(tmp_path / "v"), captions=str(tmp_path / "m.jsonl"))
-    with pytest.raises(CommandError, match=r"^captions=.*m.jsonl: no such file$"):
+    with pytest.raises(UserError, match=r"^captions=.*m.jsonl: no such file$"):
         check_inputs(job)
     with pytest.raises(ValueError, match="mode=score needs videos"):
         EvalJobConfig(mode="score")

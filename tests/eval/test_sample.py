@@ -14,11 +14,11 @@ from torch import nn
 from stafinetune.build import validation_batches
 from stafinetune.config import TrainConfig
 from stafinetune.data import DataConfig, build_text_encoder
-from stafinetune.generate import default_prompts, generate, prompt_noise, read_prompts
+from stafinetune.diffusion.sampling import ClassifierFreeGuidance, sample_latents
+from stafinetune.inference.generate import default_prompts, generate, prompt_noise, read_prompts
+from stafinetune.inference.weights import Weights, inference_attention, load_model, resolve_weights
 from stafinetune.metrics import read_video
 from stafinetune.models import AttentionConfig, MaskStrategy, ModelConfig, build_model
-from stafinetune.sampling import ClassifierFreeGuidance, sample_latents
-from stafinetune.weights import Weights, inference_attention, load_model, resolve_weights
 
 PROMPTS = ["a red circle moving right at 3 pixels per frame on a grey background",
            "a blue square moving up at 2 pixels per frame on a white background"]  # fmt: skip
@@ -95,7 +95,7 @@ def test_guidance_combines_conditional_and_negative_velocities(text_encoder):
 def short_run(tmp_path_factory: pytest.TempPathFactory):
     """Distil the STA student for 2 steps (export on) on 4 synthetic clips."""
     from stafinetune.config import compose_job_config
-    from stafinetune.trainer import Trainer
+    from stafinetune.training.trainer import Trainer
 
     root = tmp_path_factory.mktemp("short_run")
     job = compose_job_config([
@@ -170,7 +170,7 @@ def test_the_sample_command_writes_one_mp4_per_prompt(tmp_path: Path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join([PROMPTS[0], "", PROMPTS[1], "a green diamond"]) + "\n")
     out = tmp_path / "out"
-    proc = run_command("stafinetune.sample", f"sample.prompts={prompts}", "sample.steps=2",
+    proc = run_command("stafinetune.commands.sample", f"sample.prompts={prompts}", "sample.steps=2",
                        "sample.seed=10", f"hydra.run.dir={out}")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     samples = json.loads((out / "samples.json").read_text())

@@ -14,10 +14,10 @@ from torch import nn
 
 from stafinetune.config import DistillConfig
 from stafinetune.data import DataConfig, build_text_encoder, build_video_encoder
-from stafinetune.distill import DistillStep
-from stafinetune.evaluate import VALIDATION_METRICS, Validator, score_samples
-from stafinetune.tracking import JsonlTracker, NullTracker, WandbTracker
-from stafinetune.weights import Weights, load_model
+from stafinetune.inference.weights import Weights, load_model
+from stafinetune.training.distill import DistillStep
+from stafinetune.training.tracking import JsonlTracker, NullTracker, WandbTracker
+from stafinetune.training.validation import VALIDATION_METRICS, Validator, score_samples
 
 CPU = torch.device("cpu")
 

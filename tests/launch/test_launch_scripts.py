@@ -39,14 +39,14 @@ def _run(script: str, *args: str, env: dict[str, str]) -> list[str]:
 
 def test_torchrun_single_node(stub_path):
     argv = _run("torchrun.sh", "4", "parallel=fsdp2", "train.steps=10", env=stub_path)
-    assert argv == ["torchrun", "--standalone", "--nproc-per-node", "4", "-m", "stafinetune.train",
+    assert argv == ["torchrun", "--standalone", "--nproc-per-node", "4", "-m", "stafinetune", "train",
                     "hydra.run.dir=/runs/x", "parallel=fsdp2", "train.steps=10"]  # fmt: skip
 
 
 def test_torchrun_without_a_count_uses_the_gpus_and_keeps_the_first_override(stub_path):
     argv = _run("torchrun.sh", "parallel.sp=2", "hydra.run.dir=/mine", env=stub_path)
     # the stub python3 reports 2 GPUs; the user's run dir replaces the default one
-    assert argv == ["torchrun", "--standalone", "--nproc-per-node", "2", "-m", "stafinetune.train",
+    assert argv == ["torchrun", "--standalone", "--nproc-per-node", "2", "-m", "stafinetune", "train",
                     "parallel.sp=2", "hydra.run.dir=/mine"]  # fmt: skip
 
 
@@ -62,7 +62,7 @@ def test_deepspeed_with_a_hostfile(stub_path, tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node0 slots=8\nnode1 slots=8\n")
     argv = _run("deepspeed.sh", str(hostfile), "parallel=zero3", env=stub_path)
-    assert argv == ["deepspeed", "--hostfile", str(hostfile), "--module", "stafinetune.train",
+    assert argv == ["deepspeed", "--hostfile", str(hostfile), "--module", "stafinetune", "train",
                     "hydra.run.dir=/runs/x", "parallel=zero3"]  # fmt: skip
 
 
@@ -70,7 +70,7 @@ def test_accelerate_with_config_and_options(stub_path):
     config = str(LAUNCH / "accelerate" / "multi_node.yaml")
     argv = _run("accelerate.sh", config, "--machine_rank", "1", "parallel=fsdp2", env=stub_path)
     assert argv == ["accelerate", "launch", "--config_file", config, "--machine_rank", "1",
-                    "--module", "stafinetune.train", "hydra.run.dir=/runs/x",
+                    "--module", "stafinetune", "train", "hydra.run.dir=/runs/x",
                     "parallel=fsdp2"]  # fmt: skip
 
 
@@ -88,7 +88,7 @@ def test_slurm_runs_one_torchrun_per_node(stub_path):
 
 
 def test_deepspeed_launcher_argument_is_consumed():
-    from stafinetune.cli import strip_launcher_args
+    from stafinetune.commands.cli import strip_launcher_args
 
     os.environ.pop("LOCAL_RANK", None)
     assert strip_launcher_args(["--local_rank=3", "train.steps=2"]) == ["train.steps=2"]

@@ -18,6 +18,7 @@ from stafinetune.data.synthetic import (
     sample_clip_spec,
     write_mp4,
 )
+from stafinetune.diffusion.sampling import to_uint8_video
 from stafinetune.metrics.motion import (
     IntendedMotion,
     angle_error,
@@ -27,7 +28,6 @@ from stafinetune.metrics.motion import (
     parse_caption,
 )
 from stafinetune.metrics.video_io import read_video
-from stafinetune.sampling import to_uint8_video
 
 CASES = [
     (3, "right", "circle", "red", "dark blue", 64),

@@ -19,7 +19,7 @@ def run_training(
     nproc: int = 1,
     timeout: int = 900,
 ) -> list[dict]:
-    """``python -m stafinetune.train`` (under torchrun when ``nproc > 1``) on a small default;
+    """``python -m stafinetune.commands.train`` (under torchrun when ``nproc > 1``) on a small default;
     returns the rows of its metrics.jsonl."""
     base = [
         f"hydra.run.dir={run_dir}", f"data.root={data_root}", "data.num_clips=16",
@@ -30,7 +30,7 @@ def run_training(
                                                        f"--nproc-per-node={nproc}", "-m"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": str(ext_dir)}
     proc = subprocess.run(
-        [*prefix, "stafinetune.train", *base, *overrides],
+        [*prefix, "stafinetune.commands.train", *base, *overrides],
         capture_output=True, text=True, timeout=timeout, env=env,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from stafinetune.config import compose_job_config
 from stafinetune.parallel import init_world
-from stafinetune.trainer import Trainer
+from stafinetune.training.trainer import Trainer
 
 
 def job(data_root: str, strategy: str, sp: int, steps: int):

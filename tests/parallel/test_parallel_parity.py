@@ -153,7 +153,7 @@ def test_sp_must_divide_processes_and_heads(tmp_path, data_root, extensions_dir)
     base = [f"hydra.run.dir={tmp_path}", f"data.root={data_root}", "data.num_clips=16",
             "train.device=cpu", "logging=none"]  # fmt: skip
     proc = subprocess.run(
-        [sys.executable, "-m", "stafinetune.train", *base, "parallel.sp=2"],
+        [sys.executable, "-m", "stafinetune.commands.train", *base, "parallel.sp=2"],
         capture_output=True, text=True, timeout=300, env=env,
     )  # fmt: skip
     assert proc.returncode != 0
@@ -169,7 +169,7 @@ def test_search_under_sequence_parallelism_matches_one_process(tmp_path, data_ro
                          ("sp2", [TORCHRUN, "--standalone", "--nproc-per-node=2", "-m"])):  # fmt: skip
         extra = ["parallel.sp=2"] if name == "sp2" else []
         proc = subprocess.run(
-            [*prefix, "stafinetune.search", f"hydra.run.dir={tmp_path / name}", *args, *extra],
+            [*prefix, "stafinetune", "search", f"hydra.run.dir={tmp_path / name}", *args, *extra],
             capture_output=True, text=True, timeout=600, env=env,
         )  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-3000:]

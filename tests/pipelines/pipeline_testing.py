@@ -66,7 +66,7 @@ def scheduler(steps: int) -> Any:
     """Flow-matching Euler whose ``steps``-step schedule is ``flow_sigmas(steps)``: 1, ..., 1/steps, 0.
 
     diffusers' default ends at sigma 1/1000; ``shift_terminal=1/steps`` stretches it onto
-    the uniform grid that ``stafinetune.sampling`` integrates.
+    the uniform grid that ``stafinetune.diffusion.sampling`` integrates.
     """
     from diffusers import FlowMatchEulerDiscreteScheduler
 

@@ -30,8 +30,9 @@ from pipeline_testing import (
 )
 
 from stafinetune import disable_sta, enable_sta
-from stafinetune.models.binding import BINDING_ATTRIBUTE, binding_of, sta_layers
-from stafinetune.sampling import sample_latents
+from stafinetune.diffusion.sampling import sample_latents
+from stafinetune.models.binding import BINDING_ATTRIBUTE, binding_of
+from stafinetune.models.families import get_family
 
 STEPS = 4
 FLAVORS = {"wan": "wan_tiny", "hunyuan": "hunyuan_tiny"}
@@ -49,7 +50,7 @@ def setup(family: str) -> dict[str, Any]:
     dit = build_dit(FLAVORS[family], mode="full")
     make = wan_pipeline if family == "wan" else hunyuan_pipeline
     pipe = make(plain_copy(dit), STEPS)
-    processors = [attn.processor for attn in sta_layers(pipe.transformer, family)]
+    processors = [attn.processor for attn in get_family(family).sta_layers(pipe.transformer)]
     return {
         "pipe": pipe,
         "dense": generate(pipe, STEPS),
@@ -87,7 +88,7 @@ def test_disable_restores_diffusers_bit_for_bit(setup: dict[str, Any], pipe: Any
     assert binding_of(transformer) is not None
     sparse = generate(pipe, STEPS)
     disable_sta(pipe)
-    layers = sta_layers(transformer, "wan" if setup["flavor"] == "wan_tiny" else "hunyuan")
+    layers = get_family("wan" if setup["flavor"] == "wan_tiny" else "hunyuan").sta_layers(transformer)
     assert all(a.processor is b for a, b in zip(layers, setup["originals"], strict=True))
     assert not transformer._forward_pre_hooks and not transformer._forward_hooks
     assert not hasattr(transformer, BINDING_ATTRIBUTE)

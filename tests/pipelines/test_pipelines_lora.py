@@ -19,17 +19,17 @@ from pipeline_testing import (
 )
 from safetensors.torch import load_file
 
-from stafinetune import checkpoint as ckpt
 from stafinetune import enable_sta, sta_step
 from stafinetune.config import TrainConfig, compose_job_config
-from stafinetune.lora import (
+from stafinetune.diffusion.sampling import sample_latents
+from stafinetune.training import checkpoint as ckpt
+from stafinetune.training.lora import (
     adapter_state_dict,
     apply_lora,
     lora_target_modules,
     save_lora_adapter,
 )
-from stafinetune.sampling import sample_latents
-from stafinetune.trainer import Trainer
+from stafinetune.training.trainer import Trainer
 
 
 @pytest.fixture(scope="module")

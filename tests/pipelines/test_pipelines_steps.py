@@ -27,9 +27,9 @@ from pipeline_testing import (
 )
 
 from stafinetune import enable_sta, sta_step
+from stafinetune.diffusion.sampling import sample_latents
 from stafinetune.models import AttentionConfig, MaskStrategy, ModelConfig, build_model
 from stafinetune.models.binding import StepTracker, binding_of
-from stafinetune.sampling import sample_latents
 
 STEPS = 4
 TIGHT = {"atol": 1e-5, "rtol": 1e-5}

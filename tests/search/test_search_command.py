@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from sta_kernels import density
+from stafinetune.commands.search import run
 from stafinetune.config import compose_job_config
 from stafinetune.models import AttentionConfig, MaskStrategy, ModelConfig, build_model
-from stafinetune.search_cmd import compose_search_config, run
-from stafinetune.trainer import Trainer
+from stafinetune.search.job import compose_search_config
+from stafinetune.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ("data.num_clips=16", "data.num_workers=0")  # the default data, fewer clips
@@ -33,7 +34,7 @@ def _env() -> dict[str, str]:
 
 def _cli(*overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "stafinetune.search", *overrides],
+        [sys.executable, "-m", "stafinetune", "search", *overrides],
         capture_output=True,
         text=True,
         env=_env(),
@@ -49,7 +50,7 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def searched(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Run directory of ``python -m stafinetune.search hydra.run.dir=OUT search.budget=0.3``."""
+    """Run directory of ``python -m stafinetune search hydra.run.dir=OUT search.budget=0.3``."""
     out = tmp_path_factory.mktemp("search") / "run"
     proc = _cli(
         f"hydra.run.dir={out}", "search.budget=0.3", f"data.root={data_root}", *DATA, *SHORT,

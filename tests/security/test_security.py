@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from stafinetune import checkpoint as ckpt
 from stafinetune.config import asset_path, compose_job_config
 from stafinetune.models import (
     AttentionConfig,
@@ -23,7 +22,9 @@ from stafinetune.models import (
     StrategyError,
     build_model,
 )
-from stafinetune.trainer import Trainer
+from stafinetune.training import checkpoint as ckpt
+from stafinetune.training import resume
+from stafinetune.training.trainer import Trainer
 
 
 class _Payload:
@@ -94,10 +95,10 @@ def test_deepspeed_checkpoints_from_elsewhere_need_consent(tmp_path):
     run, elsewhere = tmp_path / "run", tmp_path / "colleague" / "step_00000010"
     elsewhere.mkdir(parents=True)
     with pytest.raises(ValueError, match="train.trust_checkpoint=true"):
-        ckpt.check_trusted(elsewhere, run, pickles=True, trust=False)
-    ckpt.check_trusted(elsewhere, run, pickles=True, trust=True)
-    ckpt.check_trusted(run / "checkpoints" / "step_00000010", run, pickles=True, trust=False)
-    ckpt.check_trusted(elsewhere, run, pickles=False, trust=False)  # our own format: safe
+        resume.check_trusted(elsewhere, run, pickles=True, trust=False)
+    resume.check_trusted(elsewhere, run, pickles=True, trust=True)
+    resume.check_trusted(run / "checkpoints" / "step_00000010", run, pickles=True, trust=False)
+    resume.check_trusted(elsewhere, run, pickles=False, trust=False)  # our own format: safe
 
 
 def test_pickle_model_weights_need_consent(tmp_path):
@@ -126,7 +127,7 @@ def test_credentials_never_reach_the_run_directory(data_root, tmp_path):
            "HF_TOKEN": "hf_" + secret[:30]}  # fmt: skip
     run = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "stafinetune.train", f"hydra.run.dir={run}",
+        [sys.executable, "-m", "stafinetune.commands.train", f"hydra.run.dir={run}",
          f"data.root={data_root}", "data.num_clips=16", "data.num_workers=0", "train.device=cpu",
          "train.steps=2", "train.val_every=0", "train.sample_steps=0", "logging.mode=offline"],
         capture_output=True, text=True, timeout=600, env=env,

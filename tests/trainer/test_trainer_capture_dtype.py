@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from stafinetune.config import DistillConfig
-from stafinetune.distill import DistillStep
 from stafinetune.models import AttentionConfig, ModelConfig, build_model
-from stafinetune.profiling import AttentionTimer
+from stafinetune.models.profiling import AttentionTimer
+from stafinetune.training.distill import DistillStep
 
 CPU = torch.device("cpu")
 

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from stafinetune import checkpoint as ckpt
 from stafinetune.parallel import ParallelDims, World
+from stafinetune.training import checkpoint as ckpt
+from stafinetune.training import resume
 
 
 def _dims(world_size: int = 1) -> ParallelDims:
@@ -85,13 +86,13 @@ def test_rng_state_restores_exactly_through_a_state_file(tmp_path):
 
 
 def test_resume_resolution(tmp_path):
-    assert ckpt.resolve_resume("auto", tmp_path / "checkpoints", True) is None
+    assert resume.resolve_resume("auto", tmp_path / "checkpoints", True) is None
     path = _save(tmp_path / "checkpoints", 5)
-    assert ckpt.resolve_resume("auto", tmp_path / "checkpoints", True) == path
-    assert ckpt.resolve_resume(str(tmp_path), tmp_path / "elsewhere", True) == path
-    assert ckpt.resolve_resume("never", tmp_path / "checkpoints", True) is None
+    assert resume.resolve_resume("auto", tmp_path / "checkpoints", True) == path
+    assert resume.resolve_resume(str(tmp_path), tmp_path / "elsewhere", True) == path
+    assert resume.resolve_resume("never", tmp_path / "checkpoints", True) is None
     with pytest.raises(FileNotFoundError, match="train.resume"):
-        ckpt.resolve_resume(str(tmp_path / "nothing"), tmp_path, True)
+        resume.resolve_resume(str(tmp_path / "nothing"), tmp_path, True)
 
 
 def test_world_size_mismatch_is_refused(tmp_path):

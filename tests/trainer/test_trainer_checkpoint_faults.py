@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from stafinetune import checkpoint as ckpt
 from stafinetune.errors import UserError
 from stafinetune.parallel import ParallelDims, World
+from stafinetune.training import checkpoint as ckpt
+from stafinetune.training import resume
 
 
 def _dims() -> ParallelDims:
@@ -43,17 +44,17 @@ def test_auto_resume_skips_a_truncated_newest_checkpoint(tmp_path, caplog):
     older = manager.save(10, _state(10))
     newest = manager.save(20, _state(20))
     _truncate(newest / "model.safetensors")
-    with caplog.at_level(logging.WARNING, logger="stafinetune.checkpoint"):
-        assert ckpt.resolve_resume("auto", tmp_path, True) == older
+    with caplog.at_level(logging.WARNING, logger="stafinetune.training.checkpoint"):
+        assert resume.resolve_resume("auto", tmp_path, True) == older
     assert "step_00000020" in caplog.text and "model.safetensors" in caplog.text
     assert manager.load(older, _state(0)) == 10
     # asked for by name, a damaged checkpoint is an error naming the file
     with pytest.raises(ValueError, match=r"step_00000020.*model.safetensors"):
-        ckpt.resolve_resume(str(newest), tmp_path, True)
+        resume.resolve_resume(str(newest), tmp_path, True)
     # a run whose every checkpoint is damaged does not silently start again
     _truncate(older / "rank_00000.json", keep=0.3)
     with pytest.raises(ValueError, match="no complete checkpoint"):
-        ckpt.resolve_resume("auto", tmp_path, True)
+        resume.resolve_resume("auto", tmp_path, True)
 
 
 def test_damage_is_found_without_the_recorded_sizes(tmp_path):
@@ -119,7 +120,7 @@ def test_an_unusable_checkpoint_folder_is_found_at_start_up(tmp_path):
 
 def test_the_trainer_checks_its_checkpoint_folder_before_any_data_work(tmp_path):
     from stafinetune.config import compose_job_config
-    from stafinetune.trainer import Trainer
+    from stafinetune.training.trainer import Trainer
 
     run = tmp_path / "run"
     run.mkdir()

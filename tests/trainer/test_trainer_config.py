@@ -113,7 +113,7 @@ def test_cli_exits_with_field_name(tmp_path: Path):
         [
             sys.executable,
             "-m",
-            "stafinetune.train",
+            "stafinetune.commands.train",
             "train.steps=0",
             f"hydra.run.dir={tmp_path}/run",
         ],

@@ -13,10 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stafinetune import checkpoint as ckpt
 from stafinetune.config import compose_job_config
 from stafinetune.models import AttentionConfig, ModelConfig, build_model
-from stafinetune.trainer import NonFiniteLossError, Trainer
+from stafinetune.training import checkpoint as ckpt
+from stafinetune.training.trainer import NonFiniteLossError, Trainer
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +153,7 @@ def test_nonfinite_loss_stops_with_last_good_checkpoint(data_root: Path, tmp_pat
 
 def _cli(tmp_path: Path, data_root: Path, *extra: str) -> list[str]:
     return [
-        "stafinetune.train",
+        "stafinetune.commands.train",
         f"hydra.run.dir={tmp_path / 'run'}",
         f"data.root={data_root}",
         "data.num_clips=16",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from stafinetune.optim import EMA
+from stafinetune.training.optim import EMA
 
 DECAY = 0.6  # the warm-up cap (1 + n) / (10 + n) is below it for n <= 12, above from n = 13
 UPDATES = 25

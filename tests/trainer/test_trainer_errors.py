@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stafinetune import preprocess, train
+from stafinetune.commands import preprocess, train
 
 
 def run_command(
@@ -165,7 +165,7 @@ def test_flex_backend_cannot_train_on_the_cpu(tmp_path):
     from stafinetune.config import compose_job_config
     from stafinetune.errors import UserError
     from stafinetune.models import AttentionConfig
-    from stafinetune.trainer import Trainer
+    from stafinetune.training.trainer import Trainer
 
     flex = AttentionConfig(backend="flex")
     cpu = torch.device("cpu")
@@ -197,7 +197,7 @@ def test_rank_log_holds_the_header_summary_and_hydra_files_follow_the_run_dir(
 
 
 def test_a_nan_stop_is_one_line_naming_the_checkpoint(tmp_path, base, capsys, monkeypatch):
-    from stafinetune.distill import DistillStep
+    from stafinetune.training.distill import DistillStep
 
     real = DistillStep.losses
 
@@ -217,7 +217,7 @@ def test_a_nan_stop_is_one_line_naming_the_checkpoint(tmp_path, base, capsys, mo
 def test_training_checks_the_data_geometry_before_encoding(tmp_path):
     from stafinetune.config import compose_job_config
     from stafinetune.errors import UserError
-    from stafinetune.trainer import Trainer
+    from stafinetune.training.trainer import Trainer
 
     job = compose_job_config([f"data.root={tmp_path / 'data'}", "data.height=136",
                               "train.device=cpu", "logging=none"])  # fmt: skip

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from stafinetune.config import compose_job_config
-from stafinetune.figures import frame_indices, plot_frame_strip, read_metrics
-from stafinetune.trainer import Trainer
+from stafinetune.training.figures import frame_indices, plot_frame_strip, read_metrics
+from stafinetune.training.trainer import Trainer
 
 
 @pytest.fixture(autouse=True)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from stafinetune.losses import attention_loss, distillation_losses
+from stafinetune.diffusion.losses import attention_loss, distillation_losses
 
 
 def test_terms_match_hand_computation():

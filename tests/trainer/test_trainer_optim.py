@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from stafinetune.flow_matching import add_noise, sample_sigmas, velocity_target
-from stafinetune.optim import EMA, lr_lambda, select_trainable
+from stafinetune.diffusion.flow_matching import add_noise, sample_sigmas, velocity_target
+from stafinetune.training.optim import EMA, lr_lambda, select_trainable
 
 
 def test_schedule_warmup_then_cosine_to_floor():

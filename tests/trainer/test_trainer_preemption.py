@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from stafinetune import checkpoint as ckpt
 from stafinetune.config import compose_job_config
-from stafinetune.trainer import Trainer
+from stafinetune.training import checkpoint as ckpt
+from stafinetune.training.trainer import Trainer
 
 BASE = [
     "data.num_clips=8", "data.num_workers=0", "data.decode_workers=0", "logging=none",
@@ -29,7 +29,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path: Path):
             "train.steps=100000", "train.ckpt_every=0"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "stafinetune.train", *args],
+        [sys.executable, "-m", "stafinetune.commands.train", *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
     metrics = run / "metrics.jsonl"

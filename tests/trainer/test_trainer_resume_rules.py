@@ -1,4 +1,4 @@
-"""Resume follows the config and the run-directory rules (``stafinetune.runs``)."""
+"""Resume follows the config and the run-directory rules (``stafinetune.training.resume``)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from stafinetune import checkpoint as ckpt
 from stafinetune.config import compose_job_config
 from stafinetune.errors import UserError
-from stafinetune.runs import config_changes, cut_logs
-from stafinetune.trainer import Trainer
+from stafinetune.training import checkpoint as ckpt
+from stafinetune.training.resume import config_changes, cut_logs
+from stafinetune.training.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def _rows(run: Path) -> list[dict]:
 def test_a_changed_lr_applies_on_resume_and_is_listed(data_root, tmp_path, caplog):
     run = tmp_path / "run"
     Trainer(_job(data_root), run).fit(until_step=2)
-    with caplog.at_level(logging.WARNING, logger="stafinetune.trainer"):
+    with caplog.at_level(logging.WARNING, logger="stafinetune.training.trainer"):
         trainer = Trainer(_job(data_root, "train.lr=1e-4", "train.steps=8"), run)
     assert trainer.step == 2
     assert "train.lr: 0.001 -> 0.0001" in caplog.text and "train.steps: 6 -> 8" in caplog.text

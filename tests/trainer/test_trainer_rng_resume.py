@@ -13,7 +13,7 @@ import torch
 
 from stafinetune.config import JobConfig
 from stafinetune.data import build_train_loader
-from stafinetune.trainer import Trainer
+from stafinetune.training.trainer import Trainer
 
 STEPS, STOP = 2, 1
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from stafinetune.sampling import flow_sigmas, sample_latents, to_uint8_video
+from stafinetune.diffusion.sampling import flow_sigmas, sample_latents, to_uint8_video
 
 
 def test_schedule_endpoints_and_shift():

@@ -14,11 +14,11 @@ import torch
 
 from stafinetune.build import build_student, build_teacher
 from stafinetune.config import DistillConfig, JobConfig, compose_job_config
-from stafinetune.distill import DistillStep, draw_noise
 from stafinetune.models import VideoDiT
 from stafinetune.parallel import ParallelDims, ParallelModel, World
 from stafinetune.parallel.engine import TorchEngine
-from stafinetune.trainer import Trainer
+from stafinetune.training.distill import DistillStep, draw_noise
+from stafinetune.training.trainer import Trainer
 
 CPU = torch.device("cpu")
 

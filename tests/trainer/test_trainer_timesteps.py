@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from stafinetune.config import DistillConfig
-from stafinetune.distill import draw_noise
-from stafinetune.flow_matching import sample_sigmas
+from stafinetune.diffusion.flow_matching import sample_sigmas
+from stafinetune.training.distill import draw_noise
 
 N = 20_000
 # Kolmogorov distribution: P(sqrt(N) * D > 1.95) ~ 1e-3 for a correct sampler

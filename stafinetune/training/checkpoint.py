@@ -44,8 +44,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import UserError
-from .parallel import ParallelDims, barrier, broadcast_object
+from stafinetune.errors import UserError
+from stafinetune.parallel import ParallelDims, barrier
 
 log = logging.getLogger(__name__)
 
@@ -285,81 +285,6 @@ def verify_checkpoint(path: Path) -> str | None:
         if problem:
             return problem
     return None
-
-
-def _newest_complete(folder: Path, skipped: list[str]) -> Path | None:
-    """The newest checkpoint under ``folder`` that verifies; damaged ones go to ``skipped``."""
-    for path in reversed(list_checkpoints(folder)):
-        problem = verify_checkpoint(path)
-        if problem is None:
-            return path
-        skipped.append(f"{path} ({problem})")
-    return None
-
-
-def _choose(resume: str, ckpt_dir: Path) -> tuple[Path | None, list[str]]:
-    """(checkpoint, damaged ones skipped) for ``train.resume`` (not never); raises on errors."""
-    skipped: list[str] = []
-    if resume == "auto":
-        choice = _newest_complete(ckpt_dir, skipped)
-        if choice is None and skipped:
-            raise ValueError(
-                f"train.resume=auto: no complete checkpoint in {ckpt_dir}; damaged: "
-                + "; ".join(skipped)
-            )
-        return choice, skipped
-    given = Path(resume).expanduser()
-    if (given / "meta.json").is_file():
-        problem = verify_checkpoint(given)
-        if problem:
-            raise ValueError(f"train.resume={resume!r}: checkpoint {given} is damaged: {problem}")
-        return given, skipped
-    choice = _newest_complete(given, skipped) or _newest_complete(given / "checkpoints", skipped)
-    if choice is None:
-        damaged = f"; damaged: {'; '.join(skipped)}" if skipped else ""
-        raise FileNotFoundError(
-            f"train.resume={resume!r}: no complete checkpoint found there{damaged}"
-        )
-    return choice, skipped
-
-
-def check_trusted(path: Path, run_dir: Path, *, pickles: bool, trust: bool) -> None:
-    """Refuse to hand a checkpoint from outside ``run_dir`` to an engine that unpickles it.
-
-    ``pickles``: the run's engine loads pickle files (DeepSpeed does, with
-    ``weights_only=False``); ``trust``: ``train.trust_checkpoint``.
-    """
-    inside = Path(path).resolve().is_relative_to(Path(run_dir).resolve())
-    if pickles and not inside and not trust:
-        raise ValueError(
-            f"train.resume: {path} is outside this run directory ({run_dir}), and "
-            "parallel=zero2/zero3 checkpoints are DeepSpeed pickle files that can run code when "
-            "loaded; set train.trust_checkpoint=true if you trust where it came from"
-        )
-
-
-def resolve_resume(resume: str | None, ckpt_dir: Path, is_main: bool) -> Path | None:
-    """Turn ``train.resume`` into a checkpoint path, agreed on by every rank.
-
-    ``None``/"never": start fresh. "auto": the newest complete checkpoint in this run, if any
-    (damaged newer ones are skipped with a warning). Anything else: a checkpoint directory, or
-    a run/checkpoints directory whose newest complete checkpoint is used. Rank 0 decides and
-    every rank raises the same error (FileNotFoundError: nothing there; ValueError: damaged).
-    """
-    answer: tuple[Path | None, list[str], BaseException | None] = (None, [], None)
-    if is_main and resume not in (None, "never", ""):
-        try:
-            answer = (*_choose(resume, ckpt_dir), None)
-        except (FileNotFoundError, ValueError) as err:
-            answer = (None, [], err)
-    choice, skipped, error = broadcast_object(answer)  # type: ignore[misc]
-    if error is not None:
-        raise error
-    if is_main and skipped:
-        log.warning(
-            "skipping damaged checkpoint(s): %s; resuming from %s", "; ".join(skipped), choice
-        )
-    return choice
 
 
 # --------------------------------------------------------------------- what is saved

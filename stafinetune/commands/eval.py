@@ -1,4 +1,4 @@
-"""``stafinetune-eval`` / ``python -m stafinetune.eval``: score videos, or compare models.
+"""``stafinetune-eval`` / ``python -m stafinetune eval``: score videos, or compare models.
 
 Two modes (``mode=auto`` picks ``score`` when ``videos`` is set, else ``compare``):
 
@@ -13,7 +13,7 @@ value}}``. A file that cannot be scored is reported by name (on stderr and as ``
 
 ``compare``: sample every model of ``compare.models`` with the same prompts and seeds, score
 them, measure fidelity to the reference model, latency and attention share, and write
-``compare.json``, ``compare.md`` and ``compare.png`` (:mod:`stafinetune.compare`)::
+``compare.json``, ``compare.md`` and ``compare.png`` (:mod:`stafinetune.inference.compare`)::
 
     stafinetune-eval sample.num_prompts=8 'compare.models=[{name: dense, mode: full},
         {name: sta, mode: sta}, {name: distilled, checkpoint: outputs/<run>/export}]'
@@ -35,14 +35,22 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from .cli import CommandError, hydra_command
-from .compare import FIDELITY, QUALITY, CompareConfig, check_models, compare_models
-from .config import LoggingConfig, resolved_dict
-from .data import DataConfig
-from .generate import SampleConfig, resolve_prompts
-from .metrics import METRIC_TABLE, score_folder
-from .models import AttentionConfig, ModelConfig
-from .tracking import build_tracker
+from stafinetune.config import LoggingConfig, resolved_dict
+from stafinetune.data import DataConfig
+from stafinetune.errors import UserError
+from stafinetune.inference.compare import (
+    FIDELITY,
+    QUALITY,
+    CompareConfig,
+    check_models,
+    compare_models,
+)
+from stafinetune.inference.generate import SampleConfig, resolve_prompts
+from stafinetune.metrics import METRIC_TABLE, score_folder
+from stafinetune.models import AttentionConfig, ModelConfig
+from stafinetune.training.tracking import build_tracker
+
+from .cli import hydra_command
 
 EVAL_MODES = ("auto", "score", "compare")
 
@@ -101,24 +109,24 @@ def register_eval_config() -> None:
 
 
 def check_inputs(job: EvalJobConfig) -> None:
-    """Every path the job names exists, as the field expects; CommandError naming it."""
+    """Every path the job names exists, as the field expects; UserError naming it."""
     folders = {"reference": job.reference, "dino_path": job.dino_path, "clip_path": job.clip_path}
     if job.resolved_mode == "score":
         folders["videos"] = job.videos
     for name, value in folders.items():
         if value is not None and not Path(value).expanduser().is_dir():
-            raise CommandError(f"{name}={value}: no such folder")
+            raise UserError(f"{name}={value}: no such folder")
     if job.captions is not None and not Path(job.captions).expanduser().is_file():
-        raise CommandError(f"captions={job.captions}: no such file")
+        raise UserError(f"captions={job.captions}: no such file")
     if job.resolved_mode == "compare":
         try:
             check_models(job.compare, job.attention, job.sample.steps)
         except ValueError as err:
-            raise CommandError(str(err)) from None
+            raise UserError(str(err)) from None
     if job.videos is not None and not any(
         p.suffix.lower() == ".mp4" and p.is_file() for p in Path(job.videos).iterdir()
     ):
-        raise CommandError(f"videos={job.videos} holds no .mp4 files")
+        raise UserError(f"videos={job.videos} holds no .mp4 files")
 
 
 def score(job: EvalJobConfig, run_dir: Path) -> dict[str, Any]:

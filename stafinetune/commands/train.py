@@ -1,4 +1,4 @@
-"""``stafinetune-train`` / ``python -m stafinetune.train``: distil (or finetune) a video DiT.
+"""``stafinetune-train`` / ``python -m stafinetune train``: distil (or finetune) a video DiT.
 
 Under torchrun every rank composes the same config, writes its own ``.hydra/rank<N>`` and
 ``train_rank<N>.log``, and uses rank 0's output directory as the shared run directory (a
@@ -14,11 +14,12 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from stafinetune.config import JobConfig, resolved_dict
+from stafinetune.errors import user_errors
+from stafinetune.parallel import broadcast_object, cleanup, init_world
+from stafinetune.training.trainer import Trainer, TrainResult
+
 from .cli import echo, hydra_command, share_run_dir
-from .config import JobConfig, resolved_dict
-from .errors import user_errors
-from .parallel import broadcast_object, cleanup, init_world
-from .trainer import Trainer, TrainResult
 
 
 def summary(result: TrainResult) -> str:

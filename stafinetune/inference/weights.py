@@ -21,11 +21,10 @@ import torch
 from safetensors.torch import load_file
 
 from sta_kernels import density
-
-from .checkpoint import latest_checkpoint
-from .data import DataConfig
-from .data.encoders import TextEncoder
-from .models import AttentionConfig, MaskStrategy, ModelConfig, VideoDiT, build_model
+from stafinetune.data import DataConfig
+from stafinetune.data.encoders import TextEncoder
+from stafinetune.models import AttentionConfig, MaskStrategy, ModelConfig, VideoDiT, build_model
+from stafinetune.training.checkpoint import latest_checkpoint
 
 
 @dataclass

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .config import LoggingConfig
+    from stafinetune.config import LoggingConfig
 
 
 class NullTracker:

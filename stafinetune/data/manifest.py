@@ -6,8 +6,8 @@ to it (or ``--captions`` folder, same relative path). Videos without a caption f
 listed with an empty caption, so preprocessing counts them as ``missing_caption`` rather than
 losing them silently.
 
-    python data/make_manifest.py /videos/train --out /videos/train/manifest.jsonl
-    stafinetune-preprocess --config folder data.manifest=/videos/train/manifest.jsonl
+    python -m stafinetune.data.manifest /videos/train --out /videos/train/manifest.jsonl
+    stafinetune-preprocess data=folder data.manifest=/videos/train/manifest.jsonl
 """
 
 from __future__ import annotations

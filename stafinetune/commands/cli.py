@@ -5,7 +5,7 @@ dataclass) and the run directory; :func:`hydra_command` turns it into a console-
 ``main`` that composes ``conf/<config_name>.yaml`` with the command line, validates it
 (a bad value exits with code 2 and one line naming the field) and hands over. A task
 that finds bad input while running (a missing file, an empty folder) raises a
-:class:`~stafinetune.errors.UserError` (or :class:`CommandError`), which also ends the
+:class:`~stafinetune.errors.UserError`, which also ends the
 command with code 2 and one line; so does a Hydra composition error (an unknown key, a value
 of the wrong type). ``STAFINETUNE_DEBUG=1`` (or ``HYDRA_FULL_ERROR=1``) shows the traceback
 instead. Every message, and the traceback of a bug, also goes to this rank's log file.
@@ -24,16 +24,8 @@ from typing import Any, NoReturn
 
 from omegaconf import DictConfig
 
-from .config import conf_dir, to_job_config
-from .errors import UserError, debug_enabled
-
-
-class CommandError(UserError):
-    """Bad input a command finds after start-up; printed as ``error: <message>``, exit code 2.
-
-    The message names the config field or file at fault. Raise it only for the user's input,
-    never for a bug (those keep their traceback).
-    """
+from stafinetune.config import conf_dir, to_job_config
+from stafinetune.errors import UserError, debug_enabled
 
 
 def hydra_command(

@@ -24,14 +24,15 @@ from typing import Any
 
 import torch
 
-from .data.synthetic import write_mp4
+from stafinetune.data.synthetic import write_mp4
+from stafinetune.diffusion.sampling import sample_latents, to_uint8_video
+from stafinetune.metrics import score_video
+from stafinetune.metrics.fidelity import PSNR_CAP_DB, psnr, ssim
+from stafinetune.metrics.motion import IntendedMotion, parse_caption
+from stafinetune.models import VideoDiT
+
 from .distill import DistillStep, to_device
 from .figures import plot_frame_strip
-from .metrics import score_video
-from .metrics.fidelity import PSNR_CAP_DB, psnr, ssim
-from .metrics.motion import IntendedMotion, parse_caption
-from .models import VideoDiT
-from .sampling import sample_latents, to_uint8_video
 
 log = logging.getLogger(__name__)
 

@@ -18,12 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .build import autocast
-from .config import DistillConfig
-from .flow_matching import add_noise, sample_sigmas, velocity_target
-from .losses import distillation_losses
-from .models import ActivationStore, VideoDiT
-from .parallel.sequence import SequenceParallel
+from stafinetune.build import autocast
+from stafinetune.config import DistillConfig
+from stafinetune.diffusion.flow_matching import add_noise, sample_sigmas, velocity_target
+from stafinetune.diffusion.losses import distillation_losses
+from stafinetune.models import ActivationStore, VideoDiT
+from stafinetune.parallel.sequence import SequenceParallel
 
 
 class CastingStore(ActivationStore):

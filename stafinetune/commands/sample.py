@@ -1,7 +1,7 @@
-"""``stafinetune-sample`` / ``python -m stafinetune.sample``: prompts in, mp4s out.
+"""``stafinetune-sample`` / ``python -m stafinetune sample``: prompts in, mp4s out.
 
 Composes ``conf/sample.yaml`` (the shared ``model``, ``attention``, ``data`` and ``logging``
-groups plus the ``sample`` section, :class:`~stafinetune.generate.SampleConfig`) and writes
+groups plus the ``sample`` section, :class:`~stafinetune.inference.generate.SampleConfig`) and writes
 ``<run dir>/videos/<k>_<slug>.mp4`` and ``<run dir>/samples.json``::
 
     stafinetune-sample                                     # the tiny teacher, STA, 2 data captions
@@ -24,12 +24,18 @@ from pathlib import Path
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
+from stafinetune.config import LoggingConfig, resolved_dict
+from stafinetune.data import DataConfig
+from stafinetune.inference.generate import (
+    GeneratedVideo,
+    SampleConfig,
+    resolve_prompts,
+    sample_model,
+)
+from stafinetune.models import AttentionConfig, ModelConfig
+from stafinetune.training.tracking import build_tracker
+
 from .cli import hydra_command
-from .config import LoggingConfig, resolved_dict
-from .data import DataConfig
-from .generate import GeneratedVideo, SampleConfig, resolve_prompts, sample_model
-from .models import AttentionConfig, ModelConfig
-from .tracking import build_tracker
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Measure the data pipeline on the embedded default and write the numbers as JSON.
 
-    python data/bench_data.py --out bench_data.json [data.key=value ...]
+    python benchmarks/data_pipeline.py --out data_pipeline.json [data.key=value ...]
 
 Times, in a fresh temporary data root: synthetic generation, decoding + encoding into the cache
 (inline and with decode workers), finding the finished cache again, and loader throughput

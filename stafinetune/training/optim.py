@@ -11,8 +11,8 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from .config import TrainConfig
-from .models import VideoDiT
+from stafinetune.config import TrainConfig
+from stafinetune.models import VideoDiT
 
 
 def select_trainable(model: nn.Module, pattern: str) -> list[str]:
@@ -48,7 +48,7 @@ def select_trainable(model: nn.Module, pattern: str) -> list[str]:
 def apply_trainable(model: VideoDiT, cfg: TrainConfig) -> list[str]:
     """Make ``train.trainable``'s parameters the only trainable ones; return their names.
 
-    ``lora`` adds a LoRA adapter (``train.lora_*``, see :mod:`stafinetune.lora`) and trains
+    ``lora`` adds a LoRA adapter (``train.lora_*``, see :mod:`stafinetune.training.lora`) and trains
     only that; anything else is :func:`select_trainable`'s pattern.
     """
     if cfg.trainable == "lora":

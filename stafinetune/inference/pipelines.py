@@ -29,10 +29,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .models.binding import StepTracker, binding_of, build_binding, family_of, sta_layers
-from .models.config import ATTENTION_BACKENDS, check_triple
-from .models.strategy import MaskStrategy
-from .models.windows import WindowPlan, strategy_plan
+from stafinetune.models.binding import StepTracker, binding_of, build_binding
+from stafinetune.models.config import ATTENTION_BACKENDS, check_triple
+from stafinetune.models.families import family_of
+from stafinetune.models.strategy import MaskStrategy
+from stafinetune.models.windows import WindowPlan, strategy_plan
 
 TRANSFORMER_COMPONENTS = ("transformer", "transformer_2")
 
@@ -81,7 +82,7 @@ def _plan(
     window: Any,
     dense_first_steps: int,
 ) -> WindowPlan:
-    layers = len(sta_layers(transformer, family_of(transformer)))
+    layers = len(family_of(transformer).sta_layers(transformer))
     heads = int(transformer.config.num_attention_heads)
     if strategy is not None:
         strategy.validate(layers, heads, source=source)

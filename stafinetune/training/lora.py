@@ -20,13 +20,12 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from .models import VideoDiT
-from .models.dit import save_attention_config
+from stafinetune.models import VideoDiT
+from stafinetune.models.dit import save_attention_config
 
 ADAPTER = "default"
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -138,12 +137,6 @@ def load_adapter_state_dict(dit: VideoDiT, state: dict[str, torch.Tensor]) -> No
             params[name].copy_(value)
 
 
-def _pipeline_class(family: str) -> Any:
-    from diffusers import HunyuanVideoPipeline, WanPipeline
-
-    return {"wan": WanPipeline, "hunyuan": HunyuanVideoPipeline}[family]
-
-
 def _transformer_tensors(
     dit: VideoDiT, state: dict[str, torch.Tensor] | None
 ) -> dict[str, torch.Tensor]:
@@ -177,7 +170,7 @@ def save_lora_adapter(
     )
     layers = {k: v.detach().to("cpu").contiguous() for k, v in layers.items()}
     os.makedirs(out_dir, exist_ok=True)
-    _pipeline_class(dit.family).save_lora_weights(
+    dit.adapter.pipeline_class().save_lora_weights(
         save_directory=out_dir,
         transformer_lora_layers=layers,
         transformer_lora_adapter_metadata=transformer.peft_config[ADAPTER].to_dict(),

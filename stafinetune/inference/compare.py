@@ -3,7 +3,7 @@
 The compare mode of ``stafinetune-eval``. :func:`compare_models`
 
 1. samples every model of ``compare.models`` with the same prompts and seeds (the sample
-   command's :func:`~stafinetune.generate.sample_model`) into ``<run>/<name>/videos/``;
+   command's :func:`~stafinetune.inference.generate.sample_model`) into ``<run>/<name>/videos/``;
 2. scores each model's videos with :func:`stafinetune.metrics.score_folder`, against the
    reference model's videos of the same prompt (``compare.reference``, the dense model by
    default): VBench-style temporal quality, PSNR / SSIM / MS-SSIM / VMAF, and the motion
@@ -30,12 +30,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .data import DataConfig
+from stafinetune.data import DataConfig
+from stafinetune.metrics import METRIC_TABLE, latent_gap, score_folder
+from stafinetune.metrics.fidelity import VMAF_AVAILABLE
+from stafinetune.metrics.motion import parse_caption
+from stafinetune.models import AttentionConfig, ModelConfig
+
 from .generate import GeneratedVideo, SampleConfig, sample_model
-from .metrics import METRIC_TABLE, latent_gap, score_folder
-from .metrics.fidelity import VMAF_AVAILABLE
-from .metrics.motion import parse_caption
-from .models import AttentionConfig, ModelConfig
 from .weights import inference_attention, resolve_weights
 
 QUALITY = (

@@ -32,11 +32,11 @@ from sta_kernels import (
     tile_mask,
     token_tile_ids,
 )
+from stafinetune.diffusion.sampling import flow_sigmas
+from stafinetune.models.attention import ActivationStore, ForwardState, common_dtype, text_key_mask
+from stafinetune.models.dit import VideoDiT
+from stafinetune.models.windows import WindowPlan
 
-from ..models.attention import ActivationStore, ForwardState, common_dtype, text_key_mask
-from ..models.dit import VideoDiT
-from ..models.windows import WindowPlan
-from ..sampling import flow_sigmas
 from .candidates import resolve_candidates
 from .config import SEARCH_METRICS, SearchConfig
 from .select import check_budget
@@ -431,6 +431,6 @@ def evaluate_candidates(
         tile=tile,
         sigmas=sigmas,
         num_samples=num_samples,
-        mean_text_len=0.0 if dit.family == "wan" else text_tokens / num_samples,
+        mean_text_len=text_tokens / num_samples if dit.adapter.joint_text else 0.0,
         num_heads=dit.num_heads,
     )

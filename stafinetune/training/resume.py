@@ -19,9 +19,10 @@ size, seed, trainable set, parallel layout) stops the run, naming the fields.
 **Logs follow the checkpoint.** Rows of ``metrics.jsonl`` / ``tables.jsonl`` past the step a
 run resumes at are dropped, so the file holds each step once.
 
-**Stopping.** SIGTERM (preemption, ``scancel``, torchrun passing on its own SIGTERM) or
-SIGUSR1 asks the loop (:class:`StopSignals`) to finish its step, write a checkpoint and stop;
-the command then exits with 128 + the signal number. SIGINT (Ctrl-C) still interrupts at once.
+**Which checkpoint.** :func:`resolve_resume` turns ``train.resume`` into a checkpoint that
+every rank agrees on; a damaged newest checkpoint is skipped with a warning naming it, and
+a checkpoint from elsewhere that DeepSpeed would unpickle needs ``train.trust_checkpoint``
+(:func:`check_trusted`).
 """
 
 from __future__ import annotations
@@ -29,17 +30,16 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
-import signal
-import threading
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import torch
 
-from .checkpoint import list_checkpoints
-from .errors import UserError
+from stafinetune.errors import UserError
+from stafinetune.parallel import broadcast_object
+
+from .checkpoint import list_checkpoints, verify_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -247,42 +247,76 @@ def apply_optimizer_settings(
     scheduler._last_lr = [group["lr"] for group in groups]
 
 
-class StopSignals:
-    """Turns SIGTERM and SIGUSR1 into a request to checkpoint and stop at the next step.
+def _newest_complete(folder: Path, skipped: list[str]) -> Path | None:
+    """The newest checkpoint under ``folder`` that verifies; damaged ones go to ``skipped``."""
+    for path in reversed(list_checkpoints(folder)):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path
+        skipped.append(f"{path} ({problem})")
+    return None
 
-    :meth:`install` before the training loop, :meth:`restore` after it (or use it as a
-    context manager). Handlers can only be set from the main thread; elsewhere it does
-    nothing. Further signals while installed only repeat the request, so a launcher that
-    passes a signal on twice cannot kill a checkpoint being written.
+
+def _choose(resume: str, ckpt_dir: Path) -> tuple[Path | None, list[str]]:
+    """(checkpoint, damaged ones skipped) for ``train.resume`` (not never); raises on errors."""
+    skipped: list[str] = []
+    if resume == "auto":
+        choice = _newest_complete(ckpt_dir, skipped)
+        if choice is None and skipped:
+            raise ValueError(
+                f"train.resume=auto: no complete checkpoint in {ckpt_dir}; damaged: "
+                + "; ".join(skipped)
+            )
+        return choice, skipped
+    given = Path(resume).expanduser()
+    if (given / "meta.json").is_file():
+        problem = verify_checkpoint(given)
+        if problem:
+            raise ValueError(f"train.resume={resume!r}: checkpoint {given} is damaged: {problem}")
+        return given, skipped
+    choice = _newest_complete(given, skipped) or _newest_complete(given / "checkpoints", skipped)
+    if choice is None:
+        damaged = f"; damaged: {'; '.join(skipped)}" if skipped else ""
+        raise FileNotFoundError(
+            f"train.resume={resume!r}: no complete checkpoint found there{damaged}"
+        )
+    return choice, skipped
+
+
+def check_trusted(path: Path, run_dir: Path, *, pickles: bool, trust: bool) -> None:
+    """Refuse to hand a checkpoint from outside ``run_dir`` to an engine that unpickles it.
+
+    ``pickles``: the run's engine loads pickle files (DeepSpeed does, with
+    ``weights_only=False``); ``trust``: ``train.trust_checkpoint``.
     """
+    inside = Path(path).resolve().is_relative_to(Path(run_dir).resolve())
+    if pickles and not inside and not trust:
+        raise ValueError(
+            f"train.resume: {path} is outside this run directory ({run_dir}), and "
+            "parallel=zero2/zero3 checkpoints are DeepSpeed pickle files that can run code when "
+            "loaded; set train.trust_checkpoint=true if you trust where it came from"
+        )
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
-    def __init__(self) -> None:
-        self.received: signal.Signals | None = None
-        self._previous: dict[signal.Signals, Any] = {}
+def resolve_resume(resume: str | None, ckpt_dir: Path, is_main: bool) -> Path | None:
+    """Turn ``train.resume`` into a checkpoint path, agreed on by every rank.
 
-    def install(self) -> None:
-        """Catch the signals (from the main thread only)."""
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-
-    def restore(self) -> None:
-        """Put the previous handlers back."""
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
-
-    def __enter__(self) -> StopSignals:
-        self.install()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.restore()
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.received is None:
-            log.warning("%s received: checkpointing after this step, then stopping",
-                        signal.Signals(signum).name)  # fmt: skip
-        self.received = signal.Signals(signum)
+    ``None``/"never": start fresh. "auto": the newest complete checkpoint in this run, if any
+    (damaged newer ones are skipped with a warning). Anything else: a checkpoint directory, or
+    a run/checkpoints directory whose newest complete checkpoint is used. Rank 0 decides and
+    every rank raises the same error (FileNotFoundError: nothing there; ValueError: damaged).
+    """
+    answer: tuple[Path | None, list[str], BaseException | None] = (None, [], None)
+    if is_main and resume not in (None, "never", ""):
+        try:
+            answer = (*_choose(resume, ckpt_dir), None)
+        except (FileNotFoundError, ValueError) as err:
+            answer = (None, [], err)
+    choice, skipped, error = broadcast_object(answer)  # type: ignore[misc]
+    if error is not None:
+        raise error
+    if is_main and skipped:
+        log.warning(
+            "skipping damaged checkpoint(s): %s; resuming from %s", "; ".join(skipped), choice
+        )
+    return choice

@@ -22,8 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sta_kernels import density
-
-from .build import (
+from stafinetune.build import (
     build_data,
     build_student,
     build_teacher,
@@ -32,37 +31,48 @@ from .build import (
     teacher_device,
     use_bf16,
 )
+from stafinetune.config import JobConfig, resolved_dict
+from stafinetune.data import build_video_encoder
+from stafinetune.errors import UserError, user_errors
+from stafinetune.models import MaskStrategy
+from stafinetune.models.dit import save_transformer_state
+from stafinetune.models.profiling import AttentionTimer
+from stafinetune.parallel import (
+    World,
+    all_reduce_mean,
+    barrier,
+    parallelize,
+)
+from stafinetune.parallel.engine import (
+    build_dims,
+    build_engine,
+    fused_optimizer,
+    parameter_numel,
+)
+from stafinetune.parallel.parallelize import parallelize_teacher
+
 from .checkpoint import (
     CheckpointManager,
     TrainState,
-    check_trusted,
-    resolve_resume,
     rng_state,
     set_rng_state,
 )
-from .config import JobConfig, resolved_dict
-from .data import build_video_encoder
 from .distill import DistillStep
-from .errors import UserError, user_errors
-from .evaluate import Validator
 from .figures import plot_training_curves
 from .lora import adapter_state_dict, export_lora, load_adapter_state_dict
-from .models import MaskStrategy
-from .models.dit import save_transformer_state
 from .optim import EMA, apply_trainable, build_optimizer, build_scheduler
-from .parallel import ParallelDims, World, all_reduce_mean, barrier, init_world, parallelize
-from .parallel.engine import build_engine, deepspeed_config
-from .parallel.parallelize import parallelize_teacher
-from .profiling import AttentionTimer
-from .runs import (
-    StopSignals,
+from .preemption import StopSignals
+from .resume import (
     apply_optimizer_settings,
     check_resume_config,
+    check_trusted,
     cut_logs,
     optimizer_settings,
+    resolve_resume,
     resume_point,
 )
 from .tracking import build_tracker
+from .validation import Validator
 
 log = logging.getLogger(__name__)
 
@@ -102,10 +112,9 @@ class Trainer:
     def __init__(self, job: JobConfig, run_dir: Path, world: World | None = None) -> None:
         self.job, self.run_dir = job, run_dir
         tcfg, pcfg = job.train, job.parallel
-        self.dims = ParallelDims(
-            world or init_world(tcfg.device, process_group=pcfg.strategy != "ddp"),
-            strategy=pcfg.strategy, sp=pcfg.sp,
-            dp_replicate=pcfg.dp_replicate,
+        self.dims = build_dims(
+            tcfg.device, strategy=pcfg.strategy, sp=pcfg.sp, dp_replicate=pcfg.dp_replicate,
+            world=world,
         )  # fmt: skip
         self.device = self.dims.device
         with user_errors():
@@ -148,29 +157,21 @@ class Trainer:
         optimizer = build_optimizer(
             self.student.named_parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay,
             betas=(tcfg.betas[0], tcfg.betas[1]), eps=tcfg.eps,
-            fused=self.device.type == "cuda" and pcfg.strategy == "ddp",
+            fused=fused_optimizer(self.dims),
         )  # fmt: skip
         scheduler = build_scheduler(
             optimizer, warmup=tcfg.warmup_steps, total=tcfg.steps, schedule=tcfg.schedule,
             min_ratio=tcfg.min_lr_ratio,
         )  # fmt: skip
         configured = optimizer_settings(optimizer)  # what a resume must not overwrite
-        ds_config = None
-        if pcfg.strategy in ("zero2", "zero3"):
-            ds_config = deepspeed_config(
-                stage=int(pcfg.strategy[-1]), batch_size=tcfg.batch_size,
-                grad_accum=tcfg.grad_accum, grad_clip=tcfg.grad_clip, bf16=self.bf16,
-                user_file=pcfg.deepspeed_config,
-            )  # fmt: skip
         self.engine = build_engine(
-            parallel, optimizer, scheduler, self.dims, grad_accum=tcfg.grad_accum,
-            deepspeed=ds_config,
+            parallel, optimizer, scheduler, self.dims, batch_size=tcfg.batch_size,
+            grad_accum=tcfg.grad_accum, grad_clip=tcfg.grad_clip, bf16=self.bf16,
+            deepspeed_file=pcfg.deepspeed_config,
         )  # fmt: skip
         self.ema = None
         if tcfg.ema_decay:
-            zero3 = pcfg.strategy == "zero3"
-            view = (lambda p: p.ds_tensor) if zero3 else (lambda p: p)
-            self.ema = EMA(self.student, tcfg.ema_decay, view=view)
+            self.ema = EMA(self.student, tcfg.ema_decay, view=self.engine.local_view)
         self.distill = DistillStep(
             cfg=job.distill,
             teacher=self.teacher,
@@ -204,9 +205,8 @@ class Trainer:
         if resumed is not None:
             with user_errors():
                 check_trusted(
-                    resumed, run_dir, pickles=self.state.engine is not None,
-                    trust=tcfg.trust_checkpoint,
-                )  # fmt: skip
+                    resumed, run_dir, pickles=self.engine.pickles, trust=tcfg.trust_checkpoint
+                )
             with user_errors():  # another world size, a refused pickle file
                 self.step = self.checkpoints.load(resumed, self.state)
             apply_optimizer_settings(self.engine.scheduler, configured)
@@ -225,7 +225,7 @@ class Trainer:
         of the trainable ones in fp32."""
         total = trainable = 0
         for p in self.student.parameters():
-            n = getattr(p, "ds_numel", p.numel())  # ZeRO-3: partitioned
+            n = parameter_numel(p)
             total += n * p.element_size()
             trainable += n if p.requires_grad else 0
         return total + trainable * 4 * (2 + (self.ema is not None))
@@ -241,17 +241,10 @@ class Trainer:
                 lambda: adapter_state_dict(self.student) if main else None,
                 lambda tensors: load_adapter_state_dict(self.student, tensors),
             )
-        if self.ema is not None:
-            strategy, main = self.dims.strategy, self.dims.is_main
-            if strategy == "zero3":  # each rank averages its own partitions
-                state.rank["ema"] = (self.ema.state_dict, self.ema.load_state_dict)
-            elif strategy == "fsdp2" and self.dims.distributed:
-                state.sharded["ema"] = (self.ema.state_dict, self.ema.load_state_dict)
-            else:
-                state.weights["ema"] = (
-                    lambda: self.ema.state_dict() if main else None,
-                    self.ema.load_state_dict,
-                )
+        if self.ema is not None:  # each rank averages the tensors it updates
+            self.engine.add_param_state(
+                state, "ema", self.ema.state_dict, self.ema.load_state_dict
+            )
         state.trees["trainer"] = (lambda: {"step": self.step}, lambda tree: None)
         state.rank["rng"] = (rng_state, set_rng_state)
         state.rank["noise_rng"] = (self.noise_rng.get_state, self.noise_rng.set_state)
@@ -260,8 +253,7 @@ class Trainer:
 
     def describe(self) -> str:
         """One paragraph on what this run trains: models, attention, data and where it resumes."""
-        sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad)  # ZeRO-3: partitioned
-                 for p in self.student.parameters()]  # fmt: skip
+        sizes = [(parameter_numel(p), p.requires_grad) for p in self.student.parameters()]
         total = sum(n for n, _ in sizes)
         trainable = sum(n for n, grad in sizes if grad)
         att, canvas = self.job.attention, self.data.export_canvas
@@ -473,7 +465,7 @@ class Trainer:
             canvas=self.data.export_canvas,
             tile=self.job.attention.tile,
             metadata={
-                "source": "stafinetune.trainer export",
+                "source": "stafinetune.training.trainer export",
                 "step": self.step,
                 # sampling steps kept dense; enable_sta(strategy=...) applies it by default
                 "dense_first_steps": self.student.plan.dense_first_steps,

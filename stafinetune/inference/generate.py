@@ -3,13 +3,13 @@
 The library behind ``stafinetune-sample`` and the compare mode of ``stafinetune-eval``:
 
 - :class:`SampleConfig`: the ``sample`` section (prompts, seeds, steps, guidance, device).
-- weights and attention of the sampled model: :mod:`stafinetune.weights`.
+- weights and attention of the sampled model: :mod:`stafinetune.inference.weights`.
 - :func:`read_prompts` / :func:`default_prompts`: prompts from a file or from the data.
 - :func:`generate`: flow Euler sampling with classifier-free guidance, one fixed seed per
   prompt (``sample.seed + k`` for prompt ``k``), each video timed.
 - :func:`write_videos`: decode, write ``videos/<k>_<slug>.mp4`` and ``samples.json``.
 - :func:`resolve_prompts` and :func:`sample_model`: the above as the commands run them, with
-  bad input raised as :class:`~stafinetune.cli.CommandError` (exit code 2).
+  bad input raised as :class:`~stafinetune.errors.UserError` (exit code 2).
 
 Prompt ``k`` always gets the same noise, so two models (or two runs) given the same prompts
 and ``sample.seed`` start every video from the same latents.
@@ -31,21 +31,23 @@ from typing import Any, Optional
 import torch
 from tqdm.auto import tqdm
 
-from .build import use_bf16, validation_batches
-from .cli import CommandError
-from .config import TrainConfig
-from .data import (
+from stafinetune.build import use_bf16, validation_batches
+from stafinetune.config import TrainConfig
+from stafinetune.data import (
     DataConfig,
     build_text_encoder,
     build_video_encoder,
     prepare_data,
     resolve_cache_dir,
 )
-from .data.encoders import TextEncoder
-from .data.synthetic import write_mp4
-from .models import AttentionConfig, ModelConfig, VideoDiT
-from .profiling import AttentionTimer
-from .sampling import ClassifierFreeGuidance, sample_latents, to_uint8_video
+from stafinetune.data.encoders import TextEncoder
+from stafinetune.data.synthetic import write_mp4
+from stafinetune.diffusion.sampling import ClassifierFreeGuidance, sample_latents, to_uint8_video
+from stafinetune.errors import UserError
+from stafinetune.models import AttentionConfig, ModelConfig, VideoDiT
+from stafinetune.models.profiling import AttentionTimer
+from stafinetune.parallel.world import resolve_device
+
 from .weights import (
     check_encoders_fit,
     describe_attention,
@@ -124,16 +126,6 @@ class SampleConfig:
                 value is None or bool(str(value).strip()),
                 f"sample.{name} must be a path or null, got an empty string",
             )
-
-
-def resolve_device(device: str) -> torch.device:
-    """``sample.device`` as a torch device; ``auto`` is CUDA when one is visible."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"sample.device={device} but no CUDA device is visible")
-    return resolved
 
 
 def video_fps(sample_cfg: SampleConfig, data_cfg: DataConfig) -> int:
@@ -275,7 +267,7 @@ def generate(
     device = next(dit.parameters()).device
     text, mask, pooled = text_encoder.encode(list(prompts))  # (N, L, Dt), (N, L), (N, Dp)
     negative = text_encoder.encode([negative_prompt])
-    if guidance_scale != 1.0 and dit.family == "hunyuan" and not bool(negative[1].any()):
+    if guidance_scale != 1.0 and dit.adapter.joint_text and not bool(negative[1].any()):
         raise ValueError(
             f"sample.negative_prompt={negative_prompt!r} encodes to no text token, which "
             "HunyuanVideo cannot take: use a text encoder that adds a BOS token, or another prompt"
@@ -354,13 +346,13 @@ def model_dtype(precision: str, device: torch.device) -> tuple[torch.dtype, bool
 def resolve_prompts(
     sample_cfg: SampleConfig, data_cfg: DataConfig, *, verbose: bool = True
 ) -> list[str]:
-    """``sample.prompts``' lines, or the data's captions; CommandError naming the field."""
+    """``sample.prompts``' lines, or the data's captions; UserError naming the field."""
     try:
         if sample_cfg.prompts is not None:
             return read_prompts(sample_cfg.prompts)
         return default_prompts(data_cfg, sample_cfg.num_prompts, verbose=verbose)
     except ValueError as err:
-        raise CommandError(str(err)) from None
+        raise UserError(str(err)) from None
 
 
 def sample_model(
@@ -388,10 +380,10 @@ def sample_model(
     Returns:
         (the videos with their latents and latencies, the settings written to samples.json).
     Raises:
-        CommandError naming the field, for weights or windows that do not fit.
+        UserError naming the field, for weights or windows that do not fit.
     """
     try:
-        device = resolve_device(sample_cfg.device)
+        device = resolve_device(sample_cfg.device, "sample.device")
         dtype, bf16 = model_dtype(sample_cfg.precision, device)
         weights = resolve_weights(checkpoint, checkpoint_field)
         dit: VideoDiT = load_model(
@@ -410,7 +402,7 @@ def sample_model(
             progress=progress, desc=name,
         )  # fmt: skip
     except ValueError as err:
-        raise CommandError(str(err)) from None
+        raise UserError(str(err)) from None
     settings = {
         "weights": weights.describe(),
         "flavor": model_cfg.flavor,

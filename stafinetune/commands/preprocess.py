@@ -1,4 +1,4 @@
-"""``stafinetune-preprocess`` / ``python -m stafinetune.preprocess``: build the latent cache.
+"""``stafinetune-preprocess`` / ``python -m stafinetune preprocess``: build the latent cache.
 
 Composes the same configuration as training (so ``data=folder data.manifest=...`` and every
 other ``data.*`` override mean the same thing) and runs ``prepare_data`` on its ``data``
@@ -7,7 +7,7 @@ the shards; they meet through files, so no process group is needed::
 
     stafinetune-preprocess                                        # the synthetic default
     stafinetune-preprocess data=folder data.manifest=/videos/train.jsonl
-    torchrun --nproc-per-node 8 -m stafinetune.preprocess data=hf_dataset \\
+    torchrun --nproc-per-node 8 -m stafinetune preprocess data=hf_dataset \\
         data.dataset_path=/datasets/clips data.device=cuda
 """
 
@@ -19,13 +19,14 @@ from pathlib import Path
 
 import torch
 
-from .build import check_data_geometry
+from stafinetune.build import check_data_geometry
+from stafinetune.config import JobConfig
+from stafinetune.data import prepare_data
+from stafinetune.data.preprocess import summary_line
+from stafinetune.errors import UserError, user_errors
+from stafinetune.parallel import launcher_coordinates
+
 from .cli import hydra_command
-from .config import JobConfig
-from .data import prepare_data
-from .data.preprocess import summary_line
-from .errors import UserError, user_errors
-from .parallel import launcher_coordinates
 
 
 def run(job: JobConfig, default_run_dir: Path) -> None:

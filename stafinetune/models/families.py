@@ -1,0 +1,243 @@
+"""Model families: what the framework needs to know of each diffusers video DiT.
+
+A family adapter answers, for one diffusers transformer class:
+
+- which modules STA replaces (``sta_layers``) and which repeated blocks are the units of
+  activation checkpointing, compile and sharding (``blocks``, ``sta_blocks``);
+- how the token canvas follows from the latents (``patch_size``) and whether text tokens
+  follow the video tokens in the attention sequence (``joint_text``);
+- where sequence parallelism splits and gathers the sequence (``sequence_seams``);
+- its text inputs (``text_dims``) and its diffusers pipeline class (LoRA export).
+
+Every other module asks the family instead of testing the family's name, so a new model is
+one class here (plus its processor in ``binding.py`` and its flavors in ``flavors.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def _getter(config: Any) -> Any:
+    """Field access for a diffusers config (FrozenDict or attribute object) or a plain dict."""
+    return config.get if isinstance(config, dict) else lambda key: getattr(config, key)
+
+
+@dataclass(frozen=True)
+class SequenceSeams:
+    """Where Ulysses sequence parallelism splits and gathers a transformer's video sequence.
+
+    Attributes:
+        rope: the module whose outputs (the RoPE tables) are split along ``rope_dim``.
+        rope_dim: the sequence dimension of those tables.
+        first_block: the block whose ``hidden_states`` input is split (after patch embedding).
+        output: the module whose output (B, S, C) is gathered back (the output projection).
+    """
+
+    rope: nn.Module
+    rope_dim: int
+    first_block: nn.Module
+    output: nn.Module
+
+
+class ModelFamily:
+    """One diffusers DiT family; subclasses fill in the answers (see the module docstring)."""
+
+    name: str = ""
+    joint_text: bool = False  # text tokens follow the video tokens in the attention sequence
+
+    def transformer_class(self) -> type[nn.Module]:
+        """The diffusers transformer class."""
+        raise NotImplementedError
+
+    def pipeline_class(self) -> type:
+        """The diffusers text-to-video pipeline class (saves LoRA weights in its format)."""
+        raise NotImplementedError
+
+    def patch_size(self, config: Any) -> tuple[int, int, int]:
+        """(pt, ph, pw) latent patch of a transformer config (mapping or diffusers config)."""
+        raise NotImplementedError
+
+    def text_dims(self, config: Any) -> tuple[int, int | None]:
+        """(text embedding width, pooled text width or None) the transformer takes."""
+        raise NotImplementedError
+
+    def sta_layers(self, transformer: nn.Module) -> list[nn.Module]:
+        """The attention modules STA replaces, in STA-layer order."""
+        raise NotImplementedError
+
+    def sta_blocks(self, transformer: nn.Module) -> list[nn.Module]:
+        """The blocks that hold the STA layers (what ``model.compile`` compiles)."""
+        raise NotImplementedError
+
+    def blocks(self, transformer: nn.Module) -> list[nn.Module]:
+        """Every repeated block (the units of sharding)."""
+        return self.sta_blocks(transformer)
+
+    def sequence_seams(self, transformer: nn.Module) -> SequenceSeams:
+        """Where the video sequence is split and gathered under ``parallel.sp``."""
+        raise NotImplementedError
+
+    def conditioning(
+        self,
+        transformer: nn.Module,
+        text: torch.Tensor,
+        text_mask: torch.Tensor,
+        pooled_text: torch.Tensor | None,
+        guidance_scale: float,
+    ) -> dict[str, Any]:
+        """The transformer's keyword arguments for the text (B, L, Dt) in the model's dtype,
+        its bool mask (B, L) and the pooled text (B, Dp), as the family's pipeline passes them."""
+        raise NotImplementedError
+
+    def reset_buffers(self, transformer: nn.Module, device: str | torch.device) -> None:
+        """Recompute the non-persistent buffers (after ``to_empty`` from the meta device)."""
+
+
+class WanFamily(ModelFamily):
+    """Wan 2.1 (diffusers ``WanTransformer3DModel``): video self-attention ``blocks[i].attn1``
+    is STA, text cross-attention ``attn2`` stays dense; text does not join the sequence."""
+
+    name = "wan"
+    joint_text = False
+
+    def transformer_class(self) -> type[nn.Module]:
+        from diffusers import WanTransformer3DModel
+
+        return WanTransformer3DModel
+
+    def pipeline_class(self) -> type:
+        from diffusers import WanPipeline
+
+        return WanPipeline
+
+    def patch_size(self, config: Any) -> tuple[int, int, int]:
+        return tuple(int(p) for p in _getter(config)("patch_size"))  # type: ignore[return-value]
+
+    def text_dims(self, config: Any) -> tuple[int, int | None]:
+        return int(_getter(config)("text_dim")), None
+
+    def sta_layers(self, transformer: nn.Module) -> list[nn.Module]:
+        return [block.attn1 for block in transformer.blocks]
+
+    def sta_blocks(self, transformer: nn.Module) -> list[nn.Module]:
+        return list(transformer.blocks)
+
+    def sequence_seams(self, transformer: nn.Module) -> SequenceSeams:
+        # rope: (1, S, 1, D) cos and sin tables
+        return SequenceSeams(transformer.rope, 1, transformer.blocks[0], transformer.proj_out)
+
+    def conditioning(
+        self,
+        transformer: nn.Module,
+        text: torch.Tensor,
+        text_mask: torch.Tensor,
+        pooled_text: torch.Tensor | None,
+        guidance_scale: float,
+    ) -> dict[str, Any]:
+        # padded text embeddings are zeroed, as diffusers' Wan pipeline does
+        return {"encoder_hidden_states": text * text_mask[..., None].to(text.dtype)}
+
+    def reset_buffers(self, transformer: nn.Module, device: str | torch.device) -> None:
+        from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+
+        cfg = transformer.config
+        with torch.device(device):  # the RoPE tables are not in the state dict
+            transformer.rope = WanRotaryPosEmbed(
+                int(cfg.attention_head_dim), tuple(cfg.patch_size), int(cfg.rope_max_seq_len)
+            )
+
+
+class HunyuanFamily(ModelFamily):
+    """HunyuanVideo (diffusers ``HunyuanVideoTransformer3DModel``): joint video + text attention
+    in ``transformer_blocks[i].attn`` then ``single_transformer_blocks[i].attn``; the text
+    token refiner stays dense."""
+
+    name = "hunyuan"
+    joint_text = True
+
+    def transformer_class(self) -> type[nn.Module]:
+        from diffusers import HunyuanVideoTransformer3DModel
+
+        return HunyuanVideoTransformer3DModel
+
+    def pipeline_class(self) -> type:
+        from diffusers import HunyuanVideoPipeline
+
+        return HunyuanVideoPipeline
+
+    def patch_size(self, config: Any) -> tuple[int, int, int]:
+        get = _getter(config)
+        return (int(get("patch_size_t")), int(get("patch_size")), int(get("patch_size")))
+
+    def text_dims(self, config: Any) -> tuple[int, int | None]:
+        get = _getter(config)
+        return int(get("text_embed_dim")), int(get("pooled_projection_dim"))
+
+    def sta_layers(self, transformer: nn.Module) -> list[nn.Module]:
+        return [b.attn for b in transformer.transformer_blocks] + [
+            b.attn for b in transformer.single_transformer_blocks
+        ]
+
+    def sta_blocks(self, transformer: nn.Module) -> list[nn.Module]:
+        return [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+
+    def blocks(self, transformer: nn.Module) -> list[nn.Module]:
+        refiner = getattr(getattr(transformer, "context_embedder", None), "token_refiner", None)
+        return [*getattr(refiner, "refiner_blocks", []), *self.sta_blocks(transformer)]
+
+    def sequence_seams(self, transformer: nn.Module) -> SequenceSeams:
+        # rope: (S, D) cos and sin tables
+        return SequenceSeams(
+            transformer.rope, 0, transformer.transformer_blocks[0], transformer.proj_out
+        )
+
+    def conditioning(
+        self,
+        transformer: nn.Module,
+        text: torch.Tensor,
+        text_mask: torch.Tensor,
+        pooled_text: torch.Tensor | None,
+        guidance_scale: float,
+    ) -> dict[str, Any]:
+        batch, dtype = text.shape[0], text.dtype
+        pooled_dim = int(transformer.config.pooled_projection_dim)
+        if pooled_text is None or pooled_text.shape != (batch, pooled_dim):
+            got = None if pooled_text is None else tuple(pooled_text.shape)
+            raise ValueError(
+                f"pooled_text must be (B={batch}, {pooled_dim}) for HunyuanVideo, got {got}"
+            )
+        guidance = None
+        if transformer.config.guidance_embeds:  # guidance distilled into the model
+            guidance = torch.full(
+                (batch,), guidance_scale * 1000.0, device=text.device, dtype=dtype
+            )
+        return {
+            "encoder_hidden_states": text,
+            "encoder_attention_mask": text_mask,
+            "pooled_projections": pooled_text.to(dtype),
+            "guidance": guidance,
+        }
+
+
+FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (WanFamily(), HunyuanFamily())}
+
+
+def get_family(name: str) -> ModelFamily:
+    """The family called ``name``; ``ValueError`` naming the known ones otherwise."""
+    if name not in FAMILIES:
+        raise ValueError(f"unknown model family {name!r} (known: {', '.join(FAMILIES)})")
+    return FAMILIES[name]
+
+
+def family_of(transformer: nn.Module) -> ModelFamily:
+    """The family of a diffusers transformer; ``TypeError`` for any other model."""
+    for family in FAMILIES.values():
+        if isinstance(transformer, family.transformer_class()):
+            return family
+    names = " and ".join(f.transformer_class().__name__ for f in FAMILIES.values())
+    raise TypeError(f"STA supports diffusers' {names}, got {type(transformer).__name__}")
