@@ -69,19 +69,12 @@ class KernelConfig:
     dq_block_n: int = 128
     dq_warps: int = 8
     dq_stages: int = 2
-    # tl.range(..., warp_specialize=True) on the main loop of the dk/dv and dq kernels
-    bwd_ws: bool = False
-    dq_ws: bool = False
-    bwd_prescale: bool = False  # dk/dv kernel: k * scale * log2(e) once per program
-    dq_prescale: bool = False  # dq kernel: q * scale * log2(e) once per program
-    # issue the second score matmul (dO V^T) before the exp2 of the first (Q K^T)
+    # dk/dv kernel: issue the second score matmul (dO V^T) before the exp2 of the first
     bwd_early_dp: bool = True
-    dq_early_dp: bool = False
-    # TMA (tensor-descriptor) loads of the inner loop's gathered blocks where a block is
-    # whole tile frames: k/v in the forward and dq kernels, q/do in dk/dv
+    # TMA (tensor-descriptor) loads of k/v in the inner loops of the forward and dq kernels
+    # where a block is whole tile frames
     fwd_tma: bool = True
     dq_tma: bool = True
-    bwd_tma: bool = False  # more register spills in dk/dv: slower
     # dq inside the dk/dv kernel (fp32 atomics into a (B, S, H, D) buffer) instead of a
     # second kernel that recomputes both score matmuls. The atomics make dq's rounding
     # depend on their order: under torch.use_deterministic_algorithms(True) the two-kernel
@@ -554,22 +547,19 @@ def _sta_fwd_kernel(
 @_device_fn
 def _dkdv_block(
     k, v, dk, dv, q, do, lse, delta, q_valid, scale_log2,
-    MASKED: tl.constexpr, DOT_F32: tl.constexpr, PRESCALED: tl.constexpr,
-    EARLY_DP: tl.constexpr,
+    MASKED: tl.constexpr, DOT_F32: tl.constexpr, EARLY_DP: tl.constexpr,
 ):
     """Accumulate a query block's contribution to a key block's dk, dv (unscaled dk).
 
     ``q``, ``do``: (BLOCK_M, D) rows and ``lse``, ``delta``: (BLOCK_M,), all zero where
-    ``q_valid`` is false. ``PRESCALED``: ``k`` already holds k * scale * log2(e) (see
-    ``_prescale``). ``EARLY_DP``: issue both score matmuls (k q^T, v do^T) before the exp2,
+    ``q_valid`` is false. ``EARLY_DP``: issue both score matmuls (k q^T, v do^T) before the exp2,
     so the second can run on the tensor cores while the first's exponentials run.
     Returns dk, dv and ds^T (BLOCK_N, BLOCK_M), from which the fused schedule takes dq.
     """
     s_t = _mm(k, tl.trans(q), DOT_F32)  # (BLOCK_N, BLOCK_M)
     if EARLY_DP:
         dp_t = _mm(v, tl.trans(do), DOT_F32)  # (BLOCK_N, BLOCK_M)
-    if not PRESCALED:
-        s_t = s_t * scale_log2
+    s_t = s_t * scale_log2
     p_t = tl.math.exp2(s_t - lse[None, :])
     if MASKED:
         p_t = tl.where(q_valid[None, :], p_t, 0.0)
@@ -594,8 +584,7 @@ def _add_rows(PTR, off, x, valid, MASKED: tl.constexpr):
 @_device_fn
 def _dkdv_contiguous(
     k, v, dk, dv, Q, DO, LSE, DELTA, DQA, q_tok, q_valid, offs_d, stride_s, scale_log2,
-    DOT_F32: tl.constexpr, PRESCALED: tl.constexpr, EARLY_DP: tl.constexpr,
-    FUSED_DQ: tl.constexpr,
+    DOT_F32: tl.constexpr, EARLY_DP: tl.constexpr, FUSED_DQ: tl.constexpr,
 ):
     """``_dkdv_block`` for a block of consecutive query tokens ``q_tok`` (text queries, or
     all queries of a text key), loaded masked; with ``FUSED_DQ`` also adds their dq."""
@@ -603,25 +592,16 @@ def _dkdv_contiguous(
     dk, dv, ds_t = _dkdv_block(
         k, v, dk, dv, _load_rows(Q, q_off, q_valid, True), _load_rows(DO, q_off, q_valid, True),
         _load_vec(LSE, q_tok, q_valid, True), _load_vec(DELTA, q_tok, q_valid, True), q_valid,
-        scale_log2, True, DOT_F32, PRESCALED, EARLY_DP,
+        scale_log2, True, DOT_F32, EARLY_DP,
     )
     if FUSED_DQ:
         _add_rows(DQA, q_off, _mm(tl.trans(ds_t), k, DOT_F32), q_valid, True)
     return dk, dv
 
 
-@_device_fn
-def _prescale(k, scale_log2, PRESCALE: tl.constexpr):
-    """``k * scale * log2(e)`` in k's dtype when ``PRESCALE`` (one multiply per program
-    instead of one per score, and k becomes a register MMA operand), else ``k``."""
-    if PRESCALE:
-        k = (k.to(tl.float32) * scale_log2).to(k.dtype)
-    return k
-
-
 @triton.jit
 def _sta_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, WIN, TEXT_LEN, QD, DOD, DQA, DQAD, PID_BASE,
+    Q, K, V, DO, LSE, DELTA, DK, DV, WIN, TEXT_LEN, DQA, DQAD, PID_BASE,
     stride_b, stride_s, stride_h,
     seq_len, num_video, num_heads, num_video_blocks,
     CT, CH, CW, NT, NH, NW,
@@ -629,8 +609,8 @@ def _sta_dkdv_kernel(
     TT: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     Q_SUBS: tl.constexpr, K_SUBS: tl.constexpr, EVEN: tl.constexpr, DOT_F32: tl.constexpr,
-    WIDE: tl.constexpr, HOIST: tl.constexpr, WS: tl.constexpr, PRESCALE: tl.constexpr,
-    EARLY_DP: tl.constexpr, TMA: tl.constexpr, FUSED_DQ: tl.constexpr, DQ_TMA: tl.constexpr,
+    WIDE: tl.constexpr, HOIST: tl.constexpr, EARLY_DP: tl.constexpr, FUSED_DQ: tl.constexpr,
+    DQ_TMA: tl.constexpr,
 ):
     """dk, dv of one key block; with ``FUSED_DQ`` also its (unscaled) dq contributions,
     added into the fp32 ``DQA`` (B, S, H, D) with atomics (through the TMA descriptor
@@ -657,7 +637,7 @@ def _sta_dkdv_kernel(
         k_tile, k_sub, k_tok, k_valid, kv_off = _own_block(
             pid, offs_n, offs_d, stride_s, CT, CH, CW, NH, NW, TT, TH, TW, BLOCK_N, K_SUBS, WIDE,
         )
-        k = _prescale(_load_rows(K, kv_off, k_valid, not EVEN), scale_log2, PRESCALE)
+        k = _load_rows(K, kv_off, k_valid, not EVEN)
         v = _load_rows(V, kv_off, k_valid, not EVEN)
         wt, wh, ww = _head_window(WIN, h, NT, NH, NW)
         first_t, cnt_t = _axis_queries(k_tile // (NH * NW), NT, wt)
@@ -667,7 +647,7 @@ def _sta_dkdv_kernel(
         loc_t, loc_h, loc_w = _frame_local(offs_m, TH, TW)
         live = _live(k_tile, k_sub, CT, NH, NW, TT, TH, TW, BLOCK_N, EVEN)
         trips = _box_trips(first_t, cnt_t, cnt_h * cnt_w, CT, TT, TH, TW, BLOCK_M, Q_SUBS, EVEN)
-        for j in tl.range(0, trips * live, warp_specialize=WS):
+        for j in range(0, trips * live):
             q_valid = offs_m < BLOCK_M
             if HOIST:
                 qt, qh, qw = _box_coords(
@@ -678,14 +658,9 @@ def _sta_dkdv_kernel(
                     q_valid = _frame_valid(qt, qh, qw, loc_t, loc_h, loc_w, CT, CH, CW)
                 q_start = _widen((qt * CH + qh) * CW + qw, WIDE)
                 q_tok = q_start + q_rows
-                if TMA:  # rows past the canvas read as zeros
-                    q = _tma_rows(QD, b, qt, qh, qw, h, BLOCK_M, HEAD_DIM)
-                    do = _tma_rows(DOD, b, qt, qh, qw, h, BLOCK_M, HEAD_DIM)
-                    q_off = q_tok[:, None] * stride_s + offs_d[None, :]  # for pointer atomics
-                else:
-                    q_off = q_start * stride_s + q_inv
-                    q = _load_rows(Q, q_off, q_valid, not EVEN)
-                    do = _load_rows(DO, q_off, q_valid, not EVEN)
+                q_off = q_start * stride_s + q_inv
+                q = _load_rows(Q, q_off, q_valid, not EVEN)
+                do = _load_rows(DO, q_off, q_valid, not EVEN)
             else:
                 q_tile, q_sub = _box_tile(
                     j, first_t, first_h, first_w, cnt_h, cnt_w, NH, NW, Q_SUBS, EVEN,
@@ -700,7 +675,7 @@ def _sta_dkdv_kernel(
             delta = _load_vec(DELTA, q_tok, q_valid, not EVEN)
             dk, dv, ds_t = _dkdv_block(
                 k, v, dk, dv, q, do, lse, delta, q_valid, scale_log2,
-                not EVEN, DOT_F32, PRESCALE, EARLY_DP,
+                not EVEN, DOT_F32, EARLY_DP,
             )
             if FUSED_DQ:
                 dq = _mm(tl.trans(ds_t), k, DOT_F32)  # (BLOCK_M, D)
@@ -717,7 +692,7 @@ def _sta_dkdv_kernel(
             q_valid = q_pos < text_len
             dk, dv = _dkdv_contiguous(
                 k, v, dk, dv, Q, DO, LSE, DELTA, DQA, q_tok, q_valid, offs_d, stride_s,
-                scale_log2, DOT_F32, PRESCALE, EARLY_DP, FUSED_DQ,
+                scale_log2, DOT_F32, EARLY_DP, FUSED_DQ,
             )
         if EVEN:
             tl.store(DK + kv_off, (dk * scale).to(DK.dtype.element_ty))
@@ -732,13 +707,12 @@ def _sta_dkdv_kernel(
             BLOCK_N, WIDE,
         )
         k, v = _contiguous_kv(K, V, k_tok, k_valid, offs_d, stride_s)
-        k = _prescale(k, scale_log2, PRESCALE)
         for start in range(0, query_end, BLOCK_M):
             q_tok = _widen(start + offs_m, WIDE)
             q_valid = q_tok < query_end
             dk, dv = _dkdv_contiguous(
                 k, v, dk, dv, Q, DO, LSE, DELTA, DQA, q_tok, q_valid, offs_d, stride_s,
-                scale_log2, DOT_F32, PRESCALE, EARLY_DP, FUSED_DQ,
+                scale_log2, DOT_F32, EARLY_DP, FUSED_DQ,
             )
         dk = tl.where(k_valid[:, None], dk * scale, 0.0)
         dv = tl.where(k_valid[:, None], dv, 0.0)
@@ -775,25 +749,18 @@ def _scale_cast_kernel(X, Y, numel, scale, BLOCK: tl.constexpr):
 @_device_fn
 def _dq_block(
     q, do, lse, delta, dq, k, v, k_valid, scale_log2,
-    MASKED: tl.constexpr, DOT_F32: tl.constexpr, EARLY_DP: tl.constexpr,
-    PRESCALED: tl.constexpr,
+    MASKED: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     """Accumulate a key block's contribution to a query block's (unscaled) dq.
 
-    ``k``, ``v``: (BLOCK_N, D) rows, zero where ``k_valid`` is false. ``EARLY_DP``: issue
-    do v^T before the exp2 of q k^T (see ``_dkdv_block``). ``PRESCALED``: ``q`` already
-    holds q * scale * log2(e) (see ``_prescale``).
+    ``k``, ``v``: (BLOCK_N, D) rows, zero where ``k_valid`` is false.
     """
     s = _mm(q, tl.trans(k), DOT_F32)  # (BLOCK_M, BLOCK_N)
-    if EARLY_DP:
-        dp = _mm(do, tl.trans(v), DOT_F32)
-    if not PRESCALED:
-        s = s * scale_log2
+    s = s * scale_log2
     p = tl.math.exp2(s - lse[:, None])
     if MASKED:
         p = tl.where(k_valid[None, :], p, 0.0)
-    if not EARLY_DP:
-        dp = _mm(do, tl.trans(v), DOT_F32)
+    dp = _mm(do, tl.trans(v), DOT_F32)  # (BLOCK_M, BLOCK_N)
     ds = p * (dp - delta[:, None])
     dq += _mm(ds.to(k.dtype), k, DOT_F32)
     return dq
@@ -809,8 +776,7 @@ def _sta_dq_kernel(
     TT: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     Q_SUBS: tl.constexpr, K_SUBS: tl.constexpr, EVEN: tl.constexpr, DOT_F32: tl.constexpr,
-    WIDE: tl.constexpr, HOIST: tl.constexpr, WS: tl.constexpr, EARLY_DP: tl.constexpr,
-    PRESCALE: tl.constexpr, TMA: tl.constexpr,
+    WIDE: tl.constexpr, HOIST: tl.constexpr, TMA: tl.constexpr,
 ):
     pid, bh, b, h, base = _program(num_heads, stride_b, stride_h)
     Q += base
@@ -835,13 +801,12 @@ def _sta_dq_kernel(
             tl.store(DELTA + q_tok, delta)
         else:
             tl.store(DELTA + q_tok, delta, mask=q_valid)
-        q = _prescale(q, scale_log2, PRESCALE)
         wt, wh, ww, first_t, first_h, first_w = _query_window(q_tile, WIN, h, NT, NH, NW)
         _, kv_inv = _frame_offsets(offs_n, offs_d, stride_s, CH, CW, TH, TW, HOIST)
         loc_t, loc_h, loc_w = _frame_local(offs_n, TH, TW)
         live = _live(q_tile, q_sub, CT, NH, NW, TT, TH, TW, BLOCK_M, EVEN)
         trips = _box_trips(first_t, wt, wh * ww, CT, TT, TH, TW, BLOCK_N, K_SUBS, EVEN)
-        for j in tl.range(0, trips * live, warp_specialize=WS):
+        for j in range(0, trips * live):
             k, v, k_valid = _window_keys(
                 j, K, V, KD, VD, b, h, first_t, first_h, first_w, wh, ww, kv_inv, loc_t,
                 loc_h, loc_w, offs_n, offs_d, stride_s, CT, CH, CW, NH, NW, TT, TH, TW,
@@ -849,16 +814,12 @@ def _sta_dq_kernel(
             )
             dq = _dq_block(
                 q, do, lse, delta, dq, k, v, k_valid, scale_log2, not EVEN, DOT_F32,
-                EARLY_DP, PRESCALE,
             )
         for start in range(0, text_len * live, BLOCK_N):
             k_pos = start + offs_n
             k_valid = k_pos < text_len
             k, v = _contiguous_kv(K, V, _widen(num_video + k_pos, WIDE), k_valid, offs_d, stride_s)
-            dq = _dq_block(
-                q, do, lse, delta, dq, k, v, k_valid, scale_log2, True, DOT_F32, EARLY_DP,
-                PRESCALE,
-            )
+            dq = _dq_block(q, do, lse, delta, dq, k, v, k_valid, scale_log2, True, DOT_F32)
         if EVEN:
             tl.store(DQ + q_off, (dq * scale).to(DQ.dtype.element_ty))
         else:
@@ -870,15 +831,11 @@ def _sta_dq_kernel(
         )
         q, do, lse, delta = _query_rows(Q, DO, Out, LSE, q_off, q_tok, q_valid, True)
         tl.store(DELTA + q_tok, delta, mask=in_seq)
-        q = _prescale(q, scale_log2, PRESCALE)
         for start in range(0, key_end, BLOCK_N):
             k_tok = _widen(start + offs_n, WIDE)
             k_valid = k_tok < key_end
             k, v = _contiguous_kv(K, V, k_tok, k_valid, offs_d, stride_s)
-            dq = _dq_block(
-                q, do, lse, delta, dq, k, v, k_valid, scale_log2, True, DOT_F32, EARLY_DP,
-                PRESCALE,
-            )
+            dq = _dq_block(q, do, lse, delta, dq, k, v, k_valid, scale_log2, True, DOT_F32)
         dq = tl.where(q_valid[:, None], dq * scale, 0.0)
         tl.store(DQ + q_off, dq.to(DQ.dtype.element_ty), mask=in_seq[:, None])
 
@@ -1143,8 +1100,6 @@ def sta_triton_backward(
     batch, seq, heads, head_dim = q.shape
     geo = _Geometry(seq, canvas, tile)
     cfg = config or default_config(q.device, geo.partial)
-    if cfg.fused_dq and cfg.bwd_prescale:
-        raise ValueError("KernelConfig: fused_dq needs the unscaled k (bwd_prescale=False)")
     do = do.contiguous()
     if delta is None:
         delta = torch.empty(batch, heads, seq, device=q.device, dtype=torch.float32)  # (B, H, S)
@@ -1195,8 +1150,7 @@ def _launch_dq(cfg, geo, q, k, v, o, do, lse, delta, dq, windows, text_len, scal
         BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n,
         Q_SUBS=q_subs, K_SUBS=geo.subs(cfg.dq_block_n),
         EVEN=geo.even(cfg.dq_block_m, cfg.dq_block_n),
-        DOT_F32=is_interpreter(), WIDE=geo.wide(q), HOIST=hoist, WS=cfg.dq_ws,
-        EARLY_DP=cfg.dq_early_dp, PRESCALE=cfg.dq_prescale, TMA=tma,
+        DOT_F32=is_interpreter(), WIDE=geo.wide(q), HOIST=hoist, TMA=tma,
         num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
     ))
 
@@ -1216,21 +1170,18 @@ def _launch_dkdv(cfg, geo, q, k, v, do, lse, delta, dk, dv, windows, text_len, s
     grid = (programs, batch * heads)
     hoist = geo.hoist(cfg.bwd_block_m, cfg.bwd_block_m, cfg.bwd_block_n,
                      partial=cfg.frames_partial)
-    tma = _tma_enabled(cfg.bwd_tma, hoist)
     # (triton's CPU interpreter has no descriptor reduce: pointer atomics there)
     dq_tma = _tma_enabled(cfg.fused_dq_tma, hoist and dq_acc is not None and not is_interpreter())
     dqa = q if dq_acc is None else dq_acc  # an unused pointer without the fused dq
     _record("dkdv", _sta_dkdv_kernel[grid](
         q, k, v, do, lse, delta, dk, dv, windows, text_len,
-        geo.descriptor(q, cfg.bwd_block_m, tma), geo.descriptor(do, cfg.bwd_block_m, tma),
         dqa, geo.descriptor(dqa, cfg.bwd_block_m, dq_tma), first,
         *common, video_blocks, *geo.args(), scale, scale * LOG2E,
         TT=geo.tile[0], TH=geo.tile[1], TW=geo.tile[2], HEAD_DIM=head_dim,
         BLOCK_M=cfg.bwd_block_m, BLOCK_N=cfg.bwd_block_n,
         Q_SUBS=geo.subs(cfg.bwd_block_m), K_SUBS=k_subs,
         EVEN=geo.even(cfg.bwd_block_m, cfg.bwd_block_n),
-        DOT_F32=is_interpreter(), WIDE=geo.wide(q), HOIST=hoist, WS=cfg.bwd_ws,
-        PRESCALE=cfg.bwd_prescale, EARLY_DP=cfg.bwd_early_dp, TMA=tma,
+        DOT_F32=is_interpreter(), WIDE=geo.wide(q), HOIST=hoist, EARLY_DP=cfg.bwd_early_dp,
         FUSED_DQ=dq_acc is not None, DQ_TMA=dq_tma,
         num_warps=cfg.bwd_warps, num_stages=cfg.bwd_stages,
     ))

@@ -219,8 +219,8 @@ def test_triton_rejects_unsupported_inputs(dtype, head_dim, match, triton_device
 
 @pytest.mark.parametrize("partial", [False, True], ids=["full_tiles", "partial_tiles"])
 def test_triton_tma_loads_match_pointer_loads(partial, triton_device):
-    """The TMA (tensor-descriptor) paths compute what the pointer paths do: loads in the
-    three kernels, and the fused dq's reduce-add; blocks of whole frames, full tiles or
+    """The TMA (tensor-descriptor) paths compute what the pointer paths do: k/v loads in the
+    forward and dq kernels, and the fused dq's reduce-add; blocks of whole frames, full tiles or
     partial ones on every axis (TMA reads zeros past the canvas and drops the reduce there),
     per-head windows, padded text."""
     from dataclasses import replace
@@ -240,8 +240,8 @@ def test_triton_tma_loads_match_pointer_loads(partial, triton_device):
     windows = ts.device_table(window, q.device)
     lengths = ts.device_table(text, q.device)
     scale = head_dim**-0.5
-    base = replace(ts.default_config(q.device), fwd_tma=False, dq_tma=False, bwd_tma=False)
-    tma = replace(base, fwd_tma=True, dq_tma=True, bwd_tma=True)
+    base = replace(ts.default_config(q.device), fwd_tma=False, dq_tma=False)
+    tma = replace(base, fwd_tma=True, dq_tma=True)
     # fused dq: TMA reduce-add for the window's blocks, pointer atomics for text queries
     fused = replace(base, fused_dq=True, fused_dq_tma=True)
     # the two-kernel schedule with TMA loads in the forward and dq kernels (the default at
