@@ -204,7 +204,7 @@ def gluon_report(shape: str, stages: int | None = None, text: bool = False,
     default, ``gluon_sta.ring_stages``; 2 for the others); ``consumers`` is the bf16 or
     FP8 forward's consumer warpgroups (``KernelConfig.fwd_gluon_consumers``,
     ``fwd_fp8_consumers``; None: the default for the shape's tile); ``module`` replaces the module of ``kernel`` (an edited copy of it, as
-    ``benchmarks/gluon_ablation.py`` makes).
+    ``notes/probes/gluon_ablation.py`` makes).
 
     The host code calls them for CUDA tensors only, so a launch is recorded from the
     module's ``_launch`` on CPU tensors (never written: ``torch.empty`` allocates lazily;

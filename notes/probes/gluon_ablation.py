@@ -1,5 +1,8 @@
 """Where the Gluon kernels' time goes: time copies of them with one part taken out.
 
+A lab probe, not part of the product: it edits the kernels' source as text, so its edits
+follow the kernels by hand (it stops, naming the edit, when one no longer applies).
+
 Hardware counters (ncu) say which pipe is busy, not what a part of the kernel costs; and
 not every device machine lets ncu read them. So this script measures the share of each part
 of the Gluon forward (``sta_kernels.gluon_sta``) and backward (``gluon_bwd``) by removing it:
@@ -26,8 +29,8 @@ Backward (video key blocks, with the stats pass that precedes them):
 - ``bwd_no_exp2``: p^T's exponentials replaced by their arguments.
 - ``bwd_no_dq_reduce``: dq staged in shared memory but never added into the fp32 buffer.
 
-    python benchmarks/gluon_ablation.py                      # on a Hopper GPU
-    python benchmarks/gluon_ablation.py --compile-only       # sm_90 builds, no GPU needed
+    python notes/probes/gluon_ablation.py                    # on a Hopper GPU
+    python notes/probes/gluon_ablation.py --compile-only     # sm_90 builds, no GPU needed
 
 Writes ``gluon_ablation.{json,md}`` under ``--out`` (default ``$OUT`` or
 ``benchmarks/results``).
@@ -46,7 +49,7 @@ from types import ModuleType
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "kernels"), str(ROOT / "benchmarks")]
 
 from bench_util import describe_environment, environment, write_results  # noqa: E402
