@@ -41,15 +41,15 @@ from triton.testing import do_bench
 
 from sta_kernels import density, sliding_tile_attention
 from sta_kernels.flex import _flex_fn, build_sta_block_mask, tile_order
-from sta_kernels.gluon_sta import default_consumers
-from sta_kernels.reference import sta_dense_mask
-from sta_kernels.triton_sta import (
+from sta_kernels.kernels.gluon_common import default_consumers
+from sta_kernels.ops import (
     KernelConfig,
     fp8_unsupported,
     kernel_resources,
     sta_triton_backward,
     sta_triton_forward,
 )
+from sta_kernels.reference import sta_dense_mask
 
 
 @dataclass(frozen=True)

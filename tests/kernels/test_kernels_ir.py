@@ -20,7 +20,7 @@ import itertools
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import sta_kernels.triton_sta as ts
+import sta_kernels.kernels.triton_sta as ts
 
 try:
     from triton.backends.nvidia.compiler import CUDABackend
