@@ -2,8 +2,8 @@
 
 The Triton backward (``triton_sta._sta_dkdv_kernel`` with the fused dq) holds a key block's
 dk and dv, the score tiles and the dq block in the registers of every thread of 8 warps,
-more than fit, so it spills. This kernel gives each key frame its own warpgroup, as FlashAttention-3's
-Hopper backward does:
+more than fit, so it spills. This kernel gives each key frame its own warpgroup, as
+FlashAttention-3's Hopper backward does:
 
 - one producer warp loads the key block (two frames of k and v) once, then q, do and the
   query block's (lse, delta) row for every query block of the window into a ring of
@@ -156,7 +156,7 @@ if AVAILABLE:
         """(t, h, w) of the first token of video query block ``j`` (one frame): a tile's TT
         frames one after another, the window's query tiles in raster order (the key blocks
         of a tile, which run side by side, then add into the same dq rows at about the same
-        time: measured faster than staggering them, see benchmarks/NOTES.md)."""
+        time, which L2 serves better than staggered adds)."""
         sub = j % TT
         cell = j // TT
         dt = cell // (cnt_w * cnt_h)
