@@ -30,6 +30,7 @@ D = 128; text key blocks (attended by every query) stay with the Triton kernel.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import triton
@@ -47,6 +48,9 @@ from .gluon_common import (
     tile_constexprs,
     video_blocks,
 )
+
+if TYPE_CHECKING:
+    from triton.compiler import CompiledKernel
 
 if AVAILABLE:
     from triton.experimental import gluon
@@ -386,7 +390,7 @@ def sta_gluon_backward(
     dk: torch.Tensor,
     dv: torch.Tensor,
     stages: int = 2,
-):
+) -> CompiledKernel:
     """The video key blocks' part of the fused backward: writes ``delta`` (all rows), the
     video rows of ``dk`` and ``dv``, and adds their (unscaled) dq into ``dq_acc``.
 

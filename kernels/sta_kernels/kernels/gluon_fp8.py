@@ -37,6 +37,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import triton
@@ -55,6 +56,9 @@ from .gluon_common import (
     tile_constexprs,
     video_blocks,
 )
+
+if TYPE_CHECKING:
+    from triton.compiler import CompiledKernel
 
 if AVAILABLE:
     from triton.experimental import gluon
@@ -611,7 +615,7 @@ def sta_gluon_fp8_video_forward(
     scale: float,
     stages: int = 2,
     consumers: int | None = None,
-):
+) -> CompiledKernel:
     """Write the video query rows of ``o`` from q and the quantised k, v (``quantize_kv``
     of this call). Text query rows are left to the caller.
 

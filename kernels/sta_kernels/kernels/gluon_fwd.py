@@ -34,6 +34,7 @@ domain.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -50,6 +51,9 @@ from .gluon_common import (
     tile_constexprs,
     video_blocks,
 )
+
+if TYPE_CHECKING:
+    from triton.compiler import CompiledKernel
 
 if AVAILABLE:
     from triton.experimental import gluon
@@ -378,7 +382,7 @@ def sta_gluon_video_forward(
     scale: float,
     stages: int | None = None,
     consumers: int | None = None,
-):
+) -> CompiledKernel:
     """Write the video query rows of ``o`` and ``lse`` with the warp-specialised kernel;
     the same values as ``sta_triton_forward`` gives those rows. Text query rows (if any)
     are left to the caller.

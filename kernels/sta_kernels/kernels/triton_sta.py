@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import triton
@@ -43,6 +44,9 @@ except ImportError:  # pragma: no cover - older triton: the TMA paths fall back 
     TensorDescriptor = None
 
 from ..geometry import num_tiles
+
+if TYPE_CHECKING:
+    from triton.compiler import CompiledKernel
 
 LOG2E = 1.4426950408889634
 # A finite "minus infinity": exp2 of it underflows to 0 and never yields inf - inf = NaN.
@@ -876,7 +880,7 @@ def launch_forward(
     windows: torch.Tensor, text_len: torch.Tensor, geo: LaunchGeometry, scale: float, *,
     block_m: int, block_n: int, warps: int, stages: int, tma: bool, frames_partial: bool,
     first: int = 0,
-):
+) -> CompiledKernel | None:
     """The forward kernel for the query blocks from program ``first`` on (past the video
     blocks when a Gluon kernel wrote their rows): their rows of o (B, S, H, D) and lse
     (B, H, S, log2 domain).
@@ -884,7 +888,7 @@ def launch_forward(
     ``windows``: (H, 3) int32 and ``text_len``: (B,) int32 on the kernel device; ``tma``:
     k/v through TMA where a key block is whole frames; ``frames_partial``: such blocks keep
     hoisted addressing and TMA at partial tiles. Returns the compiled kernel, or None when
-    no block is left.
+    no block is left (or under the interpreter).
     """
     batch, _, heads, _ = q.shape
     video_blocks = geo.num_tiles * geo.subs(block_m)
@@ -907,9 +911,10 @@ def launch_dq(
     lse: torch.Tensor, delta: torch.Tensor, dq: torch.Tensor, windows: torch.Tensor,
     text_len: torch.Tensor, geo: LaunchGeometry, scale: float, *,
     block_m: int, block_n: int, warps: int, stages: int, tma: bool, frames_partial: bool,
-):
+) -> CompiledKernel | None:
     """The dq kernel of the two-kernel backward: dq (B, S, H, D), and delta = rowsum(o * do)
-    (B, H, S) for the dk/dv kernel after it. Arguments as in ``launch_forward``."""
+    (B, H, S) for the dk/dv kernel after it. Arguments as in ``launch_forward``; returns
+    the compiled kernel (None under the interpreter)."""
     batch, _, heads, _ = q.shape
     video_blocks = geo.num_tiles * geo.subs(block_m)
     grid = (video_blocks + triton.cdiv(geo.num_text, block_m), batch * heads)
@@ -931,7 +936,7 @@ def launch_dkdv(
     block_m: int, block_n: int, warps: int, stages: int, early_dp: bool,
     frames_partial: bool, dq_acc: torch.Tensor | None = None, dq_tma: bool = False,
     text_only: bool = False,
-):
+) -> CompiledKernel | None:
     """The dk/dv kernel over the video, then the text key blocks: dk, dv (B, S, H, D) from
     delta (B, H, S).
 
@@ -939,7 +944,7 @@ def launch_dkdv(
     also adds each block pair's unscaled dq (``dq_tma``: through a TMA reduce where a query
     block is whole frames). ``text_only``: the Gluon backward ran the video key blocks, so
     the programs start past them. ``early_dp``: both score matmuls issued before the exp2.
-    Returns the compiled kernel, or None when no block is left.
+    Returns the compiled kernel, or None when no block is left (or under the interpreter).
     """
     batch, _, heads, _ = q.shape
     video_blocks = geo.num_tiles * geo.subs(block_n)
