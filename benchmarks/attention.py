@@ -41,15 +41,15 @@ from triton.testing import do_bench
 
 from sta_kernels import density, sliding_tile_attention
 from sta_kernels.flex import _flex_fn, build_sta_block_mask, tile_order
-from sta_kernels.gluon_sta import default_consumers
-from sta_kernels.reference import sta_dense_mask
-from sta_kernels.triton_sta import (
+from sta_kernels.kernels.gluon_common import default_consumers
+from sta_kernels.ops import (
     KernelConfig,
     fp8_unsupported,
     kernel_resources,
     sta_triton_backward,
     sta_triton_forward,
 )
+from sta_kernels.reference import sta_dense_mask
 
 
 @dataclass(frozen=True)
@@ -89,57 +89,27 @@ VARIANTS = {
     "dkdv_n64m128": replace(V5, bwd_block_n=64, bwd_block_m=128),
     "dkdv_n64w4s2": replace(V5, bwd_block_n=64, bwd_warps=4, bwd_stages=2),
     "dq_w16": replace(V5, dq_warps=16),
-    # 2026-11-26 evening sweep (see NOTES.md): 4-warp blocks small enough for 2 CTAs per SM,
-    # deeper dq pipelines, k pre-scaled in dk/dv, triton's warp specialisation of the loop
+    # 4-warp blocks small enough for 2 CTAs per SM, deeper dq pipelines
     "dq_m64n64w4s2": replace(V5, dq_block_m=64, dq_block_n=64, dq_warps=4),
     "dq_m64w4s2": replace(V5, dq_block_m=64, dq_warps=4),
     "dq_n64s3": replace(V5, dq_block_n=64, dq_stages=3),
     "dq_n64s4": replace(V5, dq_block_n=64, dq_stages=4),
     "dkdv_s4": replace(V5, bwd_stages=4),
     "dkdv_n64m32w4s3": replace(V5, bwd_block_n=64, bwd_block_m=32, bwd_warps=4),
-    "dkdv_prescale": replace(V5, bwd_prescale=True),
-    "dq_ws": replace(V5, dq_ws=True),
-    "dkdv_ws": replace(V5, bwd_ws=True),
-    # second score matmul issued before the first's exp2 (EARLY_DP)
-    "dq_edp": replace(V5, dq_early_dp=True),
+    # dk/dv's second score matmul issued before the first's exp2 (EARLY_DP)
     "dkdv_edp": replace(V5, bwd_early_dp=True),
     "dkdv_edp_s4": replace(V5, bwd_early_dp=True, bwd_stages=4),
     "dkdv_edp_n64w4s2": replace(V5, bwd_early_dp=True, bwd_block_n=64,
                                 bwd_warps=4, bwd_stages=2),
-    "edp": replace(V5, dq_early_dp=True, bwd_early_dp=True),
-    "edp_prescale_s4": replace(V5, dq_early_dp=True, bwd_early_dp=True,
-                               bwd_prescale=True, bwd_stages=4),
-    # v5 (default dk/dv EARLY_DP) sweep: v4 = the previous default; q pre-scaled in dq (q
-    # becomes a register MMA operand, less shared-memory traffic)
+    # v4 = the default before dk/dv EARLY_DP
     "v4": replace(V5, bwd_early_dp=False),
-    "dq_prescale": replace(V5, dq_prescale=True),
-    "dq_edp_prescale": replace(V5, dq_prescale=True, dq_early_dp=True),
-    "dq_n64s3_edp_prescale": replace(V5, dq_block_n=64, dq_stages=3,
-                                     dq_prescale=True, dq_early_dp=True),
-    # v6 sweep: TMA (tensor-descriptor) loads of the inner loop's blocks of whole frames
+    # TMA (tensor-descriptor) loads of k/v in the forward and dq kernels
     "fwd_tma": replace(V5, fwd_tma=True),
     "dq_tma": replace(V5, dq_tma=True),
-    "dkdv_tma": replace(V5, bwd_tma=True),
-    "tma": replace(V5, fwd_tma=True, dq_tma=True, bwd_tma=True),
-    "tma_ws": replace(V5, fwd_tma=True, dq_tma=True, bwd_tma=True, dq_ws=True,
-                      bwd_ws=True),
-    "tma_dq_s3": replace(V5, fwd_tma=True, dq_tma=True, bwd_tma=True,
-                         dq_stages=3),
-    "tma_dq_edp": replace(V5, fwd_tma=True, dq_tma=True, bwd_tma=True,
-                          dq_early_dp=True),
-    "tma_dkdv_s4": replace(V5, fwd_tma=True, dq_tma=True, bwd_tma=True,
-                           bwd_stages=4),
-    "tma_dkdv_s2": replace(V5, fwd_tma=True, dq_tma=True, bwd_tma=True,
-                           bwd_stages=2),
-    "tma_fwd_s2": replace(V5, fwd_tma=True, dq_tma=True, bwd_tma=True,
-                          fwd_stages=2),
     "tma_fd": replace(V5, fwd_tma=True, dq_tma=True),
-    # v7 sweep: dq added by the dk/dv kernel with fp32 atomics (5 matmuls instead of 7)
+    # dq added by the dk/dv kernel with fp32 atomics (5 matmuls instead of 7)
     "fused": replace(V5, fwd_tma=True, fused_dq=True),
-    "fused_tma": replace(V5, fwd_tma=True, fused_dq=True, bwd_tma=True),
     "fused_m32": replace(V5, fwd_tma=True, fused_dq=True, bwd_block_m=32),
-    "fused_m32_tma": replace(V5, fwd_tma=True, fused_dq=True, bwd_block_m=32,
-                             bwd_tma=True),
     "fused_s2": replace(V5, fwd_tma=True, fused_dq=True, bwd_stages=2),
     "fused_m32_s4": replace(V5, fwd_tma=True, fused_dq=True, bwd_block_m=32,
                             bwd_stages=4),
@@ -149,36 +119,30 @@ VARIANTS = {
     "fused_rtma": replace(V5, fwd_tma=True, fused_dq=True, fused_dq_tma=True),
     "fused_rtma_s2": replace(V5, fwd_tma=True, fused_dq=True, fused_dq_tma=True,
                              bwd_stages=2),
-    "fused_rtma_tma": replace(V5, fwd_tma=True, fused_dq=True, fused_dq_tma=True,
-                              bwd_tma=True),
     "fused_rtma_noedp": replace(V5, fwd_tma=True, fused_dq=True,
                                 fused_dq_tma=True, bwd_early_dp=False),
     "fused_rtma_m32": replace(V5, fwd_tma=True, fused_dq=True, fused_dq_tma=True,
                               bwd_block_m=32),
-    # v10 sweep (partial tiles): v9 = per-token index math and pointer gathers at partial
-    # tiles (the default before hoisted addressing and TMA reached them)
+    # partial tiles: v9 = per-token index math and pointer gathers at partial tiles (the
+    # default before hoisted addressing and TMA reached them)
     "v9": KernelConfig(frames_partial=False),
-    "p_dkdv_tma": KernelConfig(bwd_tma=True),
     "p_dkdv_s2": KernelConfig(bwd_stages=2),
     "p_dkdv_s4": KernelConfig(bwd_stages=4),
     "p_two_kernel": KernelConfig(fused_dq=False),
     "p_fused_ptr": KernelConfig(fused_dq_tma=False),
     "p_fused_ptr_s2": KernelConfig(fused_dq_tma=False, bwd_stages=2),
-    "p_two_dq_edp": KernelConfig(fused_dq=False, dq_early_dp=True),
     "p_two_dkdv_s2": KernelConfig(fused_dq=False, bwd_stages=2),
-    "p_two_dq_prescale": KernelConfig(fused_dq=False, dq_prescale=True, dq_early_dp=True),
-    "p_two_s2_dq_edp": KernelConfig(fused_dq=False, bwd_stages=2, dq_early_dp=True),
     "p_two_s2_dq_s3": KernelConfig(fused_dq=False, bwd_stages=2, dq_block_n=64, dq_stages=3),
-    # v11 (issue 15): the forward's video queries by the warp-specialised Gluon kernel at
-    # full tiles; v10 = the triton forward everywhere (the default before it)
+    # the forward's video queries by the warp-specialised Gluon kernel at full tiles; v10 =
+    # the triton forward everywhere (the default before it)
     "v10": KernelConfig(fwd_gluon=False, bwd_gluon=False),
     "gluon_s3": KernelConfig(fwd_gluon_consumers=2, fwd_gluon_stages=3),
-    # v12: the backward's video key blocks by the warp-specialised Gluon kernel (gluon_bwd);
+    # the backward's video key blocks by the warp-specialised Gluon kernel (gluon_bwd);
     # v11 = the triton backward everywhere (the default before it)
     "v11": KernelConfig(bwd_gluon=False),
     "gluon_bwd_s3": KernelConfig(bwd_gluon_stages=3),
-    # v14: the Gluon forward with three consumer warpgroups (query blocks of 3 frames) where
-    # the tile's frames divide by 3; gluon_2c = two consumers (the default before it)
+    # the Gluon forward with three consumer warpgroups (query blocks of 3 frames) where the
+    # tile's frames divide by 3; gluon_2c = two consumers (the default before it)
     "gluon_2c": KernelConfig(fwd_gluon_consumers=2),
     # ... and three consumers with 2 k buffers instead of 3 (the v ring has 2 either way)
     "gluon_3c_s2": KernelConfig(fwd_gluon_stages=2),

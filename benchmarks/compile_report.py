@@ -1,7 +1,8 @@
 """Registers, spills and shared memory of the Triton STA kernels, compiled without a GPU.
 
 Device time is scarce; register pressure is not a timing question. This script runs the real
-host code of ``sta_triton_forward`` / ``sta_triton_backward`` on meta tensors, records every
+host code of ``sta_kernels.ops.sta_triton_forward`` / ``sta_triton_backward`` on meta tensors,
+records every
 kernel launch it would make (the arguments, constexprs, warps and stages), compiles each one
 for an sm_90 target the way the launcher would specialise it (pointers and integer
 arguments divisible by 16 marked so, integers equal to 1 made constants) and reads the
@@ -40,7 +41,8 @@ try:  # Gluon kernels compile from their own AST source (triton >= 3.5)
 except ImportError:  # pragma: no cover - older triton: gluon_report is unavailable
     GluonASTSource = None
 
-from sta_kernels import triton_sta as ts
+from sta_kernels import ops
+from sta_kernels.kernels import triton_sta as ts
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from attention import SHAPES as BENCH_SHAPES  # noqa: E402
@@ -94,7 +96,7 @@ def recording(log: list[Launch]):
             setattr(ts, name, kernel)
 
 
-def record_launches(shape: str, config: ts.KernelConfig | None, partial: bool | None = None
+def record_launches(shape: str, config: ops.KernelConfig | None, partial: bool | None = None
                     ) -> list[Launch]:
     """The launches of one forward and one backward at ``shape`` on meta tensors.
 
@@ -104,8 +106,8 @@ def record_launches(shape: str, config: ts.KernelConfig | None, partial: bool | 
     canvas, tile, heads, head_dim = SHAPES[shape]
     seq = canvas[0] * canvas[1] * canvas[2]
     if config is None:
-        geo = ts._Geometry(seq, canvas, tile)
-        config = ts.default_config(torch.device("cuda"), geo.partial)
+        geo = ts.LaunchGeometry(seq, canvas, tile)
+        config = ops.default_config(torch.device("cuda"), geo.partial)
     meta = dict(device="meta", dtype=torch.bfloat16)
     q, k, v, o, do = (torch.empty(1, seq, heads, head_dim, **meta) for _ in range(5))
     lse = torch.empty(1, heads, seq, device="meta", dtype=torch.float32)
@@ -114,9 +116,9 @@ def record_launches(shape: str, config: ts.KernelConfig | None, partial: bool | 
     scale = head_dim**-0.5
     log: list[Launch] = []
     with recording(log):
-        ts.sta_triton_forward(q, k, v, windows, text_len, canvas, tile, scale, config)
-        ts.sta_triton_backward(do, q, k, v, o, lse, windows, text_len, canvas, tile, scale,
-                               config)
+        ops.sta_triton_forward(q, k, v, windows, text_len, canvas, tile, scale, config)
+        ops.sta_triton_backward(do, q, k, v, o, lse, windows, text_len, canvas, tile, scale,
+                                config)
     return log
 
 
@@ -198,23 +200,25 @@ def gluon_report(shape: str, stages: int | None = None, text: bool = False,
                  capability: int = 90, kernel: str = "fwd",
                  consumers: int | None = None, module=None) -> dict:
     """Compile a Gluon kernel as it launches at ``shape`` (with 64 text slots when
-    ``text``) and report its resources: the forward (``sta_kernels.gluon_sta``, ``kernel``
-    "fwd"), the backward (``sta_kernels.gluon_bwd``, "bwd") or the FP8 forward
-    (``sta_kernels.gluon_fp8``, "fp8"), with ``stages`` ring buffers (None: the forward's
-    default, ``gluon_sta.ring_stages``; 2 for the others); ``consumers`` is the bf16 or
-    FP8 forward's consumer warpgroups (``KernelConfig.fwd_gluon_consumers``,
-    ``fwd_fp8_consumers``; None: the default for the shape's tile); ``module`` replaces the module of ``kernel`` (an edited copy of it, as
-    ``benchmarks/gluon_ablation.py`` makes).
+    ``text``) and report its resources: the forward (``sta_kernels.kernels.gluon_fwd``,
+    ``kernel`` "fwd"), the backward (``gluon_bwd``, "bwd") or the FP8 forward
+    (``gluon_fp8``, "fp8"), with ``stages`` ring buffers (None: the forward's default,
+    ``gluon_fwd.ring_stages``; 2 for the others); ``consumers`` is the bf16 or FP8
+    forward's consumer warpgroups (``KernelConfig.fwd_gluon_consumers``,
+    ``fwd_fp8_consumers``; None: the default for the shape's tile); ``module`` replaces the
+    module of ``kernel`` (an edited copy of it, as ``notes/probes/gluon_ablation.py``
+    makes).
 
     The host code calls them for CUDA tensors only, so a launch is recorded from the
     module's ``_launch`` on CPU tensors (never written: ``torch.empty`` allocates lazily;
     the backward's triton stats kernel is recorded, not run).
     """
-    from sta_kernels import gluon_bwd as gb
-    from sta_kernels import gluon_fp8 as gf
-    from sta_kernels import gluon_sta as gs
+    from sta_kernels.kernels import gluon_bwd as gb
+    from sta_kernels.kernels import gluon_common as gc
+    from sta_kernels.kernels import gluon_fp8 as gf
+    from sta_kernels.kernels import gluon_fwd as gs
 
-    if not gs.AVAILABLE:
+    if not gc.AVAILABLE:
         raise RuntimeError(f"the Gluon kernels need triton >= 3.6, this is {triton.__version__}")
     canvas, tile, heads, head_dim = SHAPES[shape]
     seq = canvas[0] * canvas[1] * canvas[2] + (64 if text else 0)
@@ -238,20 +242,20 @@ def gluon_report(shape: str, stages: int | None = None, text: bool = False,
         setattr(module, name, _Recorder(name, fn, log))
     try:
         if kernel == "fwd":
-            consumers = gs._check_consumers(tile, consumers)
+            consumers = gc.check_consumers(tile, consumers, "gluon_report")
             stages, v_stages = gs.ring_stages(consumers, stages)
             gs._launch(q, k, v, o, lse, windows, text_len, canvas, tile, scale, stages,
                        consumers, v_stages)
         elif kernel == "fp8":
             video, blocks = gf.packed_blocks(canvas, tile, seq)
             f8, rows = torch.float8_e4m3fn, gf.BLOCK
-            ops = gf.Fp8Operands(
+            fp8_ops = gf.Fp8Operands(
                 torch.empty(1, heads, blocks * rows, head_dim, dtype=f8),
                 torch.empty(1, heads, blocks),
                 torch.empty(1, heads, head_dim, blocks * rows, dtype=f8),
                 torch.empty(1, heads, blocks), torch.empty(1, heads), video, blocks)
-            gf._launch(q, ops, o, windows, text_len, canvas, tile, scale, stages,
-                       gs._check_consumers(tile, consumers))
+            gf._launch(q, fp8_ops, o, windows, text_len, canvas, tile, scale, stages,
+                       gc.check_consumers(tile, consumers, "gluon_report"))
         else:
             dq_acc = torch.empty(1, seq, heads, head_dim)
             gb._launch(do, q, k, v, o, lse, windows, text_len, canvas, tile, scale, delta,

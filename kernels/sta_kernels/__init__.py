@@ -15,6 +15,7 @@ from .geometry import (
     tile_mask,
     token_mask,
     token_tile_ids,
+    window_density,
     window_start,
 )
 from .reference import sta_dense_mask
@@ -31,5 +32,6 @@ __all__ = [
     "tile_mask",
     "token_mask",
     "token_tile_ids",
+    "window_density",
     "window_start",
 ]

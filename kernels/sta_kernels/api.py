@@ -50,12 +50,12 @@ def forward_ops() -> tuple[torch._ops.OpOverload, ...]:
     attention result of a checkpointed block, so its recomputation skips the kernel. The
     flex backend is a higher-order op and is recomputed.
     """
-    ops = [torch.ops.sta_kernels.sta_reference.default]
+    reference = torch.ops.sta_kernels.sta_reference.default
     try:
-        from . import triton_sta  # noqa: F401  (registers sta_kernels::sta_fwd)
+        from . import ops  # noqa: F401  (registers sta_kernels::sta_fwd)
     except ImportError:
-        return tuple(ops)
-    return (*ops, torch.ops.sta_kernels.sta_fwd.default)
+        return (reference,)
+    return (reference, torch.ops.sta_kernels.sta_fwd.default)
 
 
 def sliding_tile_attention(
@@ -85,13 +85,13 @@ def sliding_tile_attention(
         backend: "auto" (see ``resolve_backend``: triton on CUDA for bf16/fp16, reference
             off CUDA; on CUDA a call that is dense attention, see ``runs_dense``, runs
             SDPA), "triton", "flex" or "reference".
-        fp8: run the video queries' attention in float8 e4m3 (``sta_kernels.gluon_fp8``: q
+        fp8: run the video queries' attention in float8 e4m3 (``kernels.gluon_fp8``: q
             scaled per token, k shifted by its mean and scaled per 128-key block, v per
-            channel, both matmuls in FP8 with fp32 accumulation). For sampling: no
-            backward, and it needs the triton backend on a Hopper GPU with bf16 inputs,
-            D = 128 and tiles of 64-token frames that divide the canvas (text queries run
-            in bf16). Its output differs from the bf16 kernel's by about 5e-2 (relative
-            norm, benchmarks/NOTES.md).
+            block by a power of two, both matmuls in FP8 with fp32 accumulation). For
+            sampling: no backward, and it needs the triton backend on a Hopper GPU with
+            bf16 inputs, D = 128 and tiles of 64-token frames that divide the canvas (text
+            queries run in bf16). Its output differs from the bf16 kernel's by about 5e-2
+            (relative norm).
     Returns:
         o: (B, S, H, D) in q's dtype; rows of padding text queries are 0.
     """
@@ -136,7 +136,7 @@ def sliding_tile_attention(
         from .flex import sta_flex
 
         return sta_flex(q, k, v, canvas, tile, windows, lengths, scale)
-    from .triton_sta import sta_triton
+    from .ops import sta_triton
 
     return sta_triton(q, k, v, canvas, tile, windows, lengths, scale)
 
@@ -148,7 +148,7 @@ def _fp8_attention(q, k, v, canvas, tile, windows, lengths, scale, backend) -> t
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
         raise ValueError("fp8=True has no backward: call it under torch.no_grad() or "
                          "torch.inference_mode() (sampling), or train with fp8=False")
-    from .triton_sta import fp8_unsupported, sta_triton
+    from .ops import fp8_unsupported, sta_triton
 
     reason = fp8_unsupported(q, canvas, tile)
     if reason:

@@ -11,6 +11,7 @@ Semantics (see the package docstring): on each axis with ``n`` tiles and window 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -156,9 +157,38 @@ def token_mask(canvas: Sequence[int], tile: Sequence[int], window: torch.Tensor)
     return tile_mask(canvas, tile, window)[:, ids][:, :, ids]
 
 
+@functools.lru_cache(maxsize=4096)
+def _axis_pairs(tokens: int, tile: int, window: int) -> int:
+    """(query, key) token pairs of one axis of ``tokens`` tokens, in tiles of ``tile`` (the
+    last one partial), that a window of ``window`` tiles keeps."""
+    n = math.ceil(tokens / tile)
+    w = max(1, min(window, n))
+    sizes = [min(tile, tokens - i * tile) for i in range(n)]  # tokens per tile
+    starts = window_start(torch.arange(n), n, torch.tensor(w)).tolist()  # (n,) per query tile
+    return sum(sizes[qi] * sum(sizes[s : s + w]) for qi, s in enumerate(starts))
+
+
+def window_density(canvas: Sequence[int], tile: Sequence[int], window: Sequence[int]) -> float:
+    """Fraction of the video (query, key) token pairs that one window attends, exactly.
+
+    Args:
+        canvas: (T, Hc, Wc) latent token grid.
+        tile: (tt, th, tw) tile shape in tokens (edge tiles may be partial).
+        window: (wt, wh, ww) in tiles; entries are clipped to [1, n] as everywhere else.
+    Returns:
+        attended pairs / (T*Hc*Wc)^2 as a float, counting partial tiles by their tokens.
+
+    Builds no mask: the STA mask is the product of one mask per axis, so the pairs it keeps
+    are the product of each axis's. ``density`` is this for every row of an (H, 3) table.
+    """
+    kept = math.prod(_axis_pairs(int(c), int(t), int(w))
+                     for c, t, w in zip(canvas, tile, window, strict=True))
+    return kept / math.prod(int(c) for c in canvas) ** 2
+
+
 def density(canvas: Sequence[int], tile: Sequence[int], window: torch.Tensor) -> torch.Tensor:
-    """(H,) fraction of video query/key token pairs that each head attends."""
-    counts = torch.bincount(token_tile_ids(canvas, tile)).double()  # (N,) tokens per tile
-    m = tile_mask(canvas, tile, window).double()  # (H, N, N)
-    attended = torch.einsum("q,hqk,k->h", counts, m, counts)
-    return (attended / counts.sum() ** 2).float()
+    """(H,) float32 fraction of video query/key token pairs that each head of the (H, 3)
+    ``window`` attends (``window_density`` per head)."""
+    rows = torch.as_tensor(window).reshape(-1, 3).tolist()
+    values = [window_density(canvas, tile, w) for w in rows]
+    return torch.tensor(values, dtype=torch.float64).float()

@@ -30,8 +30,8 @@ for shape in ("tiny", "tiny_partial"):
     out[shape] = [(l.name, l.kwargs.get("num_stages")) for l in launches]
 fwd = cr.record_launches("tiny", None)[0]
 out["fwd"] = cr.compile_report(fwd)
-from sta_kernels import gluon_sta
-if gluon_sta.AVAILABLE:
+from sta_kernels.kernels import gluon_common
+if gluon_common.AVAILABLE:
     # D=64 with and without text slots; D=128 (HunyuanVideo): three consumers at the
     # default ring (3 k buffers, 2 v) and at 2 k buffers, two consumers at 2 and 3
     out["gluon"] = [cr.gluon_report("tiny", text=True), cr.gluon_report("tiny", 2),

@@ -1,8 +1,9 @@
 """Kernel tests run the triton kernels in triton's CPU interpreter when there is no GPU.
 
 TRITON_INTERPRET is read when ``@triton.jit`` decorates a kernel, i.e. when
-``sta_kernels.triton_sta`` is first imported; ``sta_kernels.api`` imports it lazily, so
-setting the variable here, at collection time, is early enough for the whole session.
+``sta_kernels.kernels.triton_sta`` is first imported; ``sta_kernels.api`` imports it lazily
+(through ``sta_kernels.ops``), so setting the variable here, at collection time, is early
+enough for the whole session.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ if not torch.cuda.is_available():
 @pytest.fixture
 def triton_device() -> torch.device:
     """The device the triton backend runs on here (CUDA, or CPU through the interpreter)."""
-    from sta_kernels import triton_sta
+    from sta_kernels.kernels import triton_sta
 
     if torch.cuda.is_available():
         return torch.device("cuda")

@@ -97,7 +97,7 @@ def test_resolve_backend_on_cuda(dtype, head_dim):
 def test_auto_picks_triton_exactly_where_the_kernels_accept_the_input(dtype, head_dim):
     """Dispatch and the triton backend's own input check agree, so auto never routes an
     input to triton that it would reject."""
-    from sta_kernels.triton_sta import check_inputs
+    from sta_kernels.ops import check_inputs
 
     q = _cuda_q(dtype, head_dim)
     try:
@@ -133,7 +133,7 @@ def test_auto_runs_sdpa_for_a_dense_call(monkeypatch):
     """On CUDA, ``auto`` at a covering window equals the triton kernel without running it."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA: off CUDA auto resolves to the reference")
-    from sta_kernels import triton_sta
+    from sta_kernels import ops
 
     canvas, tile = (5, 12, 20), (6, 8, 8)  # partial tiles on every axis, 1x2x3 tiles
     q, k, v = (torch.randn(2, 1200, 2, 64, device="cuda", dtype=torch.bfloat16)
@@ -144,7 +144,7 @@ def test_auto_runs_sdpa_for_a_dense_call(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("auto ran the sparse kernel for a dense call")
 
-    monkeypatch.setattr(triton_sta, "sta_triton", refuse)
+    monkeypatch.setattr(ops, "sta_triton", refuse)
     dense = sliding_tile_attention(q, k, v, canvas=canvas, tile=tile, window=(1, 2, 3))
     err = ((dense.float() - kernel.float()).norm() / kernel.float().norm()).item()
     assert err < 1e-2, err

@@ -1,4 +1,4 @@
-"""The FP8 forward (``sta_kernels.gluon_fp8``): its quantisation and the kernel.
+"""The FP8 forward (``sta_kernels.kernels.gluon_fp8``): its quantisation and the kernel.
 
 The k/v quantisation kernel (triton) runs everywhere, in the interpreter on CPU: its packed
 e4m3 operands must equal, bit for bit, the same quantisation written in torch, and the
@@ -15,7 +15,7 @@ import pytest
 import torch
 from kernel_testing import make_qkv, rel_err
 
-from sta_kernels import gluon_fp8 as gf
+from sta_kernels.kernels import gluon_fp8 as gf
 from sta_kernels.reference import sta_reference
 
 TILE = (2, 8, 8)  # two 64-token frames: one packed block per tile

@@ -8,7 +8,15 @@ import pytest
 import torch
 from kernel_testing import make_qkv, rel_err
 
-from sta_kernels import query_tile_range, sliding_tile_attention, sta_dense_mask, tile_mask
+from sta_kernels import (
+    density,
+    query_tile_range,
+    sliding_tile_attention,
+    sta_dense_mask,
+    tile_mask,
+    token_tile_ids,
+    window_density,
+)
 from sta_kernels.flex import build_sta_block_mask, build_sta_mask_mod, tile_order
 
 # (canvas, tile, per-head windows, text_len per batch element, text slots)
@@ -17,6 +25,26 @@ MASK_CASES = [
     ((3, 5, 7), (2, 3, 4), [[1, 2, 1], [3, 3, 3], [9, 9, 9]], [0, 4, 2], 4),  # partial tiles
     ((1, 6, 5), (1, 6, 2), [[1, 1, 2]], [3], 3),  # 1-tile axes, text full
 ]
+
+
+def test_window_density_counts_the_masks_pairs_exactly():
+    """The mask-free density equals the attended share of the tile masks' token pairs, to
+    the last bit of the float64 fraction (and ``density`` to the last bit of its float32),
+    on canvases with partial tiles on any axis and windows wider than an axis."""
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        canvas = tuple(int(x) for x in torch.randint(1, 12, (3,), generator=gen))
+        tile = tuple(int(x) for x in torch.randint(1, 5, (3,), generator=gen))
+        windows = torch.randint(1, 7, (3, 3), generator=gen)
+        tokens = torch.bincount(token_tile_ids(canvas, tile)).double()  # (N,) per tile
+        pairs = torch.einsum("q,hqk,k->h", tokens, tile_mask(canvas, tile, windows).double(),
+                             tokens)  # (H,) attended token pairs, exact integers
+        fraction = pairs / tokens.sum() ** 2
+        got = [window_density(canvas, tile, w) for w in windows.tolist()]
+        assert got == fraction.tolist(), (canvas, tile, windows)
+        assert torch.equal(density(canvas, tile, windows), fraction.float())
+    assert window_density((5, 8, 8), (1, 2, 2), (9, 9, 9)) == 1.0
+    assert window_density((30, 48, 80), (6, 8, 8), (3, 3, 3)) == 27 / 300
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 8])
@@ -50,8 +78,6 @@ def test_tile_order_is_a_tile_major_permutation():
     canvas, tile = (3, 5, 7), (2, 3, 4)
     perm = tile_order(canvas, tile)
     assert torch.equal(torch.sort(perm).values, torch.arange(math.prod(canvas)))
-    from sta_kernels import token_tile_ids
-
     ids = token_tile_ids(canvas, tile)[perm]
     assert bool((ids[1:] >= ids[:-1]).all())
 

@@ -1,5 +1,5 @@
-"""The warp-specialised Gluon kernels (``sta_kernels.gluon_sta`` forward, ``gluon_bwd``
-backward) and their dispatch.
+"""The warp-specialised Gluon kernels (``sta_kernels.kernels.gluon_fwd`` forward,
+``gluon_bwd`` backward) and their dispatch.
 
 On a Hopper GPU the kernels run against the float64 reference and against the triton
 kernels. Without one, the host code that splits a call between the two (video queries or
@@ -64,16 +64,16 @@ def test_gluon_forward_matches_reference_and_triton(name, monkeypatch):
     to a few bf16 roundings."""
     if not _hopper():
         pytest.skip("the Gluon forward needs a Hopper GPU")
-    from sta_kernels import gluon_sta
-    from sta_kernels import triton_sta as ts
+    from sta_kernels import ops
+    from sta_kernels.kernels import gluon_fwd
 
     canvas, window, text, q, k, v, do = _case(name)
     kw = dict(canvas=canvas, tile=(6, 8, 8), window=window, text_len=text, backend="triton")
-    calls = _count_calls(monkeypatch, gluon_sta, "sta_gluon_video_forward")
+    calls = _count_calls(monkeypatch, gluon_fwd, "sta_gluon_video_forward")
     got = _run(q, k, v, do, **kw)
     assert calls, "the Gluon forward did not run"
-    plain = replace(ts.default_config(q.device), fwd_gluon=False)
-    monkeypatch.setattr(ts, "default_config", lambda device, partial=False: plain)
+    plain = replace(ops.default_config(q.device), fwd_gluon=False)
+    monkeypatch.setattr(ops, "default_config", lambda device, partial=False: plain)
     triton_only = _run(q, k, v, do, **kw)
     assert len(calls) == 1
     ref_kw = {key: val for key, val in kw.items() if key != "backend"}
@@ -97,13 +97,13 @@ def test_gluon_forward_matches_reference_and_triton(name, monkeypatch):
 def test_gluon_forward_refuses_consumers_that_do_not_fit(tile, stages, consumers, message):
     """Three consumers need query blocks of 3 frames, and a ring 2 or 3 buffers deep; a bad
     count or depth is refused by name, before any device check."""
-    from sta_kernels import gluon_sta
+    from sta_kernels.kernels import gluon_fwd
 
     q = torch.zeros(1, 384, 1, 128, dtype=torch.bfloat16)
     args = (q, q, q, q, torch.zeros(1, 1, 384), torch.ones(1, 3, dtype=torch.int32),
             torch.zeros(1, dtype=torch.int32), (6, 8, 8), tile, 1.0)
     with pytest.raises(ValueError, match=message):
-        gluon_sta.sta_gluon_video_forward(*args, stages=stages, consumers=consumers)
+        gluon_fwd.sta_gluon_video_forward(*args, stages=stages, consumers=consumers)
 
 
 @pytest.mark.parametrize("tile,want", [
@@ -112,11 +112,11 @@ def test_gluon_forward_refuses_consumers_that_do_not_fit(tile, stages, consumers
 def test_gluon_forward_picks_three_consumers_where_they_fit(tile, want):
     """The default consumer count: three where the tile's frames divide by 3, else two;
     the program count follows (frames per tile / consumers)."""
-    from sta_kernels import gluon_sta
+    from sta_kernels.kernels import gluon_common
 
-    assert gluon_sta.default_consumers(tile) == want
+    assert gluon_common.default_consumers(tile) == want
     canvas = (2 * tile[0], 16, 8)
-    assert gluon_sta.video_blocks(canvas, tile, want) == 2 * 2 * tile[0] // want
+    assert gluon_common.video_blocks(canvas, tile, want) == 2 * 2 * tile[0] // want
 
 
 @pytest.mark.parametrize("consumers,stages,want", [
@@ -126,9 +126,9 @@ def test_gluon_forward_ring_depths(consumers, stages, want):
     """(k, v) ring buffers: three consumers keep 2 v buffers (a third beside three q
     frames and three k buffers would not fit in shared memory) and default to 3 k buffers;
     two consumers use one depth for both, 2 by default."""
-    from sta_kernels import gluon_sta
+    from sta_kernels.kernels import gluon_fwd
 
-    assert gluon_sta.ring_stages(consumers, stages) == want
+    assert gluon_fwd.ring_stages(consumers, stages) == want
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -138,21 +138,21 @@ def test_gluon_forward_consumer_counts_agree_bitwise(name, monkeypatch):
     same order: o and lse bitwise equal, with text keys, per-head windows and D 64."""
     if not _hopper():
         pytest.skip("the Gluon forward needs a Hopper GPU")
-    from sta_kernels import gluon_sta
-    from sta_kernels import triton_sta as ts
+    from sta_kernels import ops
+    from sta_kernels.kernels import gluon_fwd
 
     canvas, window, text, q, k, v, _ = _case(name)
     dev = q.device
     args = (q, k, v, window.to(dev, torch.int32), text.to(dev, torch.int32), canvas,
             (6, 8, 8), q.shape[-1] ** -0.5)
     seen = []
-    launch = gluon_sta._launch
-    monkeypatch.setattr(gluon_sta, "_launch",
+    launch = gluon_fwd._launch
+    monkeypatch.setattr(gluon_fwd, "_launch",
                         lambda *a: seen.append(a[-3:]) or launch(*a))
     configs = {"default": {}, "two": {"fwd_gluon_consumers": 2},
                "two_s3": {"fwd_gluon_consumers": 2, "fwd_gluon_stages": 3},
                "three_s2": {"fwd_gluon_consumers": 3, "fwd_gluon_stages": 2}}
-    got = {name: ts.sta_triton_forward(*args, config=ts.KernelConfig(**fields))
+    got = {name: ops.sta_triton_forward(*args, config=ops.KernelConfig(**fields))
            for name, fields in configs.items()}
     # (k buffers, consumers, v buffers) of each launch
     assert seen == [(3, 3, 2), (2, 2, 2), (3, 2, 3), (2, 3, 2)]
@@ -167,15 +167,15 @@ def test_split_call_runs_text_queries_from_the_program_offset(triton_device, mon
     text query blocks (program offset past the video blocks) and leaves the video rows to
     it. A stand-in writes the video rows here (the triton forward's own values), so the
     split call must equal the unsplit one exactly and must not overwrite those rows."""
-    from sta_kernels import gluon_sta
-    from sta_kernels import triton_sta as ts
+    from sta_kernels import ops
+    from sta_kernels.kernels import gluon_fwd
 
     canvas, tile, slots = (4, 4, 8), (2, 2, 4), 24
     window, text = torch.tensor([[1, 1, 1], [2, 1, 2]]), torch.tensor([21, 6])
     q, k, v, _ = make_qkv(2, canvas, slots, 2, 16, torch.bfloat16, triton_device, seed=11)
     args = (q, k, v, window.to(torch.int32).to(triton_device),
             text.to(torch.int32).to(triton_device), canvas, tile, 0.25)
-    whole_o, whole_lse = ts.sta_triton_forward(*args)
+    whole_o, whole_lse = ops.sta_triton_forward(*args)
     num_video = math.prod(canvas)
     sentinel = []
 
@@ -184,9 +184,9 @@ def test_split_call_runs_text_queries_from_the_program_offset(triton_device, mon
         lse[:, :, :num_video] = whole_lse[:, :, :num_video]
         sentinel.append(o)
 
-    monkeypatch.setattr(ts, "_gluon_applies", lambda *a: True)
-    monkeypatch.setattr(gluon_sta, "sta_gluon_video_forward", stand_in)
-    o, lse = ts.sta_triton_forward(*args)
+    monkeypatch.setattr(ops, "_gluon_applies", lambda *a: True)
+    monkeypatch.setattr(gluon_fwd, "sta_gluon_video_forward", stand_in)
+    o, lse = ops.sta_triton_forward(*args)
     assert sentinel and sentinel[0] is o
     assert torch.equal(o, whole_o) and torch.equal(lse, whole_lse)
     assert torch.any(o[:, num_video:] != 0)
@@ -194,12 +194,12 @@ def test_split_call_runs_text_queries_from_the_program_offset(triton_device, mon
 
 def _grads(q, k, v, do, window, text, canvas, config):
     """(dq, dk, dv) of the triton entry points with ``config`` (forward, then backward)."""
-    from sta_kernels import triton_sta as ts
+    from sta_kernels import ops
 
     args = (window.to(torch.int32).to(q.device), text.to(torch.int32).to(q.device), canvas,
             (6, 8, 8), q.shape[-1] ** -0.5)
-    o, lse = ts.sta_triton_forward(q, k, v, *args, config)
-    return ts.sta_triton_backward(do, q, k, v, o, lse, *args, config)
+    o, lse = ops.sta_triton_forward(q, k, v, *args, config)
+    return ops.sta_triton_backward(do, q, k, v, o, lse, *args, config)
 
 
 @pytest.mark.parametrize("name", ["video_only", "joint_text"])
@@ -210,15 +210,15 @@ def test_gluon_backward_matches_reference_and_triton(name, monkeypatch):
     dq differs by the order of its fp32 reduce-adds)."""
     if not _hopper():
         pytest.skip("the Gluon backward needs a Hopper GPU")
-    from sta_kernels import gluon_bwd
-    from sta_kernels import triton_sta as ts
+    from sta_kernels import ops
+    from sta_kernels.kernels import gluon_bwd
 
     canvas, window, text, q, k, v, do = _case(name)
     calls = _count_calls(monkeypatch, gluon_bwd, "sta_gluon_backward")
-    got = _grads(q, k, v, do, window, text, canvas, ts.default_config(q.device))
+    got = _grads(q, k, v, do, window, text, canvas, ops.default_config(q.device))
     assert calls, "the Gluon backward did not run"
     triton_only = _grads(q, k, v, do, window, text, canvas,
-                         replace(ts.default_config(q.device), bwd_gluon=False))
+                         replace(ops.default_config(q.device), bwd_gluon=False))
     assert len(calls) == 1
     _, *ref = _run(*(x.double().cpu() for x in (q, k, v, do)), canvas=canvas, tile=(6, 8, 8),
                    window=window, text_len=text, backend="reference")
@@ -233,7 +233,7 @@ def test_frame_stats_rows_match_torch(triton_device):
     row, and per block of TH * TW queries (frames of the canvas in (t, tile row, tile
     column) order, then the text rows) its lse and delta, with lse +1e30 and delta 0 where
     the row is no query (text padding, rows past the sequence)."""
-    from sta_kernels import gluon_bwd
+    from sta_kernels.kernels import gluon_bwd
 
     canvas, tile, heads, text_slots = (4, 16, 16), (2, 8, 8), 2, 70
     o, do, _, _ = make_qkv(2, canvas, text_slots, heads, 16, torch.bfloat16, triton_device,
@@ -272,16 +272,16 @@ def test_split_backward_runs_text_keys_from_the_program_offset(triton_device, mo
     only the text key blocks (program offset past the video blocks): the text rows of dk and
     dv equal the unsplit call's, and the video rows (written here by a stand-in that also
     fills delta through the real stats kernel) are not overwritten."""
-    from sta_kernels import gluon_bwd
-    from sta_kernels import triton_sta as ts
+    from sta_kernels import ops
+    from sta_kernels.kernels import gluon_bwd
 
     canvas, tile, slots = (4, 4, 8), (2, 2, 4), 24
     window, text = torch.tensor([[1, 1, 1], [2, 1, 2]]), torch.tensor([21, 6])
     q, k, v, do = make_qkv(2, canvas, slots, 2, 16, torch.bfloat16, triton_device, seed=11)
     args = (window.to(torch.int32).to(triton_device), text.to(torch.int32).to(triton_device),
             canvas, tile, 0.25)
-    o, lse = ts.sta_triton_forward(q, k, v, *args)
-    whole = ts.sta_triton_backward(do, q, k, v, o, lse, *args)
+    o, lse = ops.sta_triton_forward(q, k, v, *args)
+    whole = ops.sta_triton_backward(do, q, k, v, o, lse, *args)
     num_video = math.prod(canvas)
     calls = []
 
@@ -292,9 +292,9 @@ def test_split_backward_runs_text_keys_from_the_program_offset(triton_device, mo
         dv[:, :num_video] = 7.0
         calls.append(dq_acc)
 
-    monkeypatch.setattr(ts, "_gluon_applies", lambda *a: True)
+    monkeypatch.setattr(ops, "_gluon_applies", lambda *a: True)
     monkeypatch.setattr(gluon_bwd, "sta_gluon_backward", stand_in)
-    _, dk, dv = ts.sta_triton_backward(do, q, k, v, o, lse, *args)
+    _, dk, dv = ops.sta_triton_backward(do, q, k, v, o, lse, *args)
     assert len(calls) == 1 and calls[0].dtype == torch.float32
     for got, want in ((dk, whole[1]), (dv, whole[2])):
         assert torch.equal(got[:, num_video:], want[:, num_video:])

@@ -20,7 +20,7 @@ import itertools
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import sta_kernels.triton_sta as ts
+import sta_kernels.kernels.triton_sta as ts
 
 try:
     from triton.backends.nvidia.compiler import CUDABackend
@@ -35,7 +35,7 @@ options = backend.parse_options({})
 kernels = {
     ts._sta_fwd_kernel: ({"Q", "K", "V", "Out"}, {"KD", "VD"}, 128),
     ts._sta_dq_kernel: ({"Q", "K", "V", "Out", "DO", "DQ"}, {"KD", "VD"}, 128),
-    ts._sta_dkdv_kernel: ({"Q", "K", "V", "DO", "DK", "DV"}, {"QD", "DOD"}, 64),
+    ts._sta_dkdv_kernel: ({"Q", "K", "V", "DO", "DK", "DV"}, set(), 64),
 }
 for kernel, (tensors, descriptors, rows) in kernels.items():
     for even, wide, hoist, tma in itertools.product((True, False), repeat=4):
@@ -43,10 +43,10 @@ for kernel, (tensors, descriptors, rows) in kernels.items():
             continue
         consts = dict(TT=6, TH=8, TW=8, HEAD_DIM=128, BLOCK_M=64, BLOCK_N=128, Q_SUBS=6,
                       K_SUBS=3, EVEN=even, DOT_F32=False, WIDE=wide, HOIST=hoist, TMA=tma)
-        # optional schedule switches of some kernels, each lowered both ways across the loop
-        consts.update({n: even for n in ("WS", "PRESCALE", "EARLY_DP") if n in kernel.arg_names})
-        if "FUSED_DQ" in kernel.arg_names:  # fused dq: pointer atomics, or TMA reduce-add
-            consts.update(FUSED_DQ=(wide != even) or tma, DQ_TMA=tma)
+        # the dk/dv kernel: its score matmul order, lowered both ways across the loop; its
+        # fused dq by pointer atomics, or by TMA reduce-add (its only descriptor)
+        consts.update(EARLY_DP=even, FUSED_DQ=(wide != even) or tma, DQ_TMA=tma)
+        consts = {name: value for name, value in consts.items() if name in kernel.arg_names}
         signature = {}
         for name in kernel.arg_names:
             if name in consts:

@@ -63,12 +63,12 @@ def test_triton_matches_reference(name, fused, triton_device, monkeypatch):
     """Both backward schedules: a dq kernel, or dq added by the dk/dv kernel (atomics)."""
     from dataclasses import replace
 
-    from sta_kernels import triton_sta as ts
+    from sta_kernels import ops
 
     if not fused and name in INTERPRETER_FUSED_ONLY and triton_device.type != "cuda":
         pytest.skip("many tiles: the interpreter runs this case's default schedule only")
-    config = replace(ts.default_config(triton_device), fused_dq=fused)
-    monkeypatch.setattr(ts, "default_config", lambda device, partial=False: config)
+    config = replace(ops.default_config(triton_device), fused_dq=fused)
+    monkeypatch.setattr(ops, "default_config", lambda device, partial=False: config)
     batch, canvas, tile, window, text, slots, head_dim, dtype = CASES[name]
     window, text = torch.tensor(window), torch.tensor(text)
     q, k, v, do = make_qkv(batch, canvas, slots, window.shape[0], head_dim, dtype, triton_device)
@@ -143,7 +143,7 @@ def test_triton_in_a_compiled_selectively_checkpointed_region(triton_device, mon
         create_selective_checkpoint_contexts,
     )
 
-    from sta_kernels import triton_sta as ts
+    from sta_kernels import ops
 
     canvas, tile = (2, 4, 4), (2, 2, 4)
     q, k, v, do = make_qkv(1, canvas, 0, 2, 16, torch.bfloat16, triton_device, seed=9)
@@ -167,8 +167,8 @@ def test_triton_in_a_compiled_selectively_checkpointed_region(triton_device, mon
         return checkpoint(block, q, k, v, window, use_reentrant=False, context_fn=context)
 
     forward_calls = []
-    kernel = ts.sta_triton_forward
-    monkeypatch.setattr(ts, "sta_triton_forward", lambda *a: forward_calls.append(1) or kernel(*a))
+    kernel = ops.sta_triton_forward
+    monkeypatch.setattr(ops, "sta_triton_forward", lambda *a: forward_calls.append(1) or kernel(*a))
     results = []
     backend = "inductor" if torch.cuda.is_available() else "aot_eager"
     for fn in (block, torch.compile(region, backend=backend)):
@@ -184,7 +184,7 @@ def test_triton_in_a_compiled_selectively_checkpointed_region(triton_device, mon
 def test_triton_fake_ops_give_shapes_without_running():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    import sta_kernels.triton_sta  # noqa: F401  (registers the ops)
+    import sta_kernels.ops  # noqa: F401  (registers the ops)
 
     with FakeTensorMode():
         q = torch.empty(2, 40, 3, 64, dtype=torch.bfloat16)
@@ -197,7 +197,7 @@ def test_triton_fake_ops_give_shapes_without_running():
 
 
 def test_device_tables_are_cached_by_value(triton_device):
-    from sta_kernels.triton_sta import device_table
+    from sta_kernels.ops import device_table
 
     first = device_table(torch.tensor([[3, 3, 3], [1, 2, 5]]), triton_device)
     again = device_table(torch.tensor([[3, 3, 3], [1, 2, 5]]), triton_device)
@@ -219,15 +219,16 @@ def test_triton_rejects_unsupported_inputs(dtype, head_dim, match, triton_device
 
 @pytest.mark.parametrize("partial", [False, True], ids=["full_tiles", "partial_tiles"])
 def test_triton_tma_loads_match_pointer_loads(partial, triton_device):
-    """The TMA (tensor-descriptor) paths compute what the pointer paths do: loads in the
-    three kernels, and the fused dq's reduce-add; blocks of whole frames, full tiles or
+    """The TMA (tensor-descriptor) paths compute what the pointer paths do: k/v loads in the
+    forward and dq kernels, and the fused dq's reduce-add; blocks of whole frames, full tiles or
     partial ones on every axis (TMA reads zeros past the canvas and drops the reduce there),
     per-head windows, padded text."""
     from dataclasses import replace
 
-    from sta_kernels import triton_sta as ts
+    from sta_kernels import ops
+    from sta_kernels.kernels import triton_sta
 
-    if ts.TensorDescriptor is None:
+    if triton_sta.TensorDescriptor is None:
         pytest.skip("this triton has no host-side tensor descriptors")
     if torch.cuda.is_available():  # the tuned blocks: 6x8x8 tiles, blocks of 1-2 frames
         canvas, tile, head_dim = ((11, 13, 21) if partial else (12, 16, 24)), (6, 8, 8), 128
@@ -237,24 +238,24 @@ def test_triton_tma_loads_match_pointer_loads(partial, triton_device):
     window = torch.tensor([[1, 1, 1], [2, 1, 3]])
     text = torch.tensor([2, 0])
     q, k, v, do = make_qkv(2, canvas, slots, 2, head_dim, torch.bfloat16, triton_device, seed=11)
-    windows = ts.device_table(window, q.device)
-    lengths = ts.device_table(text, q.device)
+    windows = ops.device_table(window, q.device)
+    lengths = ops.device_table(text, q.device)
     scale = head_dim**-0.5
-    base = replace(ts.default_config(q.device), fwd_tma=False, dq_tma=False, bwd_tma=False)
-    tma = replace(base, fwd_tma=True, dq_tma=True, bwd_tma=True)
+    base = replace(ops.default_config(q.device), fwd_tma=False, dq_tma=False)
+    tma = replace(base, fwd_tma=True, dq_tma=True)
     # fused dq: TMA reduce-add for the window's blocks, pointer atomics for text queries
     fused = replace(base, fused_dq=True, fused_dq_tma=True)
     # the two-kernel schedule with TMA loads in the forward and dq kernels (the default at
     # partial tiles on CUDA, see PARTIAL_TILES)
     two = replace(base, fused_dq=False, fwd_tma=True, dq_tma=True)
-    geo = ts._Geometry(q.shape[1], canvas, tile)
+    geo = triton_sta.LaunchGeometry(q.shape[1], canvas, tile)
     assert geo.hoist(tma.fwd_block_n, tma.fwd_block_m, tma.fwd_block_n)
     assert geo.even(tma.fwd_block_m, tma.fwd_block_n) is not partial
-    assert isinstance(geo.descriptor(k, tma.fwd_block_n, True), ts.TensorDescriptor)
+    assert isinstance(geo.descriptor(k, tma.fwd_block_n, True), triton_sta.TensorDescriptor)
     results = []
     for cfg in (base, tma, fused, two):
-        o, lse = ts.sta_triton_forward(q, k, v, windows, lengths, canvas, tile, scale, cfg)
-        grads = ts.sta_triton_backward(do, q, k, v, o, lse, windows, lengths, canvas, tile,
+        o, lse = ops.sta_triton_forward(q, k, v, windows, lengths, canvas, tile, scale, cfg)
+        grads = ops.sta_triton_backward(do, q, k, v, o, lse, windows, lengths, canvas, tile,
                                        scale, cfg)
         results.append((o, lse, *grads))
     for name, a, b in zip(("o", "lse", "dq", "dk", "dv"), *results[:2], strict=True):
@@ -275,9 +276,9 @@ def test_triton_tma_loads_match_pointer_loads(partial, triton_device):
 def test_deterministic_mode_uses_the_two_kernel_backward(triton_device):
     """Fused dq adds with atomics (order-dependent rounding); deterministic mode avoids them
     and then reproduces the gradients bitwise."""
-    from sta_kernels import triton_sta as ts
+    from sta_kernels import ops
 
-    assert ts.default_config(triton_device).fused_dq
+    assert ops.default_config(triton_device).fused_dq
     canvas, tile = (2, 4, 8), (1, 2, 4)
     if torch.cuda.is_available():
         canvas, tile = (12, 16, 16), (6, 8, 8)
@@ -285,7 +286,7 @@ def test_deterministic_mode_uses_the_two_kernel_backward(triton_device):
     before = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
-        assert not ts.default_config(triton_device).fused_dq
+        assert not ops.default_config(triton_device).fused_dq
         runs = [_run(q, k, v, do, "triton", canvas=canvas, tile=tile, window=(1, 3, 3))
                 for _ in range(2)]
     finally:

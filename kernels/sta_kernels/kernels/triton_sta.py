@@ -1,4 +1,5 @@
-"""The triton backend: fused Sliding Tile Attention, forward and backward.
+"""The Triton kernels of the triton backend (forward, dq, dk/dv and two light passes) and
+their launchers.
 
 Layout and addressing
     q, k, v, o are (B, S, H, D) with video tokens in raster (t, h, w) order. No tile-order
@@ -6,9 +7,9 @@ Layout and addressing
     space (``local = lt*TH*TW + lh*TW + lw``), turned into raster token indices in-kernel,
     so every row load is one D-contiguous segment wherever the token sits. A block of
     whole (TH, TW) frames is its first token plus loop-invariant offsets, or one box of a
-    TMA descriptor of the (B, CT, CH, CW, H * D) view (``KernelConfig.*_tma``); at partial
-    tiles its rows past the canvas are masked by their (t, h, w), and TMA reads them as
-    zeros and drops them from a reduce.
+    TMA descriptor of the (B, CT, CH, CW, H * D) view; at partial tiles its rows past the
+    canvas are masked by their (t, h, w), and TMA reads them as zeros and drops them from
+    a reduce.
 
 Programs (grid = (blocks, B*H), one launch for every batch element, head and window)
     forward / dq: one program per query block. Video query blocks loop over the
@@ -18,20 +19,20 @@ Programs (grid = (blocks, B*H), one launch for every batch element, head and win
     dk / dv: one program per key block. A video key tile's queries form a contiguous tile
         range per axis (the window start is monotone in the query tile), looped the same
         way, then the valid text queries. Text key blocks are attended by every query.
-        By default (``fused_dq``) it also adds each block pair's dq = ds k into an fp32
-        buffer with atomics, and the dq kernel does not run; a delta = rowsum(o * do)
-        kernel runs before it and a scale-and-cast kernel after it. At partial tiles the
-        two-kernel schedule is the default (``PARTIAL_TILES``). Blocks made only of padding
-        (the tail of a partial tile on t) run no programs and no loop iterations.
+        With ``FUSED_DQ`` it also adds each block pair's dq = ds k into an fp32 buffer
+        with atomics, and the dq kernel does not run; a delta = rowsum(o * do) kernel runs
+        before it and a scale-and-cast kernel after it. Blocks made only of padding (the
+        tail of a partial tile on t) run no programs and no loop iterations.
 
 Softmax runs in fp32 with exp2; the forward saves the log2-domain log-sum-exp (B, H, S).
+Which kernels run for a call, and with which blocks, is decided in ``sta_kernels.ops``.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 import triton
@@ -39,83 +40,17 @@ import triton.language as tl
 
 try:  # host-side TMA descriptors (triton >= 3.4)
     from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # pragma: no cover - older triton: the TMA switches fall back to loads
+except ImportError:  # pragma: no cover - older triton: the TMA paths fall back to loads
     TensorDescriptor = None
 
-from . import gluon_bwd, gluon_fp8, gluon_sta
-from .geometry import num_tiles
-from .support import TRITON_DTYPES, TRITON_HEAD_DIMS
+from ..geometry import num_tiles
+
+if TYPE_CHECKING:
+    from triton.compiler import CompiledKernel
 
 LOG2E = 1.4426950408889634
 # A finite "minus infinity": exp2 of it underflows to 0 and never yields inf - inf = NaN.
 NEG_BIG = tl.constexpr(-1.0e30)
-
-
-@dataclass(frozen=True)
-class KernelConfig:
-    """Block sizes and launch parameters of the three kernels."""
-
-    # Tuned on H100 (torch 2.11, triton 3.6) at HunyuanVideo 720p, tile 6x8x8, D=128:
-    # see benchmarks/NOTES.md. 128-token blocks divide 384-token tiles exactly.
-    fwd_block_m: int = 128
-    fwd_block_n: int = 128
-    fwd_warps: int = 8
-    fwd_stages: int = 3
-    bwd_block_m: int = 64  # query block of the dk/dv kernel
-    bwd_block_n: int = 128  # key block of the dk/dv kernel
-    bwd_warps: int = 8
-    bwd_stages: int = 3
-    dq_block_m: int = 128
-    dq_block_n: int = 128
-    dq_warps: int = 8
-    dq_stages: int = 2
-    # tl.range(..., warp_specialize=True) on the main loop of the dk/dv and dq kernels
-    bwd_ws: bool = False
-    dq_ws: bool = False
-    bwd_prescale: bool = False  # dk/dv kernel: k * scale * log2(e) once per program
-    dq_prescale: bool = False  # dq kernel: q * scale * log2(e) once per program
-    # issue the second score matmul (dO V^T) before the exp2 of the first (Q K^T)
-    bwd_early_dp: bool = True
-    dq_early_dp: bool = False
-    # TMA (tensor-descriptor) loads of the inner loop's gathered blocks where a block is
-    # whole tile frames: k/v in the forward and dq kernels, q/do in dk/dv
-    fwd_tma: bool = True
-    dq_tma: bool = True
-    bwd_tma: bool = False  # more register spills in dk/dv: slower
-    # dq inside the dk/dv kernel (fp32 atomics into a (B, S, H, D) buffer) instead of a
-    # second kernel that recomputes both score matmuls. The atomics make dq's rounding
-    # depend on their order: under torch.use_deterministic_algorithms(True) the two-kernel
-    # schedule runs instead (see default_config).
-    fused_dq: bool = True
-    fused_dq_tma: bool = True  # fused_dq: TMA reduce-add of dq for blocks of whole frames
-    # blocks of whole frames keep their hoisted addressing and TMA at partial tiles, with
-    # validity from the block's coordinates (else: per-token index math, pointer gathers)
-    frames_partial: bool = True
-    # the warp-specialised Gluon forward (gluon_sta) for the video queries, where it
-    # applies (gluon_sta.supports: Hopper, bf16, full tiles); the text queries and every
-    # other call run _sta_fwd_kernel
-    fwd_gluon: bool = True
-    # buffers of its k ring (2 or 3; None: 3 with three consumers, 2 with two;
-    # gluon_sta.ring_stages)
-    fwd_gluon_stages: int | None = None
-    # consumer warpgroups (64-query frames per program) of the Gluon forward: 2, 3 (tiles
-    # whose frames divide by 3), or None: 3 where they fit (the same bits)
-    fwd_gluon_consumers: int | None = None
-    # the warp-specialised Gluon backward (gluon_bwd) for the video key blocks of the fused
-    # schedule, where it applies (gluon_bwd.supports: the forward's scope with D = 128);
-    # the text key blocks run _sta_dkdv_kernel
-    bwd_gluon: bool = True
-    bwd_gluon_stages: int = 2
-    fwd_fp8_stages: int = 3  # the FP8 forward (gluon_fp8), where a call asks for it
-    # its consumer warpgroups: 2, 3 (tiles whose frames divide by 3), or None: 3 where
-    # they fit (10% faster at HunyuanVideo 720p; outputs within fp32 rounding)
-    fwd_fp8_consumers: int | None = None
-
-
-# Small blocks keep the interpreter (CPU) fast; tl.dot needs every dimension >= 16.
-INTERPRETER_CONFIG = KernelConfig(16, 16, 1, 1, 16, 16, 1, 1, 16, 16, 1, 1)
-
-
 
 
 @triton.jit
@@ -554,22 +489,19 @@ def _sta_fwd_kernel(
 @_device_fn
 def _dkdv_block(
     k, v, dk, dv, q, do, lse, delta, q_valid, scale_log2,
-    MASKED: tl.constexpr, DOT_F32: tl.constexpr, PRESCALED: tl.constexpr,
-    EARLY_DP: tl.constexpr,
+    MASKED: tl.constexpr, DOT_F32: tl.constexpr, EARLY_DP: tl.constexpr,
 ):
     """Accumulate a query block's contribution to a key block's dk, dv (unscaled dk).
 
     ``q``, ``do``: (BLOCK_M, D) rows and ``lse``, ``delta``: (BLOCK_M,), all zero where
-    ``q_valid`` is false. ``PRESCALED``: ``k`` already holds k * scale * log2(e) (see
-    ``_prescale``). ``EARLY_DP``: issue both score matmuls (k q^T, v do^T) before the exp2,
+    ``q_valid`` is false. ``EARLY_DP``: issue both score matmuls (k q^T, v do^T) before the exp2,
     so the second can run on the tensor cores while the first's exponentials run.
     Returns dk, dv and ds^T (BLOCK_N, BLOCK_M), from which the fused schedule takes dq.
     """
     s_t = _mm(k, tl.trans(q), DOT_F32)  # (BLOCK_N, BLOCK_M)
     if EARLY_DP:
         dp_t = _mm(v, tl.trans(do), DOT_F32)  # (BLOCK_N, BLOCK_M)
-    if not PRESCALED:
-        s_t = s_t * scale_log2
+    s_t = s_t * scale_log2
     p_t = tl.math.exp2(s_t - lse[None, :])
     if MASKED:
         p_t = tl.where(q_valid[None, :], p_t, 0.0)
@@ -594,8 +526,7 @@ def _add_rows(PTR, off, x, valid, MASKED: tl.constexpr):
 @_device_fn
 def _dkdv_contiguous(
     k, v, dk, dv, Q, DO, LSE, DELTA, DQA, q_tok, q_valid, offs_d, stride_s, scale_log2,
-    DOT_F32: tl.constexpr, PRESCALED: tl.constexpr, EARLY_DP: tl.constexpr,
-    FUSED_DQ: tl.constexpr,
+    DOT_F32: tl.constexpr, EARLY_DP: tl.constexpr, FUSED_DQ: tl.constexpr,
 ):
     """``_dkdv_block`` for a block of consecutive query tokens ``q_tok`` (text queries, or
     all queries of a text key), loaded masked; with ``FUSED_DQ`` also adds their dq."""
@@ -603,25 +534,16 @@ def _dkdv_contiguous(
     dk, dv, ds_t = _dkdv_block(
         k, v, dk, dv, _load_rows(Q, q_off, q_valid, True), _load_rows(DO, q_off, q_valid, True),
         _load_vec(LSE, q_tok, q_valid, True), _load_vec(DELTA, q_tok, q_valid, True), q_valid,
-        scale_log2, True, DOT_F32, PRESCALED, EARLY_DP,
+        scale_log2, True, DOT_F32, EARLY_DP,
     )
     if FUSED_DQ:
         _add_rows(DQA, q_off, _mm(tl.trans(ds_t), k, DOT_F32), q_valid, True)
     return dk, dv
 
 
-@_device_fn
-def _prescale(k, scale_log2, PRESCALE: tl.constexpr):
-    """``k * scale * log2(e)`` in k's dtype when ``PRESCALE`` (one multiply per program
-    instead of one per score, and k becomes a register MMA operand), else ``k``."""
-    if PRESCALE:
-        k = (k.to(tl.float32) * scale_log2).to(k.dtype)
-    return k
-
-
 @triton.jit
 def _sta_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, WIN, TEXT_LEN, QD, DOD, DQA, DQAD, PID_BASE,
+    Q, K, V, DO, LSE, DELTA, DK, DV, WIN, TEXT_LEN, DQA, DQAD, PID_BASE,
     stride_b, stride_s, stride_h,
     seq_len, num_video, num_heads, num_video_blocks,
     CT, CH, CW, NT, NH, NW,
@@ -629,8 +551,8 @@ def _sta_dkdv_kernel(
     TT: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     Q_SUBS: tl.constexpr, K_SUBS: tl.constexpr, EVEN: tl.constexpr, DOT_F32: tl.constexpr,
-    WIDE: tl.constexpr, HOIST: tl.constexpr, WS: tl.constexpr, PRESCALE: tl.constexpr,
-    EARLY_DP: tl.constexpr, TMA: tl.constexpr, FUSED_DQ: tl.constexpr, DQ_TMA: tl.constexpr,
+    WIDE: tl.constexpr, HOIST: tl.constexpr, EARLY_DP: tl.constexpr, FUSED_DQ: tl.constexpr,
+    DQ_TMA: tl.constexpr,
 ):
     """dk, dv of one key block; with ``FUSED_DQ`` also its (unscaled) dq contributions,
     added into the fp32 ``DQA`` (B, S, H, D) with atomics (through the TMA descriptor
@@ -657,7 +579,7 @@ def _sta_dkdv_kernel(
         k_tile, k_sub, k_tok, k_valid, kv_off = _own_block(
             pid, offs_n, offs_d, stride_s, CT, CH, CW, NH, NW, TT, TH, TW, BLOCK_N, K_SUBS, WIDE,
         )
-        k = _prescale(_load_rows(K, kv_off, k_valid, not EVEN), scale_log2, PRESCALE)
+        k = _load_rows(K, kv_off, k_valid, not EVEN)
         v = _load_rows(V, kv_off, k_valid, not EVEN)
         wt, wh, ww = _head_window(WIN, h, NT, NH, NW)
         first_t, cnt_t = _axis_queries(k_tile // (NH * NW), NT, wt)
@@ -667,7 +589,7 @@ def _sta_dkdv_kernel(
         loc_t, loc_h, loc_w = _frame_local(offs_m, TH, TW)
         live = _live(k_tile, k_sub, CT, NH, NW, TT, TH, TW, BLOCK_N, EVEN)
         trips = _box_trips(first_t, cnt_t, cnt_h * cnt_w, CT, TT, TH, TW, BLOCK_M, Q_SUBS, EVEN)
-        for j in tl.range(0, trips * live, warp_specialize=WS):
+        for j in range(0, trips * live):
             q_valid = offs_m < BLOCK_M
             if HOIST:
                 qt, qh, qw = _box_coords(
@@ -678,14 +600,9 @@ def _sta_dkdv_kernel(
                     q_valid = _frame_valid(qt, qh, qw, loc_t, loc_h, loc_w, CT, CH, CW)
                 q_start = _widen((qt * CH + qh) * CW + qw, WIDE)
                 q_tok = q_start + q_rows
-                if TMA:  # rows past the canvas read as zeros
-                    q = _tma_rows(QD, b, qt, qh, qw, h, BLOCK_M, HEAD_DIM)
-                    do = _tma_rows(DOD, b, qt, qh, qw, h, BLOCK_M, HEAD_DIM)
-                    q_off = q_tok[:, None] * stride_s + offs_d[None, :]  # for pointer atomics
-                else:
-                    q_off = q_start * stride_s + q_inv
-                    q = _load_rows(Q, q_off, q_valid, not EVEN)
-                    do = _load_rows(DO, q_off, q_valid, not EVEN)
+                q_off = q_start * stride_s + q_inv
+                q = _load_rows(Q, q_off, q_valid, not EVEN)
+                do = _load_rows(DO, q_off, q_valid, not EVEN)
             else:
                 q_tile, q_sub = _box_tile(
                     j, first_t, first_h, first_w, cnt_h, cnt_w, NH, NW, Q_SUBS, EVEN,
@@ -700,7 +617,7 @@ def _sta_dkdv_kernel(
             delta = _load_vec(DELTA, q_tok, q_valid, not EVEN)
             dk, dv, ds_t = _dkdv_block(
                 k, v, dk, dv, q, do, lse, delta, q_valid, scale_log2,
-                not EVEN, DOT_F32, PRESCALE, EARLY_DP,
+                not EVEN, DOT_F32, EARLY_DP,
             )
             if FUSED_DQ:
                 dq = _mm(tl.trans(ds_t), k, DOT_F32)  # (BLOCK_M, D)
@@ -717,7 +634,7 @@ def _sta_dkdv_kernel(
             q_valid = q_pos < text_len
             dk, dv = _dkdv_contiguous(
                 k, v, dk, dv, Q, DO, LSE, DELTA, DQA, q_tok, q_valid, offs_d, stride_s,
-                scale_log2, DOT_F32, PRESCALE, EARLY_DP, FUSED_DQ,
+                scale_log2, DOT_F32, EARLY_DP, FUSED_DQ,
             )
         if EVEN:
             tl.store(DK + kv_off, (dk * scale).to(DK.dtype.element_ty))
@@ -732,13 +649,12 @@ def _sta_dkdv_kernel(
             BLOCK_N, WIDE,
         )
         k, v = _contiguous_kv(K, V, k_tok, k_valid, offs_d, stride_s)
-        k = _prescale(k, scale_log2, PRESCALE)
         for start in range(0, query_end, BLOCK_M):
             q_tok = _widen(start + offs_m, WIDE)
             q_valid = q_tok < query_end
             dk, dv = _dkdv_contiguous(
                 k, v, dk, dv, Q, DO, LSE, DELTA, DQA, q_tok, q_valid, offs_d, stride_s,
-                scale_log2, DOT_F32, PRESCALE, EARLY_DP, FUSED_DQ,
+                scale_log2, DOT_F32, EARLY_DP, FUSED_DQ,
             )
         dk = tl.where(k_valid[:, None], dk * scale, 0.0)
         dv = tl.where(k_valid[:, None], dv, 0.0)
@@ -775,25 +691,18 @@ def _scale_cast_kernel(X, Y, numel, scale, BLOCK: tl.constexpr):
 @_device_fn
 def _dq_block(
     q, do, lse, delta, dq, k, v, k_valid, scale_log2,
-    MASKED: tl.constexpr, DOT_F32: tl.constexpr, EARLY_DP: tl.constexpr,
-    PRESCALED: tl.constexpr,
+    MASKED: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     """Accumulate a key block's contribution to a query block's (unscaled) dq.
 
-    ``k``, ``v``: (BLOCK_N, D) rows, zero where ``k_valid`` is false. ``EARLY_DP``: issue
-    do v^T before the exp2 of q k^T (see ``_dkdv_block``). ``PRESCALED``: ``q`` already
-    holds q * scale * log2(e) (see ``_prescale``).
+    ``k``, ``v``: (BLOCK_N, D) rows, zero where ``k_valid`` is false.
     """
     s = _mm(q, tl.trans(k), DOT_F32)  # (BLOCK_M, BLOCK_N)
-    if EARLY_DP:
-        dp = _mm(do, tl.trans(v), DOT_F32)
-    if not PRESCALED:
-        s = s * scale_log2
+    s = s * scale_log2
     p = tl.math.exp2(s - lse[:, None])
     if MASKED:
         p = tl.where(k_valid[None, :], p, 0.0)
-    if not EARLY_DP:
-        dp = _mm(do, tl.trans(v), DOT_F32)
+    dp = _mm(do, tl.trans(v), DOT_F32)  # (BLOCK_M, BLOCK_N)
     ds = p * (dp - delta[:, None])
     dq += _mm(ds.to(k.dtype), k, DOT_F32)
     return dq
@@ -809,8 +718,7 @@ def _sta_dq_kernel(
     TT: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     Q_SUBS: tl.constexpr, K_SUBS: tl.constexpr, EVEN: tl.constexpr, DOT_F32: tl.constexpr,
-    WIDE: tl.constexpr, HOIST: tl.constexpr, WS: tl.constexpr, EARLY_DP: tl.constexpr,
-    PRESCALE: tl.constexpr, TMA: tl.constexpr,
+    WIDE: tl.constexpr, HOIST: tl.constexpr, TMA: tl.constexpr,
 ):
     pid, bh, b, h, base = _program(num_heads, stride_b, stride_h)
     Q += base
@@ -835,13 +743,12 @@ def _sta_dq_kernel(
             tl.store(DELTA + q_tok, delta)
         else:
             tl.store(DELTA + q_tok, delta, mask=q_valid)
-        q = _prescale(q, scale_log2, PRESCALE)
         wt, wh, ww, first_t, first_h, first_w = _query_window(q_tile, WIN, h, NT, NH, NW)
         _, kv_inv = _frame_offsets(offs_n, offs_d, stride_s, CH, CW, TH, TW, HOIST)
         loc_t, loc_h, loc_w = _frame_local(offs_n, TH, TW)
         live = _live(q_tile, q_sub, CT, NH, NW, TT, TH, TW, BLOCK_M, EVEN)
         trips = _box_trips(first_t, wt, wh * ww, CT, TT, TH, TW, BLOCK_N, K_SUBS, EVEN)
-        for j in tl.range(0, trips * live, warp_specialize=WS):
+        for j in range(0, trips * live):
             k, v, k_valid = _window_keys(
                 j, K, V, KD, VD, b, h, first_t, first_h, first_w, wh, ww, kv_inv, loc_t,
                 loc_h, loc_w, offs_n, offs_d, stride_s, CT, CH, CW, NH, NW, TT, TH, TW,
@@ -849,16 +756,12 @@ def _sta_dq_kernel(
             )
             dq = _dq_block(
                 q, do, lse, delta, dq, k, v, k_valid, scale_log2, not EVEN, DOT_F32,
-                EARLY_DP, PRESCALE,
             )
         for start in range(0, text_len * live, BLOCK_N):
             k_pos = start + offs_n
             k_valid = k_pos < text_len
             k, v = _contiguous_kv(K, V, _widen(num_video + k_pos, WIDE), k_valid, offs_d, stride_s)
-            dq = _dq_block(
-                q, do, lse, delta, dq, k, v, k_valid, scale_log2, True, DOT_F32, EARLY_DP,
-                PRESCALE,
-            )
+            dq = _dq_block(q, do, lse, delta, dq, k, v, k_valid, scale_log2, True, DOT_F32)
         if EVEN:
             tl.store(DQ + q_off, (dq * scale).to(DQ.dtype.element_ty))
         else:
@@ -870,20 +773,16 @@ def _sta_dq_kernel(
         )
         q, do, lse, delta = _query_rows(Q, DO, Out, LSE, q_off, q_tok, q_valid, True)
         tl.store(DELTA + q_tok, delta, mask=in_seq)
-        q = _prescale(q, scale_log2, PRESCALE)
         for start in range(0, key_end, BLOCK_N):
             k_tok = _widen(start + offs_n, WIDE)
             k_valid = k_tok < key_end
             k, v = _contiguous_kv(K, V, k_tok, k_valid, offs_d, stride_s)
-            dq = _dq_block(
-                q, do, lse, delta, dq, k, v, k_valid, scale_log2, True, DOT_F32, EARLY_DP,
-                PRESCALE,
-            )
+            dq = _dq_block(q, do, lse, delta, dq, k, v, k_valid, scale_log2, True, DOT_F32)
         dq = tl.where(q_valid[:, None], dq * scale, 0.0)
         tl.store(DQ + q_off, dq.to(DQ.dtype.element_ty), mask=in_seq[:, None])
 
 
-# ----------------------------------------------------------------------------- host side
+# ----------------------------------------------------------------------------- launchers
 
 
 def is_interpreter() -> bool:
@@ -891,47 +790,8 @@ def is_interpreter() -> bool:
     return INTERPRETED
 
 
-def check_inputs(q: torch.Tensor) -> None:
-    """Raise ``ValueError`` for inputs the triton kernels do not support."""
-    if q.dtype not in TRITON_DTYPES:
-        raise ValueError(
-            f"triton backend supports q/k/v dtypes {TRITON_DTYPES}, got {q.dtype}; "
-            "use backend='reference' for float32/float64"
-        )
-    if q.shape[-1] not in TRITON_HEAD_DIMS:
-        raise ValueError(
-            f"triton backend supports head dims {TRITON_HEAD_DIMS}, got D={q.shape[-1]}"
-        )
-    if not q.is_cuda and not is_interpreter():
-        raise ValueError(
-            "triton backend needs CUDA tensors (or TRITON_INTERPRET=1 set before "
-            f"sta_kernels.triton_sta is imported), got device {q.device}"
-        )
-
-
-# At partial tiles (a canvas the tile does not divide) the two-kernel backward with a
-# 2-stage dk/dv pipeline beat the fused dq: Wan 480p (3,3,3) 55.2 ms against 70.1 (H200,
-# benchmarks/NOTES.md, v10); with full tiles the fused dq wins (HunyuanVideo 720p).
-PARTIAL_TILES = dict(fused_dq=False, bwd_stages=2)
-
-
-def default_config(device: torch.device, partial: bool = False) -> KernelConfig:
-    """The launch configuration for ``device`` (small blocks under the interpreter) and a
-    canvas with (``partial``) or without partial tiles.
-
-    With ``torch.use_deterministic_algorithms(True)`` the backward uses its deterministic
-    two-kernel schedule (no atomics), bitwise reproducible from run to run.
-    """
-    config = INTERPRETER_CONFIG if device.type != "cuda" else KernelConfig()
-    if partial and device.type == "cuda":
-        config = replace(config, **PARTIAL_TILES)
-    if torch.are_deterministic_algorithms_enabled():
-        config = replace(config, fused_dq=False)
-    return config
-
-
-class _Geometry:
-    """Launch-time integers derived from (canvas, tile, S), shared by the three kernels."""
+class LaunchGeometry:
+    """Launch-time integers derived from (S, canvas, tile), shared by the Triton kernels."""
 
     def __init__(self, seq_len: int, canvas: Sequence[int], tile: Sequence[int]):
         self.canvas = tuple(int(c) for c in canvas)
@@ -946,6 +806,7 @@ class _Geometry:
         self.partial = any(c % t for c, t in zip(self.canvas, self.tile, strict=True))
 
     def subs(self, block: int) -> int:
+        """Blocks of ``block`` tokens per tile (the last one partial if it does not divide)."""
         return math.ceil(self.tile_tokens / block)
 
     def even(self, *blocks: int) -> bool:
@@ -987,399 +848,135 @@ class _Geometry:
         padded = math.prod(n * t for n, t in zip(self.n, self.tile, strict=True))
         return (max(self.seq_len, padded + self.num_text)) * x.stride(1) >= 2**31
 
-    def args(self) -> tuple[int, ...]:
-        return (*self.canvas, *self.n)
+    def kernel_args(self, x: torch.Tensor, video_blocks: int, block_m: int, block_n: int,
+                    hoist: bool) -> dict:
+        """The arguments the forward, dq and dk/dv kernels share, by name: the strides of
+        ``x`` (B, S, H, D), which every (B, S, H, D) tensor of the launch shares, the
+        sequence and canvas sizes, tile counts, the ``video_blocks`` programs per
+        (batch, head) that own video blocks, and the constexprs of ``block_m`` queries by
+        ``block_n`` keys (``hoist``: see ``hoist``)."""
+        return dict(
+            stride_b=x.stride(0), stride_s=x.stride(1), stride_h=x.stride(2),
+            seq_len=self.seq_len, num_video=self.num_video, num_heads=x.shape[2],
+            num_video_blocks=video_blocks,
+            CT=self.canvas[0], CH=self.canvas[1], CW=self.canvas[2],
+            NT=self.n[0], NH=self.n[1], NW=self.n[2],
+            TT=self.tile[0], TH=self.tile[1], TW=self.tile[2], HEAD_DIM=x.shape[3],
+            BLOCK_M=block_m, BLOCK_N=block_n,
+            Q_SUBS=self.subs(block_m), K_SUBS=self.subs(block_n),
+            EVEN=self.even(block_m, block_n), DOT_F32=INTERPRETED, WIDE=self.wide(x),
+            HOIST=hoist,
+        )
 
 
 def _tma_enabled(requested: bool, hoist: bool) -> bool:
-    """Whether a kernel takes its TMA path: asked for in the config, blocks of whole frames
-    (``hoist``), and host-side descriptors in this triton."""
+    """Whether a kernel takes its TMA path: asked for, blocks of whole frames (``hoist``),
+    and host-side descriptors in this triton."""
     return requested and hoist and TensorDescriptor is not None
 
 
-_RESOURCES: dict[str, dict[str, int]] = {}
+def launch_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+    windows: torch.Tensor, text_len: torch.Tensor, geo: LaunchGeometry, scale: float, *,
+    block_m: int, block_n: int, warps: int, stages: int, tma: bool, frames_partial: bool,
+    first: int = 0,
+) -> CompiledKernel | None:
+    """The forward kernel for the query blocks from program ``first`` on (past the video
+    blocks when a Gluon kernel wrote their rows): their rows of o (B, S, H, D) and lse
+    (B, H, S, log2 domain).
 
-
-def _record(name: str, compiled) -> None:
-    """Keep the compiler's resource report of the last launch of kernel ``name``."""
-    report = {}
-    for key in ("n_regs", "n_spills"):
-        if hasattr(compiled, key):
-            report[key] = int(getattr(compiled, key))
-    shared = getattr(getattr(compiled, "metadata", None), "shared", None)
-    if shared is not None:
-        report["shared"] = int(shared)
-    _RESOURCES[name] = report
-
-
-def kernel_resources() -> dict[str, dict[str, int]]:
-    """Registers, spills and shared memory of the last launch of each kernel (GPU only)."""
-    return {name: dict(report) for name, report in _RESOURCES.items()}
-
-
-def _gluon_applies(supports, q: torch.Tensor, canvas: Sequence[int], tile: Sequence[int],
-                   *others: torch.Tensor) -> bool:
-    """Whether a Gluon kernel (``supports``: gluon_sta's or gluon_bwd's scope check) can run
-    this call's video blocks: a GPU run, the call in its scope, ``others`` contiguous."""
-    return (not is_interpreter() and supports(q, canvas, tile)
-            and all(x.is_contiguous() for x in others))
-
-
-def fp8_unsupported(q: torch.Tensor, canvas: Sequence[int], tile: Sequence[int]
-                    ) -> str | None:
-    """Why the FP8 forward cannot run this call (None when it can): it needs a Hopper GPU,
-    triton >= 3.6, bf16 inputs with D = 128, and full tiles (the tile divides the canvas)
-    of an even number of 64-token (TH, TW) frames."""
-    if is_interpreter() or not q.is_cuda:
-        return f"needs a CUDA (Hopper) device, got {q.device}"
-    if not gluon_fp8.AVAILABLE:
-        return f"needs triton >= 3.6 (Gluon), this is {triton.__version__}"
-    if torch.cuda.get_device_capability(q.device)[0] != 9:
-        return f"needs a Hopper GPU (sm_90), got {torch.cuda.get_device_name(q.device)}"
-    if q.dtype != torch.bfloat16 or q.shape[-1] != 128:
-        return f"needs bf16 inputs with head dim 128, got {q.dtype} D={q.shape[-1]}"
-    tt, th, tw = (int(t) for t in tile)
-    if th * tw != gluon_sta.FRAME or tt % 2 or any(
-            int(c) % int(t) for c, t in zip(canvas, tile, strict=True)):
-        return (f"needs full tiles (the tile divides the canvas) of an even number of "
-                f"{gluon_sta.FRAME}-token frames, got canvas {tuple(canvas)} tile {tuple(tile)}")
-    return None
-
-
-def _strides(x: torch.Tensor) -> tuple[int, int, int]:
-    return x.stride(0), x.stride(1), x.stride(2)
-
-
-def sta_triton_forward(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    windows: torch.Tensor,
-    text_len: torch.Tensor,
-    canvas: Sequence[int],
-    tile: Sequence[int],
-    scale: float,
-    config: KernelConfig | None = None,
-    fp8: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the forward kernel.
-
-    Args:
-        q, k, v: (B, S, H, D) contiguous, bf16/fp16, on the kernel device.
-        windows: (H, 3) int32 on the kernel device; text_len: (B,) int32 on the kernel device.
-        fp8: the video queries through the FP8 kernel (``gluon_fp8``; the call must be in
-            its scope, see ``fp8_unsupported``); their lse rows are then not written (NaN).
-    Returns:
-        o: (B, S, H, D); lse: (B, H, S) float32 log2-domain log-sum-exp (0 at padding).
+    ``windows``: (H, 3) int32 and ``text_len``: (B,) int32 on the kernel device; ``tma``:
+    k/v through TMA where a key block is whole frames; ``frames_partial``: such blocks keep
+    hoisted addressing and TMA at partial tiles. Returns the compiled kernel, or None when
+    no block is left (or under the interpreter).
     """
-    batch, seq, heads, head_dim = q.shape
-    geo = _Geometry(seq, canvas, tile)
-    cfg = config or default_config(q.device, geo.partial)
-    o = torch.empty_like(q)
-    lse = torch.empty(batch, heads, seq, device=q.device, dtype=torch.float32)
-    q_subs = geo.subs(cfg.fwd_block_m)
-    video_blocks = geo.num_tiles * q_subs
-    first = 0  # first program: past the video query blocks when a Gluon kernel ran them
-    if fp8:
-        reason = fp8_unsupported(q, canvas, tile)
-        if reason or not _gluon_applies(gluon_fp8.supports, q, canvas, tile, k, v):
-            raise ValueError(f"fp8 forward: {reason or 'needs contiguous q, k, v'}")
-        ops = gluon_fp8.quantize_kv(k, v, canvas, tile)
-        _record("fwd_fp8", gluon_fp8.sta_gluon_fp8_video_forward(
-            q, ops, o, windows, text_len, canvas, tile, scale, stages=cfg.fwd_fp8_stages,
-            consumers=cfg.fwd_fp8_consumers))
-        lse[:, :, : geo.num_video] = float("nan")
-        first = video_blocks
-    elif cfg.fwd_gluon and _gluon_applies(gluon_sta.supports, q, canvas, tile, k, v):
-        _record("fwd_gluon", gluon_sta.sta_gluon_video_forward(
-            q, k, v, o, lse, windows, text_len, canvas, tile, scale,
-            stages=cfg.fwd_gluon_stages, consumers=cfg.fwd_gluon_consumers))
-        first = video_blocks
-    programs = video_blocks + triton.cdiv(geo.num_text, cfg.fwd_block_m) - first
+    batch, _, heads, _ = q.shape
+    video_blocks = geo.num_tiles * geo.subs(block_m)
+    programs = video_blocks + triton.cdiv(geo.num_text, block_m) - first
     if programs == 0:
-        return o, lse
-    hoist = geo.hoist(cfg.fwd_block_n, cfg.fwd_block_m, cfg.fwd_block_n,
-                     partial=cfg.frames_partial)
-    tma = _tma_enabled(cfg.fwd_tma, hoist)
-    _record("fwd", _sta_fwd_kernel[(programs, batch * heads)](
+        return None
+    hoist = geo.hoist(block_n, block_m, block_n, partial=frames_partial)
+    tma = _tma_enabled(tma, hoist)
+    return _sta_fwd_kernel[(programs, batch * heads)](
         q, k, v, o, lse, windows, text_len,
-        geo.descriptor(k, cfg.fwd_block_n, tma), geo.descriptor(v, cfg.fwd_block_n, tma),
-        first, *_strides(q), seq, geo.num_video, heads, video_blocks, *geo.args(),
-        scale * LOG2E,
-        TT=geo.tile[0], TH=geo.tile[1], TW=geo.tile[2], HEAD_DIM=head_dim,
-        BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n,
-        Q_SUBS=q_subs, K_SUBS=geo.subs(cfg.fwd_block_n),
-        EVEN=geo.even(cfg.fwd_block_m, cfg.fwd_block_n),
-        DOT_F32=is_interpreter(), WIDE=geo.wide(q), HOIST=hoist, TMA=tma,
-        num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
-    ))
-    return o, lse
-
-
-def sta_triton_backward(
-    do: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    o: torch.Tensor,
-    lse: torch.Tensor,
-    windows: torch.Tensor,
-    text_len: torch.Tensor,
-    canvas: Sequence[int],
-    tile: Sequence[int],
-    scale: float,
-    config: KernelConfig | None = None,
-    kernels: Sequence[str] = ("dq", "dkdv"),
-    delta: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the backward kernels; all tensors (B, S, H, D) as in the forward.
-
-    Two schedules: a dq kernel (which also writes delta = rowsum(o * do)) then a dk/dv
-    kernel, or with ``config.fused_dq`` a delta kernel then one dk/dv kernel that also adds
-    dq into an fp32 buffer with atomics. ``kernels`` and ``delta`` exist for benchmarking
-    one part alone: "dq" is the dq kernel (or the delta kernel when fused), "dkdv" the
-    dk/dv kernel, which reads ``delta`` (B, H, S).
-    """
-    batch, seq, heads, head_dim = q.shape
-    geo = _Geometry(seq, canvas, tile)
-    cfg = config or default_config(q.device, geo.partial)
-    if cfg.fused_dq and cfg.bwd_prescale:
-        raise ValueError("KernelConfig: fused_dq needs the unscaled k (bwd_prescale=False)")
-    do = do.contiguous()
-    if delta is None:
-        delta = torch.empty(batch, heads, seq, device=q.device, dtype=torch.float32)  # (B, H, S)
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
-    if cfg.fused_dq:
-        dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32)  # (B, S, H, D)
-        use_gluon = (cfg.bwd_gluon and "dkdv" in kernels
-                     and _gluon_applies(gluon_bwd.supports, q, canvas, tile, k, v, o, do, lse))
-        if "dq" in kernels and not use_gluon:  # (the Gluon backward writes delta itself)
-            grid = (triton.cdiv(seq, 128), batch * heads)
-            _sta_delta_kernel[grid](o, do, delta, *_strides(q), seq, heads,
-                                    HEAD_DIM=head_dim, BLOCK=128, WIDE=geo.wide(q))
-        if "dkdv" in kernels:
-            if use_gluon:
-                _record("bwd_gluon", gluon_bwd.sta_gluon_backward(
-                    do, q, k, v, o, lse, windows, text_len, canvas, tile, scale, delta,
-                    dq_acc, dk, dv, stages=cfg.bwd_gluon_stages))
-            _launch_dkdv(cfg, geo, q, k, v, do, lse, delta, dk, dv, windows, text_len, scale,
-                         dq_acc, text_only=use_gluon)
-        dq = torch.empty_like(q)
-        _scale_cast_kernel[(triton.cdiv(dq.numel(), 4096),)](dq_acc, dq, dq.numel(), scale,
-                                                              BLOCK=4096)
-        return dq, dk, dv
-    dq = torch.empty_like(q)
-    # dq first: it also writes delta = rowsum(o * do), which the dk/dv kernel reads
-    if "dq" in kernels:
-        _launch_dq(cfg, geo, q, k, v, o, do, lse, delta, dq, windows, text_len, scale)
-    if "dkdv" in kernels:
-        _launch_dkdv(cfg, geo, q, k, v, do, lse, delta, dk, dv, windows, text_len, scale)
-    return dq, dk, dv
-
-
-def _launch_dq(cfg, geo, q, k, v, o, do, lse, delta, dq, windows, text_len, scale) -> None:
-    batch, seq, heads, head_dim = q.shape
-    common = (*_strides(q), seq, geo.num_video, heads)
-    q_subs = geo.subs(cfg.dq_block_m)
-    video_blocks = geo.num_tiles * q_subs
-    grid = (video_blocks + triton.cdiv(geo.num_text, cfg.dq_block_m), batch * heads)
-    hoist = geo.hoist(cfg.dq_block_n, cfg.dq_block_m, cfg.dq_block_n,
-                     partial=cfg.frames_partial)
-    tma = _tma_enabled(cfg.dq_tma, hoist)
-    _record("dq", _sta_dq_kernel[grid](
-        q, k, v, o, do, lse, delta, dq, windows, text_len,
-        geo.descriptor(k, cfg.dq_block_n, tma), geo.descriptor(v, cfg.dq_block_n, tma),
-        *common, video_blocks, *geo.args(), scale, scale * LOG2E,
-        TT=geo.tile[0], TH=geo.tile[1], TW=geo.tile[2], HEAD_DIM=head_dim,
-        BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n,
-        Q_SUBS=q_subs, K_SUBS=geo.subs(cfg.dq_block_n),
-        EVEN=geo.even(cfg.dq_block_m, cfg.dq_block_n),
-        DOT_F32=is_interpreter(), WIDE=geo.wide(q), HOIST=hoist, WS=cfg.dq_ws,
-        EARLY_DP=cfg.dq_early_dp, PRESCALE=cfg.dq_prescale, TMA=tma,
-        num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
-    ))
-
-
-def _launch_dkdv(cfg, geo, q, k, v, do, lse, delta, dk, dv, windows, text_len, scale,
-                 dq_acc=None, text_only=False) -> None:
-    """The dk/dv kernel over the video, then the text key blocks; with ``text_only`` (the
-    Gluon backward ran the video ones) its programs start past the video blocks."""
-    batch, seq, heads, head_dim = q.shape
-    common = (*_strides(q), seq, geo.num_video, heads)
-    k_subs = geo.subs(cfg.bwd_block_n)
-    video_blocks = geo.num_tiles * k_subs
-    first = video_blocks if text_only else 0
-    programs = video_blocks + triton.cdiv(geo.num_text, cfg.bwd_block_n) - first
-    if programs == 0:
-        return
-    grid = (programs, batch * heads)
-    hoist = geo.hoist(cfg.bwd_block_m, cfg.bwd_block_m, cfg.bwd_block_n,
-                     partial=cfg.frames_partial)
-    tma = _tma_enabled(cfg.bwd_tma, hoist)
-    # (triton's CPU interpreter has no descriptor reduce: pointer atomics there)
-    dq_tma = _tma_enabled(cfg.fused_dq_tma, hoist and dq_acc is not None and not is_interpreter())
-    dqa = q if dq_acc is None else dq_acc  # an unused pointer without the fused dq
-    _record("dkdv", _sta_dkdv_kernel[grid](
-        q, k, v, do, lse, delta, dk, dv, windows, text_len,
-        geo.descriptor(q, cfg.bwd_block_m, tma), geo.descriptor(do, cfg.bwd_block_m, tma),
-        dqa, geo.descriptor(dqa, cfg.bwd_block_m, dq_tma), first,
-        *common, video_blocks, *geo.args(), scale, scale * LOG2E,
-        TT=geo.tile[0], TH=geo.tile[1], TW=geo.tile[2], HEAD_DIM=head_dim,
-        BLOCK_M=cfg.bwd_block_m, BLOCK_N=cfg.bwd_block_n,
-        Q_SUBS=geo.subs(cfg.bwd_block_m), K_SUBS=k_subs,
-        EVEN=geo.even(cfg.bwd_block_m, cfg.bwd_block_n),
-        DOT_F32=is_interpreter(), WIDE=geo.wide(q), HOIST=hoist, WS=cfg.bwd_ws,
-        PRESCALE=cfg.bwd_prescale, EARLY_DP=cfg.bwd_early_dp, TMA=tma,
-        FUSED_DQ=dq_acc is not None, DQ_TMA=dq_tma,
-        num_warps=cfg.bwd_warps, num_stages=cfg.bwd_stages,
-    ))
-
-
-# torch.library registration: opaque ops with fake (meta) implementations, so that
-# torch.compile traces through the kernels instead of into them.
-
-
-@torch.library.custom_op("sta_kernels::sta_fwd", mutates_args=())
-def _sta_fwd_op(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    windows: torch.Tensor,
-    text_len: torch.Tensor,
-    canvas: list[int],
-    tile: list[int],
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return sta_triton_forward(q, k, v, windows, text_len, canvas, tile, scale)
-
-
-@_sta_fwd_op.register_fake
-def _sta_fwd_fake(q, k, v, windows, text_len, canvas, tile, scale):
-    batch, seq, heads, _ = q.shape
-    return torch.empty_like(q), q.new_empty((batch, heads, seq), dtype=torch.float32)
-
-
-@torch.library.custom_op("sta_kernels::sta_fwd_fp8", mutates_args=())
-def _sta_fwd_fp8_op(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    windows: torch.Tensor,
-    text_len: torch.Tensor,
-    canvas: list[int],
-    tile: list[int],
-    scale: float,
-) -> torch.Tensor:
-    return sta_triton_forward(q, k, v, windows, text_len, canvas, tile, scale, fp8=True)[0]
-
-
-@_sta_fwd_fp8_op.register_fake
-def _sta_fwd_fp8_fake(q, k, v, windows, text_len, canvas, tile, scale):
-    return torch.empty_like(q)
-
-
-@torch.library.custom_op("sta_kernels::sta_bwd", mutates_args=())
-def _sta_bwd_op(
-    do: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    o: torch.Tensor,
-    lse: torch.Tensor,
-    windows: torch.Tensor,
-    text_len: torch.Tensor,
-    canvas: list[int],
-    tile: list[int],
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return sta_triton_backward(do, q, k, v, o, lse, windows, text_len, canvas, tile, scale)
-
-
-@_sta_bwd_op.register_fake
-def _sta_bwd_fake(do, q, k, v, o, lse, windows, text_len, canvas, tile, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-def _sta_setup(ctx, inputs, output) -> None:
-    q, k, v, windows, text_len, canvas, tile, scale = inputs
-    o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, windows, text_len)
-    ctx.geometry = (canvas, tile, scale)
-
-
-def _sta_backward(ctx, do, dlse):
-    """Gradients in q, k, v; the log-sum-exp is an auxiliary output (``dlse`` is ignored)."""
-    q, k, v, o, lse, windows, text_len = ctx.saved_tensors
-    canvas, tile, scale = ctx.geometry
-    dq, dk, dv = torch.ops.sta_kernels.sta_bwd(
-        do.contiguous(), q, k, v, o, lse, windows, text_len, canvas, tile, scale
+        geo.descriptor(k, block_n, tma), geo.descriptor(v, block_n, tma), first,
+        scale_log2=scale * LOG2E, TMA=tma,
+        **geo.kernel_args(q, video_blocks, block_m, block_n, hoist),
+        num_warps=warps, num_stages=stages,
     )
-    return dq, dk, dv, None, None, None, None, None
 
 
-# Autograd registered on the op itself, not a Python autograd.Function around it: inside a
-# compiled, selectively checkpointed block dynamo then sees one op whose outputs (o, lse) the
-# policy keeps. With the wrapper, dynamo built a graph with a dangling output ("Argument
-# 'getitem_..' of Node 'output' does not belong to this Graph"; tests/kernels/
-# test_kernels_compiled_block.py).
-_sta_fwd_op.register_autograd(_sta_backward, setup_context=_sta_setup)
+def launch_dq(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, do: torch.Tensor,
+    lse: torch.Tensor, delta: torch.Tensor, dq: torch.Tensor, windows: torch.Tensor,
+    text_len: torch.Tensor, geo: LaunchGeometry, scale: float, *,
+    block_m: int, block_n: int, warps: int, stages: int, tma: bool, frames_partial: bool,
+) -> CompiledKernel | None:
+    """The dq kernel of the two-kernel backward: dq (B, S, H, D), and delta = rowsum(o * do)
+    (B, H, S) for the dk/dv kernel after it. Arguments as in ``launch_forward``; returns
+    the compiled kernel (None under the interpreter)."""
+    batch, _, heads, _ = q.shape
+    video_blocks = geo.num_tiles * geo.subs(block_m)
+    grid = (video_blocks + triton.cdiv(geo.num_text, block_m), batch * heads)
+    hoist = geo.hoist(block_n, block_m, block_n, partial=frames_partial)
+    tma = _tma_enabled(tma, hoist)
+    return _sta_dq_kernel[grid](
+        q, k, v, o, do, lse, delta, dq, windows, text_len,
+        geo.descriptor(k, block_n, tma), geo.descriptor(v, block_n, tma),
+        scale=scale, scale_log2=scale * LOG2E, TMA=tma,
+        **geo.kernel_args(q, video_blocks, block_m, block_n, hoist),
+        num_warps=warps, num_stages=stages,
+    )
 
 
-_DEVICE_TABLES: dict[tuple, torch.Tensor] = {}
-_MAX_DEVICE_TABLES = 256
+def launch_dkdv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, lse: torch.Tensor,
+    delta: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, windows: torch.Tensor,
+    text_len: torch.Tensor, geo: LaunchGeometry, scale: float, *,
+    block_m: int, block_n: int, warps: int, stages: int, early_dp: bool,
+    frames_partial: bool, dq_acc: torch.Tensor | None = None, dq_tma: bool = False,
+    text_only: bool = False,
+) -> CompiledKernel | None:
+    """The dk/dv kernel over the video, then the text key blocks: dk, dv (B, S, H, D) from
+    delta (B, H, S).
 
-
-def device_table(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``x`` (a small CPU int tensor: windows, text lengths) as int32 on ``device``, cached.
-
-    Every attention call of every layer needs these tables on the GPU; a fresh copy from
-    pageable host memory each time makes the host wait on the device. Cached by value, the
-    (synchronous, so safe on any stream) copy happens once per distinct table. Under
-    torch.compile the plain ``.to`` is traced instead.
+    ``dq_acc``: the fused schedule's fp32 (B, S, H, D) buffer, zeroed, into which the kernel
+    also adds each block pair's unscaled dq (``dq_tma``: through a TMA reduce where a query
+    block is whole frames). ``text_only``: the Gluon backward ran the video key blocks, so
+    the programs start past them. ``early_dp``: both score matmuls issued before the exp2.
+    Returns the compiled kernel, or None when no block is left (or under the interpreter).
     """
-    if torch.compiler.is_compiling():
-        return x.to(device=device, dtype=torch.int32)
-    key = (str(device), tuple(x.shape), tuple(x.flatten().tolist()))
-    table = _DEVICE_TABLES.get(key)
-    if table is None:
-        if len(_DEVICE_TABLES) >= _MAX_DEVICE_TABLES:
-            _DEVICE_TABLES.clear()
-        table = x.detach().to(device=device, dtype=torch.int32).contiguous()
-        _DEVICE_TABLES[key] = table
-    return table
+    batch, _, heads, _ = q.shape
+    video_blocks = geo.num_tiles * geo.subs(block_n)
+    first = video_blocks if text_only else 0
+    programs = video_blocks + triton.cdiv(geo.num_text, block_n) - first
+    if programs == 0:
+        return None
+    hoist = geo.hoist(block_m, block_m, block_n, partial=frames_partial)
+    # (triton's CPU interpreter has no descriptor reduce: pointer atomics there)
+    dq_tma = _tma_enabled(dq_tma, hoist and dq_acc is not None and not INTERPRETED)
+    dqa = q if dq_acc is None else dq_acc  # an unused pointer without the fused dq
+    return _sta_dkdv_kernel[(programs, batch * heads)](
+        q, k, v, do, lse, delta, dk, dv, windows, text_len,
+        dqa, geo.descriptor(dqa, block_m, dq_tma), first,
+        scale=scale, scale_log2=scale * LOG2E, EARLY_DP=early_dp,
+        FUSED_DQ=dq_acc is not None, DQ_TMA=dq_tma,
+        **geo.kernel_args(q, video_blocks, block_m, block_n, hoist),
+        num_warps=warps, num_stages=stages,
+    )
 
 
-def sta_triton(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    canvas: Sequence[int],
-    tile: Sequence[int],
-    window: torch.Tensor,
-    text_len: torch.Tensor,
-    scale: float,
-    fp8: bool = False,
-) -> torch.Tensor:
-    """STA through the fused triton kernels; differentiable in q, k, v (unless ``fp8``).
+def launch_delta(o: torch.Tensor, do: torch.Tensor, delta: torch.Tensor,
+                 geo: LaunchGeometry) -> None:
+    """delta (B, H, S) = rowsum(o * do) in fp32, before the fused dk/dv kernel; o and do
+    (B, S, H, D) share their strides."""
+    batch, seq, heads, head_dim = o.shape
+    _sta_delta_kernel[(triton.cdiv(seq, 128), batch * heads)](
+        o, do, delta, o.stride(0), o.stride(1), o.stride(2), seq, heads,
+        HEAD_DIM=head_dim, BLOCK=128, WIDE=geo.wide(o),
+    )
 
-    Args:
-        q, k, v: (B, S, H, D) bf16/fp16 (CUDA, or CPU under TRITON_INTERPRET=1).
-        canvas, tile: latent grid and tile shape in tokens.
-        window: (H, 3) int64 CPU windows in tiles; text_len: (B,) int64 CPU valid text tokens.
-        scale: softmax scale.
-        fp8: the video queries through the FP8 forward (no backward; see
-            ``fp8_unsupported`` for its scope).
-    Returns:
-        o: (B, S, H, D), zero at text padding queries.
-    """
-    check_inputs(q)
-    q, k, v = (x.contiguous() for x in (q, k, v))
-    windows = device_table(window, q.device)  # (H, 3) int32
-    lengths = device_table(text_len, q.device)  # (B,) int32
-    args = (q, k, v, windows, lengths, [int(c) for c in canvas], [int(t) for t in tile],
-            float(scale))
-    if fp8:
-        return torch.ops.sta_kernels.sta_fwd_fp8(*args)
-    o, _ = torch.ops.sta_kernels.sta_fwd(*args)
-    return o
+
+def launch_scale_cast(x: torch.Tensor, y: torch.Tensor, scale: float) -> None:
+    """y = x * scale in y's dtype (the fused dq's fp32 sum to the output dtype)."""
+    _scale_cast_kernel[(triton.cdiv(y.numel(), 4096),)](x, y, y.numel(), scale, BLOCK=4096)

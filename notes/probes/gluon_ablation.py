@@ -1,8 +1,12 @@
 """Where the Gluon kernels' time goes: time copies of them with one part taken out.
 
+A lab probe, not part of the product: it edits the kernels' source as text, so its edits
+follow the kernels by hand (it stops, naming the edit, when one no longer applies).
+
 Hardware counters (ncu) say which pipe is busy, not what a part of the kernel costs; and
 not every device machine lets ncu read them. So this script measures the share of each part
-of the Gluon forward (``sta_kernels.gluon_sta``) and backward (``gluon_bwd``) by removing it:
+of the Gluon forward (``sta_kernels.kernels.gluon_fwd``) and backward (``gluon_bwd``) by
+removing it:
 each ablation is a few exact text edits of the kernel's source (the script stops if an edit
 no longer applies), loaded as its own module and timed against the unmodified kernel in the
 same run, rounds interleaved. Ablated kernels compute wrong outputs by design; only their
@@ -26,8 +30,8 @@ Backward (video key blocks, with the stats pass that precedes them):
 - ``bwd_no_exp2``: p^T's exponentials replaced by their arguments.
 - ``bwd_no_dq_reduce``: dq staged in shared memory but never added into the fp32 buffer.
 
-    python benchmarks/gluon_ablation.py                      # on a Hopper GPU
-    python benchmarks/gluon_ablation.py --compile-only       # sm_90 builds, no GPU needed
+    python notes/probes/gluon_ablation.py                    # on a Hopper GPU
+    python notes/probes/gluon_ablation.py --compile-only     # sm_90 builds, no GPU needed
 
 Writes ``gluon_ablation.{json,md}`` under ``--out`` (default ``$OUT`` or
 ``benchmarks/results``).
@@ -46,15 +50,15 @@ from types import ModuleType
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "kernels"), str(ROOT / "benchmarks")]
 
 from bench_util import describe_environment, environment, write_results  # noqa: E402
 
 # the kernels' sources; their modules are imported only when needed (triton reads
 # TRITON_INTERPRET when it decorates them, and the CPU tests set it late)
-KERNEL_FILES = {kernel: ROOT / "kernels" / "sta_kernels" / f"{stem}.py"
-                for kernel, stem in (("fwd", "gluon_sta"), ("bwd", "gluon_bwd"))}
+KERNEL_FILES = {kernel: ROOT / "kernels" / "sta_kernels" / "kernels" / f"{stem}.py"
+                for kernel, stem in (("fwd", "gluon_fwd"), ("bwd", "gluon_bwd"))}
 
 
 def _first_pass_only(x: str) -> tuple[str, str]:
@@ -90,11 +94,11 @@ _BWD_STATS_AND_LOADS = [
     ("            else:\n                row = num_video + (j - video_trips) * (TH * TW)\n",
      "            else:\n                mbarrier.expect(bar, NBYTES)\n"
      "                row = num_video + (j - video_trips) * (TH * TW)\n"),
-    ("            _tma_load(st_desc, [st_row0 + blk, 0], bar, st_bufs.index(stage))\n",
+    ("            tma_load(st_desc, [st_row0 + blk, 0], bar, st_bufs.index(stage))\n",
      "            if j < STAGES:\n"
-     "                _tma_load(st_desc, [st_row0 + blk, 0], bar, st_bufs.index(stage))\n"),
+     "                tma_load(st_desc, [st_row0 + blk, 0], bar, st_bufs.index(stage))\n"),
 ]
-# name: (kernel, [(old, new), ...]): exact edits of the kernel's source (gluon_sta.py for
+# name: (kernel, [(old, new), ...]): exact edits of the kernel's source (gluon_fwd.py for
 # "fwd", gluon_bwd.py for "bwd"), each applied once
 ABLATIONS: dict[str, tuple[str, list[tuple[str, str]]]] = {
     "no_kv_loads": ("fwd", [_first_pass_only("k"), _first_pass_only("v")]),
@@ -119,13 +123,13 @@ ABLATIONS: dict[str, tuple[str, list[tuple[str, str]]]] = {
         ("                _tma_add(dq_desc, [b, qt, qh, qw, col + C * HALF], dq_buf)\n",
          "                pass\n"),
         ("                _tma_add(dqr_desc, [b, num_video + (j - video_trips) * M, col + C * HALF],"
-         "\n                         _as_box(dq_buf, dqr_desc))\n", "                pass\n")]),
+         "\n                         as_box(dq_buf, dqr_desc))\n", "                pass\n")]),
 }
 
 
 def kernel_module(kernel: str) -> ModuleType:
-    """The unmodified module of ``kernel``: "fwd" (``gluon_sta``) or "bwd" (``gluon_bwd``)."""
-    return importlib.import_module(f"sta_kernels.{KERNEL_FILES[kernel].stem}")
+    """The unmodified module of ``kernel``: "fwd" (``gluon_fwd``) or "bwd" (``gluon_bwd``)."""
+    return importlib.import_module(f"sta_kernels.kernels.{KERNEL_FILES[kernel].stem}")
 
 
 def ablated_source(name: str) -> str:
@@ -143,11 +147,13 @@ def ablated_source(name: str) -> str:
 
 
 def load_ablated(name: str, folder: Path) -> ModuleType:
-    """Ablation ``name`` as a module of the ``sta_kernels`` package, from a file in
-    ``folder`` (triton reads the kernels' source from it: keep it until they compile)."""
+    """Ablation ``name`` as a module of the ``sta_kernels.kernels`` package (its relative
+    imports resolve there), from a file in ``folder`` (triton reads the kernels' source from
+    it: keep it until they compile)."""
     path = folder / f"_ablation_{name}.py"
     path.write_text(ablated_source(name))
-    spec = importlib.util.spec_from_file_location(f"sta_kernels._ablation_{name}", path)
+    spec = importlib.util.spec_from_file_location(f"sta_kernels.kernels._ablation_{name}",
+                                                  path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
@@ -172,7 +178,7 @@ def compile_only(names: list[str], folder: Path) -> list[dict]:
 def _inputs(window: tuple[int, int, int]) -> dict:
     """HunyuanVideo 720p inputs on the GPU (random, seeded), with o and lse from the
     unmodified forward for the backward."""
-    gluon_sta = kernel_module("fwd")
+    gluon_fwd = kernel_module("fwd")
     canvas, tile, heads, head_dim = (30, 48, 80), (6, 8, 8), 24, 128
     seq = canvas[0] * canvas[1] * canvas[2]
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -182,7 +188,7 @@ def _inputs(window: tuple[int, int, int]) -> dict:
              scale=head_dim**-0.5, lse=torch.empty(1, heads, seq, device="cuda"),
              windows=torch.tensor([window] * heads, device="cuda", dtype=torch.int32),
              text_len=torch.zeros(1, device="cuda", dtype=torch.int32))
-    gluon_sta.sta_gluon_video_forward(x["q"], k, v, x["o"], x["lse"], x["windows"],
+    gluon_fwd.sta_gluon_video_forward(x["q"], k, v, x["o"], x["lse"], x["windows"],
                                       x["text_len"], canvas, tile, x["scale"])
     x.update(delta=torch.empty_like(x["lse"]), dq_acc=torch.zeros(q.shape, device="cuda"),
              dk=torch.empty_like(q), dv=torch.empty_like(q))

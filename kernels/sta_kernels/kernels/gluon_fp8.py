@@ -1,15 +1,14 @@
 """An FP8 (e4m3) STA forward for sampling on Hopper: both matmuls in float8, in Gluon.
 
-Inference only (no backward). The bf16 Gluon forward (``gluon_sta``) spends about 62% of a
-key block's time on its two bf16 matmuls; Hopper's FP8 tensor cores run twice as fast, so
+Inference only (no backward). The bf16 Gluon forward (``gluon_fwd``) spends most of a key
+block's time on its two bf16 matmuls; Hopper's FP8 tensor cores run twice as fast, so
 this kernel runs QK^T and PV in e4m3 with fp32 accumulation and the online softmax in fp32,
 under the same warp specialisation (one producer warp, one consumer warpgroup per 64-query
 frame). As in the bf16 forward, where the tile's frames divide by 3 three consumers take a
 192-query block (``_fp8_consumer_seq``: each key block in sequence, q's e4m3 copy in shared
-memory), which streams each k/v block for 192 queries instead of 128: 10% faster at
-HunyuanVideo 720p (benchmarks/NOTES.md, v15); elsewhere two (``_fp8_consumer``: q in
-registers, the score matmul of block j issued before the PV matmul of block j - 1). The two
-differ by fp32 rounding only (5e-6 to 7e-5 relative on the GPU tests' cases).
+memory), which streams each k/v block for 192 queries instead of 128; elsewhere two
+(``_fp8_consumer``: q in registers, the score matmul of block j issued before the PV matmul
+of block j - 1). The two differ by fp32 rounding only.
 
 Quantisation:
 
@@ -29,7 +28,7 @@ Quantisation:
 The quantised k and v are packed per block in the kernel's visiting order: the video blocks
 (two (TH, TW) frames of a tile, tiles in raster order), then the text slots in blocks of
 128, zero padded. The pack kernel is triton and runs on CPU under ``TRITON_INTERPRET=1``.
-Scope: ``gluon_sta.supports`` with D = 128 (the PV matmul's B operand is a (D, 128) box).
+Scope: ``gluon_fwd.supports`` with D = 128 (the PV matmul's B operand is a (D, 128) box).
 ``sta_gluon_fp8_video_forward`` writes the video query rows of o; the caller runs the text
 queries in bf16.
 """
@@ -38,35 +37,51 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import triton
 import triton.language as tl
 
-from . import gluon_sta
-from .geometry import num_tiles
-from .gluon_sta import AVAILABLE, FRAME, MAXNREG, MAXNREG_3
+from ..geometry import num_tiles
+from .gluon_common import (
+    AVAILABLE,
+    FRAME,
+    LOG2E,
+    MAXNREG,
+    MAXNREG_3,
+    check_consumers,
+    frames_descriptor,
+    in_scope,
+    tile_constexprs,
+    video_blocks,
+)
+
+if TYPE_CHECKING:
+    from triton.compiler import CompiledKernel
 
 if AVAILABLE:
-    from .gluon_sta import (
-        CONSUMER_REGS,
-        CONSUMER_REGS_3,
-        NEG_BIG,
-        PRODUCER_REGS,
-        TensorDescriptor,
-        _frames_descriptor,
-        _ring_barriers,
-        _sync_threads,
-        _tma_load,
-        _tma_store,
-        _window_loop,
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
         fence_async_shared,
-        gl,
-        gluon,
         mbarrier,
         tma,
         warpgroup_mma,
         warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from .gluon_common import (
+        CONSUMER_REGS,
+        CONSUMER_REGS_3,
+        NEG_BIG,
+        PRODUCER_REGS,
+        ring_barriers,
+        sync_threads,
+        tma_load,
+        tma_store,
+        window_loop,
     )
 
 FP8_MAX = tl.constexpr(448.0)  # largest finite float8_e4m3fn
@@ -312,17 +327,17 @@ if AVAILABLE:
         N: gl.constexpr = 2 * ROWS_M
         mbarrier.expect(q_bar, CONSUMERS * q_desc.block_type.nbytes)
         for c in gl.static_range(CONSUMERS):
-            _tma_load(q_desc, [b, t0 + c, h0, w0, col], q_bar, q_smem.index(c))
+            tma_load(q_desc, [b, t0 + c, h0, w0, col], q_bar, q_smem.index(c))
         for j in range(trips):
             stage = j % STAGES
             phase = (j // STAGES) & 1
             blk = _key_block(j, video_trips, ft, fh, fw, wh, ww, NH, NW, video_blocks, K_SUBS)
             mbarrier.wait(k_empty.index(stage), phase ^ 1)
             mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
-            _tma_load(k_desc, [k_row + blk * N, 0], k_ready.index(stage), k_bufs.index(stage))
+            tma_load(k_desc, [k_row + blk * N, 0], k_ready.index(stage), k_bufs.index(stage))
             mbarrier.wait(v_empty.index(stage), phase ^ 1)
             mbarrier.expect(v_ready.index(stage), vt_desc.block_type.nbytes)
-            _tma_load(vt_desc, [vt_row, blk * N], v_ready.index(stage), v_bufs.index(stage))
+            tma_load(vt_desc, [vt_row, blk * N], v_ready.index(stage), v_bufs.index(stage))
 
     @gluon.jit
     def _q_rows_e4m3(q, HEAD_DIM: gl.constexpr):
@@ -350,7 +365,7 @@ if AVAILABLE:
         x8, scale = _q_rows_e4m3(q, HEAD_DIM)
         q8.store(x8)
         fence_async_shared()
-        _sync_threads()  # every thread's part of q8 written before the wgmma reads it
+        sync_threads()  # every thread's part of q8 written before the wgmma reads it
         return gl.convert_layout(scale, gl.SliceLayout(1, s_layout))
 
     @gluon.jit
@@ -379,7 +394,7 @@ if AVAILABLE:
         o = acc * (gl.load(VMAX + bh) / gl.expand_dims(gl.convert_layout(l_i, row_o), 1))
         q.reshape([M, HEAD_DIM]).store(o.to(gl.bfloat16))
         fence_async_shared()
-        _tma_store(o_desc, [b, t0 + C, h0, w0, col], q)
+        tma_store(o_desc, [b, t0 + C, h0, w0, col], q)
         tma.store_wait(0)
 
     @gluon.jit
@@ -460,7 +475,7 @@ if AVAILABLE:
                           STAGES: gl.constexpr, C: gl.constexpr):
         """Consumer warpgroup ``C`` of three: ``_fp8_consumer``'s online softmax with each
         key block in sequence (score matmul, softmax, PV matmul) and q8 read from shared
-        memory, as ``gluon_sta._consumer_seq`` does at the 160 registers of three
+        memory, as ``gluon_fwd._consumer_seq`` does at the 160 registers of three
         consumers."""
         M: gl.constexpr = ROWS_M
         N: gl.constexpr = 2 * ROWS_M
@@ -518,7 +533,7 @@ if AVAILABLE:
         bh = gl.program_id(1)
         b = bh // num_heads
         h = bh % num_heads
-        t0, h0, w0, ft, fh, fw, wh, ww, video_trips, text_len, trips = _window_loop(
+        t0, h0, w0, ft, fh, fw, wh, ww, video_trips, text_len, trips = window_loop(
             pid, b, h, WIN, TEXT_LEN, NT, NH, NW, TT, TH, TW, K_SUBS, N, TEXT, CONSUMERS)
 
         q_smem = gl.allocate_shared_memory(gl.bfloat16, [CONSUMERS] + q_desc.block_type.shape,
@@ -527,7 +542,7 @@ if AVAILABLE:
                                            k_desc.layout)
         v_bufs = gl.allocate_shared_memory(F8, [STAGES] + vt_desc.block_type.shape,
                                            vt_desc.layout)
-        q_bar, k_ready, k_empty, v_ready, v_empty = _ring_barriers(STAGES, CONSUMERS, STAGES)
+        q_bar, k_ready, k_empty, v_ready, v_empty = ring_barriers(STAGES, CONSUMERS, STAGES)
 
         if CONSUMERS == 3:
             q8_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS_M, HEAD_DIM],
@@ -577,8 +592,8 @@ if AVAILABLE:
 
 def supports(q: torch.Tensor, canvas: Sequence[int], tile: Sequence[int]) -> bool:
     """Whether ``sta_gluon_fp8_video_forward`` covers this call's video queries: the bf16
-    Gluon forward's scope (``gluon_sta.supports``) with D = 128."""
-    return gluon_sta.supports(q, canvas, tile) and q.shape[-1] == 128
+    Gluon forward's scope (``gluon_fwd.supports``) with D = 128."""
+    return in_scope(q, canvas, tile, (128,))
 
 
 def _fp8_descriptor(x: torch.Tensor, block: list[int]):
@@ -600,7 +615,7 @@ def sta_gluon_fp8_video_forward(
     scale: float,
     stages: int = 2,
     consumers: int | None = None,
-):
+) -> CompiledKernel:
     """Write the video query rows of ``o`` from q and the quantised k, v (``quantize_kv``
     of this call). Text query rows are left to the caller.
 
@@ -609,11 +624,11 @@ def sta_gluon_fp8_video_forward(
         windows: (H, 3) int32; text_len: (B,) int32 valid text tokens; both on the device.
         stages: buffers of the k and v rings.
         consumers: consumer warpgroups (64-query frames per program): 2, 3 (tiles whose
-            frames divide by 3), or None for ``gluon_sta.default_consumers``.
+            frames divide by 3), or None for ``gluon_common.default_consumers``.
     Returns:
         the launched kernel (its compiled handle).
     """
-    consumers = gluon_sta._check_consumers(tile, consumers, "sta_gluon_fp8_video_forward")
+    consumers = check_consumers(tile, consumers, "sta_gluon_fp8_video_forward")
     if not supports(q, canvas, tile) or not o.is_contiguous():
         raise ValueError("sta_gluon_fp8_video_forward: call outside the kernel's scope (see "
                          "gluon_fp8.supports)")
@@ -622,17 +637,14 @@ def sta_gluon_fp8_video_forward(
 
 def _launch(q, ops, o, windows, text_len, canvas, tile, scale, stages, consumers):
     """The launch of ``sta_gluon_fp8_video_forward`` without its device checks
-    (``consumers`` resolved by ``gluon_sta._check_consumers``)."""
-    batch, seq, heads, head_dim = q.shape
-    n = num_tiles(canvas, tile)
-    num_video = int(canvas[0]) * int(canvas[1]) * int(canvas[2])
-    grid = (gluon_sta.video_blocks(canvas, tile, consumers), batch * heads)
+    (``consumers`` resolved by ``gluon_common.check_consumers``)."""
+    batch, _, heads, head_dim = q.shape
+    grid = (video_blocks(canvas, tile, consumers), batch * heads)
     return _sta_fwd_fp8_kernel[grid](
-        _frames_descriptor(q, canvas, tile, 1), _fp8_descriptor(ops.k8, [BLOCK, head_dim]),
-        _fp8_descriptor(ops.vt8, [head_dim, BLOCK]), _frames_descriptor(o, canvas, tile, 1),
-        ops.k_scale, ops.v_exp, ops.v_max, windows, text_len, heads, *n, ops.video_blocks,
-        ops.blocks, scale * gluon_sta.LOG2E,
-        TT=int(tile[0]), TH=int(tile[1]), TW=int(tile[2]), HEAD_DIM=head_dim,
-        STAGES=stages, TEXT=seq > num_video, CONSUMERS=consumers,
+        frames_descriptor(q, canvas, tile, 1), _fp8_descriptor(ops.k8, [BLOCK, head_dim]),
+        _fp8_descriptor(ops.vt8, [head_dim, BLOCK]), frames_descriptor(o, canvas, tile, 1),
+        ops.k_scale, ops.v_exp, ops.v_max, windows, text_len, heads,
+        *num_tiles(canvas, tile), ops.video_blocks, ops.blocks, scale * LOG2E,
+        STAGES=stages, CONSUMERS=consumers, **tile_constexprs(q, canvas, tile),
         num_warps=4, maxnreg=MAXNREG_3 if consumers == 3 else MAXNREG,
     )

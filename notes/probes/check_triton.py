@@ -1,10 +1,11 @@
-"""GPU correctness of the triton backend at one geometry, in a process of its own.
+"""GPU correctness of the triton backend at one geometry, in a process of its own (a lab
+probe: the product's checks are tests/kernels and benchmarks/attention.py's).
 
 Runs forward and backward with CUDA_LAUNCH_BLOCKING-friendly synchronisation after each
 kernel and compares against flex STA (large shapes) or the fp64 reference (small shapes),
 printing relative errors and the compiler's resource report.
 
-    PYTHONPATH=kernels python benchmarks/check_triton.py --canvas 30,48,80 --heads 2
+    PYTHONPATH=kernels python notes/probes/check_triton.py --canvas 30,48,80 --heads 2
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """A warp-specialised STA forward for Hopper, written in triton's Gluon dialect.
 
-The triton forward (``triton_sta._sta_fwd_kernel``) runs every warp through the same
+The Triton forward (``triton_sta._sta_fwd_kernel``) runs every warp through the same
 program: both warpgroups issue the score matmul, wait for it, run the exp2s, then issue the
 PV matmul, so the tensor cores idle while the softmax runs. This kernel splits the work
 the way FlashAttention-3 does on Hopper:
@@ -12,19 +12,18 @@ the way FlashAttention-3 does on Hopper:
   every k/v buffer, so that one's softmax runs while the others' matmuls hold the tensor
   cores. Where the tile's frames divide by 3, three consumers (``_consumer_seq``) take a
   192-query block, which streams each k/v block from L2 once per 192 queries instead of
-  128 (a third less of the traffic that the ablations found to cost 14% of the
-  two-consumer kernel's time); at the 160 registers a thread then gets, q stays in shared
-  memory and each key block runs in sequence. Otherwise two consumers (``_consumer``) hold
-  q in registers (the score matmul's A operand) and issue the score matmul of key block j
-  before the PV matmul of block j - 1. (The source waits for that PV matmul after block
-  j's exp2s, but ptxas moves the wait before them, so within one warpgroup the two do not
-  overlap: see benchmarks/NOTES.md.) Both give the same bits.
+  128 (a third less of the k/v traffic); at the 160 registers a thread then gets, q stays
+  in shared memory and each key block runs in sequence. Otherwise two consumers
+  (``_consumer``) hold q in registers (the score matmul's A operand) and issue the score
+  matmul of key block j before the PV matmul of block j - 1. (The source waits for that
+  PV matmul after block j's exp2s, but ptxas moves the wait before them, so within one
+  warpgroup the two do not overlap.) Both give the same bits.
 
 Scope: the video queries (which attend their window's video keys and the valid text keys)
 of a canvas the tile divides (full tiles), tiles of an even number of (TH, TW) frames with
 TH * TW = 64, bf16, D of 64 or 128, on Hopper. ``supports`` says whether a call is in
-scope; ``triton_sta.sta_triton_forward`` calls this kernel for the video queries of such
-calls and runs its own kernel for the text queries and for everything else.
+scope; ``sta_kernels.ops`` runs this kernel for the video queries of such calls and the
+Triton forward for the text queries and for everything else.
 
 Layout and semantics are those of ``triton_sta``: q, k, v, o are (B, S, H, D) contiguous
 with video tokens in raster (t, h, w) order, a block of whole frames is one box of a TMA
@@ -35,14 +34,28 @@ domain.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
-try:  # Gluon ships with triton >= 3.5 (3.6 has the warp_specialize API used here)
-    import triton
+from ..geometry import num_tiles
+from .gluon_common import (
+    AVAILABLE,
+    LOG2E,
+    MAXNREG,
+    MAXNREG_3,
+    check_consumers,
+    frames_descriptor,
+    in_scope,
+    rows_descriptor,
+    tile_constexprs,
+    video_blocks,
+)
 
-    if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 6):
-        raise ImportError(f"triton {triton.__version__}: the Gluon forward needs >= 3.6")
+if TYPE_CHECKING:
+    from triton.compiler import CompiledKernel
+
+if AVAILABLE:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
@@ -52,59 +65,18 @@ try:  # Gluon ships with triton >= 3.5 (3.6 has the warp_specialize API used her
         warpgroup_mma,
         warpgroup_mma_wait,
     )
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    AVAILABLE = True
-except (ImportError, ValueError):  # pragma: no cover - older triton, or a local version tag
-    AVAILABLE = False
-
-from .geometry import num_tiles
-
-LOG2E = 1.4426950408889634
-FRAME = 64  # tokens of one (TH, TW) frame: the rows of one consumer warpgroup
-MAXNREG = 168  # 12 warps (3 warpgroups) x 168 x 32 fits the 64K registers of an SM
-MAXNREG_3 = 128  # the three-consumer forward: 16 warps (4 warpgroups) x 128 x 32
-
-
-if AVAILABLE:
-    # later triton releases (3.9 here) renamed the TMA copies (async_load / async_store)
-    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
-    _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
-    # ... and made shared_memory_descriptor._reinterpret public (reinterpret)
-    _PUBLIC_REINTERPRET = gl.constexpr(hasattr(gl.shared_memory_descriptor, "reinterpret"))
-    NEG_BIG = gl.constexpr(-1.0e30)  # a finite minus infinity (as in triton_sta)
-    CONSUMER_REGS = gl.constexpr(240)  # registers per thread of the second consumer
-    PRODUCER_REGS = gl.constexpr(24)  # the producer warp issues TMA copies only
-    # per consumer thread with three consumers: 3 x 160 + 24 <= 512 (64K / 128 threads)
-    CONSUMER_REGS_3 = gl.constexpr(160)
-    # a barrier of the calling partition's threads (later triton releases: gl.barrier)
-    _sync_threads = getattr(gl, "thread_barrier", None) or gl.barrier
-
-    @gluon.jit
-    def _axis_start(qi, n, w):
-        """First key tile of the window of ``w`` tiles around query tile ``qi`` (of ``n``)."""
-        return gl.minimum(gl.maximum(qi - w // 2, 0), n - w)
-
-    @gluon.jit
-    def _head_window(WIN, h, NT, NH, NW):
-        """Head ``h``'s window (t, h, w) in tiles from the (H, 3) table, clamped to [1, n]."""
-        wt = gl.minimum(gl.maximum(gl.load(WIN + h * 3 + 0), 1), NT)
-        wh = gl.minimum(gl.maximum(gl.load(WIN + h * 3 + 1), 1), NH)
-        ww = gl.minimum(gl.maximum(gl.load(WIN + h * 3 + 2), 1), NW)
-        return wt, wh, ww
-
-    @gluon.jit
-    def _frame_block(pid, NH, NW, TT: gl.constexpr, TH: gl.constexpr, TW: gl.constexpr,
-                     FRAMES: gl.constexpr):
-        """Program ``pid``'s block of ``FRAMES`` frames (TT // FRAMES per tile, tiles in
-        raster order): its tile's (t, h, w) tile indices and its first token's (t, h, w)."""
-        SUBS: gl.constexpr = TT // FRAMES
-        tile = pid // SUBS
-        tile_t = tile // (NH * NW)
-        tile_h = (tile // NW) % NH
-        tile_w = tile % NW
-        return (tile_t, tile_h, tile_w,
-                tile_t * TT + (pid % SUBS) * FRAMES, tile_h * TH, tile_w * TW)
+    from .gluon_common import (
+        CONSUMER_REGS,
+        CONSUMER_REGS_3,
+        NEG_BIG,
+        PRODUCER_REGS,
+        as_box,
+        ring_barriers,
+        tma_load,
+        tma_store,
+        window_loop,
+    )
 
     @gluon.jit
     def _key_coords(j, ft, fh, fw, wh, ww, TT: gl.constexpr, TH: gl.constexpr,
@@ -119,36 +91,6 @@ if AVAILABLE:
         return (ft + dt) * TT + sub * 2, (fh + dh) * TH, (fw + dw) * TW
 
     @gluon.jit
-    def _window_loop(pid, b, h, WIN, TEXT_LEN, NT, NH, NW, TT: gl.constexpr,
-                     TH: gl.constexpr, TW: gl.constexpr, K_SUBS: gl.constexpr,
-                     N: gl.constexpr, TEXT: gl.constexpr, FRAMES: gl.constexpr):
-        """Program ``pid``'s query block (``FRAMES`` frames) and key loop for head ``h`` of
-        batch element ``b``: the block's first token (t0, h0, w0), the window's first key
-        tile (ft, fh, fw) and extent in h and w (wh, ww), the video key blocks
-        (video_trips), the valid text tokens, and all key blocks of ``N`` keys (trips: the
-        video ones, then the text)."""
-        tile_t, tile_h, tile_w, t0, h0, w0 = _frame_block(pid, NH, NW, TT, TH, TW, FRAMES)
-        wt, wh, ww = _head_window(WIN, h, NT, NH, NW)
-        ft = _axis_start(tile_t, NT, wt)
-        fh = _axis_start(tile_h, NH, wh)
-        fw = _axis_start(tile_w, NW, ww)
-        video_trips = wt * wh * ww * K_SUBS
-        text_len = 0
-        if TEXT:
-            text_len = gl.load(TEXT_LEN + b)
-        trips = video_trips + (text_len + N - 1) // N
-        return t0, h0, w0, ft, fh, fw, wh, ww, video_trips, text_len, trips
-
-    @gluon.jit
-    def _as_box(buf, desc):
-        """The shared buffer ``buf`` viewed as one box of ``desc`` (same bytes and swizzle)."""
-        if _PUBLIC_REINTERPRET:
-            view = buf.reinterpret(buf.dtype, desc.block_type.shape, desc.layout)
-        else:
-            view = buf._reinterpret(buf.dtype, desc.block_type.shape, desc.layout)
-        return view
-
-    @gluon.jit
     def _load_block(j, video_trips, desc, rows_desc, buf, ready, b, col, ft, fh, fw, wh, ww,
                     num_video, TT: gl.constexpr, TH: gl.constexpr, TW: gl.constexpr,
                     K_SUBS: gl.constexpr):
@@ -158,10 +100,10 @@ if AVAILABLE:
         mbarrier.expect(ready, desc.block_type.nbytes)
         if j < video_trips:
             kt, kh, kw = _key_coords(j, ft, fh, fw, wh, ww, TT, TH, TW, K_SUBS)
-            _tma_load(desc, [b, kt, kh, kw, col], ready, buf)
+            tma_load(desc, [b, kt, kh, kw, col], ready, buf)
         else:
             row = num_video + (j - video_trips) * (2 * TH * TW)
-            _tma_load(rows_desc, [b, row, col], ready, _as_box(buf, rows_desc))
+            tma_load(rows_desc, [b, row, col], ready, as_box(buf, rows_desc))
 
     @gluon.jit
     def _producer(q_desc, k_desc, v_desc, kt_desc, vt_desc, q_smem, k_bufs, v_bufs,
@@ -174,7 +116,7 @@ if AVAILABLE:
         every key block in turn: the window's video blocks, then the text blocks."""
         mbarrier.expect(q_bar, CONSUMERS * q_desc.block_type.nbytes)
         for c in gl.static_range(CONSUMERS):
-            _tma_load(q_desc, [b, t0 + c, h0, w0, col], q_bar, q_smem.index(c))
+            tma_load(q_desc, [b, t0 + c, h0, w0, col], q_bar, q_smem.index(c))
         for j in range(trips):
             stage = j % STAGES
             phase = (j // STAGES) & 1
@@ -213,7 +155,7 @@ if AVAILABLE:
         o = acc / gl.expand_dims(gl.convert_layout(l_i, row_o), 1)
         q.store(o.to(gl.bfloat16))
         fence_async_shared()
-        _tma_store(o_desc, [b, t0 + C, h0, w0, col], q_smem.index(C))
+        tma_store(o_desc, [b, t0 + C, h0, w0, col], q_smem.index(C))
         rows = gl.arange(0, M, layout=row_s)
         tok = ((t0 + C) * CH + h0 + rows // TW) * CW + w0 + rows % TW
         gl.store(LSE + lse_base + tok, m_i + gl.log2(l_i))
@@ -341,26 +283,6 @@ if AVAILABLE:
                   row_s, row_o, TW, C)
 
     @gluon.jit
-    def _ring_barriers(STAGES: gl.constexpr, CONSUMERS: gl.constexpr,
-                       V_STAGES: gl.constexpr):
-        """The forward's mbarriers, initialised: q's, and per stage of the k/v ring a ready
-        barrier (the producer's TMA) and an empty one (released by all ``CONSUMERS``) for k
-        and for v. Returns (q_bar, k_ready, k_empty, v_ready, v_empty)."""
-        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_ready = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], mbarrier.MBarrierLayout())
-        v_empty = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(q_bar, count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(k_ready.index(i), count=1)
-            mbarrier.init(k_empty.index(i), count=CONSUMERS)
-        for i in gl.static_range(V_STAGES):
-            mbarrier.init(v_ready.index(i), count=1)
-            mbarrier.init(v_empty.index(i), count=CONSUMERS)
-        return q_bar, k_ready, k_empty, v_ready, v_empty
-
-    @gluon.jit
     def _sta_fwd_ws_kernel(
         q_desc, k_desc, v_desc, o_desc, kt_desc, vt_desc, LSE, WIN, TEXT_LEN,
         seq_len, num_video, num_heads, CH, CW, NT, NH, NW, scale_log2,
@@ -378,7 +300,7 @@ if AVAILABLE:
         h = bh % num_heads
         col = h * HEAD_DIM
         lse_base = bh.to(gl.int64) * seq_len
-        t0, h0, w0, ft, fh, fw, wh, ww, video_trips, text_len, trips = _window_loop(
+        t0, h0, w0, ft, fh, fw, wh, ww, video_trips, text_len, trips = window_loop(
             pid, b, h, WIN, TEXT_LEN, NT, NH, NW, TT, TH, TW, K_SUBS, N, TEXT, CONSUMERS)
 
         q_smem = gl.allocate_shared_memory(gl.bfloat16, [CONSUMERS] + q_desc.block_type.shape,
@@ -387,7 +309,7 @@ if AVAILABLE:
                                            k_desc.layout)
         v_bufs = gl.allocate_shared_memory(gl.bfloat16, [V_STAGES] + v_desc.block_type.shape,
                                            v_desc.layout)
-        q_bar, k_ready, k_empty, v_ready, v_empty = _ring_barriers(STAGES, CONSUMERS, V_STAGES)
+        q_bar, k_ready, k_empty, v_ready, v_empty = ring_barriers(STAGES, CONSUMERS, V_STAGES)
         # (triton 3.6 builds warp_specialize only from partitions written out in place: a
         # tuple of the shared arguments, assigned first, does not compile)
         if CONSUMERS == 3:
@@ -430,68 +352,15 @@ def supports(q: torch.Tensor, canvas: Sequence[int], tile: Sequence[int]) -> boo
     """Whether ``sta_gluon_video_forward`` covers the video queries of this call: Gluon
     present, a Hopper GPU, contiguous bf16 with D in (64, 128), and full tiles (the tile
     divides the canvas) of an even number of 64-token frames."""
-    if not (AVAILABLE and q.is_cuda and q.dtype == torch.bfloat16 and q.is_contiguous()):
-        return False
-    if torch.cuda.get_device_capability(q.device)[0] != 9:
-        return False
-    tt, th, tw = (int(t) for t in tile)
-    return (q.shape[-1] in (64, 128) and th * tw == FRAME and tt % 2 == 0
-            and all(int(c) % int(t) == 0 for c, t in zip(canvas, tile, strict=True)))
-
-
-_GL_DTYPES = {torch.bfloat16: "bfloat16", torch.float32: "float32"}
-
-
-def _descriptor(x: torch.Tensor, shape: list[int], strides: list[int], block: list[int]):
-    """TMA descriptor of ``x`` viewed as ``shape`` / ``strides``, box ``block``, in the
-    default NVMMA shared layout of ``x``'s dtype (bf16 tensors, the fp32 dq buffer)."""
-    layout = gl.NVMMASharedLayout.get_default_for(block, getattr(gl, _GL_DTYPES[x.dtype]))
-    return TensorDescriptor(x, shape, strides, block, layout)
-
-
-def _frames_descriptor(x: torch.Tensor, canvas: Sequence[int], tile: Sequence[int],
-                       frames: int, cols: int | None = None):
-    """TMA descriptor of ``x``'s video tokens (B, S, H, D) as (B, CT, CH, CW, H * D), box
-    ``frames`` whole (TH, TW) frames of ``cols`` columns (default: one head's D)."""
-    batch, _, heads, head_dim = x.shape
-    ct, ch, cw = (int(c) for c in canvas)
-    row = x.stride(1)
-    return _descriptor(x, [batch, ct, ch, cw, heads * head_dim],
-                       [x.stride(0), ch * cw * row, cw * row, row, 1],
-                       [1, frames, int(tile[1]), int(tile[2]), cols or head_dim])
-
-
-def _rows_descriptor(x: torch.Tensor, rows: int, cols: int | None = None):
-    """TMA descriptor of ``x`` (B, S, H, D) as (B, S, H * D), box ``rows`` tokens of
-    ``cols`` columns (default: one head's D; the text tokens after the video)."""
-    batch, seq, heads, head_dim = x.shape
-    return _descriptor(x, [batch, seq, heads * head_dim], [x.stride(0), x.stride(1), 1],
-                       [1, rows, cols or head_dim])
-
-
-def video_blocks(canvas: Sequence[int], tile: Sequence[int], frames: int = 2) -> int:
-    """Programs per (batch, head) of a kernel with one program per ``frames`` frames of
-    every tile (the forward's query blocks, the backward's key blocks of two frames)."""
-    n = num_tiles(canvas, tile)
-    return n[0] * n[1] * n[2] * (int(tile[0]) // frames)
-
-
-def default_consumers(tile: Sequence[int]) -> int:
-    """The forward's consumer warpgroups (frames per query block) for ``tile``: three
-    where the tile's frames divide by three, else two.
-
-    Three consumers load each k/v block for 192 queries instead of 128 (a third less L2
-    traffic for the same matmuls): 22.83 against 24.41 ms at HunyuanVideo (3,3,3) on the
-    H200 (benchmarks/NOTES.md, v14)."""
-    return 3 if int(tile[0]) % 3 == 0 else 2
+    return in_scope(q, canvas, tile, (64, 128))
 
 
 def ring_stages(consumers: int, stages: int | None = None) -> tuple[int, int]:
     """Buffers of the (k, v) rings for ``consumers`` and a requested k depth ``stages``
     (None: the default, 3 with three consumers, 2 with two). Two consumers use ``stages``
     for both rings. Three hold three q frames, so a third v buffer does not fit in shared
-    memory: their v ring has 2 (3 k buffers measured 1.2% faster than 2; a third v buffer
-    instead, nothing)."""
+    memory: their v ring has 2, and the spare buffer goes to k, so that the consumers can
+    drift apart by more than one key block."""
     if stages is None:
         stages = 3 if consumers == 3 else 2
     if stages not in (2, 3):
@@ -513,7 +382,7 @@ def sta_gluon_video_forward(
     scale: float,
     stages: int | None = None,
     consumers: int | None = None,
-):
+) -> CompiledKernel:
     """Write the video query rows of ``o`` and ``lse`` with the warp-specialised kernel;
     the same values as ``sta_triton_forward`` gives those rows. Text query rows (if any)
     are left to the caller.
@@ -530,45 +399,29 @@ def sta_gluon_video_forward(
     Returns:
         the launched kernel (its compiled handle: registers, shared memory).
     """
-    consumers = _check_consumers(tile, consumers)
+    consumers = check_consumers(tile, consumers, "sta_gluon_video_forward")
     k_stages, v_stages = ring_stages(consumers, stages)
     if not supports(q, canvas, tile):
         raise ValueError("sta_gluon_video_forward: call outside the kernel's scope (see "
-                         "gluon_sta.supports)")
+                         "gluon_fwd.supports)")
     return _launch(q, k, v, o, lse, windows, text_len, canvas, tile, scale, k_stages,
                    consumers, v_stages)
-
-
-def _check_consumers(tile: Sequence[int], consumers: int | None,
-                     caller: str = "sta_gluon_video_forward") -> int:
-    """``consumers`` resolved (None: ``default_consumers``) and checked against the tile;
-    a ValueError, prefixed with ``caller``, names what does not fit."""
-    if consumers is None:
-        return default_consumers(tile)
-    if consumers not in (2, 3):
-        raise ValueError(f"{caller}: consumers must be 2 or 3 (or None), got {consumers}")
-    if consumers == 3 and int(tile[0]) % 3:
-        raise ValueError(f"{caller}: 3 consumers take query blocks of 3 frames, which tile "
-                         f"{tuple(int(t) for t in tile)} (frames first) does not divide into")
-    return consumers
 
 
 def _launch(q, k, v, o, lse, windows, text_len, canvas, tile, scale, stages, consumers,
             v_stages):
     """The kernel launch of ``sta_gluon_video_forward`` without its device checks
     (``benchmarks/compile_report.py`` records it on CPU tensors): ``stages`` k buffers and
-    ``v_stages`` v buffers (``ring_stages``), ``consumers`` (``_check_consumers``)."""
-    batch, seq, heads, head_dim = q.shape
-    n = num_tiles(canvas, tile)
+    ``v_stages`` v buffers (``ring_stages``), ``consumers`` (``check_consumers``)."""
+    batch, seq, heads, _ = q.shape
     num_video = int(canvas[0]) * int(canvas[1]) * int(canvas[2])
     block_n = 2 * int(tile[1]) * int(tile[2])
     return _sta_fwd_ws_kernel[(video_blocks(canvas, tile, consumers), batch * heads)](
-        _frames_descriptor(q, canvas, tile, 1), _frames_descriptor(k, canvas, tile, 2),
-        _frames_descriptor(v, canvas, tile, 2), _frames_descriptor(o, canvas, tile, 1),
-        _rows_descriptor(k, block_n), _rows_descriptor(v, block_n), lse, windows, text_len,
-        seq, num_video, heads, int(canvas[1]), int(canvas[2]), *n, scale * LOG2E,
-        TT=int(tile[0]), TH=int(tile[1]), TW=int(tile[2]), HEAD_DIM=head_dim,
-        STAGES=stages, TEXT=seq > num_video, CONSUMERS=consumers,
-        V_STAGES=v_stages,
+        frames_descriptor(q, canvas, tile, 1), frames_descriptor(k, canvas, tile, 2),
+        frames_descriptor(v, canvas, tile, 2), frames_descriptor(o, canvas, tile, 1),
+        rows_descriptor(k, block_n), rows_descriptor(v, block_n), lse, windows, text_len,
+        seq, num_video, heads, int(canvas[1]), int(canvas[2]), *num_tiles(canvas, tile),
+        scale * LOG2E, STAGES=stages, CONSUMERS=consumers, V_STAGES=v_stages,
+        **tile_constexprs(q, canvas, tile),
         num_warps=4, maxnreg=MAXNREG_3 if consumers == 3 else MAXNREG,
     )

@@ -1,9 +1,9 @@
 """A warp-specialised STA backward (dk, dv and the fused dq) for Hopper, in Gluon.
 
-The triton backward (``triton_sta._sta_dkdv_kernel`` with the fused dq) holds a key block's
-dk and dv, the score tiles and the dq block in the registers of every thread of 8 warps and
-spills 32 of them. This kernel gives each key frame its own warpgroup, as FlashAttention-3's
-Hopper backward does:
+The Triton backward (``triton_sta._sta_dkdv_kernel`` with the fused dq) holds a key block's
+dk and dv, the score tiles and the dq block in the registers of every thread of 8 warps,
+more than fit, so it spills. This kernel gives each key frame its own warpgroup, as
+FlashAttention-3's Hopper backward does:
 
 - one producer warp loads the key block (two frames of k and v) once, then q, do and the
   query block's (lse, delta) row for every query block of the window into a ring of
@@ -14,54 +14,68 @@ Hopper backward does:
 - each consumer writes its ds^T rows to shared memory; once both halves are there, consumer
   c computes columns [c * D / 2, (c + 1) * D / 2) of dq = ds k over all 128 keys, stages
   them in shared memory and adds them into the fp32 dq buffer with one TMA reduce (pointer
-  atomics from registers were 1.3x slower overall, see benchmarks/NOTES.md).
+  atomics from registers cost more than the staging).
 
 The (lse, delta) rows come from ``_frame_stats_kernel``, which computes delta = rowsum(o *
-do) (also in the raster layout the triton kernel reads) and writes, per 64-query block in
+do) (also in the raster layout the Triton kernel reads) and writes, per 64-query block in
 the order the kernel visits them, the 64 lse values (log2 domain) then the 64 deltas; rows
 that are not queries (text padding) get an lse of +1e30, so their p and ds are exactly 0
 and no mask is needed inside the loop.
 
-Scope: the video key blocks of a call the Gluon forward covers (``gluon_sta.supports``) with
-D = 128; text key blocks (attended by every query) stay with the triton kernel.
-``triton_sta.sta_triton_backward`` runs the two and the cast of dq.
+Scope: the video key blocks of a call the Gluon forward covers (``gluon_fwd.supports``) with
+D = 128; text key blocks (attended by every query) stay with the Triton kernel.
+``sta_kernels.ops`` runs the two and the cast of dq.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import triton
 import triton.language as tl
 
-from . import gluon_sta
-from .geometry import num_tiles
-from .gluon_sta import AVAILABLE, FRAME, MAXNREG
+from ..geometry import num_tiles
+from .gluon_common import (
+    AVAILABLE,
+    FRAME,
+    LOG2E,
+    MAXNREG,
+    frames_descriptor,
+    in_scope,
+    rows_descriptor,
+    tile_constexprs,
+    video_blocks,
+)
+
+if TYPE_CHECKING:
+    from triton.compiler import CompiledKernel
 
 if AVAILABLE:
-    from .gluon_sta import (
-        CONSUMER_REGS,
-        PRODUCER_REGS,
-        TensorDescriptor,
-        _as_box,
-        _frame_block,
-        _frames_descriptor,
-        _head_window,
-        _rows_descriptor,
-        _sync_threads,
-        _tma_load,
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
         fence_async_shared,
-        gl,
-        gluon,
         mbarrier,
+        tma,
         warpgroup_mma,
         warpgroup_mma_wait,
     )
-    from .gluon_sta import tma as _tma
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    if hasattr(_tma, "async_atomic_add"):  # triton >= 3.7 names the TMA reduce
-        _tma_add = _tma.async_atomic_add
+    from .gluon_common import (
+        CONSUMER_REGS,
+        PRODUCER_REGS,
+        as_box,
+        frame_block,
+        head_window,
+        sync_threads,
+        tma_load,
+    )
+
+    if hasattr(tma, "async_atomic_add"):  # triton >= 3.7 names the TMA reduce
+        _tma_add = tma.async_atomic_add
     else:  # 3.6 builds it (create_async_tma_reduce) but has no Python wrapper yet
         from triton._C.libtriton import ir as _ir
         from triton.experimental.gluon.language._core import builtin as _builtin
@@ -76,11 +90,9 @@ if AVAILABLE:
 
 
 def _launch_options() -> dict:
-    """Compile options of the main kernel's launch beyond its warps and registers: from
-    triton 3.9, ``sched4reg`` (LLVM's NVPTX scheduler ordering for register pressure). With
-    it the kernel spills 6 words instead of 34 under 3.9 (3.6, which lacks the option,
-    spills 18) and runs the HunyuanVideo backward 1.5% faster (benchmarks/NOTES.md, v17);
-    it changes no result bit."""
+    """Compile options of the main kernel's launch beyond its warps and registers:
+    ``sched4reg`` (LLVM's NVPTX scheduler ordering for register pressure) where triton has
+    it. It cuts the kernel's spills to a few words and changes no result bit."""
     try:
         from triton.backends.nvidia.compiler import CUDAOptions
     except ImportError:  # pragma: no cover - a triton without the NVIDIA backend
@@ -137,7 +149,7 @@ if AVAILABLE:
     @gluon.jit
     def _axis_queries(ki, n, w):
         """(first, count) of the query tiles (of ``n``) whose window of ``w`` holds key tile
-        ``ki`` (the inverse of ``gluon_sta._axis_start``)."""
+        ``ki`` (the inverse of ``gluon_common.axis_start``)."""
         first = gl.where(ki <= w - 1, 0, ki - w + 1 + w // 2)
         last = gl.where(ki >= n - w, n - 1, ki + w // 2)
         return first, last - first + 1
@@ -148,7 +160,7 @@ if AVAILABLE:
         """(t, h, w) of the first token of video query block ``j`` (one frame): a tile's TT
         frames one after another, the window's query tiles in raster order (the key blocks
         of a tile, which run side by side, then add into the same dq rows at about the same
-        time: measured faster than staggering them, see benchmarks/NOTES.md)."""
+        time, which L2 serves better than staggered adds)."""
         sub = j % TT
         cell = j // TT
         dt = cell // (cnt_w * cnt_h)
@@ -166,8 +178,8 @@ if AVAILABLE:
         """The load warp: the key block's k and v once, then q, do and the stats row of
         every query block: the window's video frames, then the text blocks."""
         mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-        _tma_load(k_desc, [b, kt0, kh0, kw0, col], kv_bar, k_smem)
-        _tma_load(v_desc, [b, kt0, kh0, kw0, col], kv_bar, v_smem)
+        tma_load(k_desc, [b, kt0, kh0, kw0, col], kv_bar, k_smem)
+        tma_load(v_desc, [b, kt0, kh0, kw0, col], kv_bar, v_smem)
         NBYTES: gl.constexpr = (q_desc.block_type.nbytes + do_desc.block_type.nbytes
                                 + st_desc.block_type.nbytes)
         for j in range(trips):
@@ -179,16 +191,16 @@ if AVAILABLE:
             if j < video_trips:
                 qt, qh, qw = _query_coords(j, first_t, first_h, first_w, cnt_h, cnt_w, TT, TH,
                                            TW)
-                _tma_load(q_desc, [b, qt, qh, qw, col], bar, q_bufs.index(stage))
-                _tma_load(do_desc, [b, qt, qh, qw, col], bar, do_bufs.index(stage))
+                tma_load(q_desc, [b, qt, qh, qw, col], bar, q_bufs.index(stage))
+                tma_load(do_desc, [b, qt, qh, qw, col], bar, do_bufs.index(stage))
                 blk = (qt * NH + qh // TH) * NW + qw // TW
             else:
                 row = num_video + (j - video_trips) * (TH * TW)
-                _tma_load(qr_desc, [b, row, col], bar, _as_box(q_bufs.index(stage), qr_desc))
-                _tma_load(dor_desc, [b, row, col], bar,
-                          _as_box(do_bufs.index(stage), dor_desc))
+                tma_load(qr_desc, [b, row, col], bar, as_box(q_bufs.index(stage), qr_desc))
+                tma_load(dor_desc, [b, row, col], bar,
+                          as_box(do_bufs.index(stage), dor_desc))
                 blk = num_frames + (j - video_trips)
-            _tma_load(st_desc, [st_row0 + blk, 0], bar, st_bufs.index(stage))
+            tma_load(st_desc, [st_row0 + blk, 0], bar, st_bufs.index(stage))
 
     @gluon.jit
     def _bwd_consumer(k_smem, v_smem, q_bufs, do_bufs, st_bufs, ds_bufs, dq_buf, kv_bar, ready,
@@ -242,7 +254,7 @@ if AVAILABLE:
             # both frames' ds^T rows in shared memory, then dq = ds k (this half of D)
             dsb = ds_bufs.index(j % 2)  # (128 keys, 64 queries)
             dsb.slice(C * M, M, dim=0).store(ds)
-            _sync_threads()
+            sync_threads()
             fence_async_shared()
             mbarrier.arrive(ds_ready.index(j % 2), count=1)
             mbarrier.wait(ds_ready.index(j % 2), (j // 2) & 1)
@@ -253,10 +265,10 @@ if AVAILABLE:
             mbarrier.arrive(empty.index(stage), count=1)
             # stage this half of dq in shared memory (once the previous reduce has read it)
             # and add it into the fp32 buffer with one TMA reduce
-            _tma.store_wait(0)
-            _sync_threads()
+            tma.store_wait(0)
+            sync_threads()
             dq_buf.reshape([M, HALF]).store(dq)
-            _sync_threads()
+            sync_threads()
             fence_async_shared()
             if j < video_trips:
                 qt, qh, qw = _query_coords(j, first_t, first_h, first_w, cnt_h, cnt_w, TT, TH,
@@ -264,8 +276,8 @@ if AVAILABLE:
                 _tma_add(dq_desc, [b, qt, qh, qw, col + C * HALF], dq_buf)
             else:  # rows past the sequence are dropped by the TMA unit
                 _tma_add(dqr_desc, [b, num_video + (j - video_trips) * M, col + C * HALF],
-                         _as_box(dq_buf, dqr_desc))
-        _tma.store_wait(0)  # the last reduce has read its shared memory
+                         as_box(dq_buf, dqr_desc))
+        tma.store_wait(0)  # the last reduce has read its shared memory
 
         # epilogue: this frame's dk (scaled) and dv, straight from registers
         k_rows = gl.arange(0, M, layout=gl.SliceLayout(1, acc_layout))
@@ -291,8 +303,8 @@ if AVAILABLE:
         h = bh % num_heads
         col = h * HEAD_DIM
         base = b.to(gl.int64) * stride_b + col  # (B, S, H, D) element offset of (b, 0, h, 0)
-        tile_t, tile_h, tile_w, kt0, kh0, kw0 = _frame_block(pid, NH, NW, TT, TH, TW, 2)
-        wt, wh, ww = _head_window(WIN, h, NT, NH, NW)
+        tile_t, tile_h, tile_w, kt0, kh0, kw0 = frame_block(pid, NH, NW, TT, TH, TW, 2)
+        wt, wh, ww = head_window(WIN, h, NT, NH, NW)
         first_t, cnt_t = _axis_queries(tile_t, NT, wt)
         first_h, cnt_h = _axis_queries(tile_h, NH, wh)
         first_w, cnt_w = _axis_queries(tile_w, NW, ww)
@@ -350,8 +362,8 @@ if AVAILABLE:
 
 def supports(q: torch.Tensor, canvas: Sequence[int], tile: Sequence[int]) -> bool:
     """Whether ``sta_gluon_backward`` covers this call's video key blocks: the Gluon
-    forward's scope (``gluon_sta.supports``) with D = 128."""
-    return q.shape[-1] == 128 and gluon_sta.supports(q, canvas, tile)
+    forward's scope (``gluon_fwd.supports``) with D = 128."""
+    return in_scope(q, canvas, tile, (128,))
 
 
 def _stats_descriptor(stats: torch.Tensor):
@@ -378,7 +390,7 @@ def sta_gluon_backward(
     dk: torch.Tensor,
     dv: torch.Tensor,
     stages: int = 2,
-):
+) -> CompiledKernel:
     """The video key blocks' part of the fused backward: writes ``delta`` (all rows), the
     video rows of ``dk`` and ``dv``, and adds their (unscaled) dq into ``dq_acc``.
 
@@ -427,20 +439,17 @@ def frame_stats(o: torch.Tensor, do: torch.Tensor, lse: torch.Tensor, delta: tor
 def _launch(do, q, k, v, o, lse, windows, text_len, canvas, tile, scale, delta, dq_acc, dk,
             dv, stages):
     """The two launches of ``sta_gluon_backward`` without its device checks."""
-    batch, seq, heads, head_dim = q.shape
-    n = num_tiles(canvas, tile)
+    batch, _, heads, head_dim = q.shape
     num_video = int(canvas[0]) * int(canvas[1]) * int(canvas[2])
     stats = frame_stats(o, do, lse, delta, text_len, canvas, tile)
     num_blocks = stats.shape[0] // (batch * heads)
-    return _sta_bwd_ws_kernel[(gluon_sta.video_blocks(canvas, tile), batch * heads)](
-        _frames_descriptor(q, canvas, tile, 1), _frames_descriptor(do, canvas, tile, 1),
-        _frames_descriptor(k, canvas, tile, 2), _frames_descriptor(v, canvas, tile, 2),
-        _rows_descriptor(q, FRAME), _rows_descriptor(do, FRAME), _stats_descriptor(stats),
-        _frames_descriptor(dq_acc, canvas, tile, 1, head_dim // 2),  # half a head of dq
-        _rows_descriptor(dq_acc, FRAME, head_dim // 2), dk, dv, windows, text_len,
-        q.stride(0), num_video, heads, int(canvas[1]), int(canvas[2]), *n, num_blocks, scale,
-        scale * gluon_sta.LOG2E,
-        TT=int(tile[0]), TH=int(tile[1]), TW=int(tile[2]), HEAD_DIM=head_dim,
-        STAGES=stages, TEXT=seq > num_video,
+    return _sta_bwd_ws_kernel[(video_blocks(canvas, tile), batch * heads)](
+        frames_descriptor(q, canvas, tile, 1), frames_descriptor(do, canvas, tile, 1),
+        frames_descriptor(k, canvas, tile, 2), frames_descriptor(v, canvas, tile, 2),
+        rows_descriptor(q, FRAME), rows_descriptor(do, FRAME), _stats_descriptor(stats),
+        frames_descriptor(dq_acc, canvas, tile, 1, head_dim // 2),  # half a head of dq
+        rows_descriptor(dq_acc, FRAME, head_dim // 2), dk, dv, windows, text_len,
+        q.stride(0), num_video, heads, int(canvas[1]), int(canvas[2]), *num_tiles(canvas, tile),
+        num_blocks, scale, scale * LOG2E, STAGES=stages, **tile_constexprs(q, canvas, tile),
         num_warps=4, maxnreg=MAXNREG, **LAUNCH_OPTIONS,
     )
