@@ -1,41 +1,92 @@
-"""Copy the latest benchmark tables into README.md.
+"""Copy the latest benchmark tables into the user docs.
 
-Each ``<!-- results:NAME -->`` ... ``<!-- /results:NAME -->`` block in the README is
-replaced by ``benchmarks/results/NAME.md``; run after a benchmark wrote new results.
+Each ``<!-- results:NAME -->`` ... ``<!-- /results:NAME -->`` block in ``docs/*.md`` is
+replaced by ``benchmarks/results/NAME.md``; run it after a benchmark wrote new results. A
+block whose table does not exist is an error, so a renamed results file cannot leave a stale
+table behind unnoticed.
 
-    python benchmarks/update_readme.py
+    python benchmarks/update_docs.py            # splice every block
+    python benchmarks/update_docs.py --check    # change nothing; exit 1 naming stale blocks
 """
 
 from __future__ import annotations
 
+import argparse
 import re
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+RESULTS = ROOT / "benchmarks" / "results"
+_OPEN = re.compile(r"<!-- results:([\w.-]+) -->")
 
 
-def update(
-    readme: Path = ROOT / "README.md", results: Path = ROOT / "benchmarks" / "results"
-) -> list[str]:
-    """Splice every results block whose table exists; returns the names updated."""
-    text = readme.read_text()
-    done = []
-    for name in re.findall(r"<!-- results:([\w.-]+) -->", text):
+def splice(text: str, results: Path = RESULTS) -> tuple[str, list[str]]:
+    """``text`` with every results block holding its table; returns it and the block names.
+
+    Raises:
+        FileNotFoundError: a block names a table that ``results`` does not hold.
+    """
+    names = list(dict.fromkeys(_OPEN.findall(text)))
+    for name in names:
         table = results / f"{name}.md"
         if not table.is_file():
-            continue
+            raise FileNotFoundError(f"<!-- results:{name} --> has no table {table}")
+        fresh = f"<!-- results:{name} -->\n{table.read_text().strip()}\n<!-- /results:{name} -->"
         block = re.compile(
             rf"<!-- results:{re.escape(name)} -->.*?<!-- /results:{re.escape(name)} -->", re.S
         )
-        fresh = f"<!-- results:{name} -->\n{table.read_text().strip()}\n<!-- /results:{name} -->"
         if block.search(text):
             text = block.sub(lambda _, fresh=fresh: fresh, text)
-        else:
+        else:  # an opening marker alone: the table goes in after it
             text = text.replace(f"<!-- results:{name} -->", fresh, 1)
-        done.append(name)
-    readme.write_text(text)
-    return done
+    return text, names
+
+
+def update(
+    docs: list[Path] | None = None, results: Path = RESULTS, *, check: bool = False
+) -> dict[Path, list[str]]:
+    """Splice the tables into ``docs`` (default: ``docs/*.md``).
+
+    Returns, per file, the blocks that changed (with ``check``, that would change; nothing is
+    written then).
+    """
+    changed: dict[Path, list[str]] = {}
+    for path in docs if docs is not None else sorted(DOCS.glob("*.md")):
+        text = path.read_text()
+        fresh, names = splice(text, results)
+        if fresh == text:
+            continue
+        old = _blocks(text)
+        changed[path] = [n for n in names if old.get(n) != _blocks(fresh)[n]]
+        if not check:
+            path.write_text(fresh)
+    return changed
+
+
+def _blocks(text: str) -> dict[str, str]:
+    """The current content of every complete results block, by name."""
+    found = re.findall(r"<!-- results:([\w.-]+) -->(.*?)<!-- /results:\1 -->", text, re.S)
+    return {name: body for name, body in found}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if a block is stale")
+    args = parser.parse_args(argv)
+    try:
+        changed = update(check=args.check)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    for path, names in changed.items():
+        verb = "stale" if args.check else "updated"
+        print(f"{verb}: {path.relative_to(ROOT)}: {', '.join(names)}")
+    if not changed:
+        print("every results block is up to date")
+    return 1 if args.check and changed else 0
 
 
 if __name__ == "__main__":
-    print("updated:", ", ".join(update()) or "nothing")
+    sys.exit(main())
