@@ -1,7 +1,7 @@
 """Copy the latest benchmark tables into the user docs.
 
-Each ``<!-- results:NAME -->`` ... ``<!-- /results:NAME -->`` block in ``docs/*.md`` is
-replaced by ``benchmarks/results/NAME.md``; run it after a benchmark wrote new results. A
+Each ``<!-- results:NAME -->`` ... ``<!-- /results:NAME -->`` block in ``docs/*.md`` (the
+markers on lines of their own) is replaced by ``benchmarks/results/NAME.md``; run it after a benchmark wrote new results. A
 block whose table does not exist is an error, so a renamed results file cannot leave a stale
 table behind unnoticed.
 
@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 RESULTS = ROOT / "benchmarks" / "results"
-_OPEN = re.compile(r"<!-- results:([\w.-]+) -->")
+_OPEN = re.compile(r"^<!-- results:([\w.-]+) -->$", re.M)
 
 
 def splice(text: str, results: Path = RESULTS) -> tuple[str, list[str]]:
@@ -34,13 +34,11 @@ def splice(text: str, results: Path = RESULTS) -> tuple[str, list[str]]:
         if not table.is_file():
             raise FileNotFoundError(f"<!-- results:{name} --> has no table {table}")
         fresh = f"<!-- results:{name} -->\n{table.read_text().strip()}\n<!-- /results:{name} -->"
-        block = re.compile(
-            rf"<!-- results:{re.escape(name)} -->.*?<!-- /results:{re.escape(name)} -->", re.S
-        )
-        if block.search(text):
-            text = block.sub(lambda _, fresh=fresh: fresh, text)
-        else:  # an opening marker alone: the table goes in after it
-            text = text.replace(f"<!-- results:{name} -->", fresh, 1)
+        key = re.escape(name)
+        block = re.compile(rf"^<!-- results:{key} -->$.*?^<!-- /results:{key} -->$", re.S | re.M)
+        if not block.search(text):  # an opening marker alone: the table goes in after it
+            block = re.compile(rf"^<!-- results:{key} -->$", re.M)
+        text = block.sub(lambda _, fresh=fresh: fresh, text, count=1)
     return text, names
 
 
@@ -58,8 +56,8 @@ def update(
         fresh, names = splice(text, results)
         if fresh == text:
             continue
-        old = _blocks(text)
-        changed[path] = [n for n in names if old.get(n) != _blocks(fresh)[n]]
+        old, new = _blocks(text), _blocks(fresh)
+        changed[path] = [n for n in names if old.get(n) != new[n]]
         if not check:
             path.write_text(fresh)
     return changed
@@ -67,7 +65,9 @@ def update(
 
 def _blocks(text: str) -> dict[str, str]:
     """The current content of every complete results block, by name."""
-    found = re.findall(r"<!-- results:([\w.-]+) -->(.*?)<!-- /results:\1 -->", text, re.S)
+    found = re.findall(
+        r"^<!-- results:([\w.-]+) -->$(.*?)^<!-- /results:\1 -->$", text, re.S | re.M
+    )
     return {name: body for name, body in found}
 
 
