@@ -87,8 +87,8 @@ def anchors(path: Path) -> set[str]:
     return {slug(h) for h in re.findall(r"^#+ (.+)$", text, re.M)}
 
 
-@pytest.mark.parametrize("doc", DOCS, ids=IDS)
-def test_links_and_anchors_exist(doc: Path) -> None:
+def dead_links(doc: Path) -> list[str]:
+    """Relative links whose file, or whose anchor in a Markdown file, does not exist."""
     text = re.sub(r"^```.*?^```$", "", doc.read_text(), flags=re.S | re.M)
     bad = []
     for target in re.findall(r"\]\(([^)\s]+)\)", text):
@@ -100,11 +100,11 @@ def test_links_and_anchors_exist(doc: Path) -> None:
             bad.append(target)
         elif anchor and resolved.suffix == ".md" and anchor not in anchors(resolved):
             bad.append(target)
-    assert not bad, f"{doc.name}: dead links {bad}"
+    return bad
 
 
-@pytest.mark.parametrize("doc", DOCS, ids=IDS)
-def test_named_files_exist(doc: Path) -> None:
+def missing_files(doc: Path) -> list[str]:
+    """Repository paths in code spans and blocks that do not exist."""
     bad = []
     for token in tokens(doc):
         token = token.split("::")[0].rstrip(".:")
@@ -122,11 +122,11 @@ def test_named_files_exist(doc: Path) -> None:
             continue
         if not any(c.exists() for c in candidates):
             bad.append(token)
-    assert not bad, f"{doc.name}: no such file {sorted(set(bad))}"
+    return bad
 
 
-@pytest.mark.parametrize("doc", DOCS, ids=IDS)
-def test_modules_and_commands_exist(doc: Path) -> None:
+def missing_modules(doc: Path) -> list[str]:
+    """``python -m`` targets and dotted ``stafinetune.*`` names that do not resolve."""
     bad = []
     for span in code(doc):
         for target in re.findall(r"-m (stafinetune[\w.]*|sta_kernels[\w.]*)(?: (\w+))?", span):
@@ -139,21 +139,24 @@ def test_modules_and_commands_exist(doc: Path) -> None:
         for dotted in re.findall(r"(?<![\w/.])stafinetune(?:\.\w+)+", span):
             if not resolves(dotted):
                 bad.append(dotted)
-    assert not bad, f"{doc.name}: {sorted(set(bad))}"
+    return bad
 
 
+@cache
 def schema_fields() -> dict[str, set[str]]:
-    groups = {f.name: f.type for f in dataclasses.fields(JobConfig)}
-    sections = {name: {f.name for f in dataclasses.fields(getattr(JobConfig(), name))}
-                for name in groups if dataclasses.is_dataclass(getattr(JobConfig(), name))}  # fmt: skip
-    sections["search"] = {f.name for f in dataclasses.fields(SearchConfig)}
-    sections["sample"] = {f.name for f in dataclasses.fields(SampleConfig)}
-    sections["compare"] = {f.name for f in dataclasses.fields(CompareConfig)}
-    return sections
+    """The fields of every config section a command line can name (``train``, ``search``, ...)."""
+    job = JobConfig()
+    sections = {
+        f.name: getattr(job, f.name)
+        for f in dataclasses.fields(job)
+        if dataclasses.is_dataclass(getattr(job, f.name))
+    }
+    sections.update(search=SearchConfig, sample=SampleConfig, compare=CompareConfig)
+    return {name: {f.name for f in dataclasses.fields(schema)} for name, schema in sections.items()}
 
 
-@pytest.mark.parametrize("doc", DOCS, ids=IDS)
-def test_config_fields_exist(doc: Path) -> None:
+def unknown_fields(doc: Path) -> list[str]:
+    """``group.field`` keys that no config schema has."""
     sections = schema_fields()
     pattern = rf"(?<![\w./-])({'|'.join(sections)})\.([a-z_][a-z0-9_]*)(?![\w/])"
     bad = set()
@@ -166,4 +169,15 @@ def test_config_fields_exist(doc: Path) -> None:
                 and key not in UNKNOWN_ON_PURPOSE
             ):
                 bad.add(key)
-    assert not bad, f"{doc.name}: no such config field {sorted(bad)}"
+    return sorted(bad)
+
+
+CHECKS = {"links": dead_links, "files": missing_files, "modules": missing_modules,
+          "config fields": unknown_fields}  # fmt: skip
+
+
+@pytest.mark.parametrize("check", CHECKS)
+@pytest.mark.parametrize("doc", DOCS, ids=IDS)
+def test_docs_name_only_what_exists(doc: Path, check: str) -> None:
+    bad = CHECKS[check](doc)
+    assert not bad, f"{doc.name}: {check} that do not exist: {sorted(set(bad))}"
