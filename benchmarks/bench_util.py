@@ -134,7 +134,7 @@ def run_guarded(fn: Callable[[], dict[str, Any]], device: torch.device) -> dict[
 
 
 def write_results(out: Path, name: str, payload: dict[str, Any], table: str) -> None:
-    """``out/name.json`` and ``out/name.md`` (the table ``update_readme.py`` splices in)."""
+    """``out/name.json`` and ``out/name.md`` (the table ``update_docs.py`` splices into the docs)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(payload, indent=2))
     (out / f"{name}.md").write_text(table.rstrip() + "\n")

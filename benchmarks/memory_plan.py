@@ -149,7 +149,7 @@ def step_seconds(shape: Shape, *, sp: int, density: float, tflops: float = 600.0
 
 
 def plan_720p(gpus: int = 8, budget_gib: float = 80.0) -> dict:
-    """The table of the README: Wan 14B and HunyuanVideo 13B at 720p on ``gpus`` GPUs."""
+    """The table of docs/parallel.md: Wan 14B and HunyuanVideo 13B at 720p on ``gpus`` GPUs."""
     shapes = [
         model_shape("wan2.1-14B 720p", "wan2.1_t2v_14b", (21, 45, 80), 512),
         model_shape("hunyuanvideo-13B 720p", "hunyuanvideo_13b", (30, 48, 80), 256),

@@ -1,6 +1,6 @@
 """The latent cache: sharded Arrow files with shape and dtype metadata.
 
-Layout of a cache folder (documented for users in data/README.md)::
+Layout of a cache folder (documented for users in docs/data.md)::
 
     <cache>/shards/shard-00000.arrow   Arrow IPC *stream* files, one per ``data.shard_size``
     <cache>/shards/shard-00000.json    source records; the JSON is written last and marks

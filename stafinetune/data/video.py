@@ -1,7 +1,7 @@
 """Video decoding (decord, native size), frame sampling, bucketing and torch resize/crop.
 
 Every way a video can be bad raises :class:`BadVideo` with a ``reason`` code, so preprocessing
-can skip, count and list it instead of dying. Reason codes (also documented in data/README.md):
+can skip, count and list it instead of dying. Reason codes (also documented in docs/data.md):
 
 ==================  ==============================================================
 ``missing_file``    the path does not exist

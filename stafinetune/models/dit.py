@@ -251,7 +251,8 @@ class VideoDiT(nn.Module):
 
         Args:
             policy: ``full`` recomputes the whole block; ``selective`` keeps every attention
-                call's output so the recomputation skips attention (``checkpointing.py``).
+                call's output so the recomputation skips attention
+                (``activation_checkpointing.py``).
             compile: compile each checkpointed block call (checkpoint and block) as one
                 region with ``torch.compile``; the compiler then plans the recomputation.
             backend: the ``torch.compile`` backend (tests use ``aot_eager``).

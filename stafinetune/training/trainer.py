@@ -1,10 +1,11 @@
 """The training loop: step, log, validate, checkpoint, each on its own cadence.
 
-The parts come from elsewhere: models and data from :mod:`.build`, parallel wrappers from
-:mod:`.parallel`, the loss computation from :mod:`.distill`, validation from :mod:`.evaluate`,
-checkpoints from :mod:`.checkpoint`. :class:`Trainer` assembles them once and
-:meth:`Trainer.fit` runs the loop. Everything the loop needs to continue bit-exactly (weights,
-optimiser, scheduler, EMA, RNG states, data position, step) is in each checkpoint.
+The parts come from elsewhere: models and data from :mod:`stafinetune.build`, parallel
+wrappers and the optimiser engine from :mod:`stafinetune.parallel`, the loss computation from
+:mod:`.distill`, validation from :mod:`.validation`, checkpoints from :mod:`.checkpoint`.
+:class:`Trainer` assembles them once and :meth:`Trainer.fit` runs the loop. Everything the
+loop needs to continue bit-exactly (weights, optimiser, scheduler, EMA, RNG states, data
+position, step) is in each checkpoint.
 """
 
 from __future__ import annotations
