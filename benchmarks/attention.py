@@ -71,7 +71,7 @@ SHAPES = {
     "wan": Shape("wan-480p", 1, (21, 30, 52), (6, 8, 8), 40, 128, ((3, 3, 3), (4, 4, 7))),
 }
 
-# The default before TMA loads and the fused dq (v5, benchmarks/NOTES.md); every variant
+# The default before TMA loads and the fused dq (v5, notes/NOTES.md); every variant
 # below is a change from it, as measured in its sweep.
 V5 = KernelConfig(fwd_tma=False, dq_tma=False, fused_dq=False, fused_dq_tma=False,
                   fwd_gluon=False, bwd_gluon=False)

@@ -7,6 +7,7 @@ folder on ``sys.path``). Timing uses CUDA events on a GPU and ``perf_counter`` o
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import platform
@@ -17,8 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from stafinetune.models.cost_table import sdpa_priority  # noqa: F401  (re-exported)
 
 GIB = 2**30
 
@@ -147,3 +146,11 @@ def fmt(value: float | None, spec: str, missing: str = "-") -> str:
     if value is None or value != value:
         return missing
     return format(value, spec)
+
+
+def sdpa_priority(device: torch.device, order: str) -> contextlib.AbstractContextManager:
+    """The dense baseline's SDPA backend order (``stafinetune.models.cost_table``'s rule),
+    imported on use so that kernel benchmarks do not load the framework."""
+    from stafinetune.models.cost_table import sdpa_priority as framework_rule
+
+    return framework_rule(device, order)

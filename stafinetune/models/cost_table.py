@@ -33,10 +33,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from sta_kernels import num_tiles, sliding_tile_attention
+from sta_kernels import num_tiles, sliding_tile_attention, window_density
 from sta_kernels.geometry import as_triple
 
-from .dispatch import CostEntry, CostPoint, CostTable, head_density
+from .dispatch import CostEntry, CostPoint, CostTable
 
 Triple = tuple[int, int, int]
 Timer = Callable[[Callable[[], Any]], float]
@@ -157,7 +157,7 @@ def measure_cost_entry(
     for window in windows or candidate_windows(num_tiles(canvas, tile)):
         window = as_triple(window, "window")
         row: dict[str, Any] = {"canvas": canvas, "impl": "STA", "window": window,
-                               "density": head_density(canvas, tile, window)}  # fmt: skip
+                               "density": window_density(canvas, tile, window)}  # fmt: skip
         if on_window is not None and not on_window(window):
             rows.append({**row, "error": "skipped: the time budget ran out"})
             continue

@@ -18,16 +18,14 @@ Windows are small CPU tables, so the choice costs microseconds; it reads their v
 from __future__ import annotations
 
 import bisect
-import functools
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from sta_kernels.geometry import as_triple, covering_heads
+from sta_kernels.geometry import as_triple, covering_heads, window_density
 
 Triple = tuple[int, int, int]
 TABLE_VERSION = 1
@@ -162,27 +160,6 @@ class CostTable:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
-@functools.lru_cache(maxsize=4096)
-def _axis_density(tokens: int, tile: int, window: int) -> float:
-    """Fraction of (query, key) token pairs of one axis that the window keeps."""
-    n = math.ceil(tokens / tile)
-    w = max(1, min(window, n))
-    sizes = [min(tile, tokens - i * tile) for i in range(n)]
-    kept = 0
-    for qi in range(n):
-        start = min(max(qi - w // 2, 0), n - w)
-        kept += sizes[qi] * sum(sizes[start : start + w])
-    return kept / tokens**2
-
-
-def head_density(canvas: Sequence[int], tile: Sequence[int], window: Sequence[int]) -> float:
-    """Video density of one head's window (``sta_kernels.density`` without building masks:
-    the STA mask is a product of per-axis masks, so its density is the product of theirs)."""
-    return math.prod(
-        _axis_density(c, t, int(w)) for c, t, w in zip(canvas, tile, window, strict=True)
-    )
-
-
 def choose_route(
     window: torch.Tensor,
     canvas: Sequence[int],
@@ -211,7 +188,7 @@ def choose_route(
     if entry is None:
         return STA
     triples = [tuple(w) for w in window.tolist()]
-    sta_costs = [entry.sta_ms(head_density(canvas, tile, w), backward) for w in triples]
+    sta_costs = [entry.sta_ms(window_density(canvas, tile, w), backward) for w in triples]
     dense = [h for h, c in enumerate(covers.tolist()) if c]
     sparse = [h for h, c in enumerate(covers.tolist()) if not c]
     passes = 2.0 if backward else 1.0

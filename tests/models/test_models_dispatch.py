@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from dit_testing import build, make_batch, run
 
 import stafinetune.models.attention as attention_module
-from sta_kernels import density, sliding_tile_attention
+from sta_kernels import sliding_tile_attention
 from stafinetune.models.attention import STAAttention
 from stafinetune.models.dispatch import (
     CostEntry,
@@ -18,7 +18,6 @@ from stafinetune.models.dispatch import (
     CostTable,
     choose_route,
     covering_heads,
-    head_density,
 )
 
 CANVAS, TILE = (5, 9, 7), (2, 2, 3)  # partial tiles on every axis: 3 x 5 x 3 tiles
@@ -151,14 +150,6 @@ def test_cost_interpolates_between_measured_densities():
     assert entry.sta_ms(0.55, backward=False) == pytest.approx(0.4 + 0.5 * 3.6)
     assert entry.sta_ms(0.55, backward=True) == pytest.approx(3 * (0.4 + 0.5 * 3.6))
     assert entry.sta_ms(0.05, backward=False) == pytest.approx(0.4 - 0.05 * 4.0)
-
-
-def test_head_density_matches_the_kernels_masks():
-    for canvas, tile in [(CANVAS, TILE), ((30, 48, 80), (6, 8, 8)), ((21, 45, 80), (6, 8, 8))]:
-        windows = torch.tensor([[1, 1, 1], [3, 3, 3], [2, 5, 4], [9, 9, 9]])
-        expected = density(canvas, tile, windows)
-        got = torch.tensor([head_density(canvas, tile, w) for w in windows.tolist()])
-        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
 
 
 def test_covering_heads():
