@@ -1,4 +1,5 @@
-"""Build the parts of a run from their config slices: data, student, teacher, validation batches.
+"""Build the parts of a run from their config slices: data, student, teacher, critic,
+validation batches.
 
 Every command (train, and the search / sample / eval commands) makes its models and data
 here, so they all see the same student, the same teacher and the same fixed batches. Nothing
@@ -200,6 +201,13 @@ def teacher_device(distill_cfg: DistillConfig, student_device: torch.device) -> 
     return torch.device(distill_cfg.teacher_device)
 
 
+def teacher_model_config(job: JobConfig) -> ModelConfig:
+    """Where the teacher's weights come from: ``distill.teacher_path``, else ``model.path``."""
+    if job.distill.teacher_path is not None:
+        return dataclasses.replace(job.model, path=job.distill.teacher_path, config_overrides={})
+    return job.model
+
+
 def build_teacher(job: JobConfig, student_device: torch.device) -> VideoDiT | None:
     """The frozen dense teacher, or None when no loss term needs it.
 
@@ -210,10 +218,8 @@ def build_teacher(job: JobConfig, student_device: torch.device) -> VideoDiT | No
     dcfg = job.distill
     if not dcfg.needs_teacher:
         return None
-    model_cfg = job.model
-    if dcfg.teacher_path is not None:
-        model_cfg = dataclasses.replace(model_cfg, path=dcfg.teacher_path, config_overrides={})
-    elif model_cfg.path is None:
+    model_cfg = teacher_model_config(job)
+    if model_cfg.path is None:
         log.warning(
             "model.path is not set: the dense teacher is the student's own random initial "
             "weights (model.flavor=%s), which teaches nothing useful outside tests",
@@ -226,3 +232,25 @@ def build_teacher(job: JobConfig, student_device: torch.device) -> VideoDiT | No
     teacher.requires_grad_(False)
     teacher.eval()
     return teacher
+
+
+def build_critic(job: JobConfig, device: torch.device) -> VideoDiT:
+    """The trainable critic (fake score) of ``distill=dmd2``: the teacher's weights in fp32,
+    attending as ``distill.fewstep.critic_attention`` says (the student's windows or dense)."""
+    attention = job.attention
+    if job.distill.fewstep.critic_attention == "full":
+        attention = dataclasses.replace(attention, mode="full")
+    return build_seeded(
+        teacher_model_config(job), attention, seed=job.train.seed, device=device,
+        dtype=torch.float32,
+    )  # fmt: skip
+
+
+def encode_prompt(data_cfg: DataConfig, prompt: str) -> tuple[torch.Tensor, ...]:
+    """``prompt`` through the data's text encoder: ``(text (1, L, Dt), mask (1, L), pooled
+    (1, Dp))`` on the CPU (e.g. the negative prompt of classifier-free guidance)."""
+    from stafinetune.data import build_text_encoder
+
+    with torch.no_grad():
+        text, mask, pooled = build_text_encoder(data_cfg).encode([prompt])
+    return text.float().cpu(), mask.cpu(), pooled.float().cpu()

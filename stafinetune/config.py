@@ -131,17 +131,112 @@ class TrainConfig:
         )
 
 
-@dataclass
-class DistillConfig:
-    """Loss terms and teacher settings (group ``distill``).
+DISTILL_METHODS = ("per_step", "dmd2", "trajectory")
 
-    loss = w_attn * mean over layers of MSE(student STA attention output, teacher dense
-    attention output) + w_out * MSE(student output, teacher output) + w_data * flow-matching
-    MSE against the data. With w_attn = w_out = 0 no teacher is built (plain finetuning).
-    A teacher needs weights (``teacher_path`` or ``model.path``): distilling from the
-    student's own random initialisation is refused unless ``allow_random_teacher`` (tests).
+
+@dataclass
+class FewStepConfig:
+    """The few-step student of ``distill.method=dmd2`` / ``trajectory`` (``distill.fewstep``).
+
+    The student samples in ``steps`` model evaluations, every one of them STA, at the levels
+    ``sigmas`` (default: ``steps`` evenly spaced levels from 1, shifted by ``shift``; the
+    sampler ends at 0), moving between them by re-noising its x0 prediction with fresh noise
+    (``stochastic``) or by an Euler step. Guidance is baked in: the teacher gives its
+    classifier-free guided prediction at ``guidance_scale`` (1: no guidance) against
+    ``negative_prompt``, and the student samples without guidance.
+
+    Attributes:
+        steps, shift, sigmas, stochastic: the student's sampling schedule (see above).
+        guidance_scale, negative_prompt: the teacher's guidance, baked into the student.
+        critic_ratio: ``dmd2``: critic (fake score) updates per student update.
+        critic_lr: ``dmd2``: the critic's learning rate; null: ``train.lr``.
+        critic_attention: ``dmd2``: ``sta`` (the student's windows) or ``full`` (dense).
+        score_t_min, score_t_max: ``dmd2``: range of the noise levels at which the teacher's
+            and the critic's predictions of the student's samples are compared.
+        teacher_steps: ``trajectory``: Euler steps of the teacher over the whole schedule,
+            spread evenly over the student's steps (each segment gets teacher_steps / steps).
     """
 
+    steps: int = 4
+    shift: float = 1.0
+    sigmas: list[float] | None = None
+    stochastic: bool = True
+    guidance_scale: float = 1.0
+    negative_prompt: str = ""
+    critic_ratio: int = 5
+    critic_lr: float | None = None
+    critic_attention: str = "sta"
+    score_t_min: float = 0.02
+    score_t_max: float = 0.98
+    teacher_steps: int = 20
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 1, f"distill.fewstep.steps must be >= 1, got {self.steps}")
+        _check(self.shift >= 1.0, f"distill.fewstep.shift must be >= 1, got {self.shift}")
+        if self.sigmas is not None:
+            levels = list(self.sigmas)
+            _check(
+                len(levels) == self.steps
+                and all(0 < s <= 1 for s in levels)
+                and all(a > b for a, b in zip(levels, levels[1:], strict=False)),
+                f"distill.fewstep.sigmas must be distill.fewstep.steps={self.steps} levels "
+                f"decreasing within (0, 1], got {levels}",
+            )
+        _check(
+            self.guidance_scale >= 1.0,
+            f"distill.fewstep.guidance_scale must be >= 1 (1: no guidance), got {self.guidance_scale}",
+        )
+        _check(
+            self.critic_ratio >= 1,
+            f"distill.fewstep.critic_ratio must be >= 1, got {self.critic_ratio}",
+        )
+        _check(
+            self.critic_lr is None or self.critic_lr > 0,
+            f"distill.fewstep.critic_lr must be > 0 or null (= train.lr), got {self.critic_lr}",
+        )
+        _check(
+            self.critic_attention in ("sta", "full"),
+            f"distill.fewstep.critic_attention must be sta or full, got {self.critic_attention!r}",
+        )
+        _check(
+            0 < self.score_t_min < self.score_t_max <= 1,
+            "distill.fewstep.score_t_min and score_t_max must satisfy 0 < min < max <= 1, got "
+            f"{self.score_t_min} and {self.score_t_max}",
+        )
+        _check(
+            self.teacher_steps >= self.steps and self.teacher_steps % self.steps == 0,
+            f"distill.fewstep.teacher_steps must be a multiple of distill.fewstep.steps="
+            f"{self.steps}, got {self.teacher_steps}",
+        )
+
+
+@dataclass
+class DistillConfig:
+    """What the student learns from, and how (group ``distill``: sta, none, dmd2, trajectory).
+
+    ``method``:
+
+    - ``per_step`` (``distill=sta`` and ``distill=none``): at each sampled noise level,
+      loss = w_attn * mean over layers of MSE(student STA attention output, teacher dense
+      attention output) + w_out * MSE(student output, teacher output) + w_data *
+      flow-matching MSE against the data. With w_attn = w_out = 0 no teacher is built (plain
+      finetuning).
+    - ``dmd2``: a few-step STA student (``fewstep``) by distribution matching: it generates
+      from noise in its own steps; the dense teacher's guided prediction of its noised sample
+      gives the real score, a trainable critic of the same architecture the fake score, and the
+      student moves its sample along their difference (DMD2). The critic learns the student's
+      samples by flow matching, ``fewstep.critic_ratio`` updates per student update.
+    - ``trajectory``: a few-step student by trajectory segments: from a noised data sample at
+      each student level, the teacher's guided Euler steps to the next level are the target of
+      the student's one step.
+
+    The per-step terms (w_attn, w_out, w_data) stay usable beside ``dmd2`` / ``trajectory``
+    as auxiliary losses on noised data. A teacher needs weights (``teacher_path`` or
+    ``model.path``): distilling from the student's own random initialisation is refused unless
+    ``allow_random_teacher`` (tests).
+    """
+
+    method: str = "per_step"
     w_data: float = 1.0
     w_out: float = 0.0
     w_attn: float = 0.0
@@ -155,17 +250,27 @@ class DistillConfig:
     # dtype the teacher's captured attention outputs are kept in: auto (as computed: bf16
     # under bf16 autocast) | bf16 (halves them when the teacher runs in fp32)
     teacher_attn_dtype: str = "auto"
+    fewstep: FewStepConfig = field(default_factory=FewStepConfig)
+
+    @property
+    def few_step(self) -> bool:
+        """Whether the student is a few-step sampler (``dmd2`` or ``trajectory``)."""
+        return self.method in ("dmd2", "trajectory")
 
     @property
     def needs_teacher(self) -> bool:
-        return self.w_attn > 0 or self.w_out > 0
+        return self.few_step or self.w_attn > 0 or self.w_out > 0
 
     def __post_init__(self) -> None:
+        _check(
+            self.method in DISTILL_METHODS,
+            f"distill.method must be one of {', '.join(DISTILL_METHODS)}, got {self.method!r}",
+        )
         for name in ("w_data", "w_out", "w_attn"):
             value = getattr(self, name)
             _check(value >= 0, f"distill.{name} must be >= 0, got {value}")
         _check(
-            self.w_data + self.w_out + self.w_attn > 0,
+            self.few_step or self.w_data + self.w_out + self.w_attn > 0,
             "distill.w_data, distill.w_out and distill.w_attn are all 0: nothing to train",
         )
         _check(
@@ -187,6 +292,11 @@ class DistillConfig:
         _check(
             self.teacher_device in ("same", "cpu") or self.teacher_device.startswith("cuda"),
             f"distill.teacher_device must be same, cpu or cuda[:N], got {self.teacher_device!r}",
+        )
+        _check(
+            self.method != "trajectory" or not self.fewstep.stochastic,
+            "distill.method=trajectory trains Euler steps: distill.fewstep.stochastic must be "
+            "false",
         )
 
 
@@ -291,18 +401,23 @@ class JobConfig:
         if self.distill.needs_teacher:
             _check(
                 self.attention.mode == "sta",
-                "distill.w_attn/w_out > 0 distil an STA student from a dense teacher, "
-                f"but attention.mode={self.attention.mode!r}",
+                f"{self.distill.method} distillation (or distill.w_attn/w_out > 0) makes an STA "
+                f"student from a dense teacher, but attention.mode={self.attention.mode!r}",
             )
             _check(
                 self.model.path is not None
                 or self.distill.teacher_path is not None
                 or self.distill.allow_random_teacher,
-                "distill.w_attn/w_out > 0 need a trained teacher, but neither model.path nor "
+                "distilling needs a trained teacher, but neither model.path nor "
                 "distill.teacher_path is set: the teacher would be the student's own random "
                 f"weights (model.flavor={self.model.flavor}). Set one of them, use distill=none, "
                 "or distill.allow_random_teacher=true (for tests)",
             )
+        _check(
+            not self.distill.few_step or self.attention.dense_first_steps == 0,
+            f"distill.method={self.distill.method} trains a student that samples every step with "
+            f"STA: attention.dense_first_steps must be 0, got {self.attention.dense_first_steps}",
+        )
         _check(
             self.parallel.sp == 1 or self.distill.teacher_device == "same",
             f"parallel.sp={self.parallel.sp} runs the teacher under the same sequence split, so "

@@ -123,3 +123,20 @@ def distillation_losses(
         raise ValueError("distill.w_attn > 0 needs both models' attention outputs")
     out["total"] = total
     return out
+
+
+def dmd_loss(sample: torch.Tensor, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """Distribution-matching loss (DMD2) of generated samples (B, C, T, H, W).
+
+    ``real`` and ``fake`` are the teacher's and the critic's x0 predictions of the samples
+    after noising (no gradient). The gradient of the loss with respect to ``sample`` is
+    ``g / numel`` with ``g = (fake - real) / mean|sample - real|`` (normalised per sample), so a
+    descent step moves each sample towards the teacher's prediction and away from the
+    critic's; ``g`` itself never carries a gradient (the stop-gradient of DMD).
+    """
+    with torch.no_grad():
+        dims = tuple(range(1, sample.ndim))
+        weight = (sample - real).abs().mean(dim=dims, keepdim=True).clamp_min(1e-8)
+        grad = torch.nan_to_num((fake - real) / weight)
+        target = sample - grad
+    return 0.5 * F.mse_loss(sample.float(), target.float())

@@ -1,8 +1,12 @@
-"""Flow-matching sampling (Euler) with per-step STA windows.
+"""Flow-matching sampling with per-step STA windows.
 
-The model predicts the velocity v = noise - x0 at noise level sigma (timestep 1000 * sigma);
-integrating dx/dsigma = v from sigma = 1 (pure noise) to 0 gives a sample. Step ``i`` passes
-``step_index=i`` so mask-strategy windows and ``dense_first_steps`` apply per step.
+The model predicts the velocity v = noise - x0 at noise level sigma (timestep 1000 * sigma).
+A :class:`Schedule` says which levels a sampler visits and how it moves between them:
+Euler (integrate dx/dsigma = v, deterministic) or stochastic (predict x0 = x - sigma v and
+re-noise it to the next level with fresh noise, as few-step students trained by
+distribution matching sample; diffusers' ``FlowMatchEulerDiscreteScheduler`` with
+``stochastic_sampling=True`` does the same). Step ``i`` passes ``step_index=i`` so
+mask-strategy windows and ``dense_first_steps`` apply per step.
 :class:`ClassifierFreeGuidance` wraps a model with the same call signature, so the sampler
 integrates the guided velocity unchanged.
 """
@@ -10,6 +14,8 @@ integrates the guided velocity unchanged.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,6 +29,79 @@ def flow_sigmas(steps: int, shift: float = 1.0) -> torch.Tensor:
     return (shift * s / (1 + (shift - 1) * s)).float()
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """The noise levels a sampler visits and how it moves between them.
+
+    Attributes:
+        sigmas: the ``steps`` levels the model is evaluated at, decreasing, in (0, 1]; the
+            sampler ends at 0 after the last.
+        stochastic: between levels, predict x0 and re-noise it to the next level with fresh
+            noise (few-step students); else an Euler step along the velocity.
+    """
+
+    sigmas: tuple[float, ...]
+    stochastic: bool = False
+
+    def __post_init__(self) -> None:
+        levels = [float(s) for s in self.sigmas]
+        if not levels:
+            raise ValueError("a sampling schedule needs at least 1 noise level")
+        if not all(0.0 < s <= 1.0 for s in levels) or any(
+            a <= b for a, b in zip(levels, levels[1:], strict=False)
+        ):
+            raise ValueError(f"schedule sigmas must decrease within (0, 1], got {levels}")
+        object.__setattr__(self, "sigmas", tuple(levels))
+
+    @classmethod
+    def flow(cls, steps: int, shift: float = 1.0, *, stochastic: bool = False) -> Schedule:
+        """``steps`` evenly spaced levels from 1 (``flow_sigmas``), shifted by ``shift``."""
+        return cls(tuple(flow_sigmas(steps, shift)[:-1].tolist()), stochastic)
+
+    @property
+    def steps(self) -> int:
+        """Model evaluations of one sample."""
+        return len(self.sigmas)
+
+    def levels(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """(steps + 1,) float32 levels, the final 0 included."""
+        return torch.tensor([*self.sigmas, 0.0], dtype=torch.float32, device=device)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (what an export records)."""
+        return {"steps": self.steps, "sigmas": list(self.sigmas), "stochastic": self.stochastic}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Schedule:
+        """Inverse of :meth:`to_dict`; ``ValueError`` naming what is wrong."""
+        try:
+            schedule = cls(tuple(float(s) for s in data["sigmas"]), bool(data["stochastic"]))
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"a schedule needs sigmas and stochastic, got {data!r}") from err
+        if "steps" in data and int(data["steps"]) != schedule.steps:
+            raise ValueError(f"schedule steps={data['steps']} but it lists {schedule.steps} sigmas")
+        return schedule
+
+
+def schedule_step(
+    x: torch.Tensor,
+    v: torch.Tensor,
+    sigma: torch.Tensor | float,
+    sigma_next: torch.Tensor | float,
+    *,
+    stochastic: bool,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Move latents ``x`` (B, C, T, H, W) at level ``sigma`` to ``sigma_next`` given the model's
+    velocity ``v``: an Euler step, or x0 = x - sigma v re-noised with fresh noise drawn from
+    ``generator`` (on the CPU, then moved) when ``stochastic``."""
+    if not stochastic:
+        return x + (sigma_next - sigma) * v
+    x0 = x - sigma * v
+    noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device)
+    return (1.0 - sigma_next) * x0 + sigma_next * noise
+
+
 @torch.no_grad()
 def sample_latents(
     dit: nn.Module,
@@ -31,33 +110,44 @@ def sample_latents(
     text_mask: torch.Tensor,
     pooled_text: torch.Tensor | None = None,
     *,
-    steps: int,
+    steps: int | None = None,
     shift: float = 1.0,
+    schedule: Schedule | None = None,
+    generator: torch.Generator | None = None,
     autocast_bf16: bool = False,
 ) -> torch.Tensor:
-    """Integrate the flow from ``noise`` to a clean latent.
+    """Sample clean latents from ``noise``.
 
     Args:
         dit: a ``VideoDiT`` (any module with its call signature).
-        noise: (B, C, T, H, W) starting latents at sigma = 1.
+        noise: (B, C, T, H, W) starting latents at the first level (1 for ``steps``).
         text, text_mask, pooled_text: the conditioning, as in training.
-        steps: Euler steps; ``step_index`` runs 0..steps-1.
-        shift: timestep shift of the schedule (Wan uses 3-5 at 480p-720p).
+        steps, shift: an Euler schedule of ``steps`` levels shifted by ``shift`` (Wan uses
+            3-5 at 480p-720p); or
+        schedule: any :class:`Schedule` (a few-step student's own).
+        generator: the fresh noise of a stochastic schedule (CPU generator).
         autocast_bf16: run the model under bf16 autocast (CUDA).
     Returns:
-        (B, C, T, H, W) float32 latents.
+        (B, C, T, H, W) float32 latents; ``step_index`` runs 0..steps-1.
     """
-    sigmas = flow_sigmas(steps, shift).to(noise.device)
+    if (steps is None) == (schedule is None):
+        raise ValueError("sample_latents takes exactly one of steps= and schedule=")
+    if schedule is None:
+        schedule = Schedule.flow(steps, shift)  # type: ignore[arg-type]
+    sigmas = schedule.levels(noise.device)
     x = noise.float()
     batch = x.shape[0]
     ctx = (
         torch.autocast("cuda", dtype=torch.bfloat16) if autocast_bf16 else contextlib.nullcontext()
     )
-    for i in range(steps):
+    for i in range(schedule.steps):
         timestep = (sigmas[i] * 1000.0).expand(batch)
         with ctx:
             v = dit(x, timestep, text, text_mask, pooled_text, step_index=i)
-        x = x + (sigmas[i + 1] - sigmas[i]) * v.float()
+        x = schedule_step(
+            x, v.float(), sigmas[i], sigmas[i + 1], stochastic=schedule.stochastic,
+            generator=generator,
+        )  # fmt: skip
     return x
 
 

@@ -119,8 +119,9 @@ class TorchEngine:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
-    def checkpoint_parts(self, state: Any) -> None:
-        """Register model, optimiser and scheduler in a ``TrainState``."""
+    def checkpoint_parts(self, state: Any, prefix: str = "") -> None:
+        """Register model, optimiser and scheduler in a ``TrainState`` (names after ``prefix``:
+        a second trained model, e.g. ``critic_``, keeps its own)."""
         main = self.dims.is_main
         if self.sharded:
             from torch.distributed.checkpoint.state_dict import (
@@ -131,21 +132,23 @@ class TorchEngine:
             )
 
             model = self.model
-            state.sharded["model"] = (
+            state.sharded[f"{prefix}model"] = (
                 lambda: get_model_state_dict(model),
                 lambda sd: set_model_state_dict(model, sd),
             )
-            state.sharded["optimizer"] = (
+            state.sharded[f"{prefix}optimizer"] = (
                 lambda: get_optimizer_state_dict(model, self.optimizer),
                 lambda sd: set_optimizer_state_dict(model, self.optimizer, sd),
             )
         else:
-            state.weights["model"] = (
+            state.weights[f"{prefix}model"] = (
                 lambda: self.model.state_dict() if main else None,
                 self.model.load_state_dict,
             )
-            state.trees["optimizer"] = (self.optimizer.state_dict, self.optimizer.load_state_dict)
-        state.trees["scheduler"] = (self.scheduler.state_dict, self.scheduler.load_state_dict)
+            state.trees[f"{prefix}optimizer"] = (
+                self.optimizer.state_dict, self.optimizer.load_state_dict
+            )
+        state.trees[f"{prefix}scheduler"] = (self.scheduler.state_dict, self.scheduler.load_state_dict)
 
     pickles = False  # checkpoints are safetensors, JSON and torch.distributed.checkpoint
 
@@ -284,8 +287,9 @@ class DeepSpeedEngine:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
-    def checkpoint_parts(self, state: Any) -> None:
-        """DeepSpeed writes model, optimiser and scheduler in its own format."""
+    def checkpoint_parts(self, state: Any, prefix: str = "") -> None:
+        """DeepSpeed writes model, optimiser and scheduler in its own format, into
+        ``<checkpoint>/<prefix>engine``."""
 
         def save(folder: Path) -> None:
             self.engine.save_checkpoint(str(folder), tag="engine", save_latest=False)
@@ -297,7 +301,7 @@ class DeepSpeedEngine:
             if path is None:
                 raise FileNotFoundError(f"no DeepSpeed engine checkpoint under {folder}")
 
-        state.engine = (save, load)
+        state.engines[f"{prefix}engine"] = (save, load)
 
     pickles = True  # DeepSpeed's checkpoints are pickle files its loader unpickles
 

@@ -301,15 +301,18 @@ class TrainState:
     - ``rank``: each rank's own parts, in its own file (RNG states, data position);
     - ``sharded``: state dicts of DTensors (FSDP2), written by every rank together with
       ``torch.distributed.checkpoint`` into ``sharded/``;
-    - ``engine``: (save(folder), load(folder)) of an engine with its own format (DeepSpeed),
-      called by every rank with ``<checkpoint>/engine``.
+    - ``engines``: name -> (save(folder), load(folder)) of engines with their own format
+      (DeepSpeed), called by every rank with ``<checkpoint>/<name>`` (the student's engine is
+      ``engine``, a critic's ``critic_engine``).
     """
 
     weights: dict[str, tuple[Getter, Setter]] = field(default_factory=dict)
     trees: dict[str, tuple[Getter, Setter]] = field(default_factory=dict)
     rank: dict[str, tuple[Getter, Setter]] = field(default_factory=dict)
     sharded: dict[str, tuple[Getter, Setter]] = field(default_factory=dict)
-    engine: tuple[Callable[[Path], None], Callable[[Path], None]] | None = None
+    engines: dict[str, tuple[Callable[[Path], None], Callable[[Path], None]]] = field(
+        default_factory=dict
+    )
 
     def rank_snapshot(self) -> dict[str, Any]:
         """This rank's own parts, now (e.g. the state a NaN step rolls back to)."""
@@ -449,8 +452,8 @@ class CheckpointManager:
 
             dcp.save({name: get() for name, (get, _) in state.sharded.items()},
                      checkpoint_id=str(tmp / "sharded"))  # fmt: skip
-        if state.engine is not None:
-            state.engine[0](tmp / "engine")
+        for name, (save, _) in state.engines.items():
+            save(tmp / name)
         barrier()
         if main:
             for name, (get, _) in state.weights.items():
@@ -482,7 +485,7 @@ class CheckpointManager:
         """Restore every part of ``state`` from checkpoint ``path``; returns its step."""
         meta = json.loads((path / "meta.json").read_text())
         pickled = sorted(p.name for p in path.glob("*.pt"))
-        if pickled and state.engine is None:
+        if pickled and not state.engines:
             raise ValueError(
                 f"checkpoint {path} holds pickled state files ({', '.join(pickled)}), which can "
                 "run code when loaded; stafinetune never unpickles them (checkpoints of this "
@@ -516,8 +519,8 @@ class CheckpointManager:
             )
             for name, (_, set_) in state.sharded.items():
                 set_(loaded[name])
-        if state.engine is not None:
-            state.engine[1](path / "engine")
+        for name, (_, load) in state.engines.items():
+            load(path / name)
         own = load_tree(path / f"rank_{self.dims.rank:05d}")
         for name, (_, set_) in state.rank.items():
             set_(own[name])

@@ -179,6 +179,12 @@ class DistillStep:
             layers=cfg.layers,
         )
 
+    def validation_gap(self, student: VideoDiT, batches: list[dict[str, Any]]) -> dict[str, float]:
+        """The ``val/*`` gaps on fixed batches (``validation.validation_gap``)."""
+        from .validation import validation_gap
+
+        return validation_gap(self, student, batches)
+
     def forward_backward(
         self,
         student: Any,

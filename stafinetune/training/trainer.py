@@ -2,10 +2,11 @@
 
 The parts come from elsewhere: models and data from :mod:`stafinetune.build`, parallel
 wrappers and the optimiser engine from :mod:`stafinetune.parallel`, the loss computation from
-:mod:`.distill`, validation from :mod:`.validation`, checkpoints from :mod:`.checkpoint`.
-:class:`Trainer` assembles them once and :meth:`Trainer.fit` runs the loop. Everything the
-loop needs to continue bit-exactly (weights, optimiser, scheduler, EMA, RNG states, data
-position, step) is in each checkpoint.
+the distillation method (:mod:`.distill` per step, :mod:`.fewstep` for few-step students),
+validation from :mod:`.validation`, checkpoints from :mod:`.checkpoint`. :class:`Trainer`
+assembles them once and :meth:`Trainer.fit` runs the loop. Everything the loop needs to
+continue bit-exactly (weights, optimiser, scheduler, EMA, RNG states, data position, step, a
+critic and its optimiser) is in each checkpoint.
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ from tqdm.auto import tqdm
 
 from sta_kernels import density
 from stafinetune.build import (
+    build_critic,
     build_data,
     build_student,
     build_teacher,
     check_attention_backend,
     check_data_fits_model,
+    encode_prompt,
     teacher_device,
     use_bf16,
 )
@@ -59,6 +62,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .distill import DistillStep
+from .fewstep import DMD2Distill, FewStepBase, TrajectoryDistill, write_scheduler
 from .figures import plot_training_curves
 from .lora import adapter_state_dict, export_lora, load_adapter_state_dict
 from .optim import EMA, apply_trainable, build_optimizer, build_scheduler
@@ -140,51 +144,22 @@ class Trainer:
             self.teacher = build_teacher(job, self.device)
             check_data_fits_model(self.data.val_batches[0], self.student, job)
         self.bf16 = use_bf16(tcfg.precision, self.device)
-        parallel = parallelize(
-            self.student,
-            self.dims,
-            activation_checkpointing=job.model.gradient_checkpointing,
-            checkpoint_policy=job.model.checkpoint_policy,
-            compile=job.model.compile,
-            bf16=self.bf16,
-            find_unused_parameters=pcfg.find_unused_parameters,
-        )
+        self.engine, sequence, configured = self._trained_engine(self.student, tcfg.lr)
         teacher_module = None
         if self.teacher is not None:
             teacher_module = parallelize_teacher(
                 self.teacher, self.dims, shard=pcfg.teacher == "shard", deepspeed=None,
                 compile=job.model.compile,
             )  # fmt: skip
-        optimizer = build_optimizer(
-            self.student.named_parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay,
-            betas=(tcfg.betas[0], tcfg.betas[1]), eps=tcfg.eps,
-            fused=fused_optimizer(self.dims),
-        )  # fmt: skip
-        scheduler = build_scheduler(
-            optimizer, warmup=tcfg.warmup_steps, total=tcfg.steps, schedule=tcfg.schedule,
-            min_ratio=tcfg.min_lr_ratio,
-        )  # fmt: skip
-        configured = optimizer_settings(optimizer)  # what a resume must not overwrite
-        self.engine = build_engine(
-            parallel, optimizer, scheduler, self.dims, batch_size=tcfg.batch_size,
-            grad_accum=tcfg.grad_accum, grad_clip=tcfg.grad_clip, bf16=self.bf16,
-            deepspeed_file=pcfg.deepspeed_config,
-        )  # fmt: skip
         self.ema = None
         if tcfg.ema_decay:
             self.ema = EMA(self.student, tcfg.ema_decay, view=self.engine.local_view)
-        self.distill = DistillStep(
-            cfg=job.distill,
-            teacher=self.teacher,
-            device=self.device,
-            bf16=self.bf16,
-            teacher_bf16=use_bf16(tcfg.precision, teacher_device(job.distill, self.device)),
-            teacher_module=teacher_module,
-            sequence=parallel.sequence,
-        )
+        self.critic, self.critic_engine = None, None
+        self.distill = self._method(teacher_module, sequence)
         # noise and sigmas come from the trainer's own generator (different per dp rank, equal
         # within an sp group), so nothing drawing from the global RNG can shift them on resume
         self.noise_rng = torch.Generator().manual_seed(tcfg.seed + 1 + self.dims.dp_rank)
+        few_step = isinstance(self.distill, FewStepBase)
         self.validator = Validator(
             step=self.distill,
             batches=self.data.val_batches,
@@ -198,6 +173,10 @@ class Trainer:
             fps=job.data.synthetic_fps,
             is_main=self.dims.is_main,
             student_label="STA student" if job.attention.mode == "sta" else "student",
+            student_schedule=self.distill.schedule if few_step else None,
+            guidance=(self.distill.negative, job.distill.fewstep.guidance_scale)
+            if few_step and self.distill.negative is not None
+            else None,
         )
         self.checkpoints.check_free_space(self._checkpoint_bytes())
         self.state = self._train_state()
@@ -211,6 +190,8 @@ class Trainer:
             with user_errors():  # another world size, a refused pickle file
                 self.step = self.checkpoints.load(resumed, self.state)
             apply_optimizer_settings(self.engine.scheduler, configured)
+            if self.critic_engine is not None:
+                apply_optimizer_settings(self.critic_engine.scheduler, self._critic_configured)
             if self.dims.is_main:
                 log.info("resumed from %s at step %d", resumed, self.step)
                 if changes:
@@ -221,11 +202,67 @@ class Trainer:
         if self.dims.is_main:  # metrics.jsonl holds each step once
             cut_logs(run_dir, self.step if resumed is not None else None)
 
+    def _trained_engine(self, model: Any, lr: float) -> tuple[Any, Any, list[dict[str, Any]]]:
+        """Parallel wrapping, optimiser, schedule and engine of a trained model (the student,
+        or a critic); returns (engine, its sequence split, the optimiser settings a resume
+        must not overwrite)."""
+        tcfg, pcfg = self.job.train, self.job.parallel
+        parallel = parallelize(
+            model,
+            self.dims,
+            activation_checkpointing=self.job.model.gradient_checkpointing,
+            checkpoint_policy=self.job.model.checkpoint_policy,
+            compile=self.job.model.compile,
+            bf16=self.bf16,
+            find_unused_parameters=pcfg.find_unused_parameters,
+        )
+        optimizer = build_optimizer(
+            model.named_parameters(), lr=lr, weight_decay=tcfg.weight_decay,
+            betas=(tcfg.betas[0], tcfg.betas[1]), eps=tcfg.eps, fused=fused_optimizer(self.dims),
+        )  # fmt: skip
+        scheduler = build_scheduler(
+            optimizer, warmup=tcfg.warmup_steps, total=tcfg.steps, schedule=tcfg.schedule,
+            min_ratio=tcfg.min_lr_ratio,
+        )  # fmt: skip
+        configured = optimizer_settings(optimizer)
+        engine = build_engine(
+            parallel, optimizer, scheduler, self.dims, batch_size=tcfg.batch_size,
+            grad_accum=tcfg.grad_accum, grad_clip=tcfg.grad_clip, bf16=self.bf16,
+            deepspeed_file=pcfg.deepspeed_config,
+        )  # fmt: skip
+        return engine, parallel.sequence, configured
+
+    def _method(self, teacher_module: Any, sequence: Any) -> Any:
+        """The distillation method of ``distill.method`` (a few-step one builds its critic)."""
+        job, tcfg = self.job, self.job.train
+        common = {
+            "cfg": job.distill, "teacher": self.teacher, "device": self.device, "bf16": self.bf16,
+            "teacher_bf16": use_bf16(tcfg.precision, teacher_device(job.distill, self.device)),
+            "teacher_module": teacher_module, "sequence": sequence,
+        }  # fmt: skip
+        if job.distill.method == "per_step":
+            return DistillStep(**common)
+        fs = job.distill.fewstep
+        if fs.guidance_scale != 1.0:
+            common["negative"] = encode_prompt(job.data, fs.negative_prompt)
+        if job.distill.method == "trajectory":
+            return TrajectoryDistill(**common)
+        with user_errors():
+            self.critic = build_critic(job, self.device)
+            apply_trainable(self.critic, tcfg)  # a LoRA student gets a LoRA critic
+        self.critic_engine, _, self._critic_configured = self._trained_engine(
+            self.critic, fs.critic_lr or tcfg.lr
+        )
+        return DMD2Distill(
+            **common, critic_engine=self.critic_engine, critic_grad_clip=tcfg.grad_clip
+        )
+
     def _checkpoint_bytes(self) -> int:
         """About how large one checkpoint is: the weights, and Adam's two moments and the EMA
         of the trainable ones in fp32."""
         total = trainable = 0
-        for p in self.student.parameters():
+        models = [self.student] + ([self.critic] if self.critic is not None else [])
+        for p in (p for model in models for p in model.parameters()):
             n = parameter_numel(p)
             total += n * p.element_size()
             trainable += n if p.requires_grad else 0
@@ -234,14 +271,19 @@ class Trainer:
     def _train_state(self) -> TrainState:
         """What a checkpoint holds, as (get, set) pairs (the engine adds model and optimiser)."""
         state = TrainState()
-        self.engine.checkpoint_parts(state)
-        if self.job.train.trainable == "lora" and "model" in state.weights:
-            main = self.dims.is_main  # the base weights are frozen: the adapter only
-            del state.weights["model"]
-            state.weights["adapter"] = (
-                lambda: adapter_state_dict(self.student) if main else None,
-                lambda tensors: load_adapter_state_dict(self.student, tensors),
-            )
+        trained = [(self.engine, self.student, "")]
+        if self.critic_engine is not None:
+            trained.append((self.critic_engine, self.critic, "critic_"))
+        main = self.dims.is_main
+        for engine, model, prefix in trained:
+            engine.checkpoint_parts(state, prefix=prefix)
+            if self.job.train.trainable == "lora" and f"{prefix}model" in state.weights:
+                # the base weights are frozen: the adapter only
+                del state.weights[f"{prefix}model"]
+                state.weights[f"{prefix}adapter"] = (
+                    lambda m=model: adapter_state_dict(m) if main else None,
+                    lambda tensors, m=model: load_adapter_state_dict(m, tensors),
+                )
         if self.ema is not None:  # each rank averages the tensors it updates
             self.engine.add_param_state(
                 state, "ema", self.ema.state_dict, self.ema.load_state_dict
@@ -315,7 +357,7 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.student)
         self.step += 1
-        metrics = {f"loss/{k}": v for k, v in sums.items()}
+        metrics = {k if k.endswith("grad_norm") else f"loss/{k}": v for k, v in sums.items()}
         metrics.update({"lr": self.engine.lr, "grad_norm": grad_norm,
                         "samples": float(samples), "tokens": float(tokens)})  # fmt: skip
         return metrics
@@ -455,6 +497,9 @@ class Trainer:
                 self._export_strategy(out / "mask_strategy.json")
             info = {"step": self.step, "ema": self.ema is not None,
                     "config": resolved_dict(self.job)}  # fmt: skip
+            if isinstance(self.distill, FewStepBase):
+                info["sampling"] = self._sampling()
+                write_scheduler(out / "scheduler", self.distill.schedule)
             (out / "stafinetune.json").write_text(json.dumps(info, indent=2))
         barrier()
         return out
@@ -470,8 +515,20 @@ class Trainer:
                 "step": self.step,
                 # sampling steps kept dense; enable_sta(strategy=...) applies it by default
                 "dense_first_steps": self.student.plan.dense_first_steps,
+                **({"sampling": self._sampling()} if isinstance(self.distill, FewStepBase) else {}),
             },
         ).save(path)
+
+    def _sampling(self) -> dict[str, Any]:
+        """How a few-step student samples: its schedule, and the guidance baked into it (it
+        samples with guidance scale 1, one forward a step)."""
+        fs = self.job.distill.fewstep
+        return {
+            **self.distill.schedule.to_dict(),
+            "guidance_scale": 1.0,
+            "baked_guidance_scale": fs.guidance_scale,
+            "method": self.job.distill.method,
+        }
 
 
 class _Rate:

@@ -23,9 +23,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from stafinetune.data.synthetic import write_mp4
-from stafinetune.diffusion.sampling import sample_latents, to_uint8_video
+from stafinetune.diffusion.sampling import (
+    ClassifierFreeGuidance,
+    Schedule,
+    sample_latents,
+    to_uint8_video,
+)
 from stafinetune.metrics import score_video
 from stafinetune.metrics.fidelity import PSNR_CAP_DB, psnr, ssim
 from stafinetune.metrics.motion import IntendedMotion, parse_caption
@@ -91,10 +97,17 @@ def generate_pair(
     shift: float,
     seed: int,
     teacher_latents: torch.Tensor | None = None,
+    student_schedule: Schedule | None = None,
+    guidance: tuple[Any, float] | None = None,
 ) -> tuple[list[torch.Tensor], dict[str, float]]:
     """Generate ``num`` latents from fixed noise with the student (and the teacher).
 
     Args:
+        steps, shift: the teacher's Euler schedule, and the student's unless
+        student_schedule: the student's own (a few-step student's; its fresh noise is seeded
+            from ``seed`` too, so every validation sees the same).
+        guidance: ``(negative prompt encoding, scale)`` of the teacher's classifier-free
+            guidance (the student samples without: a few-step student has it baked in).
         teacher_latents: the teacher's latents (num, C, T, H, W) from an earlier call with the
             same batch, noise and schedule (the frozen teacher gives the same ones again):
             used instead of sampling the teacher.
@@ -107,14 +120,18 @@ def generate_pair(
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn(batch["latents"][:n].shape, generator=gen)  # (n, C, T, H, W)
     cond = [batch["text"][:n], batch["text_mask"][:n], batch["pooled_text"][:n]]
-    models = [(student, step.device, step.bf16)]
+    teacher_schedule = Schedule.flow(steps, shift)
+    models = [(student, step.device, step.bf16, student_schedule or teacher_schedule)]
     if step.teacher is not None:
         device = next(step.teacher.parameters()).device
-        models.append((step.teacher_module, device, step.teacher_bf16))
+        teacher: nn.Module = step.teacher_module
+        if guidance is not None and guidance[1] != 1.0:
+            teacher = ClassifierFreeGuidance(teacher, guidance[0], guidance[1])
+        models.append((teacher, device, step.teacher_bf16, teacher_schedule))
     if teacher_latents is not None:
         models = models[:1]
     latents, seconds = [], []
-    for model, device, bf16 in models:
+    for model, device, bf16, schedule in models:
         was_training = model.training
         model.eval()
         _sync(device)
@@ -123,8 +140,8 @@ def generate_pair(
             model,
             noise.to(device),
             *(c.to(device) for c in cond),
-            steps=steps,
-            shift=shift,
+            schedule=schedule,
+            generator=torch.Generator().manual_seed(seed + 1),
             autocast_bf16=bf16 and device.type == "cuda",
         )
         _sync(device)
@@ -244,6 +261,8 @@ class Validator:
     is_main: bool
     score_videos: bool = True
     student_label: str = "student"
+    student_schedule: Schedule | None = None  # a few-step student's own; None: the teacher's
+    guidance: tuple[Any, float] | None = None  # the teacher's (negative prompt, scale)
     _teacher: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
     _student: dict[str, tuple[int, torch.Tensor]] = field(
         default_factory=dict, init=False, repr=False
@@ -255,7 +274,7 @@ class Validator:
 
     def __call__(self, student: VideoDiT, step: int, tracker: Any) -> dict[str, float]:
         """Every validation metric at ``step``; videos and tables go to ``tracker`` (rank 0)."""
-        metrics = validation_gap(self.step, student, self.batches)
+        metrics = self.step.validation_gap(student, self.batches)
         if self.sample_steps > 0:
             batch = self.batches[0]
             latents, gap = generate_pair(
@@ -267,6 +286,8 @@ class Validator:
                 shift=self.sample_shift,
                 seed=self.seed + SAMPLE_NOISE_SEED,
                 teacher_latents=self._teacher.get("latents"),
+                student_schedule=self.student_schedule,
+                guidance=self.guidance,
             )
             if len(latents) == 2 and "latents" not in self._teacher:
                 self._teacher["latents"] = latents[1]
