@@ -306,10 +306,10 @@ class AttentionRuntime:
         state = self.state
         if state is None:
             raise RuntimeError(
-                "an STA attention processor ran outside its transformer's forward (e.g. a "
-                "block called on its own, or recomputed by a gradient-checkpointing function "
-                "other than VideoDiT.enable_gradient_checkpointing's), so the token canvas of "
-                "the forward is unknown"
+                "an STA attention processor ran outside its transformer's forward, so the "
+                "token canvas of the forward is unknown: a block called on its own, or "
+                "recomputed in backward by a checkpoint wrapper put around the block itself; "
+                "checkpoint with the transformer's enable_gradient_checkpointing() instead"
             )
         o = state.attention(
             q, k, v, canvas=state.canvas, text_len=state.text_len, window=state.window_for(layer)
