@@ -1,5 +1,5 @@
-"""STA under diffusers' own training conventions: ``enable_gradient_checkpointing()`` on a
-transformer carrying ``enable_sta``.
+"""STA under diffusers' own training conventions: ``enable_gradient_checkpointing()`` and
+``compile_repeated_blocks()`` on a transformer carrying ``enable_sta``.
 
 Tiny Wan / HunyuanVideo transformers on the CPU (fp32, reference STA backend), compared with
 diffusers' dense processors at windows covering the whole tile grid and with STA itself
@@ -19,6 +19,7 @@ from torch import nn
 
 from stafinetune import disable_sta, enable_sta
 from stafinetune.models.binding import CARRIES_STATE, binding_of
+from stafinetune.models.families import get_family
 
 SPARSE = [3, 1, 3]
 TIGHT = {"atol": 1e-6, "rtol": 1e-5}
@@ -87,3 +88,48 @@ def test_checkpointing_survives_disable_sta() -> None:
     assert not getattr(transformer._gradient_checkpointing_func, CARRIES_STATE, False)
     transformer.zero_grad(set_to_none=True)
     _assert_same_gradients(_gradients(transformer, "wan"), _train("wan", None, "after"))
+
+
+def _compiled_graphs(transformer: nn.Module, family: str) -> tuple[torch.Tensor, int]:
+    """The output of ``transformer`` after ``compile_repeated_blocks(fullgraph=True)`` (dynamo
+    only, ``backend="eager"``) and the number of graphs dynamo compiled for it."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    transformer.compile_repeated_blocks(fullgraph=True, backend="eager")
+    with torch.no_grad():
+        out = transformer(**transformer_inputs(family))[0]
+    assert not counters["graph_break"]
+    return out, counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.parametrize(
+    ("family", "blocks"),
+    [("wan", {"num_layers": 9}), ("hunyuan", {"num_layers": 2, "num_single_layers": 2})],
+)
+def test_compiled_repeated_blocks_share_one_graph(family: str, blocks: dict[str, int]) -> None:
+    """STA compiles as many graphs as dense (one for Wan's blocks, more than dynamo's default
+    recompile limit of 8), and every compiled block still uses its own layer's windows."""
+    _, dense_graphs = _compiled_graphs(tiny_transformer(family, **blocks), family)
+    transformer = tiny_transformer(family, **blocks)
+    layers = len(get_family(family).sta_layers(transformer))
+    windows = [[5, 4, 4], [3, 1, 3], [1, 1, 1], [5, 2, 2]]
+    enable_sta(transformer, tile=TILE, window=[windows[i % 4] for i in range(layers)])
+    with torch.no_grad():
+        eager = transformer(**transformer_inputs(family))[0]
+    compiled, graphs = _compiled_graphs(transformer, family)
+    assert graphs == dense_graphs
+    if family == "wan":
+        assert graphs == 1
+    torch.testing.assert_close(compiled, eager, **TIGHT)
+
+
+def test_compiled_blocks_train_with_checkpointing() -> None:
+    """``compile_repeated_blocks`` plus ``enable_gradient_checkpointing``: the eager gradients."""
+    eager = _train("wan", SPARSE, "after")
+    transformer = tiny_transformer("wan")
+    enable_sta(transformer, tile=TILE, window=SPARSE)
+    transformer.enable_gradient_checkpointing()
+    transformer.compile_repeated_blocks(fullgraph=True, backend="eager")
+    _assert_same_gradients(_gradients(transformer, "wan"), eager)
