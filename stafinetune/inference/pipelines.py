@@ -17,6 +17,16 @@ windows of a mask strategy and ``dense_first_steps`` follow any pipeline whose s
 evaluates the model once per step, with guidance as a second call or a doubled batch (a
 second-order scheduler such as Heun's counts each evaluation as a step; use
 :func:`sta_step` in such loops).
+
+diffusers' own features work on a transformer carrying STA, enabled before or after it:
+``enable_gradient_checkpointing()`` (the recomputation attends as the forward did),
+``compile_repeated_blocks()`` (one graph serves every block, as for dense), model,
+sequential and group offloading, ``fuse_qkv_projections()``, the cache hooks
+(``enable_cache`` with FirstBlockCache, PyramidAttentionBroadcast or FasterCache),
+``load_lora_weights``, and ``save_pretrained`` (which writes the plain diffusers model: STA
+is not part of the format; call ``enable_sta`` again after ``from_pretrained``).
+``set_attention_backend`` applies to the attention STA leaves alone (Wan's text
+cross-attention); the STA layers keep STA.
 """
 
 from __future__ import annotations

@@ -68,9 +68,10 @@ def checkpoint_options(policy: str) -> dict[str, Any]:
 def raise_recompile_limit(graphs: int) -> None:
     """Let dynamo keep ``graphs`` compiled graphs per code object (default 8).
 
-    Every STA layer's block becomes its own graph: the processors' layer index and the
-    forward's canvas are constants of the traced code. Below the limit dynamo would quietly
-    run the remaining blocks eagerly.
+    Blocks of one kind share a graph per token canvas (the canvas is a constant of the traced
+    code, the layer's windows an input), except in forwards inside ``capture()``: the store
+    keys each layer's output by its int index, so there every block compiles its own graph.
+    Below the limit dynamo would quietly run the remaining blocks eagerly.
     """
     config = torch._dynamo.config
     config.recompile_limit = max(config.recompile_limit, graphs)
@@ -92,7 +93,7 @@ def compile_checkpointed(
             f"checkpointed forward's side effects in the recomputation; torch {torch.__version__} "
             "cannot: turn model.compile or model.gradient_checkpointing off"
         )
-    raise_recompile_limit(4 * num_layers)  # per layer: training, captured, two canvases
+    raise_recompile_limit(4 * num_layers)  # per layer: captured forwards, two canvases
     compiled = torch.compile(fn, backend=backend, fullgraph=True)
 
     @functools.wraps(fn)

@@ -259,9 +259,15 @@ class ForwardState:
     windows: torch.Tensor | None  # (L, H, 3) int64, or None: every layer dense
     store: ActivationStore | None = None
 
-    def window_for(self, layer: int) -> torch.Tensor | None:
-        """(H, 3) windows of STA layer ``layer``, or ``None`` for dense."""
-        return None if self.windows is None else self.windows[layer]
+    def window_for(self, index: torch.Tensor) -> torch.Tensor | None:
+        """(H, 3) windows of the STA layer ``index`` (a (1,) int64 tensor), or ``None`` for dense.
+
+        The layer comes as a tensor so that ``torch.compile`` takes it as a graph input: an int
+        would be a constant of the traced code, and every block would compile its own graph.
+        """
+        if self.windows is None:
+            return None
+        return self.windows.index_select(0, index).squeeze(0)  # (H, 3)
 
     def without_store(self) -> ForwardState:
         """The same forward with capturing off (checkpoint recomputation must not re-record)."""
@@ -301,21 +307,24 @@ class AttentionRuntime:
         finally:
             self.pop()
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Run layer ``layer``'s attention on (B, S, H, D) q, k, v and record it if capturing."""
+    def attend(
+        self, processor: RuntimeProcessor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        """Run ``processor``'s STA layer on (B, S, H, D) q, k, v and record it if capturing."""
         state = self.state
         if state is None:
             raise RuntimeError(
-                "an STA attention processor ran outside its transformer's forward (e.g. a "
-                "block called on its own, or recomputed by a gradient-checkpointing function "
-                "other than VideoDiT.enable_gradient_checkpointing's), so the token canvas of "
-                "the forward is unknown"
+                "an STA attention processor ran outside its transformer's forward, so the "
+                "token canvas of the forward is unknown: a block called on its own, or "
+                "recomputed in backward by a checkpoint wrapper put around the block itself; "
+                "checkpoint with the transformer's enable_gradient_checkpointing() instead"
             )
         o = state.attention(
-            q, k, v, canvas=state.canvas, text_len=state.text_len, window=state.window_for(layer)
-        )
-        if state.store is not None:
-            state.store.record(layer, o, (q, k, v), state)
+            q, k, v, canvas=state.canvas, text_len=state.text_len,
+            window=state.window_for(processor.index),
+        )  # fmt: skip
+        if state.store is not None:  # keyed by the int layer: compiled, each block traces alone
+            state.store.record(processor.layer, o, (q, k, v), state)
         return o
 
 
@@ -334,11 +343,17 @@ def apply_interleaved_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 
 
 class RuntimeProcessor:
-    """Base of the STA processors: STA layer ``layer`` attending through ``runtime``."""
+    """Base of the STA processors: STA layer ``layer`` attending through ``runtime``.
+
+    ``index`` is the layer as a (1,) int64 tensor, which selects the layer's windows: a
+    compiled block (``compile_repeated_blocks``) takes it as an input, so one graph serves
+    every block, as for diffusers' own processors. The int ``layer`` keys captured outputs.
+    """
 
     def __init__(self, runtime: AttentionRuntime, layer: int) -> None:
         self.runtime = runtime
         self.layer = layer
+        self.index = torch.tensor([layer], dtype=torch.int64)
 
 
 class WanSTAProcessor(RuntimeProcessor):
@@ -363,7 +378,7 @@ class WanSTAProcessor(RuntimeProcessor):
         if rotary_emb is not None:
             q = apply_interleaved_rope(q, *rotary_emb)
             k = apply_interleaved_rope(k, *rotary_emb)
-        o = self.runtime.attend(self.layer, q, k, v)  # (B, S, H, D)
+        o = self.runtime.attend(self, q, k, v)  # (B, S, H, D)
         o = o.flatten(2, 3).type_as(q)
         return attn.to_out[1](attn.to_out[0](o))
 
@@ -420,7 +435,7 @@ class HunyuanSTAProcessor(RuntimeProcessor):
                 torch.cat([k, ek], dim=1),
                 torch.cat([v, ev], dim=1),
             )
-        o = self.runtime.attend(self.layer, q, k, v)  # (B, Sv + L, H, D)
+        o = self.runtime.attend(self, q, k, v)  # (B, Sv + L, H, D)
         o = o.flatten(2, 3).to(q.dtype)
         video, text = o[:, :-num_text], o[:, -num_text:]
         if getattr(attn, "to_out", None) is not None:

@@ -12,6 +12,14 @@ registers
 - a forward hook (``always_call``) that records the final output for a capture store and
   makes the previous state current again, also when the forward raised.
 
+Gradient checkpointing. diffusers recomputes a checkpointed block in backward, after the
+forward (and its state) is gone. For the duration of each forward the pre-hook therefore
+puts a state-carrying wrapper (:meth:`STABinding.carrying_state`) around the transformer's
+``_gradient_checkpointing_func`` (whatever ``enable_gradient_checkpointing`` installed, in
+either order with STA): the wrapper hands the checkpoint a function that re-installs the
+forward's state around the block, so its recomputation attends as the forward did. The
+forward hook puts the original function back; outside a forward the model is untouched.
+
 So the transformer can be called by anything, ``VideoDiT.forward`` or a diffusers pipeline's
 denoising loop, and its STA layers know the forward they are in. ``VideoDiT`` and
 ``stafinetune.enable_sta`` both use this one mechanism.
@@ -30,7 +38,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -48,6 +56,8 @@ from .families import family_of
 from .windows import WindowPlan
 
 BINDING_ATTRIBUTE = "_stafinetune_sta"
+# marks a checkpoint function that re-installs the STA state itself (``carrying_state``)
+CARRIES_STATE = "_stafinetune_carries_state"
 # the processor that carries STA in each family's STA layers
 _PROCESSORS = {"wan": WanSTAProcessor, "hunyuan": HunyuanSTAProcessor}
 
@@ -158,6 +168,8 @@ class STABinding:
         self._warned: set[tuple[int, int, int]] = set()
         self._originals: list[Any] = []
         self._hook_handles: list[Any] = []
+        self._checkpoint_fns: list[Callable[..., Any] | None] = []  # restored after each forward
+        self._carrier: tuple[Callable[..., Any], Callable[..., Any]] | None = None
         self._arg_positions = _argument_positions(transformer)
         self.layers = self.family.sta_layers(transformer)
 
@@ -265,14 +277,54 @@ class STABinding:
                     stacklevel=4,
                 )
 
+    def carrying_state(self, checkpoint_fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``checkpoint_fn(block, *args)`` (a diffusers ``_gradient_checkpointing_func``) that
+        recomputes the block under the forward's ``ForwardState`` (without its capture store:
+        a recomputation must not record again)."""
+        runtime = self.runtime
+
+        def checkpoint_block(block: Callable[..., Any], *args: Any) -> Any:
+            state = runtime.state
+            if state is None:
+                return checkpoint_fn(block, *args)
+            calls = 0
+
+            def run(*inner: Any) -> Any:
+                nonlocal calls
+                current = state if calls == 0 else state.without_store()
+                calls += 1
+                with runtime.use(current):
+                    return block(*inner)
+
+            return checkpoint_fn(run, *args)
+
+        setattr(checkpoint_block, CARRIES_STATE, True)
+        return checkpoint_block
+
+    def _wrap_checkpointing(self) -> None:
+        """Give the transformer a state-carrying checkpoint function for this forward."""
+        t = self.transformer
+        inner = getattr(t, "_gradient_checkpointing_func", None)
+        if inner is None or getattr(inner, CARRIES_STATE, False):
+            self._checkpoint_fns.append(None)
+            return
+        if self._carrier is None or self._carrier[0] is not inner:  # one wrapper per function
+            self._carrier = (inner, self.carrying_state(inner))
+        t._gradient_checkpointing_func = self._carrier[1]
+        self._checkpoint_fns.append(inner)
+
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         state = None
         try:
             state = self.forward_state(args, kwargs)
         finally:  # the always-called forward hook pops what this pushed, also on errors
             self.runtime.push(state)
+            self._wrap_checkpointing()
 
     def _after_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
+        inner = self._checkpoint_fns.pop() if self._checkpoint_fns else None
+        if inner is not None:
+            self.transformer._gradient_checkpointing_func = inner
         state = self.runtime.pop()
         if state is None or state.store is None or output is None:
             return

@@ -247,7 +247,9 @@ class VideoDiT(nn.Module):
         """Recompute each transformer block in backward; STA state travels with the block.
 
         The recomputation runs during backward, after ``forward`` returned, so the checkpoint
-        function re-installs the forward's ``ForwardState`` (without capture store) around it.
+        function re-installs the forward's ``ForwardState`` (without capture store) around it
+        (``STABinding.carrying_state``, which diffusers' own ``enable_gradient_checkpointing``
+        gets as well).
 
         Args:
             policy: ``full`` recomputes the whole block; ``selective`` keeps every attention
@@ -257,27 +259,14 @@ class VideoDiT(nn.Module):
                 region with ``torch.compile``; the compiler then plans the recomputation.
             backend: the ``torch.compile`` backend (tests use ``aot_eager``).
         """
-        runtime = self.binding.runtime
         options = checkpoint_options(policy)
 
-        def checkpoint_block(block: nn.Module, *args: Any) -> Any:
-            state = runtime.state
-            if state is None:
-                return torch.utils.checkpoint.checkpoint(block, *args, **options)
-            calls = 0
+        def checkpoint_block(block: Any, *args: Any) -> Any:
+            return torch.utils.checkpoint.checkpoint(block, *args, **options)
 
-            def run(*inner: Any) -> Any:
-                nonlocal calls
-                current = state if calls == 0 else state.without_store()
-                calls += 1
-                with runtime.use(current):
-                    return block(*inner)
-
-            return torch.utils.checkpoint.checkpoint(run, *args, **options)
-
-        function = checkpoint_block
-        if compile:
-            function = compile_checkpointed(checkpoint_block, self.num_layers, backend)
+        function = self.binding.carrying_state(checkpoint_block)
+        if compile:  # functools.wraps keeps the carrying_state mark on the compiled call
+            function = compile_checkpointed(function, self.num_layers, backend)
         self.transformer.enable_gradient_checkpointing(gradient_checkpointing_func=function)
 
     def disable_gradient_checkpointing(self) -> None:

@@ -68,12 +68,13 @@ def apply_compile(model: VideoDiT, *, checkpointed: bool, backend: str = "induct
     their checkpoint (``enable_gradient_checkpointing(compile=True)``), and the forwards
     without gradients (validation), which diffusers runs without the checkpoint, stay eager.
     Parameters keep their names (the module is not wrapped), so checkpoints and FSDP see the
-    same model.
+    same model. Blocks of one kind share one graph per canvas; only forwards inside
+    ``capture()`` (distillation's attention loss) compile a graph per block.
     """
     if checkpointed:
         return
     blocks = model.adapter.sta_blocks(model.transformer)
-    raise_recompile_limit(4 * len(blocks))  # one graph per block (its layer index is a constant)
+    raise_recompile_limit(4 * len(blocks))  # captured forwards: one graph per block and canvas
     for block in blocks:
         block.forward = torch.compile(block.forward, backend=backend, fullgraph=True)
 

@@ -16,6 +16,7 @@ from torch import nn
 from stafinetune.models import AttentionConfig, MaskStrategy, ModelConfig, VideoDiT, build_model
 from stafinetune.models.dit import cast_like_diffusers
 
+FLAVORS = {"wan": "wan_tiny", "hunyuan": "hunyuan_tiny"}  # the tiny flavor of each family
 WORDS = "a red blue green circle square moving left right up down slowly fast".split()
 FRAMES, SIZE = 17, 128  # -> latents (16, 5, 16, 16) -> canvas (5, 8, 8)
 TILE = [1, 2, 2]  # -> 5 x 4 x 4 tiles
@@ -60,6 +61,35 @@ def plain_copy(dit: VideoDiT) -> nn.Module:
     cast_like_diffusers(model, dit.dtype)
     model.load_state_dict(dit.transformer.state_dict())
     return model.eval()
+
+
+def tiny_transformer(family: str, seed: int = 0, **overrides: Any) -> nn.Module:
+    """A plain diffusers transformer of the family's tiny flavor (its own processors, no hooks)
+    with deterministic random weights; ``overrides`` change config fields (``num_layers``)."""
+    torch.manual_seed(seed)
+    dit = build_model(ModelConfig(flavor=FLAVORS[family], config_overrides=overrides),
+                      AttentionConfig(mode="full"))  # fmt: skip
+    return plain_copy(dit)
+
+
+def transformer_inputs(family: str, seed: int = 0) -> dict[str, Any]:
+    """Keyword arguments of one call of a tiny transformer, as its pipeline passes them:
+    latents (1, 16, 5, 16, 16), a timestep, text (1, 8, 32); for HunyuanVideo also a text
+    mask with 3 padding tokens, pooled text (1, 32) and the distilled guidance."""
+    g = torch.Generator().manual_seed(seed)
+    kwargs: dict[str, Any] = {
+        "hidden_states": torch.randn(1, 16, 5, 16, 16, generator=g),
+        "timestep": torch.tensor([700.0]),
+        "encoder_hidden_states": torch.randn(1, 8, 32, generator=g),
+        "return_dict": False,
+    }
+    if family == "hunyuan":
+        kwargs |= {
+            "encoder_attention_mask": torch.arange(8)[None] < 5,
+            "pooled_projections": torch.randn(1, 32, generator=g),
+            "guidance": torch.tensor([6000.0]),
+        }
+    return kwargs
 
 
 def scheduler(steps: int) -> Any:

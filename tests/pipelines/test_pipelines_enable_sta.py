@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 from pipeline_testing import (
+    FLAVORS,
     FULL_WINDOW,
     NEGATIVE,
     TILE,
@@ -35,7 +36,6 @@ from stafinetune.models.binding import BINDING_ATTRIBUTE, binding_of
 from stafinetune.models.families import get_family
 
 STEPS = 4
-FLAVORS = {"wan": "wan_tiny", "hunyuan": "hunyuan_tiny"}
 TIGHT = {"atol": 1e-5, "rtol": 1e-5}
 
 

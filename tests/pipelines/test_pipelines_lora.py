@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from pipeline_testing import (
+    FLAVORS,
     TILE,
     build_dit,
     conditioning,
@@ -15,6 +16,7 @@ from pipeline_testing import (
     hunyuan_pipeline,
     noise_of,
     plain_copy,
+    transformer_inputs,
     wan_pipeline,
 )
 from safetensors.torch import load_file
@@ -22,6 +24,7 @@ from safetensors.torch import load_file
 from stafinetune import enable_sta, sta_step
 from stafinetune.config import TrainConfig, compose_job_config
 from stafinetune.diffusion.sampling import sample_latents
+from stafinetune.models import VideoDiT
 from stafinetune.training import checkpoint as ckpt
 from stafinetune.training.lora import (
     adapter_state_dict,
@@ -171,16 +174,22 @@ def test_lora_export_loads_into_the_wan_pipeline(data_root: Path, tmp_path: Path
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_hunyuan_adapter_loads_into_the_hunyuan_pipeline(tmp_path: Path) -> None:
-    """The export format also fits ``HunyuanVideoPipeline.load_lora_weights`` (alpha != rank)."""
-    dit = build_dit("hunyuan_tiny", window=[3, 3, 3])
-    base = plain_copy(dit)
+def _random_adapter(dit: VideoDiT, path: Path) -> None:
+    """Put a LoRA adapter (rank 2, alpha 6) with random weights on ``dit`` and save it to
+    ``path`` in diffusers' format."""
     apply_lora(dit, rank=2, alpha=6.0)
     with torch.no_grad():
         for name, param in dit.named_parameters():
             if param.requires_grad:
                 param.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(len(name)))
-    save_lora_adapter(dit, tmp_path)
+    save_lora_adapter(dit, path)
+
+
+def test_hunyuan_adapter_loads_into_the_hunyuan_pipeline(tmp_path: Path) -> None:
+    """The export format also fits ``HunyuanVideoPipeline.load_lora_weights`` (alpha != rank)."""
+    dit = build_dit("hunyuan_tiny", window=[3, 3, 3])
+    base = plain_copy(dit)
+    _random_adapter(dit, tmp_path)
     pipe = hunyuan_pipeline(base)
     pipe.load_lora_weights(tmp_path)
     enable_sta(pipe, tile=TILE, window=[3, 3, 3])
@@ -192,3 +201,27 @@ def test_hunyuan_adapter_loads_into_the_hunyuan_pipeline(tmp_path: Path) -> None
         want = dit(x, t, text, mask, pooled)
         got = pipe.transformer(x, t, text, mask, pooled, guidance, return_dict=False)[0]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["wan", "hunyuan"])
+def test_lora_loads_into_a_pipeline_that_runs_sta(family: str, tmp_path: Path) -> None:
+    """``load_lora_weights`` after ``enable_sta``: the adapter reaches the STA layers (the
+    student's output), ``unload_lora_weights`` takes it off again, STA stays on."""
+    dit = build_dit(FLAVORS[family], window=[3, 3, 3])
+    base = plain_copy(dit)
+    _random_adapter(dit, tmp_path)
+    pipe = (wan_pipeline if family == "wan" else hunyuan_pipeline)(base)
+    enable_sta(pipe, tile=TILE, window=[3, 3, 3])
+    inputs = transformer_inputs(family)
+    with torch.no_grad():
+        without = pipe.transformer(**inputs)[0]
+        pipe.load_lora_weights(tmp_path)
+        got = pipe.transformer(**inputs)[0]
+        pooled = inputs.get("pooled_projections")
+        mask = inputs.get("encoder_attention_mask", torch.ones(1, 8, dtype=torch.bool))
+        want = dit(inputs["hidden_states"], inputs["timestep"], inputs["encoder_hidden_states"],
+                   mask, pooled)  # fmt: skip
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert (got - without).abs().max() > 1e-3
+        pipe.unload_lora_weights()
+        assert torch.equal(pipe.transformer(**inputs)[0], without)
