@@ -120,7 +120,7 @@ def check_inputs(job: EvalJobConfig) -> None:
         raise UserError(f"captions={job.captions}: no such file")
     if job.resolved_mode == "compare":
         try:
-            check_models(job.compare, job.attention, job.sample.steps)
+            check_models(job.compare, job.attention, job.sample)
         except ValueError as err:
             raise UserError(str(err)) from None
     if job.videos is not None and not any(

@@ -36,7 +36,7 @@ from stafinetune.metrics.fidelity import VMAF_AVAILABLE
 from stafinetune.metrics.motion import parse_caption
 from stafinetune.models import AttentionConfig, ModelConfig
 
-from .generate import GeneratedVideo, SampleConfig, sample_model
+from .generate import GeneratedVideo, SampleConfig, sample_model, sampling_schedule
 from .weights import inference_attention, resolve_weights
 
 QUALITY = (
@@ -64,6 +64,9 @@ class ModelSpec:
             export's own strategy is used when neither is set).
         window: ``[wt, wh, ww]`` tiles for every layer and head (overrides ``attention.window``).
         dense_first_steps: overrides ``attention.dense_first_steps``.
+        steps, schedule: override ``sample.steps`` / ``sample.schedule`` for this model (a
+            few-step student beside a many-step teacher, or one student at several step
+            counts: ``{name: s2, checkpoint: run, steps: 2, schedule: stochastic}``).
     """
 
     name: str = "sta"
@@ -72,6 +75,15 @@ class ModelSpec:
     strategy_path: Optional[str] = None
     window: Optional[list[int]] = None
     dense_first_steps: Optional[int] = None
+    steps: Optional[int] = None
+    schedule: Optional[str] = None
+
+
+def spec_sample(sample_cfg: SampleConfig, spec: ModelSpec) -> SampleConfig:
+    """The ``sample`` section with ``spec``'s own steps and schedule (validated)."""
+    changes = {k: v for k, v in (("steps", spec.steps), ("schedule", spec.schedule))
+               if v is not None}  # fmt: skip
+    return dataclasses.replace(sample_cfg, **changes) if changes else sample_cfg
 
 
 @dataclass
@@ -123,14 +135,17 @@ def spec_attention(attention: AttentionConfig, spec: ModelSpec) -> AttentionConf
     return dataclasses.replace(attention, **changes)
 
 
-def check_models(compare_cfg: CompareConfig, attention: AttentionConfig, steps: int) -> None:
-    """Before any sampling: every compared model's weights and strategy file resolve.
+def check_models(
+    compare_cfg: CompareConfig, attention: AttentionConfig, sample_cfg: SampleConfig
+) -> None:
+    """Before any sampling: every compared model's weights, schedule and strategy file resolve.
 
     Raises ValueError naming ``compare.models[i]`` and the field at fault.
     """
     for i, spec in enumerate(compare_cfg.models):
-        resolve_weights(spec.checkpoint, f"compare.models[{i}].checkpoint")
+        weights = resolve_weights(spec.checkpoint, f"compare.models[{i}].checkpoint")
         try:
+            steps = sampling_schedule(spec_sample(sample_cfg, spec), weights).steps
             inference_attention(spec_attention(attention, spec), steps)
         except ValueError as err:
             raise ValueError(f"compare.models[{i}] ({spec.name}): {err}") from None
@@ -345,7 +360,8 @@ def compare_models(
     settings: dict[str, dict[str, Any]] = {}
     for i, spec in enumerate(ccfg.models):
         videos, model_settings = sample_model(
-            model_cfg, spec_attention(attention_cfg, spec), data_cfg, scfg, prompts,
+            model_cfg, spec_attention(attention_cfg, spec), data_cfg, spec_sample(scfg, spec),
+            prompts,
             run_dir / spec.name, checkpoint=spec.checkpoint,
             checkpoint_field=f"compare.models[{i}].checkpoint", progress=progress, name=spec.name,
         )  # fmt: skip

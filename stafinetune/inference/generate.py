@@ -42,13 +42,19 @@ from stafinetune.data import (
 )
 from stafinetune.data.encoders import TextEncoder
 from stafinetune.data.synthetic import write_mp4
-from stafinetune.diffusion.sampling import ClassifierFreeGuidance, sample_latents, to_uint8_video
+from stafinetune.diffusion.sampling import (
+    ClassifierFreeGuidance,
+    Schedule,
+    sample_latents,
+    to_uint8_video,
+)
 from stafinetune.errors import UserError
 from stafinetune.models import AttentionConfig, ModelConfig, VideoDiT
 from stafinetune.models.profiling import AttentionTimer
 from stafinetune.parallel.world import resolve_device
 
 from .weights import (
+    Weights,
     check_encoders_fit,
     describe_attention,
     load_model,
@@ -57,6 +63,8 @@ from .weights import (
 )
 
 PRECISIONS = ("auto", "fp32", "bf16")
+SCHEDULES = ("auto", "euler", "stochastic")
+FRESH_NOISE_SEED = 1_000_033  # offset of the generator of a stochastic schedule's fresh noise
 
 
 def _check(cond: bool, message: str) -> None:
@@ -77,7 +85,12 @@ class SampleConfig:
             checkpoint), a checkpoint directory (``model.safetensors``) or an export folder
             (``transformer/`` + ``mask_strategy.json``); None: ``model.path`` as configured
             (the shipped tiny teacher by default).
-        steps: Euler steps.
+        schedule: ``auto``: a few-step student's own schedule when the weights are its export
+            (steps, levels and re-noising as it was trained), else ``euler``; ``euler``: Euler
+            steps at ``steps`` levels shifted by ``shift``; ``stochastic``: the same levels with
+            the x0 prediction re-noised by fresh noise between them (how distribution-matched
+            students sample, at any step count).
+        steps: model evaluations of the ``euler`` / ``stochastic`` schedules.
         shift: timestep shift of the schedule (Wan: 3 to 5 at 480p-720p).
         guidance_scale: classifier-free guidance scale; 1 disables it (one forward a step).
             The tiny teacher was trained without caption dropout: keep 1 for it.
@@ -93,6 +106,7 @@ class SampleConfig:
     prompts: Optional[str] = None
     num_prompts: int = 2
     checkpoint: Optional[str] = None
+    schedule: str = "auto"
     steps: int = 20
     shift: float = 1.0
     guidance_scale: float = 1.0
@@ -106,6 +120,10 @@ class SampleConfig:
     def __post_init__(self) -> None:
         _check(self.num_prompts >= 1, f"sample.num_prompts must be >= 1, got {self.num_prompts}")
         _check(self.steps >= 1, f"sample.steps must be >= 1, got {self.steps}")
+        _check(
+            self.schedule in SCHEDULES,
+            f"sample.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}",
+        )
         _check(self.shift >= 1.0, f"sample.shift must be >= 1, got {self.shift}")
         _check(
             self.guidance_scale >= 0,
@@ -228,6 +246,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def sampling_schedule(sample_cfg: SampleConfig, weights: Weights) -> Schedule:
+    """The schedule ``sample.schedule`` names for these weights (see :class:`SampleConfig`)."""
+    recorded = weights.sampling
+    if sample_cfg.schedule == "auto" and recorded is not None:
+        return Schedule.from_dict(recorded)
+    stochastic = sample_cfg.schedule == "stochastic"
+    return Schedule.flow(sample_cfg.steps, sample_cfg.shift, stochastic=stochastic)
+
+
 def prompt_noise(shape: Sequence[int], seed: int) -> torch.Tensor:
     """The starting latents (1, *shape) of a prompt: CPU normal noise from ``seed``."""
     gen = torch.Generator().manual_seed(seed)
@@ -242,8 +269,7 @@ def generate(
     *,
     latent_shape: Sequence[int],
     seed: int,
-    steps: int,
-    shift: float = 1.0,
+    schedule: Schedule,
     guidance_scale: float = 1.0,
     negative_prompt: str = "",
     bf16: bool = False,
@@ -257,7 +283,9 @@ def generate(
         dit: the model (on its device, eval mode).
         prompts: the prompts, encoded by ``text_encoder`` (the data's).
         latent_shape: (C, T, H, W) of one video's latents.
-        steps, shift: the Euler schedule (``flow_sigmas``); step ``i`` passes ``step_index=i``.
+        schedule: the sampler's levels and steps; step ``i`` passes ``step_index=i``. A
+            stochastic schedule's fresh noise for prompt ``k`` comes from its own generator,
+            seeded from ``seed + k`` too.
         guidance_scale, negative_prompt: classifier-free guidance (1: off).
         bf16: bf16 autocast (CUDA only).
         warmup: sample the first prompt once, untimed, first.
@@ -279,9 +307,10 @@ def generate(
     def run(k: int) -> torch.Tensor:
         noise = prompt_noise(latent_shape, seed + k).to(device)
         cond = (text[k : k + 1].to(device), mask[k : k + 1].to(device))
+        fresh = torch.Generator().manual_seed(seed + k + FRESH_NOISE_SEED)
         return sample_latents(
             model, noise, *cond, pooled[k : k + 1].to(device),
-            steps=steps, shift=shift, autocast_bf16=autocast_bf16,
+            schedule=schedule, generator=fresh, autocast_bf16=autocast_bf16,
         )  # fmt: skip
 
     if warmup and prompts:
@@ -386,8 +415,9 @@ def sample_model(
         device = resolve_device(sample_cfg.device, "sample.device")
         dtype, bf16 = model_dtype(sample_cfg.precision, device)
         weights = resolve_weights(checkpoint, checkpoint_field)
+        schedule = sampling_schedule(sample_cfg, weights)
         dit: VideoDiT = load_model(
-            model_cfg, attention_cfg, weights, steps=sample_cfg.steps, device=device,
+            model_cfg, attention_cfg, weights, steps=schedule.steps, device=device,
             dtype=dtype, seed=sample_cfg.seed,
         )  # fmt: skip
         grid = data_cfg.latent_grids()[0]  # (T, H, W) of the data's first bucket
@@ -396,8 +426,8 @@ def sample_model(
         check_encoders_fit(dit, text_encoder, video_encoder, data_cfg, model_cfg)
         videos = generate(
             dit, prompts, text_encoder,
-            latent_shape=(dit.in_channels, *grid), seed=sample_cfg.seed, steps=sample_cfg.steps,
-            shift=sample_cfg.shift, guidance_scale=sample_cfg.guidance_scale,
+            latent_shape=(dit.in_channels, *grid), seed=sample_cfg.seed, schedule=schedule,
+            guidance_scale=sample_cfg.guidance_scale,
             negative_prompt=sample_cfg.negative_prompt, bf16=bf16, warmup=sample_cfg.warmup,
             progress=progress, desc=name,
         )  # fmt: skip
@@ -407,10 +437,11 @@ def sample_model(
         "weights": weights.describe(),
         "flavor": model_cfg.flavor,
         "attention": describe_attention(attention_cfg, weights),
-        "video_density": mean_density(dit, canvas, sample_cfg.steps),
+        "video_density": mean_density(dit, canvas, schedule.steps),
         "dense_first_steps": dit.attention_cfg.dense_first_steps,
-        "steps": sample_cfg.steps,
-        "shift": sample_cfg.shift,
+        "steps": schedule.steps,
+        "sigmas": list(schedule.sigmas),
+        "stochastic": schedule.stochastic,
         "guidance_scale": sample_cfg.guidance_scale,
         "negative_prompt": sample_cfg.negative_prompt,
         "device": str(device),

@@ -48,6 +48,14 @@ class Weights:
             return file if file.is_file() else None
         return None
 
+    @property
+    def sampling(self) -> dict[str, Any] | None:
+        """How a few-step student's export samples (its strategy's ``sampling`` record:
+        steps, sigmas, stochastic, baked guidance), or None."""
+        if self.strategy is None:
+            return None
+        return MaskStrategy.load(self.strategy).metadata.get("sampling")
+
     def describe(self) -> str:
         """One line for tables and logs."""
         return "base model" if self.path is None else f"{self.kind} {self.path}"

@@ -14,7 +14,7 @@ from torch import nn
 from stafinetune.build import validation_batches
 from stafinetune.config import TrainConfig
 from stafinetune.data import DataConfig, build_text_encoder
-from stafinetune.diffusion.sampling import ClassifierFreeGuidance, sample_latents
+from stafinetune.diffusion.sampling import ClassifierFreeGuidance, Schedule, sample_latents
 from stafinetune.inference.generate import default_prompts, generate, prompt_noise, read_prompts
 from stafinetune.inference.weights import Weights, inference_attention, load_model, resolve_weights
 from stafinetune.metrics import read_video
@@ -37,7 +37,7 @@ def teacher():
 
 
 def _latents(dit, text_encoder, prompts, seed, **kwargs) -> list[torch.Tensor]:
-    options = {"steps": 3, "warmup": False, "progress": False, **kwargs}
+    options = {"schedule": Schedule.flow(3), "warmup": False, "progress": False, **kwargs}
     videos = generate(dit, prompts, text_encoder, latent_shape=LATENT_SHAPE, seed=seed, **options)
     assert [v.seed for v in videos] == [seed + k for k in range(len(prompts))]
     return [v.latents for v in videos]
