@@ -27,6 +27,15 @@ sequential and group offloading, ``fuse_qkv_projections()``, the cache hooks
 is not part of the format; call ``enable_sta`` again after ``from_pretrained``).
 ``set_attention_backend`` applies to the attention STA leaves alone (Wan's text
 cross-attention); the STA layers keep STA.
+
+A few-step student's export (``distill=dmd2`` / ``trajectory``) records how it samples in its
+mask strategy: ``enable_sta(pipe, strategy=...)`` then also gives the pipeline the student's
+scheduler (its levels, and fresh-noise re-noising where it was trained so), and the pipeline
+samples as the student did when called with ``num_inference_steps`` equal to the student's
+steps and ``guidance_scale=1`` (the guidance is baked in)::
+
+    enable_sta(pipe, strategy="<run>/export/mask_strategy.json")
+    video = pipe(prompt, num_inference_steps=4, guidance_scale=1.0).frames[0]
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from stafinetune.diffusion.sampling import Schedule
 from stafinetune.models.binding import StepTracker, binding_of, build_binding
 from stafinetune.models.config import ATTENTION_BACKENDS, check_triple
 from stafinetune.models.families import family_of
@@ -114,6 +124,7 @@ def enable_sta(
     backend: str = "auto",
     strict: bool = False,
     fp8: bool = False,
+    schedule: bool = True,
 ) -> Any:
     """Turn STA on in a diffusers ``WanPipeline`` / ``HunyuanVideoPipeline`` or transformer.
 
@@ -144,6 +155,9 @@ def enable_sta(
             in float8 e4m3 (``sliding_tile_attention(..., fp8=True)``): a Hopper GPU, bf16,
             head dim 128, tiles of 64-token frames that divide the canvas; ``backend`` auto
             or triton. A call outside that scope fails naming the reason.
+        schedule: when the strategy is a few-step student's (its metadata holds
+            ``sampling``) and ``target`` is a pipeline, replace the pipeline's scheduler by the
+            student's (:func:`student_scheduler`; ``disable_sta`` puts the original back).
     Returns:
         ``target``.
     """
@@ -195,7 +209,60 @@ def enable_sta(
     for transformer, plan in zip(transformers, plans, strict=True):
         build_binding(transformer, plan, tile=tile, backend=backend, strict=strict,
                       tracker=tracker, fp8=fp8)
+    _restore_scheduler(target)
+    sampling = loaded.metadata.get("sampling") if loaded is not None else None
+    if schedule and sampling is not None and hasattr(target, "scheduler"):
+        setattr(target, _ORIGINAL_SCHEDULER, target.scheduler)
+        target.scheduler = student_scheduler(Schedule.from_dict(sampling))
     return target
+
+
+_ORIGINAL_SCHEDULER = "_stafinetune_original_scheduler"
+
+
+def student_scheduler(schedule: Schedule) -> Any:
+    """A diffusers ``FlowMatchEulerDiscreteScheduler`` that samples at ``schedule``'s levels.
+
+    It re-noises the x0 prediction with fresh noise between levels when the schedule is
+    stochastic (``stochastic_sampling``), else takes Euler steps. Whatever levels the
+    pipeline asks for, it sets the schedule's own; a pipeline run with another number of
+    steps is refused, naming the student's.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=1.0, stochastic_sampling=schedule.stochastic
+    )
+    set_levels = scheduler.set_timesteps
+
+    def set_timesteps(
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        sigmas: Sequence[float] | None = None,
+        mu: float | None = None,
+        timesteps: Sequence[float] | None = None,
+    ) -> None:
+        asked = num_inference_steps
+        if asked is None:
+            given = sigmas if sigmas is not None else timesteps
+            asked = None if given is None else len(given)
+        if asked is not None and asked != schedule.steps:
+            raise ValueError(
+                f"this few-step student samples in {schedule.steps} steps: call the pipeline "
+                f"with num_inference_steps={schedule.steps} (asked for {asked})"
+            )
+        set_levels(device=device, sigmas=list(schedule.sigmas))
+
+    scheduler.set_timesteps = set_timesteps
+    return scheduler
+
+
+def _restore_scheduler(target: Any) -> None:
+    """Put back the scheduler ``enable_sta`` replaced, if it did."""
+    original = getattr(target, _ORIGINAL_SCHEDULER, None)
+    if original is not None:
+        target.scheduler = original
+        delattr(target, _ORIGINAL_SCHEDULER)
 
 
 def _enabled_binding(transformer: nn.Module) -> Any:
@@ -218,6 +285,7 @@ def disable_sta(target: Any) -> Any:
         binding = _enabled_binding(transformer)
         if binding is not None:
             binding.remove()
+    _restore_scheduler(target)
     return target
 
 

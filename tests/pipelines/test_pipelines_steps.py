@@ -26,8 +26,8 @@ from pipeline_testing import (
     wan_pipeline,
 )
 
-from stafinetune import enable_sta, sta_step
-from stafinetune.diffusion.sampling import sample_latents
+from stafinetune import disable_sta, enable_sta, sta_step
+from stafinetune.diffusion.sampling import Schedule, sample_latents
 from stafinetune.models import AttentionConfig, MaskStrategy, ModelConfig, build_model
 from stafinetune.models.binding import StepTracker, binding_of
 
@@ -108,6 +108,47 @@ def test_exported_student_runs_in_the_pipeline(cond: dict[str, Any], tmp_path: P
     )
     expected = sample_latents(rebuilt, noise_of(5), cond["text"], cond["text_mask"], steps=STEPS)
     torch.testing.assert_close(generate(pipe, STEPS, seed=5), expected, **TIGHT)
+
+
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_a_few_step_export_samples_as_the_student(
+    cond: dict[str, Any], tmp_path: Path, stochastic: bool
+) -> None:
+    """A few-step student's strategy carries its schedule: ``enable_sta`` gives the pipeline
+    the student's scheduler, and the pipeline samples as ``sample_latents`` with it (exactly
+    for Euler steps; a stochastic schedule's fresh noise comes from the pipeline's own
+    generator, so there the levels and the re-noising are checked)."""
+    from diffusers import WanTransformer3DModel
+
+    schedule = Schedule((1.0, 0.6, 0.3), stochastic=stochastic)
+    export = tmp_path / "export"
+    trained = build_dit("wan_tiny", seed=7, window=[3, 1, 3])
+    trained.save_pretrained(export / "transformer")
+    sampling = {**schedule.to_dict(), "guidance_scale": 1.0}
+    MaskStrategy.from_plan(trained.plan, canvas=[5, 8, 8], tile=TILE,
+                           metadata={"sampling": sampling}).save(export / "mask_strategy.json")  # fmt: skip
+    pipe = wan_pipeline(WanTransformer3DModel.from_pretrained(export / "transformer"), STEPS)
+    original = pipe.scheduler
+    enable_sta(pipe, strategy=export / "mask_strategy.json")
+    assert pipe.scheduler is not original and pipe.scheduler.config.stochastic_sampling == stochastic
+    recorder = CallRecorder(pipe.transformer)
+    latents = generate(pipe, 3, seed=5)
+    assert [float(c["timestep"].flatten()[0]) for c in recorder.calls] == pytest.approx(
+        [1000.0, 600.0, 300.0]
+    )
+    rebuilt = build_model(
+        ModelConfig(path=str(export / "transformer")),
+        AttentionConfig(strategy_path=str(export / "mask_strategy.json")),
+    )
+    if not stochastic:
+        expected = sample_latents(rebuilt, noise_of(5), cond["text"], cond["text_mask"],
+                                  schedule=schedule)  # fmt: skip
+        torch.testing.assert_close(latents, expected, **TIGHT)
+    with pytest.raises(ValueError, match="samples in 3 steps: call the pipeline with "
+                                         "num_inference_steps=3"):  # fmt: skip
+        generate(pipe, STEPS)
+    disable_sta(pipe)
+    assert pipe.scheduler is original
 
 
 def test_a_videodit_transformer_follows_a_pipeline(cond: dict[str, Any]) -> None:
