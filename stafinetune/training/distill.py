@@ -146,14 +146,35 @@ class DistillStep:
             model: the unwrapped student (its ``capture()`` records attention outputs).
             batch: a batch dict on ``device``; ``noise`` (B, C, T, H, W), ``sigma`` (B,).
         """
-        cfg = self.cfg
         x0 = batch["latents"]
-        x_t = add_noise(x0, noise, sigma)
-        target = velocity_target(x0, noise)
+        terms = self.losses_at(module, model, batch, add_noise(x0, noise, sigma), sigma,
+                               target=velocity_target(x0, noise))  # fmt: skip
+        del terms["prediction"]
+        return terms
+
+    def losses_at(
+        self,
+        module: nn.Module,
+        model: VideoDiT,
+        batch: dict[str, Any],
+        x_t: torch.Tensor,
+        sigma: torch.Tensor,
+        *,
+        target: torch.Tensor,
+        teacher_out: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Every loss term at the noisy latents ``x_t`` (B, C, T, H, W) and levels ``sigma``
+        (B,), against the velocity ``target``; plus ``prediction``, the student's velocity.
+
+        ``teacher_out``: the teacher's velocity there when the caller has it (a few-step
+        method's guided teacher); the teacher still runs when its attention is captured.
+        """
+        cfg = self.cfg
         want_attn = cfg.w_attn > 0
-        teacher_out = teacher_attn = None
-        if self.teacher is not None:
-            teacher_out, teacher_attn = self.teacher_forward(batch, x_t, sigma, capture=want_attn)
+        teacher_attn = None
+        if self.teacher is not None and (want_attn or teacher_out is None):
+            out, teacher_attn = self.teacher_forward(batch, x_t, sigma, capture=want_attn)
+            teacher_out = out if teacher_out is None else teacher_out
         inputs = model_inputs(batch, x_t, sigma, self.device)
         with autocast(self.device, self.bf16):
             if want_attn:
@@ -164,9 +185,9 @@ class DistillStep:
                 pred, student_attn = module(**inputs), None
         mse = None
         if self.sequence is not None:
-            num_video = math.prod(model.canvas_for(x0.shape))
+            num_video = math.prod(model.canvas_for(x_t.shape))
             mse = functools.partial(self.sequence.mean_squared_error, num_video=num_video)
-        return distillation_losses(
+        terms = distillation_losses(
             attn_mse=mse,
             student_out=pred.float(),
             target=target,
@@ -178,6 +199,8 @@ class DistillStep:
             w_attn=cfg.w_attn,
             layers=cfg.layers,
         )
+        terms["prediction"] = pred.float()
+        return terms
 
     def validation_gap(self, student: VideoDiT, batches: list[dict[str, Any]]) -> dict[str, float]:
         """The ``val/*`` gaps on fixed batches (``validation.validation_gap``)."""

@@ -14,9 +14,9 @@ student's side (its schedule, its rollouts, its auxiliary per-step losses):
   prediction there is the real score, the critic's the fake score, and the student's loss
   ``0.5 * ||x - sg(x - g)||^2`` with ``g = (fake - real) / mean|x - real|`` moves ``x`` towards
   the teacher's distribution and away from its own (``g`` carries no gradient).
-- :class:`TrajectoryDistill` (``distill=trajectory``): for a noised data sample at a student
-  level ``s_k``, the teacher's guided Euler steps down to ``s_k+1`` are the target of the
-  student's one Euler step (a deterministic schedule).
+- :class:`TrajectoryDistill` (``distill=trajectory``): on the teacher's own trajectory from
+  noise, the teacher's guided Euler steps from a student level ``s_k`` down to ``s_k+1`` are
+  the target of the student's one Euler step (a deterministic schedule).
 
 Both return the same metrics shape as :class:`~stafinetune.training.distill.DistillStep` and
 are driven by the same loop; the per-step terms (``distill.w_attn``, ``w_out``, ``w_data``)
@@ -297,7 +297,16 @@ class DMD2Distill(FewStepBase):
 
 @dataclass
 class TrajectoryDistill(FewStepBase):
-    """Trajectory segments (``distill=trajectory``; see the module docstring)."""
+    """Trajectory segments (``distill=trajectory``; see the module docstring).
+
+    The student learns on the teacher's own trajectory from noise, the states it meets when
+    it samples: for a drawn step ``k``, the teacher's guided Euler steps (``teacher_steps /
+    steps`` per student step) carry the noise to the student's level ``s_k`` and on to
+    ``s_k+1``; the student's velocity at ``(x_k, s_k)`` is trained towards the segment's
+    average velocity ``(x_k+1 - x_k) / (s_k+1 - s_k)``. With ``distill.w_attn`` / ``w_out`` the
+    per-step terms compare the student's attention outputs and velocity with the teacher's at
+    the same state ``(x_k, s_k)``.
+    """
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -306,39 +315,54 @@ class TrajectoryDistill(FewStepBase):
                 "distill=trajectory trains Euler steps: set distill.fewstep.stochastic=false"
             )
 
+    def fine_levels(self) -> list[list[float]]:
+        """The teacher's levels within each student step: ``steps`` lists of ``teacher_steps /
+        steps + 1`` levels, from the student's level down to the next one (0 at the end)."""
+        sub = self.cfg.fewstep.teacher_steps // self.schedule.steps
+        levels = self.schedule.levels().tolist()
+        return [
+            torch.linspace(a, b, sub + 1, dtype=torch.float64).float().tolist()
+            for a, b in zip(levels, levels[1:], strict=False)
+        ]
+
     @torch.no_grad()
     def teacher_segment(
-        self, x: torch.Tensor, start: float, end: float, batch: Batch
-    ) -> torch.Tensor:
-        """The teacher's guided Euler steps from ``x`` at level ``start`` to ``end``."""
-        sub = self.cfg.fewstep.teacher_steps // self.schedule.steps
-        levels = torch.linspace(start, end, sub + 1, dtype=torch.float64).float().tolist()
-        y = x
+        self, x: torch.Tensor, levels: list[float], batch: Batch
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's guided Euler steps from ``x`` through ``levels``: (the end state,
+        the velocity of the first step), each (B, C, T, H, W) fp32."""
+        y, first = x, None
         for a, b in zip(levels, levels[1:], strict=False):
             t = torch.full((x.shape[0],), a, device=self.device)
-            x0 = self.teacher_x0(y, t, batch)
-            v = (y - x0) / a  # the guided velocity
+            v = (y - self.teacher_x0(y, t, batch)) / a  # the guided velocity
+            first = v if first is None else first
             y = y + (b - a) * v
-        return y
+        assert first is not None
+        return y, first
 
     def student_losses(
         self, student: Any, batch: Batch, generator: torch.Generator
     ) -> dict[str, torch.Tensor]:
-        """The student's loss terms on one micro-batch: ``trajectory`` (and auxiliary ones)."""
+        """The student's loss terms on one micro-batch: ``trajectory`` (and the per-step ones
+        at the same state)."""
         k = int(torch.randint(0, self.schedule.steps, (1,), generator=generator))
-        levels = self.schedule.levels()
-        start, end = float(levels[k]), float(levels[k + 1])
-        x0 = batch["latents"].float()
-        noise = torch.randn(x0.shape, generator=generator).to(self.device)
-        x = add_noise(x0, noise, torch.full((x0.shape[0],), start, device=self.device))
-        target = self.teacher_segment(x, start, end, batch)
-        _, v = self.student_x0(student.module, batch, x, k)
-        step = x + (end - start) * v
-        # the endpoint error in velocity units, so every segment weighs alike
-        terms: dict[str, torch.Tensor] = {
-            "trajectory": F.mse_loss(step, target) / (end - start) ** 2
-        }
-        terms.update(self.aux_losses(student, batch, generator))
+        segments = self.fine_levels()
+        x = torch.randn(batch["latents"].shape, generator=generator).to(self.device)
+        for levels in segments[:k]:  # the teacher's trajectory down to the student's level k
+            x, _ = self.teacher_segment(x, levels, batch)
+        start, end = segments[k][0], segments[k][-1]
+        target_end, teacher_v = self.teacher_segment(x, segments[k], batch)
+        target = (target_end - x) / (end - start)  # the segment's average velocity
+        sigma = torch.full((x.shape[0],), start, device=self.device)
+        if self.aux is None:
+            _, v = self.student_x0(student.module, batch, x, k)
+            terms: dict[str, torch.Tensor] = {}
+        else:
+            terms = self.aux.losses_at(student.module, student.model, batch, x, sigma,
+                                       target=target, teacher_out=teacher_v)  # fmt: skip
+            v = terms.pop("prediction")
+            terms = {f"aux_{n}" if n != "total" else "aux": t for n, t in terms.items()}
+        terms["trajectory"] = F.mse_loss(v, target)
         terms["total"] = terms["trajectory"] + terms.get("aux", 0.0)
         return terms
 

@@ -153,18 +153,22 @@ def test_trajectory_target_is_the_teachers_segment(tiny_job, tmp_path):
     trainer = Trainer(_job(tiny_job, "trajectory", "train.steps=1"), tmp_path)
     method: TrajectoryDistill = trainer.distill
     assert not method.schedule.stochastic
+    segments = method.fine_levels()
+    # teacher_steps=20 over the 4 levels 1, .75, .5, .25: 5 Euler steps each, ending at 0
+    assert [len(s) for s in segments] == [6] * 4 and segments[-1][-1] == 0.0
+    assert [s[0] for s in segments] == list(method.schedule.sigmas)
     batch = {k: v[:2] for k, v in trainer.data.val_batches[0].items()}
     x = torch.randn(2, *batch["latents"].shape[1:])
-    end = method.teacher_segment(x, 0.75, 0.5, batch)
-    # teacher_steps=20 over 4 student steps: 5 Euler steps of the teacher per segment
-    levels = torch.linspace(0.75, 0.5, 6, dtype=torch.float64).float().tolist()
-    y = x
+    end, first = method.teacher_segment(x, segments[1], batch)
+    y, velocities = x, []
     with torch.no_grad():
-        for a, b in zip(levels, levels[1:], strict=False):
+        for a, b in zip(segments[1], segments[1][1:], strict=False):
             v = trainer.teacher(y, torch.full((2,), a * 1000.0), batch["text"],
                                 batch["text_mask"], batch["pooled_text"])  # fmt: skip
+            velocities.append(v)
             y = y + (b - a) * v
     torch.testing.assert_close(end, y, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(first, velocities[0], rtol=1e-4, atol=1e-5)
 
 
 def test_dmd2_resumes_exactly_with_its_critic(tiny_job, tmp_path):
