@@ -17,6 +17,16 @@ steps run dense (``attention.dense_first_steps``; their calls take the dense pat
 sampler's do): dense_first x (dense step) + the rest x (this row's step). Each distinct
 step is timed (median of ``--iters`` forwards after a warm-up), not the whole loop.
 
+Few-step students (``distill=dmd2`` / ``trajectory``) against the dense schedule as it is
+used, with classifier-free guidance:
+
+    dense + guidance     one dense step with guidance: the conditional and the negative
+                         forward as one batch of 2 (``ClassifierFreeGuidance``); its schedule
+                         is ``--steps`` of them
+    few-step student N   N steps of the first STA window, one batch-1 forward each (the
+                         guidance is baked in), every step STA; x dense + guidance is the
+                         dense guided schedule's time over the student's
+
 Suites:
 
     hunyuan720  HunyuanVideo 13B-shaped: 2 dual + 4 single full-width blocks (of 20 + 40,
@@ -58,6 +68,7 @@ from stafinetune.models import AttentionConfig, ModelConfig, build_model
 from stafinetune.models.dispatch import covering_heads
 
 GOAL_SUITE, GOAL_WINDOW, GOAL_SPEEDUP = "hunyuan720", (3, 3, 3), 3.0
+FEWSTEP_GOAL_STEPS, FEWSTEP_GOAL = 4, 100.0  # a 4-step student >= 100x the dense guided schedule
 
 
 @dataclass(frozen=True)
@@ -122,15 +133,18 @@ class Bench:
         self.heads, self.layers = self.dit.num_heads, self.dit.num_layers
 
     def step_ms(
-        self, attention: AttentionConfig, step_index: int, warmup: int, iters: int
-    ) -> float:
+        self, attention: AttentionConfig, step_index: int, warmup: int, iters: int,
+        batch: int = 1,
+    ) -> float:  # fmt: skip
+        """Median ms of one forward at ``batch`` (2: a guided step's cond + negative)."""
         self.dit.set_attention(attention)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        inputs = {k: None if v is None else torch.cat([v] * batch) for k, v in self.inputs.items()}
 
         @torch.no_grad()
         def forward() -> None:
             with autocast:
-                self.dit(**self.inputs, step_index=step_index)
+                self.dit(**inputs, step_index=step_index)
 
         return median_ms(forward, self.device, warmup, iters)
 
@@ -193,9 +207,49 @@ def run_suite(name: str, suite: Suite, args: argparse.Namespace, device: torch.d
             (args.steps - sparse_steps) * dense_ms + sparse_steps * r["step_ms"]
         ) / 1e3
         r["x_dense_schedule"] = args.steps * dense_ms / 1e3 / r["schedule_s"]
+    rows.extend(fewstep_rows(bench, rows, common, args, device, budget))
     del bench
     free_memory(device)
     return rows
+
+
+def fewstep_rows(bench: Bench, rows: list[dict[str, Any]], common: dict[str, Any],
+                 args: argparse.Namespace, device: torch.device,
+                 budget: Budget) -> list[dict[str, Any]]:  # fmt: skip
+    """The dense guided step and the few-step students' schedules (see the module docstring)."""
+    window = bench.suite.windows[0]
+    sta = next((r for r in rows if r["row"] == f"STA {'x'.join(map(str, window))}"), {})
+    record = {**common, "row": "dense + guidance (batch 2)", "density": 1.0}
+    if budget.exhausted() or "step_ms" not in sta:
+        return [{**record, "error": "skipped: no time left or no STA step measured"}]
+    print(f"[{budget.elapsed():6.0f} s] {common['suite']}: dense + guidance", flush=True)
+    dense = AttentionConfig(mode="full", tile=list(bench.suite.tile))
+    measure = functools.partial(bench.step_ms, dense, 0, args.warmup, args.iters, 2)
+    with sdpa_priority(device, args.sdpa):
+        record.update(run_guarded(lambda: {"step_ms": measure()}, device))
+    if "step_ms" not in record:
+        return [record]
+    guided_s = args.steps * record["step_ms"] / 1e3
+    record.update(schedule_s=guided_s, x_dense_guided=1.0)
+    out = [record]
+    for n in args.fewstep:
+        schedule_s = n * sta["step_ms"] / 1e3
+        out.append({**common, "row": f"few-step student, {n} STA {'x'.join(map(str, window))} "
+                    "steps", "density": sta.get("density"), "step_ms": sta["step_ms"],
+                    "schedule_s": schedule_s, "x_dense_guided": guided_s / schedule_s})  # fmt: skip
+    return out
+
+
+def fewstep_goal_line(rows: list[dict[str, Any]], steps: int) -> str:
+    hit = [r for r in rows if r["suite"] == GOAL_SUITE and "x_dense_guided" in r
+           and r["row"].startswith(f"few-step student, {FEWSTEP_GOAL_STEPS} ")]  # fmt: skip
+    if not hit:
+        return "Few-step goal: not measured."
+    ratio = hit[0]["x_dense_guided"]
+    verdict = "met" if ratio >= FEWSTEP_GOAL else "not met"
+    return (f"Few-step goal: a {FEWSTEP_GOAL_STEPS}-step STA student >= {FEWSTEP_GOAL:.0f}x "
+            f"the dense {steps}-step guided schedule on the HunyuanVideo 720p shape: "
+            f"{ratio:.1f}x, {verdict}.")  # fmt: skip
 
 
 def goal_line(rows: list[dict[str, Any]]) -> str:
@@ -222,8 +276,8 @@ def render_table(env: dict[str, Any], rows: list[dict[str, Any]], args: argparse
         f"{describe_environment(env)}.",
         "",
         "| suite | canvas (tiles) | row | mean video density | covering heads | ms / step | "
-        "x dense step | schedule s | x dense schedule |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "x dense step | schedule s | x dense schedule | x dense + guidance |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         canvas = f"{'x'.join(map(str, r['canvas']))} ({'x'.join(map(str, r['tiles']))})"
@@ -232,13 +286,16 @@ def render_table(env: dict[str, Any], rows: list[dict[str, Any]], args: argparse
         head = (f"| {r['title']} | {canvas} | {r['row']} | {dens if dens == '-' else dens + '%'} | "
                 f"{cover if cover == '-' else cover + '%'} |")  # fmt: skip
         if "error" in r:
-            lines.append(f"{head} {r['error']} | | | |")
+            lines.append(f"{head} {r['error']} | | | | |")
             continue
+        ratios = [fmt(r.get(k), ".2f") for k in ("x_dense_step", "x_dense_schedule")]
+        guided = fmt(r.get("x_dense_guided"), ".1f")
         lines.append(
-            f"{head} {r['step_ms']:.0f} | {fmt(r.get('x_dense_step'), '.2f')}x | "
-            f"{fmt(r.get('schedule_s'), '.1f')} | {fmt(r.get('x_dense_schedule'), '.2f')}x |"
+            f"{head} {r['step_ms']:.0f} | {' | '.join(x if x == '-' else x + 'x' for x in ratios[:1])}"
+            f" | {fmt(r.get('schedule_s'), '.1f')} | {ratios[1] if ratios[1] == '-' else ratios[1] + 'x'}"
+            f" | {guided if guided == '-' else guided + 'x'} |"
         )
-    lines += ["", goal_line(rows)]
+    lines += ["", goal_line(rows), fewstep_goal_line(rows, args.steps)]
     return "\n".join(lines)
 
 
@@ -249,6 +306,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--suites", default="hunyuan720,wan720", help=f"from {list(SUITES)}")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--dense-first-steps", type=int, default=10)
+    parser.add_argument("--fewstep", default="1,2,4", help="few-step students' step counts")
     parser.add_argument(
         "--cost-table",
         type=Path,
@@ -264,6 +322,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU")
     args = parser.parse_args(argv)
     args.suites = [s for s in args.suites.split(",") if s]
+    args.fewstep = [int(n) for n in args.fewstep.split(",") if n]
     if any(s not in SUITES for s in args.suites) or not 0 <= args.dense_first_steps <= args.steps:
         parser.error("unknown suite, or --dense-first-steps outside [0, --steps]")
     if args.cost_table is not None and not args.cost_table.is_file():
@@ -280,7 +339,8 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict[str, Any]] = []
     for name in args.suites:
         rows.extend(run_suite(name, suites[name], args, device, budget))
-    meta = {**env, "args": args_record(args), "goal": goal_line(rows), "seconds": budget.elapsed()}
+    meta = {**env, "args": args_record(args), "goal": goal_line(rows),
+            "fewstep_goal": fewstep_goal_line(rows, args.steps), "seconds": budget.elapsed()}
     payload = {"meta": meta, "rows": rows}
     write_results(args.out, args.name, payload, render_table(env, rows, args))
 

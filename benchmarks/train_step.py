@@ -11,6 +11,10 @@ gradient checkpointing per block. Per suite (model and resolution) the rows are:
     teacher   the teacher's dense forward with capture (no gradients): what distillation adds
     distill   the STA distillation step: teacher forward + STA student forward/backward with
               the output and attention-output losses (distill.w_out = w_attn = 1)
+    dmd2      one step of the few-step student by distribution matching (``distill=dmd2``,
+              4 steps, ``--critic-ratio`` critic updates per student update, STA critic):
+              student rollouts, the teacher's and the critic's forwards, the critic's and the
+              student's backward and AdamW steps (student + critic + teacher in memory)
 
 each with ``model.checkpoint_policy`` full and selective (keeps attention outputs, so the
 recomputation skips attention), and with ``--compile`` (``model.compile``: each block and its
@@ -37,6 +41,7 @@ Windows are one triple for every layer and head (default 3x3x3 tiles of 6x8x8 to
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import functools
 import math
@@ -73,6 +78,7 @@ from stafinetune.models.dit import cast_like_diffusers
 from stafinetune.models.profiling import AttentionTimer
 from stafinetune.parallel.parallelize import apply_compile
 from stafinetune.training.distill import DistillStep
+from stafinetune.training.fewstep import DMD2Distill
 
 
 @dataclass(frozen=True)
@@ -107,7 +113,31 @@ SMOKE_SUITES = {
                      tile=(1, 2, 2), compile_only=True),
 }  # fmt: skip
 
-KINDS = ("dense", "sta", "teacher", "distill")
+KINDS = ("dense", "sta", "teacher", "distill", "dmd2")
+
+
+class LocalEngine:
+    """The engine calls a few-step method makes, for one process without a wrapper."""
+
+    def __init__(self, model: Any, optimizer: torch.optim.Optimizer) -> None:
+        self.module = self.model = model
+        self.optimizer = optimizer
+
+    def grad_sync(self, enabled: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        loss.backward()
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+    def step(self) -> None:
+        self.optimizer.step()
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
 
 
 @dataclass(frozen=True)
@@ -167,6 +197,32 @@ class Bench:
         self.canvas = student.canvas_for(self.batch["latents"].shape)
         self.tokens = math.prod(self.canvas)
         self.compiled_student = self.compiled_teacher = False
+        self.critic = None  # the dmd2 row's, built on first use
+
+    def dmd2_step(self, row: Row, critic_ratio: int):
+        """One few-step distribution-matching step: critic updates, then the student's."""
+        bf16 = self.device.type == "cuda"
+        if self.critic is None:
+            self.critic = copy.deepcopy(self.student)  # fp32, STA, trainable
+            self.critic_optimizer = torch.optim.AdamW(
+                self.critic.parameters(), lr=1e-6, fused=self.device.type == "cuda"
+            )
+        self.critic.enable_gradient_checkpointing(row.policy)
+        cfg = DistillConfig(method="dmd2", w_data=0.0)
+        cfg.fewstep.critic_ratio = critic_ratio
+        critic = LocalEngine(self.critic, self.critic_optimizer)
+        method = DMD2Distill(cfg, self.teacher, self.device, bf16=bf16, teacher_bf16=bf16,
+                             critic_engine=critic)  # fmt: skip
+        student = LocalEngine(self.student, self.optimizer)
+        gen = torch.Generator().manual_seed(0)
+
+        def train_step() -> None:
+            student.zero_grad()
+            method.forward_backward(student, lambda: self.batch, gen, 1)
+            student.clip_grad_norm(1.0)
+            student.step()
+
+        return train_step
 
     def density(self) -> float:
         return float(density(self.canvas, self.suite.tile, torch.tensor([self.sta_cfg.window]))[0])
@@ -210,9 +266,10 @@ class Bench:
 
         return train_step
 
-    def measure(self, row: Row, warmup: int, iters: int, profile: bool = False) -> dict[str, Any]:
+    def measure(self, row: Row, warmup: int, iters: int, profile: bool = False,
+                critic_ratio: int = 5) -> dict[str, Any]:  # fmt: skip
         step = self.configure(row)
-        fn = self.step_fn(row, step)
+        fn = self.dmd2_step(row, critic_ratio) if row.kind == "dmd2" else self.step_fn(row, step)
         reset_peak(self.device)
         for _ in range(warmup):
             fn()
@@ -256,7 +313,8 @@ def run_suite(name: str, suite: Suite, args: argparse.Namespace, device: torch.d
                     "layers": bench.student.num_layers}  # fmt: skip
         record.update(meta)
         print(f"[{budget.elapsed():6.0f} s] {name}: {row}", flush=True)
-        measure = functools.partial(bench.measure, row, args.warmup, args.iters, args.profile)
+        measure = functools.partial(bench.measure, row, args.warmup, args.iters, args.profile,
+                                    args.critic_ratio)  # fmt: skip
         with sdpa_priority(device, args.sdpa):
             record.update(run_guarded(measure, device))
         out.append(record)
@@ -366,6 +424,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="SDPA backend order of the dense attention (cudnn: cuDNN first)",
     )
     parser.add_argument("--window", type=int, nargs=3, default=[3, 3, 3])
+    parser.add_argument("--critic-ratio", type=int, default=5, help="dmd2: critic updates")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument(
         "--iters", type=int, default=1, help="timed steps per row after the warm-up (median)"
