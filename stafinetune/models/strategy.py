@@ -30,6 +30,7 @@ import torch
 
 from sta_kernels import num_tiles
 from sta_kernels.geometry import as_triple
+from stafinetune.safety import load_json_file
 
 FORMAT = "stafinetune.mask_strategy"
 VERSION = 1
@@ -234,10 +235,9 @@ class MaskStrategy:
         if not os.path.isfile(path):
             raise StrategyError(f"mask strategy file not found: {source}")
         try:
-            with open(path, encoding="utf-8") as f:
-                raw = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise StrategyError(f"{source}: not valid JSON ({err})") from err
+            raw = load_json_file(path, source)
+        except ValueError as err:  # bad syntax, bad UTF-8, nested too deep
+            raise StrategyError(str(err)) from None
         if not isinstance(raw, dict):
             raise StrategyError(f"{source}: top level must be a JSON object")
         if raw.get("format") != FORMAT:

@@ -112,10 +112,11 @@ class Trainer:
     def __init__(self, job: JobConfig, run_dir: Path, world: World | None = None) -> None:
         self.job, self.run_dir = job, run_dir
         tcfg, pcfg = job.train, job.parallel
-        self.dims = build_dims(
-            tcfg.device, strategy=pcfg.strategy, sp=pcfg.sp, dp_replicate=pcfg.dp_replicate,
-            world=world,
-        )  # fmt: skip
+        with user_errors():  # parallel.sp that does not divide the launched processes
+            self.dims = build_dims(
+                tcfg.device, strategy=pcfg.strategy, sp=pcfg.sp, dp_replicate=pcfg.dp_replicate,
+                world=world,
+            )  # fmt: skip
         self.device = self.dims.device
         with user_errors():
             check_attention_backend(job.attention, self.device, training=True)
