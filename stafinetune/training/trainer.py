@@ -136,6 +136,7 @@ class Trainer:
         torch.manual_seed(tcfg.seed)
         with user_errors():  # model.path, attention windows and train.trainable
             self.student = build_student(job, self.device)
+            self.student.plan.check_run_canvases(self.data.canvases, "this run trains on")
             apply_trainable(self.student, tcfg)  # freezes the rest (or adds a LoRA adapter)
             self.teacher = build_teacher(job, self.device)
             check_data_fits_model(self.data.val_batches[0], self.student, job)
@@ -470,6 +471,8 @@ class Trainer:
                 "step": self.step,
                 # sampling steps kept dense; enable_sta(strategy=...) applies it by default
                 "dense_first_steps": self.student.plan.dense_first_steps,
+                # the windows were trained on every bucket's canvas: each may be sampled
+                "canvases": [list(c) for c in self.data.canvases],
             },
         ).save(path)
 
