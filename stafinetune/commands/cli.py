@@ -34,7 +34,7 @@ from stafinetune.errors import UserError, debug_enabled
 
 
 def hydra_command(
-    task: Callable[[Any, Path], None], config_name: str = "config"
+    task: Callable[[Any, Path], None], name: str, config_name: str = "config"
 ) -> Callable[[], None]:
     """A console-script ``main`` running ``task`` on the composed, validated config.
 
@@ -45,8 +45,13 @@ def hydra_command(
     behind (Hydra's files of this start are removed when the folder held nothing else). ``STAFINETUNE_DEBUG=1`` / ``HYDRA_FULL_ERROR=1``
     show the tracebacks instead.
 
+    ``--help`` opens with what the command does and how to see its config (the root
+    config's ``hydra.help.header``: :func:`command_about`), then Hydra's list of groups and
+    the composed config.
+
     Args:
         task: ``task(job, default_run_dir)``; ``default_run_dir`` is Hydra's output directory.
+        name: the command (``train``; a key of :data:`~stafinetune.commands.COMMANDS`).
         config_name: the root file under ``conf/`` (``config`` for training).
     """
     import hydra
@@ -80,6 +85,8 @@ def hydra_command(
 
     def main() -> None:
         sys.argv = [sys.argv[0], *strip_launcher_args(sys.argv[1:])]
+        if {"--help", "-h"} & set(sys.argv[1:]):  # train and preprocess share conf/config.yaml
+            sys.argv.append(f"hydra.help.app_name=stafinetune-{name}")
         started.clear()
         user.update(debug=debug_enabled(), full_error=os.environ.get(_FULL_ERROR))
         try:
@@ -98,6 +105,31 @@ def hydra_command(
 
 
 _FULL_ERROR = "HYDRA_FULL_ERROR"
+
+
+def command_about(app_name: str) -> str:
+    """The opening of a command's ``--help`` (resolver ``${stafinetune.about:APP}``): what
+    ``stafinetune-<command>`` does and how to see the config it would run with."""
+    from stafinetune.commands import COMMANDS
+
+    what = COMMANDS.get(app_name.removeprefix("stafinetune-"), "a stafinetune command")
+    return (
+        f"{app_name}: {what}.\n\n"
+        f"usage: {app_name} [group=option ...] [key=value ...]\n"
+        f"The composed config it would run with: {app_name} [overrides] --cfg job\n"
+        "Every key below can be overridden (key=value); Hydra's own options: --hydra-help.\n"
+    )
+
+
+def register_help_resolver() -> None:
+    """Register ``${stafinetune.about:APP}`` (idempotent), used by ``hydra.help.header``."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("stafinetune.about"):
+        OmegaConf.register_new_resolver("stafinetune.about", command_about)
+
+
+register_help_resolver()
 
 
 @contextlib.contextmanager
@@ -148,7 +180,7 @@ def hydra_error_line(err: BaseException) -> str | None:
             first += f" (options: {', '.join(options)})"
         return f"config error: {first}"
     chain = [err, err.__cause__, err.__context__]
-    failed = next((e for e in chain if isinstance(e, OSError)), None)
+    failed = next((e for e in chain if isinstance(e, OSError) and e.filename), None)
     if failed is not None:
         where = f" {failed.filename}" if failed.filename else ""
         return (
