@@ -293,6 +293,16 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
+def seed_rng(seed: int) -> None:
+    """Seed python's ``random``, numpy's global generator and torch's (every device) with
+    ``seed``: what :func:`rng_state` captures starts from the run's seed, not from the OS
+    entropy each new process draws, so a resumed run and an uninterrupted one hold the same
+    states at the same step."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore what :func:`rng_state` captured (also after a :func:`save_tree` round trip)."""
     version, internal, gauss = state["python"]

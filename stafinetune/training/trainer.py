@@ -55,6 +55,7 @@ from .checkpoint import (
     CheckpointManager,
     TrainState,
     rng_state,
+    seed_rng,
     set_rng_state,
 )
 from .distill import DistillStep
@@ -129,11 +130,11 @@ class Trainer:
             resumed = resolve_resume(tcfg.resume, self.checkpoints.ckpt_dir, self.dims.is_main)
             resumed = resume_point(run_dir, tcfg.resume, resumed)
             changes = check_resume_config(resumed, self.checkpoints.config) if resumed else []
-        torch.manual_seed(tcfg.seed)
+        seed_rng(tcfg.seed)  # python, numpy and torch: a resume restores them from here
         self.data = build_data(job, self.dims)
         # building the cache draws from the global RNG only when it was missing; what trains
         # from it (LoRA dropout) must not depend on that
-        torch.manual_seed(tcfg.seed)
+        seed_rng(tcfg.seed)
         with user_errors():  # model.path, attention windows and train.trainable
             self.student = build_student(job, self.device)
             self.student.plan.check_run_canvases(self.data.canvases, "this run trains on")
