@@ -30,7 +30,12 @@ def _check(cond: bool, message: str) -> None:
 
 @dataclass
 class TrainConfig:
-    """Optimisation and loop settings (group ``train``)."""
+    """Optimisation and loop settings (group ``train``).
+
+    Validation (``val_every``): at step 0, every ``val_every`` optimiser steps and at the
+    last step; ``val_every=0`` never validates (no ``val/*`` metrics, sample videos or frame
+    strip).
+    """
 
     steps: int = 300  # optimiser steps
     batch_size: int = 4  # per data-parallel rank, per micro-batch
@@ -61,7 +66,7 @@ class TrainConfig:
     # parallel=zero2/zero3 checkpoints are DeepSpeed's pickle files: resuming one from outside
     # this run directory needs this consent (they can run code when loaded)
     trust_checkpoint: bool = False
-    val_every: int = 0  # 0 disables the periodic validation hook
+    val_every: int = 0  # validate at step 0, every N steps and at the end; 0: never
     export: bool = True  # write the final student in diffusers format
     sample_steps: int = 20  # Euler steps of the validation videos; 0: no videos
     num_samples: int = 2  # validation videos (student | teacher side by side)

@@ -10,6 +10,7 @@ integrates the guided velocity unchanged.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -34,6 +35,7 @@ def sample_latents(
     steps: int,
     shift: float = 1.0,
     autocast_bf16: bool = False,
+    on_step: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """Integrate the flow from ``noise`` to a clean latent.
 
@@ -44,6 +46,7 @@ def sample_latents(
         steps: Euler steps; ``step_index`` runs 0..steps-1.
         shift: timestep shift of the schedule (Wan uses 3-5 at 480p-720p).
         autocast_bf16: run the model under bf16 autocast (CUDA).
+        on_step: called after every Euler step (a progress bar's update).
     Returns:
         (B, C, T, H, W) float32 latents.
     """
@@ -58,6 +61,8 @@ def sample_latents(
         with ctx:
             v = dit(x, timestep, text, text_mask, pooled_text, step_index=i)
         x = x + (sigmas[i + 1] - sigmas[i]) * v.float()
+        if on_step is not None:
+            on_step()
     return x
 
 

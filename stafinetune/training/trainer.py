@@ -200,6 +200,7 @@ class Trainer:
             fps=job.data.synthetic_fps,
             is_main=self.dims.is_main,
             student_label="STA student" if job.attention.mode == "sta" else "student",
+            progress=job.logging.progress,
         )
         self.checkpoints.check_free_space(self._checkpoint_bytes())
         self.state = self._train_state()
@@ -343,7 +344,7 @@ class Trainer:
         signals = StopSignals()
         try:
             signals.install()
-            if self.step == 0:
+            if self.step == 0 and self.validator.should_validate(0, last):
                 self._validate(tracker, result)
             self.engine.module.train()
             rate = _Rate()
@@ -379,7 +380,8 @@ class Trainer:
             if saved_at != self.step:
                 result.last_checkpoint = self.checkpoints.save(self.step, self.state)
             if self.step == last and result.stopped_by is None:
-                tracker.summary(self._validate(tracker, result))
+                if self.validator.should_validate(last, last):
+                    tracker.summary(self._validate(tracker, result))
                 if tcfg.export:
                     result.export_dir = self.export()
                 if main:
