@@ -240,16 +240,24 @@ def remove_empty_folders(root: Path) -> None:
                 pass
 
 
+LAUNCHER_ERROR_FILE = "stafinetune_error.txt"
+
+
 def _record_for_launcher(message: str) -> None:
-    """Under torchrun, write the one-line error where torchrun looks for a rank's error
-    (``TORCHELASTIC_ERROR_FILE``): its failure report then shows the line, and
-    ``launch/torchrun.sh`` reads it back (``exit_code`` 2) to end with it and exit code 2."""
+    """Under torchrun, leave the one-line error where the launcher finds it.
+
+    torchrun gives each rank an error file (``TORCHELASTIC_ERROR_FILE``): the line goes
+    there in torchelastic's JSON, so torchrun's failure report shows it, and as plain text in
+    :data:`LAUNCHER_ERROR_FILE` beside it, which ``launch/torchrun.sh`` prints last before it
+    exits with code 2.
+    """
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not path:
         return
-    info = {"py_callstack": message, "timestamp": str(int(time.time())), "exit_code": 2}
+    info = {"py_callstack": message, "timestamp": str(int(time.time()))}
     try:
         Path(path).write_text(json.dumps({"message": {"message": message, "extraInfo": info}}))
+        (Path(path).parent / LAUNCHER_ERROR_FILE).write_text(message + "\n")
     except OSError:
         pass
 
