@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -214,3 +216,26 @@ def test_real_torchrun_ends_with_the_ranks_line(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1] == "config error: train.steps must be >= 1, got 0"
+
+
+def test_sigterm_reaches_torchrun_which_passes_it_to_the_ranks(launch, stub_path, tmp_path):
+    log = tmp_path / "torchrun.log"
+    stub = tmp_path / "bin" / "torchrun"
+    stub.write_text(f"#!/usr/bin/env bash\ntrap 'echo TERM >> {log}; exit 143' TERM\n"
+                    f"echo started >> {log}\nwhile true; do sleep 0.1; done\n")  # fmt: skip
+    proc = subprocess.Popen([BASH, str(launch / "torchrun.sh"), "1"], env=stub_path, text=True,
+                            stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not (log.is_file() and "started" in log.read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)  # to the script only, as a scheduler may
+        proc.wait(timeout=60)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert log.read_text().splitlines() == ["started", "TERM"]
+    assert proc.returncode == 143  # torchrun's status: the run did not finish
