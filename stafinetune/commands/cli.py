@@ -7,8 +7,10 @@ dataclass) and the run directory; :func:`hydra_command` turns it into a console-
 that finds bad input while running (a missing file, an empty folder) raises a
 :class:`~stafinetune.errors.UserError`, which also ends the
 command with code 2 and one line; so does a Hydra composition error (an unknown key, a value
-of the wrong type). ``STAFINETUNE_DEBUG=1`` (or ``HYDRA_FULL_ERROR=1``) shows the traceback
-instead. Every message, and the traceback of a bug, also goes to this rank's log file.
+of the wrong type) and a run directory Hydra cannot create. ``STAFINETUNE_DEBUG=1`` (or
+``HYDRA_FULL_ERROR=1``) shows the traceback instead. Every message, and the traceback of a
+bug, also goes to this rank's log file; under torchrun the message also goes where
+``launch/torchrun.sh`` reads it back.
 """
 
 from __future__ import annotations
@@ -42,8 +44,8 @@ def hydra_command(
     option, an override it cannot parse, a run directory it cannot create) end the command
     with one line and exit code 2 instead of Hydra's multi-line report; so do a rejected
     config and a :class:`UserError` of the task. A rejected config leaves no run directory
-    behind (Hydra's files of this start are removed when the folder held nothing else). ``STAFINETUNE_DEBUG=1`` / ``HYDRA_FULL_ERROR=1``
-    show the tracebacks instead.
+    behind (Hydra's files of this start are removed when the folder held nothing else).
+    ``STAFINETUNE_DEBUG=1`` / ``HYDRA_FULL_ERROR=1`` show the tracebacks instead (exit 1).
 
     ``--help`` opens with what the command does and how to see its config (the root
     config's ``hydra.help.header``: :func:`command_about`), then Hydra's list of groups and
