@@ -36,7 +36,7 @@ from stafinetune.errors import UserError, debug_enabled
 
 
 def hydra_command(
-    task: Callable[[Any, Path], None], name: str, config_name: str = "config"
+    task: Callable[[Any, Path], None], config_name: str = "config", *, name: str | None = None
 ) -> Callable[[], None]:
     """A console-script ``main`` running ``task`` on the composed, validated config.
 
@@ -53,8 +53,9 @@ def hydra_command(
 
     Args:
         task: ``task(job, default_run_dir)``; ``default_run_dir`` is Hydra's output directory.
-        name: the command (``train``; a key of :data:`~stafinetune.commands.COMMANDS`).
         config_name: the root file under ``conf/`` (``config`` for training).
+        name: the command (``train``; a key of :data:`~stafinetune.commands.COMMANDS`), which
+            ``--help`` names; None: Hydra's job name.
     """
     import hydra
     from hydra.core.hydra_config import HydraConfig
@@ -87,7 +88,7 @@ def hydra_command(
 
     def main() -> None:
         sys.argv = [sys.argv[0], *strip_launcher_args(sys.argv[1:])]
-        if {"--help", "-h"} & set(sys.argv[1:]):  # train and preprocess share conf/config.yaml
+        if name and {"--help", "-h"} & set(sys.argv[1:]):  # train, preprocess: one config
             sys.argv.append(f"hydra.help.app_name=stafinetune-{name}")
         started.clear()
         user.update(debug=debug_enabled(), full_error=os.environ.get(_FULL_ERROR))

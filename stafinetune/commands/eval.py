@@ -214,7 +214,7 @@ def run(job: EvalJobConfig, run_dir: Path) -> None:
 
 
 register_eval_config()
-main = hydra_command(run, "eval", config_name="eval")
+main = hydra_command(run, config_name="eval", name="eval")
 
 if __name__ == "__main__":
     main()

@@ -107,7 +107,7 @@ def run(job: JobConfig, default_run_dir: Path) -> None:
         sys.exit(128 + getattr(signal, result.stopped_by, signal.SIGTERM))
 
 
-main = hydra_command(run, "train")
+main = hydra_command(run, name="train")
 
 if __name__ == "__main__":
     main()
