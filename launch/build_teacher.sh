@@ -9,8 +9,10 @@
 # captions: direction error 59 deg mean (47% within 30 deg), speed error 1.07 px/frame.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
+source "$repo/launch/lib.sh"
+python="$(stafinetune_tool python3)"  # the Python that has stafinetune (launch/lib.sh)
 run_dir="${RUN_DIR:-$repo/outputs/teacher-$(date +%Y%m%d-%H%M%S)}"
-python3 -m stafinetune train experiment=teacher hydra.run.dir="$run_dir" "$@"
+"$python" -m stafinetune train experiment=teacher hydra.run.dir="$run_dir" "$@"
 dest="$repo/stafinetune/assets/wan_tiny_teacher"
 rm -rf "$dest"
 mkdir -p "$dest"

@@ -4,12 +4,18 @@
 #   NNODES=4 NODE_RANK=0 MASTER_ADDR=node0 launch/torchrun.sh 8 parallel=fsdp2 parallel.sp=4 ...
 # NUM_PROCS defaults to the number of visible GPUs (1 without any). Every rank uses the same
 # run directory: RUN_DIR (default outputs/torchrun-<time>) unless hydra.run.dir is given.
+# torchrun is the one next to the Python that has stafinetune (launch/lib.sh: VENV, the
+# active environment, the repository's .venv, PATH). When a rank stops on bad input, the
+# script ends with that rank's one-line error and exit code 2 (after torchrun's report).
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+torchrun="$(stafinetune_tool torchrun)"
 if [[ "${1:-}" =~ ^[0-9]+$ ]]; then
   nproc="$1"
   shift
 else
-  nproc="$(python3 -c 'import torch; print(max(1, torch.cuda.device_count()))')"
+  python="$(stafinetune_tool python3)"
+  nproc="$("$python" -c 'import torch; print(max(1, torch.cuda.device_count()))')"
 fi
 # NVLink SHARP multicast stays off: it is not needed here and can wedge shared hosts.
 export NCCL_NVLS_ENABLE="${NCCL_NVLS_ENABLE:-0}"
@@ -23,5 +29,26 @@ if [[ -n "${NNODES:-}" && "${NNODES}" != 1 ]]; then
 else
   rendezvous=(--standalone)
 fi
-exec torchrun "${rendezvous[@]}" --nproc-per-node "$nproc" -m stafinetune train \
-  "${run_dir[@]}" "$@"
+# torchrun's per-rank error files land here; the ranks' one-line errors beside them
+logs="$(mktemp -d "${TMPDIR:-/tmp}/stafinetune-torchrun.XXXXXX")"
+trap 'rm -rf "$logs"' EXIT
+"$torchrun" --log-dir "$logs" "${rendezvous[@]}" --nproc-per-node "$nproc" \
+  -m stafinetune train "${run_dir[@]}" "$@" &
+child=$!
+# torchrun passes SIGTERM on to the ranks, which checkpoint and stop (Ctrl-C included: a
+# background process ignores SIGINT)
+trap 'kill -TERM "$child" 2>/dev/null || true' TERM INT
+trap 'kill -USR1 "$child" 2>/dev/null || true' USR1
+status=0
+while :; do  # wait returns early when a signal arrives: wait again until torchrun ends
+  wait "$child" && status=0 || status=$?
+  kill -0 "$child" 2>/dev/null || break
+done
+if [[ "$status" != 0 ]]; then
+  errors="$(stafinetune_rank_errors "$logs")"
+  if [[ -n "$errors" ]]; then
+    echo "$errors" >&2
+    exit 2
+  fi
+fi
+exit "$status"

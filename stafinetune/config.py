@@ -30,7 +30,12 @@ def _check(cond: bool, message: str) -> None:
 
 @dataclass
 class TrainConfig:
-    """Optimisation and loop settings (group ``train``)."""
+    """Optimisation and loop settings (group ``train``).
+
+    Validation (``val_every``): at step 0, every ``val_every`` optimiser steps and at the
+    last step; ``val_every=0`` never validates (no ``val/*`` metrics, sample videos or frame
+    strip).
+    """
 
     steps: int = 300  # optimiser steps
     batch_size: int = 4  # per data-parallel rank, per micro-batch
@@ -61,7 +66,7 @@ class TrainConfig:
     # parallel=zero2/zero3 checkpoints are DeepSpeed's pickle files: resuming one from outside
     # this run directory needs this consent (they can run code when loaded)
     trust_checkpoint: bool = False
-    val_every: int = 0  # 0 disables the periodic validation hook
+    val_every: int = 0  # validate at step 0, every N steps and at the end; 0: never
     export: bool = True  # write the final student in diffusers format
     sample_steps: int = 20  # Euler steps of the validation videos; 0: no videos
     num_samples: int = 2  # validation videos (student | teacher side by side)
@@ -463,6 +468,19 @@ def to_job_config(cfg: DictConfig) -> JobConfig:
     return OmegaConf.to_object(cfg)  # type: ignore[return-value]
 
 
+def unknown_key_message(full_key: str, schema: type) -> str:
+    """The message for a dotted key that the dataclass ``schema`` (its group) has no field
+    for, with the closest field as a suggestion::
+
+        unknown config key train.stepz (no such field in TrainConfig; did you mean train.steps?)
+    """
+    prefix, _, key = str(full_key).rpartition(".")
+    names = [f.name for f in dataclasses.fields(schema)] if dataclasses.is_dataclass(schema) else []
+    close = difflib.get_close_matches(key, names, n=1)
+    hint = f"; did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close else ""
+    return f"unknown config key {full_key} (no such field in {schema.__name__}{hint})"
+
+
 def _unknown_keys(node: Any, prefix: str) -> list[str]:
     """One message per key of a dataclass-typed node that its dataclass has no field for
     (Hydra's ``+group.key=value`` adds such keys silently); free-form dicts take any key."""
@@ -481,9 +499,7 @@ def _unknown_keys(node: Any, prefix: str) -> list[str]:
     for key in node.keys():
         path = f"{prefix}{key}"
         if names is not None and key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"; did you mean {prefix}{close[0]}?" if close else ""
-            problems.append(f"unknown config key {path} (no such field in {schema.__name__}{hint})")
+            problems.append(unknown_key_message(path, schema))
         elif not OmegaConf.is_interpolation(node, key):
             problems += _unknown_keys(node[key], f"{path}.")
     return problems

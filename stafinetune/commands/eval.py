@@ -37,7 +37,7 @@ from omegaconf import OmegaConf
 
 from stafinetune.config import LoggingConfig, resolved_dict
 from stafinetune.data import DataConfig
-from stafinetune.errors import UserError
+from stafinetune.errors import UserError, user_errors
 from stafinetune.inference.compare import (
     FIDELITY,
     QUALITY,
@@ -47,6 +47,7 @@ from stafinetune.inference.compare import (
 )
 from stafinetune.inference.generate import SampleConfig, resolve_prompts
 from stafinetune.metrics import METRIC_TABLE, score_folder
+from stafinetune.metrics.score import load_captions
 from stafinetune.models import AttentionConfig, ModelConfig
 from stafinetune.training.tracking import build_tracker
 
@@ -66,7 +67,8 @@ class EvalJobConfig:
         reference: score mode: a folder of reference mp4s with the same file names (adds
             PSNR, SSIM, MS-SSIM, VMAF).
         captions: score mode: a JSONL manifest (``path``, ``caption``, optional ``motion``)
-            whose captions give the intended motion (adds the motion errors).
+            or a sample run's ``samples.json`` (``file``, ``prompt``) whose captions give the
+            intended motion (adds the motion errors).
         dino_path, clip_path: local transformers folders of DINO / CLIP (exact subject /
             background consistency); None: the pixel proxy, named in the reports.
         sample, compare: compare mode: how videos are sampled, and which models.
@@ -130,12 +132,20 @@ def check_inputs(job: EvalJobConfig) -> None:
 
 
 def score(job: EvalJobConfig, run_dir: Path) -> dict[str, Any]:
-    """Score mode: ``run_dir/metrics.json``; failures are reported on stderr by file name."""
+    """Score mode: ``run_dir/metrics.json``; failures are reported on stderr by file name.
+
+    ``captions`` is a JSONL manifest or a sample run's ``samples.json``; anything else is a
+    :class:`UserError` naming the file.
+    """
     assert job.videos is not None
+    captions = None
+    if job.captions is not None:
+        with user_errors(prefix="captions="):
+            captions = load_captions(Path(job.captions).expanduser())
     report = score_folder(
         Path(job.videos).expanduser(),
         reference_dir=job.reference,
-        captions=job.captions,
+        captions=captions,
         dino_path=job.dino_path,
         clip_path=job.clip_path,
         progress=job.logging.progress,
@@ -204,7 +214,7 @@ def run(job: EvalJobConfig, run_dir: Path) -> None:
 
 
 register_eval_config()
-main = hydra_command(run, config_name="eval")
+main = hydra_command(run, config_name="eval", name="eval")
 
 if __name__ == "__main__":
     main()

@@ -53,7 +53,7 @@ def run(job: JobConfig, default_run_dir: Path) -> None:
         print(cache_dir, flush=True)
 
 
-main = hydra_command(run)
+main = hydra_command(run, name="preprocess")
 
 if __name__ == "__main__":
     main()

@@ -95,7 +95,7 @@ def _latency_summary(videos: list[GeneratedVideo]) -> dict[str, float]:
 
 
 register_sample_config()
-main = hydra_command(run, config_name="sample")
+main = hydra_command(run, config_name="sample", name="sample")
 
 if __name__ == "__main__":
     main()

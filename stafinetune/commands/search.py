@@ -152,7 +152,7 @@ def run(job: SearchJobConfig, default_run_dir: Path) -> None:
 
 
 register_search_configs()
-main = hydra_command(run, config_name="search")
+main = hydra_command(run, config_name="search", name="search")
 
 if __name__ == "__main__":
     main()

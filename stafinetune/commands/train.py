@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from stafinetune.config import JobConfig, resolved_dict
 from stafinetune.errors import user_errors
 from stafinetune.parallel import broadcast_object, cleanup, init_world
+from stafinetune.training.run_lock import RunDirectoryLocked, RunLock
 from stafinetune.training.trainer import Trainer, TrainResult
 
 from .cli import echo, hydra_command, share_run_dir
@@ -53,24 +54,46 @@ def summary(result: TrainResult) -> str:
     return "\n".join(lines)
 
 
+def lock_run_dir(lock: RunLock, *, is_main: bool) -> None:
+    """Rank 0 takes the run directory's lock for the run; every rank of the run stops with
+    the same one-line error when another run holds it.
+
+    Raises:
+        RunDirectoryLocked: naming the other run's host, pid and start time.
+    """
+    refused = None
+    if is_main:
+        try:
+            lock.acquire()
+        except RunDirectoryLocked as err:
+            refused = str(err)
+    refused = broadcast_object(refused)
+    if refused is not None:
+        raise RunDirectoryLocked(refused)
+
+
 def run(job: JobConfig, default_run_dir: Path) -> None:
     """Train with a validated config; prints where everything went on rank 0.
 
     A run stopped by SIGTERM / SIGUSR1 saves a checkpoint and exits with 128 + the signal's
-    number (143 for SIGTERM), so schedulers see that it did not finish.
+    number (143 for SIGTERM), so schedulers see that it did not finish. A second run started
+    on a directory that a live run holds stops at once (exit code 2, naming the holder).
     """
     with user_errors():  # train.device=cuda without a GPU, a launcher's bad RANK
         world = init_world(job.train.device, process_group=job.parallel.strategy != "ddp")
     run_dir = Path(job.run_dir) if job.run_dir else default_run_dir
     run_dir = Path(broadcast_object(str(run_dir.resolve())))
-    share_run_dir(default_run_dir, run_dir)
+    lock = RunLock(run_dir)
     try:
+        lock_run_dir(lock, is_main=world.is_main)  # before anything is written there
+        share_run_dir(default_run_dir, run_dir)
         trainer = Trainer(job, run_dir, world)  # checks a resume against the old config.yaml
         if world.is_main:
             echo(trainer.describe())
             OmegaConf.save(OmegaConf.create(resolved_dict(job)), run_dir / "config.yaml")
         result = trainer.fit()
     finally:
+        lock.release()
         cleanup()
     if world.is_main:
         echo(summary(result))
@@ -84,7 +107,7 @@ def run(job: JobConfig, default_run_dir: Path) -> None:
         sys.exit(128 + getattr(signal, result.stopped_by, signal.SIGTERM))
 
 
-main = hydra_command(run)
+main = hydra_command(run, name="train")
 
 if __name__ == "__main__":
     main()

@@ -53,6 +53,9 @@ class DataConfig:
     # folder source: a .jsonl or .csv manifest with path, caption[, fps, start, end]
     manifest: str | None = None
     video_dir: str | None = None  # base for relative manifest paths; None: the manifest's folder
+    # read video paths outside the data folder (video_dir / the dataset's folder): ../ and
+    # absolute paths elsewhere are otherwise skipped and listed in bad_inputs.jsonl
+    allow_outside_paths: bool = False
     dataset_path: str | None = None  # hf_dataset source: save_to_disk folder or parquet/arrow files
     dataset_split: str | None = None  # split of a DatasetDict; None: the only split or "train"
     video_column: str = "video"  # path (str) or encoded bytes (or {"bytes", "path"} dicts)

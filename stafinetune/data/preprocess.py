@@ -75,6 +75,8 @@ def cache_fingerprint(cfg: DataConfig) -> str:
             for f in root.rglob("*")
             if f.suffix in (".arrow", ".parquet", ".json") and ".hf_cache" not in f.parts
         )
+    if cfg.allow_outside_paths:  # only when on: every other cache keeps its fingerprint
+        content["allow_outside_paths"] = True
     content["format"] = [CACHE_FORMAT, CACHE_VERSION]
     # the tiny encoders are code, not files: their version string keys the cache too, so a
     # change to them (e.g. the v2 per-channel normalisation) never reuses old latents

@@ -6,12 +6,19 @@ dataset source fetch their video bytes only when indexed, from the memory-mapped
 so a large dataset is never loaded whole and a source pickles cheaply into loader workers.
 Malformed manifest lines and missing captions do not raise here: the record carries a
 ``problem`` that preprocessing reports like any bad video.
+
+Video paths are confined to the data folder (a manifest's ``data.video_dir``, default its
+own folder; a dataset's folder): a path that leaves it (``../``, an absolute path elsewhere,
+``~``) is not read but reported as ``outside_data_dir``, unless
+``data.allow_outside_paths=true``. The check is on the path as written (``..`` collapsed,
+symlinks not followed), so a folder of symlinks the user put inside the data folder works.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +37,22 @@ def _first(row: dict[str, Any], keys: Sequence[str]) -> Any:
     return None
 
 
+OUTSIDE = "outside_data_dir"  # the bad-input reason of a path outside the data folder
+
+
+def confined_path(base: Path, path: str, allow_outside: bool) -> tuple[str, tuple[str, str] | None]:
+    """``path`` resolved against the data folder ``base``, and the record's problem when it
+    leaves that folder (``..`` collapsed, ``~`` expanded, symlinks not followed)."""
+    full = os.path.normpath(Path(base).expanduser().absolute() / Path(path).expanduser())
+    inside = Path(full).is_relative_to(os.path.normpath(Path(base).expanduser().absolute()))
+    if inside or allow_outside:
+        return full, None
+    return full, (
+        OUTSIDE,
+        f"{path} is outside the data folder {base}; set data.allow_outside_paths=true to read it",
+    )
+
+
 def _opt_float(row: dict[str, Any], key: str) -> float | None:
     value = row.get(key)
     if value is None or value == "":
@@ -42,14 +65,22 @@ class ManifestSource:
 
     Columns: ``path`` (or ``video``/``file``/``filename``; relative paths resolve against
     ``video_dir``, default the manifest's folder), ``caption`` (or ``text``/``prompt``), and the
-    optional ``fps`` (overrides the container rate), ``start`` and ``end`` (seconds).
+    optional ``fps`` (overrides the container rate), ``start`` and ``end`` (seconds). A path
+    outside ``video_dir`` is reported, not read, unless ``allow_outside``.
     """
 
-    def __init__(self, manifest: str | Path, video_dir: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        manifest: str | Path,
+        video_dir: str | Path | None = None,
+        *,
+        allow_outside: bool = False,
+    ) -> None:
         self.manifest = Path(manifest).expanduser()
         if not self.manifest.is_file():
             raise FileNotFoundError(f"data.manifest: no such file {self.manifest}")
         self.video_dir = Path(video_dir).expanduser() if video_dir else self.manifest.parent
+        self.allow_outside = allow_outside
         self.records = self._read()
 
     def _read(self) -> list[VideoRecord]:
@@ -90,9 +121,12 @@ class ManifestSource:
         except (TypeError, ValueError) as exc:
             fps = start = end = None
             problem = ("bad_range", f"fps/start/end: {exc}")
+        full = None
         if path is None:
             problem = ("bad_manifest", "no path column")
-        full = None if path is None else str(Path(self.video_dir, str(path)).expanduser())
+        else:
+            full, outside = confined_path(self.video_dir, str(path), self.allow_outside)
+            problem = outside or problem
         return VideoRecord(
             index=index,
             caption=str(caption).strip() if caption is not None else "",
@@ -117,7 +151,8 @@ class DatasetSource:
     ``path`` is a ``save_to_disk`` folder (Dataset or DatasetDict), a folder of ``.parquet`` /
     ``.arrow`` files, or one such file. The video column holds a path (relative paths resolve
     against the dataset folder), encoded bytes, or a ``{"bytes", "path"}`` dict (the layout of
-    ``datasets.Video(decode=False)``); the caption column holds strings.
+    ``datasets.Video(decode=False)``); the caption column holds strings. A path outside the
+    dataset folder is reported, not read, unless ``allow_outside``.
     """
 
     def __init__(
@@ -128,8 +163,10 @@ class DatasetSource:
         video_column: str = "video",
         caption_column: str = "caption",
         cache_dir: str | Path | None = None,
+        allow_outside: bool = False,
     ) -> None:
         self.path = Path(path).expanduser()
+        self.allow_outside = allow_outside
         # Where `datasets` converts parquet files to arrow (never inside the user's dataset).
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.video_column = video_column
@@ -199,8 +236,9 @@ class DatasetSource:
         if data is not None:
             return VideoRecord(index=int(i), caption=caption, data=bytes(data), label=label)
         if path:
-            full = str(Path(self.base, path).expanduser())
-            return VideoRecord(index=int(i), caption=caption, path=full, label=f"{label} {path}")
+            full, outside = confined_path(self.base, path, self.allow_outside)
+            return VideoRecord(index=int(i), caption=caption, path=full, label=f"{label} {path}",
+                               problem=outside)  # fmt: skip
         return VideoRecord(
             index=int(i), caption=caption, label=label,
             problem=("bad_manifest", f"column {self.video_column!r} holds {type(value).__name__}"),
@@ -252,7 +290,7 @@ def build_source(cfg: DataConfig, *, generate: bool = True):
             )
         source = ManifestSource(manifest)
     elif cfg.source == "folder":
-        source = ManifestSource(cfg.manifest, cfg.video_dir)
+        source = ManifestSource(cfg.manifest, cfg.video_dir, allow_outside=cfg.allow_outside_paths)
     else:
         source = DatasetSource(
             cfg.dataset_path,
@@ -260,6 +298,7 @@ def build_source(cfg: DataConfig, *, generate: bool = True):
             video_column=cfg.video_column,
             caption_column=cfg.caption_column,
             cache_dir=cfg.data_root() / "hf_cache",
+            allow_outside=cfg.allow_outside_paths,
         )
     if cfg.max_samples is not None:
         source = Subset(source, cfg.max_samples)

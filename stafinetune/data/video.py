@@ -34,6 +34,7 @@ import torch.nn.functional as F
 REASONS = (
     "missing_file", "empty_file", "unreadable", "truncated", "wrong_channels", "too_large",
     "too_small", "bad_aspect", "too_short", "bad_range", "missing_caption", "bad_manifest",
+    "outside_data_dir",
 )  # fmt: skip
 
 

@@ -14,6 +14,7 @@ integrates the guided velocity unchanged.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,6 +116,7 @@ def sample_latents(
     schedule: Schedule | None = None,
     generator: torch.Generator | None = None,
     autocast_bf16: bool = False,
+    on_step: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """Sample clean latents from ``noise``.
 
@@ -127,6 +129,7 @@ def sample_latents(
         schedule: any :class:`Schedule` (a few-step student's own).
         generator: the fresh noise of a stochastic schedule (CPU generator).
         autocast_bf16: run the model under bf16 autocast (CUDA).
+        on_step: called after every Euler step (a progress bar's update).
     Returns:
         (B, C, T, H, W) float32 latents; ``step_index`` runs 0..steps-1.
     """
@@ -148,6 +151,8 @@ def sample_latents(
             x, v.float(), sigmas[i], sigmas[i + 1], stochastic=schedule.stochastic,
             generator=generator,
         )  # fmt: skip
+        if on_step is not None:
+            on_step()
     return x
 
 

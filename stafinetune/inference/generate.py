@@ -422,6 +422,7 @@ def sample_model(
         )  # fmt: skip
         grid = data_cfg.latent_grids()[0]  # (T, H, W) of the data's first bucket
         canvas = dit.canvas_for(grid)
+        dit.plan.check_run_canvases([canvas], "sampling uses")
         text_encoder, video_encoder = build_text_encoder(data_cfg), build_video_encoder(data_cfg)
         check_encoders_fit(dit, text_encoder, video_encoder, data_cfg, model_cfg)
         videos = generate(

@@ -24,6 +24,7 @@ from sta_kernels import density
 from stafinetune.data import DataConfig
 from stafinetune.data.encoders import TextEncoder
 from stafinetune.models import AttentionConfig, MaskStrategy, ModelConfig, VideoDiT, build_model
+from stafinetune.safety import safetensors_problem
 from stafinetune.training.checkpoint import latest_checkpoint
 
 
@@ -148,6 +149,9 @@ def load_model(
             dit = build_model(model_cfg, attention_cfg, device="cpu", dtype=dtype).to(device)
     if weights.kind == "checkpoint":
         assert weights.path is not None
+        problem = safetensors_problem(weights.path / "model.safetensors")
+        if problem is not None:
+            raise ValueError(f"the checkpoint {weights.path} is damaged: {problem}")
         state = load_file(str(weights.path / "model.safetensors"))
         try:
             dit.load_state_dict(state)

@@ -128,22 +128,57 @@ def score_video(
     return out
 
 
-def load_captions(manifest: str | os.PathLike) -> dict[str, Intended]:
-    """File name -> intended motion from a JSONL manifest (``path``, ``caption``, ``motion``).
+def load_captions(path: str | os.PathLike) -> dict[str, Intended]:
+    """File name -> intended motion, from a JSONL manifest or a sample run's ``samples.json``.
 
-    The manifest's exact ``motion`` record is used when present (the synthetic data's), else
-    the caption string. Keys are the base names of ``path``.
+    A manifest has one JSON object per line with ``path`` and ``caption`` (the synthetic
+    data's also an exact ``motion`` record, used when present). ``samples.json`` (what
+    ``stafinetune-sample`` writes) is one JSON object whose ``samples`` rows give each
+    video's ``file`` and ``prompt``. Keys are base names.
+
+    Raises:
+        ValueError: naming the file (and line) when it is neither.
     """
-    out: dict[str, Intended] = {}
-    with open(manifest) as fh:
-        for line in fh:
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            name = os.path.basename(row["path"])
-            out[name] = (
-                intended_from_manifest(row["motion"]) if row.get("motion") else row["caption"]
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{os.fspath(path)} is not UTF-8 text") from None
+    try:
+        whole = json.loads(text)
+    except (ValueError, RecursionError):
+        whole = None
+    if isinstance(whole, dict) and "samples" in whole:
+        rows = whole["samples"]
+        if not isinstance(rows, list) or not all(
+            isinstance(r, dict) and isinstance(r.get("file"), str) and isinstance(r.get("prompt"), str)
+            for r in rows
+        ):
+            raise ValueError(
+                f"{os.fspath(path)}: 'samples' must be a list of rows with a file and a prompt "
+                "(the samples.json of stafinetune-sample)"
             )
+        return {os.path.basename(r["file"]): r["prompt"] for r in rows}
+    out: dict[str, Intended] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{os.fspath(path)} line {number}"
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError):
+            raise ValueError(
+                f"{where} is not a JSON object: give a JSONL manifest (path, caption) or the "
+                "samples.json of a stafinetune-sample run"
+            ) from None
+        if not isinstance(row, dict) or not isinstance(row.get("path"), str):
+            raise ValueError(f"{where} has no path")
+        try:
+            intended = intended_from_manifest(row["motion"]) if row.get("motion") else None
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{where} has a malformed motion record") from None
+        if intended is None and not isinstance(row.get("caption"), str):
+            raise ValueError(f"{where} has neither a caption nor a motion")
+        out[os.path.basename(row["path"])] = intended if intended is not None else row["caption"]
     return out
 
 

@@ -332,16 +332,18 @@ def load_transformer(
     family: str, path: str | os.PathLike[str], dtype: torch.dtype, *, allow_pickle: bool = False
 ) -> nn.Module:
     """Load a diffusers transformer of ``family`` from a local directory (no hub access;
-    safetensors only unless ``allow_pickle``)."""
-    from stafinetune.safety import weights_loading_kwargs
+    safetensors only unless ``allow_pickle``). Raises ValueError naming the folder for a
+    malformed safetensors file or ``config.json``."""
+    from stafinetune.safety import check_safetensors_files, load_json_file, weights_loading_kwargs
 
     folder = resolve_transformer_dir(path)
     safe = weights_loading_kwargs(
         folder, "model.path", allow_pickle=allow_pickle, consent="model.allow_pickle_weights"
     )
+    check_safetensors_files(folder, "model.path")  # a damaged file: one error, not diffusers'
     cls = get_family(family).transformer_class()
-    with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-        class_name = json.load(f).get("_class_name")
+    config = load_json_file(os.path.join(folder, "config.json"))
+    class_name = config.get("_class_name") if isinstance(config, dict) else None
     if class_name is not None and class_name != cls.__name__:
         raise ValueError(
             f"model.path={os.fspath(path)!r} holds a {class_name}, but model.flavor is a "

@@ -16,7 +16,12 @@ The mask search writes it, the model adapters read it (per-step windows at infer
     }
 
 Every window must be one of the candidates and fit the canvas's tile grid
-(``1 <= w <= ceil(canvas / tile)`` per axis).
+(``1 <= w <= ceil(canvas / tile)`` per axis). Canvas and tile axes are at most
+:data:`MAX_AXIS` tokens (no video comes near; a larger value is a corrupt or forged file).
+``metadata.canvases``, when present, lists further canvases the windows are meant for (a
+trained student's export: every canvas it was trained on); the commands refuse a strategy
+whose canvases do not include the one they train or sample
+(:meth:`~stafinetune.models.windows.WindowPlan.check_run_canvases`).
 """
 
 from __future__ import annotations
@@ -30,20 +35,25 @@ import torch
 
 from sta_kernels import num_tiles
 from sta_kernels.geometry import as_triple
+from stafinetune.safety import load_json_file
 
 FORMAT = "stafinetune.mask_strategy"
 VERSION = 1
+MAX_AXIS = 1 << 16  # tokens per canvas or tile axis
 
 
 class StrategyError(ValueError):
     """A mask-strategy file or object that does not satisfy the schema."""
 
 
-def _triple(value: Any, where: str) -> list[int]:
+def _triple(value: Any, where: str, limit: int | None = None) -> list[int]:
     try:
-        return list(as_triple(value, where))
+        triple = list(as_triple(value, where))
     except ValueError as err:
         raise StrategyError(str(err)) from None
+    if limit is not None and max(triple) > limit:
+        raise StrategyError(f"{where} {triple} is beyond any video (at most {limit} per axis)")
+    return triple
 
 
 @dataclass
@@ -93,8 +103,8 @@ class MaskStrategy:
         """
         if self.version != VERSION:
             raise StrategyError(f"{source}: version must be {VERSION}, got {self.version!r}")
-        canvas = _triple(self.canvas, f"{source}: canvas")
-        tile = _triple(self.tile, f"{source}: tile")
+        canvas = _triple(self.canvas, f"{source}: canvas", MAX_AXIS)
+        tile = _triple(self.tile, f"{source}: tile", MAX_AXIS)
         tiles = list(num_tiles(canvas, tile))
         if not isinstance(self.candidates, list) or not self.candidates:
             raise StrategyError(f"{source}: candidates must be a non-empty list of windows")
@@ -140,7 +150,17 @@ class MaskStrategy:
             raise StrategyError(
                 f"{source}: metadata must be an object, got {type(self.metadata).__name__}"
             )
+        extra = self.metadata.get("canvases", [])
+        if not isinstance(extra, list):
+            raise StrategyError(f"{source}: metadata.canvases must be a list of canvases")
+        for i, other in enumerate(extra):
+            _triple(other, f"{source}: metadata.canvases[{i}]", MAX_AXIS)
         return self
+
+    def canvases(self) -> list[tuple[int, int, int]]:
+        """Every canvas the windows are meant for: ``canvas`` and ``metadata.canvases``."""
+        found = [tuple(self.canvas), *(tuple(c) for c in self.metadata.get("canvases", []))]
+        return list(dict.fromkeys((int(t), int(h), int(w)) for t, h, w in found))
 
     def step_tensor(self) -> torch.Tensor:
         """(num_steps, L, H, 3) int64 windows."""
@@ -234,10 +254,9 @@ class MaskStrategy:
         if not os.path.isfile(path):
             raise StrategyError(f"mask strategy file not found: {source}")
         try:
-            with open(path, encoding="utf-8") as f:
-                raw = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise StrategyError(f"{source}: not valid JSON ({err})") from err
+            raw = load_json_file(path, source)
+        except ValueError as err:  # bad syntax, bad UTF-8, nested too deep
+            raise StrategyError(str(err)) from None
         if not isinstance(raw, dict):
             raise StrategyError(f"{source}: top level must be a JSON object")
         if raw.get("format") != FORMAT:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,8 @@ class WindowPlan:
         dense_first_steps: steps ``< dense_first_steps`` run dense.
         source: the config field the windows came from (for error messages).
         canvas: the token canvas a strategy file was searched for, if any.
+        canvases: every canvas a strategy file's windows are meant for (its ``canvas`` and
+            ``metadata.canvases``); empty without a strategy file.
     """
 
     train: torch.Tensor | None
@@ -30,6 +33,21 @@ class WindowPlan:
     dense_first_steps: int = 0
     source: str = "attention.window"
     canvas: tuple[int, int, int] | None = None
+    canvases: tuple[tuple[int, int, int], ...] = ()
+
+    def check_run_canvases(self, canvases: Sequence[Sequence[int]], run: str) -> None:
+        """Raise ValueError naming the strategy file, its canvas and the run's canvases when
+        a strategy file was made for none of ``canvases`` (what ``run`` trains or samples,
+        e.g. ``"this run trains on"``); plans without a strategy file pass."""
+        if not self.canvases or any(tuple(c) in self.canvases for c in canvases):
+            return
+        ours = ", ".join(str(list(c)) for c in canvases)
+        theirs = " / ".join(str(list(c)) for c in self.canvases)
+        raise ValueError(
+            f"{self.source} holds windows for canvas {theirs} but {run} canvas {ours}; search "
+            "windows for this canvas (stafinetune-search with the same model and data) or "
+            "leave attention.strategy_path unset"
+        )
 
     def windows_for_step(self, step_index: int | None) -> torch.Tensor | None:
         """(L, H, 3) windows for denoising step ``step_index`` (None: training), or None (dense)."""
@@ -82,6 +100,7 @@ def strategy_plan(strategy: MaskStrategy, dense_first_steps: int, source: str) -
         dense_first_steps=int(dense_first_steps),
         source=source,
         canvas=tuple(strategy.canvas),  # type: ignore[arg-type]
+        canvases=tuple(strategy.canvases()),
     )
 
 

@@ -9,6 +9,7 @@ from .dims import ParallelDims
 from .parallelize import ParallelModel, parallelize
 from .world import (
     World,
+    all_gather_object,
     all_reduce_mean,
     barrier,
     broadcast_object,
@@ -22,6 +23,7 @@ __all__ = [
     "ParallelDims",
     "ParallelModel",
     "World",
+    "all_gather_object",
     "all_reduce_mean",
     "barrier",
     "broadcast_object",

@@ -44,7 +44,8 @@ class ParallelDims:
         ws = self.world.world_size
         if self.sp < 1 or ws % self.sp:
             raise ValueError(
-                f"parallel.sp={self.sp} must divide the number of launched processes ({ws})"
+                f"parallel.sp={self.sp} must divide the number of launched processes ({ws}); "
+                f"launch a multiple of {self.sp} processes (launch/torchrun.sh {self.sp} ...)"
             )
         if self.dp_replicate < 1 or self.dp_size % self.dp_replicate:
             raise ValueError(

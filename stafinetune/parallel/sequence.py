@@ -36,8 +36,13 @@ from torch import nn
 
 from stafinetune.models import VideoDiT
 
-
 # --------------------------------------------------------------------- collectives with autograd
+# torch 2.13 deprecates all_gather_into_tensor / reduce_scatter_tensor (a FutureWarning on
+# every call) for these same-signature names; older torch has only the former
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 class _AllToAll(torch.autograd.Function):
     """all_to_all_single over dim 0 of equal chunks; its backward is the inverse all-to-all."""
 
@@ -65,14 +70,14 @@ class _AllGather(torch.autograd.Function):
         ctx.group = group
         size = dist.get_world_size(group)
         out = x.new_empty((size * x.shape[0], *x.shape[1:]))
-        dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+        _all_gather_single(out, x.contiguous(), group=group)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         size = dist.get_world_size(ctx.group)
         out = grad.new_empty((grad.shape[0] // size, *grad.shape[1:]))
-        dist.reduce_scatter_tensor(out, grad.contiguous(), group=ctx.group)
+        _reduce_scatter_single(out, grad.contiguous(), group=ctx.group)
         return out, None
 
 

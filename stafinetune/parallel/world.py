@@ -115,6 +115,16 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     return box[0]
 
 
+def all_gather_object(obj: object) -> list[object]:
+    """Every rank's picklable ``obj``, in rank order, on every rank (``[obj]`` in a single
+    process)."""
+    if not dist.is_initialized():
+        return [obj]
+    out: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     """Mean of a tensor over all ranks (identity in a single process)."""
     if not dist.is_initialized():

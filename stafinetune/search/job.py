@@ -208,8 +208,13 @@ def search_dense_model(
 
 
 def log_result(tracker: Any, result: SearchResult, heatmap: Path) -> None:
-    """Per-step density and error, the summary and the heatmap, to a ``tracking`` tracker."""
+    """Per-step density and error, the summary and the heatmap, to a ``tracking`` tracker.
+
+    The heatmap is logged at the last denoising step: wandb drops anything logged at a step
+    below one it has already seen.
+    """
     report = result.report
+    last = 0
     for step, (dens, err) in enumerate(
         zip(report["density_per_step"], report["error_per_step"], strict=True)
     ):
@@ -217,6 +222,7 @@ def log_result(tracker: Any, result: SearchResult, heatmap: Path) -> None:
         if err is not None:
             row[f"search/{report['metric']}"] = err
         tracker.log(row, step=step)
+        last = step
     values = {f"search/density_{k}": v for k, v in report["density"].items()}
     values.update(
         {f"search/speedup_{k}": v for k, v in report["predicted_attention_speedup"].items()}
@@ -231,4 +237,4 @@ def log_result(tracker: Any, result: SearchResult, heatmap: Path) -> None:
     )
     tracker.summary(values)
     caption = f"{report['mode']} mode, density {report['density']['searched_steps']:.3f}"
-    tracker.log_image("search/window_heatmap", heatmap, step=0, caption=caption)
+    tracker.log_image("search/window_heatmap", heatmap, step=last, caption=caption)

@@ -7,17 +7,32 @@ Layout of one checkpoint, ``<run>/checkpoints/step_00000100/``::
     optimizer.{json,safetensors} optimiser state: structure as JSON, tensors as safetensors
     trainer.json                step and scheduler state
     rank_00000.{json,safetensors} ... per-rank RNG states and data-loader position
-    meta.json                   step, time, world size, format, the run's resolved config
-                                and every file's size (written last)
+    sharded/, engine/           FSDP2 (torch.distributed.checkpoint) or DeepSpeed state
+    meta.json                   step, time, world size, format, the run's resolved config,
+                                every file's size and the SHA-256 of every file stafinetune
+                                wrote itself (written last)
 
 Every state that is not a plain weight dict is stored as a JSON tree plus a safetensors file
 (:func:`save_tree` / :func:`load_tree`): loading a checkpoint parses JSON and reads raw
 tensors, so a crafted checkpoint cannot run code. A checkpoint is written into
 ``step_XXXXXXXX.tmp`` and renamed into place only once every file is flushed to disk, so a
 crash mid-write never leaves a checkpoint that looks complete; a write that fails (a full
-disk) removes the temporary folder and says where and why. A checkpoint damaged later (a
-truncated copy) fails :func:`verify_checkpoint`, and ``train.resume=auto`` falls back to the
-newest complete one.
+disk) removes the temporary folder and says where and why.
+
+**Integrity.** Each file stafinetune writes is hashed while it is written (the bytes are
+hashed as they go to disk: no second read), and ``meta.json`` records the digests under
+``sha256`` beside the sizes under ``files``. :func:`verify_checkpoint` checks both, checks
+every safetensors header (:func:`~stafinetune.safety.safetensors_problem`) and the shape of
+``meta.json`` itself, so flipped bytes, a truncated copy or a forged header are found before
+anything is loaded; ``train.resume=auto`` then falls back to the newest checkpoint that
+verifies, with a warning naming the bad file. Files written by torch's or DeepSpeed's own
+writers (``sharded/``, ``engine/``) are checked by size only. Checkpoints written before the
+digests existed have no ``sha256`` and are checked by size and header.
+
+**Format version.** ``meta.json``'s ``format`` (:data:`FORMAT_VERSION`) changes only when
+the files or their meaning change so that an older stafinetune would misread them; an
+addition that older versions can ignore (such as ``sha256``) keeps the number, so
+checkpoints stay readable in both directions.
 
 :class:`CheckpointManager` is what the training loop talks to: ``should_save(step)``,
 ``save(step, state)``, ``resume(state)``. The state it saves is a :class:`TrainState` of
@@ -26,6 +41,7 @@ named parts; a sharded engine provides its own parts with the same interface.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -42,10 +58,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from stafinetune.errors import UserError
-from stafinetune.parallel import ParallelDims, barrier
+from stafinetune.parallel import ParallelDims, all_gather_object, barrier
+from stafinetune.safety import is_count, load_json_file, safetensors_problem
 
 log = logging.getLogger(__name__)
 
@@ -96,15 +113,89 @@ def _decode(node: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return {k: _decode(v, tensors) for k, v in node.items()}
 
 
-def save_tree(stem: Path, obj: Any) -> list[Path]:
+# safetensors' dtype names of the tensors a checkpoint holds, in the order the safetensors
+# library lays them out (widest first, so every tensor stays aligned)
+_SAFETENSORS_DTYPES = {
+    torch.uint64: "U64", torch.int64: "I64", torch.float64: "F64", torch.float32: "F32",
+    torch.uint32: "U32", torch.int32: "I32", torch.bfloat16: "BF16", torch.float16: "F16",
+    torch.uint16: "U16", torch.int16: "I16", torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}  # fmt: skip
+_LAYOUT_ORDER = {dtype: k for k, dtype in enumerate(_SAFETENSORS_DTYPES)}
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> str:
+    """Write ``tensors`` as a safetensors file and return the SHA-256 of its bytes.
+
+    The bytes are hashed as they are written, one tensor at a time (a GPU tensor is copied
+    to the CPU just before its turn), so neither the file nor a second copy of the tensors is
+    held in memory or read back. The layout is the safetensors library's: an 8-byte header
+    length, a JSON header padded to 8 bytes, then the tensors' little-endian bytes in the
+    library's order (widest dtype first, then by name): the same bytes as
+    ``safetensors.torch.save_file`` writes.
+    """
+    for name, tensor in tensors.items():
+        if tensor.dtype not in _SAFETENSORS_DTYPES:
+            raise TypeError(f"cannot store a {tensor.dtype} tensor ({name}) in a checkpoint")
+    items = sorted(tensors.items(), key=lambda kv: (_LAYOUT_ORDER[kv[1].dtype], kv[0]))
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, tensor in items:
+        nbytes = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + nbytes]}  # fmt: skip
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    digest = hashlib.sha256()
+    with open(path, "wb") as handle:
+        for chunk in (len(blob).to_bytes(8, "little"), blob):
+            digest.update(chunk)
+            handle.write(chunk)
+        for _, tensor in items:
+            if tensor.numel() == 0:
+                continue
+            flat = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+            chunk = memoryview(flat.numpy())
+            digest.update(chunk)
+            handle.write(chunk)
+    return digest.hexdigest()
+
+
+def write_text(path: Path, text: str) -> str:
+    """Write ``text`` (UTF-8) to ``path``; returns the SHA-256 of the bytes written."""
+    data = text.encode("utf-8")
+    path.write_bytes(data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in 16 MiB pieces (verification at resume)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_tree(stem: Path, obj: Any) -> dict[Path, str]:
     """Write ``obj`` (nested dicts, lists, tuples, numbers, strings, tensors, numpy arrays) as
-    ``<stem>.json`` plus ``<stem>.safetensors``; returns the files written."""
+    ``<stem>.json`` plus ``<stem>.safetensors``; returns each file written with its SHA-256."""
     tensors: dict[str, torch.Tensor] = {}
     tree = _encode(obj, tensors)
     json_path, tensor_path = stem.with_suffix(".json"), stem.with_suffix(".safetensors")
-    json_path.write_text(json.dumps(tree))
-    save_file(tensors, str(tensor_path))
-    return [json_path, tensor_path]
+    return {
+        json_path: write_text(json_path, json.dumps(tree)),
+        tensor_path: write_safetensors(tensors, tensor_path),
+    }
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """``load_file`` after checking the header; ValueError naming the file when malformed."""
+    problem = safetensors_problem(path)
+    if problem is not None:
+        raise ValueError(f"checkpoint file {path} is damaged: {problem}")
+    return load_file(str(path))
 
 
 def load_tree(stem: Path) -> Any:
@@ -113,11 +204,8 @@ def load_tree(stem: Path) -> Any:
     for path in (json_path, tensor_path):
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint file missing: {path}")
-    try:
-        tree = json.loads(json_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"checkpoint file {json_path} is not valid JSON ({err})") from err
-    return _decode(tree, load_file(str(tensor_path)))
+    tree = load_json_file(json_path, f"checkpoint file {json_path}")
+    return _decode(tree, _load_safetensors(tensor_path))
 
 
 # --------------------------------------------------------------------- safe sharded loading
@@ -205,6 +293,16 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
+def seed_rng(seed: int) -> None:
+    """Seed python's ``random``, numpy's global generator and torch's (every device) with
+    ``seed``: what :func:`rng_state` captures starts from the run's seed, not from the OS
+    entropy each new process draws, so a resumed run and an uninterrupted one hold the same
+    states at the same step."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore what :func:`rng_state` captured (also after a :func:`save_tree` round trip)."""
     version, internal, gauss = state["python"]
@@ -244,46 +342,60 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _safetensors_problem(path: Path) -> str | None:
-    """Why a safetensors file cannot be whole (its header says how long it must be)."""
-    size = path.stat().st_size
-    try:
-        with open(path, "rb") as handle:
-            length = int.from_bytes(handle.read(8), "little")
-            if not 0 < length <= size - 8:
-                return f"{path.name} has a broken header"
-            header = json.loads(handle.read(length))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
-                  default=0)  # fmt: skip
-    except (ValueError, KeyError, TypeError, IndexError):
-        return f"{path.name} has a broken header"
-    if size != 8 + length + end:
-        return f"{path.name} has {size} bytes, its header needs {8 + length + end}"
+def _meta_problem(path: Path, meta: Any) -> str | None:
+    """What is malformed in a checkpoint's parsed ``meta.json`` (None: its shape is right).
+
+    ``step`` and ``world_size`` are integers; ``files`` (sizes) and ``sha256`` (digests),
+    when present, map names of files inside the checkpoint to integers and strings.
+    """
+    if not isinstance(meta, dict):
+        return "meta.json is not a JSON object"
+    for key in ("step", "world_size"):
+        if not is_count(meta.get(key)):
+            return f"meta.json: {key} must be an integer >= 0, got {meta.get(key)!r}"
+    for key, valid, what in (("files", is_count, "sizes"),
+                             ("sha256", lambda v: isinstance(v, str), "hex digests")):  # fmt: skip
+        table = meta.get(key) or {}
+        if not isinstance(table, dict) or not all(map(valid, table.values())):
+            return f"meta.json: {key} must map file names to {what}, got {table!r:.80}"
+        for name in table:
+            if not name or not (path / name).resolve().is_relative_to(path.resolve()):
+                return f"meta.json: {key} names {name!r}, outside the checkpoint"
     return None
 
 
 def verify_checkpoint(path: Path) -> str | None:
-    """What is wrong with checkpoint ``path``, or None when it is complete as written.
+    """What is wrong with checkpoint ``path``, or None when it is whole as written.
 
-    Every JSON file must parse, and every file must have the size recorded in ``meta.json``
-    (older checkpoints: every safetensors file the size its header gives).
+    ``meta.json`` must be well formed, every JSON file must parse, every file must have the
+    size and (when recorded) the SHA-256 that ``meta.json`` gives, and every safetensors file
+    a consistent header. The message names the file at fault.
     """
     for file in sorted(path.glob("*.json")):
         try:
-            json.loads(file.read_text())
+            load_json_file(file)
         except (OSError, ValueError):
             return f"{file.name} is not valid JSON"
-    meta = json.loads((path / "meta.json").read_text())
+    meta = load_json_file(path / "meta.json")
+    problem = _meta_problem(path, meta)
+    if problem:
+        return problem
     for name, size in (meta.get("files") or {}).items():
         file = path / name
         if not file.is_file():
             return f"{name} is missing"
         if file.stat().st_size != size:
             return f"{name} has {file.stat().st_size} bytes, {size} were written"
-    for file in sorted(path.glob("*.safetensors")):
-        problem = _safetensors_problem(file)
+    for file in sorted(path.rglob("*.safetensors")):
+        problem = safetensors_problem(file)
         if problem:
             return problem
+    for name, digest in (meta.get("sha256") or {}).items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file_sha256(file) != digest:
+            return f"{name} does not match its SHA-256 recorded at save: its bytes changed"
     return None
 
 
@@ -445,8 +557,10 @@ class CheckpointManager:
             tmp.mkdir()
         barrier()
         own = rank_state if rank_state is not None else state.rank_snapshot()
-        for path in save_tree(tmp / f"rank_{rank:05d}", own):
+        written = save_tree(tmp / f"rank_{rank:05d}", own)
+        for path in written:
             _fsync_file(path)
+        digests = {str(p.relative_to(tmp)): d for p, d in written.items()}
         if state.sharded:
             import torch.distributed.checkpoint as dcp
 
@@ -454,22 +568,26 @@ class CheckpointManager:
                      checkpoint_id=str(tmp / "sharded"))  # fmt: skip
         for name, (save, _) in state.engines.items():
             save(tmp / name)
+        gathered = all_gather_object(digests)  # every rank's files, for meta.json
         barrier()
         if main:
+            sha256 = {name: d for ranks in gathered for name, d in ranks.items()}  # type: ignore[union-attr]
             for name, (get, _) in state.weights.items():
                 weights = get()
                 if weights is not None:
-                    flat = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
-                    save_file(flat, str(tmp / f"{name}.safetensors"))
+                    file = f"{name}.safetensors"
+                    sha256[file] = write_safetensors(weights, tmp / file)
             for name, (get, _) in state.trees.items():
-                save_tree(tmp / name, get())
+                for path, digest in save_tree(tmp / name, get()).items():
+                    sha256[str(path.relative_to(tmp))] = digest
             for path in tmp.rglob("*"):
                 if path.is_file():
                     _fsync_file(path)
             files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*"))
                      if p.is_file()}  # fmt: skip
             meta = {"step": step, "world_size": self.dims.world_size, "time": time.time(),
-                    "format": FORMAT_VERSION, "config": self.config, "files": files}  # fmt: skip
+                    "format": FORMAT_VERSION, "config": self.config, "files": files,
+                    "sha256": dict(sorted(sha256.items()))}  # fmt: skip
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
             _fsync_file(tmp / "meta.json")
             _fsync_dir(tmp)
@@ -482,8 +600,16 @@ class CheckpointManager:
         barrier()
 
     def load(self, path: Path, state: TrainState) -> int:
-        """Restore every part of ``state`` from checkpoint ``path``; returns its step."""
-        meta = json.loads((path / "meta.json").read_text())
+        """Restore every part of ``state`` from checkpoint ``path``; returns its step.
+
+        Raises:
+            ValueError: the checkpoint does not fit this run (format, world size, pickled
+                files) or a file is damaged (named).
+        """
+        meta = load_json_file(path / "meta.json")
+        problem = _meta_problem(path, meta)
+        if problem:
+            raise ValueError(f"checkpoint {path} is damaged: {problem}")
         pickled = sorted(p.name for p in path.glob("*.pt"))
         if pickled and not state.engines:
             raise ValueError(
@@ -505,7 +631,7 @@ class CheckpointManager:
             file = path / f"{name}.safetensors"
             if not file.is_file():
                 raise FileNotFoundError(f"checkpoint {path} has no {file.name}")
-            set_(load_file(str(file)))
+            set_(_load_safetensors(file))
         for name, (_, set_) in state.trees.items():
             set_(load_tree(path / name))
         if state.sharded:

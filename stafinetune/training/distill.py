@@ -202,11 +202,14 @@ class DistillStep:
         terms["prediction"] = pred.float()
         return terms
 
-    def validation_gap(self, student: VideoDiT, batches: list[dict[str, Any]]) -> dict[str, float]:
+    def validation_gap(
+        self, student: VideoDiT, batches: list[dict[str, Any]],
+        on_batch: Callable[[], None] | None = None,
+    ) -> dict[str, float]:  # fmt: skip
         """The ``val/*`` gaps on fixed batches (``validation.validation_gap``)."""
         from .validation import validation_gap
 
-        return validation_gap(self, student, batches)
+        return validation_gap(self, student, batches, on_batch=on_batch)
 
     def forward_backward(
         self,

@@ -174,14 +174,19 @@ class FewStepBase:
                                 sigma.to(self.device))  # fmt: skip
         return {f"aux_{k}" if k != "total" else "aux": v for k, v in terms.items()}
 
-    def validation_gap(self, student: VideoDiT, batches: list[Batch]) -> dict[str, float]:
+    def validation_gap(
+        self, student: VideoDiT, batches: list[Batch], on_batch: Callable[[], None] | None = None
+    ) -> dict[str, float]:
         """The per-step gaps on fixed batches when auxiliary terms are on (else nothing: a
         few-step student is judged by its samples)."""
         if self.aux is None:
+            for _ in batches:
+                if on_batch is not None:
+                    on_batch()
             return {}
         from .validation import validation_gap
 
-        return validation_gap(self.aux, student, batches)
+        return validation_gap(self.aux, student, batches, on_batch=on_batch)
 
     @staticmethod
     def _count(latents: torch.Tensor, model: VideoDiT) -> tuple[int, int]:

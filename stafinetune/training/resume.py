@@ -30,6 +30,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ import torch
 
 from stafinetune.errors import UserError
 from stafinetune.parallel import broadcast_object
+from stafinetune.safety import load_json_file
 
 from .checkpoint import list_checkpoints, verify_checkpoint
 
@@ -105,8 +107,8 @@ def saved_config(checkpoint: Path) -> tuple[dict[str, Any] | None, Path | None]:
     ``meta.json``'s ``config``; for checkpoints written before it held one, the
     ``config.yaml`` of the run the checkpoint sits in. (None, None) when neither exists.
     """
-    meta = json.loads((checkpoint / "meta.json").read_text())
-    if isinstance(meta.get("config"), dict):
+    meta = load_json_file(checkpoint / "meta.json")
+    if isinstance(meta, dict) and isinstance(meta.get("config"), dict):
         return meta["config"], checkpoint / "meta.json"
     run_config = checkpoint.parent.parent / "config.yaml"
     if run_config.is_file():
@@ -150,7 +152,12 @@ def _holds_run(run_dir: Path) -> str | None:
 
 
 def _step(checkpoint: Path) -> int:
-    return int(json.loads((checkpoint / "meta.json").read_text())["step"])
+    """The step of a checkpoint, from its folder name (``step_XXXXXXXX``; any name for a
+    verified checkpoint given by path: its ``meta.json``)."""
+    match = re.match(r"^step_(\d{8})$", checkpoint.name)
+    if match:
+        return int(match.group(1))
+    return int(load_json_file(checkpoint / "meta.json")["step"])
 
 
 def resume_point(run_dir: Path, resume: str | None, checkpoint: Path | None) -> Path | None:

@@ -59,6 +59,7 @@ from .checkpoint import (
     CheckpointManager,
     TrainState,
     rng_state,
+    seed_rng,
     set_rng_state,
 )
 from .distill import DistillStep
@@ -117,10 +118,11 @@ class Trainer:
     def __init__(self, job: JobConfig, run_dir: Path, world: World | None = None) -> None:
         self.job, self.run_dir = job, run_dir
         tcfg, pcfg = job.train, job.parallel
-        self.dims = build_dims(
-            tcfg.device, strategy=pcfg.strategy, sp=pcfg.sp, dp_replicate=pcfg.dp_replicate,
-            world=world,
-        )  # fmt: skip
+        with user_errors():  # parallel.sp that does not divide the launched processes
+            self.dims = build_dims(
+                tcfg.device, strategy=pcfg.strategy, sp=pcfg.sp, dp_replicate=pcfg.dp_replicate,
+                world=world,
+            )  # fmt: skip
         self.device = self.dims.device
         with user_errors():
             check_attention_backend(job.attention, self.device, training=True)
@@ -133,13 +135,14 @@ class Trainer:
             resumed = resolve_resume(tcfg.resume, self.checkpoints.ckpt_dir, self.dims.is_main)
             resumed = resume_point(run_dir, tcfg.resume, resumed)
             changes = check_resume_config(resumed, self.checkpoints.config) if resumed else []
-        torch.manual_seed(tcfg.seed)
+        seed_rng(tcfg.seed)  # python, numpy and torch: a resume restores them from here
         self.data = build_data(job, self.dims)
         # building the cache draws from the global RNG only when it was missing; what trains
         # from it (LoRA dropout) must not depend on that
-        torch.manual_seed(tcfg.seed)
+        seed_rng(tcfg.seed)
         with user_errors():  # model.path, attention windows and train.trainable
             self.student = build_student(job, self.device)
+            self.student.plan.check_run_canvases(self.data.canvases, "this run trains on")
             apply_trainable(self.student, tcfg)  # freezes the rest (or adds a LoRA adapter)
             self.teacher = build_teacher(job, self.device)
             check_data_fits_model(self.data.val_batches[0], self.student, job)
@@ -177,6 +180,7 @@ class Trainer:
             guidance=(self.distill.negative, job.distill.fewstep.guidance_scale)
             if few_step and self.distill.negative is not None
             else None,
+            progress=job.logging.progress,
         )
         self.checkpoints.check_free_space(self._checkpoint_bytes())
         self.state = self._train_state()
@@ -383,7 +387,7 @@ class Trainer:
         signals = StopSignals()
         try:
             signals.install()
-            if self.step == 0:
+            if self.step == 0 and self.validator.should_validate(0, last):
                 self._validate(tracker, result)
             self.engine.module.train()
             rate = _Rate()
@@ -419,7 +423,8 @@ class Trainer:
             if saved_at != self.step:
                 result.last_checkpoint = self.checkpoints.save(self.step, self.state)
             if self.step == last and result.stopped_by is None:
-                tracker.summary(self._validate(tracker, result))
+                if self.validator.should_validate(last, last):
+                    tracker.summary(self._validate(tracker, result))
                 if tcfg.export:
                     result.export_dir = self.export()
                 if main:
@@ -516,6 +521,8 @@ class Trainer:
                 # sampling steps kept dense; enable_sta(strategy=...) applies it by default
                 "dense_first_steps": self.student.plan.dense_first_steps,
                 **({"sampling": self._sampling()} if isinstance(self.distill, FewStepBase) else {}),
+                # the windows were trained on every bucket's canvas: each may be sampled
+                "canvases": [list(c) for c in self.data.canvases],
             },
         ).save(path)
 

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from stafinetune.data.synthetic import write_mp4
 from stafinetune.diffusion.sampling import (
@@ -66,12 +68,16 @@ _VAL_NAMES = {"data": "val/flow_loss", "out": "val/student_teacher_mse", "attn":
 
 @torch.no_grad()
 def validation_gap(
-    step: DistillStep, student: VideoDiT, batches: list[dict[str, Any]]
+    step: DistillStep,
+    student: VideoDiT,
+    batches: list[dict[str, Any]],
+    on_batch: Callable[[], None] | None = None,
 ) -> dict[str, float]:
     """Mean of each loss term over fixed batches (each carrying its ``noise`` and ``sigma``).
 
     Returns ``val/flow_loss`` and, with a teacher, ``val/student_teacher_mse`` and
-    ``val/attn_mse`` (when the attention term is on).
+    ``val/attn_mse`` (when the attention term is on). ``on_batch`` is called after each
+    batch (a progress bar's update).
     """
     was_training = student.training
     student.eval()
@@ -82,6 +88,8 @@ def validation_gap(
         for key in _VAL_NAMES:
             if key in terms:
                 sums[key] = sums.get(key, 0.0) + float(terms[key])
+        if on_batch is not None:
+            on_batch()
     student.train(was_training)
     return {_VAL_NAMES[k]: v / len(batches) for k, v in sums.items()}
 
@@ -99,6 +107,7 @@ def generate_pair(
     teacher_latents: torch.Tensor | None = None,
     student_schedule: Schedule | None = None,
     guidance: tuple[Any, float] | None = None,
+    on_step: Callable[[], None] | None = None,
 ) -> tuple[list[torch.Tensor], dict[str, float]]:
     """Generate ``num`` latents from fixed noise with the student (and the teacher).
 
@@ -111,6 +120,7 @@ def generate_pair(
         teacher_latents: the teacher's latents (num, C, T, H, W) from an earlier call with the
             same batch, noise and schedule (the frozen teacher gives the same ones again):
             used instead of sampling the teacher.
+        on_step: called after every sampling step of every model (a progress bar's update).
     Returns:
         ([student latents, teacher latents (when distilling)], each (num, C, T, H, W) on the
         CPU), and ``val/sample_latency_s`` (seconds to sample the student's ``num`` videos, in
@@ -143,6 +153,7 @@ def generate_pair(
             schedule=schedule,
             generator=torch.Generator().manual_seed(seed + 1),
             autocast_bf16=bf16 and device.type == "cuda",
+            on_step=on_step,
         )
         _sync(device)
         seconds.append(time.perf_counter() - start)
@@ -220,8 +231,10 @@ def score_samples(
 
 @dataclass
 class Validator:
-    """Validation of the training loop: the gap on fixed batches every ``every`` steps (and at
-    steps 0 and the end), plus sample videos when ``sample_steps > 0``.
+    """Validation of the training loop: the gap on fixed batches at step 0, every ``every``
+    steps and at the end (never when ``every`` is 0), plus sample videos when
+    ``sample_steps > 0``. With ``progress``, rank 0 shows a progress bar of each validation
+    (batches, sampling steps, scoring).
 
     With videos, rank 0 also scores them (``score_videos``): the student's videos with
     :data:`VALIDATION_METRICS` (PSNR / SSIM against the teacher's video of the same noise),
@@ -238,7 +251,7 @@ class Validator:
     Attributes:
         step: the run's loss computation (teacher, weights, devices).
         batches: fixed validation batches.
-        every: cadence in optimiser steps; 0 validates only at the start and the end.
+        every: cadence in optimiser steps; 0: never validate.
         sample_steps, sample_shift, num_samples, seed: the sample videos' sampler and noise.
         decode: latents -> pixels (the data's video encoder), when sampling videos.
         out_dir, fps: where and at which rate the videos are written.
@@ -246,6 +259,7 @@ class Validator:
             under sequence parallelism or sharding the model runs on all ranks together).
         score_videos: score the videos with the offline metrics.
         student_label: what the frame strip calls the student (e.g. ``STA student``).
+        progress: show the progress bar (``logging.progress``; rank 0 only).
     """
 
     step: DistillStep
@@ -263,18 +277,36 @@ class Validator:
     student_label: str = "student"
     student_schedule: Schedule | None = None  # a few-step student's own; None: the teacher's
     guidance: tuple[Any, float] | None = None  # the teacher's (negative prompt, scale)
+    progress: bool = False
     _teacher: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
     _student: dict[str, tuple[int, torch.Tensor]] = field(
         default_factory=dict, init=False, repr=False
     )  # "first" / "latest": (step, latents (n, C, T, H, W))
 
     def should_validate(self, step: int, last: int) -> bool:
-        """Validate at step 0, every ``every`` steps, and at the final step ``last``."""
-        return step == 0 or step == last or (self.every > 0 and step % self.every == 0)
+        """Validate at step 0, every ``every`` steps, and at the final step ``last``; never
+        when ``every`` is 0."""
+        return self.every > 0 and (step == 0 or step == last or step % self.every == 0)
+
+    def _progress_bar(self, step: int) -> tqdm:
+        """A bar over this validation's batches, sampling steps and scoring (rank 0)."""
+        total = len(self.batches)
+        if self.sample_steps > 0:
+            student = self.student_schedule.steps if self.student_schedule else self.sample_steps
+            teacher = self.step.teacher is not None and "latents" not in self._teacher
+            total += student + self.sample_steps * teacher + (self.is_main and self.score_videos)
+        return tqdm(total=total, desc=f"validate step {step}", leave=False, dynamic_ncols=True,
+                    disable=not (self.is_main and self.progress))  # fmt: skip
 
     def __call__(self, student: VideoDiT, step: int, tracker: Any) -> dict[str, float]:
         """Every validation metric at ``step``; videos and tables go to ``tracker`` (rank 0)."""
-        metrics = self.step.validation_gap(student, self.batches)
+        with self._progress_bar(step) as bar:
+            return self._validate(student, step, tracker, lambda: bar.update(1))
+
+    def _validate(
+        self, student: VideoDiT, step: int, tracker: Any, tick: Callable[[], None]
+    ) -> dict[str, float]:
+        metrics = self.step.validation_gap(student, self.batches, on_batch=tick)
         if self.sample_steps > 0:
             batch = self.batches[0]
             latents, gap = generate_pair(
@@ -288,6 +320,7 @@ class Validator:
                 teacher_latents=self._teacher.get("latents"),
                 student_schedule=self.student_schedule,
                 guidance=self.guidance,
+                on_step=tick,
             )
             if len(latents) == 2 and "latents" not in self._teacher:
                 self._teacher["latents"] = latents[1]
@@ -301,6 +334,7 @@ class Validator:
                     tracker.log_video(f"samples/{k}", path, step, caption=batch["caption"][k])
                 if self.score_videos:
                     metrics.update(self._score(videos, batch["caption"], step, tracker))
+                    tick()
         return metrics
 
     def _score(

@@ -12,8 +12,10 @@ from stafinetune.data.video import BadVideo, VideoRecord, load_clip
 
 
 def cfg_for(tmp_path, **kw) -> DataConfig:
+    # the media live in their own folder, outside the manifest's
     values = dict(source="folder", manifest=str(tmp_path / "m.jsonl"), root=str(tmp_path / "root"),
-                  num_frames=9, height=64, width=64, num_workers=0, shard_size=4)  # fmt: skip
+                  num_frames=9, height=64, width=64, num_workers=0, shard_size=4,
+                  allow_outside_paths=True)  # fmt: skip
     values.update(kw)
     return DataConfig(**values)
 

@@ -46,7 +46,8 @@ def test_csv_manifest_into_loader(clips, tmp_path):
         for i, c in enumerate(clips):
             writer.writerow([str(c), f"a bar number {i}", ""])
     cfg = DataConfig(source="folder", manifest=str(tmp_path / "m.csv"), root=str(tmp_path / "r"),
-                     num_frames=9, height=32, width=48, num_workers=0)  # fmt: skip
+                     num_frames=9, height=32, width=48, num_workers=0,
+                     allow_outside_paths=True)  # fmt: skip
     prepare_data(cfg, verbose=False)
     batch = next(iter(build_train_loader(cfg, batch_size=3, seed=0)))
     assert batch["latents"].shape == (3, 16, 3, 4, 6)
@@ -58,7 +59,8 @@ def test_datasets_save_to_disk_with_path_column(clips, tmp_path):
 
     ds = datasets.Dataset.from_dict({"file": [str(c) for c in clips], "txt": ["x", "y", "z"]})
     datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "ds"))
-    src = DatasetSource(tmp_path / "ds", video_column="file", caption_column="txt")
+    src = DatasetSource(tmp_path / "ds", video_column="file", caption_column="txt",
+                        allow_outside=True)  # fmt: skip
     assert len(src) == 3 and src[2].path == str(clips[2]) and src[2].caption == "z"
     with pytest.raises(ValueError, match="data.caption_column"):
         DatasetSource(tmp_path / "ds", video_column="file", caption_column="caption")
@@ -78,7 +80,8 @@ def test_parquet_with_bytes_column_round_trips_the_latents(clips, tmp_path):
     assert info["kept"] == 2 and info["skipped"] == {"missing_caption": 1}
     # The bytes decode to the same latents as the files they came from.
     file_cfg = DataConfig(source="folder", manifest=str(tmp_path / "f.jsonl"), root=str(tmp_path / "r"),
-                          num_frames=9, height=32, width=32, num_workers=0)  # fmt: skip
+                          num_frames=9, height=32, width=32, num_workers=0,
+                          allow_outside_paths=True)  # fmt: skip
     (tmp_path / "f.jsonl").write_text(
         "\n".join(
             json.dumps({"path": str(c), "caption": k}) for c, k in zip(clips, "pq", strict=False)
@@ -134,7 +137,8 @@ def test_buckets_end_to_end_give_single_shape_batches(clips, tmp_path):
     ]
     (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     cfg = DataConfig(source="folder", manifest=str(tmp_path / "m.jsonl"), root=str(tmp_path / "r"),
-                     buckets=[[9, 48, 64], [21, 48, 64], [9, 64, 64]])  # fmt: skip
+                     buckets=[[9, 48, 64], [21, 48, 64], [9, 64, 64]],
+                     allow_outside_paths=True)  # fmt: skip
     info = json.loads((prepare_data(cfg, verbose=False) / "cache.json").read_text())
     assert info["bucket_counts"] == {"0": 2, "1": 2, "2": 2}
     assert info["latent_shapes"] == {"0": [16, 3, 6, 8], "1": [16, 6, 6, 8], "2": [16, 3, 8, 8]}

@@ -21,6 +21,7 @@ def _stubs(tmp_path: Path) -> tuple[dict[str, str], Path]:
         "srun": f'trap \'echo "srun TERM" >> {log}; exit 0\' TERM\necho "srun started" >> {log}\n'
         "while true; do sleep 0.1; done",
         "scontrol": f'if [[ $1 == show ]]; then echo node0; else echo "scontrol $*" >> {log}; fi',
+        "torchrun": "exit 0",  # found by the script; the srun stub never runs it
     }
     for name, body in bodies.items():
         stub = bin_dir / name

@@ -24,7 +24,8 @@ def run_training(
     base = [
         f"hydra.run.dir={run_dir}", f"data.root={data_root}", "data.num_clips=16",
         "data.num_workers=0", "train.device=cpu", "train.batch_size=2", "train.log_every=1",
-        "train.val_every=0", "train.sample_steps=2", "logging=none", "logging.progress=false",
+        # validation at step 0 and the last step only
+        "train.val_every=1000", "train.sample_steps=2", "logging=none", "logging.progress=false",
     ]  # fmt: skip
     prefix = [sys.executable, "-m"] if nproc == 1 else [TORCHRUN, "--standalone",
                                                        f"--nproc-per-node={nproc}", "-m"]  # fmt: skip

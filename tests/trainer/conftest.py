@@ -45,3 +45,15 @@ def tiny_job(tiny_data_root: Path) -> Callable[..., JobConfig]:
     """``tiny_job(*overrides)``: a CPU job on the tiny data that logs every step to
     metrics.jsonl and writes no videos, no wandb run and no export."""
     return lambda *overrides: _compose(tiny_data_root, *overrides)
+
+
+@pytest.fixture()
+def base(tmp_path: Path) -> list[str]:
+    """Command-line overrides of a 2-step CPU run in ``tmp_path/run`` on 8 synthetic clips
+    under ``tmp_path/data``, without validation videos, tracking or progress bars."""
+    return [
+        f"hydra.run.dir={tmp_path / 'run'}", f"data.root={tmp_path / 'data'}",
+        "data.num_clips=8", "data.num_workers=0", "data.decode_workers=0", "train.steps=2",
+        "train.val_every=0", "train.sample_steps=0", "logging=none", "logging.progress=false",
+        "train.device=cpu",
+    ]  # fmt: skip

@@ -86,7 +86,7 @@ def test_a_failed_write_removes_the_partial_folder_and_names_the_path(tmp_path, 
     def full_disk(*args, **kwargs):
         raise fault
 
-    monkeypatch.setattr(ckpt, "save_file", full_disk)
+    monkeypatch.setattr(ckpt, "write_safetensors", full_disk)
     with pytest.raises(UserError, match=r"could not write checkpoint .*step_00000020.*free") as err:
         manager.save(20, _state(20))
     assert str(tmp_path) in str(err.value)
@@ -98,7 +98,7 @@ def test_a_bug_while_writing_keeps_its_type_but_leaves_no_partial_folder(tmp_pat
     def broken(*args, **kwargs):
         raise KeyError("a bug")
 
-    monkeypatch.setattr(ckpt, "save_file", broken)
+    monkeypatch.setattr(ckpt, "write_safetensors", broken)
     with pytest.raises(KeyError):
         _manager(tmp_path).save(10, _state(10))
     assert not list(tmp_path.glob("*.tmp"))

@@ -43,7 +43,7 @@ def test_training_reduces_loss_and_writes_everything(data_root: Path, tmp_path: 
     # plain flow matching from random weights (no teacher): the loss must fall
     job = _job(
         data_root, "model=wan_tiny", "distill=none", "train.steps=40", "train.lr=2e-3",
-        "logging=wandb", "logging.mode=offline", "train.ckpt_every=20",
+        "logging=wandb", "logging.mode=offline", "train.ckpt_every=20", "train.val_every=40",
     )  # fmt: skip
     result = Trainer(job, tmp_path).fit()
     first, last = sum(result.losses[:10]) / 10, sum(result.losses[-10:]) / 10
@@ -112,7 +112,8 @@ def test_resume_is_exact(data_root: Path, tmp_path: Path):
 def test_distillation_narrows_student_teacher_gap(data_root: Path, tmp_path: Path):
     # the default: STA student distilled from the shipped dense teacher
     job = _job(
-        data_root, "train.steps=40", "train.lr=1e-4", "train.warmup_steps=5", "train.export=false"
+        data_root, "train.steps=40", "train.lr=1e-4", "train.warmup_steps=5", "train.export=false",
+        "train.val_every=40",
     )
     trainer = Trainer(job, tmp_path)
     assert trainer.teacher is not None and not any(

@@ -7,41 +7,13 @@ scripts do, without paying a Python start-up per case.
 from __future__ import annotations
 
 import json
-import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from cli_testing import run_command
 
 from stafinetune.commands import preprocess, train
-
-
-def run_command(
-    main: Callable[[], None], *args: str, capsys: pytest.CaptureFixture[str]
-) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of a console-script ``main`` given ``args``."""
-    argv = sys.argv
-    sys.argv = ["stafinetune", *args]
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    finally:
-        sys.argv = argv
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-@pytest.fixture()
-def base(tmp_path: Path) -> list[str]:
-    return [
-        f"hydra.run.dir={tmp_path / 'run'}", f"data.root={tmp_path / 'data'}",
-        "data.num_clips=8", "data.num_workers=0", "data.decode_workers=0", "train.steps=2",
-        "train.val_every=0", "train.sample_steps=0", "logging=none", "logging.progress=false",
-        "train.device=cpu",
-    ]  # fmt: skip
 
 
 def _bad_manifest(tmp_path: Path) -> Path:

@@ -27,7 +27,7 @@ def test_a_short_distillation_run_writes_its_figures(tmp_path: Path):
         [
             f"data.root={tmp_path / 'data'}", "data.num_clips=4", "data.num_workers=0",
             "logging=none", "logging.progress=false", "train.device=cpu", "train.steps=1",
-            "train.batch_size=2", "train.warmup_steps=1", "train.val_every=0",
+            "train.batch_size=2", "train.warmup_steps=1", "train.val_every=1",
             "train.sample_steps=2", "train.log_every=1", "train.export=false",
         ]
     )  # fmt: skip

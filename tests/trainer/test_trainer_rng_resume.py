@@ -93,3 +93,36 @@ def test_iterating_the_loader_leaves_the_global_torch_generator_alone(
     before = torch.random.get_rng_state()
     next(iter(loader))
     assert torch.equal(torch.random.get_rng_state(), before)
+
+
+def _saved_python_state(checkpoint: Path) -> object:
+    from stafinetune.training.checkpoint import load_tree
+
+    return load_tree(checkpoint / f"rank_{0:05d}")["rng"]["python"]
+
+
+def test_python_random_state_of_a_resumed_run_equals_the_uninterrupted_ones(
+    tiny_job: Callable[..., JobConfig], tmp_path: Path
+):
+    # separate processes start from different OS entropy: so do these three "processes"
+    def job() -> JobConfig:
+        return tiny_job(f"train.steps={2 * STOP}", f"train.ckpt_every={STOP}", "distill=none")
+
+    saved = random.getstate()
+    try:
+        random.seed(101)
+        straight = Trainer(job(), tmp_path / "straight").fit()
+        straight_state = random.getstate()
+        random.seed(202)
+        first = Trainer(job(), tmp_path / "resumed").fit(until_step=STOP)  # killed after N
+        assert first.last_checkpoint is not None
+        random.seed(303)
+        resumed = Trainer(job(), tmp_path / "resumed")
+        assert resumed.step == STOP
+        result = resumed.fit()
+        assert random.getstate() == straight_state
+        assert _saved_python_state(result.last_checkpoint) == _saved_python_state(
+            straight.last_checkpoint
+        )
+    finally:
+        random.setstate(saved)
