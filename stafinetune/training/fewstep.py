@@ -77,6 +77,11 @@ class FewStepBase:
         negative: the encoded negative prompt ``(text (1, L, Dt), mask (1, L), pooled (1, Dp))``
             of the teacher's guidance (None without guidance).
         sequence: the sequence split of the models (``parallel.sp > 1``).
+        control_seed: seed of :attr:`control`, the generator of the draws that decide how
+            many model calls a step makes (the student's step ``k``). It is the same on
+            every rank, because sharded models (FSDP2, ZeRO-3) gather their weights in every
+            call and all ranks must make the same calls; noise and levels differ per
+            data-parallel rank (the trainer's generator).
     """
 
     cfg: DistillConfig
@@ -87,13 +92,16 @@ class FewStepBase:
     teacher_module: nn.Module | None = None
     negative: Negative | None = None
     sequence: SequenceParallel | None = None
+    control_seed: int = 0
     schedule: Schedule = field(init=False)
+    control: torch.Generator = field(init=False)
     aux: DistillStep | None = field(init=False)
 
     def __post_init__(self) -> None:
         if self.teacher_module is None:
             self.teacher_module = self.teacher
         self.schedule = student_schedule(self.cfg.fewstep)
+        self.control = torch.Generator().manual_seed(self.control_seed)
         if self.cfg.fewstep.guidance_scale != 1.0 and self.negative is None:
             raise ValueError("distill.fewstep.guidance_scale != 1 needs the negative prompt")
         per_step = self.cfg.w_attn + self.cfg.w_out + self.cfg.w_data > 0
@@ -210,8 +218,8 @@ class DMD2Distill(FewStepBase):
         self, student: nn.Module, batch: Batch, generator: torch.Generator, *, grad: bool
     ) -> tuple[torch.Tensor, int]:
         """A student sample x0 (B, C, T, H, W) fp32 as the student makes it at inference, and
-        the step ``k`` it came from (uniform over the student's steps)."""
-        k = int(torch.randint(0, self.schedule.steps, (1,), generator=generator))
+        the step ``k`` it came from (uniform over the student's steps, from :attr:`control`)."""
+        k = int(torch.randint(0, self.schedule.steps, (1,), generator=self.control))
         noise = torch.randn(batch["latents"].shape, generator=generator).to(self.device)
         x = self.rollout(student, batch, noise, k, generator)
         with torch.set_grad_enabled(grad):
@@ -350,7 +358,7 @@ class TrajectoryDistill(FewStepBase):
     ) -> dict[str, torch.Tensor]:
         """The student's loss terms on one micro-batch: ``trajectory`` (and the per-step ones
         at the same state)."""
-        k = int(torch.randint(0, self.schedule.steps, (1,), generator=generator))
+        k = int(torch.randint(0, self.schedule.steps, (1,), generator=self.control))
         segments = self.fine_levels()
         x = torch.randn(batch["latents"].shape, generator=generator).to(self.device)
         for levels in segments[:k]:  # the teacher's trajectory down to the student's level k

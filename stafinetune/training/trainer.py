@@ -246,6 +246,7 @@ class Trainer:
         }  # fmt: skip
         if job.distill.method == "per_step":
             return DistillStep(**common)
+        common["control_seed"] = tcfg.seed
         fs = job.distill.fewstep
         if fs.guidance_scale != 1.0:
             common["negative"] = encode_prompt(job.data, fs.negative_prompt)
@@ -295,6 +296,9 @@ class Trainer:
         state.trees["trainer"] = (lambda: {"step": self.step}, lambda tree: None)
         state.rank["rng"] = (rng_state, set_rng_state)
         state.rank["noise_rng"] = (self.noise_rng.get_state, self.noise_rng.set_state)
+        if isinstance(self.distill, FewStepBase):
+            control = self.distill.control
+            state.rank["fewstep_control"] = (control.get_state, control.set_state)
         state.rank["loader"] = (self.data.loader.state_dict, self.data.loader.load_state_dict)
         return state
 
