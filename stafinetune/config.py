@@ -231,9 +231,9 @@ class DistillConfig:
       gives the real score, a trainable critic of the same architecture the fake score, and the
       student moves its sample along their difference (DMD2). The critic learns the student's
       samples by flow matching, ``fewstep.critic_ratio`` updates per student update.
-    - ``trajectory``: a few-step student by trajectory segments: from a noised data sample at
-      each student level, the teacher's guided Euler steps to the next level are the target of
-      the student's one step.
+    - ``trajectory``: a few-step student by trajectory segments: on the teacher's own guided
+      Euler trajectory from noise, the teacher's steps from a student level to the next are
+      the target of the student's one step.
 
     The per-step terms (w_attn, w_out, w_data) stay usable beside ``dmd2`` / ``trajectory``
     as auxiliary losses on noised data. A teacher needs weights (``teacher_path`` or

@@ -22,9 +22,11 @@ diffusers' own features work on a transformer carrying STA, enabled before or af
 ``enable_gradient_checkpointing()`` (the recomputation attends as the forward did),
 ``compile_repeated_blocks()`` (one graph serves every block, as for dense), model,
 sequential and group offloading, ``fuse_qkv_projections()``, the cache hooks
-(``enable_cache`` with FirstBlockCache, PyramidAttentionBroadcast or FasterCache),
-``load_lora_weights``, and ``save_pretrained`` (which writes the plain diffusers model: STA
-is not part of the format; call ``enable_sta`` again after ``from_pretrained``).
+(``enable_cache`` with FirstBlockCache, PyramidAttentionBroadcast or FasterCache; FasterCache
+needs ``is_guidance_distilled=True`` with these pipelines, STA or not, since they run
+guidance as separate calls), ``load_lora_weights`` (also after ``enable_sta``), and
+``save_pretrained`` (which writes the plain diffusers model: STA is not part of the format;
+call ``enable_sta`` again after ``from_pretrained``).
 ``set_attention_backend`` applies to the attention STA leaves alone (Wan's text
 cross-attention); the STA layers keep STA.
 

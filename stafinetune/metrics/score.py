@@ -212,8 +212,8 @@ def score_folder(
 
     ``reference_dir``: reference mp4s matched by file name (fidelity metrics).
     ``captions``: file name -> caption (or intended motions), or the path of a JSONL manifest
-    (:func:`load_captions`); videos without one get no motion metrics. DINO / CLIP weights load
-    once for the whole folder.
+    or of a sample run's ``samples.json`` (:func:`load_captions`); videos without one get no
+    motion metrics. DINO / CLIP weights load once for the whole folder.
 
     Returns ``{"videos": {file name: {metric: value}}, "mean": {metric: mean}}``. A file that
     fails (unreadable, missing or mismatched reference, unparsable caption, ...) is recorded as
