@@ -437,7 +437,9 @@ def sample_model(
     settings = {
         "weights": weights.describe(),
         "flavor": model_cfg.flavor,
-        "attention": describe_attention(attention_cfg, weights),
+        "attention": describe_attention(
+            attention_cfg, weights, dense_first_steps=dit.attention_cfg.dense_first_steps
+        ),
         "video_density": mean_density(dit, canvas, schedule.steps),
         "dense_first_steps": dit.attention_cfg.dense_first_steps,
         "steps": schedule.steps,

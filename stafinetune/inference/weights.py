@@ -125,7 +125,8 @@ def load_model(
     """The DiT to sample with, frozen and in eval mode.
 
     An export brings its transformer and (for ``attention.mode=sta`` without a
-    ``strategy_path`` of its own) its windows; a checkpoint's ``model.safetensors`` is loaded
+    ``strategy_path`` of its own) its windows, and a few-step student's export its dense
+    first steps too (none: it samples every step with STA); a checkpoint's ``model.safetensors`` is loaded
     over the configured model. Without any weights (``model.path`` null) the flavor is built
     with random weights drawn from ``seed``. Raises ValueError naming the field at fault.
     """
@@ -136,10 +137,11 @@ def load_model(
         )
         strategy = weights.strategy
         if attention_cfg.mode == "sta" and attention_cfg.strategy_path is None and strategy:
-            tile = MaskStrategy.load(strategy).tile
-            attention_cfg = dataclasses.replace(
-                attention_cfg, strategy_path=str(strategy), tile=list(tile)
-            )
+            loaded = MaskStrategy.load(strategy)
+            changes: dict[str, Any] = {"strategy_path": str(strategy), "tile": list(loaded.tile)}
+            if "sampling" in loaded.metadata:  # a few-step student: every step as it trained
+                changes["dense_first_steps"] = int(loaded.metadata.get("dense_first_steps", 0))
+            attention_cfg = dataclasses.replace(attention_cfg, **changes)
     attention_cfg = inference_attention(attention_cfg, steps)
     if model_cfg.path is not None:
         dit = build_model(model_cfg, attention_cfg, device=device, dtype=dtype)
@@ -165,9 +167,12 @@ def load_model(
     return dit.eval()
 
 
-def describe_attention(attention: AttentionConfig, weights: Weights) -> str:
+def describe_attention(
+    attention: AttentionConfig, weights: Weights, dense_first_steps: int | None = None
+) -> str:
     """How a model attends, in a few words (for tables): dense, or STA and where its windows
-    come from."""
+    come from; ``dense_first_steps``: the model's own when it differs from the config's (a
+    few-step export samples every step sparse)."""
     if attention.mode == "full":
         return "dense"
     if attention.strategy_path is not None:
@@ -180,7 +185,7 @@ def describe_attention(attention: AttentionConfig, weights: Weights) -> str:
         where = "attention.layer_windows"
     else:
         where = f"window {list(attention.window)}"
-    dense = attention.dense_first_steps
+    dense = attention.dense_first_steps if dense_first_steps is None else dense_first_steps
     return f"STA, {where}" + (f", first {dense} steps dense" if dense else "")
 
 

@@ -3,6 +3,7 @@ ratio, where guidance goes, the student's timesteps, exact resume with a critic,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Callable
@@ -16,6 +17,8 @@ from torch import nn
 from stafinetune.config import JobConfig
 from stafinetune.diffusion.losses import dmd_loss
 from stafinetune.diffusion.sampling import Schedule, sample_latents
+from stafinetune.inference.generate import SampleConfig, sampling_schedule
+from stafinetune.inference.weights import load_model, resolve_weights
 from stafinetune.training.fewstep import DMD2Distill, TrajectoryDistill
 from stafinetune.training.trainer import Trainer
 
@@ -95,7 +98,7 @@ def test_the_student_sees_exactly_its_schedules_timesteps(tiny_job, tmp_path):
 
 
 def test_critic_updates_at_the_configured_ratio(tiny_job, tmp_path):
-    trainer = Trainer(_job(tiny_job, "dmd2", "train.steps=2", "distill.fewstep.critic_ratio=3"),
+    trainer = Trainer(_job(tiny_job, "dmd2", "train.steps=1", "distill.fewstep.critic_ratio=3"),
                       tmp_path)  # fmt: skip
     counts = {"critic": 0, "student": 0}
     critic_step, student_step = trainer.critic_engine.step, trainer.engine.step
@@ -110,7 +113,7 @@ def test_critic_updates_at_the_configured_ratio(tiny_job, tmp_path):
     trainer.critic_engine.step = count("critic", critic_step)
     trainer.engine.step = count("student", student_step)
     trainer.fit()
-    assert counts == {"critic": 6, "student": 2}
+    assert counts == {"critic": 3, "student": 1}
     critic = torch.cat([p.detach().flatten() for p in trainer.critic.parameters()])
     teacher = torch.cat([p.detach().flatten() for p in trainer.teacher.parameters()])
     assert not torch.equal(critic, teacher)  # the critic trained away from its start
@@ -172,7 +175,7 @@ def test_trajectory_target_is_the_teachers_segment(tiny_job, tmp_path):
 
 
 def test_dmd2_resumes_exactly_with_its_critic(tiny_job, tmp_path):
-    overrides = ("train.steps=3", "train.ckpt_every=1", "distill.fewstep.critic_ratio=2",
+    overrides = ("train.steps=2", "train.ckpt_every=1", "distill.fewstep.critic_ratio=1",
                  "train.ema_decay=0.9")  # fmt: skip
     straight = Trainer(_job(tiny_job, "dmd2", *overrides), tmp_path / "straight").fit()
     first = Trainer(_job(tiny_job, "dmd2", *overrides), tmp_path / "resumed").fit(until_step=1)
@@ -207,6 +210,15 @@ def test_the_export_carries_the_schedule(tiny_job, tmp_path):
     assert scheduler["_class_name"] == "FlowMatchEulerDiscreteScheduler"
     assert scheduler["stochastic_sampling"] is True and scheduler["shift"] == 1.0
     assert math.isfinite(result.losses[-1])
+    # sampling the export: its own schedule, and every step sparse whatever the attention
+    # group's dense_first_steps (3 in conf/attention/sta.yaml)
+    weights = resolve_weights(str(tmp_path))
+    assert sampling_schedule(SampleConfig(), weights) == Schedule((1.0, 0.75, 0.5, 0.25), True)
+    assert sampling_schedule(SampleConfig(schedule="euler", steps=2), weights) == Schedule.flow(2)
+    sta = dataclasses.replace(job.attention, dense_first_steps=3)
+    dit = load_model(job.model, sta, weights, steps=4, device=torch.device("cpu"),
+                     dtype=torch.float32)  # fmt: skip
+    assert dit.attention_cfg.dense_first_steps == 0
 
 
 def test_few_step_methods_refuse_dense_first_steps(tiny_job):
