@@ -27,17 +27,19 @@ def _run(script: str, *args: str, out: Path) -> dict:
 @pytest.mark.slow
 def test_train_step_smoke(tmp_path):
     result = _run("train_step.py", "--suites", "hunyuan720,compile", "--kinds",
-                  "dense,distill", "--policies", "selective", "--profile",
-                  out=tmp_path)  # fmt: skip
+                  "dense,distill,dmd2", "--policies", "selective", "--profile",
+                  "--critic-ratio", "1", out=tmp_path)  # fmt: skip
     rows = result["rows"]
     assert [(r["suite"], r["kind"], r["compiled"]) for r in rows] == [
         ("hunyuan720", "dense", False),
         ("hunyuan720", "distill", False),
+        ("hunyuan720", "dmd2", False),
         ("compile", "distill", False),
         ("compile", "distill", True),
     ]
     assert all("error" not in r and r["step_ms"] > 0 for r in rows), rows
-    assert rows[1]["attn_share"] > 0 and rows[3]["attn_share"] is None  # not timed compiled
+    assert rows[1]["attn_share"] > 0 and rows[4]["attn_share"] is None  # not timed compiled
+    assert rows[2]["step_ms"] > rows[1]["step_ms"]  # rollouts, critic and student updates
     table = (tmp_path / "train_step.md").read_text()
     assert "the distillation step runs at" in table and "Where one step's time goes" in table
     assert all(r["profile"]["buckets"]["matmul"] > 0 for r in rows)
@@ -54,6 +56,15 @@ def test_dispatch_table_and_sampling_smoke(tmp_path):
     costs = str(tmp_path / "dispatch_table.json")
     result = _run("sampling.py", "--suites", "wan720", "--cost-table", costs, out=tmp_path)
     rows = result["rows"]
-    assert [r["row"] for r in rows] == ["dense", "STA 3x1x3", "strategy", "strategy + cost table"]
+    assert [r["row"] for r in rows] == [
+        "dense", "STA 3x1x3", "strategy", "strategy + cost table", "dense + guidance (batch 2)",
+        *(f"few-step student, {n} STA 3x1x3 steps" for n in (1, 2, 4)),
+    ]  # fmt: skip
     assert all("error" not in r and r["schedule_s"] > 0 for r in rows), rows
     assert 0 < rows[2]["covering_heads"] < 1
+    # a student's schedule is n STA steps of one forward; the baseline 50 guided dense steps
+    guided, sta = rows[4], rows[1]
+    assert guided["schedule_s"] == pytest.approx(50 * guided["step_ms"] / 1e3)
+    for n, row in zip((1, 2, 4), rows[5:], strict=True):
+        assert row["schedule_s"] == pytest.approx(n * sta["step_ms"] / 1e3)
+        assert row["x_dense_guided"] == pytest.approx(guided["schedule_s"] / row["schedule_s"])
