@@ -165,6 +165,7 @@ class STABinding:
         self.runtime = AttentionRuntime()
         self.store: ActivationStore | None = None
         self._explicit: list[Any] = []
+        self._dense = 0  # depth of dense() blocks
         self._warned: set[tuple[int, int, int]] = set()
         self._originals: list[Any] = []
         self._hook_handles: list[Any] = []
@@ -221,6 +222,16 @@ class STABinding:
         finally:
             self._explicit.pop()
 
+    @contextlib.contextmanager
+    def dense(self) -> Iterator[None]:
+        """Forwards inside the block attend densely whatever the windows (a LoRA student's
+        base model serving as its dense teacher)."""
+        self._dense += 1
+        try:
+            yield
+        finally:
+            self._dense -= 1
+
     def module(self) -> nn.Module:
         """The attention module of this forward."""
         return self.attention if self.source is None else self.source.attention
@@ -246,7 +257,7 @@ class STABinding:
                 raise ValueError("the transformer was called without a timestep")
             step = self.tracker.observe(timestep)
         try:
-            windows = self.plan.windows_for_step(step)
+            windows = None if self._dense else self.plan.windows_for_step(step)
         except ValueError as err:
             if self._explicit:
                 raise

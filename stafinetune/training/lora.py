@@ -2,13 +2,15 @@
 
 ``train.trainable=lora`` puts a LoRA adapter on the student's transformer (by default on the
 attention projections ``to_q``, ``to_k``, ``to_v``, ``to_out.0`` of the STA layers: Wan's
-video self-attention, HunyuanVideo's joint attention) and trains only the adapter; the
-teacher is built separately and keeps the base weights.
+video self-attention, HunyuanVideo's joint attention) and trains only the adapter. The
+teacher is then the student's own base model, its adapter off and its attention dense
+(:class:`BaseModelTeacher`), not a second copy of the weights.
 
 - :func:`apply_lora`: inject the adapter (``transformer.add_adapter``, diffusers' peft
   integration) and freeze everything else.
 - :func:`adapter_state_dict` / :func:`load_adapter_state_dict`: the adapter's tensors under
   the student's parameter names, for checkpoints (exact resume).
+- :class:`BaseModelTeacher`: the LoRA student's base model as its frozen dense teacher.
 - :func:`export_lora`: ``pytorch_lora_weights.safetensors`` in diffusers' key naming with
   the adapter config as metadata (what ``pipe.load_lora_weights(dir)`` reads), and on request
   a merged plain diffusers transformer folder.
@@ -241,3 +243,50 @@ def export_lora(
     save_lora_adapter(dit, out_dir, state)
     if merge:
         save_merged_transformer(dit, Path(out_dir) / "transformer", state)
+
+
+class BaseModelTeacher(nn.Module):
+    """A LoRA student's base model as its dense teacher: every call runs the student's own
+    transformer with the adapter switched off and dense attention, without gradients.
+
+    The base weights are frozen under LoRA, so this is the teacher a separate copy of them
+    would be, at no extra memory; it takes the student's sharding and sequence split with it.
+    It answers what the distillation methods ask of a teacher (``capture``, ``parameters``,
+    ``attention``, ``family``...) by the student's; the student is not a registered submodule,
+    so its parameters are counted once.
+
+    Args:
+        student: the LoRA student (an adapter already applied).
+        module: what to call for its forward (the student or its sharded form; not a DDP
+            wrapper, whose bookkeeping belongs to the student's own calls).
+    """
+
+    def __init__(self, student: VideoDiT, module: nn.Module | None = None) -> None:
+        super().__init__()
+        object.__setattr__(self, "student", student)
+        object.__setattr__(self, "_call", module if module is not None else student)
+
+    @torch.no_grad()
+    def forward(self, *args: object, **kwargs: object) -> torch.Tensor:
+        """The student's forward with the adapter off and every layer dense."""
+        transformer = self.student.transformer
+        transformer.disable_adapters()
+        try:
+            with self.student.binding.dense():
+                return self._call(*args, **kwargs)
+        finally:
+            transformer.enable_adapters()
+
+    def capture(self, *args: object, **kwargs: object) -> object:
+        """The student's ``capture`` (its attention outputs, recorded in this forward)."""
+        return self.student.capture(*args, **kwargs)
+
+    def parameters(self, recurse: bool = True):  # type: ignore[override]
+        """The student's parameters (where and in which dtype the teacher computes)."""
+        return self.student.parameters(recurse)
+
+    def __getattr__(self, name: str) -> object:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.student, name)

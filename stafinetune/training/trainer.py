@@ -65,7 +65,12 @@ from .checkpoint import (
 from .distill import DistillStep
 from .fewstep import DMD2Distill, FewStepBase, TrajectoryDistill, write_scheduler
 from .figures import plot_training_curves
-from .lora import adapter_state_dict, export_lora, load_adapter_state_dict
+from .lora import (
+    BaseModelTeacher,
+    adapter_state_dict,
+    export_lora,
+    load_adapter_state_dict,
+)
 from .optim import EMA, apply_trainable, build_optimizer, build_scheduler
 from .preemption import StopSignals
 from .resume import (
@@ -144,12 +149,19 @@ class Trainer:
             self.student = build_student(job, self.device)
             self.student.plan.check_run_canvases(self.data.canvases, "this run trains on")
             apply_trainable(self.student, tcfg)  # freezes the rest (or adds a LoRA adapter)
-            self.teacher = build_teacher(job, self.device)
+            # a LoRA student's frozen base is its teacher (adapter off): no second copy
+            shares_base = (
+                tcfg.trainable == "lora" and job.distill.needs_teacher
+                and job.distill.teacher_path is None and job.distill.teacher_device == "same"
+            )  # fmt: skip
+            self.teacher = None if shares_base else build_teacher(job, self.device)
             check_data_fits_model(self.data.val_batches[0], self.student, job)
         self.bf16 = use_bf16(tcfg.precision, self.device)
         self.engine, sequence, configured = self._trained_engine(self.student, tcfg.lr)
         teacher_module = None
-        if self.teacher is not None:
+        if shares_base:
+            self.teacher = teacher_module = BaseModelTeacher(self.student)
+        elif self.teacher is not None:
             teacher_module = parallelize_teacher(
                 self.teacher, self.dims, shard=pcfg.teacher == "shard", deepspeed=None,
                 compile=job.model.compile,
@@ -317,6 +329,8 @@ class Trainer:
         if self.teacher is not None:
             t_param = next(self.teacher.parameters())
             teacher = f"dense, {t_param.dtype}, on {t_param.device}"
+            if isinstance(self.teacher, BaseModelTeacher):
+                teacher = f"the student's base model (LoRA adapter off), {teacher}"
         canvases = ", ".join(str(c) for c in self.data.canvases)
         where = f"resuming at step {self.step}" if self.step else "starting at step 0"
         return "\n".join(
@@ -384,6 +398,7 @@ class Trainer:
         tracker = self._tracker()
         result = TrainResult(run_dir=self.run_dir, step=self.step, tracker_dir=tracker.run_dir)
         attn_modules = [self.student.attention] + ([self.teacher.attention] if self.teacher else [])
+        attn_modules = list({id(m): m for m in attn_modules}.values())  # a shared base: once
         # hooks inside compiled blocks would change their graphs: no attention timing there
         timer = AttentionTimer(attn_modules, self.device, enabled=not self.job.model.compile)
         bar = tqdm(total=stop, initial=self.step, desc="train", dynamic_ncols=True,
