@@ -20,7 +20,8 @@ student's side (its schedule, its rollouts, its auxiliary per-step losses):
 
 Both return the same metrics shape as :class:`~stafinetune.training.distill.DistillStep` and
 are driven by the same loop; the per-step terms (``distill.w_attn``, ``w_out``, ``w_data``)
-add to the student's loss on noised data when set.
+add to the student's loss when set: for ``dmd2`` on noised data, for ``trajectory`` at the
+teacher's state where the student's step starts.
 """
 
 from __future__ import annotations
