@@ -227,3 +227,14 @@ def test_few_step_methods_refuse_dense_first_steps(tiny_job):
     with pytest.raises(ValueError, match="stochastic must be false"):
         tiny_job("distill=trajectory", "attention.dense_first_steps=0",
                  "distill.fewstep.stochastic=true")  # fmt: skip
+
+
+def test_dmd2_with_gradient_checkpointing_matches_without(tiny_job, tmp_path):
+    """Checkpointing recomputes the student's and the critic's blocks; the step is the same."""
+    overrides = ("train.steps=1", "distill.fewstep.critic_ratio=1")
+    plain = Trainer(_job(tiny_job, "dmd2", *overrides), tmp_path / "plain").fit()
+    checkpointed = Trainer(_job(tiny_job, "dmd2", *overrides, "model.gradient_checkpointing=true"),
+                           tmp_path / "checkpointed")  # fmt: skip
+    assert checkpointed.critic.transformer.is_gradient_checkpointing
+    result = checkpointed.fit()
+    assert result.losses == pytest.approx(plain.losses, rel=1e-5)
