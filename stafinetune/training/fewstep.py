@@ -197,6 +197,32 @@ class FewStepBase:
 
         return validation_gap(self.aux, student, batches, on_batch=on_batch)
 
+    def student_losses(
+        self, student: Any, batch: Batch, generator: torch.Generator
+    ) -> dict[str, torch.Tensor]:
+        """The student's loss terms on one micro-batch (each method's own)."""
+        raise NotImplementedError
+
+    def forward_backward(
+        self, student: Any, next_batch: Callable[[], Batch], generator: torch.Generator,
+        grad_accum: int,
+    ) -> tuple[dict[str, float], int, int]:  # fmt: skip
+        """The student's micro-batches, forward and backward (the loop steps its optimiser).
+        Returns the mean of each loss term over the micro-batches, samples and video tokens."""
+        sums: dict[str, float] = {}
+        samples = tokens = 0
+        for micro in range(grad_accum):
+            batch = to_device(next_batch(), self.device)
+            last = micro == grad_accum - 1
+            with student.grad_sync(last):
+                terms = self.student_losses(student, batch, generator)
+                student.backward(terms["total"], last)
+            for key, value in terms.items():
+                sums[key] = sums.get(key, 0.0) + float(value.detach()) / grad_accum
+            n, t = self._count(batch["latents"], student.model)
+            samples, tokens = samples + n, tokens + t
+        return sums, samples, tokens
+
     @staticmethod
     def _count(latents: torch.Tensor, model: VideoDiT) -> tuple[int, int]:
         return latents.shape[0], latents.shape[0] * math.prod(model.canvas_for(latents.shape))
@@ -292,18 +318,7 @@ class DMD2Distill(FewStepBase):
             loss, norm = self.critic_update(student, next_batch, generator, grad_accum)
             critic_losses.append(loss)
             norms.append(norm)
-        sums: dict[str, float] = {}
-        samples = tokens = 0
-        for micro in range(grad_accum):
-            batch = to_device(next_batch(), self.device)
-            last = micro == grad_accum - 1
-            with student.grad_sync(last):
-                terms = self.student_losses(student, batch, generator)
-                student.backward(terms["total"], last)
-            for key, value in terms.items():
-                sums[key] = sums.get(key, 0.0) + float(value.detach()) / grad_accum
-            n, t = self._count(batch["latents"], student.model)
-            samples, tokens = samples + n, tokens + t
+        sums, samples, tokens = super().forward_backward(student, next_batch, generator, grad_accum)
         sums["critic"] = sum(critic_losses) / len(critic_losses)
         sums["critic_grad_norm"] = sum(norms) / len(norms)
         return sums, samples, tokens
@@ -379,25 +394,6 @@ class TrajectoryDistill(FewStepBase):
         terms["trajectory"] = F.mse_loss(v, target)
         terms["total"] = terms["trajectory"] + terms.get("aux", 0.0)
         return terms
-
-    def forward_backward(
-        self, student: Any, next_batch: Callable[[], Batch], generator: torch.Generator,
-        grad_accum: int,
-    ) -> tuple[dict[str, float], int, int]:  # fmt: skip
-        """The student's micro-batches, forward and backward."""
-        sums: dict[str, float] = {}
-        samples = tokens = 0
-        for micro in range(grad_accum):
-            batch = to_device(next_batch(), self.device)
-            last = micro == grad_accum - 1
-            with student.grad_sync(last):
-                terms = self.student_losses(student, batch, generator)
-                student.backward(terms["total"], last)
-            for key, value in terms.items():
-                sums[key] = sums.get(key, 0.0) + float(value.detach()) / grad_accum
-            n, t = self._count(batch["latents"], student.model)
-            samples, tokens = samples + n, tokens + t
-        return sums, samples, tokens
 
 
 def write_scheduler(folder: Path, schedule: Schedule) -> Path:
