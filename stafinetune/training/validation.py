@@ -301,7 +301,9 @@ class Validator:
     def __call__(self, student: VideoDiT, step: int, tracker: Any) -> dict[str, float]:
         """Every validation metric at ``step``; videos and tables go to ``tracker`` (rank 0)."""
         with self._progress_bar(step) as bar:
-            return self._validate(student, step, tracker, lambda: bar.update(1))
+            metrics = self._validate(student, step, tracker, lambda: bar.update(1))
+            bar.refresh()  # draw the full bar: ``mininterval`` may have skipped the last update
+            return metrics
 
     def _validate(
         self, student: VideoDiT, step: int, tracker: Any, tick: Callable[[], None]
