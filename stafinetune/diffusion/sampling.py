@@ -196,25 +196,40 @@ class ClassifierFreeGuidance(nn.Module):
         """The guided velocity (B, C, T, H, W) for noisy ``latents`` (B, C, T, H, W)."""
         if self.scale == 1.0:
             return self.dit(latents, timestep, text, text_mask, pooled_text, step_index=step_index)
-        batch = latents.shape[0]
-        neg_text, neg_mask, neg_pooled = (t.to(latents.device) for t in self.negative)
+        neg_text, neg_mask, neg_pooled = self.negative_inputs(latents.shape[0], text)
+        pooled = None if pooled_text is None else torch.cat([pooled_text, neg_pooled])  # (2B, Dp)
+        out = self.dit(
+            torch.cat([latents, latents]),  # (2B, C, T, H, W)
+            torch.cat([timestep, timestep]),  # (2B,)
+            torch.cat([text, neg_text]),  # (2B, L, Dt)
+            torch.cat([text_mask, neg_mask]),  # (2B, L)
+            pooled,
+            step_index=step_index,
+        )
+        cond, neg = out.chunk(2)
+        return self.combine(cond, neg)
+
+    def negative_inputs(
+        self, batch: int, text: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The negative prompt's (text (B, L, Dt), text_mask (B, L), pooled_text (B, Dp)) for a
+        batch of ``batch`` prompts whose text states are ``text`` (B, L, Dt), on its device."""
+        neg_text, neg_mask, neg_pooled = (t.to(text.device) for t in self.negative)
         if neg_text.shape[1:] != text.shape[1:]:
             raise ValueError(
                 f"negative prompt states {tuple(neg_text.shape[1:])} differ from the prompt's "
                 f"{tuple(text.shape[1:])} (L, Dt): encode both with one text encoder"
             )
-        pooled = None
-        if pooled_text is not None:
-            pooled = torch.cat([pooled_text, neg_pooled.expand(batch, -1)])  # (2B, Dp)
-        out = self.dit(
-            torch.cat([latents, latents]),  # (2B, C, T, H, W)
-            torch.cat([timestep, timestep]),  # (2B,)
-            torch.cat([text, neg_text.expand(batch, -1, -1)]),  # (2B, L, Dt)
-            torch.cat([text_mask, neg_mask.expand(batch, -1)]),  # (2B, L)
-            pooled,
-            step_index=step_index,
+        return (
+            neg_text.expand(batch, -1, -1),
+            neg_mask.expand(batch, -1),
+            neg_pooled.expand(batch, -1),
         )
-        cond, neg = out.float().chunk(2)
+
+    def combine(self, cond: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+        """The guided velocity (B, C, T, H, W) float32 from the conditional and the negative
+        velocities (B, C, T, H, W)."""
+        cond, neg = cond.float(), neg.float()
         return neg + self.scale * (cond - neg)
 
 
