@@ -330,6 +330,19 @@ def share_run_dir(hydra_dir: Path, run_dir: Path, output_subdir: str | None = No
     remove_empty_folders(hydra_dir)  # what Hydra created and is now empty
 
 
+def shared_run_dir(default_run_dir: Path) -> Path:
+    """Rank 0's run directory, on every rank of a launch (``default_run_dir`` in one process).
+
+    For the commands whose run directory is Hydra's own (``sample``, ``eval``): a rank whose
+    Hydra made another folder moves its files there (:func:`share_run_dir`).
+    """
+    from stafinetune.parallel import broadcast_object
+
+    run_dir = Path(broadcast_object(str(default_run_dir.resolve())))  # type: ignore[arg-type]
+    share_run_dir(default_run_dir, run_dir)
+    return run_dir
+
+
 def strip_launcher_args(argv: list[str]) -> list[str]:
     """Drop ``--local_rank=N`` / ``--local_rank N`` (the deepspeed launcher appends it; Hydra
     would reject it) into ``LOCAL_RANK``, keeping every Hydra override."""

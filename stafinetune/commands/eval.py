@@ -18,6 +18,11 @@ them, measure fidelity to the reference model, latency and attention share, and 
     stafinetune-eval sample.num_prompts=8 'compare.models=[{name: dense, mode: full},
         {name: sta, mode: sta}, {name: distilled, checkpoint: outputs/<run>/export}]'
 
+Compare mode samples on several GPUs as ``stafinetune-sample`` does, under torchrun with
+exactly ``parallel.sp x parallel.cfg`` processes (rank 0 scores and writes)::
+
+    torchrun --standalone --nproc-per-node 2 -m stafinetune eval parallel.sp=2 ...
+
 An empty or missing folder, or a missing weights / manifest path, ends the command with exit
 code 2 and one line naming the field.
 """
@@ -49,9 +54,11 @@ from stafinetune.inference.generate import SampleConfig, resolve_prompts
 from stafinetune.metrics import METRIC_TABLE, score_folder
 from stafinetune.metrics.score import load_captions
 from stafinetune.models import AttentionConfig, ModelConfig
+from stafinetune.parallel import cleanup, launcher_coordinates
+from stafinetune.parallel.sampling import SampleParallelConfig, init_sampling
 from stafinetune.training.tracking import build_tracker
 
-from .cli import hydra_command
+from .cli import hydra_command, shared_run_dir
 
 EVAL_MODES = ("auto", "score", "compare")
 
@@ -72,6 +79,8 @@ class EvalJobConfig:
         dino_path, clip_path: local transformers folders of DINO / CLIP (exact subject /
             background consistency); None: the pixel proxy, named in the reports.
         sample, compare: compare mode: how videos are sampled, and which models.
+        parallel: compare mode: sequence and guidance parallelism of the sampling (a torchrun
+            launch of ``parallel.sp x parallel.cfg`` processes).
         model, attention, data: compare mode: the base model, the default attention (each
             compared model overrides its mode and windows), the text and video encoders.
     """
@@ -82,6 +91,7 @@ class EvalJobConfig:
     logging: LoggingConfig = field(default_factory=lambda: LoggingConfig(backend="none"))
     sample: SampleConfig = field(default_factory=SampleConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
+    parallel: SampleParallelConfig = field(default_factory=SampleParallelConfig)
     mode: str = "auto"
     videos: Optional[str] = None
     reference: Optional[str] = None
@@ -96,6 +106,12 @@ class EvalJobConfig:
             raise ValueError("mode=score needs videos=<folder of mp4s>")
         if self.mode == "compare" and self.videos is not None:
             raise ValueError("mode=compare samples its own videos: leave videos unset")
+        if self.resolved_mode == "score" and self.parallel.processes > 1:
+            raise ValueError(
+                "parallel.sp and parallel.cfg split the sampling of mode=compare; mode=score "
+                "samples nothing: leave them at 1"
+            )
+        self.parallel.check_guidance(self.sample.guidance_scale)
 
     @property
     def resolved_mode(self) -> str:
@@ -196,21 +212,44 @@ def _log(job: EvalJobConfig, run_dir: Path, mode: str, report: dict[str, Any]) -
 def run(job: EvalJobConfig, run_dir: Path) -> None:
     """Score a folder or compare models (see the module docstring)."""
     check_inputs(job)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(OmegaConf.structured(job), run_dir / "config.yaml")
     mode = job.resolved_mode
     if mode == "score":
+        if launcher_coordinates()[1] > 1:
+            raise UserError(
+                "mode=score scores in one process: start stafinetune-eval without torchrun "
+                "(parallel.sp and parallel.cfg split the sampling of mode=compare)"
+            )
+        _save_config(job, run_dir)
         report = score(job, run_dir)
     else:
-        prompts = resolve_prompts(job.sample, job.data, verbose=job.logging.progress)
-        report = compare_models(
-            job.compare, model_cfg=job.model, attention_cfg=job.attention, data_cfg=job.data,
-            sample_cfg=job.sample, prompts=prompts, run_dir=run_dir, dino_path=job.dino_path,
-            clip_path=job.clip_path, progress=job.logging.progress,
-        )  # fmt: skip
+        with user_errors():  # sample.device=cuda without a GPU, a launch of the wrong size
+            dims = init_sampling(job.parallel, job.sample.device)
+        try:
+            run_dir = shared_run_dir(run_dir)
+            if dims.is_main:
+                _save_config(job, run_dir)
+            progress = job.logging.progress and dims.is_main
+            prompts = resolve_prompts(
+                job.sample, job.data, verbose=progress, rank=dims.rank, world_size=dims.world_size
+            )
+            compared = compare_models(
+                job.compare, model_cfg=job.model, attention_cfg=job.attention, data_cfg=job.data,
+                sample_cfg=job.sample, prompts=prompts, run_dir=run_dir, dino_path=job.dino_path,
+                clip_path=job.clip_path, progress=progress, dims=dims,
+            )  # fmt: skip
+        finally:
+            cleanup()
+        if compared is None:  # a rank other than 0: it only helped sample
+            return
+        report = compared
         print(f"\n{(run_dir / 'compare.md').read_text()}", flush=True)
         print(f"compare.json, compare.md, compare.png and the videos in {run_dir}", flush=True)
     _log(job, run_dir, mode, report)
+
+
+def _save_config(job: EvalJobConfig, run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.structured(job), run_dir / "config.yaml")
 
 
 register_eval_config()

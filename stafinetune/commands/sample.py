@@ -12,6 +12,12 @@ groups plus the ``sample`` section, :class:`~stafinetune.inference.generate.Samp
         data=folder data.manifest=... sample.prompts=prompts.txt sample.steps=50 \\
         sample.shift=5 sample.guidance_scale=5 ...
 
+On several GPUs, under torchrun with exactly ``parallel.sp x parallel.cfg`` processes (every
+rank samples every video together; rank 0 writes)::
+
+    torchrun --standalone --nproc-per-node 4 -m stafinetune sample parallel.sp=2 \\
+        parallel.cfg=2 sample.guidance_scale=5 ...
+
 Bad input (a missing prompts file, a checkpoint that does not fit the model) ends the
 command with exit code 2 and one line naming the field.
 """
@@ -26,6 +32,7 @@ from omegaconf import OmegaConf
 
 from stafinetune.config import LoggingConfig, resolved_dict
 from stafinetune.data import DataConfig
+from stafinetune.errors import user_errors
 from stafinetune.inference.generate import (
     GeneratedVideo,
     SampleConfig,
@@ -33,9 +40,11 @@ from stafinetune.inference.generate import (
     sample_model,
 )
 from stafinetune.models import AttentionConfig, ModelConfig
+from stafinetune.parallel import cleanup
+from stafinetune.parallel.sampling import SampleParallelConfig, init_sampling
 from stafinetune.training.tracking import build_tracker
 
-from .cli import hydra_command
+from .cli import hydra_command, shared_run_dir
 
 
 @dataclass
@@ -47,6 +56,10 @@ class SampleJobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     logging: LoggingConfig = field(default_factory=lambda: LoggingConfig(backend="none"))
     sample: SampleConfig = field(default_factory=SampleConfig)
+    parallel: SampleParallelConfig = field(default_factory=SampleParallelConfig)
+
+    def __post_init__(self) -> None:
+        self.parallel.check_guidance(self.sample.guidance_scale)
 
 
 def register_sample_config() -> None:
@@ -55,15 +68,27 @@ def register_sample_config() -> None:
 
 
 def run(job: SampleJobConfig, run_dir: Path) -> None:
-    """Sample every prompt and write the videos, ``samples.json`` and the tracker's records."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(OmegaConf.structured(job), run_dir / "config.yaml")
-    progress = job.logging.progress
-    prompts = resolve_prompts(job.sample, job.data, verbose=progress)
-    videos, settings = sample_model(
-        job.model, job.attention, job.data, job.sample, prompts, run_dir,
-        checkpoint=job.sample.checkpoint, progress=progress,
-    )  # fmt: skip
+    """Sample every prompt and write the videos, ``samples.json`` and the tracker's records
+    (rank 0 of a torchrun launch; the other ranks only sample)."""
+    with user_errors():  # sample.device=cuda without a GPU, a launch of the wrong size
+        dims = init_sampling(job.parallel, job.sample.device)
+    try:
+        run_dir = shared_run_dir(run_dir)
+        if dims.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            OmegaConf.save(OmegaConf.structured(job), run_dir / "config.yaml")
+        progress = job.logging.progress and dims.is_main
+        prompts = resolve_prompts(
+            job.sample, job.data, verbose=progress, rank=dims.rank, world_size=dims.world_size
+        )
+        videos, settings = sample_model(
+            job.model, job.attention, job.data, job.sample, prompts, run_dir,
+            checkpoint=job.sample.checkpoint, progress=progress, dims=dims,
+        )  # fmt: skip
+    finally:
+        cleanup()
+    if not dims.is_main:
+        return
     tracker = build_tracker(job.logging, is_main=True, directory=run_dir, config=resolved_dict(job))
     try:
         columns = ["index", "prompt", "seed", "file", "latency_s", "attention_s"]

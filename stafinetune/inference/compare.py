@@ -35,6 +35,7 @@ from stafinetune.metrics import METRIC_TABLE, latent_gap, score_folder
 from stafinetune.metrics.fidelity import VMAF_AVAILABLE
 from stafinetune.metrics.motion import parse_caption
 from stafinetune.models import AttentionConfig, ModelConfig
+from stafinetune.parallel.dims import ParallelDims
 
 from .generate import GeneratedVideo, SampleConfig, sample_model, sampling_schedule
 from .weights import inference_attention, resolve_weights
@@ -340,7 +341,8 @@ def compare_models(
     dino_path: str | None = None,
     clip_path: str | None = None,
     progress: bool = True,
-) -> dict[str, Any]:
+    dims: ParallelDims | None = None,
+) -> dict[str, Any] | None:
     """Sample, score and compare every model of ``compare_cfg`` (see the module docstring).
 
     Args:
@@ -352,8 +354,10 @@ def compare_models(
         run_dir: receives ``<name>/videos``, ``<name>/samples.json``, ``compare.json``,
             ``compare.md`` and ``compare.png``.
         dino_path, clip_path: local DINO / CLIP folders (None: pixel proxies, noted).
+        dims: the launch's degrees (None: one process); every rank samples, rank 0 scores
+            and writes.
     Returns:
-        the ``compare.json`` content.
+        the ``compare.json`` content; None on ranks other than 0.
     """
     ccfg, scfg = compare_cfg, sample_cfg
     generated: dict[str, list[GeneratedVideo]] = {}
@@ -364,8 +368,11 @@ def compare_models(
             prompts,
             run_dir / spec.name, checkpoint=spec.checkpoint,
             checkpoint_field=f"compare.models[{i}].checkpoint", progress=progress, name=spec.name,
+            dims=dims,
         )  # fmt: skip
         generated[spec.name], settings[spec.name] = videos, model_settings
+    if dims is not None and not dims.is_main:
+        return None
     ref = ccfg.reference
     captions = motion_captions(generated[ref])
     models: dict[str, Any] = {}

@@ -11,6 +11,10 @@ The library behind ``stafinetune-sample`` and the compare mode of ``stafinetune-
 - :func:`resolve_prompts` and :func:`sample_model`: the above as the commands run them, with
   bad input raised as :class:`~stafinetune.errors.UserError` (exit code 2).
 
+Under torchrun every rank runs the same calls with the launch's
+:class:`~stafinetune.parallel.ParallelDims` (:mod:`stafinetune.parallel.sampling`: sequence
+parallelism, guidance on two ranks); only rank 0 writes.
+
 Prompt ``k`` always gets the same noise, so two models (or two runs) given the same prompts
 and ``sample.seed`` start every video from the same latents.
 """
@@ -43,7 +47,6 @@ from stafinetune.data import (
 from stafinetune.data.encoders import TextEncoder
 from stafinetune.data.synthetic import write_mp4
 from stafinetune.diffusion.sampling import (
-    ClassifierFreeGuidance,
     Schedule,
     sample_latents,
     to_uint8_video,
@@ -51,6 +54,9 @@ from stafinetune.diffusion.sampling import (
 from stafinetune.errors import UserError
 from stafinetune.models import AttentionConfig, ModelConfig, VideoDiT
 from stafinetune.models.profiling import AttentionTimer
+from stafinetune.parallel.dims import ParallelDims
+from stafinetune.parallel.parallelize import sequence_split
+from stafinetune.parallel.sampling import build_guidance
 from stafinetune.parallel.world import resolve_device
 
 from .weights import (
@@ -168,19 +174,22 @@ def read_prompts(path: str | Path, field_name: str = "sample.prompts") -> list[s
     return prompts
 
 
-def default_prompts(data_cfg: DataConfig, num: int, *, verbose: bool = True) -> list[str]:
+def default_prompts(
+    data_cfg: DataConfig, num: int, *, verbose: bool = True, rank: int = 0, world_size: int = 1
+) -> list[str]:
     """The first ``num`` distinct captions of the fixed validation batches training uses
     (with the training defaults' batch size and seed).
 
-    The synthetic data is generated and encoded if needed; other sources need their latent
-    cache built (``stafinetune-preprocess``) or ``sample.prompts``.
+    The synthetic data is generated and encoded if needed (rank ``rank`` of ``world_size``
+    processes, every one of which calls this, builds its share); other sources need their
+    latent cache built (``stafinetune-preprocess``) or ``sample.prompts``.
     """
     if data_cfg.source != "synthetic" and not (resolve_cache_dir(data_cfg) / "cache.json").exists():
         raise ValueError(
             f"sample.prompts is not set and the data's latent cache {resolve_cache_dir(data_cfg)} "
             "is not built: pass sample.prompts=FILE or run stafinetune-preprocess first"
         )
-    prepare_data(data_cfg, verbose=verbose)
+    prepare_data(data_cfg, rank=rank, world_size=world_size, verbose=verbose)
     defaults = TrainConfig()
     batches = validation_batches(
         data_cfg,
@@ -276,6 +285,7 @@ def generate(
     warmup: bool = True,
     progress: bool = True,
     desc: str = "sampling",
+    dims: ParallelDims | None = None,
 ) -> list[GeneratedVideo]:
     """Sample one video per prompt; prompt ``k`` starts from noise seeded with ``seed + k``.
 
@@ -289,8 +299,12 @@ def generate(
         guidance_scale, negative_prompt: classifier-free guidance (1: off).
         bf16: bf16 autocast (CUDA only).
         warmup: sample the first prompt once, untimed, first.
+        dims: the launch's degrees (:mod:`stafinetune.parallel.sampling`): with two cfg
+            ranks guidance's two forwards run one on each; ``dit`` carries the sp split
+            already. Every rank of the launch calls this with the same arguments.
     Returns:
-        the videos in prompt order, latents (C, T, H, W) on the CPU, each with its latency.
+        the videos in prompt order, latents (C, T, H, W) on the CPU, each with its latency
+        (the same latents on every rank).
     """
     device = next(dit.parameters()).device
     text, mask, pooled = text_encoder.encode(list(prompts))  # (N, L, Dt), (N, L), (N, Dp)
@@ -300,7 +314,7 @@ def generate(
             f"sample.negative_prompt={negative_prompt!r} encodes to no text token, which "
             "HunyuanVideo cannot take: use a text encoder that adds a BOS token, or another prompt"
         )
-    model = ClassifierFreeGuidance(dit, negative, guidance_scale)
+    model = build_guidance(dit, negative, guidance_scale, dims)
     autocast_bf16 = bf16 and device.type == "cuda"
     timer = AttentionTimer([dit.attention], device)
 
@@ -373,13 +387,21 @@ def model_dtype(precision: str, device: torch.device) -> tuple[torch.dtype, bool
 
 # --------------------------------------------------------------------------- commands
 def resolve_prompts(
-    sample_cfg: SampleConfig, data_cfg: DataConfig, *, verbose: bool = True
+    sample_cfg: SampleConfig,
+    data_cfg: DataConfig,
+    *,
+    verbose: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> list[str]:
-    """``sample.prompts``' lines, or the data's captions; UserError naming the field."""
+    """``sample.prompts``' lines, or the data's captions (every rank of ``world_size``
+    calls this); UserError naming the field."""
     try:
         if sample_cfg.prompts is not None:
             return read_prompts(sample_cfg.prompts)
-        return default_prompts(data_cfg, sample_cfg.num_prompts, verbose=verbose)
+        return default_prompts(
+            data_cfg, sample_cfg.num_prompts, verbose=verbose, rank=rank, world_size=world_size
+        )
     except ValueError as err:
         raise UserError(str(err)) from None
 
@@ -396,6 +418,7 @@ def sample_model(
     checkpoint_field: str = "sample.checkpoint",
     progress: bool = True,
     name: str = "sampling",
+    dims: ParallelDims | None = None,
 ) -> tuple[list[GeneratedVideo], dict[str, Any]]:
     """Load one model, sample every prompt with ``sample_cfg``'s seeds and write the videos.
 
@@ -405,7 +428,8 @@ def sample_model(
     Args:
         checkpoint: the weights (``sample.checkpoint`` or a compared model's own).
         checkpoint_field: the config field ``checkpoint`` came from (for error messages).
-        out_dir: receives ``videos/`` and ``samples.json``.
+        out_dir: receives ``videos/`` and ``samples.json`` (from rank 0 only).
+        dims: the launch's degrees (None: one process); every rank calls this.
     Returns:
         (the videos with their latents and latencies, the settings written to samples.json).
     Raises:
@@ -420,6 +444,8 @@ def sample_model(
             model_cfg, attention_cfg, weights, steps=schedule.steps, device=device,
             dtype=dtype, seed=sample_cfg.seed,
         )  # fmt: skip
+        if dims is not None:
+            sequence_split(dit, dims)  # parallel.sp > 1: Ulysses around the attention call
         grid = data_cfg.latent_grids()[0]  # (T, H, W) of the data's first bucket
         canvas = dit.canvas_for(grid)
         dit.plan.check_run_canvases([canvas], "sampling uses")
@@ -430,7 +456,7 @@ def sample_model(
             latent_shape=(dit.in_channels, *grid), seed=sample_cfg.seed, schedule=schedule,
             guidance_scale=sample_cfg.guidance_scale,
             negative_prompt=sample_cfg.negative_prompt, bf16=bf16, warmup=sample_cfg.warmup,
-            progress=progress, desc=name,
+            progress=progress, desc=name, dims=dims,
         )  # fmt: skip
     except ValueError as err:
         raise UserError(str(err)) from None
@@ -450,10 +476,12 @@ def sample_model(
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
         "canvas": list(canvas),
+        "parallel": {"sp": 1, "cfg": 1} if dims is None else {"sp": dims.sp, "cfg": dims.dp_size},
     }
     del dit
-    write_videos(
-        videos, video_encoder.decode, out_dir, fps=video_fps(sample_cfg, data_cfg),
-        settings=settings,
-    )  # fmt: skip
+    if dims is None or dims.is_main:
+        write_videos(
+            videos, video_encoder.decode, out_dir, fps=video_fps(sample_cfg, data_cfg),
+            settings=settings,
+        )  # fmt: skip
     return videos, settings

@@ -63,7 +63,11 @@ def resolve_device(device: str, field: str = "train.device") -> torch.device:
 
 
 def init_world(
-    device: str = "auto", *, process_group: bool = False, timeout_minutes: int = 30
+    device: str = "auto",
+    *,
+    process_group: bool = False,
+    timeout_minutes: int = 30,
+    field: str = "train.device",
 ) -> World:
     """Initialise the default process group when launched with several processes.
 
@@ -72,11 +76,12 @@ def init_world(
         process_group: create one even for a single process (sharding engines run their
             collectives then too; without a launcher a local rendezvous is used).
         timeout_minutes: collective timeout.
+        field: the config field ``device`` came from (for error messages).
     Returns:
         This process's :class:`World`. Single-process runs need no launcher.
     """
     rank, world_size, local_rank = launcher_coordinates()
-    dev = resolve_device(device)
+    dev = resolve_device(device, field)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if process_group and world_size == 1 and "MASTER_ADDR" not in os.environ:
