@@ -59,30 +59,37 @@ def _one_run_dir(tmp_path: Path, command: str, nproc: int) -> Path:
     return run
 
 
-def _sample_command(tmp_path: Path, nproc: int, layout: str, *overrides: str) -> None:
-    """Launch ``sample_check.py`` with ``layout`` then the sample command on ``nproc`` ranks;
-    check the parity report and the command's one run directory."""
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("\n".join(PROMPTS) + "\n")
-    report = _launch(tmp_path, nproc, *layout.split(), "--", "sample", *overrides,
-                     f"sample.prompts={prompts}", *COMMAND)  # fmt: skip
-    _assert_parity(report, tuple(layout.split()))
-    run = _one_run_dir(tmp_path, "sample", nproc)
-    samples = json.loads((run / "samples.json").read_text())
-    sp, cfg = (int(n) for n in layout.split()[-1].split("x"))
-    assert samples["parallel"] == {"sp": sp, "cfg": cfg} and samples["guidance_scale"] == 3.0
-    files = sorted(p.name for p in (run / "videos").iterdir())
-    assert files == [r["file"] for r in samples["samples"]] and len(files) == len(PROMPTS)
+def _prompts(tmp_path: Path, count: int) -> str:
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(PROMPTS[:count]) + "\n")
+    return f"sample.prompts={path}"
 
 
 @pytest.mark.slow
 def test_sp_and_cfg_sampling_match_one_process_and_rank_0_writes(tmp_path: Path):
-    _sample_command(tmp_path, 2, "2x1 1x2", "parallel.cfg=2")
+    report = _launch(tmp_path, 2, "2x1", "1x2", "--", "sample", "parallel.cfg=2",
+                     _prompts(tmp_path, 2), *COMMAND)  # fmt: skip
+    _assert_parity(report, ("2x1", "1x2"))
+    run = _one_run_dir(tmp_path, "sample", 2)
+    samples = json.loads((run / "samples.json").read_text())
+    assert samples["parallel"] == {"sp": 1, "cfg": 2} and samples["guidance_scale"] == 3.0
+    files = sorted(p.name for p in (run / "videos").iterdir())
+    assert files == [r["file"] for r in samples["samples"]] and len(files) == 2
 
 
 @pytest.mark.slow
-def test_sp_times_cfg_sampling_on_four_ranks_matches_one_process(tmp_path: Path):
-    _sample_command(tmp_path, 4, "2x2", "parallel.sp=2", "parallel.cfg=2")
+def test_sp_times_cfg_on_four_ranks_matches_one_process_and_eval_compares(tmp_path: Path):
+    sparse = ("attention.dense_first_steps=1", "attention.window=[2,1,2]")  # 2nd step sparse
+    report = _launch(tmp_path, 4, "2x2", "--", "eval", "parallel.sp=2", "parallel.cfg=2",
+                     *sparse, _prompts(tmp_path, 1), *COMMAND)  # fmt: skip
+    _assert_parity(report, ("2x2",))
+    run = _one_run_dir(tmp_path, "eval", 4)
+    compare = json.loads((run / "compare.json").read_text())
+    dense, sta = compare["models"]["dense"], compare["models"]["sta"]
+    assert dense["settings"]["parallel"] == sta["settings"]["parallel"] == {"sp": 2, "cfg": 2}
+    # the reference against itself, and STA away from it
+    assert dense["mean"]["latent_gap"] == 0.0 and sta["mean"]["latent_gap"] > 0
+    assert [len(list((run / m / "videos").iterdir())) for m in ("dense", "sta")] == [1, 1]
 
 
 def _compose(config: str, *overrides: str):
