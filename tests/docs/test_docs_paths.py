@@ -16,6 +16,7 @@ from stafinetune.commands import COMMANDS
 from stafinetune.config import JobConfig
 from stafinetune.inference.compare import CompareConfig
 from stafinetune.inference.generate import SampleConfig
+from stafinetune.parallel.sampling import SampleParallelConfig
 from stafinetune.search import SearchConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -152,7 +153,9 @@ def schema_fields() -> dict[str, set[str]]:
         if dataclasses.is_dataclass(getattr(job, f.name))
     }
     sections.update(search=SearchConfig, sample=SampleConfig, compare=CompareConfig)
-    return {name: {f.name for f in dataclasses.fields(schema)} for name, schema in sections.items()}
+    fields = {n: {f.name for f in dataclasses.fields(schema)} for n, schema in sections.items()}
+    fields["parallel"] |= {f.name for f in dataclasses.fields(SampleParallelConfig)}  # sample, eval
+    return fields
 
 
 def unknown_fields(doc: Path) -> list[str]:
