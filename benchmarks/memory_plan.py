@@ -33,7 +33,7 @@ Assumptions (bf16 autocast, AdamW, gradient checkpointing per block, batch 1):
     python benchmarks/memory_plan.py --check-offload      # on a GPU: each lever's measured peak
 
 ``--single-gpu`` (:func:`offload_estimate`): a LoRA student whose frozen base is also its
-dense teacher, in one process, with the ``offload`` levers of ``docs/configuration.md#memory``:
+dense teacher (its fp32 weights), in one process, with the ``offload`` levers of ``docs/configuration.md#memory``:
 ``offload.activations`` keeps two blocks' inputs on the GPU (the one in use, the one being
 copied) instead of every block's; ``offload.teacher_attention`` two layers' targets instead of
 every layer's; ``offload.block_swap=N`` keeps the non-block weights and N + 2 blocks of the
@@ -276,10 +276,10 @@ class Offload:
 
 def offload_estimate(shape: Shape, offload: Offload, *, lora_rank: int = 64) -> dict[str, float]:
     """GiB on the one GPU and in pinned host memory of a LoRA distillation step whose teacher
-    is the student's bf16 base, with ``offload``'s levers (the activation terms as in
-    :func:`estimate`, at sp=1)."""
-    block_bytes = 2 * shape.block_params
-    base = 2 * shape.params
+    is the student's base (fp32, as the student is built; autocast computes in bf16), with
+    ``offload``'s levers (the activation terms as in :func:`estimate`, at sp=1)."""
+    block_bytes = 4 * shape.block_params
+    base = 4 * shape.params
     on_device_base = base
     if offload.block_swap is not None:
         in_flight = min(offload.block_swap + 2, shape.layers)
@@ -367,7 +367,7 @@ def plan_single_gpu(budget_gib: float = 80.0) -> dict:
 
 def markdown_single_gpu(plan: dict) -> str:
     lines = [
-        "GiB of a LoRA (rank 64) STA distillation step on one GPU, its teacher the frozen bf16 "
+        "GiB of a LoRA (rank 64) STA distillation step on one GPU, its teacher the frozen fp32 "
         "base, batch 1, bf16 autocast, gradient checkpointing, attention loss on; fits = under "
         f"90% of {plan['budget_gib']:.0f} GiB; host = pinned host memory the levers use.",
         "",

@@ -25,7 +25,7 @@ def test_each_lever_moves_its_share_to_the_host(shape: plan.Shape) -> None:
     assert off["host"] == 0
     gib = plan.GIB
     swap = plan.offload_estimate(shape, plan.Offload(block_swap=0))
-    blocks_off = 2 * shape.block_params * (shape.layers - 2) / gib  # all but two in flight
+    blocks_off = 4 * shape.block_params * (shape.layers - 2) / gib  # fp32, all but two in flight
     assert swap["base"] == pytest.approx(off["base"] - blocks_off)
     assert swap["host"] == pytest.approx(blocks_off)
     act = plan.offload_estimate(shape, plan.Offload(activations=True))
