@@ -29,6 +29,16 @@ Assumptions (bf16 autocast, AdamW, gradient checkpointing per block, batch 1):
 
     python benchmarks/memory_plan.py                      # the 720p table, JSON + markdown
     python benchmarks/memory_plan.py --check              # on a GPU: estimate vs measured peak
+    python benchmarks/memory_plan.py --single-gpu         # LoRA on one GPU with the offload levers
+    python benchmarks/memory_plan.py --check-offload      # on a GPU: each lever's measured peak
+
+``--single-gpu`` (:func:`offload_estimate`): a LoRA student whose frozen base is also its
+dense teacher (its fp32 weights), in one process, with the ``offload`` levers of ``docs/configuration.md#memory``:
+``offload.activations`` keeps two blocks' inputs on the GPU (the one in use, the one being
+copied) instead of every block's; ``offload.teacher_attention`` two layers' targets instead of
+every layer's; ``offload.block_swap=N`` keeps the non-block weights and N + 2 blocks of the
+frozen base (N resident, one computing, one being copied). What leaves the GPU waits in pinned
+host memory (``host`` column).
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -186,8 +197,10 @@ def markdown(plan: dict) -> str:
     return "\n".join(lines)
 
 
-def measure(flavor: str, canvas: tuple[int, int, int], text: int, overrides: dict) -> float:
-    """Peak GiB of one real distillation step (student STA + dense teacher) on this GPU."""
+def measure(flavor: str, canvas: tuple[int, int, int], text: int, overrides: dict,
+            offload: Offload | None = None) -> float:  # fmt: skip
+    """Peak GiB of one real distillation step (student STA + dense teacher) on this GPU, with
+    ``offload``'s levers (block swap: of the teacher)."""
     from stafinetune.config import DistillConfig
     from stafinetune.models import AttentionConfig, ModelConfig, build_model
     from stafinetune.training.distill import DistillStep
@@ -200,9 +213,11 @@ def measure(flavor: str, canvas: tuple[int, int, int], text: int, overrides: dic
     teacher = build_model(ModelConfig(flavor=flavor, config_overrides=overrides),
                           AttentionConfig(mode="full"), device=device, dtype=torch.bfloat16)  # fmt: skip
     teacher.requires_grad_(False)
+    offload = offload or Offload()
+    targets = apply_offload_levers(student, teacher, offload)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5, fused=True)
     step = DistillStep(DistillConfig(w_data=0.0, w_out=1.0, w_attn=1.0), teacher, device,
-                       bf16=True, teacher_bf16=True)  # fmt: skip
+                       bf16=True, teacher_bf16=True, target_offload=targets)  # fmt: skip
     t, h, w = canvas
     pt, ph, pw = student.patch_size
     batch = {
@@ -244,13 +259,158 @@ def check() -> dict:
             "cases": out}  # fmt: skip
 
 
+@dataclass(frozen=True)
+class Offload:
+    """The ``offload`` levers of one row (``OffloadConfig``'s fields)."""
+
+    activations: bool = False
+    teacher_attention: bool = False
+    block_swap: int | None = None
+
+    def label(self) -> str:
+        parts = [name for name in ("activations", "teacher_attention") if getattr(self, name)]
+        if self.block_swap is not None:
+            parts.append(f"block_swap={self.block_swap}")
+        return ", ".join(parts) or "none"
+
+
+def offload_estimate(shape: Shape, offload: Offload, *, lora_rank: int = 64) -> dict[str, float]:
+    """GiB on the one GPU and in pinned host memory of a LoRA distillation step whose teacher
+    is the student's base (fp32, as the student is built; autocast computes in bf16), with
+    ``offload``'s levers (the activation terms as in :func:`estimate`, at sp=1)."""
+    block_bytes = 4 * shape.block_params
+    base = 4 * shape.params
+    on_device_base = base
+    if offload.block_swap is not None:
+        in_flight = min(offload.block_swap + 2, shape.layers)
+        on_device_base = base - block_bytes * (shape.layers - in_flight)
+    adapter = shape.layers * 4 * 2 * lora_rank * shape.hidden  # q, k, v, out: A and B
+    adapter_state = 16 * adapter  # fp32 weights, gradients and Adam's two moments
+    rows = shape.tokens + (shape.text if shape.joint_text else 0)
+    block_input = rows * shape.hidden * 4
+    layer_output = rows * shape.hidden * 2
+    kept = (2 if offload.activations else shape.layers) * block_input
+    working = 4 * rows * shape.hidden * 2 * 2 + rows * (20 * shape.hidden + 4 * shape.ffn) * 2
+    student_attention = shape.layers * layer_output
+    teacher_attention = (2 if offload.teacher_attention else shape.layers) * layer_output
+    host = (
+        (base - on_device_base)
+        + (shape.layers * block_input - kept)
+        + (shape.layers * layer_output - teacher_attention)
+    )
+    gib = {
+        "base": on_device_base, "adapter": adapter_state, "kept_block_inputs": kept,
+        "recompute_working_set": working,
+        "captured_attention": student_attention + teacher_attention, "host": host,
+    }  # fmt: skip
+    out = {k: v / GIB for k, v in gib.items()}
+    out["total"] = sum(v for k, v in out.items() if k != "host")
+    return out
+
+
+def apply_offload_levers(student: Any, teacher: Any, offload: Offload) -> Any:
+    """Put ``offload``'s levers on a checkpointed student and its separate teacher (as the
+    trainer does); returns the offloader of the teacher's attention targets, or None."""
+    from stafinetune.models.block_swap import apply_block_swap
+    from stafinetune.models.offload import ActivationOffloader, apply_activation_offload
+
+    device = next(student.parameters()).device
+    if offload.activations:
+        apply_activation_offload(student, ActivationOffloader(device))
+    if offload.block_swap is not None:
+        apply_block_swap(teacher, offload.block_swap)
+    return ActivationOffloader(device) if offload.teacher_attention else None
+
+
+def check_offload() -> dict:
+    """On a GPU: the measured peak of a Wan 1.3B distillation step at 480p (full finetune,
+    separate bf16 teacher) with each lever, and what it saved against no lever."""
+    levers = [
+        Offload(),
+        Offload(activations=True),
+        Offload(teacher_attention=True),
+        Offload(block_swap=4),
+        Offload(activations=True, teacher_attention=True, block_swap=4),
+    ]
+    rows = []
+    for offload in levers:
+        peak = measure("wan2.1_t2v_1.3b", (21, 30, 52), 512, {}, offload)
+        rows.append({"offload": offload.label(), "measured_gib": peak})
+        torch.cuda.empty_cache()
+    for row in rows:
+        row["saved_gib"] = rows[0]["measured_gib"] - row["measured_gib"]
+    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "date": datetime.datetime.now(datetime.UTC).isoformat(), "rows": rows}  # fmt: skip
+
+
+def plan_single_gpu(budget_gib: float = 80.0) -> dict:
+    """Wan 2.1 14B LoRA distillation on one GPU at 480p and 720p, lever by lever."""
+    shapes = [
+        model_shape("wan2.1-14B 480p", "wan2.1_t2v_14b", (21, 30, 52), 512),
+        model_shape("wan2.1-14B 720p", "wan2.1_t2v_14b", (21, 45, 80), 512),
+    ]
+    levers = [
+        Offload(),
+        Offload(block_swap=4),
+        Offload(activations=True, block_swap=4),
+        Offload(activations=True, teacher_attention=True, block_swap=4),
+        Offload(activations=True, teacher_attention=True, block_swap=0),
+    ]
+    rows = []
+    for shape in shapes:
+        for offload in levers:
+            est = offload_estimate(shape, offload)
+            rows.append({"model": shape.name, "offload": offload.label(), **est,
+                         "fits": est["total"] <= budget_gib * 0.9})  # fmt: skip
+    return {"budget_gib": budget_gib, "shapes": [asdict(s) for s in shapes], "rows": rows}
+
+
+def markdown_single_gpu(plan: dict) -> str:
+    lines = [
+        "GiB of a LoRA (rank 64) STA distillation step on one GPU, its teacher the frozen fp32 "
+        "base, batch 1, bf16 autocast, gradient checkpointing, attention loss on; fits = under "
+        f"90% of {plan['budget_gib']:.0f} GiB; host = pinned host memory the levers use.",
+        "",
+        "| model | offload | base | block inputs | attention outputs | working set | total | fits | host |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in plan["rows"]:
+        lines.append(
+            f"| {r['model']} | {r['offload']} | {r['base']:.1f} | {r['kept_block_inputs']:.1f} | "
+            f"{r['captured_attention']:.1f} | {r['recompute_working_set']:.1f} | "
+            f"{r['total']:.1f} | {'yes' if r['fits'] else 'no'} | {r['host']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def offload_results(*, measured: bool, budget_gib: float) -> None:
+    """Write and print ``--check-offload`` (``measured``, on a GPU) or ``--single-gpu``."""
+    if measured:
+        name, result = "memory_check_offload", check_offload()
+        text = "\n".join(f"{r['offload']}: {r['measured_gib']:.1f} GiB measured, "
+                         f"{r['saved_gib']:.1f} saved" for r in result["rows"])  # fmt: skip
+    else:
+        name, result = "memory_plan-1gpu", plan_single_gpu(budget_gib)
+        text = markdown_single_gpu(result)
+        (RESULTS / f"{name}.md").write_text(text + "\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1))
+    print(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--check", action="store_true", help="measure peaks on this GPU")
+    parser.add_argument("--single-gpu", action="store_true",
+                        help="LoRA on one GPU with the offload levers")  # fmt: skip
+    parser.add_argument("--check-offload", action="store_true",
+                        help="measure each offload lever's peak on this GPU")  # fmt: skip
     parser.add_argument("--gpus", type=int, default=8)
     parser.add_argument("--budget-gib", type=float, default=80.0)
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.check_offload or args.single_gpu:
+        offload_results(measured=args.check_offload, budget_gib=args.budget_gib)
+        return
     if args.check:
         result = check()
         (RESULTS / "memory_check.json").write_text(json.dumps(result, indent=1))

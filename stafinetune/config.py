@@ -19,7 +19,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from stafinetune.data.config import DataConfig
-from stafinetune.models.config import AttentionConfig, ModelConfig
+from stafinetune.models.config import AttentionConfig, ModelConfig, OffloadConfig
 from stafinetune.parallel.world import launched_rank
 
 
@@ -398,6 +398,7 @@ class JobConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    offload: OffloadConfig = field(default_factory=OffloadConfig)
     run_dir: str | None = None  # None: Hydra's output directory of this run
     # keys an experiment needs the user to set (e.g. model.path); checked at start-up
     required: list[str] = field(default_factory=list)
@@ -428,6 +429,68 @@ class JobConfig:
             f"parallel.sp={self.parallel.sp} runs the teacher under the same sequence split, so "
             f"distill.teacher_device must be same, got {self.distill.teacher_device!r}",
         )
+        _check_offload(self)
+
+
+def _check_offload(job: JobConfig) -> None:
+    """The ``offload`` levers against the rest of the job (each names the fields it needs)."""
+    off, model, par = job.offload, job.model, job.parallel
+    lora = job.train.trainable == "lora"
+    if off.activations:
+        _check(
+            model.gradient_checkpointing,
+            "offload.activations moves the block inputs that gradient checkpointing keeps: "
+            "it needs model.gradient_checkpointing=true",
+        )
+        _check(
+            not model.compile,
+            "offload.activations runs autograd's saved-tensor hooks around each checkpointed "
+            "block, which torch.compile cannot trace in one graph: set model.compile=false",
+        )
+    _check(
+        not off.teacher_attention or job.distill.w_attn > 0,
+        "offload.teacher_attention keeps the attention loss's targets on the host, but "
+        "distill.w_attn=0 captures none",
+    )
+    if off.block_swap is None:
+        return
+    separate_teacher = job.distill.needs_teacher and not (
+        lora and job.distill.teacher_path is None and job.distill.teacher_device == "same"
+    )
+    _check(
+        lora or separate_teacher,
+        "offload.block_swap swaps frozen weights (the dense teacher's, or a LoRA student's "
+        "base), but this job has none: no teacher (distill.w_attn/w_out are 0) and "
+        f"train.trainable={job.train.trainable!r}",
+    )
+    _check(
+        not model.compile,
+        "offload.block_swap replaces block weights between calls, which recompiles compiled "
+        "blocks: set model.compile=false",
+    )
+    _check(
+        not separate_teacher or par.teacher == "replicate",
+        "offload.block_swap moves whole blocks to the GPU, but parallel.teacher=shard splits "
+        "them over the GPUs already: use one or the other",
+    )
+    _check(
+        lora or job.distill.teacher_device != "cpu",
+        "offload.block_swap swaps the teacher's blocks onto its GPU, but distill.teacher_device"
+        "=cpu runs the teacher on the CPU: use one or the other",
+    )
+    if lora:
+        _check(
+            par.strategy == "ddp",
+            "offload.block_swap with train.trainable=lora swaps the student's frozen base, which "
+            f"parallel.strategy={par.strategy} shards or hands to DeepSpeed: use parallel=ddp "
+            "(the base is frozen, so sharding it saves nothing an adapter's optimiser needs)",
+        )
+        _check(
+            model.gradient_checkpointing,
+            "offload.block_swap with train.trainable=lora swaps the student's base, whose "
+            "weights the autograd graph would hold until the backward: it needs "
+            "model.gradient_checkpointing=true",
+        )
 
 
 def register_configs() -> None:
@@ -442,6 +505,7 @@ def register_configs() -> None:
         ("distill", DistillConfig),
         ("parallel", ParallelConfig),
         ("logging", LoggingConfig),
+        ("offload", OffloadConfig),
     ):
         cs.store(group=group, name=f"base_{group}", node=node)
 

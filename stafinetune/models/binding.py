@@ -53,6 +53,7 @@ from .attention import (
     WanSTAProcessor,
 )
 from .families import family_of
+from .offload import ActivationOffloader
 from .windows import WindowPlan
 
 BINDING_ATTRIBUTE = "_stafinetune_sta"
@@ -164,6 +165,8 @@ class STABinding:
         self.owner = owner
         self.runtime = AttentionRuntime()
         self.store: ActivationStore | None = None
+        # moves checkpointed blocks' inputs to the host (``offload.apply_activation_offload``)
+        self.offload: ActivationOffloader | None = None
         self._explicit: list[Any] = []
         self._dense = 0  # depth of dense() blocks
         self._warned: set[tuple[int, int, int]] = set()
@@ -291,10 +294,18 @@ class STABinding:
     def carrying_state(self, checkpoint_fn: Callable[..., Any]) -> Callable[..., Any]:
         """``checkpoint_fn(block, *args)`` (a diffusers ``_gradient_checkpointing_func``) that
         recomputes the block under the forward's ``ForwardState`` (without its capture store:
-        a recomputation must not record again)."""
+        a recomputation must not record again). With :attr:`offload` set, what the checkpoint
+        saves (the block's inputs) goes to host memory until the backward needs it."""
         runtime = self.runtime
 
         def checkpoint_block(block: Callable[..., Any], *args: Any) -> Any:
+            offload = self.offload
+            if offload is None:
+                return checkpoint_state(block, *args)
+            with offload.saving():
+                return checkpoint_state(block, *args)
+
+        def checkpoint_state(block: Callable[..., Any], *args: Any) -> Any:
             state = runtime.state
             if state is None:
                 return checkpoint_fn(block, *args)

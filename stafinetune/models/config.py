@@ -165,3 +165,47 @@ class AttentionConfig:
             raise ValueError(
                 f"attention.dense_first_steps must be an int >= 0, got {self.dense_first_steps}"
             )
+
+
+@dataclass
+class OffloadConfig:
+    """Memory levers of training (group ``offload``); each leaves every number unchanged.
+
+    Attributes:
+        activations: the block inputs that gradient checkpointing keeps go to pinned host
+            memory in the forward and come back, prefetched a block ahead, in the backward
+            (``models/offload.py``); needs ``model.gradient_checkpointing``.
+        teacher_attention: the teacher's captured attention outputs (the attention loss's
+            targets) wait in pinned host memory and come back one layer at a time when the
+            loss and its backward read them; needs ``distill.w_attn > 0``.
+        block_swap: null (off), or how many leading transformer blocks of the frozen weights
+            stay on the GPU: the dense teacher's, and under ``train.trainable=lora`` the
+            student's base; the other blocks wait in pinned host memory and each is copied in,
+            a block ahead, while the previous one computes (``models/block_swap.py``).
+    """
+
+    activations: bool = False
+    teacher_attention: bool = False
+    block_swap: Optional[int] = None
+
+    def describe(self) -> str:
+        """The levers that are on, for the run's start-up summary (``none`` if none is)."""
+        on = [name.replace("_", " ") for name in ("activations", "teacher_attention")
+              if getattr(self, name)]  # fmt: skip
+        if self.block_swap is not None:
+            on.append(f"block swap (resident blocks: {self.block_swap})")
+        return ", ".join(on) or "none"
+
+    def __post_init__(self) -> None:
+        for name in ("activations", "teacher_attention"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ValueError(f"offload.{name} must be true or false, got {value!r}")
+        if self.block_swap is not None and (
+            isinstance(self.block_swap, bool) or int(self.block_swap) != self.block_swap
+            or self.block_swap < 0
+        ):  # fmt: skip
+            raise ValueError(
+                "offload.block_swap must be null (off) or the number of blocks kept on the GPU "
+                f"(an int >= 0), got {self.block_swap!r}"
+            )

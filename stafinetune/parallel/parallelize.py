@@ -4,7 +4,8 @@ Model code stays single-device; this module is the one place that wraps it:
 
 1. sequence parallelism (``parallel.sp > 1``): Ulysses around the STA call (``sequence.py``);
 2. activation checkpointing (``model.gradient_checkpointing``, ``model.checkpoint_policy``,
-   student only): per block;
+   student only): per block; with ``offload.activations`` the inputs it keeps wait in host
+   memory (``models/offload.py``);
 3. ``torch.compile`` per transformer block (``model.compile``): with checkpointing, each
    checkpointed block call is compiled as one region (checkpoint and block), so the
    compiler plans the recomputation; without it, each block's forward;
@@ -13,7 +14,10 @@ Model code stays single-device; this module is the one place that wraps it:
    at the root, over the flattened (dp_shard, sp) mesh (with ``dp_replicate`` as the
    replicate dimension of hybrid sharding), so the mean over sp ranks comes from the
    sharding itself; ``zero2``/``zero3`` leave the model to ``deepspeed.initialize``
-   (``engine.py``).
+   (``engine.py``);
+5. block swap (``offload.block_swap``) of the frozen block weights (``models/block_swap.py``):
+   the teacher's, or a LoRA student's base; last, so the data-parallel wrapper saw the
+   weights where they were built.
 
 The result is a :class:`ParallelModel`: the module the loop calls, the unwrapped model (for
 capture, export and checkpoints), gradient-synchronisation control for accumulation, and the
@@ -32,6 +36,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from stafinetune.models import VideoDiT
 from stafinetune.models.activation_checkpointing import raise_recompile_limit
+from stafinetune.models.block_swap import apply_block_swap
+from stafinetune.models.offload import ActivationOffloader, apply_activation_offload
 
 from .dims import ParallelDims
 from .sequence import SequenceParallel, apply_sequence_parallel
@@ -119,6 +125,8 @@ def parallelize(
     compile: bool = False,
     bf16: bool = False,
     find_unused_parameters: bool = False,
+    offload: ActivationOffloader | None = None,
+    block_swap: int | None = None,
 ) -> ParallelModel:
     """Make the student ready for distributed training (see the module docstring for the order).
 
@@ -130,12 +138,22 @@ def parallelize(
         compile: ``torch.compile`` each transformer block.
         bf16: ``fsdp2`` computes in bf16 (parameters kept in fp32, gradients reduced in fp32).
         find_unused_parameters: DDP's option (needed when some trainable weights get no grad).
+        offload: moves the checkpointed blocks' inputs to host memory (needs
+            ``activation_checkpointing``, not ``compile``).
+        block_swap: keep this many blocks' frozen weights on the device, swap the others in
+            (a LoRA student's base; ``ddp`` or one process, with checkpointing).
     """
+    if offload is not None and (compile or not activation_checkpointing):
+        raise ValueError("activation offload needs activation checkpointing without compile")
+    if block_swap is not None and (dims.strategy != "ddp" or not activation_checkpointing):
+        raise ValueError("block swap of a trained model needs parallel=ddp and checkpointing")
     sequence = sequence_split(model, dims)
     if activation_checkpointing:
         model.enable_gradient_checkpointing(checkpoint_policy, compile=compile)
+        apply_activation_offload(model, offload)
     if compile:
         apply_compile(model, checkpointed=activation_checkpointing)
+    parallel = ParallelModel(module=model, model=model, sequence=sequence)
     if dims.strategy == "ddp" and dims.distributed:
         device = dims.device
         ddp = DistributedDataParallel(
@@ -143,13 +161,13 @@ def parallelize(
             device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=find_unused_parameters,
         )
-        return ParallelModel(module=ddp, model=model, no_sync=ddp.no_sync, sequence=sequence)
-    if dims.strategy == "fsdp2" and dims.distributed:
+        parallel = ParallelModel(module=ddp, model=model, no_sync=ddp.no_sync, sequence=sequence)
+    elif dims.strategy == "fsdp2" and dims.distributed:
         _apply_fsdp(model, dims, bf16, reshard=True)
-        return ParallelModel(
-            module=model, model=model, no_sync=lambda: _fsdp_no_sync(model), sequence=sequence
-        )
-    return ParallelModel(module=model, model=model, sequence=sequence)
+        parallel.no_sync = lambda: _fsdp_no_sync(model)
+    if block_swap is not None:
+        apply_block_swap(model, block_swap)
+    return parallel
 
 
 def parallelize_teacher(
@@ -159,17 +177,23 @@ def parallelize_teacher(
     shard: bool,
     deepspeed: dict | None = None,
     compile: bool = False,
+    block_swap: int | None = None,
 ) -> nn.Module:
     """The frozen teacher under the student's sequence split, replicated or sharded.
 
     ``shard`` with ``fsdp2``: ``fully_shard`` per block (parameters gathered per block in the
     forward); with ``zero3``: a DeepSpeed inference engine without optimiser (``deepspeed``
-    is its config). ``compile``: ``torch.compile`` each block's forward first. Returns what
-    to call; ``teacher`` itself keeps ``capture()``.
+    is its config). ``compile``: ``torch.compile`` each block's forward first. ``block_swap``
+    (a replicated teacher): keep this many blocks on the device, swap the others in. Returns
+    what to call; ``teacher`` itself keeps ``capture()``.
     """
+    if block_swap is not None and (shard or compile):
+        raise ValueError("block swap needs a replicated teacher without compile")
     sequence_split(teacher, dims)
     if compile:
         apply_compile(teacher, checkpointed=False)
+    if block_swap is not None:
+        apply_block_swap(teacher, block_swap)
     if not (shard and dims.distributed):
         return teacher
     if dims.strategy == "fsdp2":

@@ -9,9 +9,10 @@ included). The optimiser step itself stays in the loop.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,19 +24,34 @@ from stafinetune.config import DistillConfig
 from stafinetune.diffusion.flow_matching import add_noise, sample_sigmas, velocity_target
 from stafinetune.diffusion.losses import distillation_losses
 from stafinetune.models import ActivationStore, VideoDiT
+from stafinetune.models.offload import ActivationOffloader, HostCopy
 from stafinetune.parallel.sequence import SequenceParallel
 
 
 class CastingStore(ActivationStore):
     """A detached capture store that keeps each attention output in ``dtype`` (None: as
-    computed), cast as it is recorded so a full-precision copy never accumulates."""
+    computed), cast as it is recorded so a full-precision copy never accumulates.
 
-    def __init__(self, layers: Iterable[int] | None, dtype: torch.dtype | None) -> None:
+    With an ``offloader`` (``offload.teacher_attention``) each output goes to host memory as
+    it is recorded (``host[layer]``, a ``HostCopy``) instead of staying in ``layers``.
+    """
+
+    def __init__(
+        self, layers: Iterable[int] | None, dtype: torch.dtype | None,
+        offloader: ActivationOffloader | None = None,
+    ) -> None:  # fmt: skip
         super().__init__(layers, detach=True)
         self.dtype = dtype
+        self.offloader = offloader
+        self.host: dict[int, HostCopy] = {}
 
     def record(self, layer: int, o: torch.Tensor, qkv: tuple, state: Any) -> None:
-        super().record(layer, o if self.dtype is None else o.to(self.dtype), qkv, state)
+        o = o if self.dtype is None else o.to(self.dtype)
+        if self.offloader is None:
+            super().record(layer, o, qkv, state)
+        elif self.wanted is None or layer in self.wanted:
+            self.host[layer] = self.offloader.to_host(o.detach())
+            self.canvas, self.text_len = state.canvas, state.text_len
 
 
 def capture_dtype(name: str) -> torch.dtype | None:
@@ -98,6 +114,8 @@ class DistillStep:
             ``teacher``); defaults to ``teacher``.
         sequence: the sequence split of both models (``parallel.sp > 1``): attention outputs
             are then local shards and their loss is reduced over the sp group.
+        target_offload: keeps the teacher's captured attention outputs in host memory
+            (``offload.teacher_attention``) until the attention loss and its backward read them.
     """
 
     cfg: DistillConfig
@@ -107,6 +125,7 @@ class DistillStep:
     teacher_bf16: bool
     teacher_module: nn.Module | None = None
     sequence: SequenceParallel | None = None
+    target_offload: ActivationOffloader | None = None
 
     def __post_init__(self) -> None:
         if self.teacher_module is None:
@@ -115,18 +134,24 @@ class DistillStep:
     @torch.no_grad()
     def teacher_forward(
         self, batch: dict[str, Any], x_t: torch.Tensor, sigma: torch.Tensor, capture: bool
-    ) -> tuple[torch.Tensor, dict[int, torch.Tensor] | None]:
+    ) -> tuple[torch.Tensor, Mapping[int, torch.Tensor] | None]:
         """The teacher's output (B, C, T, H, W) fp32 and, if ``capture``, its attention outputs,
-        both on the student's device."""
+        both on the student's device (with ``target_offload``: read from host memory one layer
+        at a time, as the loss asks for them)."""
         assert self.teacher is not None
         param = next(self.teacher.parameters())
         inputs = model_inputs(batch, x_t, sigma, param.device, param.dtype)
         with autocast(param.device, self.teacher_bf16):
             if capture:
-                store = CastingStore(self.cfg.layers, capture_dtype(self.cfg.teacher_attn_dtype))
+                store = CastingStore(
+                    self.cfg.layers, capture_dtype(self.cfg.teacher_attn_dtype), self.target_offload
+                )
                 with self.teacher.capture(store=store):
                     out = self.teacher_module(**inputs)
-                attn = {i: a.to(self.device) for i, a in store.layers.items()}
+                if self.target_offload is not None:
+                    attn = self.target_offload.targets(store.host)
+                else:
+                    attn = {i: a.to(self.device) for i, a in store.layers.items()}
             else:
                 out, attn = self.teacher_module(**inputs), None
         return out.to(self.device, torch.float32), attn
@@ -187,18 +212,24 @@ class DistillStep:
         if self.sequence is not None:
             num_video = math.prod(model.canvas_for(x_t.shape))
             mse = functools.partial(self.sequence.mean_squared_error, num_video=num_video)
-        terms = distillation_losses(
-            attn_mse=mse,
-            student_out=pred.float(),
-            target=target,
-            teacher_out=teacher_out,
-            student_attn=student_attn,
-            teacher_attn=teacher_attn,
-            w_data=cfg.w_data,
-            w_out=cfg.w_out,
-            w_attn=cfg.w_attn,
-            layers=cfg.layers,
-        )
+        keeping = (
+            self.target_offload.keeping_targets()
+            if self.target_offload is not None and teacher_attn is not None
+            else contextlib.nullcontext()
+        )  # the loss saves host copies of the targets for its backward
+        with keeping:
+            terms = distillation_losses(
+                attn_mse=mse,
+                student_out=pred.float(),
+                target=target,
+                teacher_out=teacher_out,
+                student_attn=student_attn,
+                teacher_attn=teacher_attn,
+                w_data=cfg.w_data,
+                w_out=cfg.w_out,
+                w_attn=cfg.w_attn,
+                layers=cfg.layers,
+            )
         terms["prediction"] = pred.float()
         return terms
 

@@ -42,6 +42,7 @@ from stafinetune.diffusion.flow_matching import add_noise, velocity_target
 from stafinetune.diffusion.losses import dmd_loss
 from stafinetune.diffusion.sampling import ClassifierFreeGuidance, Schedule, schedule_step
 from stafinetune.models import VideoDiT
+from stafinetune.models.offload import ActivationOffloader
 from stafinetune.parallel.sequence import SequenceParallel
 
 from .distill import DistillStep, draw_noise, model_inputs, to_device
@@ -83,6 +84,8 @@ class FewStepBase:
             every rank, because sharded models (FSDP2, ZeRO-3) gather their weights in every
             call and all ranks must make the same calls; noise and levels differ per
             data-parallel rank (the trainer's generator).
+        target_offload: the per-step terms' teacher attention outputs in host memory
+            (``offload.teacher_attention``, see ``DistillStep``).
     """
 
     cfg: DistillConfig
@@ -94,6 +97,7 @@ class FewStepBase:
     negative: Negative | None = None
     sequence: SequenceParallel | None = None
     control_seed: int = 0
+    target_offload: ActivationOffloader | None = None
     schedule: Schedule = field(init=False)
     control: torch.Generator = field(init=False)
     aux: DistillStep | None = field(init=False)
@@ -111,7 +115,7 @@ class FewStepBase:
             self.aux = DistillStep(
                 cfg=self.cfg, teacher=self.teacher, device=self.device, bf16=self.bf16,
                 teacher_bf16=self.teacher_bf16, teacher_module=self.teacher_module,
-                sequence=self.sequence,
+                sequence=self.sequence, target_offload=self.target_offload,
             )  # fmt: skip
 
     # ----------------------------------------------------------------- the models' predictions

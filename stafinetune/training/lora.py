@@ -209,7 +209,7 @@ def merged_state_dict(
                 delta = (b @ a) * layers[module].scaling[ADAPTER]  # (out, in)
                 if layers[module].fan_in_fan_out:
                     delta = delta.T
-                value = value + delta.to(value.dtype)
+                value = value + delta.to(value)  # a swapped block's base waits on the host
         merged[key] = value
     return merged
 

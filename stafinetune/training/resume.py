@@ -56,7 +56,7 @@ APPLY_ON_RESUME = (
     "model.gradient_checkpointing", "data.root", "data.cache_dir", "data.num_workers",
     "data.prefetch_factor", "data.decode_workers", "data.encode_batch_size", "data.device",
     "parallel.teacher", "parallel.find_unused_parameters", "model.allow_pickle_weights",
-    "data.allow_pickle_weights",
+    "data.allow_pickle_weights", "offload.*",
 )  # fmt: skip
 # Not settings of the trained run (how this process was started).
 _IGNORED = ("train.resume", "train.trust_checkpoint", "run_dir", "required")

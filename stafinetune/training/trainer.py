@@ -40,6 +40,7 @@ from stafinetune.data import build_video_encoder
 from stafinetune.errors import UserError, user_errors
 from stafinetune.models import MaskStrategy
 from stafinetune.models.dit import save_transformer_state
+from stafinetune.models.offload import ActivationOffloader
 from stafinetune.models.profiling import AttentionTimer
 from stafinetune.parallel import (
     World,
@@ -157,15 +158,24 @@ class Trainer:
             self.teacher = None if shares_base else build_teacher(job, self.device)
             check_data_fits_model(self.data.val_batches[0], self.student, job)
         self.bf16 = use_bf16(tcfg.precision, self.device)
+        off = job.offload
+        # one offloader for the student's block inputs and the teacher's attention targets:
+        # one side stream, one prefetch order through the backward
+        self.offloader = (
+            ActivationOffloader(self.device) if off.activations or off.teacher_attention else None
+        )
         self.engine, sequence, configured = self._trained_engine(self.student, tcfg.lr)
         teacher_module = None
         if shares_base:
             self.teacher = teacher_module = BaseModelTeacher(self.student)
         elif self.teacher is not None:
-            teacher_module = parallelize_teacher(
-                self.teacher, self.dims, shard=pcfg.teacher == "shard", deepspeed=None,
-                compile=job.model.compile,
-            )  # fmt: skip
+            with user_errors():  # offload.block_swap beyond the teacher's blocks
+                teacher_module = parallelize_teacher(
+                    self.teacher, self.dims, shard=pcfg.teacher == "shard", deepspeed=None,
+                    compile=job.model.compile,
+                    # a teacher on the CPU (beside a LoRA student's swapped base) stays there
+                    block_swap=off.block_swap if job.distill.teacher_device != "cpu" else None,
+                )  # fmt: skip
         self.ema = None
         if tcfg.ema_decay:
             self.ema = EMA(self.student, tcfg.ema_decay, view=self.engine.local_view)
@@ -222,16 +232,20 @@ class Trainer:
         """Parallel wrapping, optimiser, schedule and engine of a trained model (the student,
         or a critic); returns (engine, its sequence split, the optimiser settings a resume
         must not overwrite)."""
-        tcfg, pcfg = self.job.train, self.job.parallel
-        parallel = parallelize(
-            model,
-            self.dims,
-            activation_checkpointing=self.job.model.gradient_checkpointing,
-            checkpoint_policy=self.job.model.checkpoint_policy,
-            compile=self.job.model.compile,
-            bf16=self.bf16,
-            find_unused_parameters=pcfg.find_unused_parameters,
-        )
+        tcfg, pcfg, off = self.job.train, self.job.parallel, self.job.offload
+        with user_errors():  # offload.block_swap beyond the model's blocks
+            parallel = parallelize(
+                model,
+                self.dims,
+                activation_checkpointing=self.job.model.gradient_checkpointing,
+                checkpoint_policy=self.job.model.checkpoint_policy,
+                compile=self.job.model.compile,
+                bf16=self.bf16,
+                find_unused_parameters=pcfg.find_unused_parameters,
+                offload=self.offloader if off.activations else None,
+                # a LoRA base is frozen: it swaps like a teacher (and is one, when shared)
+                block_swap=off.block_swap if tcfg.trainable == "lora" else None,
+            )
         optimizer = build_optimizer(
             model.named_parameters(), lr=lr, weight_decay=tcfg.weight_decay,
             betas=(tcfg.betas[0], tcfg.betas[1]), eps=tcfg.eps, fused=fused_optimizer(self.dims),
@@ -255,6 +269,7 @@ class Trainer:
             "cfg": job.distill, "teacher": self.teacher, "device": self.device, "bf16": self.bf16,
             "teacher_bf16": use_bf16(tcfg.precision, teacher_device(job.distill, self.device)),
             "teacher_module": teacher_module, "sequence": sequence,
+            "target_offload": self.offloader if job.offload.teacher_attention else None,
         }  # fmt: skip
         if job.distill.method == "per_step":
             return DistillStep(**common)
@@ -341,7 +356,7 @@ class Trainer:
                 f"teacher  {teacher}",
                 f"data     {self.data.cache_dir} ({len(self.data.loader)} batches of "
                 f"{self.job.train.batch_size} per epoch per dp rank)",
-                f"parallel {self.dims.describe()}",
+                f"parallel {self.dims.describe()}; offload {self.job.offload.describe()}",
                 f"device   {self.device}, bf16 autocast {'on' if self.bf16 else 'off'}; "
                 f"{where} of {self.job.train.steps}",
             ]
