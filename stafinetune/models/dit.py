@@ -25,7 +25,7 @@ from .attention import ActivationStore, STAAttention
 from .binding import STABinding, token_canvas
 from .config import AttentionConfig, ModelConfig
 from .dispatch import load_cost_table
-from .families import ModelFamily, get_family
+from .families import ImageCondition, ImageDims, ModelFamily, get_family
 from .flavors import get_flavor
 from .windows import WindowPlan, build_window_plan
 
@@ -49,8 +49,10 @@ class VideoDiT(nn.Module):
 
     Call it as ``dit(latents, timestep, text, text_mask, pooled_text=None, step_index=None)``.
     Build it with ``build_model``. Attributes for the trainer: ``family``, ``num_layers``
-    (STA layers), ``num_heads``, ``head_dim``, ``patch_size`` (pt, ph, pw), ``in_channels``,
-    ``text_dim``, ``pooled_dim`` (None for Wan), ``canvas_for(latent_shape)``.
+    (STA layers), ``num_heads``, ``head_dim``, ``patch_size`` (pt, ph, pw), ``in_channels``
+    (of the noisy latents; an image-to-video model takes its condition channels on top),
+    ``text_dim``, ``pooled_dim`` (None for Wan), ``image_dims`` (``ImageDims``, None for
+    text-to-video), ``canvas_for(latent_shape)``.
     """
 
     def __init__(
@@ -69,7 +71,9 @@ class VideoDiT(nn.Module):
         cfg = transformer.config
         self.num_heads: int = int(cfg.num_attention_heads)
         self.head_dim: int = int(cfg.attention_head_dim)
-        self.in_channels: int = int(cfg.in_channels)
+        self.image_dims: ImageDims | None = self.adapter.image_dims(cfg)
+        extra = 0 if self.image_dims is None else self.image_dims.condition_channels
+        self.in_channels: int = int(cfg.in_channels) - extra
         self.patch_size: tuple[int, int, int] = self.adapter.patch_size(cfg)
         self.text_dim, self.pooled_dim = self.adapter.text_dims(cfg)
         self.num_layers: int = len(self.sta_layers())
@@ -164,6 +168,8 @@ class VideoDiT(nn.Module):
         pooled_text: torch.Tensor | None = None,
         *,
         step_index: int | None = None,
+        image_latents: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predict the flow/noise target for noisy ``latents``.
 
@@ -176,6 +182,9 @@ class VideoDiT(nn.Module):
             pooled_text: (B, Dp) pooled text embedding (required by HunyuanVideo, unused by Wan).
             step_index: denoising step for per-step windows and ``dense_first_steps``; ``None``
                 in training (the step-independent window per (layer, head)).
+            image_latents: (B, Ci, T, H, W) latents of the conditioning video (image-to-video
+                models; ``ImageCondition``), required exactly when ``image_dims`` is set.
+            image_embeds: (B, N, Di) image-encoder states, when ``image_dims.embed_dim`` is set.
         Returns:
             (B, C, T, H, W) in the model's dtype.
         """
@@ -198,6 +207,16 @@ class VideoDiT(nn.Module):
         kwargs = self.adapter.conditioning(
             self.transformer, text, text_mask, pooled_text, self.guidance_scale
         )
+        if (image_latents is None) != (self.image_dims is None):
+            raise ValueError(
+                "an image-to-video model needs image_latents, a text-to-video model takes none"
+                if image_latents is None else "this text-to-video model takes no image_latents"
+            )
+        if image_latents is not None:
+            image = ImageCondition(image_latents.to(dtype), image_embeds)
+            latents, timestep, kwargs = self.adapter.image_inputs(
+                self.transformer, latents, timestep, image, kwargs
+            )
         # the transformer's own hooks (``self.binding``) derive the canvas, text lengths and
         # windows of this call; the step is the one given here
         with self.binding.at_step(step_index):
