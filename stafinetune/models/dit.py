@@ -32,16 +32,25 @@ from .windows import WindowPlan, build_window_plan
 ATTENTION_FILE = "stafinetune_attention.json"
 
 
+def model_config_values(model_cfg: ModelConfig) -> dict[str, Any]:
+    """The diffusers config of the model ``model_cfg`` names, read without building it."""
+    if model_cfg.path is None:
+        return {**get_flavor(model_cfg.flavor).config, **dict(model_cfg.config_overrides)}
+    folder = resolve_transformer_dir(model_cfg.path)
+    with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
 def model_patch_size(model_cfg: ModelConfig) -> tuple[int, int, int]:
     """The latent patch of the model ``model_cfg`` names, read without building it."""
-    flavor = get_flavor(model_cfg.flavor)
-    if model_cfg.path is None:
-        config = {**flavor.config, **dict(model_cfg.config_overrides)}
-    else:
-        folder = resolve_transformer_dir(model_cfg.path)
-        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-            config = json.load(f)
-    return get_family(flavor.family).patch_size(config)
+    family = get_family(get_flavor(model_cfg.flavor).family)
+    return family.patch_size(model_config_values(model_cfg))
+
+
+def model_image_dims(model_cfg: ModelConfig) -> ImageDims | None:
+    """The image inputs of the model ``model_cfg`` names (None: text-to-video), unbuilt."""
+    family = get_family(get_flavor(model_cfg.flavor).family)
+    return family.image_dims(model_config_values(model_cfg))
 
 
 class VideoDiT(nn.Module):
