@@ -68,3 +68,21 @@ def test_i2v_model_needs_image_data(data_root: Path, tmp_path: Path) -> None:
         Trainer(_job(data_root, "data.image_encoder=null"), tmp_path)
     with pytest.raises(ValueError, match="text-to-video model: set data.image_encoder=null"):
         Trainer(_job(data_root, "model=wan_tiny"), tmp_path)
+
+
+def test_sampling_the_data_captions_uses_their_clips_frames(data_root: Path) -> None:
+    """``stafinetune-sample`` without prompts: each caption comes with its own clip's condition."""
+    from stafinetune.data import resolve_cache_dir
+    from stafinetune.data.cache import LatentCache
+    from stafinetune.inference.generate import SampleConfig, default_prompts, image_conditions
+    from stafinetune.models import AttentionConfig, ModelConfig, build_model
+
+    data = _job(data_root).data
+    prompts = default_prompts(data, 3, verbose=False)
+    dit = build_model(ModelConfig(flavor="wan_i2v_tiny"), AttentionConfig(mode="full"))
+    conditions = image_conditions(SampleConfig(num_prompts=3), data, prompts, dit, None)
+    cache = LatentCache(resolve_cache_dir(data))
+    by_caption = {cache[i].caption: cache[i] for i in range(len(cache))}
+    for prompt, condition in zip(prompts, conditions, strict=True):
+        assert torch.equal(condition["image_latents"][0], by_caption[prompt].image_latents)
+        assert torch.equal(condition["image_embeds"][0], by_caption[prompt].image_embeds)
