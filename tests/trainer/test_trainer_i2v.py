@@ -86,3 +86,13 @@ def test_sampling_the_data_captions_uses_their_clips_frames(data_root: Path) -> 
     for prompt, condition in zip(prompts, conditions, strict=True):
         assert torch.equal(condition["image_latents"][0], by_caption[prompt].image_latents)
         assert torch.equal(condition["image_embeds"][0], by_caption[prompt].image_embeds)
+
+
+@pytest.mark.parametrize("method", ["dmd2", "trajectory"])
+def test_few_step_methods_take_the_image_condition(data_root: Path, tmp_path: Path, method: str) -> None:
+    """One step of each few-step method on i2v batches (the student's rollout, the guided
+    teacher and dmd2's critic all see the first-frame condition, or the model refuses)."""
+    job = _job(data_root, f"distill={method}", "distill.allow_random_teacher=true",
+               "distill.fewstep.critic_ratio=1", "train.steps=1")  # fmt: skip
+    result = Trainer(job, tmp_path).fit()
+    assert result.step == 1 and all(torch.isfinite(torch.tensor(result.losses)))
