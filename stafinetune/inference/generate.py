@@ -266,6 +266,11 @@ def image_conditions(
     )
     image_encoder = build_image_encoder(data_cfg)
     _check(image_encoder is not None, "data.image_encoder must be set for an image-to-video model")
+    _check(
+        image_encoder.image_dim == dit.image_dims.embed_dim,
+        f"data.image_encoder={data_cfg.image_encoder!r} gives image states of width "
+        f"{image_encoder.image_dim} but the model takes {dit.image_dims.embed_dim}",
+    )
     frames, height, width = data_cfg.all_buckets()[0]
     conditions = []
     for path in paths if len(paths) > 1 else paths * len(prompts):
