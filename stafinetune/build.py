@@ -131,7 +131,9 @@ def check_image_fits_model(
             f"model.flavor={flavor!r} is an image-to-video model: set data.image_encoder "
             "(tiny, or clip with data.image_encoder_path)"
         )
-    if dims is not None and image_embeds is not None and image_embeds.shape[-1] != dims.embed_dim:
+    if dims is None or dims.embed_dim is None or image_embeds is None:
+        return
+    if image_embeds.shape[-1] != dims.embed_dim:
         raise ValueError(
             f"the data gives image states of width {image_embeds.shape[-1]} (data.image_encoder="
             f"{data_cfg.image_encoder!r}) but model.flavor={flavor!r} takes {dims.embed_dim}"

@@ -267,7 +267,7 @@ def image_conditions(
     image_encoder = build_image_encoder(data_cfg)
     _check(image_encoder is not None, "data.image_encoder must be set for an image-to-video model")
     _check(
-        image_encoder.image_dim == dit.image_dims.embed_dim,
+        dit.image_dims.embed_dim in (None, image_encoder.image_dim),
         f"data.image_encoder={data_cfg.image_encoder!r} gives image states of width "
         f"{image_encoder.image_dim} but the model takes {dit.image_dims.embed_dim}",
     )

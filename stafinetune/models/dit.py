@@ -56,7 +56,8 @@ def model_image_dims(model_cfg: ModelConfig) -> ImageDims | None:
 class VideoDiT(nn.Module):
     """A diffusers video DiT whose video attention runs through one ``STAAttention`` module.
 
-    Call it as ``dit(latents, timestep, text, text_mask, pooled_text=None, step_index=None)``.
+    Call it as ``dit(latents, timestep, text, text_mask, pooled_text=None, step_index=None)``,
+    an image-to-video model with ``image_latents=`` and ``image_embeds=`` too.
     Build it with ``build_model``. Attributes for the trainer: ``family``, ``num_layers``
     (STA layers), ``num_heads``, ``head_dim``, ``patch_size`` (pt, ph, pw), ``in_channels``
     (of the noisy latents; an image-to-video model takes its condition channels on top),

@@ -67,6 +67,8 @@ def test_i2v_model_needs_image_data(data_root: Path, tmp_path: Path) -> None:
         Trainer(_job(data_root, "data.image_encoder=null"), tmp_path)
     with pytest.raises(ValueError, match="text-to-video model: set data.image_encoder=null"):
         Trainer(_job(data_root, "model=wan_tiny"), tmp_path)
+    with pytest.raises(ValueError, match="image states of width 48 .* takes 32"):
+        Trainer(_job(data_root, "data.image_dim=48"), tmp_path)
 
 
 def test_sampling_the_data_captions_uses_their_clips_frames(data_root: Path) -> None:
