@@ -28,7 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from stafinetune.build import use_bf16, validation_batches
@@ -226,9 +228,6 @@ def default_samples(
 def load_image(path: str | Path, height: int, width: int) -> torch.Tensor:
     """An image file as a first frame (3, height, width) in [-1, 1], resized to cover the
     frame and centre-cropped exactly as the data's clips are (``data.video.resize_crop``)."""
-    import numpy as np
-    from PIL import Image
-
     file = Path(path).expanduser()
     if not file.is_file():
         raise ValueError(f"sample.images: {path}: no such file")
@@ -250,6 +249,11 @@ def image_conditions(
     if dit.image_dims is None:
         _check(sample_cfg.images is None, "sample.images is set but the model is text-to-video")
         return None
+    _check(
+        data_cfg.image_encoder is not None,
+        "data.image_encoder must be set (tiny, or clip with data.image_encoder_path) for an "
+        "image-to-video model",
+    )
     if sample_cfg.images is None:
         _check(
             sample_cfg.prompts is None,
@@ -265,7 +269,7 @@ def image_conditions(
         "prompt, or one for all)",
     )
     image_encoder = build_image_encoder(data_cfg)
-    _check(image_encoder is not None, "data.image_encoder must be set for an image-to-video model")
+    assert image_encoder is not None  # data.image_encoder is set
     _check(
         dit.image_dims.embed_dim in (None, image_encoder.image_dim),
         f"data.image_encoder={data_cfg.image_encoder!r} gives image states of width "

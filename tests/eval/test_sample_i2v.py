@@ -76,6 +76,9 @@ def test_each_prompt_is_sampled_from_its_image(inputs: dict, tmp_path: Path) -> 
 def test_missing_or_stray_images_name_the_field(inputs: dict, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="sample.images must list an image per prompt"):
         _sample(inputs, tmp_path / "a")
+    plain = {**inputs, "data": DataConfig(root=inputs["data"].root)}
+    with pytest.raises(UserError, match="data.image_encoder must be set"):
+        _sample(plain, tmp_path / "e", images=inputs["images"])
     with pytest.raises(UserError, match="sample.images lists 3 images for 2 prompts"):
         _sample(inputs, tmp_path / "b", images=[*inputs["images"], inputs["images"][0]])
     with pytest.raises(UserError, match="no such file"):
