@@ -109,7 +109,7 @@ class DataConfig:
     # tiny | clip: cache the condition latents and the image encoder's states of that frame
     image_encoder: str | None = None
     image_encoder_path: str | None = None  # clip: local transformers CLIPVisionModel folder
-    image_processor_path: str | None = None  # clip: its CLIPImageProcessor; None: image_encoder_path
+    image_processor_path: str | None = None  # clip's CLIPImageProcessor; None: the encoder's
     image_dim: int = 32  # Di of the tiny image encoder
 
     # --- cache ----------------------------------------------------------------------------

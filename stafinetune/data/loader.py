@@ -168,7 +168,9 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "index": torch.tensor([s["index"] for s in samples], dtype=torch.int64),  # (B,)
     }
     if "image_latents" in samples[0]:  # image-to-video data
-        batch["image_latents"] = torch.stack([s["image_latents"] for s in samples])  # (B, C, T, H, W)
+        batch["image_latents"] = torch.stack(
+            [s["image_latents"] for s in samples]
+        )  # (B, C, T, H, W)
         batch["image_embeds"] = torch.stack([s["image_embeds"] for s in samples])  # (B, N, Di)
     return batch
 

@@ -151,7 +151,8 @@ class SampleConfig:
         )
         _check(self.fps is None or self.fps >= 1, f"sample.fps must be >= 1, got {self.fps}")
         _check(
-            self.images is None or (len(self.images) > 0 and all(str(p).strip() for p in self.images)),
+            self.images is None
+            or (len(self.images) > 0 and all(str(p).strip() for p in self.images)),
             f"sample.images must be null or a non-empty list of image paths, got {self.images!r}",
         )
         for name in ("prompts", "checkpoint"):

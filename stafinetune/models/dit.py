@@ -217,11 +217,10 @@ class VideoDiT(nn.Module):
         kwargs = self.adapter.conditioning(
             self.transformer, text, text_mask, pooled_text, self.guidance_scale
         )
-        if (image_latents is None) != (self.image_dims is None):
-            raise ValueError(
-                "an image-to-video model needs image_latents, a text-to-video model takes none"
-                if image_latents is None else "this text-to-video model takes no image_latents"
-            )
+        if image_latents is None and self.image_dims is not None:
+            raise ValueError("an image-to-video model needs image_latents (and image_embeds)")
+        if image_latents is not None and self.image_dims is None:
+            raise ValueError("this text-to-video model takes no image_latents")
         if image_latents is not None:
             image = ImageCondition(image_latents.to(dtype), image_embeds)
             latents, timestep, kwargs = self.adapter.image_inputs(

@@ -226,7 +226,11 @@ class WanFamily(ModelFamily):
             raise ValueError(f"this {type(transformer).__name__} takes no image condition")
         cond = image.latents.to(latents.dtype)  # (B, C, T, H, W)
         mask_channels = dims.condition_channels - cond.shape[1]
-        if mask_channels < 0 or cond.shape[0] != latents.shape[0] or cond.shape[2:] != latents.shape[2:]:
+        if (
+            mask_channels < 0
+            or cond.shape[0] != latents.shape[0]
+            or cond.shape[2:] != latents.shape[2:]
+        ):
             raise ValueError(
                 f"image latents must have the noisy latents' batch and (T, H, W) "
                 f"{tuple(latents.shape)} and at most {dims.condition_channels} channels, got "

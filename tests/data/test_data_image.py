@@ -55,7 +55,9 @@ def test_image_fields_key_the_cache_and_are_checked(synthetic_root) -> None:
     """Text-to-video caches keep their fingerprint; the image encoder changes it."""
     plain = small_config(synthetic_root)
     assert cache_fingerprint(plain) == cache_fingerprint(small_config(synthetic_root, image_dim=64))
-    assert cache_fingerprint(plain) != cache_fingerprint(small_config(synthetic_root, image_encoder="tiny"))
+    assert cache_fingerprint(plain) != cache_fingerprint(
+        small_config(synthetic_root, image_encoder="tiny")
+    )
     with pytest.raises(ValueError, match="data.image_encoder must be null or one of"):
         DataConfig(image_encoder="dino")
     with pytest.raises(ValueError, match="data.image_encoder_path must point"):
@@ -74,7 +76,9 @@ def test_clip_image_encoder_matches_the_pipelines_encode_image(tmp_path) -> None
     model = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64,
                                              num_hidden_layers=2, num_attention_heads=4,
                                              image_size=32, patch_size=8)).eval()  # fmt: skip
-    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor = CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    )
     model.save_pretrained(tmp_path / "clip")
     processor.save_pretrained(tmp_path / "clip")
     pixels = np.random.default_rng(0).integers(0, 256, (48, 40, 3), dtype=np.uint8)

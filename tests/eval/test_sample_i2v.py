@@ -14,7 +14,11 @@ from PIL import Image
 from stafinetune.commands import eval as eval_command
 from stafinetune.config import conf_dir, to_job_config
 from stafinetune.data import DataConfig, build_text_encoder
-from stafinetune.data.encoders import build_image_encoder, build_video_encoder, encode_image_condition
+from stafinetune.data.encoders import (
+    build_image_encoder,
+    build_video_encoder,
+    encode_image_condition,
+)
 from stafinetune.diffusion.sampling import Schedule, sample_latents
 from stafinetune.errors import UserError
 from stafinetune.inference.generate import (
@@ -54,15 +58,23 @@ def _sample(inputs: dict, out: Path, **values) -> list:
 def test_each_prompt_is_sampled_from_its_image(inputs: dict, tmp_path: Path) -> None:
     videos = _sample(inputs, tmp_path / "a", images=inputs["images"], seed=4)
     samples = json.loads((tmp_path / "a" / "samples.json").read_text())
-    assert samples["images"] == inputs["images"] and len(list((tmp_path / "a" / "videos").iterdir())) == 2
+    assert (
+        samples["images"] == inputs["images"]
+        and len(list((tmp_path / "a" / "videos").iterdir())) == 2
+    )
     # prompt 1 equals the sampler given its image's condition directly (same model and noise)
     data = inputs["data"]
     dit = load_model(MODEL, ATTENTION, Weights("base"), steps=2, device=torch.device("cpu"),
                      dtype=torch.float32, seed=4)  # fmt: skip
     frame = load_image(inputs["images"][1], 128, 128)  # (3, H, W)
-    assert frame.shape == (3, 128, 128) and load_image(inputs["images"][0], 128, 128).shape == frame.shape
+    assert (
+        frame.shape == (3, 128, 128)
+        and load_image(inputs["images"][0], 128, 128).shape == frame.shape
+    )
     video = frame[None, :, None].expand(-1, -1, 17, -1, -1)
-    latents, embeds = encode_image_condition(build_video_encoder(data), build_image_encoder(data), video)
+    latents, embeds = encode_image_condition(
+        build_video_encoder(data), build_image_encoder(data), video
+    )
     text, mask, pooled = build_text_encoder(data).encode(PROMPTS[1:])
     expected = sample_latents(dit, prompt_noise((16, 5, 16, 16), 5), text, mask, pooled,
                               schedule=Schedule.flow(2), image_latents=latents, image_embeds=embeds)  # fmt: skip
@@ -83,7 +95,10 @@ def test_missing_or_stray_images_name_the_field(inputs: dict, tmp_path: Path) ->
         _sample(inputs, tmp_path / "b", images=[*inputs["images"], inputs["images"][0]])
     with pytest.raises(UserError, match="no such file"):
         _sample(inputs, tmp_path / "c", images=[str(tmp_path / "none.png")])
-    wide = {**inputs, "data": DataConfig(root=inputs["data"].root, image_encoder="tiny", image_dim=48)}
+    wide = {
+        **inputs,
+        "data": DataConfig(root=inputs["data"].root, image_encoder="tiny", image_dim=48),
+    }
     with pytest.raises(UserError, match="image states of width 48 but the model takes 32"):
         _sample(wide, tmp_path / "d", images=inputs["images"])
 

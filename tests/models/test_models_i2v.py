@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from dit_testing import build, make_batch, original
 
 from stafinetune.models import get_flavor
 from stafinetune.models.families import WAN_TEXT_TOKENS
-
-from dit_testing import build, make_batch, original
 
 TOKENS = 17  # image tokens of the tiny image encoders (a 4 x 4 grid and a class token)
 

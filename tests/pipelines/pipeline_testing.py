@@ -244,7 +244,9 @@ def tiny_image_encoder() -> tuple[Any, Any]:
         model = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64,
                                                  num_hidden_layers=2, num_attention_heads=4,
                                                  image_size=32, patch_size=8)).eval()  # fmt: skip
-    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor = CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    )
     return model, processor
 
 

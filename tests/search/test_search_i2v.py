@@ -15,7 +15,9 @@ def test_search_errors_depend_on_the_image_condition() -> None:
                 "image_embeds": torch.randn(2, 17, 32, generator=g)}
                for b in calibration("wan_i2v_tiny")]  # fmt: skip
     cfg = SearchConfig(steps=2, candidates=[[3, 3, 3], [1, 2, 2]])
-    errors = evaluate_candidates(dit, batches, cfg, progress=False).errors["rel_l2"]  # (steps, L, H, C)
+    errors = evaluate_candidates(dit, batches, cfg, progress=False).errors[
+        "rel_l2"
+    ]  # (steps, L, H, C)
     other = [{**b, "image_embeds": -b["image_embeds"]} for b in batches]
     moved = evaluate_candidates(dit, other, cfg, progress=False).errors["rel_l2"]
     assert errors.shape[0] == 2 and torch.isfinite(errors).all()

@@ -54,7 +54,11 @@ def test_i2v_validation_samples_from_the_batch_frames(data_root: Path, tmp_path:
                "train.export=true")  # fmt: skip
     trainer = Trainer(job, tmp_path)
     batch = trainer.data.val_batches[0]
-    assert batch["image_latents"].shape == (2, 16, 5, 16, 16) and batch["image_embeds"].shape == (2, 17, 32)
+    assert batch["image_latents"].shape == (2, 16, 5, 16, 16) and batch["image_embeds"].shape == (
+        2,
+        17,
+        32,
+    )
     result = trainer.fit()
     assert sorted(p.name for p in (tmp_path / "samples").glob("*.mp4"))  # videos written
     assert "val/sample_gap_mse" in result.val_history[-1]
@@ -92,7 +96,9 @@ def test_sampling_the_data_captions_uses_their_clips_frames(data_root: Path) -> 
 
 
 @pytest.mark.parametrize("method", ["none", "dmd2", "trajectory"])
-def test_other_methods_take_the_image_condition(data_root: Path, tmp_path: Path, method: str) -> None:
+def test_other_methods_take_the_image_condition(
+    data_root: Path, tmp_path: Path, method: str
+) -> None:
     """One step of plain flow matching and of each few-step method on i2v batches (the
     student's rollout, the guided teacher and dmd2's critic all see the first-frame
     condition, or the model refuses to run)."""
