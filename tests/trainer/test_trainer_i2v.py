@@ -46,21 +46,33 @@ def test_i2v_distillation_resumes_exactly(data_root: Path, tmp_path: Path) -> No
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_i2v_validation_samples_from_the_batch_frames(data_root: Path, tmp_path: Path) -> None:
-    """Validation videos start from the batch's first frames: the student's first latent
-    frame, sampled with the frame's condition, stays near the clip's own first frame."""
+def test_i2v_validation_samples_from_the_batch_frames(
+    data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Validation videos of student and teacher start from the batch's own first frames."""
+    from stafinetune.training import validation
+
+    seen: list[dict[str, torch.Tensor]] = []
+
+    def recording(*args, **kwargs):
+        seen.append({k: kwargs[k] for k in ("image_latents", "image_embeds")})
+        return sample_latents(*args, **kwargs)
+
+    sample_latents = validation.sample_latents
+    monkeypatch.setattr(validation, "sample_latents", recording)
     job = _job(data_root, "distill=sta", "distill.allow_random_teacher=true", "train.steps=1",
-               "train.val_every=1", "train.sample_steps=2",
-               "train.export=true")  # fmt: skip
+               "train.val_every=1", "train.sample_steps=2", "train.export=true")  # fmt: skip
     trainer = Trainer(job, tmp_path)
     batch = trainer.data.val_batches[0]
-    assert batch["image_latents"].shape == (2, 16, 5, 16, 16) and batch["image_embeds"].shape == (
-        2,
-        17,
-        32,
-    )
+    assert batch["image_latents"].shape == (2, 16, 5, 16, 16)
+    assert batch["image_embeds"].shape == (2, 17, 32)
     result = trainer.fit()
-    assert sorted(p.name for p in (tmp_path / "samples").glob("*.mp4"))  # videos written
+    assert len(seen) >= 2  # the student and the teacher, at step 0 at least
+    for images in seen:
+        n = images["image_latents"].shape[0]
+        assert torch.equal(images["image_latents"], batch["image_latents"][:n])
+        assert torch.equal(images["image_embeds"], batch["image_embeds"][:n])
+    assert sorted(p.name for p in (tmp_path / "samples").glob("*.mp4"))
     assert "val/sample_gap_mse" in result.val_history[-1]
     exported = (result.export_dir / "transformer" / "config.json").read_text()
     assert '"in_channels": 36' in exported and '"image_dim": 32' in exported
