@@ -22,7 +22,13 @@ from stafinetune.config import DistillConfig, JobConfig
 from stafinetune.data import DataConfig, TrainLoader, build_train_loader, prepare_data
 from stafinetune.errors import user_errors
 from stafinetune.models import AttentionConfig, ModelConfig, VideoDiT, build_model
-from stafinetune.models.dit import cast_like_diffusers, model_patch_size, token_canvas
+from stafinetune.models.dit import (
+    cast_like_diffusers,
+    model_image_dims,
+    model_patch_size,
+    token_canvas,
+)
+from stafinetune.models.families import ImageDims
 from stafinetune.parallel import ParallelDims
 
 log = logging.getLogger(__name__)
@@ -73,6 +79,7 @@ def check_data_geometry(data_cfg: DataConfig, model_cfg: ModelConfig) -> list[tu
     Returns:
         One (T, Hc, Wc) token canvas per bucket of ``data_cfg``, in bucket order.
     """
+    check_image_fits_model(None, model_image_dims(model_cfg), data_cfg, model_cfg)
     patch = model_patch_size(model_cfg)
     canvases = []
     for bucket, grid in zip(data_cfg.all_buckets(), data_cfg.latent_grids(), strict=True):
@@ -101,6 +108,35 @@ def check_data_fits_model(batch: dict[str, Any], dit: VideoDiT, job: JobConfig) 
             f"the data gives text states of width {text.shape[-1]} (data.text_encoder="
             f"{job.data.text_encoder!r}) but model.flavor={job.model.flavor!r} "
             f"takes {dit.text_dim}"
+        )
+    check_image_fits_model(batch.get("image_embeds"), dit.image_dims, job.data, job.model)
+
+
+def check_image_fits_model(
+    image_embeds: torch.Tensor | None,
+    dims: ImageDims | None,
+    data_cfg: DataConfig,
+    model_cfg: ModelConfig,
+) -> None:
+    """Fail naming ``data.image_encoder`` when the data's image condition (its image states
+    (B, N, Di), None before encoding) does not fit the model's image inputs ``dims`` (None:
+    a text-to-video model)."""
+    flavor = model_cfg.flavor
+    if dims is None and data_cfg.image_encoder is not None:
+        raise ValueError(
+            f"model.flavor={flavor!r} is a text-to-video model: set data.image_encoder=null"
+        )
+    if dims is not None and data_cfg.image_encoder is None:
+        raise ValueError(
+            f"model.flavor={flavor!r} is an image-to-video model: set data.image_encoder "
+            "(tiny, or clip with data.image_encoder_path)"
+        )
+    if dims is None or dims.embed_dim is None or image_embeds is None:
+        return
+    if image_embeds.shape[-1] != dims.embed_dim:
+        raise ValueError(
+            f"the data gives image states of width {image_embeds.shape[-1]} (data.image_encoder="
+            f"{data_cfg.image_encoder!r}) but model.flavor={flavor!r} takes {dims.embed_dim}"
         )
 
 

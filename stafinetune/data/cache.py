@@ -16,6 +16,11 @@ only; the loader pads to ``L``), ``pooled`` binary ``(Dp,)``. Binary tensors are
 little-endian in the dtype of the schema metadata key ``stafinetune`` (JSON: ``dtype``,
 ``text_dim``, ``pooled_dim``, ``text_len``). The stream format is the one ``datasets`` uses,
 so ``datasets.Dataset.from_file(shard)`` opens a shard too.
+
+Image-to-video caches (``data.image_encoder`` set) add ``image_latents`` binary (the latents
+of the conditioning video, shaped like ``latents``) and ``image_embeds`` binary
+``(image_tokens, image_dim)`` (the image encoder's states of the first frame); the schema
+metadata then also holds ``image_tokens`` and ``image_dim``.
 """
 
 from __future__ import annotations
@@ -51,6 +56,14 @@ SCHEMA = pa.schema(
 )
 
 
+IMAGE_COLUMNS = [("image_latents", pa.binary()), ("image_embeds", pa.binary())]
+
+
+def cache_schema(image: bool) -> pa.Schema:
+    """The shard schema: ``SCHEMA``, plus the image columns of an image-to-video cache."""
+    return pa.schema([*SCHEMA, *IMAGE_COLUMNS]) if image else SCHEMA
+
+
 def tensor_to_bytes(x: torch.Tensor, dtype: str) -> bytes:
     """Cast to ``dtype`` and serialise the contiguous buffer (bfloat16 via its int16 bits)."""
     y = x.detach().to("cpu", torch_dtype(dtype)).contiguous()
@@ -83,8 +96,8 @@ def write_shard(
 ) -> None:
     """Write shard ``k`` atomically: the Arrow file, then its JSON completion marker."""
     shard_dir.mkdir(parents=True, exist_ok=True)
-    schema = SCHEMA.with_metadata({"stafinetune": json.dumps(meta)})
-    columns = {name: [row[name] for row in rows] for name in SCHEMA.names}
+    schema = cache_schema("image_dim" in meta).with_metadata({"stafinetune": json.dumps(meta)})
+    columns = {name: [row[name] for row in rows] for name in schema.names}
     table = pa.Table.from_pydict(columns, schema=schema)
     final = shard_dir / f"{shard_name(k)}.arrow"
     tmp = shard_dir / f".{shard_name(k)}.{os.getpid()}.arrow.tmp"
@@ -109,6 +122,8 @@ class CacheSample:
     latents: torch.Tensor  # (C, T, H, W) float32
     text: torch.Tensor  # (n, Dt) float32, valid tokens only
     pooled: torch.Tensor  # (Dp,) float32
+    image_latents: torch.Tensor | None = None  # (C, T, H, W) float32, image-to-video caches
+    image_embeds: torch.Tensor | None = None  # (N, Di) float32, image-to-video caches
 
 
 class LatentCache:
@@ -166,6 +181,14 @@ class LatentCache:
         k = bisect_right(self.offsets, i) - 1
         row = self._table(k).slice(i - self.offsets[k], 1).to_pylist()[0]
         n = row["text_tokens"]
+        image = {}
+        if "image_latents" in row:
+            image = {
+                "image_latents": bytes_to_tensor(row["image_latents"], self.dtype, row["latent_shape"]),
+                "image_embeds": bytes_to_tensor(
+                    row["image_embeds"], self.dtype, [self.info["image_tokens"], self.info["image_dim"]]
+                ),
+            }  # fmt: skip
         return CacheSample(
             index=row["index"],
             caption=row["caption"],
@@ -173,4 +196,5 @@ class LatentCache:
             latents=bytes_to_tensor(row["latents"], self.dtype, row["latent_shape"]),
             text=bytes_to_tensor(row["text"], self.dtype, [n, self.info["text_dim"]]),
             pooled=bytes_to_tensor(row["pooled"], self.dtype, [self.info["pooled_dim"]]),
+            **image,
         )

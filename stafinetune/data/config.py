@@ -14,6 +14,7 @@ from pathlib import Path
 SOURCES = ("synthetic", "folder", "hf_dataset")
 VIDEO_ENCODERS = ("tiny", "wan", "hunyuan")
 TEXT_ENCODERS = ("tiny", "umt5", "hunyuan")
+IMAGE_ENCODERS = ("tiny", "clip")
 CACHE_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -104,6 +105,12 @@ class DataConfig:
     sample_posterior: bool = False  # real VAEs: sample the latent distribution instead of its mean
     # load .bin/.pt encoder weights when a folder has no safetensors (pickle can run code)
     allow_pickle_weights: bool = False
+    # image-to-video: each clip's first frame conditions it. null: text-to-video (no image);
+    # tiny | clip: cache the condition latents and the image encoder's states of that frame
+    image_encoder: str | None = None
+    image_encoder_path: str | None = None  # clip: local transformers CLIPVisionModel folder
+    image_processor_path: str | None = None  # clip's CLIPImageProcessor; None: the encoder's
+    image_dim: int = 32  # Di of the tiny image encoder
 
     # --- cache ----------------------------------------------------------------------------
     cache_dtype: str = "float32"  # dtype of latents and text states stored in the cache
@@ -130,6 +137,15 @@ class DataConfig:
                 raise ValueError(
                     f"data.{name} must be one of {choices}, got {getattr(self, name)!r}"
                 )
+        if self.image_encoder is not None and self.image_encoder not in IMAGE_ENCODERS:
+            raise ValueError(
+                f"data.image_encoder must be null or one of {IMAGE_ENCODERS}, "
+                f"got {self.image_encoder!r}"
+            )
+        if self.image_encoder == "clip" and not self.image_encoder_path:
+            raise ValueError(
+                "data.image_encoder_path must point to a local CLIPVisionModel folder for 'clip'"
+            )
         if self.source == "folder" and not self.manifest:
             raise ValueError("data.manifest must be set when data.source is 'folder'")
         if self.source == "hf_dataset" and not self.dataset_path:
@@ -139,7 +155,7 @@ class DataConfig:
         positive = (
             "num_clips", "synthetic_fps", "synthetic_frames", "synthetic_height", "synthetic_width",
             "num_frames", "height", "width", "frame_stride", "min_side", "max_pixels",
-            "text_len", "text_dim", "pooled_dim", "latent_channels", "shard_size",
+            "text_len", "text_dim", "pooled_dim", "latent_channels", "image_dim", "shard_size",
             "encode_batch_size", "prefetch_factor",
         )  # fmt: skip
         for name in positive:

@@ -53,6 +53,15 @@ class VideoEncoder(Protocol):
     def fingerprint(self) -> str: ...
 
 
+class ImageEncoder(Protocol):
+    image_tokens: int
+    image_dim: int
+
+    def encode(self, frames: torch.Tensor) -> torch.Tensor: ...
+
+    def fingerprint(self) -> str: ...
+
+
 class TextEncoder(Protocol):
     text_len: int
     text_dim: int
@@ -229,6 +238,74 @@ class TinyTextEncoder:
         counts = mask.sum(dim=1, keepdim=True).clamp(min=1)  # (b, 1)
         pooled = (text.sum(dim=1) / counts) @ self.pool_proj  # (b, Dp)
         return text, mask, pooled
+
+
+class TinyImageEncoder:
+    """Download-free image encoder: a frame -> 17 tokens (a 4 x 4 grid of regions and their
+    mean), like a CLIP ViT's patch tokens and class token.
+
+    Each region of the frame, average-pooled to 4 x 4 pixels (48 values), is projected by a
+    fixed table drawn from ``numpy.random.default_rng(seed)``, plus a sinusoidal position code.
+    """
+
+    grid = 4  # regions per side
+    pixels = 4  # pooled pixels per region side
+
+    def __init__(self, image_dim: int = 32, seed: int = 0) -> None:
+        self.image_dim, self.seed = image_dim, seed
+        self.image_tokens = self.grid**2 + 1
+        rng = np.random.default_rng([seed, 1])
+        size = 3 * self.pixels * self.pixels
+        self.proj = torch.from_numpy(rng.standard_normal((size, image_dim)) / math.sqrt(size)).float()
+        pos = np.arange(self.grid**2)[:, None] / np.power(100.0, np.arange(image_dim) / image_dim)
+        self.position = torch.from_numpy(0.1 * np.sin(pos)).float()  # (16, Di)
+
+    def fingerprint(self) -> str:
+        return f"tiny-image-v1-d{self.image_dim}-s{self.seed}"
+
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` in [-1, 1] -> ``(B, 17, Di)``: the class token, then the regions."""
+        b = frames.shape[0]
+        side = self.grid * self.pixels
+        x = torch.nn.functional.adaptive_avg_pool2d(frames.float().cpu(), side)  # (B, 3, 16, 16)
+        x = x.reshape(b, 3, self.grid, self.pixels, self.grid, self.pixels)
+        x = x.permute(0, 2, 4, 1, 3, 5).reshape(b, self.grid**2, -1)  # (B, 16, 48)
+        tokens = x @ self.proj + self.position  # (B, 16, Di)
+        return torch.cat([tokens.mean(dim=1, keepdim=True), tokens], dim=1)  # (B, 17, Di)
+
+
+def condition_video(video: torch.Tensor) -> torch.Tensor:
+    """The conditioning video of Wan 2.1 image-to-video: the first frame of ``video``
+    (B, 3, F, H, W), then F - 1 black (zero) frames, as ``WanImageToVideoPipeline`` builds it."""
+    return torch.cat([video[:, :, :1], torch.zeros_like(video[:, :, 1:])], dim=2)
+
+
+def encode_image_condition(
+    video_encoder: VideoEncoder, image_encoder: ImageEncoder, video: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cached image condition of clips ``video`` (B, 3, F, H, W) in [-1, 1]: latents of
+    :func:`condition_video` (B, C, T, h, w) and the image states of the first frame (B, N, Di)."""
+    with torch.no_grad():
+        latents = video_encoder.encode(condition_video(video)).float().cpu()
+        embeds = image_encoder.encode(video[:, :, 0]).float().cpu()
+    return latents, embeds
+
+
+def build_image_encoder(cfg: DataConfig) -> ImageEncoder | None:
+    """The image encoder ``data.image_encoder`` names, or None for text-to-video data."""
+    if cfg.image_encoder is None:
+        return None
+    if cfg.image_encoder == "tiny":
+        return TinyImageEncoder(cfg.image_dim, cfg.encoder_seed)
+    from stafinetune.data.real_encoders import CLIPImageEncoder
+
+    return CLIPImageEncoder(
+        cfg.image_encoder_path,
+        cfg.image_processor_path,
+        device=cfg.device,
+        dtype=torch_dtype(cfg.encoder_dtype),
+        allow_pickle=cfg.allow_pickle_weights,
+    )
 
 
 def build_video_encoder(cfg: DataConfig) -> VideoEncoder:

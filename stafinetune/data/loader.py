@@ -79,7 +79,8 @@ class CachedLatents(Dataset):
 
     def __getitem__(self, pos: int) -> dict[str, Any]:
         s = self.cache[pos]
-        return _sample(s.latents, s.text, s.pooled, s.caption, s.index, self.text_len)
+        return _sample(s.latents, s.text, s.pooled, s.caption, s.index, self.text_len,
+                       s.image_latents, s.image_embeds)  # fmt: skip
 
 
 class OnTheFlyLatents(Dataset):
@@ -107,16 +108,26 @@ class OnTheFlyLatents(Dataset):
         return len(self.kept)
 
     def __getitem__(self, pos: int) -> dict[str, Any]:
-        from stafinetune.data.encoders import build_text_encoder, build_video_encoder
+        from stafinetune.data.encoders import (
+            build_image_encoder,
+            build_text_encoder,
+            build_video_encoder,
+            encode_image_condition,
+        )
         from stafinetune.data.video import load_clip
 
         if self._encoders is None:
-            self._encoders = (build_video_encoder(self.cfg), build_text_encoder(self.cfg))
-        video_encoder, text_encoder = self._encoders
+            self._encoders = (build_video_encoder(self.cfg), build_text_encoder(self.cfg),
+                              build_image_encoder(self.cfg))  # fmt: skip
+        video_encoder, text_encoder, image_encoder = self._encoders
         record = self.source[self.kept[pos]]
         video, _ = load_clip(record, self.cfg)  # (3, F, H, W)
+        video = video[None].to(self.cfg.device)  # (1, 3, F, H, W)
         with torch.no_grad():
-            latents = video_encoder.encode(video[None].to(self.cfg.device))[0].float().cpu()
+            latents = video_encoder.encode(video)[0].float().cpu()
+        image = (None, None)
+        if image_encoder is not None:
+            image = tuple(x[0] for x in encode_image_condition(video_encoder, image_encoder, video))
         text, mask, pooled = text_encoder.encode([record.caption])
         n = int(mask[0].sum())
         return _sample(
@@ -126,22 +137,29 @@ class OnTheFlyLatents(Dataset):
             record.caption,
             record.index,
             self.text_len,
+            *image,
         )
 
 
-def _sample(latents, text, pooled, caption: str, index: int, text_len: int) -> dict[str, Any]:
+def _sample(
+    latents, text, pooled, caption: str, index: int, text_len: int,
+    image_latents: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None,
+) -> dict[str, Any]:  # fmt: skip
     n = min(text.shape[0], text_len)
     padded = torch.zeros(text_len, text.shape[1])  # (L, Dt)
     padded[:n] = text[:n]
     mask = torch.zeros(text_len, dtype=torch.bool)
     mask[:n] = True
-    return {"latents": latents, "text": padded, "text_mask": mask, "pooled_text": pooled,
-            "caption": caption, "index": index}  # fmt: skip
+    sample = {"latents": latents, "text": padded, "text_mask": mask, "pooled_text": pooled,
+              "caption": caption, "index": index}  # fmt: skip
+    if image_latents is not None:
+        sample |= {"image_latents": image_latents, "image_embeds": image_embeds}
+    return sample
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack sample dicts into the batch dict of docs/INTERFACES.md."""
-    return {
+    batch = {
         "latents": torch.stack([s["latents"] for s in samples]),  # (B, C, T, H, W)
         "text": torch.stack([s["text"] for s in samples]),  # (B, L, Dt)
         "text_mask": torch.stack([s["text_mask"] for s in samples]),  # (B, L)
@@ -149,6 +167,12 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "caption": [s["caption"] for s in samples],
         "index": torch.tensor([s["index"] for s in samples], dtype=torch.int64),  # (B,)
     }
+    if "image_latents" in samples[0]:  # image-to-video data
+        batch["image_latents"] = torch.stack(
+            [s["image_latents"] for s in samples]
+        )  # (B, C, T, H, W)
+        batch["image_embeds"] = torch.stack([s["image_embeds"] for s in samples])  # (B, N, Di)
+    return batch
 
 
 class TrainLoader:
@@ -269,7 +293,8 @@ def build_train_loader(
     Ranks of one sequence-parallel group pass the same ``dp_rank`` (see :func:`dp_coordinates`)
     and so get identical batches. ``num_workers`` defaults to ``data.num_workers``.
     Yields dicts with ``latents (B, C, T, H, W)``, ``text (B, L, Dt)``, ``text_mask (B, L)``,
-    ``pooled_text (B, Dp)``, ``caption`` (list of B str), ``index (B,)`` int64.
+    ``pooled_text (B, Dp)``, ``caption`` (list of B str), ``index (B,)`` int64; with
+    ``data.image_encoder`` also ``image_latents (B, C, T, H, W)`` and ``image_embeds (B, N, Di)``.
     Every epoch has ``len(loader)`` batches; ``pin_memory=True`` for fast host-to-GPU copies.
     """
     import json

@@ -39,7 +39,12 @@ from stafinetune.data.cache import (
     write_shard,
 )
 from stafinetune.data.config import DataConfig
-from stafinetune.data.encoders import build_text_encoder, build_video_encoder
+from stafinetune.data.encoders import (
+    build_image_encoder,
+    build_text_encoder,
+    build_video_encoder,
+    encode_image_condition,
+)
 from stafinetune.data.sources import build_source, synthetic_dir
 from stafinetune.data.video import BadVideo, load_clip
 from stafinetune.errors import UserError, user_errors
@@ -55,6 +60,9 @@ _CONTENT_FIELDS = (
     "pooled_dim", "latent_channels", "encoder_seed", "encoder_dtype", "sample_posterior",
     "cache_dtype", "shard_size", "use_cache",
 )  # fmt: skip
+# Fields of image-to-video data: they key the cache only when data.image_encoder is set, so
+# text-to-video caches keep their fingerprints.
+_IMAGE_FIELDS = ("image_encoder", "image_encoder_path", "image_processor_path", "image_dim")
 
 
 def cache_fingerprint(cfg: DataConfig) -> str:
@@ -77,6 +85,10 @@ def cache_fingerprint(cfg: DataConfig) -> str:
         )
     if cfg.allow_outside_paths:  # only when on: every other cache keeps its fingerprint
         content["allow_outside_paths"] = True
+    if cfg.image_encoder is not None:
+        content |= {name: getattr(cfg, name) for name in _IMAGE_FIELDS}
+        if cfg.image_encoder == "tiny":
+            content["image_encoder_version"] = build_image_encoder(cfg).fingerprint()
     content["format"] = [CACHE_FORMAT, CACHE_VERSION]
     # the tiny encoders are code, not files: their version string keys the cache too, so a
     # change to them (e.g. the v2 per-channel normalisation) never reuses old latents
@@ -120,8 +132,11 @@ def _wait_for(paths: list[Path], what: str, timeout_s: float) -> None:
         time.sleep(0.5)
 
 
-def _encode_pending(pending, video_encoder, text_encoder, cfg: DataConfig) -> list[dict[str, Any]]:
-    """Encode buffered clips (grouped by bucket: one batch per shape) into cache rows."""
+def _encode_pending(
+    pending, video_encoder, text_encoder, image_encoder, cfg: DataConfig
+) -> list[dict[str, Any]]:
+    """Encode buffered clips (grouped by bucket: one batch per shape) into cache rows, with
+    their image condition when there is an image encoder."""
     rows = []
     captions = [record.caption for record, _, _ in pending]
     text, mask, pooled = text_encoder.encode(captions)  # (b, L, Dt), (b, L), (b, Dp)
@@ -129,12 +144,18 @@ def _encode_pending(pending, video_encoder, text_encoder, cfg: DataConfig) -> li
     for j, (_, _, bucket) in enumerate(pending):
         by_bucket.setdefault(bucket, []).append(j)
     latents: dict[int, torch.Tensor] = {}
+    image: dict[int, dict[str, bytes]] = {}
     for members in by_bucket.values():
-        video = torch.stack([pending[j][1] for j in members])  # (b, 3, F, H, W)
+        video = torch.stack([pending[j][1] for j in members]).to(cfg.device)  # (b, 3, F, H, W)
         with torch.no_grad():
-            z = video_encoder.encode(video.to(cfg.device))  # (b, C, T, h, w)
+            z = video_encoder.encode(video)  # (b, C, T, h, w)
         for j, zj in zip(members, z, strict=True):
             latents[j] = zj
+        if image_encoder is not None:
+            cond, embeds = encode_image_condition(video_encoder, image_encoder, video)
+            for j, cj, ej in zip(members, cond, embeds, strict=True):
+                image[j] = {"image_latents": tensor_to_bytes(cj, cfg.cache_dtype),
+                            "image_embeds": tensor_to_bytes(ej, cfg.cache_dtype)}  # fmt: skip
     for j, (record, _, bucket) in enumerate(pending):
         n = int(mask[j].sum())
         rows.append(
@@ -148,6 +169,7 @@ def _encode_pending(pending, video_encoder, text_encoder, cfg: DataConfig) -> li
                 "text_tokens": n,
                 "text": tensor_to_bytes(text[j, :n], cfg.cache_dtype),
                 "pooled": tensor_to_bytes(pooled[j], cfg.cache_dtype),
+                **image.get(j, {}),
             }
         )
     return rows
@@ -227,12 +249,15 @@ def _process_shard(
         "latent_shapes": shapes,
     }
     if encoders is not None:
-        text_encoder = encoders[1]
+        text_encoder, image_encoder = encoders[1:]
         report["text"] = {
             "text_len": text_encoder.text_len,
             "text_dim": text_encoder.text_dim,
             "pooled_dim": text_encoder.pooled_dim,
         }
+        if image_encoder is not None:  # the cache info carries them beside the text sizes
+            report["text"] |= {"image_tokens": image_encoder.image_tokens,
+                               "image_dim": image_encoder.image_dim}  # fmt: skip
         write_shard(shard_dir, k, rows, {"dtype": cfg.cache_dtype, **report["text"]}, report)
     else:
         shard_dir.mkdir(parents=True, exist_ok=True)
@@ -360,7 +385,9 @@ def prepare_data(
     todo_records = [i for k in todo for i in _shard_range(k, cfg, n_records)]
 
     if todo:
-        encoders = (build_video_encoder(cfg), build_text_encoder(cfg)) if cfg.use_cache else None
+        encoders = None
+        if cfg.use_cache:
+            encoders = (build_video_encoder(cfg), build_text_encoder(cfg), build_image_encoder(cfg))
         decoded = DataLoader(
             _DecodedRecords(source, cfg, todo_records),
             batch_size=None,

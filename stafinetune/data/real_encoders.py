@@ -106,6 +106,47 @@ class DiffusersVideoVAE:
         return self.vae.decode(z.to(self.dtype)).sample.float()
 
 
+class CLIPImageEncoder:
+    """Wan 2.1 I2V's image encoder from local transformers folders: a ``CLIPVisionModel`` and
+    its ``CLIPImageProcessor``; the states of the second-last layer, ``(B, 257, 1280)`` for
+    ViT-H/14, as ``WanImageToVideoPipeline.encode_image`` takes them."""
+
+    def __init__(
+        self,
+        path: str | None,
+        processor_path: str | None = None,
+        *,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        allow_pickle: bool = False,
+    ) -> None:
+        from transformers import CLIPImageProcessor, CLIPVisionModel
+
+        self.path = _local_dir(path, "data.image_encoder_path")
+        self.processor_path = _local_dir(processor_path or path, "data.image_processor_path")
+        safe = _safe(self.path, "data.image_encoder_path", allow_pickle)
+        self.model = CLIPVisionModel.from_pretrained(self.path, torch_dtype=dtype, **safe)
+        self.model = self.model.to(device).eval().requires_grad_(False)
+        self.processor = CLIPImageProcessor.from_pretrained(self.processor_path)
+        config = self.model.config
+        self.image_dim = int(config.hidden_size)
+        self.image_tokens = (int(config.image_size) // int(config.patch_size)) ** 2 + 1
+        self.device, self.dtype = device, dtype
+
+    def fingerprint(self) -> str:
+        return f"clip-image:{self.path}:{self.processor_path}:{self.dtype}"
+
+    @torch.no_grad()
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` in [-1, 1] -> ``(B, N, Di)`` float32."""
+        pixels = ((frames.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        images = [p.permute(1, 2, 0).cpu().numpy() for p in pixels]  # (H, W, 3) each
+        inputs = self.processor(images=images, return_tensors="pt")
+        out = self.model(pixel_values=inputs["pixel_values"].to(self.device, self.dtype),
+                         output_hidden_states=True)  # fmt: skip
+        return out.hidden_states[-2].float()
+
+
 def _clean(caption: str) -> str:
     return re.sub(r"\s+", " ", caption).strip()
 

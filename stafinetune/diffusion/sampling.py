@@ -117,6 +117,8 @@ def sample_latents(
     generator: torch.Generator | None = None,
     autocast_bf16: bool = False,
     on_step: Callable[[], None] | None = None,
+    image_latents: torch.Tensor | None = None,
+    image_embeds: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sample clean latents from ``noise``.
 
@@ -130,6 +132,8 @@ def sample_latents(
         generator: the fresh noise of a stochastic schedule (CPU generator).
         autocast_bf16: run the model under bf16 autocast (CUDA).
         on_step: called after every Euler step (a progress bar's update).
+        image_latents, image_embeds: an image-to-video model's condition (B, Ci, T, H, W) and
+            image states (B, N, Di), the same at every step (``VideoDiT.forward``).
     Returns:
         (B, C, T, H, W) float32 latents; ``step_index`` runs 0..steps-1.
     """
@@ -143,10 +147,11 @@ def sample_latents(
     ctx = (
         torch.autocast("cuda", dtype=torch.bfloat16) if autocast_bf16 else contextlib.nullcontext()
     )
+    image = image_kwargs(image_latents, image_embeds)
     for i in range(schedule.steps):
         timestep = (sigmas[i] * 1000.0).expand(batch)
         with ctx:
-            v = dit(x, timestep, text, text_mask, pooled_text, step_index=i)
+            v = dit(x, timestep, text, text_mask, pooled_text, step_index=i, **image)
         x = schedule_step(
             x, v.float(), sigmas[i], sigmas[i + 1], stochastic=schedule.stochastic,
             generator=generator,
@@ -154,6 +159,15 @@ def sample_latents(
         if on_step is not None:
             on_step()
     return x
+
+
+def image_kwargs(
+    image_latents: torch.Tensor | None, image_embeds: torch.Tensor | None
+) -> dict[str, torch.Tensor]:
+    """The image keyword arguments of a ``VideoDiT`` call: none for a text-to-video model."""
+    if image_latents is None:
+        return {}
+    return {"image_latents": image_latents, "image_embeds": image_embeds}
 
 
 class ClassifierFreeGuidance(nn.Module):
@@ -192,10 +206,14 @@ class ClassifierFreeGuidance(nn.Module):
         pooled_text: torch.Tensor | None = None,
         *,
         step_index: int | None = None,
+        image_latents: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The guided velocity (B, C, T, H, W) for noisy ``latents`` (B, C, T, H, W)."""
+        """The guided velocity (B, C, T, H, W) for noisy ``latents`` (B, C, T, H, W); both
+        forwards see the image condition, as in diffusers' image-to-video pipelines."""
         if self.scale == 1.0:
-            return self.dit(latents, timestep, text, text_mask, pooled_text, step_index=step_index)
+            return self.dit(latents, timestep, text, text_mask, pooled_text, step_index=step_index,
+                            **image_kwargs(image_latents, image_embeds))  # fmt: skip
         neg_text, neg_mask, neg_pooled = self.negative_inputs(latents.shape[0], text)
         pooled = None if pooled_text is None else torch.cat([pooled_text, neg_pooled])  # (2B, Dp)
         out = self.dit(
@@ -205,7 +223,9 @@ class ClassifierFreeGuidance(nn.Module):
             torch.cat([text_mask, neg_mask]),  # (2B, L)
             pooled,
             step_index=step_index,
-        )
+            **{k: torch.cat([v, v]) if v is not None else None  # (2B, ...)
+               for k, v in image_kwargs(image_latents, image_embeds).items()},
+        )  # fmt: skip
         cond, neg = out.chunk(2)
         return self.combine(cond, neg)
 

@@ -32,7 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from stafinetune.build import use_bf16, validation_batches
@@ -44,8 +46,14 @@ from stafinetune.data import (
     prepare_data,
     resolve_cache_dir,
 )
-from stafinetune.data.encoders import TextEncoder
+from stafinetune.data.encoders import (
+    TextEncoder,
+    VideoEncoder,
+    build_image_encoder,
+    encode_image_condition,
+)
 from stafinetune.data.synthetic import write_mp4
+from stafinetune.data.video import resize_crop
 from stafinetune.diffusion.sampling import (
     Schedule,
     sample_latents,
@@ -107,6 +115,9 @@ class SampleConfig:
         warmup: sample the first prompt once, untimed, before timing (first-call costs such
             as kernel compilation stay out of the latencies).
         fps: frame rate of the written mp4s; None: ``data.fps``, else ``data.synthetic_fps``.
+        images: image-to-video models: the conditioning image (first frame) of each prompt,
+            one path per prompt in order, or one for all. None with ``prompts`` None: the
+            first frames of the data's validation clips the captions come from.
     """
 
     prompts: Optional[str] = None
@@ -122,6 +133,7 @@ class SampleConfig:
     precision: str = "auto"
     warmup: bool = True
     fps: Optional[int] = None
+    images: Optional[list[str]] = None
 
     def __post_init__(self) -> None:
         _check(self.num_prompts >= 1, f"sample.num_prompts must be >= 1, got {self.num_prompts}")
@@ -144,6 +156,11 @@ class SampleConfig:
             f"sample.precision must be one of {PRECISIONS}, got {self.precision!r}",
         )
         _check(self.fps is None or self.fps >= 1, f"sample.fps must be >= 1, got {self.fps}")
+        _check(
+            self.images is None
+            or (len(self.images) > 0 and all(str(p).strip() for p in self.images)),
+            f"sample.images must be null or a non-empty list of image paths, got {self.images!r}",
+        )
         for name in ("prompts", "checkpoint"):
             value = getattr(self, name)
             _check(
@@ -184,6 +201,14 @@ def default_prompts(
     processes, every one of which calls this, builds its share); other sources need their
     latent cache built (``stafinetune-preprocess``) or ``sample.prompts``.
     """
+    return list(default_samples(data_cfg, num, verbose=verbose))
+
+
+def default_samples(
+    data_cfg: DataConfig, num: int, *, verbose: bool = True
+) -> dict[str, dict[str, torch.Tensor]]:
+    """``default_prompts``' captions, each with its clip's image condition (``image_latents``
+    (1, C, T, H, W), ``image_embeds`` (1, N, Di); empty for text-to-video data)."""
     if data_cfg.source != "synthetic" and not (resolve_cache_dir(data_cfg) / "cache.json").exists():
         raise ValueError(
             f"sample.prompts is not set and the data's latent cache {resolve_cache_dir(data_cfg)} "
@@ -197,13 +222,77 @@ def default_prompts(
         seed=defaults.seed,
         count=math.ceil(num / defaults.batch_size),
     )
-    captions = list(dict.fromkeys(c for b in batches for c in b["caption"]))[:num]
-    if len(captions) < num:
+    samples: dict[str, dict[str, torch.Tensor]] = {}
+    for b in batches:
+        for i, caption in enumerate(b["caption"]):
+            image = {k: b[k][i : i + 1] for k in ("image_latents", "image_embeds") if k in b}
+            samples.setdefault(caption, image)
+    if len(samples) < num:
         raise ValueError(
             f"sample.num_prompts={num} but the data's validation batches hold only "
-            f"{len(captions)} distinct captions"
+            f"{len(samples)} distinct captions"
         )
-    return captions
+    return dict(list(samples.items())[:num])
+
+
+def load_image(path: str | Path, height: int, width: int) -> torch.Tensor:
+    """An image file as a first frame (3, height, width) in [-1, 1], resized to cover the
+    frame and centre-cropped exactly as the data's clips are (``data.video.resize_crop``)."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ValueError(f"sample.images: {path}: no such file")
+    with Image.open(file) as img:
+        pixels = torch.from_numpy(np.asarray(img.convert("RGB")).copy())  # (h, w, 3) uint8
+    return resize_crop(pixels[None], height, width)[:, 0]  # (3, H, W)
+
+
+def image_conditions(
+    sample_cfg: SampleConfig,
+    data_cfg: DataConfig,
+    prompts: Sequence[str],
+    dit: VideoDiT,
+    video_encoder: VideoEncoder,
+) -> list[dict[str, torch.Tensor]] | None:
+    """Each prompt's image condition for an image-to-video ``dit`` (None for text-to-video):
+    ``sample.images`` encoded like the data's first frames, or, for the data's own captions,
+    their clips' cached conditions. ValueError naming the field when they are missing."""
+    if dit.image_dims is None:
+        _check(sample_cfg.images is None, "sample.images is set but the model is text-to-video")
+        return None
+    _check(
+        data_cfg.image_encoder is not None,
+        "data.image_encoder must be set (tiny, or clip with data.image_encoder_path) for an "
+        "image-to-video model",
+    )
+    if sample_cfg.images is None:
+        _check(
+            sample_cfg.prompts is None,
+            "sample.images must list an image per prompt (or one for all) for an "
+            "image-to-video model",
+        )
+        conditions = default_samples(data_cfg, len(prompts), verbose=False)
+        return [conditions[p] for p in prompts]
+    paths = list(sample_cfg.images)
+    _check(
+        len(paths) in (1, len(prompts)),
+        f"sample.images lists {len(paths)} images for {len(prompts)} prompts (give one per "
+        "prompt, or one for all)",
+    )
+    image_encoder = build_image_encoder(data_cfg)
+    assert image_encoder is not None  # data.image_encoder is set
+    _check(
+        dit.image_dims.embed_dim in (None, image_encoder.image_dim),
+        f"data.image_encoder={data_cfg.image_encoder!r} gives image states of width "
+        f"{image_encoder.image_dim} but the model takes {dit.image_dims.embed_dim}",
+    )
+    frames, height, width = data_cfg.all_buckets()[0]
+    conditions = []
+    for path in paths if len(paths) > 1 else paths * len(prompts):
+        image = load_image(path, height, width)  # (3, H, W)
+        video = image[None, :, None].expand(-1, -1, frames, -1, -1)  # (1, 3, F, H, W)
+        latents, embeds = encode_image_condition(video_encoder, image_encoder, video)
+        conditions.append({"image_latents": latents, "image_embeds": embeds})
+    return conditions
 
 
 def slug(text: str, max_len: int = 48) -> str:
@@ -286,6 +375,7 @@ def generate(
     progress: bool = True,
     desc: str = "sampling",
     dims: ParallelDims | None = None,
+    images: Sequence[dict[str, torch.Tensor]] | None = None,
 ) -> list[GeneratedVideo]:
     """Sample one video per prompt; prompt ``k`` starts from noise seeded with ``seed + k``.
 
@@ -302,6 +392,7 @@ def generate(
         dims: the launch's degrees (:mod:`stafinetune.parallel.sampling`): with two cfg
             ranks guidance's two forwards run one on each; ``dit`` carries the sp split
             already. Every rank of the launch calls this with the same arguments.
+        images: an image-to-video model's condition per prompt (``image_conditions``).
     Returns:
         the videos in prompt order, latents (C, T, H, W) on the CPU, each with its latency
         (the same latents on every rank).
@@ -322,9 +413,10 @@ def generate(
         noise = prompt_noise(latent_shape, seed + k).to(device)
         cond = (text[k : k + 1].to(device), mask[k : k + 1].to(device))
         fresh = torch.Generator().manual_seed(seed + k + FRESH_NOISE_SEED)
+        image = {} if images is None else {n: t.to(device) for n, t in images[k].items()}
         return sample_latents(
             model, noise, *cond, pooled[k : k + 1].to(device),
-            schedule=schedule, generator=fresh, autocast_bf16=autocast_bf16,
+            schedule=schedule, generator=fresh, autocast_bf16=autocast_bf16, **image,
         )  # fmt: skip
 
     if warmup and prompts:
@@ -451,12 +543,13 @@ def sample_model(
         dit.plan.check_run_canvases([canvas], "sampling uses")
         text_encoder, video_encoder = build_text_encoder(data_cfg), build_video_encoder(data_cfg)
         check_encoders_fit(dit, text_encoder, video_encoder, data_cfg, model_cfg)
+        images = image_conditions(sample_cfg, data_cfg, prompts, dit, video_encoder)
         videos = generate(
             dit, prompts, text_encoder,
             latent_shape=(dit.in_channels, *grid), seed=sample_cfg.seed, schedule=schedule,
             guidance_scale=sample_cfg.guidance_scale,
             negative_prompt=sample_cfg.negative_prompt, bf16=bf16, warmup=sample_cfg.warmup,
-            progress=progress, desc=name, dims=dims,
+            progress=progress, desc=name, dims=dims, images=images,
         )  # fmt: skip
     except ValueError as err:
         raise UserError(str(err)) from None
@@ -478,6 +571,8 @@ def sample_model(
         "canvas": list(canvas),
         "parallel": {"sp": 1, "cfg": 1} if dims is None else {"sp": dims.sp, "cfg": dims.dp_size},
     }
+    if images is not None:
+        settings["images"] = sample_cfg.images or "the data's first frames"
     del dit
     if dims is None or dims.is_main:
         write_videos(

@@ -128,7 +128,8 @@ def enable_sta(
     fp8: bool = False,
     schedule: bool = True,
 ) -> Any:
-    """Turn STA on in a diffusers ``WanPipeline`` / ``HunyuanVideoPipeline`` or transformer.
+    """Turn STA on in a diffusers ``WanPipeline`` / ``WanImageToVideoPipeline`` /
+    ``HunyuanVideoPipeline`` or transformer.
 
     Give either a mask ``strategy`` (windows per denoising step, layer and head, with its own
     tile) or ``tile`` and ``window``. Calling it again replaces the previous settings.

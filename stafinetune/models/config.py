@@ -34,7 +34,8 @@ class ModelConfig:
 
     Attributes:
         flavor: a name from ``stafinetune.models.flavors.FLAVORS``: ``wan_tiny`` (the embedded
-            default), ``hunyuan_tiny`` (tests), ``wan2.1_t2v_1.3b``, ``wan2.1_t2v_14b``,
+            default), ``hunyuan_tiny`` (tests), ``wan_i2v_tiny`` (image-to-video tests),
+            ``wan2.1_t2v_1.3b``, ``wan2.1_t2v_14b``, ``wan2.1_i2v_14b_480p`` / ``_720p``,
             ``hunyuanvideo_13b`` (published shapes).
         path: local diffusers-format directory (a pipeline root with ``transformer/`` or the
             transformer folder itself, safetensors weights). ``None`` builds the flavor with

@@ -25,32 +25,44 @@ from .attention import ActivationStore, STAAttention
 from .binding import STABinding, token_canvas
 from .config import AttentionConfig, ModelConfig
 from .dispatch import load_cost_table
-from .families import ModelFamily, get_family
+from .families import ImageCondition, ImageDims, ModelFamily, get_family
 from .flavors import get_flavor
 from .windows import WindowPlan, build_window_plan
 
 ATTENTION_FILE = "stafinetune_attention.json"
 
 
+def model_config_values(model_cfg: ModelConfig) -> dict[str, Any]:
+    """The diffusers config of the model ``model_cfg`` names, read without building it."""
+    if model_cfg.path is None:
+        return {**get_flavor(model_cfg.flavor).config, **dict(model_cfg.config_overrides)}
+    folder = resolve_transformer_dir(model_cfg.path)
+    with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
 def model_patch_size(model_cfg: ModelConfig) -> tuple[int, int, int]:
     """The latent patch of the model ``model_cfg`` names, read without building it."""
-    flavor = get_flavor(model_cfg.flavor)
-    if model_cfg.path is None:
-        config = {**flavor.config, **dict(model_cfg.config_overrides)}
-    else:
-        folder = resolve_transformer_dir(model_cfg.path)
-        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-            config = json.load(f)
-    return get_family(flavor.family).patch_size(config)
+    family = get_family(get_flavor(model_cfg.flavor).family)
+    return family.patch_size(model_config_values(model_cfg))
+
+
+def model_image_dims(model_cfg: ModelConfig) -> ImageDims | None:
+    """The image inputs of the model ``model_cfg`` names (None: text-to-video), unbuilt."""
+    family = get_family(get_flavor(model_cfg.flavor).family)
+    return family.image_dims(model_config_values(model_cfg))
 
 
 class VideoDiT(nn.Module):
     """A diffusers video DiT whose video attention runs through one ``STAAttention`` module.
 
-    Call it as ``dit(latents, timestep, text, text_mask, pooled_text=None, step_index=None)``.
+    Call it as ``dit(latents, timestep, text, text_mask, pooled_text=None, step_index=None)``,
+    an image-to-video model with ``image_latents=`` and ``image_embeds=`` too.
     Build it with ``build_model``. Attributes for the trainer: ``family``, ``num_layers``
-    (STA layers), ``num_heads``, ``head_dim``, ``patch_size`` (pt, ph, pw), ``in_channels``,
-    ``text_dim``, ``pooled_dim`` (None for Wan), ``canvas_for(latent_shape)``.
+    (STA layers), ``num_heads``, ``head_dim``, ``patch_size`` (pt, ph, pw), ``in_channels``
+    (of the noisy latents; an image-to-video model takes its condition channels on top),
+    ``text_dim``, ``pooled_dim`` (None for Wan), ``image_dims`` (``ImageDims``, None for
+    text-to-video), ``canvas_for(latent_shape)``.
     """
 
     def __init__(
@@ -69,7 +81,9 @@ class VideoDiT(nn.Module):
         cfg = transformer.config
         self.num_heads: int = int(cfg.num_attention_heads)
         self.head_dim: int = int(cfg.attention_head_dim)
-        self.in_channels: int = int(cfg.in_channels)
+        self.image_dims: ImageDims | None = self.adapter.image_dims(cfg)
+        extra = 0 if self.image_dims is None else self.image_dims.condition_channels
+        self.in_channels: int = int(cfg.in_channels) - extra
         self.patch_size: tuple[int, int, int] = self.adapter.patch_size(cfg)
         self.text_dim, self.pooled_dim = self.adapter.text_dims(cfg)
         self.num_layers: int = len(self.sta_layers())
@@ -164,6 +178,8 @@ class VideoDiT(nn.Module):
         pooled_text: torch.Tensor | None = None,
         *,
         step_index: int | None = None,
+        image_latents: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predict the flow/noise target for noisy ``latents``.
 
@@ -176,6 +192,9 @@ class VideoDiT(nn.Module):
             pooled_text: (B, Dp) pooled text embedding (required by HunyuanVideo, unused by Wan).
             step_index: denoising step for per-step windows and ``dense_first_steps``; ``None``
                 in training (the step-independent window per (layer, head)).
+            image_latents: (B, Ci, T, H, W) latents of the conditioning video (image-to-video
+                models; ``ImageCondition``), required exactly when ``image_dims`` is set.
+            image_embeds: (B, N, Di) image-encoder states, when ``image_dims.embed_dim`` is set.
         Returns:
             (B, C, T, H, W) in the model's dtype.
         """
@@ -198,6 +217,15 @@ class VideoDiT(nn.Module):
         kwargs = self.adapter.conditioning(
             self.transformer, text, text_mask, pooled_text, self.guidance_scale
         )
+        if image_latents is None and self.image_dims is not None:
+            raise ValueError("an image-to-video model needs image_latents (and image_embeds)")
+        if image_latents is not None and self.image_dims is None:
+            raise ValueError("this text-to-video model takes no image_latents")
+        if image_latents is not None:
+            image = ImageCondition(image_latents.to(dtype), image_embeds)
+            latents, timestep, kwargs = self.adapter.image_inputs(
+                self.transformer, latents, timestep, image, kwargs
+            )
         # the transformer's own hooks (``self.binding``) derive the canvas, text lengths and
         # windows of this call; the step is the one given here
         with self.binding.at_step(step_index):

@@ -19,12 +19,45 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+# diffusers' Wan cross-attention splits image from text tokens by this text length
+WAN_TEXT_TOKENS = 512
 
 
 def _getter(config: Any) -> Any:
     """Field access for a diffusers config (FrozenDict or attribute object) or a plain dict."""
     return config.get if isinstance(config, dict) else lambda key: getattr(config, key)
+
+
+@dataclass(frozen=True)
+class ImageDims:
+    """What an image-to-video transformer takes besides the noisy latents.
+
+    Attributes:
+        condition_channels: channels concatenated after the noisy latents (Wan 2.1 I2V: 4 mask
+            channels + 16 latents of the conditioning video = 20), 0 for none.
+        embed_dim: width of the image encoder's states (Wan 2.1 I2V: CLIP ViT-H, 1280), or
+            None when the model takes no image embeddings.
+    """
+
+    condition_channels: int
+    embed_dim: int | None
+
+
+@dataclass
+class ImageCondition:
+    """The image condition of a batch, as cached by the data pipeline.
+
+    Attributes:
+        latents: (B, C, T, H, W) VAE latents of the conditioning video (the first frame, then
+            zeros for Wan 2.1 I2V), normalised like the training latents.
+        embeds: (B, N, Di) image-encoder states of the first frame, or None.
+    """
+
+    latents: torch.Tensor
+    embeds: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -97,6 +130,34 @@ class ModelFamily:
     def reset_buffers(self, transformer: nn.Module, device: str | torch.device) -> None:
         """Recompute the non-persistent buffers (after ``to_empty`` from the meta device)."""
 
+    def image_dims(self, config: Any) -> ImageDims | None:
+        """What an image-conditioned transformer config takes, or None (text-to-video)."""
+        return None
+
+    def image_inputs(
+        self,
+        transformer: nn.Module,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        image: ImageCondition,
+        kwargs: dict[str, Any],
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """Fold an image condition into one transformer call, as the family's image-to-video
+        pipeline does.
+
+        Args:
+            transformer: the diffusers transformer.
+            latents: (B, C, T, H, W) noisy latents in the model's dtype.
+            timestep: (B,) in [0, 1000].
+            image: the condition (``ImageCondition``), in the model's dtype.
+            kwargs: the text keyword arguments of ``conditioning``.
+        Returns:
+            (``hidden_states``, ``timestep``, keyword arguments) of the transformer call; a
+            family whose pipeline replaces the first latent frame and gives each token its own
+            timestep (Wan 2.2 TI2V, ``expand_timesteps``) returns a (B, S) timestep here.
+        """
+        raise ValueError(f"{type(transformer).__name__} ({self.name}) takes no image condition")
+
 
 class WanFamily(ModelFamily):
     """Wan 2.1 (diffusers ``WanTransformer3DModel``): video self-attention ``blocks[i].attn1``
@@ -141,6 +202,60 @@ class WanFamily(ModelFamily):
     ) -> dict[str, Any]:
         # padded text embeddings are zeroed, as diffusers' Wan pipeline does
         return {"encoder_hidden_states": text * text_mask[..., None].to(text.dtype)}
+
+    def image_dims(self, config: Any) -> ImageDims | None:
+        get = _getter(config)
+        extra = int(get("in_channels")) - int(get("out_channels"))
+        if extra == 0:
+            return None
+        image_dim = get("image_dim")
+        return ImageDims(extra, None if image_dim is None else int(image_dim))
+
+    def image_inputs(
+        self,
+        transformer: nn.Module,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        image: ImageCondition,
+        kwargs: dict[str, Any],
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        # WanImageToVideoPipeline: [noisy latents, mask, condition latents] on channels; the
+        # mask is 1 on the first latent frame (the given image), 0 after
+        dims = self.image_dims(transformer.config)
+        if dims is None:
+            raise ValueError(f"this {type(transformer).__name__} takes no image condition")
+        cond = image.latents.to(latents.dtype)  # (B, C, T, H, W)
+        mask_channels = dims.condition_channels - cond.shape[1]
+        if (
+            mask_channels < 0
+            or cond.shape[0] != latents.shape[0]
+            or cond.shape[2:] != latents.shape[2:]
+        ):
+            raise ValueError(
+                f"image latents must have the noisy latents' batch and (T, H, W) "
+                f"{tuple(latents.shape)} and at most {dims.condition_channels} channels, got "
+                f"{tuple(cond.shape)}"
+            )
+        batch, _, frames, height, width = cond.shape
+        mask = cond.new_zeros(batch, mask_channels, frames, height, width)
+        mask[:, :, 0] = 1.0
+        hidden = torch.cat([latents, mask, cond], dim=1)  # (B, C + M + C, T, H, W)
+        if dims.embed_dim is None:
+            return hidden, timestep, kwargs
+        if image.embeds is None or image.embeds.shape[-1] != dims.embed_dim:
+            got = None if image.embeds is None else tuple(image.embeds.shape)
+            raise ValueError(f"image embeds must be (B, N, {dims.embed_dim}), got {got}")
+        # diffusers' cross-attention takes the image tokens as all but the last 512 (the
+        # text encoder's length), so the text is zero-padded to 512 as the pipeline does
+        text = kwargs["encoder_hidden_states"]  # (B, L, Dt)
+        if text.shape[1] > WAN_TEXT_TOKENS:
+            raise ValueError(
+                f"Wan image-to-video takes at most {WAN_TEXT_TOKENS} text tokens, got {text.shape[1]}"
+            )
+        text = F.pad(text, (0, 0, 0, WAN_TEXT_TOKENS - text.shape[1]))
+        embeds = image.embeds.to(latents.dtype)  # (B, N, Di)
+        return hidden, timestep, {**kwargs, "encoder_hidden_states": text,
+                                  "encoder_hidden_states_image": embeds}  # fmt: skip
 
     def reset_buffers(self, transformer: nn.Module, device: str | torch.device) -> None:
         from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed

@@ -113,6 +113,31 @@ FLAVORS: dict[str, Flavor] = {
     "hunyuanvideo_13b": Flavor("hunyuanvideo_13b", "hunyuan", dict(_HUNYUAN_13B)),
 }
 
+# Wan 2.1 image-to-video: 36 input channels (16 noisy latents + 4 mask channels + 16 latents
+# of the conditioning video), CLIP image states (image_dim) through added k/v projections in
+# every cross-attention. Values of diffusers' scripts/convert_wan_to_diffusers.py
+# ("Wan-I2V-14B-480p" / "Wan-I2V-14B-720p": one transformer config, two trainings).
+_WAN_I2V_14B: dict[str, Any] = {
+    **_WAN_COMMON,
+    "in_channels": 36,
+    "image_dim": 1280,
+    "added_kv_proj_dim": 5120,
+    "num_attention_heads": 40,
+    "attention_head_dim": 128,
+    "ffn_dim": 13824,
+    "num_layers": 40,
+}
+FLAVORS |= {
+    # Tests and the i2v demo: wan_tiny taking 36 channels and 17 image tokens of width 32.
+    "wan_i2v_tiny": Flavor(
+        "wan_i2v_tiny",
+        "wan",
+        {**FLAVORS["wan_tiny"].config, "in_channels": 36, "image_dim": 32, "added_kv_proj_dim": 64},
+    ),
+    "wan2.1_i2v_14b_480p": Flavor("wan2.1_i2v_14b_480p", "wan", dict(_WAN_I2V_14B)),
+    "wan2.1_i2v_14b_720p": Flavor("wan2.1_i2v_14b_720p", "wan", dict(_WAN_I2V_14B)),
+}
+
 
 def get_flavor(name: str) -> Flavor:
     """Return the flavor called ``name`` or raise ``ValueError`` listing the known ones."""

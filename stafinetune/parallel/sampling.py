@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from stafinetune.diffusion.sampling import ClassifierFreeGuidance
+from stafinetune.diffusion.sampling import ClassifierFreeGuidance, image_kwargs
 
 from .dims import ParallelDims
 from .sequence import gather_along
@@ -148,12 +148,16 @@ class GuidanceParallel(ClassifierFreeGuidance):
         pooled_text: torch.Tensor | None = None,
         *,
         step_index: int | None = None,
+        image_latents: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The guided velocity (B, C, T, H, W) for noisy ``latents`` (B, C, T, H, W)."""
+        """The guided velocity (B, C, T, H, W) for noisy ``latents`` (B, C, T, H, W); both
+        branches see the image condition of an image-to-video model."""
         if self.rank == 1:
             text, text_mask, neg_pooled = self.negative_inputs(latents.shape[0], text)
             pooled_text = None if pooled_text is None else neg_pooled
-        out = self.dit(latents, timestep, text, text_mask, pooled_text, step_index=step_index)
+        out = self.dit(latents, timestep, text, text_mask, pooled_text, step_index=step_index,
+                       **image_kwargs(image_latents, image_embeds))  # fmt: skip
         both = gather_along(out, 0, self.group)  # (2B, C, T, H, W): conditional, negative
         cond, neg = both.chunk(2)
         return self.combine(cond, neg)

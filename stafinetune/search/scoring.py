@@ -398,6 +398,8 @@ def evaluate_candidates(
             "text": b["text"].to(device),
             "text_mask": b["text_mask"].to(device),
             "pooled_text": None if b.get("pooled_text") is None else b["pooled_text"].to(device),
+            # image-to-video: the clips' first-frame condition
+            **{k: b[k].to(device) for k in ("image_latents", "image_embeds") if k in b},
         }
         for b in calibration
     ]

@@ -79,13 +79,17 @@ def model_inputs(
         t = t.to(device)
         return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
-    return {
+    inputs = {
         "latents": cast(x_t),  # (B, C, T, H, W)
         "timestep": cast(sigma * 1000.0),  # (B,)
         "text": cast(batch["text"]),  # (B, L, Dt)
         "text_mask": batch["text_mask"].to(device),  # (B, L)
         "pooled_text": cast(batch["pooled_text"]),  # (B, Dp)
     }
+    if "image_latents" in batch:  # image-to-video: the clip's first-frame condition
+        inputs["image_latents"] = cast(batch["image_latents"])  # (B, C, T, H, W)
+        inputs["image_embeds"] = cast(batch["image_embeds"])  # (B, N, Di)
+    return inputs
 
 
 def draw_noise(

@@ -144,11 +144,7 @@ class FewStepBase:
         tb = t.to(param.device)
         inputs = model_inputs(batch, x, tb, param.device, param.dtype)
         with autocast(param.device, self.teacher_bf16):
-            if scale != 1.0:
-                v = model(inputs["latents"], inputs["timestep"], inputs["text"],
-                          inputs["text_mask"], inputs["pooled_text"])  # fmt: skip
-            else:
-                v = model(**inputs)
+            v = model(**inputs)  # the guided call takes the same arguments
         v = v.float().to(self.device)
         return x_t - _per_sample(t, x_t) * v
 

@@ -103,6 +103,9 @@ def test_yaml_values_are_dataclass_fields() -> None:
         ("wan2.1_t2v_1.3b", "wan", 30, 12, (1.2, 1.6)),
         ("wan2.1_t2v_14b", "wan", 40, 40, (13.0, 15.0)),
         ("hunyuanvideo_13b", "hunyuan", 60, 24, (12.0, 13.5)),
+        # the I2V transformer: 16.4B with its image embedder and added k/v projections
+        ("wan2.1_i2v_14b_480p", "wan", 40, 40, (16.0, 17.0)),
+        ("wan2.1_i2v_14b_720p", "wan", 40, 40, (16.0, 17.0)),
     ],
 )
 def test_real_flavors_build_on_meta(flavor: str, family: str, layers: int, heads: int, billions: tuple) -> None:

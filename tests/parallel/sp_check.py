@@ -1,6 +1,6 @@
 """Run under torchrun with 2 processes: Ulysses sequence parallelism against one process.
 
-For the tiny Wan and HunyuanVideo adapters, dense and STA, on a canvas whose token count is
+For the tiny Wan and HunyuanVideo adapters, dense and STA (and Wan image-to-video with STA), on a canvas whose token count is
 odd (so the last shard is padded): the forward output equals the unsharded one, the mean of
 the ranks' parameter gradients equals the unsharded gradient (what DDP/FSDP's averaging
 yields), and the sp-reduced attention-output MSE equals the plain MSE. Prints one JSON line
@@ -41,11 +41,15 @@ def check(flavor: str, mode: str, dims: ParallelDims) -> dict[str, float]:
     mask[1, 4:] = False
     pooled = torch.randn(batch, ref_model.pooled_dim or 1, generator=gen)
     target = torch.randn(x.shape, generator=gen)
+    image = {}  # image-to-video: the condition channels join before the sequence split
+    if ref_model.image_dims is not None:
+        image = {"image_latents": torch.randn(x.shape, generator=gen),
+                 "image_embeds": torch.randn(batch, 5, ref_model.image_dims.embed_dim, generator=gen)}  # fmt: skip
     out = {}
     results = []
     for model, seq in ((ref_model, None), (sp_model, sequence)):
         with model.capture() as store:
-            y = model(x, t, text, mask, pooled)
+            y = model(x, t, text, mask, pooled, **image)
         attn = store[0]
         ref_attn = results[0][2] if results else None
         loss = torch.mean((y - target) ** 2)
@@ -85,6 +89,7 @@ def main() -> None:
     for flavor in ("wan_tiny", "hunyuan_tiny"):
         for mode in ("full", "sta"):
             report[f"{flavor}/{mode}"] = check(flavor, mode, dims)
+    report["wan_i2v_tiny/sta"] = check("wan_i2v_tiny", "sta", dims)
     if world.is_main:
         print(json.dumps(report))
     dist.destroy_process_group()

@@ -232,3 +232,34 @@ def replay(dit: VideoDiT, call: dict[str, Any], step: int) -> torch.Tensor:
         mask, pooled = call["encoder_attention_mask"].bool(), call["pooled_projections"]
     with torch.no_grad():
         return dit(call["hidden_states"], call["timestep"], text, mask, pooled, step_index=step)
+
+
+def tiny_image_encoder() -> tuple[Any, Any]:
+    """A random ``CLIPVisionModel`` (width 32, 2 layers, 32 x 32 pixels in patches of 8: 17
+    tokens) and its ``CLIPImageProcessor``, as ``WanImageToVideoPipeline`` takes them."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        model = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64,
+                                                 num_hidden_layers=2, num_attention_heads=4,
+                                                 image_size=32, patch_size=8)).eval()  # fmt: skip
+    processor = CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    )
+    return model, processor
+
+
+def wan_i2v_pipeline(transformer: nn.Module, steps: int = 4) -> Any:
+    """A ``WanImageToVideoPipeline`` of the ``wan_pipeline`` parts plus ``tiny_image_encoder``."""
+    from diffusers import WanImageToVideoPipeline
+
+    parts = wan_pipeline(transformer, steps).components
+    image_encoder, image_processor = tiny_image_encoder()
+    pipe = WanImageToVideoPipeline(
+        tokenizer=parts["tokenizer"], text_encoder=parts["text_encoder"], vae=parts["vae"],
+        scheduler=parts["scheduler"], transformer=transformer, image_encoder=image_encoder,
+        image_processor=image_processor,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,0 +1,98 @@
+"""``enable_sta`` in a real diffusers ``WanImageToVideoPipeline`` run (tiny random parts)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pipeline_testing import (
+    FRAMES,
+    FULL_WINDOW,
+    NEGATIVE,
+    PROMPT,
+    SIZE,
+    TILE,
+    build_dit,
+    noise_of,
+    plain_copy,
+    step_strategy,
+    student,
+    wan_i2v_pipeline,
+)
+
+from stafinetune import disable_sta, enable_sta
+from stafinetune.diffusion.sampling import ClassifierFreeGuidance, sample_latents
+from stafinetune.models.families import WAN_TEXT_TOKENS
+
+STEPS = 3
+TIGHT = {"atol": 1e-5, "rtol": 1e-5}
+IMAGE = Image.fromarray(np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8))
+
+
+def encode(pipe: Any, prompt: str) -> torch.Tensor:
+    """``prompt``'s UMT5 states (1, 512, 32), zero-padded: ``WanPipeline``'s encoding, since
+    the image-to-video pipeline of diffusers 0.42 needs ``ftfy`` to clean a prompt itself."""
+    from diffusers import WanPipeline
+
+    with torch.no_grad():
+        return WanPipeline._get_t5_prompt_embeds(pipe, prompt, max_sequence_length=WAN_TEXT_TOKENS)
+
+
+def generate(pipe: Any, seed: int = 0, guidance: float = 1.0) -> torch.Tensor:
+    """Latents (1, 16, 5, 16, 16) for ``PROMPT`` and ``IMAGE`` (``NEGATIVE`` under guidance)."""
+    return pipe(IMAGE, prompt_embeds=encode(pipe, PROMPT),
+                negative_prompt_embeds=encode(pipe, NEGATIVE), guidance_scale=guidance,
+                num_frames=FRAMES, height=SIZE, width=SIZE, num_inference_steps=STEPS,
+                generator=torch.Generator().manual_seed(seed), output_type="latent").frames  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def setup() -> dict[str, Any]:
+    """The dense pipeline, its output, and its encodings of the prompt and the image."""
+    pipe = wan_i2v_pipeline(plain_copy(build_dit("wan_i2v_tiny", mode="full")), STEPS)
+    with torch.no_grad():
+        embeds = pipe.encode_image(IMAGE, torch.device("cpu"))  # (1, 17, 32)
+        pixels = pipe.video_processor.preprocess(IMAGE, height=SIZE, width=SIZE)
+        _, condition = pipe.prepare_latents(pixels, 1, 16, SIZE, SIZE, FRAMES, torch.float32,
+                                            torch.device("cpu"))  # fmt: skip
+    return {"pipe": pipe, "dense": generate(pipe), "text": encode(pipe, PROMPT),
+            "negative": encode(pipe, NEGATIVE),
+            "image": {"image_latents": condition[:, 4:], "image_embeds": embeds}}  # fmt: skip
+
+
+def test_full_windows_equal_the_dense_pipeline(setup: dict[str, Any]) -> None:
+    pipe = setup["pipe"]
+    enable_sta(pipe, tile=TILE, window=FULL_WINDOW)
+    try:
+        torch.testing.assert_close(generate(pipe), setup["dense"], **TIGHT)
+        enable_sta(pipe, tile=TILE, window=[3, 3, 3])
+        assert (generate(pipe) - setup["dense"]).abs().max() > 1e-3
+    finally:
+        disable_sta(pipe)
+    assert torch.equal(generate(pipe), setup["dense"])
+
+
+@pytest.mark.parametrize("guidance", [4.0])
+def test_strategy_pipeline_equals_our_sampler(
+    setup: dict[str, Any], tmp_path: Path, guidance: float
+) -> None:
+    """The pipeline with per-step windows gives our sampler's latents: same mask channels,
+    condition and image states, with and without classifier-free guidance."""
+    path = tmp_path / "mask_strategy.json"
+    step_strategy(STEPS).save(path)
+    pipe = setup["pipe"]
+    enable_sta(pipe, strategy=path)
+    try:
+        got = generate(pipe, seed=3, guidance=guidance)
+    finally:
+        disable_sta(pipe)
+    text = setup["text"]
+    mask = torch.ones(text.shape[:2], dtype=torch.bool)
+    negative = (setup["negative"], mask, torch.zeros(1, 1))
+    model = ClassifierFreeGuidance(student("wan_i2v_tiny", path), negative, guidance)
+    expected = sample_latents(model, noise_of(3), text, mask, None, steps=STEPS, **setup["image"])
+    torch.testing.assert_close(got, expected, **TIGHT)
