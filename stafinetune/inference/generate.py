@@ -201,11 +201,11 @@ def default_prompts(
     processes, every one of which calls this, builds its share); other sources need their
     latent cache built (``stafinetune-preprocess``) or ``sample.prompts``.
     """
-    return list(default_samples(data_cfg, num, verbose=verbose))
+    return list(default_samples(data_cfg, num, verbose=verbose, rank=rank, world_size=world_size))
 
 
 def default_samples(
-    data_cfg: DataConfig, num: int, *, verbose: bool = True
+    data_cfg: DataConfig, num: int, *, verbose: bool = True, rank: int = 0, world_size: int = 1
 ) -> dict[str, dict[str, torch.Tensor]]:
     """``default_prompts``' captions, each with its clip's image condition (``image_latents``
     (1, C, T, H, W), ``image_embeds`` (1, N, Di); empty for text-to-video data)."""
