@@ -1,4 +1,4 @@
-"""``VideoDiT``: a diffusers video transformer (Wan 2.1 / HunyuanVideo) with STA attention.
+"""``VideoDiT``: a diffusers video transformer (Wan 2.1 / HunyuanVideo / 1.5) with STA attention.
 
 The diffusers model is wrapped, never forked: STA enters only through attention processors
 on the video self-attention (Wan ``blocks[i].attn1``) or the joint attention (HunyuanVideo
@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -69,7 +69,7 @@ class VideoDiT(nn.Module):
         cfg = transformer.config
         self.num_heads: int = int(cfg.num_attention_heads)
         self.head_dim: int = int(cfg.attention_head_dim)
-        self.in_channels: int = int(cfg.in_channels)
+        self.in_channels: int = self.adapter.latent_channels(cfg)  # of the denoised latents
         self.patch_size: tuple[int, int, int] = self.adapter.patch_size(cfg)
         self.text_dim, self.pooled_dim = self.adapter.text_dims(cfg)
         self.num_layers: int = len(self.sta_layers())
@@ -164,6 +164,7 @@ class VideoDiT(nn.Module):
         pooled_text: torch.Tensor | None = None,
         *,
         step_index: int | None = None,
+        condition: Mapping[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Predict the flow/noise target for noisy ``latents``.
 
@@ -176,6 +177,9 @@ class VideoDiT(nn.Module):
             pooled_text: (B, Dp) pooled text embedding (required by HunyuanVideo, unused by Wan).
             step_index: denoising step for per-step windows and ``dense_first_steps``; ``None``
                 in training (the step-independent window per (layer, head)).
+            condition: the family's further conditioning tensors by name, e.g. HunyuanVideo
+                1.5's image latents and embeddings (``ModelFamily.model_inputs``); ``None``
+                for text-to-video.
         Returns:
             (B, C, T, H, W) in the model's dtype.
         """
@@ -198,12 +202,11 @@ class VideoDiT(nn.Module):
         kwargs = self.adapter.conditioning(
             self.transformer, text, text_mask, pooled_text, self.guidance_scale
         )
+        kwargs |= self.adapter.model_inputs(self.transformer, latents, timestep, condition)
         # the transformer's own hooks (``self.binding``) derive the canvas, text lengths and
         # windows of this call; the step is the one given here
         with self.binding.at_step(step_index):
-            return self.transformer(
-                hidden_states=latents, timestep=timestep, return_dict=False, **kwargs
-            )[0]  # (B, C, T, H, W)
+            return self.transformer(return_dict=False, **kwargs)[0]  # (B, C, T, H, W)
 
     # ----------------------------------------------------------------- hooks
     @contextlib.contextmanager
