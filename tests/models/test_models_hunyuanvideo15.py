@@ -157,3 +157,21 @@ def test_condition_errors_name_the_tensor() -> None:
         run(dit, b, condition={**cond, "image_mask": cond["image_mask"][:, :, :1]})
     with pytest.raises(ValueError, match="takes no condition tensors"):
         run(build("wan_tiny"), b, condition={"image_embeds": cond["image_embeds"]})
+
+
+@pytest.mark.parametrize(
+    "flavor", ["hunyuanvideo15_480p_t2v", "hunyuanvideo15_720p_t2v", "hunyuanvideo15_720p_i2v"]
+)
+def test_published_flavors_build_on_meta(flavor: str) -> None:
+    """The 8.3B model: 54 STA layers of 16 heads x 128, 32 latent channels, a 1x1x1 patch."""
+    dit = build_model(
+        ModelConfig(flavor=flavor),
+        AttentionConfig(tile=[6, 8, 8]),
+        device="meta",
+        dtype=torch.bfloat16,
+    )
+    params = sum(p.numel() for p in dit.parameters()) / 1e9
+    assert (dit.num_layers, dit.num_heads, dit.head_dim, dit.in_channels) == (54, 16, 128, 32)
+    assert 8.2 < params < 8.4 and dit.text_dim == 3584 and dit.pooled_dim is None
+    assert dit.canvas_for((32, 31, 30, 53)) == (31, 30, 53)  # 121 frames at 480x848
+    assert all(p.is_meta for p in dit.parameters())
