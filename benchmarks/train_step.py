@@ -38,7 +38,7 @@ Windows are one triple for every layer and head (default 3x3x3 tiles of 6x8x8 to
 
     PYTHONPATH=kernels:. python benchmarks/train_step.py                 # all suites, ~6 min on an H200
     PYTHONPATH=kernels:. python benchmarks/train_step.py --suites wan720 --policies selective
-    PYTHONPATH=kernels:. python benchmarks/train_step.py --suites hv15_720p   # HunyuanVideo 1.5
+    PYTHONPATH=kernels:. python benchmarks/train_step.py --suites hv15_720p  # HunyuanVideo 1.5
     PYTHONPATH=kernels:. python benchmarks/train_step.py --smoke          # CPU, tiny models: checks the script
 """
 

@@ -7,7 +7,9 @@ A family adapter answers, for one diffusers transformer class:
 - how the token canvas follows from the latents (``patch_size``) and whether text tokens
   follow the video tokens in the attention sequence (``joint_text``);
 - where sequence parallelism splits and gathers the sequence (``sequence_seams``);
-- its text inputs (``text_dims``) and its diffusers pipeline class (LoRA export).
+- its text inputs (``text_dims``) and its diffusers pipeline class (LoRA export);
+- inputs beyond the noisy latents and the text (``latent_channels``, ``model_inputs``,
+  ``joint_text_mask``: HunyuanVideo 1.5's image conditioning and glyph text).
 
 Every other module asks the family instead of testing the family's name, so a new model is
 one class here (plus its processor in ``binding.py`` and its flavors in ``flavors.py``).
@@ -119,6 +121,11 @@ class ModelFamily:
                 f"the {self.name} family takes no condition tensors, got {sorted(condition)}"
             )
         return {"hidden_states": latents, "timestep": timestep}
+
+    def lora_saver(self) -> type:
+        """The diffusers class whose ``save_lora_weights`` writes a LoRA adapter in the format
+        the family's pipeline loads (keys ``transformer.<module>``): the pipeline class."""
+        return self.pipeline_class()
 
     def joint_text_mask(self, argument: Callable[[str], Any]) -> torch.Tensor | None:
         """(B, L) mask of the text slots after the video in the joint attention sequence,
@@ -288,6 +295,14 @@ class HunyuanVideo15Family(HunyuanFamily):
 
     def text_dims(self, config: Any) -> tuple[int, int | None]:
         return int(_getter(config)("text_embed_dim")), None  # pooled: the refiner's masked mean
+
+    def lora_saver(self) -> type:
+        # diffusers 0.42 has no LoRA loader for HunyuanVideo15Pipeline: write HunyuanVideo's
+        # format, which ``pipe.transformer.load_lora_adapter(path, prefix="transformer",
+        # use_safetensors=True)`` loads
+        from diffusers.loaders import HunyuanVideoLoraLoaderMixin
+
+        return HunyuanVideoLoraLoaderMixin
 
     def latent_channels(self, config: Any) -> int:
         return int(_getter(config)("out_channels"))

@@ -2,8 +2,8 @@
 
 Tiny flavors drive tests and the embedded CPU default; the real flavors carry the published
 diffusers ``transformer/config.json`` values of Wan 2.1 T2V (1.3B, 14B), HunyuanVideo
-(13B) and HunyuanVideo 1.5 (8.3B), so they build on the meta device for benchmarks and load weights from a local
-diffusers directory.
+(13B) and HunyuanVideo 1.5 (8.3B), so they build on the meta device for benchmarks and load
+weights from a local diffusers directory.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ GLYPH_SLOTS, IMAGE_SLOTS = 7, 9
 
 
 def original(dit: Any) -> torch.nn.Module:
-    """diffusers' ``HunyuanVideo15Transformer3DModel`` (its own processors) with ``dit``'s weights."""
+    """diffusers' ``HunyuanVideo15Transformer3DModel`` (own processors) with ``dit``'s weights."""
     from diffusers import HunyuanVideo15Transformer3DModel
 
     ref = HunyuanVideo15Transformer3DModel(**dict(dit.transformer.config))

@@ -39,12 +39,14 @@ def hunyuanvideo15_pipeline(transformer: torch.nn.Module, guidance_scale: float)
         torch.manual_seed(11)
         qwen = Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig(
             vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-            num_attention_heads=4, num_key_value_heads=4, rope_scaling={"type": "default", "mrope_section": [1, 1, 2]},
+            num_attention_heads=4, num_key_value_heads=4,
         )).eval()  # fmt: skip
         t5 = T5EncoderModel(T5Config(vocab_size=32, d_model=24, d_kv=6, d_ff=48, num_layers=1,
                                      num_heads=4)).eval()  # fmt: skip
-        vae = AutoencoderKLHunyuanVideo15(latent_channels=16, block_out_channels=(8, 8, 8, 8),
-                                          layers_per_block=1, spatial_compression_ratio=8).eval()  # fmt: skip
+        vae = AutoencoderKLHunyuanVideo15(
+            latent_channels=16, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+            spatial_compression_ratio=8,
+        ).eval()  # fmt: skip
     pipe = HunyuanVideo15Pipeline(
         text_encoder=qwen, tokenizer=None, transformer=transformer, vae=vae,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0), text_encoder_2=t5, tokenizer_2=None,
