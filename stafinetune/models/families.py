@@ -367,9 +367,14 @@ class HunyuanVideo15Family(HunyuanFamily):
         mask_2 = condition.get(
             "text_2_mask", torch.ones(text_2.shape[:2], dtype=torch.bool, device=device)
         )  # (B, L2)
+        # diffusers' time embedding takes the timestep in the weights' dtype, as its pipeline
+        # passes it; under autocast it stays float32, so that a bf16 teacher and an fp32
+        # student see the same noise level (bf16 rounds 813 to 812)
+        if not torch.is_autocast_enabled(device.type):
+            timestep = timestep.to(dtype)
         return {
             "hidden_states": hidden,
-            "timestep": timestep.to(dtype),  # the pipeline's (the time embedding expects it)
+            "timestep": timestep,
             "image_embeds": embeds.to(dtype),
             "encoder_hidden_states_2": text_2.to(dtype),
             "encoder_attention_mask_2": mask_2,

@@ -135,6 +135,22 @@ def test_bf16_dense_is_bit_exact() -> None:
     assert got.dtype == torch.bfloat16 and torch.equal(got, expected)
 
 
+def test_autocast_keeps_the_timestep_in_float32() -> None:
+    """Under autocast a bf16 model sees the float32 timestep (a distillation's bf16 teacher
+    and fp32 student, the same noise level); 813 and 812 are one bf16 value."""
+    torch.manual_seed(0)
+    dit = build_model(
+        ModelConfig(flavor=FLAVOR), AttentionConfig(mode="full"), dtype=torch.bfloat16
+    )
+    b = make_batch(batch=1, text_lens=(9,))
+    outs = []
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for t in (812.0, 813.0):
+            outs.append(run(dit, {**b, "timestep": torch.tensor([t])}))
+        rounded = run(dit, {**b, "timestep": torch.tensor([813.0]).bfloat16().float()})
+    assert not torch.equal(outs[0], outs[1]) and torch.equal(rounded, outs[0])
+
+
 def test_family_layout() -> None:
     dit = build(FLAVOR, mode="sta", window=[3, 3, 3])
     family = get_family("hunyuanvideo15")
