@@ -33,9 +33,12 @@ Suites:
                 the same 1:2 mix), 117 frames 720x1280: canvas 30x48x80 + 256 text tokens.
                 The goal reported against: an STA step >= 3x faster than a dense step here.
     wan720      Wan 2.1 T2V 1.3B (all 30 blocks), 81 frames 720x1280: canvas 21x45x80.
+    hv15_720p   HunyuanVideo 1.5 T2V 8.3B (all 54 blocks), 121 frames 720x1280: canvas
+                31x45x80 + 256 text tokens (not in the default --suites).
 
     PYTHONPATH=kernels:. python benchmarks/sampling.py                  # ~1.5 min on an H200
     PYTHONPATH=kernels:. python benchmarks/sampling.py --cost-table benchmarks/results/dispatch_table.json
+    PYTHONPATH=kernels:. python benchmarks/sampling.py --suites hv15_720p  # HunyuanVideo 1.5
     PYTHONPATH=kernels:. python benchmarks/sampling.py --smoke           # CPU, tiny models: checks the script
 """
 
@@ -89,6 +92,7 @@ SUITES = {
                         "hunyuanvideo_13b", (30, 96, 160), 256,
                         {"num_layers": 2, "num_single_layers": 4}),
     "wan720": Suite("Wan 2.1 1.3B, 720p", "wan2.1_t2v_1.3b", (21, 90, 160), 512),
+    "hv15_720p": Suite("HunyuanVideo 1.5 8.3B, 720p", "hunyuanvideo15_720p_t2v", (31, 45, 80), 256),
 }  # fmt: skip
 
 SMOKE_SUITES = {
@@ -96,6 +100,9 @@ SMOKE_SUITES = {
                         windows=((3, 1, 3),), candidates=((3, 1, 3), (1, 2, 2), (9, 9, 9))),
     "wan720": Suite("wan_tiny (smoke)", "wan_tiny", (5, 16, 16), 16, tile=(1, 2, 2),
                     windows=((3, 1, 3),), candidates=((3, 1, 3), (1, 2, 2), (9, 9, 9))),
+    "hv15_720p": Suite("hunyuanvideo15_tiny (smoke)", "hunyuanvideo15_tiny", (5, 16, 16), 16,
+                       tile=(1, 2, 2), windows=((3, 1, 3),),
+                       candidates=((3, 1, 3), (1, 2, 2), (9, 9, 9))),
 }  # fmt: skip
 
 

@@ -26,6 +26,9 @@ checkpoint compiled as one region) as extra rows. Suites:
                 117 frames 720x1280: canvas 30x48x80 (115,200 tokens) + 256 text tokens
     compile     Wan 2.1 1.3B with 1 block at 720p: the distillation step eager vs compiled
                 (one block keeps inductor's compile time inside the run's budget)
+    hv15_720p   HunyuanVideo 1.5 8.3B-shaped, 4 of its 54 full-width dual-stream blocks,
+                121 frames 720x1280: canvas 31x45x80 (111,600 tokens) + 256 text tokens
+                (not in the default --suites)
 
 Reported per row: median step time, video tokens per second, peak memory (since the row's
 first step, with the optimiser state), and the attention share of one timed step
@@ -35,6 +38,7 @@ Windows are one triple for every layer and head (default 3x3x3 tiles of 6x8x8 to
 
     PYTHONPATH=kernels:. python benchmarks/train_step.py                 # all suites, ~6 min on an H200
     PYTHONPATH=kernels:. python benchmarks/train_step.py --suites wan720 --policies selective
+    PYTHONPATH=kernels:. python benchmarks/train_step.py --suites hv15_720p  # HunyuanVideo 1.5
     PYTHONPATH=kernels:. python benchmarks/train_step.py --smoke          # CPU, tiny models: checks the script
 """
 
@@ -102,6 +106,8 @@ SUITES = {
                         {"num_layers": 2, "num_single_layers": 2}),
     "compile": Suite("Wan 2.1 1.3B-shaped, 1 block, 720p", "wan2.1_t2v_1.3b", (21, 90, 160), 512,
                      {"num_layers": 1}, compile_only=True),
+    "hv15_720p": Suite("HunyuanVideo 1.5 8.3B-shaped, 4 of 54 full-width blocks, 720p",
+                       "hunyuanvideo15_720p_t2v", (31, 45, 80), 256, {"num_layers": 4}),
 }  # fmt: skip
 
 # --smoke: the same code paths on tiny models on the CPU (reference STA, aot_eager compile)
@@ -111,6 +117,8 @@ SMOKE_SUITES = {
     "hunyuan720": Suite("hunyuan_tiny (smoke)", "hunyuan_tiny", (5, 16, 16), 16, tile=(1, 2, 2)),
     "compile": Suite("wan_tiny 1 block (smoke)", "wan_tiny", (5, 16, 16), 16, {"num_layers": 1},
                      tile=(1, 2, 2), compile_only=True),
+    "hv15_720p": Suite("hunyuanvideo15_tiny (smoke)", "hunyuanvideo15_tiny", (5, 16, 16), 16,
+                       tile=(1, 2, 2)),
 }  # fmt: skip
 
 KINDS = ("dense", "sta", "teacher", "distill", "dmd2")

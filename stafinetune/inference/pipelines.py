@@ -129,15 +129,15 @@ def enable_sta(
     schedule: bool = True,
 ) -> Any:
     """Turn STA on in a diffusers ``WanPipeline`` / ``WanImageToVideoPipeline`` /
-    ``HunyuanVideoPipeline`` or transformer.
+    ``HunyuanVideoPipeline`` / ``HunyuanVideo15Pipeline`` or transformer.
 
     Give either a mask ``strategy`` (windows per denoising step, layer and head, with its own
     tile) or ``tile`` and ``window``. Calling it again replaces the previous settings.
 
     Args:
         target: a pipeline whose ``transformer`` (and ``transformer_2``) is a diffusers
-            ``WanTransformer3DModel`` or ``HunyuanVideoTransformer3DModel``, or such a
-            transformer. Changed in place.
+            ``WanTransformer3DModel``, ``HunyuanVideoTransformer3DModel`` or
+            ``HunyuanVideo15Transformer3DModel``, or such a transformer. Changed in place.
         strategy: a mask-strategy JSON file (``stafinetune.models.strategy``; a finetune's
             ``export/mask_strategy.json`` or the window search's output) or a ``MaskStrategy``.
             A strategy of several steps needs the pipeline to run exactly that many steps; one

@@ -6,7 +6,8 @@ registers
 
 - a forward pre-hook that reads what the processors need from the call's own arguments: the
   token canvas from ``hidden_states`` (B, C, T, H, W) and the patch size, the valid text
-  lengths from ``encoder_attention_mask`` (HunyuanVideo), the denoising step (given by the
+  lengths from ``encoder_attention_mask`` (HunyuanVideo; HunyuanVideo 1.5 adds its glyph and
+  image streams, ``ModelFamily.joint_text_mask``), the denoising step (given by the
   caller, or derived from ``timestep``), hence the windows; it makes that ``ForwardState``
   current in the binding's :class:`AttentionRuntime`;
 - a forward hook (``always_call``) that records the final output for a capture store and
@@ -60,7 +61,11 @@ BINDING_ATTRIBUTE = "_stafinetune_sta"
 # marks a checkpoint function that re-installs the STA state itself (``carrying_state``)
 CARRIES_STATE = "_stafinetune_carries_state"
 # the processor that carries STA in each family's STA layers
-_PROCESSORS = {"wan": WanSTAProcessor, "hunyuan": HunyuanSTAProcessor}
+_PROCESSORS = {
+    "wan": WanSTAProcessor,
+    "hunyuan": HunyuanSTAProcessor,
+    "hunyuanvideo15": HunyuanSTAProcessor,  # its blocks are HunyuanVideo's dual-stream ones
+}
 
 
 def token_canvas(latent_shape: Sequence[int], patch_size: Sequence[int]) -> tuple[int, int, int]:
@@ -272,7 +277,7 @@ class STABinding:
             self._check_canvas(canvas, warn=not self._explicit)
         text_len: int | torch.Tensor = 0
         if self.family.joint_text:
-            mask = self._argument("encoder_attention_mask", args, kwargs)
+            mask = self.family.joint_text_mask(lambda name: self._argument(name, args, kwargs))
             if mask is None:
                 raise ValueError("HunyuanVideo's STA needs encoder_attention_mask (B, L)")
             text_len = text_lengths(mask)

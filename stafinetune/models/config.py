@@ -34,9 +34,11 @@ class ModelConfig:
 
     Attributes:
         flavor: a name from ``stafinetune.models.flavors.FLAVORS``: ``wan_tiny`` (the embedded
-            default), ``hunyuan_tiny`` (tests), ``wan_i2v_tiny`` (image-to-video tests),
-            ``wan2.1_t2v_1.3b``, ``wan2.1_t2v_14b``, ``wan2.1_i2v_14b_480p`` / ``_720p``,
-            ``hunyuanvideo_13b`` (published shapes).
+            default), ``hunyuan_tiny``, ``hunyuanvideo15_tiny`` (tests), ``wan_i2v_tiny``
+            (image-to-video tests), ``wan2.1_t2v_1.3b``, ``wan2.1_t2v_14b``,
+            ``wan2.1_i2v_14b_480p`` / ``_720p``, ``hunyuanvideo_13b``,
+            ``hunyuanvideo15_480p_t2v``, ``hunyuanvideo15_720p_t2v``,
+            ``hunyuanvideo15_720p_i2v`` (published shapes).
         path: local diffusers-format directory (a pipeline root with ``transformer/`` or the
             transformer folder itself, safetensors weights). ``None`` builds the flavor with
             random weights (or on the meta device for benchmarks). Nothing is fetched from a hub.
@@ -47,7 +49,7 @@ class ModelConfig:
         compile: ``torch.compile`` each transformer block (with checkpointing: the checkpoint
             and its block as one region). Applied by ``stafinetune.parallel.parallelize``.
         guidance_scale: HunyuanVideo's embedded guidance (the model receives it times 1000);
-            ignored by Wan.
+            ignored by Wan and HunyuanVideo 1.5.
         config_overrides: values merged over the flavor's diffusers config when building
             without ``path`` (e.g. ``{num_layers: 4}`` for a short benchmark).
         allow_pickle_weights: load ``.bin``/``.pt`` weights from ``path`` (and the teacher's

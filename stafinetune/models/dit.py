@@ -1,4 +1,4 @@
-"""``VideoDiT``: a diffusers video transformer (Wan 2.1 / HunyuanVideo) with STA attention.
+"""``VideoDiT``: a diffusers video transformer (Wan 2.1 / HunyuanVideo / 1.5) with STA attention.
 
 The diffusers model is wrapped, never forked: STA enters only through attention processors
 on the video self-attention (Wan ``blocks[i].attn1``) or the joint attention (HunyuanVideo
@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -82,8 +82,7 @@ class VideoDiT(nn.Module):
         self.num_heads: int = int(cfg.num_attention_heads)
         self.head_dim: int = int(cfg.attention_head_dim)
         self.image_dims: ImageDims | None = self.adapter.image_dims(cfg)
-        extra = 0 if self.image_dims is None else self.image_dims.condition_channels
-        self.in_channels: int = int(cfg.in_channels) - extra
+        self.in_channels: int = self.adapter.latent_channels(cfg)  # of the denoised latents
         self.patch_size: tuple[int, int, int] = self.adapter.patch_size(cfg)
         self.text_dim, self.pooled_dim = self.adapter.text_dims(cfg)
         self.num_layers: int = len(self.sta_layers())
@@ -180,6 +179,7 @@ class VideoDiT(nn.Module):
         step_index: int | None = None,
         image_latents: torch.Tensor | None = None,
         image_embeds: torch.Tensor | None = None,
+        condition: Mapping[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Predict the flow/noise target for noisy ``latents``.
 
@@ -195,6 +195,9 @@ class VideoDiT(nn.Module):
             image_latents: (B, Ci, T, H, W) latents of the conditioning video (image-to-video
                 models; ``ImageCondition``), required exactly when ``image_dims`` is set.
             image_embeds: (B, N, Di) image-encoder states, when ``image_dims.embed_dim`` is set.
+            condition: the family's further conditioning tensors by name (HunyuanVideo 1.5:
+                its condition latents, image embeddings and glyph text,
+                ``ModelFamily.model_inputs``); ``None`` for most models.
         Returns:
             (B, C, T, H, W) in the model's dtype.
         """
@@ -226,12 +229,11 @@ class VideoDiT(nn.Module):
             latents, timestep, kwargs = self.adapter.image_inputs(
                 self.transformer, latents, timestep, image, kwargs
             )
+        kwargs |= self.adapter.model_inputs(self.transformer, latents, timestep, condition)
         # the transformer's own hooks (``self.binding``) derive the canvas, text lengths and
         # windows of this call; the step is the one given here
         with self.binding.at_step(step_index):
-            return self.transformer(
-                hidden_states=latents, timestep=timestep, return_dict=False, **kwargs
-            )[0]  # (B, C, T, H, W)
+            return self.transformer(return_dict=False, **kwargs)[0]  # (B, C, T, H, W)
 
     # ----------------------------------------------------------------- hooks
     @contextlib.contextmanager

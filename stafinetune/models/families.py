@@ -7,7 +7,9 @@ A family adapter answers, for one diffusers transformer class:
 - how the token canvas follows from the latents (``patch_size``) and whether text tokens
   follow the video tokens in the attention sequence (``joint_text``);
 - where sequence parallelism splits and gathers the sequence (``sequence_seams``);
-- its text inputs (``text_dims``) and its diffusers pipeline class (LoRA export).
+- its text inputs (``text_dims``) and its diffusers pipeline class (LoRA export);
+- inputs beyond the noisy latents and the text (``latent_channels``, ``model_inputs``,
+  ``joint_text_mask``: HunyuanVideo 1.5's image conditioning and glyph text).
 
 Every other module asks the family instead of testing the family's name, so a new model is
 one class here (plus its processor in ``binding.py`` and its flavors in ``flavors.py``).
@@ -15,6 +17,7 @@ one class here (plus its processor in ``binding.py`` and its flavors in ``flavor
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -157,6 +160,39 @@ class ModelFamily:
             timestep (Wan 2.2 TI2V, ``expand_timesteps``) returns a (B, S) timestep here.
         """
         raise ValueError(f"{type(transformer).__name__} ({self.name}) takes no image condition")
+
+    def latent_channels(self, config: Any) -> int:
+        """Channels of the latents the model denoises (its input may hold more, see
+        ``model_inputs``): the input channels less an image condition's (``image_dims``)."""
+        image = self.image_dims(config)
+        return int(_getter(config)("in_channels")) - (0 if image is None else image.condition_channels)
+
+    def model_inputs(
+        self,
+        transformer: nn.Module,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        condition: Mapping[str, torch.Tensor] | None,
+    ) -> dict[str, Any]:
+        """The transformer's ``hidden_states``, ``timestep`` and further keyword arguments for
+        noisy ``latents`` (B, C, T, H, W) in the model's dtype, the float32 ``timestep`` (B,)
+        and the family's optional ``condition`` tensors (image conditioning, extra text
+        streams; see the family)."""
+        if condition:
+            raise ValueError(
+                f"the {self.name} family takes no condition tensors, got {sorted(condition)}"
+            )
+        return {"hidden_states": latents, "timestep": timestep}
+
+    def lora_saver(self) -> type:
+        """The diffusers class whose ``save_lora_weights`` writes a LoRA adapter in the format
+        the family's pipeline loads (keys ``transformer.<module>``): the pipeline class."""
+        return self.pipeline_class()
+
+    def joint_text_mask(self, argument: Callable[[str], Any]) -> torch.Tensor | None:
+        """(B, L) mask of the text slots after the video in the joint attention sequence,
+        valid ones first, from a transformer call's arguments (``argument(name)``)."""
+        return argument("encoder_attention_mask")
 
 
 class WanFamily(ModelFamily):
@@ -339,7 +375,146 @@ class HunyuanFamily(ModelFamily):
         }
 
 
-FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (WanFamily(), HunyuanFamily())}
+class HunyuanVideo15Family(HunyuanFamily):
+    """HunyuanVideo 1.5 (diffusers ``HunyuanVideo15Transformer3DModel``): joint video + text
+    attention in ``transformer_blocks[i].attn`` (HunyuanVideo's dual-stream blocks only, with
+    its patch, RoPE and sequence seams); the token refiner stays dense.
+
+    The model joins three conditioning streams after the video, valid tokens first:
+    [valid image, valid ByT5 glyph text, valid Qwen2.5-VL text, then the padding of each]. Its
+    input is ``[noisy latents, condition latents, condition mask]`` on the channel axis, so it
+    denoises ``out_channels`` latent channels. ``model_inputs`` builds the rest from the
+    optional ``condition`` tensors (all absent: text-to-video, as diffusers' pipeline):
+
+    - ``image_latents`` (B, C, T, H, W): VAE latents of the conditioning frames (zeros where
+      none), with ``image_mask`` (B, 1, T, H, W): 1 on conditioned frames;
+    - ``image_embeds`` (B, N, De): SigLIP image states (all zeros: no image tokens attend);
+    - ``text_2`` (B, L2, D2) with ``text_2_mask`` (B, L2) bool: ByT5 glyph-text states.
+
+    Absent streams take no sequence slots (an empty image and glyph stream), which changes no
+    valid token's output: padding slots are never attended.
+    """
+
+    name = "hunyuanvideo15"
+    joint_text = True
+    CONDITION_KEYS = ("image_latents", "image_mask", "image_embeds", "text_2", "text_2_mask")
+
+    def transformer_class(self) -> type[nn.Module]:
+        from diffusers import HunyuanVideo15Transformer3DModel
+
+        return HunyuanVideo15Transformer3DModel
+
+    def pipeline_class(self) -> type:
+        from diffusers import HunyuanVideo15Pipeline
+
+        return HunyuanVideo15Pipeline
+
+    def text_dims(self, config: Any) -> tuple[int, int | None]:
+        return int(_getter(config)("text_embed_dim")), None  # pooled: the refiner's masked mean
+
+    def lora_saver(self) -> type:
+        # diffusers 0.42 has no LoRA loader for HunyuanVideo15Pipeline: write HunyuanVideo's
+        # format, which ``pipe.transformer.load_lora_adapter(path, prefix="transformer",
+        # use_safetensors=True)`` loads
+        from diffusers.loaders import HunyuanVideoLoraLoaderMixin
+
+        return HunyuanVideoLoraLoaderMixin
+
+    def latent_channels(self, config: Any) -> int:
+        return int(_getter(config)("out_channels"))
+
+    def sta_layers(self, transformer: nn.Module) -> list[nn.Module]:
+        return [b.attn for b in transformer.transformer_blocks]
+
+    def sta_blocks(self, transformer: nn.Module) -> list[nn.Module]:
+        return list(transformer.transformer_blocks)
+
+    def conditioning(
+        self,
+        transformer: nn.Module,
+        text: torch.Tensor,
+        text_mask: torch.Tensor,
+        pooled_text: torch.Tensor | None,
+        guidance_scale: float,
+    ) -> dict[str, Any]:
+        # no pooled text and no embedded guidance: the refiner pools the text itself
+        return {"encoder_hidden_states": text, "encoder_attention_mask": text_mask}
+
+    def model_inputs(
+        self,
+        transformer: nn.Module,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        condition: Mapping[str, torch.Tensor] | None,
+    ) -> dict[str, Any]:
+        condition = dict(condition or {})
+        unknown = sorted(set(condition) - set(self.CONDITION_KEYS))
+        if unknown:
+            raise ValueError(
+                f"unknown HunyuanVideo 1.5 condition tensors {unknown} "
+                f"(known: {', '.join(self.CONDITION_KEYS)})"
+            )
+        cfg = transformer.config
+        batch, dtype, device = latents.shape[0], latents.dtype, latents.device
+        for a, b in (("image_latents", "image_mask"), ("text_2", "text_2_mask")):
+            if (a in condition) != (b in condition):
+                raise ValueError(f"condition needs {a} and {b} together")
+        image = condition.get("image_latents", torch.zeros_like(latents))
+        frames = condition.get("image_mask", torch.zeros_like(latents[:, :1]))
+        if image.shape != latents.shape or frames.shape != (batch, 1, *latents.shape[2:]):
+            raise ValueError(
+                f"image_latents must be {tuple(latents.shape)} and image_mask "
+                f"{(batch, 1, *latents.shape[2:])}, got {tuple(image.shape)} and "
+                f"{tuple(frames.shape)}"
+            )
+        # (B, 2C+1, T, H, W): the noisy latents, the condition latents, the condition mask
+        hidden = torch.cat([latents, image.to(dtype), frames.to(dtype)], dim=1)
+        if hidden.shape[1] != int(cfg.in_channels):
+            raise ValueError(
+                f"latents with {latents.shape[1]} channels make {hidden.shape[1]} input "
+                f"channels, but the transformer takes {cfg.in_channels}"
+            )
+        embeds = condition.get(
+            "image_embeds", torch.zeros(batch, 0, int(cfg.image_embed_dim), device=device)
+        )  # (B, N, De)
+        text_2 = condition.get(
+            "text_2", torch.zeros(batch, 0, int(cfg.text_embed_2_dim), device=device)
+        )  # (B, L2, D2)
+        mask_2 = condition.get(
+            "text_2_mask", torch.ones(text_2.shape[:2], dtype=torch.bool, device=device)
+        )  # (B, L2)
+        # diffusers' time embedding takes the timestep in the weights' dtype, as its pipeline
+        # passes it; under autocast it stays float32, so that a bf16 teacher and an fp32
+        # student see the same noise level (bf16 rounds 813 to 812)
+        if not torch.is_autocast_enabled(device.type):
+            timestep = timestep.to(dtype)
+        return {
+            "hidden_states": hidden,
+            "timestep": timestep,
+            "image_embeds": embeds.to(dtype),
+            "encoder_hidden_states_2": text_2.to(dtype),
+            "encoder_attention_mask_2": mask_2,
+        }
+
+    def joint_text_mask(self, argument: Callable[[str], Any]) -> torch.Tensor | None:
+        # the transformer orders the streams valid tokens first: only their counts matter
+        mask = argument("encoder_attention_mask")
+        if mask is None:
+            return None
+        text = (mask != 0).sum(dim=1)  # (B,)
+        mask_2, embeds = argument("encoder_attention_mask_2"), argument("image_embeds")
+        glyph = 0 if mask_2 is None else (mask_2 != 0).sum(dim=1).to(text.device)
+        # image tokens count unless every embedding is 0, as the transformer decides
+        image = 0 if embeds is None or bool(torch.all(embeds == 0)) else embeds.shape[1]
+        slots = mask.shape[1] + sum(0 if x is None else x.shape[1] for x in (mask_2, embeds))
+        # a sample without valid text keeps length 0, which ``text_lengths`` reports
+        lengths = torch.where(text > 0, text + glyph + image, 0)
+        return torch.arange(slots, device=mask.device)[None, :] < lengths[:, None]  # (B, slots)
+
+
+FAMILIES: dict[str, ModelFamily] = {
+    f.name: f for f in (WanFamily(), HunyuanFamily(), HunyuanVideo15Family())
+}
 
 
 def get_family(name: str) -> ModelFamily:

@@ -1,9 +1,9 @@
 """Model flavors by name: the diffusers config of each supported DiT shape.
 
 Tiny flavors drive tests and the embedded CPU default; the real flavors carry the published
-diffusers ``transformer/config.json`` values of Wan 2.1 T2V (1.3B, 14B) and HunyuanVideo
-(13B), so they build on the meta device for benchmarks and load weights from a local
-diffusers directory.
+diffusers ``transformer/config.json`` values of Wan 2.1 T2V (1.3B, 14B), HunyuanVideo
+(13B) and HunyuanVideo 1.5 (8.3B), so they build on the meta device for benchmarks and load
+weights from a local diffusers directory.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Flavor:
-    """A named model shape: its family (``wan`` / ``hunyuan``) and diffusers config kwargs."""
+    """A named model shape: its family (``wan`` / ``hunyuan`` / ``hunyuanvideo15``) and
+    diffusers config kwargs."""
 
     name: str
     family: str
@@ -137,6 +138,77 @@ FLAVORS |= {
     "wan2.1_i2v_14b_480p": Flavor("wan2.1_i2v_14b_480p", "wan", dict(_WAN_I2V_14B)),
     "wan2.1_i2v_14b_720p": Flavor("wan2.1_i2v_14b_720p", "wan", dict(_WAN_I2V_14B)),
 }
+
+
+# HunyuanVideo 1.5 (8.3B): diffusers' ``HunyuanVideo15Transformer3DModel`` defaults, which its
+# conversion script (scripts/convert_hunyuan_video1_5_to_diffusers.py) keeps for every published
+# transformer, overriding only ``target_size`` (the pipeline's default resolution) and
+# ``task_type``. 54 dual-stream blocks of 16 heads x 128; the input is 65 channels: 32 noisy
+# latent channels, 32 image-condition channels and 1 condition mask (zeros for text-to-video).
+_HUNYUANVIDEO15_8B: dict[str, Any] = {
+    "in_channels": 65,
+    "out_channels": 32,
+    "num_attention_heads": 16,
+    "attention_head_dim": 128,
+    "num_layers": 54,
+    "num_refiner_layers": 2,
+    "mlp_ratio": 4.0,
+    "patch_size": 1,
+    "patch_size_t": 1,
+    "qk_norm": "rms_norm",
+    "text_embed_dim": 3584,  # Qwen2.5-VL-7B hidden states
+    "text_embed_2_dim": 1472,  # ByT5 (glyph text) hidden states
+    "image_embed_dim": 1152,  # SigLIP image states (image-to-video)
+    "rope_theta": 256.0,
+    "rope_axes_dim": [16, 56, 56],
+    "use_meanflow": False,
+}
+
+FLAVORS.update(
+    {
+        # Tests: 2 dual-stream blocks of 4 heads x 16 on 16 latent channels (input 2*16+1 = 33),
+        # text of width 32 and a 2x2 patch (the real model's is 1x1), so the model tests'
+        # latents (16, 5, 16, 16) make the same canvas (5, 8, 8) as the other tiny flavors.
+        "hunyuanvideo15_tiny": Flavor(
+            "hunyuanvideo15_tiny",
+            "hunyuanvideo15",
+            {
+                **_HUNYUANVIDEO15_8B,
+                "in_channels": 33,
+                "out_channels": 16,
+                "num_attention_heads": 4,
+                "attention_head_dim": 16,
+                "num_layers": 2,
+                "num_refiner_layers": 1,
+                "mlp_ratio": 2.0,
+                "text_embed_dim": 32,
+                "text_embed_2_dim": 24,
+                "image_embed_dim": 20,
+                "patch_size": 2,
+                "rope_axes_dim": [4, 6, 6],
+                "target_size": 128,
+                "task_type": "t2v",
+            },
+        ),
+        # the conversion script's TRANSFORMER_CONFIGS (its 480p_t2v entry says task_type "i2v";
+        # the transformer never reads task_type)
+        "hunyuanvideo15_480p_t2v": Flavor(
+            "hunyuanvideo15_480p_t2v",
+            "hunyuanvideo15",
+            {**_HUNYUANVIDEO15_8B, "target_size": 640, "task_type": "i2v"},
+        ),
+        "hunyuanvideo15_720p_t2v": Flavor(
+            "hunyuanvideo15_720p_t2v",
+            "hunyuanvideo15",
+            {**_HUNYUANVIDEO15_8B, "target_size": 960, "task_type": "t2v"},
+        ),
+        "hunyuanvideo15_720p_i2v": Flavor(
+            "hunyuanvideo15_720p_i2v",
+            "hunyuanvideo15",
+            {**_HUNYUANVIDEO15_8B, "target_size": 960, "task_type": "i2v"},
+        ),
+    }
+)
 
 
 def get_flavor(name: str) -> Flavor:

@@ -172,7 +172,7 @@ def save_lora_adapter(
     )
     layers = {k: v.detach().to("cpu").contiguous() for k, v in layers.items()}
     os.makedirs(out_dir, exist_ok=True)
-    dit.adapter.pipeline_class().save_lora_weights(
+    dit.adapter.lora_saver().save_lora_weights(
         save_directory=out_dir,
         transformer_lora_layers=layers,
         transformer_lora_adapter_metadata=transformer.peft_config[ADAPTER].to_dict(),

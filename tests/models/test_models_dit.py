@@ -128,6 +128,7 @@ def test_hunyuan_text_mask_must_be_prefix() -> None:
         run(dit, b)
 
 
+@pytest.mark.parametrize("flavor", ["wan_tiny", "hunyuan_tiny", "hunyuanvideo15_tiny"])
 def test_gradient_checkpointing_matches_plain_backward(flavor: str) -> None:
     """Recomputation runs after forward returned; it must reuse the forward's canvas/windows."""
     b = make_batch(batch=1, text_lens=(9,))

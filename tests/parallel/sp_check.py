@@ -1,6 +1,7 @@
 """Run under torchrun with 2 processes: Ulysses sequence parallelism against one process.
 
-For the tiny Wan and HunyuanVideo adapters, dense and STA (and Wan image-to-video with STA), on a canvas whose token count is
+For the tiny Wan, HunyuanVideo and HunyuanVideo 1.5 adapters, dense and STA (and Wan
+image-to-video with STA), on a canvas whose token count is
 odd (so the last shard is padded): the forward output equals the unsharded one, the mean of
 the ranks' parameter gradients equals the unsharded gradient (what DDP/FSDP's averaging
 yields), and the sp-reduced attention-output MSE equals the plain MSE. Prints one JSON line
@@ -86,7 +87,7 @@ def main() -> None:
     world = init_world("cpu")
     dims = ParallelDims(world, sp=world.world_size)
     report = {}
-    for flavor in ("wan_tiny", "hunyuan_tiny"):
+    for flavor in ("wan_tiny", "hunyuan_tiny", "hunyuanvideo15_tiny"):
         for mode in ("full", "sta"):
             report[f"{flavor}/{mode}"] = check(flavor, mode, dims)
     report["wan_i2v_tiny/sta"] = check("wan_i2v_tiny", "sta", dims)

@@ -43,7 +43,9 @@ def test_ulysses_matches_one_process_for_both_adapters(extensions_dir: Path):
     # forward, summed gradients and the sp-reduced attention MSE, with a padded last shard
     report = _torchrun_script("sp_check.py", ext_dir=extensions_dir)
     assert set(report) == {
-        f"{f}/{m}" for f in ("wan_tiny", "hunyuan_tiny") for m in ("full", "sta")
+        f"{f}/{m}"
+        for f in ("wan_tiny", "hunyuan_tiny", "hunyuanvideo15_tiny")
+        for m in ("full", "sta")
     } | {"wan_i2v_tiny/sta"}
     for case, errors in report.items():
         assert errors["output"] < 1e-5, case

@@ -203,6 +203,32 @@ def test_hunyuan_adapter_loads_into_the_hunyuan_pipeline(tmp_path: Path) -> None
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_hunyuanvideo15_adapter_loads_into_its_transformer(tmp_path: Path) -> None:
+    """HunyuanVideo15Pipeline has no LoRA loader (diffusers 0.42): the export loads with
+    ``transformer.load_lora_adapter(path, prefix="transformer", use_safetensors=True)`` into
+    the trained student."""
+    from diffusers import HunyuanVideo15Transformer3DModel
+
+    dit = build_dit("hunyuanvideo15_tiny", window=[3, 3, 3])
+    base = HunyuanVideo15Transformer3DModel(**dict(dit.transformer.config))
+    base.load_state_dict(dit.transformer.state_dict())
+    _random_adapter(dit, tmp_path)
+    base.load_lora_adapter(str(tmp_path), prefix="transformer", use_safetensors=True)
+    enable_sta(base.eval(), tile=TILE, window=[3, 3, 3])
+    x, t, text = noise_of(0), torch.tensor([300.0]), torch.randn(1, 8, 32)
+    mask = torch.arange(8)[None] < 5
+    streams = {  # text-to-video: empty glyph and image streams
+        "encoder_hidden_states_2": torch.zeros(1, 0, 24),
+        "encoder_attention_mask_2": torch.zeros(1, 0, dtype=torch.bool),
+        "image_embeds": torch.zeros(1, 0, 20),
+    }
+    hidden = torch.cat([x, torch.zeros_like(x), torch.zeros_like(x[:, :1])], dim=1)
+    with torch.no_grad():
+        want = dit(x, t, text, mask)
+        got = base(hidden, t, text, mask, return_dict=False, **streams)[0]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)  # the trained adapter is in
+
+
 @pytest.mark.parametrize("family", ["wan", "hunyuan"])
 def test_lora_loads_into_a_pipeline_that_runs_sta(family: str, tmp_path: Path) -> None:
     """``load_lora_weights`` after ``enable_sta``: the adapter reaches the STA layers (the

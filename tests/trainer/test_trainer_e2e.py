@@ -88,9 +88,15 @@ def _final_state(run_dir: Path) -> dict[str, torch.Tensor]:
     return {**model, **{f"ema.{k}": v for k, v in ema.items()}, **moments}
 
 
-def test_resume_is_exact(data_root: Path, tmp_path: Path):
+@pytest.mark.parametrize(
+    "model",
+    [(), ("model=hunyuanvideo15_tiny", "distill.allow_random_teacher=true")],
+    ids=["default", "hunyuanvideo15"],
+)
+def test_resume_is_exact(data_root: Path, tmp_path: Path, model: tuple[str, ...]):
     # distillation (teacher + student) with EMA and accumulation: every piece of state matters
     overrides = (
+        *model,
         "train.steps=6",
         "train.ckpt_every=0",
         "train.ema_decay=0.9",

@@ -1,0 +1,193 @@
+"""HunyuanVideo 1.5 (``hunyuanvideo15_tiny``) against diffusers' own transformer.
+
+The model joins image, ByT5 glyph and Qwen text tokens after the video (valid ones first);
+``VideoDiT`` passes empty glyph and image streams for text-to-video, diffusers' pipeline
+padded ones (256 glyph, 729 image slots; 7 and 9 here): the outputs must agree exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from dit_testing import build, make_batch, run
+
+from stafinetune import enable_sta
+from stafinetune.models import AttentionConfig, ModelConfig, build_model
+from stafinetune.models.dit import cast_like_diffusers
+from stafinetune.models.families import get_family
+
+FLAVOR = "hunyuanvideo15_tiny"
+FULL_WINDOW = [5, 4, 4]  # the (5, 8, 8) canvas in (1, 2, 2) tiles
+GLYPH_SLOTS, IMAGE_SLOTS = 7, 9
+
+
+def original(dit: Any) -> torch.nn.Module:
+    """diffusers' ``HunyuanVideo15Transformer3DModel`` (own processors) with ``dit``'s weights."""
+    from diffusers import HunyuanVideo15Transformer3DModel
+
+    ref = HunyuanVideo15Transformer3DModel(**dict(dit.transformer.config))
+    cast_like_diffusers(ref, dit.dtype)
+    ref.load_state_dict(dit.transformer.state_dict())
+    return ref.eval()
+
+
+def condition(b: dict[str, torch.Tensor], glyph: tuple[int, int], image: bool) -> dict[str, Any]:
+    """Image-to-video conditioning of the batch: first-frame latents and mask, image embeddings
+    (all zero unless ``image``), and ``glyph[i]`` valid ByT5 tokens of ``GLYPH_SLOTS``."""
+    g = torch.Generator().manual_seed(7)
+    latents = b["latents"]
+    mask = torch.zeros_like(latents[:, :1])
+    mask[:, :, 0] = 1.0
+    embeds = torch.randn(latents.shape[0], IMAGE_SLOTS, 20, generator=g) * float(image)
+    return {
+        "image_latents": latents * mask + 0.5,
+        "image_mask": mask,
+        "image_embeds": embeds,
+        "text_2": torch.randn(latents.shape[0], GLYPH_SLOTS, 24, generator=g),
+        "text_2_mask": torch.arange(GLYPH_SLOTS)[None] < torch.tensor(glyph)[:, None],
+    }
+
+
+def pipeline_kwargs(b: dict[str, torch.Tensor], cond: dict[str, Any] | None) -> dict[str, Any]:
+    """The transformer call diffusers' pipelines make: the 65-channel-style input and padded
+    glyph and image streams (all padding for text-to-video)."""
+    latents = b["latents"]
+    if cond is None:  # text-to-video, as HunyuanVideo15Pipeline calls it
+        cond = condition(b, (0, 0), image=False)
+        cond["image_latents"], cond["image_mask"] = latents * 0, latents[:, :1] * 0
+    hidden = torch.cat([latents, cond["image_latents"], cond["image_mask"]], dim=1)
+    return {
+        "hidden_states": hidden,
+        "timestep": b["timestep"],
+        "encoder_hidden_states": b["text"],
+        "encoder_attention_mask": b["text_mask"].long(),
+        "encoder_hidden_states_2": cond["text_2"],
+        "encoder_attention_mask_2": cond["text_2_mask"].long(),
+        "image_embeds": cond["image_embeds"],
+        "return_dict": False,
+    }
+
+
+@pytest.mark.parametrize("mode", ["full", "sta"])
+def test_text_to_video_matches_diffusers(mode: str) -> None:
+    """Dense and full-window STA equal diffusers called as its pipeline calls it."""
+    dit = build(FLAVOR, mode=mode, window=FULL_WINDOW)
+    b = make_batch()
+    with torch.no_grad():
+        expected = original(dit)(**pipeline_kwargs(b, None))[0]
+        got = run(dit, b)
+    assert got.shape == b["latents"].shape == (2, 16, 5, 16, 16)
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["full", "sta"])
+def test_image_and_glyph_streams_match_diffusers(mode: str) -> None:
+    """Image latents, image embeddings and glyph text enter as diffusers takes them; the joint
+    sequence holds video, then 9 image + 3 or 5 glyph + 16 or 9 text tokens, valid first."""
+    dit = build(FLAVOR, mode=mode, window=FULL_WINDOW)
+    b = make_batch()
+    cond = condition(b, (3, 5), image=True)
+    with torch.no_grad():
+        expected = original(dit)(**pipeline_kwargs(b, cond))[0]
+        with dit.capture(layers=[0]) as store:
+            got = run(dit, b, condition=cond)
+        t2v = run(dit, b)
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+    assert store.text_len.tolist() == [9 + 3 + 16, 9 + 5 + 9]
+    assert store[0].shape == (2, 320 + IMAGE_SLOTS + GLYPH_SLOTS + 16, 4, 16)
+    assert store[0][1, 320 + 23 :].abs().max() == 0  # padding query rows are zero
+    assert (got - t2v).abs().max() > 1e-3  # the conditioning is used
+
+
+def test_sparse_windows_through_the_bare_transformer_equal_videodit() -> None:
+    """STA bound to a plain diffusers transformer (as ``enable_sta`` does) reads the text
+    lengths from the pipeline's padded streams: the same windows give ``VideoDiT``'s output."""
+    window = [3, 1, 3]
+    dit = build(FLAVOR, mode="sta", window=window)
+    b = make_batch()
+    cond = condition(b, (3, 5), image=True)
+    bare = original(dit)
+    enable_sta(bare, tile=[1, 2, 2], window=window, backend="reference")
+    with torch.no_grad():
+        ours = run(dit, b, condition=cond)
+        pipeline = bare(**pipeline_kwargs(b, cond))[0]
+        dense = original(dit)(**pipeline_kwargs(b, cond))[0]
+    torch.testing.assert_close(pipeline, ours, atol=2e-5, rtol=1e-4)
+    assert (pipeline - dense).abs().max() > 1e-3  # the windows are sparse
+
+
+def test_bf16_dense_is_bit_exact() -> None:
+    """In bf16 (inputs and timestep in the model's dtype, as the pipeline passes them)."""
+    torch.manual_seed(0)
+    dit = build_model(
+        ModelConfig(flavor=FLAVOR), AttentionConfig(mode="full"), dtype=torch.bfloat16
+    )
+    b = make_batch()
+    inputs = {
+        k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v
+        for k, v in pipeline_kwargs(b, None).items()
+    }
+    with torch.no_grad():
+        expected = original(dit)(**inputs)[0]
+        got = run(dit, b)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, expected)
+
+
+def test_autocast_keeps_the_timestep_in_float32() -> None:
+    """Under autocast a bf16 model sees the float32 timestep (a distillation's bf16 teacher
+    and fp32 student, the same noise level); 813 and 812 are one bf16 value."""
+    torch.manual_seed(0)
+    dit = build_model(
+        ModelConfig(flavor=FLAVOR), AttentionConfig(mode="full"), dtype=torch.bfloat16
+    )
+    b = make_batch(batch=1, text_lens=(9,))
+    outs = []
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for t in (812.0, 813.0):
+            outs.append(run(dit, {**b, "timestep": torch.tensor([t])}))
+        rounded = run(dit, {**b, "timestep": torch.tensor([813.0]).bfloat16().float()})
+    assert not torch.equal(outs[0], outs[1]) and torch.equal(rounded, outs[0])
+
+
+def test_family_layout() -> None:
+    dit = build(FLAVOR, mode="sta", window=[3, 3, 3])
+    family = get_family("hunyuanvideo15")
+    assert dit.num_layers == 2 and dit.in_channels == 16 and dit.text_dim == 32
+    assert dit.pooled_dim is None and dit.patch_size == (1, 2, 2)
+    blocks = family.blocks(dit.transformer)
+    assert blocks[0] is dit.transformer.context_embedder.token_refiner.refiner_blocks[0]
+    assert blocks[1:] == list(dit.transformer.transformer_blocks)
+
+
+def test_condition_errors_name_the_tensor() -> None:
+    dit = build(FLAVOR, mode="sta", window=[3, 3, 3])
+    b = make_batch()
+    cond = condition(b, (3, 5), image=True)
+    with pytest.raises(ValueError, match="unknown HunyuanVideo 1.5 condition tensors"):
+        run(dit, b, condition={"clip": b["latents"]})
+    with pytest.raises(ValueError, match="image_latents and image_mask together"):
+        run(dit, b, condition={"image_latents": cond["image_latents"]})
+    with pytest.raises(ValueError, match="image_mask"):
+        run(dit, b, condition={**cond, "image_mask": cond["image_mask"][:, :, :1]})
+    with pytest.raises(ValueError, match="takes no condition tensors"):
+        run(build("wan_tiny"), b, condition={"image_embeds": cond["image_embeds"]})
+
+
+@pytest.mark.parametrize(
+    "flavor", ["hunyuanvideo15_480p_t2v", "hunyuanvideo15_720p_t2v", "hunyuanvideo15_720p_i2v"]
+)
+def test_published_flavors_build_on_meta(flavor: str) -> None:
+    """The 8.3B model: 54 STA layers of 16 heads x 128, 32 latent channels, a 1x1x1 patch."""
+    dit = build_model(
+        ModelConfig(flavor=flavor),
+        AttentionConfig(tile=[6, 8, 8]),
+        device="meta",
+        dtype=torch.bfloat16,
+    )
+    params = sum(p.numel() for p in dit.parameters()) / 1e9
+    assert (dit.num_layers, dit.num_heads, dit.head_dim, dit.in_channels) == (54, 16, 128, 32)
+    assert 8.2 < params < 8.4 and dit.text_dim == 3584 and dit.pooled_dim is None
+    assert dit.canvas_for((32, 31, 30, 53)) == (31, 30, 53)  # 121 frames at 480x848
+    assert all(p.is_meta for p in dit.parameters())

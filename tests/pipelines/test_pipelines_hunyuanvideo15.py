@@ -1,0 +1,136 @@
+"""``enable_sta`` in a real diffusers ``HunyuanVideo15Pipeline`` of tiny random parts.
+
+The pipeline gets its text (Qwen) and glyph (ByT5) states as embeddings, so no tokenizer runs;
+it adds its own 729 all-zero image tokens. fp32 on the CPU with the reference STA backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from pipeline_testing import FULL_WINDOW, TILE, CallRecorder, build_dit, step_strategy, student
+
+from stafinetune import disable_sta, enable_sta
+from stafinetune.models.dit import cast_like_diffusers
+from stafinetune.models.families import get_family
+
+FLAVOR = "hunyuanvideo15_tiny"
+STEPS = 3
+TIGHT = {"atol": 1e-5, "rtol": 1e-5}
+
+
+def hunyuanvideo15_pipeline(transformer: torch.nn.Module, guidance_scale: float) -> Any:
+    """A ``HunyuanVideo15Pipeline`` around ``transformer``: tiny Qwen2.5-VL and T5 text
+    encoders (their dtype is all the pipeline reads when given embeddings), a tiny
+    ``AutoencoderKLHunyuanVideo15`` (8x spatial, 4x temporal), classifier-free guidance."""
+    from diffusers import (
+        AutoencoderKLHunyuanVideo15,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideo15Pipeline,
+    )
+    from diffusers.guiders import ClassifierFreeGuidance
+    from transformers import Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, T5Config, T5EncoderModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(11)
+        qwen = Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig(
+            vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+            num_attention_heads=4, num_key_value_heads=4,
+        )).eval()  # fmt: skip
+        t5 = T5EncoderModel(T5Config(vocab_size=32, d_model=24, d_kv=6, d_ff=48, num_layers=1,
+                                     num_heads=4)).eval()  # fmt: skip
+        vae = AutoencoderKLHunyuanVideo15(
+            latent_channels=16, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+            spatial_compression_ratio=8,
+        ).eval()  # fmt: skip
+    pipe = HunyuanVideo15Pipeline(
+        text_encoder=qwen, tokenizer=None, transformer=transformer, vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0), text_encoder_2=t5, tokenizer_2=None,
+        guider=ClassifierFreeGuidance(guidance_scale=guidance_scale),
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def prompts() -> dict[str, torch.Tensor]:
+    """Prompt and negative-prompt embeddings: 12 text slots (8 and 4 valid) and 6 glyph slots
+    (3 and 0 valid)."""
+    g = torch.Generator().manual_seed(4)
+    mask = lambda n, valid: (torch.arange(n)[None] < valid).float()  # noqa: E731
+    return {
+        "prompt_embeds": torch.randn(1, 12, 32, generator=g),
+        "prompt_embeds_mask": mask(12, 8),
+        "prompt_embeds_2": torch.randn(1, 6, 24, generator=g),
+        "prompt_embeds_mask_2": mask(6, 3),
+        "negative_prompt_embeds": torch.randn(1, 12, 32, generator=g),
+        "negative_prompt_embeds_mask": mask(12, 4),
+        "negative_prompt_embeds_2": torch.zeros(1, 6, 24),
+        "negative_prompt_embeds_mask_2": mask(6, 0),
+    }
+
+
+def generate(pipe: Any, seed: int = 0) -> torch.Tensor:
+    """Latents (1, 16, 5, 16, 16): 17 frames of 128 x 128."""
+    return pipe(num_frames=17, height=128, width=128, num_inference_steps=STEPS,
+                generator=torch.Generator().manual_seed(seed), output_type="latent",
+                **prompts()).frames  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def setup() -> dict[str, Any]:
+    """The dense guided pipeline and its output."""
+    from diffusers import HunyuanVideo15Transformer3DModel
+
+    dit = build_dit(FLAVOR, mode="full")
+    transformer = HunyuanVideo15Transformer3DModel(**dict(dit.transformer.config))
+    cast_like_diffusers(transformer, dit.dtype)
+    transformer.load_state_dict(dit.transformer.state_dict())
+    pipe = hunyuanvideo15_pipeline(transformer.eval(), guidance_scale=5.0)
+    return {"pipe": pipe, "dense": generate(pipe)}
+
+
+@pytest.fixture
+def pipe(setup: dict[str, Any]) -> Iterator[Any]:
+    yield setup["pipe"]
+    disable_sta(setup["pipe"])
+
+
+def test_full_windows_equal_the_dense_pipeline(setup: dict[str, Any], pipe: Any) -> None:
+    enable_sta(pipe, tile=TILE, window=FULL_WINDOW, backend="reference")
+    torch.testing.assert_close(generate(pipe), setup["dense"], **TIGHT)
+    enable_sta(pipe, tile=TILE, window=[3, 1, 3], backend="reference")
+    sparse = generate(pipe)
+    assert (sparse - setup["dense"]).abs().max() > 1e-3
+    disable_sta(pipe)
+    layers = get_family("hunyuanvideo15").sta_layers(pipe.transformer)
+    assert all(type(a.processor).__name__ == "HunyuanVideo15AttnProcessor2_0" for a in layers)
+    assert torch.equal(generate(pipe), setup["dense"])
+
+
+def test_per_step_windows_follow_the_guided_loop(pipe: Any, tmp_path: Path) -> None:
+    """Each of the pipeline's guided calls (cond, uncond: 729 image slots, glyph tokens)
+    equals ``VideoDiT`` on the same inputs, at that call's step, with compact streams."""
+    path = tmp_path / "mask_strategy.json"
+    step_strategy(STEPS).save(path)
+    enable_sta(pipe, strategy=path, dense_first_steps=1, backend="reference")
+    recorder = CallRecorder(pipe.transformer)
+    generate(pipe, seed=3)
+    recorder.remove()
+    assert len(recorder.calls) == 2 * STEPS
+    dit = student(FLAVOR, path, dense_first_steps=1)
+    for i, call in enumerate(recorder.calls):
+        hidden, mask_2 = call["hidden_states"], call["encoder_attention_mask_2"].bool()
+        valid = int(mask_2.sum())
+        condition = {
+            "image_latents": hidden[:, 16:32], "image_mask": hidden[:, 32:],
+            "text_2": call["encoder_hidden_states_2"][:, :valid], "text_2_mask": mask_2[:, :valid],
+        }  # fmt: skip
+        with torch.no_grad():
+            out = dit(hidden[:, :16], call["timestep"], call["encoder_hidden_states"],
+                          call["encoder_attention_mask"].bool(), step_index=i // 2,
+                          condition=condition)  # fmt: skip
+        torch.testing.assert_close(out, call["output"], **TIGHT, msg=f"call {i}")
