@@ -23,6 +23,7 @@ from stafinetune.data import DataConfig, TrainLoader, build_train_loader, prepar
 from stafinetune.errors import user_errors
 from stafinetune.models import AttentionConfig, ModelConfig, VideoDiT, build_model
 from stafinetune.models.dit import cast_like_diffusers, model_patch_size, token_canvas
+from stafinetune.models.experts import model_parts
 from stafinetune.parallel import ParallelDims
 
 log = logging.getLogger(__name__)
@@ -183,7 +184,8 @@ def build_seeded(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         dit = build_model(model_cfg, attention_cfg, device="cpu", dtype=torch.float32)
-    cast_like_diffusers(dit.transformer, dtype)  # keeps diffusers' fp32 modules
+    for part in model_parts(dit).values():  # one transformer, or two experts
+        cast_like_diffusers(part.transformer, dtype)  # keeps diffusers' fp32 modules
     return dit.to(device)
 
 
