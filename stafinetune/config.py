@@ -428,6 +428,12 @@ class JobConfig:
             f"parallel.sp={self.parallel.sp} runs the teacher under the same sequence split, so "
             f"distill.teacher_device must be same, got {self.distill.teacher_device!r}",
         )
+        _check(
+            not (self.model.expert == "low" and self.train.lora_merge_export),
+            "train.lora_merge_export writes export/transformer, the high-noise expert's folder; "
+            "with model.expert=low export the adapter alone and load it with diffusers' "
+            "load_lora_weights(..., load_into_transformer_2=True)",
+        )
         if self.model.expert == "both":  # one ExpertDiT student (stafinetune/models/experts.py)
             both = "model.expert=both (one student routing samples to two experts) supports"
             _check(self.distill.method == "per_step",

@@ -50,6 +50,7 @@ from stafinetune.diffusion.sampling import (
 )
 from stafinetune.errors import UserError
 from stafinetune.models import AttentionConfig, ModelConfig, VideoDiT
+from stafinetune.models.experts import window_plans
 from stafinetune.models.profiling import AttentionTimer
 from stafinetune.parallel.world import resolve_device
 
@@ -422,7 +423,8 @@ def sample_model(
         )  # fmt: skip
         grid = data_cfg.latent_grids()[0]  # (T, H, W) of the data's first bucket
         canvas = dit.canvas_for(grid)
-        dit.plan.check_run_canvases([canvas], "sampling uses")
+        for plan in window_plans(dit).values():  # each expert's of a two-expert model
+            plan.check_run_canvases([canvas], "sampling uses")
         text_encoder, video_encoder = build_text_encoder(data_cfg), build_video_encoder(data_cfg)
         check_encoders_fit(dit, text_encoder, video_encoder, data_cfg, model_cfg)
         videos = generate(
@@ -440,7 +442,7 @@ def sample_model(
         "attention": describe_attention(
             attention_cfg, weights, dense_first_steps=dit.attention_cfg.dense_first_steps
         ),
-        "video_density": mean_density(dit, canvas, schedule.steps),
+        "video_density": mean_density(dit, canvas, schedule),
         "dense_first_steps": dit.attention_cfg.dense_first_steps,
         "steps": schedule.steps,
         "sigmas": list(schedule.sigmas),

@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -28,13 +29,14 @@ from torch import nn
 
 from .attention import ActivationStore
 from .config import AttentionConfig, ModelConfig
-from .dit import VideoDiT, save_transformer_state
+from .dit import VideoDiT, resolve_transformer_dir, save_transformer_state
 from .windows import WindowPlan
 
 NUM_TRAIN_TIMESTEPS = 1000
 # the diffusers pipeline folder of each expert, and the mask strategy an export writes for it
 EXPERT_FOLDERS = {"high": "transformer", "low": "transformer_2"}
 STRATEGY_FILES = {"transformer": "mask_strategy.json", "transformer_2": "mask_strategy_2.json"}
+_EXPERT_OF = {folder: expert for expert, folder in EXPERT_FOLDERS.items()}
 
 
 def expert_sigma_range(expert: str | None, boundary_ratio: float | None) -> tuple[float, float]:
@@ -71,7 +73,9 @@ class ExpertDiT(nn.Module):
 
     def __init__(self, high: VideoDiT, low: VideoDiT, boundary_ratio: float) -> None:
         super().__init__()
-        if dict(high.transformer.config) != dict(low.transformer.config):
+        shape = [{k: v for k, v in dict(e.transformer.config).items() if not k.startswith("_")}
+                 for e in (high, low)]  # fmt: skip
+        if shape[0] != shape[1]:
             raise ValueError("the two experts of a two-expert model must share one config")
         if not 0.0 < boundary_ratio < 1.0:
             raise ValueError(f"boundary_ratio must lie in (0, 1), got {boundary_ratio}")
@@ -207,17 +211,18 @@ class ExpertDiT(nn.Module):
         write_model_index(path, self.boundary_ratio)
 
 
-def model_parts(dit: nn.Module) -> dict[str, VideoDiT]:
-    """Each transformer of a model by its pipeline folder: ``{"transformer": dit}`` for a
-    ``VideoDiT``, both experts (``transformer``, ``transformer_2``) for an ``ExpertDiT``."""
+def model_parts(dit: nn.Module, expert: str | None = None) -> dict[str, VideoDiT]:
+    """Each transformer of a model by its pipeline folder: both experts (``transformer``,
+    ``transformer_2``) of an ``ExpertDiT``; for a ``VideoDiT`` ``{"transformer": dit}``, or
+    ``{"transformer_2": dit}`` when it is the low-noise expert (``expert="low"``)."""
     if isinstance(dit, ExpertDiT):
         return {folder: dit.experts[e] for e, folder in EXPERT_FOLDERS.items()}  # type: ignore[misc]
-    return {"transformer": dit}  # type: ignore[dict-item]
+    return {EXPERT_FOLDERS.get(expert or "high", "transformer"): dit}  # type: ignore[dict-item]
 
 
-def window_plans(dit: nn.Module) -> dict[str, WindowPlan]:
+def window_plans(dit: nn.Module, expert: str | None = None) -> dict[str, WindowPlan]:
     """The window plan of each transformer of ``dit`` (see :func:`model_parts`)."""
-    return {folder: part.plan for folder, part in model_parts(dit).items()}
+    return {folder: part.plan for folder, part in model_parts(dit, expert).items()}
 
 
 def write_model_index(path: str | os.PathLike[str], boundary_ratio: float) -> None:
@@ -245,19 +250,31 @@ def write_model_index(path: str | os.PathLike[str], boundary_ratio: float) -> No
 
 
 def save_model_state(
-    dit: nn.Module, state: dict[str, torch.Tensor], path: str | os.PathLike[str]
+    dit: nn.Module,
+    state: dict[str, torch.Tensor],
+    path: str | os.PathLike[str],
+    model_cfg: ModelConfig,
 ) -> None:
-    """``save_transformer_state`` for one transformer or both experts: the weights ``state``
-    (keys as in ``dit.state_dict()``) as diffusers folders under ``path`` (``transformer/``,
-    and for two experts ``transformer_2/`` plus ``model_index.json``)."""
-    if not isinstance(dit, ExpertDiT):
-        save_transformer_state(dit, state, os.path.join(path, "transformer"))  # type: ignore[arg-type]
+    """``save_transformer_state`` for every transformer of a run's model: the weights
+    ``state`` (keys as in ``dit.state_dict()``) as diffusers folders under ``path``.
+
+    A one-transformer model writes ``transformer/``. A two-expert flavor writes the trained
+    expert(s) into their folders (``transformer/`` high, ``transformer_2/`` low), copies an
+    expert the run did not train from ``model.path`` (when set), and writes the pipeline's
+    ``model_index.json`` with the boundary, so the folder loads as a ``WanPipeline``.
+    """
+    parts = model_parts(dit, model_cfg.expert)
+    for folder, part in parts.items():
+        prefix = "" if len(parts) == 1 else f"experts.{_EXPERT_OF[folder]}."
+        weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        save_transformer_state(part, weights, os.path.join(path, folder))
+    if model_cfg.expert is None:
         return
-    for expert, folder in EXPERT_FOLDERS.items():
-        prefix = f"experts.{expert}."
-        part = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-        save_transformer_state(dit.experts[expert], part, os.path.join(path, folder))  # type: ignore[arg-type]
-    write_model_index(path, dit.boundary_ratio)
+    for folder in set(EXPERT_FOLDERS.values()) - set(parts):
+        if model_cfg.path is not None:  # the base model's other expert, as it is
+            shutil.copytree(resolve_transformer_dir(model_cfg.path, folder),
+                            os.path.join(path, folder), dirs_exist_ok=True)  # fmt: skip
+    write_model_index(path, float(model_cfg.boundary_ratio))  # type: ignore[arg-type]
 
 
 def build_experts(
@@ -288,3 +305,11 @@ def expert_noise(model_cfg: ModelConfig) -> dict[str, Any]:
     if model_cfg.expert == "both":
         return {"boundary": float(model_cfg.boundary_ratio)}  # type: ignore[arg-type]
     return {"sigma_range": expert_sigma_range(model_cfg.expert, model_cfg.boundary_ratio)}
+
+
+def plan_at(dit: nn.Module, timestep: float) -> WindowPlan:
+    """The window plan of the transformer that denoises ``timestep`` (in [0, 1000]): the
+    model's own, or that of the expert owning it."""
+    if isinstance(dit, ExpertDiT):
+        return (dit.high if timestep >= dit.boundary_timestep else dit.low).plan
+    return dit.plan  # type: ignore[return-value]

@@ -153,7 +153,7 @@ class Trainer:
         seed_rng(tcfg.seed)
         with user_errors():  # model.path, attention windows and train.trainable
             self.student = build_student(job, self.device)
-            for plan in window_plans(self.student).values():
+            for plan in window_plans(self.student, job.model.expert).values():
                 plan.check_run_canvases(self.data.canvases, "this run trains on")
             apply_trainable(self.student, tcfg)  # freezes the rest (or adds a LoRA adapter)
             # a LoRA student's frozen base is its teacher (adapter off): no second copy
@@ -328,7 +328,8 @@ class Trainer:
         total = sum(n for n, _ in sizes)
         trainable = sum(n for n, grad in sizes if grad)
         att, canvas = self.job.attention, self.data.export_canvas
-        plans = [p.train for p in window_plans(self.student).values() if p.train is not None]
+        plans = window_plans(self.student, self.job.model.expert).values()
+        plans = [p.train for p in plans if p.train is not None]
         if att.mode == "sta" and plans:
             windows = torch.cat([w.reshape(-1, 3) for w in plans])  # every expert's heads
             dens = density(canvas, att.tile, windows).mean()
@@ -526,9 +527,9 @@ class Trainer:
             if self.job.train.trainable == "lora":  # from the gathered weights: FSDP2 shards
                 export_lora(self.student, out, merge=self.job.train.lora_merge_export, state=full)
             else:  # transformer/ (and a two-expert model's transformer_2/)
-                save_model_state(self.student, full, out)
+                save_model_state(self.student, full, out, self.job.model)
             if self.job.attention.mode == "sta":
-                for folder, plan in window_plans(self.student).items():
+                for folder, plan in window_plans(self.student, self.job.model.expert).items():
                     self._export_strategy(plan, out / STRATEGY_FILES[folder])
             info = {"step": self.step, "ema": self.ema is not None,
                     "config": resolved_dict(self.job)}  # fmt: skip

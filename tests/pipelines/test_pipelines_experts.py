@@ -1,0 +1,119 @@
+"""Wan 2.2 two-expert sampling: our ``ExpertDiT`` against diffusers' ``WanPipeline`` with
+``transformer_2`` and ``boundary_ratio`` (dense, full-window STA, per-expert windows), and a
+two-expert export loading back into that pipeline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from pipeline_testing import (
+    FULL_WINDOW,
+    TILE,
+    conditioning,
+    generate,
+    noise_of,
+    plain_copy,
+    step_strategy,
+    wan_pipeline,
+)
+
+from stafinetune import enable_sta
+from stafinetune.diffusion.sampling import sample_latents
+from stafinetune.inference.weights import Weights, load_model
+from stafinetune.models import AttentionConfig, ModelConfig, build_model
+from stafinetune.models.experts import ExpertDiT
+
+STEPS = 4
+BOUNDARY = 0.6  # timesteps 1000, 750 on the high-noise expert; 500, 250 on the low-noise one
+TIGHT = {"atol": 1e-5, "rtol": 1e-5}
+MODEL = ModelConfig(flavor="wan22_tiny_experts", boundary_ratio=BOUNDARY)
+
+
+def experts(**attention: Any) -> ExpertDiT:
+    """The tiny two-expert model with seed-0 weights (high expert built first)."""
+    torch.manual_seed(0)
+    dit = build_model(MODEL, AttentionConfig(backend="reference", **attention))
+    assert isinstance(dit, ExpertDiT)
+    return dit
+
+
+@pytest.fixture(scope="module")
+def pipe_and_cond() -> tuple[Any, dict[str, Any]]:
+    """A dense ``WanPipeline`` whose ``transformer`` / ``transformer_2`` are the experts."""
+    dense = experts(mode="full")
+    pipe = wan_pipeline(plain_copy(dense.high), STEPS, transformer_2=plain_copy(dense.low),
+                        boundary_ratio=BOUNDARY)  # fmt: skip
+    return pipe, conditioning(pipe)
+
+
+def ours(dit: ExpertDiT, cond: dict[str, Any], seed: int) -> torch.Tensor:
+    return sample_latents(dit, noise_of(seed), cond["text"], cond["text_mask"], steps=STEPS)
+
+
+@pytest.mark.parametrize("attention", [{"mode": "full"}, {"tile": TILE, "window": FULL_WINDOW}])
+def test_experts_switch_at_the_boundary_as_diffusers(
+    pipe_and_cond: tuple[Any, dict[str, Any]], attention: dict[str, Any]
+) -> None:
+    pipe, cond = pipe_and_cond
+    expected = generate(pipe, STEPS, seed=3)
+    torch.testing.assert_close(ours(experts(**attention), cond, 3), expected, **TIGHT)
+    # the switch matters: the high-noise expert alone samples something else
+    alone = sample_latents(experts(mode="full").high, noise_of(3), cond["text"],
+                           cond["text_mask"], steps=STEPS)  # fmt: skip
+    assert not torch.allclose(alone, expected, atol=1e-3)
+
+
+def test_each_expert_samples_with_its_own_windows(
+    pipe_and_cond: tuple[Any, dict[str, Any]], tmp_path: Path
+) -> None:
+    """``strategy_path`` / ``strategy_path_2`` in a ``VideoDiT``-style model equal
+    ``enable_sta(strategy=..., strategy_2=...)`` in the pipeline, step by step."""
+    pipe, cond = pipe_and_cond
+    high, low = tmp_path / "high.json", tmp_path / "low.json"
+    step_strategy(STEPS, seed=5).save(high)
+    step_strategy(STEPS, seed=6).save(low)
+    dit = experts(tile=TILE, strategy_path=str(high), strategy_path_2=str(low))
+    enable_sta(pipe, strategy=high, strategy_2=low, backend="reference")
+    try:
+        expected = generate(pipe, STEPS, seed=4)
+    finally:
+        from stafinetune import disable_sta
+
+        disable_sta(pipe)
+    torch.testing.assert_close(ours(dit, cond, 4), expected, **TIGHT)
+    same = experts(tile=TILE, strategy_path=str(high))  # the low expert with the high's windows
+    assert not torch.allclose(ours(same, cond, 4), expected, atol=1e-4)
+
+
+def test_a_two_expert_export_loads_into_wan_pipeline(
+    pipe_and_cond: tuple[Any, dict[str, Any]], tmp_path: Path
+) -> None:
+    """``save_pretrained`` writes transformer/, transformer_2/ and model_index.json with the
+    boundary: ``WanPipeline.from_pretrained`` takes it with the user's other components, and
+    ``load_model`` of the export samples the same latents."""
+    from diffusers import WanPipeline
+
+    base, cond = pipe_and_cond
+    export = tmp_path / "export"
+    trained = experts(tile=TILE, window=[3, 1, 3])
+    trained.save_pretrained(export)
+    for name, expert in (("mask_strategy.json", trained.high), ("mask_strategy_2.json", trained.low)):
+        from stafinetune.models import MaskStrategy
+
+        MaskStrategy.from_plan(expert.plan, canvas=[5, 8, 8], tile=TILE).save(export / name)
+    pipe = WanPipeline.from_pretrained(
+        export, vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+        scheduler=base.scheduler,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.config.boundary_ratio == BOUNDARY and pipe.transformer_2 is not None
+    enable_sta(pipe, strategy=export / "mask_strategy.json",
+               strategy_2=export / "mask_strategy_2.json", backend="reference")  # fmt: skip
+    loaded = load_model(MODEL, AttentionConfig(backend="reference"), Weights("export", export),
+                        steps=STEPS, device=torch.device("cpu"), dtype=torch.float32)  # fmt: skip
+    assert isinstance(loaded, ExpertDiT) and loaded.low.attention_cfg.strategy_path is not None
+    torch.testing.assert_close(ours(loaded, cond, 2), generate(pipe, STEPS, seed=2), **TIGHT)
+    torch.testing.assert_close(ours(loaded, cond, 2), ours(trained, cond, 2), **TIGHT)
