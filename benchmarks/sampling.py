@@ -33,8 +33,10 @@ Suites:
                 the same 1:2 mix), 117 frames 720x1280: canvas 30x48x80 + 256 text tokens.
                 The goal reported against: an STA step >= 3x faster than a dense step here.
     wan720      Wan 2.1 T2V 1.3B (all 30 blocks), 81 frames 720x1280: canvas 21x45x80.
+    wan22_ti2v720  Wan 2.2 TI2V-5B (all 30 blocks) in text-to-video mode, 121 frames 704x1280
+                through its 16x VAE: canvas 31x22x40, 6x3x5 tiles of 6x8x8.
 
-    PYTHONPATH=kernels:. python benchmarks/sampling.py                  # ~1.5 min on an H200
+    PYTHONPATH=kernels:. python benchmarks/sampling.py                  # ~1.5 min on an H200 before wan22_ti2v720
     PYTHONPATH=kernels:. python benchmarks/sampling.py --cost-table benchmarks/results/dispatch_table.json
     PYTHONPATH=kernels:. python benchmarks/sampling.py --smoke           # CPU, tiny models: checks the script
 """
@@ -89,6 +91,10 @@ SUITES = {
                         "hunyuanvideo_13b", (30, 96, 160), 256,
                         {"num_layers": 2, "num_single_layers": 4}),
     "wan720": Suite("Wan 2.1 1.3B, 720p", "wan2.1_t2v_1.3b", (21, 90, 160), 512),
+    # 6 x 3 x 5 tiles: a window of 3 tiles spans the whole height
+    "wan22_ti2v720": Suite("Wan 2.2 TI2V-5B, 720p", "wan2.2_ti2v_5b", (31, 44, 80), 512,
+                           windows=((3, 3, 3), (3, 2, 3)),
+                           candidates=((3, 2, 3), (3, 3, 3), (9, 9, 9))),
 }  # fmt: skip
 
 SMOKE_SUITES = {
@@ -96,6 +102,9 @@ SMOKE_SUITES = {
                         windows=((3, 1, 3),), candidates=((3, 1, 3), (1, 2, 2), (9, 9, 9))),
     "wan720": Suite("wan_tiny (smoke)", "wan_tiny", (5, 16, 16), 16, tile=(1, 2, 2),
                     windows=((3, 1, 3),), candidates=((3, 1, 3), (1, 2, 2), (9, 9, 9))),
+    "wan22_ti2v720": Suite("wan22_tiny_ti2v (smoke)", "wan22_tiny_ti2v", (5, 16, 16), 16,
+                           tile=(1, 2, 2), windows=((3, 1, 3),),
+                           candidates=((3, 1, 3), (1, 2, 2), (9, 9, 9))),
 }  # fmt: skip
 
 
@@ -303,7 +312,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--suites", default="hunyuan720,wan720", help=f"from {list(SUITES)}")
+    parser.add_argument("--suites", default="hunyuan720,wan720,wan22_ti2v720",
+                        help=f"from {list(SUITES)}")  # fmt: skip
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--dense-first-steps", type=int, default=10)
     parser.add_argument("--fewstep", default="1,2,4", help="few-step students' step counts")

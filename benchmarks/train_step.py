@@ -26,6 +26,9 @@ checkpoint compiled as one region) as extra rows. Suites:
                 117 frames 720x1280: canvas 30x48x80 (115,200 tokens) + 256 text tokens
     compile     Wan 2.1 1.3B with 1 block at 720p: the distillation step eager vs compiled
                 (one block keeps inductor's compile time inside the run's budget)
+    wan22_ti2v720  Wan 2.2 TI2V-5B-shaped, 10 of its 30 full-width blocks (the whole model's
+                fp32 weights and AdamW state would not fit one GPU), text-to-video, 121 frames
+                704x1280 through the 16x VAE: canvas 31x22x40 (27,280 tokens)
 
 Reported per row: median step time, video tokens per second, peak memory (since the row's
 first step, with the optimiser state), and the attention share of one timed step
@@ -33,7 +36,7 @@ first step, with the optimiser state), and the attention share of one timed step
 attention modules, forward, recomputation and backward; not measured under compile).
 Windows are one triple for every layer and head (default 3x3x3 tiles of 6x8x8 tokens).
 
-    PYTHONPATH=kernels:. python benchmarks/train_step.py                 # all suites, ~6 min on an H200
+    PYTHONPATH=kernels:. python benchmarks/train_step.py                 # all suites (~6 min on an H200 before wan22_ti2v720, unmeasured)
     PYTHONPATH=kernels:. python benchmarks/train_step.py --suites wan720 --policies selective
     PYTHONPATH=kernels:. python benchmarks/train_step.py --smoke          # CPU, tiny models: checks the script
 """
@@ -102,6 +105,8 @@ SUITES = {
                         {"num_layers": 2, "num_single_layers": 2}),
     "compile": Suite("Wan 2.1 1.3B-shaped, 1 block, 720p", "wan2.1_t2v_1.3b", (21, 90, 160), 512,
                      {"num_layers": 1}, compile_only=True),
+    "wan22_ti2v720": Suite("Wan 2.2 TI2V-5B-shaped, 10 of 30 blocks, 720p", "wan2.2_ti2v_5b",
+                           (31, 44, 80), 512, {"num_layers": 10}),
 }  # fmt: skip
 
 # --smoke: the same code paths on tiny models on the CPU (reference STA, aot_eager compile)
@@ -111,6 +116,8 @@ SMOKE_SUITES = {
     "hunyuan720": Suite("hunyuan_tiny (smoke)", "hunyuan_tiny", (5, 16, 16), 16, tile=(1, 2, 2)),
     "compile": Suite("wan_tiny 1 block (smoke)", "wan_tiny", (5, 16, 16), 16, {"num_layers": 1},
                      tile=(1, 2, 2), compile_only=True),
+    "wan22_ti2v720": Suite("wan22_tiny_ti2v (smoke)", "wan22_tiny_ti2v", (5, 16, 16), 16,
+                           tile=(1, 2, 2)),
 }  # fmt: skip
 
 KINDS = ("dense", "sta", "teacher", "distill", "dmd2")
@@ -402,7 +409,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--suites",
-        default="wan480,wan720,hunyuan720,compile",
+        default="wan480,wan720,hunyuan720,compile,wan22_ti2v720",
         help=f"comma-separated, from {list(SUITES)}",
     )
     parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, from {KINDS}")

@@ -50,21 +50,22 @@ class Weights:
     kind: str
     path: Path | None = None
 
-    @property
-    def strategy(self) -> Path | None:
-        """An export's ``mask_strategy.json`` (the windows it was trained with), if any."""
+    def _export_file(self, name: str) -> Path | None:
+        """The file ``name`` of an export folder, if it has one."""
         if self.kind == "export" and self.path is not None:
-            file = self.path / "mask_strategy.json"
+            file = self.path / name
             return file if file.is_file() else None
         return None
 
     @property
+    def strategy(self) -> Path | None:
+        """An export's ``mask_strategy.json`` (the windows it was trained with), if any."""
+        return self._export_file("mask_strategy.json")
+
+    @property
     def strategy_2(self) -> Path | None:
         """A two-expert export's ``mask_strategy_2.json`` (the low-noise expert's windows)."""
-        if self.kind == "export" and self.path is not None:
-            file = self.path / "mask_strategy_2.json"
-            return file if file.is_file() else None
-        return None
+        return self._export_file("mask_strategy_2.json")
 
     @property
     def sampling(self) -> dict[str, Any] | None:

@@ -124,6 +124,11 @@ class ExpertDiT(nn.Module):
         """Token canvas (T/pt, H/ph, W/pw) of latents shaped (..., T, H, W)."""
         return self.high.canvas_for(latent_shape)
 
+    def is_high(self, timestep: torch.Tensor | float) -> torch.Tensor:
+        """Whether the high-noise expert denoises each timestep (a float32 comparison, as
+        the timesteps the model is called with)."""
+        return torch.as_tensor(timestep, dtype=torch.float32) >= self.boundary_timestep
+
     def set_attention(self, attention_cfg: AttentionConfig) -> None:
         """Switch both experts' attention (``strategy_path_2`` goes to the low-noise expert)."""
         for expert in ("high", "low"):
@@ -151,7 +156,7 @@ class ExpertDiT(nn.Module):
         """
         batch = latents.shape[0]
         t = torch.as_tensor(timestep, device=latents.device).float().expand(batch)  # (B,)
-        is_high = t >= self.boundary_timestep  # (B,)
+        is_high = self.is_high(t)  # (B,)
         if bool(is_high.all()) or not bool(is_high.any()):
             expert = self.high if bool(is_high[0]) else self.low
             return expert(latents, t, text, text_mask, pooled_text, step_index=step_index)
@@ -311,5 +316,30 @@ def plan_at(dit: nn.Module, timestep: float) -> WindowPlan:
     """The window plan of the transformer that denoises ``timestep`` (in [0, 1000]): the
     model's own, or that of the expert owning it."""
     if isinstance(dit, ExpertDiT):
-        return (dit.high if timestep >= dit.boundary_timestep else dit.low).plan
+        return (dit.high if bool(dit.is_high(timestep)) else dit.low).plan
     return dit.plan  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def dense_plans(dit: nn.Module, source: str) -> Iterator[None]:
+    """Every transformer of ``dit`` attends densely inside the block (its window plans are
+    put back after); ``source`` names who asked, for error messages."""
+    parts = model_parts(dit)
+    saved = [part.plan for part in parts.values()]
+    for part in parts.values():
+        part.plan = WindowPlan(train=None, source=source)
+    try:
+        yield
+    finally:
+        for part, plan in zip(parts.values(), saved, strict=True):
+            part.plan = plan
+
+
+def expert_steps(dit: nn.Module, sigmas: Sequence[float]) -> dict[str, list[int]]:
+    """The denoising steps (indices into the levels ``sigmas``) each transformer of ``dit``
+    runs, by pipeline folder: all of them for a one-transformer model."""
+    if not isinstance(dit, ExpertDiT):
+        return {"transformer": list(range(len(sigmas)))}
+    high = [i for i, s in enumerate(sigmas) if bool(dit.is_high(float(s) * NUM_TRAIN_TIMESTEPS))]
+    low = [i for i in range(len(sigmas)) if i not in high]
+    return {"transformer": high, "transformer_2": low}

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -89,3 +90,35 @@ def test_one_expert_trains_on_its_range_from_its_folder(
     trained = load_file(str(result.last_checkpoint / "model.safetensors"))
     assert all(torch.equal(v, trained[k]) for k, v in loaded.low.state_dict().items())
     assert all(torch.equal(v, base.high.state_dict()[k]) for k, v in loaded.high.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (("parallel=fsdp2",), "model.expert=both .* supports parallel.strategy=ddp"),
+        (("train.trainable=lora",), "neither train.trainable=lora nor model.compile=true"),
+        (("distill=dmd2",), "supports distill.method=per_step"),
+        (("model.expert=low", "train.trainable=lora", "train.lora_merge_export=true"),
+         "load_into_transformer_2=True"),
+        (("model.expert=high", "model.boundary_ratio=0"), r"model.boundary_ratio must lie in \(0, 1\)"),
+    ],
+)
+def test_expert_options_are_checked_at_start_up(overrides: tuple[str, ...], message: str) -> None:
+    from stafinetune.config import compose_job_config
+
+    with pytest.raises(ValueError, match=message):
+        compose_job_config([*EXPERTS, *overrides])
+
+
+def test_ti2v_data_geometry_follows_the_16x_vae() -> None:
+    """``data.video_encoder=wan2.2`` (TI2V-5B's VAE): 121 frames of 704x1280 -> latents
+    31x44x80 -> the published 720p canvas 31x22x40; sizes must be multiples of 16."""
+    from stafinetune.data import DataConfig
+    from stafinetune.models.dit import token_canvas
+
+    data = DataConfig(source="folder", manifest="/clips.jsonl", video_encoder="wan2.2",
+                      video_encoder_path="/vae", num_frames=121, height=704, width=1280)  # fmt: skip
+    assert data.latent_grids() == [(31, 44, 80)]
+    assert token_canvas(data.latent_grids()[0], (1, 2, 2)) == (31, 22, 40)
+    with pytest.raises(ValueError, match="is not a multiple of 16"):
+        DataConfig(video_encoder="wan2.2", video_encoder_path="/vae", height=488, width=832)
