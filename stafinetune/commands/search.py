@@ -73,7 +73,7 @@ def summary(
         "",
         f"run directory     {run_dir}",
         f"mask strategy     {paths['strategy']}",
-        *([f"low expert's     {paths['strategy_2']}"] if "strategy_2" in paths else []),
+        *([f"mask strategy 2   {paths['strategy_2']}"] if "strategy_2" in paths else []),
         f"report            {paths['markdown']}",
         f"heatmap           {paths['heatmap']}",
     ]
