@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from sta_kernels import density
 from stafinetune.data import DataConfig
 from stafinetune.data.encoders import TextEncoder
+from stafinetune.diffusion.sampling import Schedule
 from stafinetune.models import (
     AttentionConfig,
     MaskStrategy,
@@ -31,7 +32,6 @@ from stafinetune.models import (
     build_model,
     get_flavor,
 )
-from stafinetune.diffusion.sampling import Schedule
 from stafinetune.models.experts import ExpertDiT, plan_at
 from stafinetune.safety import safetensors_problem
 from stafinetune.training.checkpoint import latest_checkpoint
@@ -217,9 +217,7 @@ def describe_attention(
     return f"STA, {where}" + (f", first {dense} steps dense" if dense else "")
 
 
-def mean_density(
-    dit: VideoDiT | ExpertDiT, canvas: Sequence[int], schedule: Schedule
-) -> float:
+def mean_density(dit: VideoDiT | ExpertDiT, canvas: Sequence[int], schedule: Schedule) -> float:
     """Attended fraction of the video query/key pairs, mean over layers, heads and the
     schedule's denoising steps (1.0 for dense attention and dense steps); a two-expert model
     counts each step with the windows of the expert that runs it."""

@@ -153,9 +153,7 @@ FLAVORS: dict[str, Flavor] = {
         boundary_ratio=0.875,
     ),
     # Tests: two wan_tiny-shaped experts with a boundary in the middle of the noise range.
-    "wan22_tiny_experts": Flavor(
-        "wan22_tiny_experts", "wan", dict(_WAN_TINY), boundary_ratio=0.5
-    ),
+    "wan22_tiny_experts": Flavor("wan22_tiny_experts", "wan", dict(_WAN_TINY), boundary_ratio=0.5),
     # Tests: a TI2V-5B-like tiny model with 48 latent channels.
     "wan22_tiny_ti2v": Flavor(
         "wan22_tiny_ti2v", "wan", {**_WAN_TINY, "in_channels": 48, "out_channels": 48}

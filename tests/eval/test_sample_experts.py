@@ -28,7 +28,10 @@ def test_a_two_expert_export_samples_with_each_experts_windows(tmp_path: Path) -
     trained.low.set_attention(AttentionConfig(tile=TILE, window=[1, 1, 1]))
     export = tmp_path / "export"
     trained.save_pretrained(export)
-    for name, expert in (("mask_strategy.json", trained.high), ("mask_strategy_2.json", trained.low)):
+    for name, expert in (
+        ("mask_strategy.json", trained.high),
+        ("mask_strategy_2.json", trained.low),
+    ):
         MaskStrategy.from_plan(expert.plan, canvas=[5, 8, 8], tile=TILE).save(export / name)
     prompts = ["a red circle moving left"]
     sample = SampleConfig(steps=4, device="cpu", precision="fp32", warmup=False, seed=3)
@@ -38,8 +41,9 @@ def test_a_two_expert_export_samples_with_each_experts_windows(tmp_path: Path) -
     )  # fmt: skip
     high, low = (float(density((5, 8, 8), tuple(TILE), w)) for w in ([3, 3, 3], [1, 1, 1]))
     assert settings["video_density"] == pytest.approx((3 * high + low) / 4)
-    assert json.loads((tmp_path / "out" / "samples.json").read_text())["video_density"] == (
-        settings["video_density"]
+    assert (
+        json.loads((tmp_path / "out" / "samples.json").read_text())["video_density"]
+        == (settings["video_density"])
     )
     text, mask, pooled = build_text_encoder(DataConfig()).encode(prompts)
     trained.low.attention = trained.high.attention  # as the loaded model shares it

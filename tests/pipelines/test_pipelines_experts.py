@@ -100,7 +100,10 @@ def test_a_two_expert_export_loads_into_wan_pipeline(
     export = tmp_path / "export"
     trained = experts(tile=TILE, window=[3, 1, 3])
     trained.save_pretrained(export)
-    for name, expert in (("mask_strategy.json", trained.high), ("mask_strategy_2.json", trained.low)):
+    for name, expert in (
+        ("mask_strategy.json", trained.high),
+        ("mask_strategy_2.json", trained.low),
+    ):
         from stafinetune.models import MaskStrategy
 
         MaskStrategy.from_plan(expert.plan, canvas=[5, 8, 8], tile=TILE).save(export / name)

@@ -29,7 +29,9 @@ def test_noise_levels_stay_in_the_expert_range() -> None:
     _, low = draw_noise(x0, cfg, gen, sigma_range=(0.0, 0.875))
     assert high.min() >= 0.875 and low.max() <= 0.875
     # ``both``: every micro-batch on one side, each side drawn as often as its noise mass
-    sides = [bool(draw_noise(x0[:4], cfg, gen, boundary=0.875)[1].ge(0.875).all()) for _ in range(400)]
+    sides = [
+        bool(draw_noise(x0[:4], cfg, gen, boundary=0.875)[1].ge(0.875).all()) for _ in range(400)
+    ]
     full = draw_noise(torch.zeros(20000, 1, 1, 1, 1), cfg, gen)[1]
     assert abs(sum(sides) / 400 - float(full.ge(0.875).float().mean())) < 0.06
     for _ in range(20):
@@ -47,7 +49,10 @@ def test_both_experts_resume_exactly(tiny_job: Callable[..., JobConfig], tmp_pat
     assert second.losses == straight.losses[1:]
     a, b = (ckpt.latest_checkpoint(tmp_path / r / "checkpoints") for r in ("straight", "resumed"))
     for name in ("model", "ema"):
-        sa, sb = load_file(str(a / f"{name}.safetensors")), load_file(str(b / f"{name}.safetensors"))
+        sa, sb = (
+            load_file(str(a / f"{name}.safetensors")),
+            load_file(str(b / f"{name}.safetensors")),
+        )
         assert sa.keys() == sb.keys() and any(k.startswith("experts.low.") for k in sa)
         assert all(torch.equal(sa[k], sb[k]) for k in sa), name
     # both experts trained (one per micro-batch, each as often as its noise mass)
@@ -59,7 +64,9 @@ def test_both_experts_resume_exactly(tiny_job: Callable[..., JobConfig], tmp_pat
 def _initial(key: str) -> torch.Tensor:
     """The seed-0 initial weight ``key`` of the tiny experts (the trainer's ``train.seed``)."""
     torch.manual_seed(0)
-    return build_model(ModelConfig(flavor="wan22_tiny_experts"), AttentionConfig()).state_dict()[key]
+    return build_model(ModelConfig(flavor="wan22_tiny_experts"), AttentionConfig()).state_dict()[
+        key
+    ]
 
 
 def test_one_expert_trains_on_its_range_from_its_folder(
@@ -89,7 +96,9 @@ def test_one_expert_trains_on_its_range_from_its_folder(
                          AttentionConfig())  # fmt: skip
     trained = load_file(str(result.last_checkpoint / "model.safetensors"))
     assert all(torch.equal(v, trained[k]) for k, v in loaded.low.state_dict().items())
-    assert all(torch.equal(v, base.high.state_dict()[k]) for k, v in loaded.high.state_dict().items())
+    assert all(
+        torch.equal(v, base.high.state_dict()[k]) for k, v in loaded.high.state_dict().items()
+    )
 
 
 @pytest.mark.parametrize(
@@ -98,9 +107,14 @@ def test_one_expert_trains_on_its_range_from_its_folder(
         (("parallel=fsdp2",), "model.expert=both .* supports parallel.strategy=ddp"),
         (("train.trainable=lora",), "neither train.trainable=lora nor model.compile=true"),
         (("distill=dmd2",), "supports distill.method=per_step"),
-        (("model.expert=low", "train.trainable=lora", "train.lora_merge_export=true"),
-         "load_into_transformer_2=True"),
-        (("model.expert=high", "model.boundary_ratio=0"), r"model.boundary_ratio must lie in \(0, 1\)"),
+        (
+            ("model.expert=low", "train.trainable=lora", "train.lora_merge_export=true"),
+            "load_into_transformer_2=True",
+        ),
+        (
+            ("model.expert=high", "model.boundary_ratio=0"),
+            r"model.boundary_ratio must lie in \(0, 1\)",
+        ),
     ],
 )
 def test_expert_options_are_checked_at_start_up(overrides: tuple[str, ...], message: str) -> None:
