@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from stafinetune.build import use_bf16, validation_batches
@@ -50,7 +51,7 @@ from stafinetune.diffusion.sampling import (
 )
 from stafinetune.errors import UserError
 from stafinetune.models import AttentionConfig, ModelConfig, VideoDiT
-from stafinetune.models.experts import window_plans
+from stafinetune.models.experts import ExpertDiT, window_plans
 from stafinetune.models.profiling import AttentionTimer
 from stafinetune.parallel.world import resolve_device
 
@@ -94,7 +95,10 @@ class SampleConfig:
         steps: model evaluations of the ``euler`` / ``stochastic`` schedules.
         shift: timestep shift of the schedule (Wan: 3 to 5 at 480p-720p).
         guidance_scale: classifier-free guidance scale; 1 disables it (one forward a step).
-            The tiny teacher was trained without caption dropout: keep 1 for it.
+            The tiny teacher was trained without caption dropout: keep 1 for it. A two-expert
+            model (Wan 2.2 A14B) uses it for the high-noise expert's steps.
+        guidance_scale_2: two-expert models only: the low-noise expert's guidance scale, as
+            diffusers' ``WanPipeline(guidance_scale_2=...)``; None: ``guidance_scale``.
         negative_prompt: the unconditional prompt of guidance ("" for plain CFG).
         seed: prompt ``k`` is sampled from noise seeded with ``seed + k``.
         device: ``auto`` (cuda when available), ``cpu``, ``cuda`` or ``cuda:N``.
@@ -113,6 +117,7 @@ class SampleConfig:
     guidance_scale: float = 1.0
     negative_prompt: str = ""
     seed: int = 0
+    guidance_scale_2: Optional[float] = None
     device: str = "auto"
     precision: str = "auto"
     warmup: bool = True
@@ -129,6 +134,10 @@ class SampleConfig:
         _check(
             self.guidance_scale >= 0,
             f"sample.guidance_scale must be >= 0, got {self.guidance_scale}",
+        )
+        _check(
+            self.guidance_scale_2 is None or self.guidance_scale_2 >= 0,
+            f"sample.guidance_scale_2 must be >= 0 or null, got {self.guidance_scale_2}",
         )
         _check(
             self.device in ("auto", "cpu") or re.fullmatch(r"cuda(:\d+)?", self.device) is not None,
@@ -256,6 +265,59 @@ def sampling_schedule(sample_cfg: SampleConfig, weights: Weights) -> Schedule:
     return Schedule.flow(sample_cfg.steps, sample_cfg.shift, stochastic=stochastic)
 
 
+class ExpertGuidance(nn.Module):
+    """Classifier-free guidance of a two-expert model with one scale per expert, as diffusers'
+    ``WanPipeline`` guides the high-noise expert with ``guidance_scale`` and the low-noise one
+    with ``guidance_scale_2``. Called like the model; every sample of a call must belong to
+    one expert (a sampler's batch shares its timestep).
+
+    Args:
+        dit: the two-expert model.
+        negative: the negative prompt's ``(text, text_mask, pooled_text)``.
+        scale, scale_2: the high-noise and the low-noise expert's guidance scales.
+    """
+
+    def __init__(
+        self,
+        dit: ExpertDiT,
+        negative: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        scale: float,
+        scale_2: float,
+    ) -> None:
+        super().__init__()
+        self.dit = dit
+        self.high = ClassifierFreeGuidance(dit, negative, scale)
+        self.low = ClassifierFreeGuidance(dit, negative, scale_2)
+
+    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, *args: Any,
+                **kwargs: Any) -> torch.Tensor:  # fmt: skip
+        """The guided velocity (B, C, T, H, W) of noisy ``latents`` at ``timestep`` (B,) of
+        one expert; the other arguments as ``ClassifierFreeGuidance``'s."""
+        is_high = self.dit.is_high(timestep.float().cpu())
+        if bool(is_high.any()) != bool(is_high.all()):
+            raise ValueError("ExpertGuidance needs every sample of a call on one expert")
+        guide = self.high if bool(is_high.all()) else self.low
+        return guide(latents, timestep, *args, **kwargs)
+
+
+def expert_guidance(
+    dit: nn.Module,
+    negative: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    scale: float,
+    scale_2: float | None,
+) -> nn.Module:
+    """Classifier-free guidance at ``scale``; with ``scale_2`` (two-expert models only) the
+    low-noise expert's steps take that scale (``ExpertGuidance``)."""
+    if scale_2 is None:
+        return ClassifierFreeGuidance(dit, negative, scale)
+    if not isinstance(dit, ExpertDiT):
+        raise ValueError(
+            "sample.guidance_scale_2 is the low-noise expert's guidance of a two-expert model "
+            "(model.flavor=wan2.2_t2v_a14b); leave it null for this model"
+        )
+    return ExpertGuidance(dit, negative, scale, scale_2)
+
+
 def prompt_noise(shape: Sequence[int], seed: int) -> torch.Tensor:
     """The starting latents (1, *shape) of a prompt: CPU normal noise from ``seed``."""
     gen = torch.Generator().manual_seed(seed)
@@ -264,7 +326,7 @@ def prompt_noise(shape: Sequence[int], seed: int) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(
-    dit: VideoDiT,
+    dit: VideoDiT | ExpertDiT,
     prompts: Sequence[str],
     text_encoder: TextEncoder,
     *,
@@ -277,6 +339,7 @@ def generate(
     warmup: bool = True,
     progress: bool = True,
     desc: str = "sampling",
+    guidance_scale_2: float | None = None,
 ) -> list[GeneratedVideo]:
     """Sample one video per prompt; prompt ``k`` starts from noise seeded with ``seed + k``.
 
@@ -288,6 +351,7 @@ def generate(
             stochastic schedule's fresh noise for prompt ``k`` comes from its own generator,
             seeded from ``seed + k`` too.
         guidance_scale, negative_prompt: classifier-free guidance (1: off).
+        guidance_scale_2: a two-expert model's low-noise expert's scale (None: the same).
         bf16: bf16 autocast (CUDA only).
         warmup: sample the first prompt once, untimed, first.
     Returns:
@@ -301,7 +365,7 @@ def generate(
             f"sample.negative_prompt={negative_prompt!r} encodes to no text token, which "
             "HunyuanVideo cannot take: use a text encoder that adds a BOS token, or another prompt"
         )
-    model = ClassifierFreeGuidance(dit, negative, guidance_scale)
+    model = expert_guidance(dit, negative, guidance_scale, guidance_scale_2)
     autocast_bf16 = bf16 and device.type == "cuda"
     timer = AttentionTimer([dit.attention], device)
 
@@ -431,6 +495,7 @@ def sample_model(
             dit, prompts, text_encoder,
             latent_shape=(dit.in_channels, *grid), seed=sample_cfg.seed, schedule=schedule,
             guidance_scale=sample_cfg.guidance_scale,
+            guidance_scale_2=sample_cfg.guidance_scale_2,
             negative_prompt=sample_cfg.negative_prompt, bf16=bf16, warmup=sample_cfg.warmup,
             progress=progress, desc=name,
         )  # fmt: skip
@@ -448,6 +513,7 @@ def sample_model(
         "sigmas": list(schedule.sigmas),
         "stochastic": schedule.stochastic,
         "guidance_scale": sample_cfg.guidance_scale,
+        "guidance_scale_2": sample_cfg.guidance_scale_2,
         "negative_prompt": sample_cfg.negative_prompt,
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),

@@ -49,3 +49,14 @@ def test_a_two_expert_export_samples_with_each_experts_windows(tmp_path: Path) -
     trained.low.attention = trained.high.attention  # as the loaded model shares it
     expected = sample_latents(trained, prompt_noise(LATENT_SHAPE, 3), text, mask, pooled, steps=4)
     torch.testing.assert_close(videos[0].latents, expected[0], atol=1e-5, rtol=1e-5)
+
+
+def test_guidance_scale_2_is_for_two_expert_models() -> None:
+    from stafinetune.inference.generate import expert_guidance
+
+    negative = (torch.zeros(1, 4, 32), torch.ones(1, 4, dtype=torch.bool), torch.zeros(1, 32))
+    with pytest.raises(ValueError, match="sample.guidance_scale_2 is the low-noise expert's"):
+        expert_guidance(build_model(ModelConfig(flavor="wan_tiny"), AttentionConfig()), negative,
+                        2.0, 3.0)  # fmt: skip
+    with pytest.raises(ValueError, match="sample.guidance_scale_2 must be >= 0 or null"):
+        SampleConfig(guidance_scale_2=-1.0)

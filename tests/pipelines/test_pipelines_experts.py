@@ -120,3 +120,27 @@ def test_a_two_expert_export_loads_into_wan_pipeline(
     assert isinstance(loaded, ExpertDiT) and loaded.low.attention_cfg.strategy_path is not None
     torch.testing.assert_close(ours(loaded, cond, 2), generate(pipe, STEPS, seed=2), **TIGHT)
     torch.testing.assert_close(ours(loaded, cond, 2), ours(trained, cond, 2), **TIGHT)
+
+
+def test_each_expert_guided_at_its_own_scale_as_diffusers(
+    pipe_and_cond: tuple[Any, dict[str, Any]],
+) -> None:
+    """``sample.guidance_scale`` / ``guidance_scale_2``: the high-noise expert's steps guided
+    at one scale, the low-noise expert's at the other, as ``WanPipeline`` does."""
+    from pipeline_testing import NEGATIVE, TEXT_LEN
+
+    from stafinetune.inference.generate import expert_guidance
+
+    pipe, cond = pipe_and_cond
+    with torch.no_grad():
+        neg, _ = pipe.encode_prompt(NEGATIVE, do_classifier_free_guidance=False,
+                                    max_sequence_length=TEXT_LEN)  # fmt: skip
+    negative = (neg, neg.abs().sum(-1) > 0, torch.zeros(1, 1))
+    expected = generate(pipe, STEPS, seed=6, guidance_scale=2.0, guidance_scale_2=4.0,
+                        negative_prompt=NEGATIVE)  # fmt: skip
+    guided = expert_guidance(experts(mode="full"), negative, 2.0, 4.0)
+    got = sample_latents(guided, noise_of(6), cond["text"], cond["text_mask"], steps=STEPS)
+    torch.testing.assert_close(got, expected, **TIGHT)
+    one_scale = expert_guidance(experts(mode="full"), negative, 2.0, None)
+    plain = sample_latents(one_scale, noise_of(6), cond["text"], cond["text_mask"], steps=STEPS)
+    assert not torch.allclose(plain, expected, atol=1e-3)
