@@ -144,3 +144,22 @@ def test_each_expert_guided_at_its_own_scale_as_diffusers(
     one_scale = expert_guidance(experts(mode="full"), negative, 2.0, None)
     plain = sample_latents(one_scale, noise_of(6), cond["text"], cond["text_mask"], steps=STEPS)
     assert not torch.allclose(plain, expected, atol=1e-3)
+
+
+def test_strategy_2_needs_a_two_expert_pipeline_and_the_same_tile(
+    pipe_and_cond: tuple[Any, dict[str, Any]], tmp_path: Path
+) -> None:
+    from stafinetune.models import MaskStrategy
+
+    pipe, _ = pipe_and_cond
+    path = tmp_path / "s.json"
+    step_strategy(STEPS).save(path)
+    with pytest.raises(ValueError, match="a pipeline with transformer and transformer_2"):
+        enable_sta(pipe.transformer, strategy=path, strategy_2=path)
+    other = MaskStrategy.from_tensor(torch.ones(1, 2, 4, 3, dtype=torch.int64), canvas=[5, 8, 8],
+                                     tile=[1, 1, 1], candidates=[[1, 1, 1]])  # fmt: skip
+    with pytest.raises(ValueError, match=r"differs from strategy='s \[1, 2, 2\]"):
+        enable_sta(pipe, strategy=path, strategy_2=other)
+    assert all(
+        getattr(t, "_stafinetune_sta", None) is None for t in (pipe.transformer, pipe.transformer_2)
+    )
