@@ -21,7 +21,7 @@ import dataclasses
 import json
 import os
 import shutil
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -265,8 +265,9 @@ def save_model_state(
 
     A one-transformer model writes ``transformer/``. A two-expert flavor writes the trained
     expert(s) into their folders (``transformer/`` high, ``transformer_2/`` low), copies an
-    expert the run did not train from ``model.path`` (when set), and writes the pipeline's
-    ``model_index.json`` with the boundary, so the folder loads as a ``WanPipeline``.
+    expert the run did not train from ``model.path`` (when set), and once both are there writes
+    the pipeline's ``model_index.json`` with the boundary, so the folder loads as a
+    ``WanPipeline``.
     """
     parts = model_parts(dit, model_cfg.expert)
     for folder, part in parts.items():
@@ -275,17 +276,19 @@ def save_model_state(
         save_transformer_state(part, weights, os.path.join(path, folder))
     if model_cfg.expert is None:
         return
-    for folder in set(EXPERT_FOLDERS.values()) - set(parts):
-        if model_cfg.path is not None:  # the base model's other expert, as it is
-            shutil.copytree(resolve_transformer_dir(model_cfg.path, folder),
-                            os.path.join(path, folder), dirs_exist_ok=True)  # fmt: skip
+    missing = set(EXPERT_FOLDERS.values()) - set(parts)
+    if missing and model_cfg.path is None:  # random weights: the other expert is nowhere
+        return
+    for folder in missing:  # the base model's other expert, as it is
+        shutil.copytree(resolve_transformer_dir(model_cfg.path, folder),
+                        os.path.join(path, folder), dirs_exist_ok=True)  # fmt: skip
     write_model_index(path, float(model_cfg.boundary_ratio))  # type: ignore[arg-type]
 
 
 def build_experts(
     model_cfg: ModelConfig,
     attention_cfg: AttentionConfig,
-    build_one: Any,
+    build_one: Callable[[str, AttentionConfig], VideoDiT],
 ) -> VideoDiT | ExpertDiT:
     """The model of a two-expert flavor as ``model.expert`` says: one expert (``high`` /
     ``low``, a ``VideoDiT``) or both (an ``ExpertDiT``).
