@@ -163,3 +163,35 @@ def test_strategy_2_needs_a_two_expert_pipeline_and_the_same_tile(
     assert all(
         getattr(t, "_stafinetune_sta", None) is None for t in (pipe.transformer, pipe.transformer_2)
     )
+
+
+@pytest.mark.parametrize("attention", [{"mode": "full"}, {"tile": TILE, "window": FULL_WINDOW}])
+def test_ti2v_text_to_video_samples_as_wan_pipeline(
+    pipe_and_cond: tuple[Any, dict[str, Any]], attention: dict[str, Any]
+) -> None:
+    """Wan 2.2 TI2V-5B's text-to-video mode: a 48-channel model and ``WanPipeline`` with
+    ``expand_timesteps`` (one timestep per token) over a 16x VAE; our sampler (one timestep
+    per sample) gives the same latents, dense and with full STA windows."""
+    from diffusers import AutoencoderKLWan, WanPipeline
+
+    base, cond = pipe_and_cond
+    torch.manual_seed(0)
+    dit = build_model(ModelConfig(flavor="wan22_tiny_ti2v"),
+                      AttentionConfig(backend="reference", **attention))  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        vae = AutoencoderKLWan(base_dim=8, z_dim=48, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                               latents_mean=[0.0] * 48, latents_std=[1.0] * 48,
+                               scale_factor_spatial=16).eval()  # fmt: skip
+    torch.manual_seed(0)
+    dense = build_model(ModelConfig(flavor="wan22_tiny_ti2v"), AttentionConfig(mode="full"))
+    pipe = WanPipeline(tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=vae,
+                       transformer=plain_copy(dense), scheduler=base.scheduler,
+                       expand_timesteps=True)  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe("a red circle moving left slowly", num_frames=17, height=256, width=256,
+                    num_inference_steps=STEPS, guidance_scale=1.0, max_sequence_length=12,
+                    generator=torch.Generator().manual_seed(1), output_type="latent").frames  # fmt: skip
+    noise = torch.randn((1, 48, 5, 16, 16), generator=torch.Generator().manual_seed(1))
+    got = sample_latents(dit, noise, cond["text"], cond["text_mask"], steps=STEPS)
+    torch.testing.assert_close(got, expected, **TIGHT)
