@@ -35,8 +35,10 @@ Suites:
     wan720      Wan 2.1 T2V 1.3B (all 30 blocks), 81 frames 720x1280: canvas 21x45x80.
     hv15_720p   HunyuanVideo 1.5 T2V 8.3B (all 54 blocks), 121 frames 720x1280: canvas
                 31x45x80 + 256 text tokens (not in the default --suites).
+    wan22_ti2v720  Wan 2.2 TI2V-5B (all 30 blocks) in text-to-video mode, 121 frames 704x1280
+                through its 16x VAE: canvas 31x22x40, 6x3x5 tiles of 6x8x8.
 
-    PYTHONPATH=kernels:. python benchmarks/sampling.py                  # ~1.5 min on an H200
+    PYTHONPATH=kernels:. python benchmarks/sampling.py                  # ~1.5 min on an H200 before wan22_ti2v720
     PYTHONPATH=kernels:. python benchmarks/sampling.py --cost-table benchmarks/results/dispatch_table.json
     PYTHONPATH=kernels:. python benchmarks/sampling.py --suites hv15_720p  # HunyuanVideo 1.5
     PYTHONPATH=kernels:. python benchmarks/sampling.py --smoke           # CPU, tiny models: checks the script
@@ -93,6 +95,10 @@ SUITES = {
                         {"num_layers": 2, "num_single_layers": 4}),
     "wan720": Suite("Wan 2.1 1.3B, 720p", "wan2.1_t2v_1.3b", (21, 90, 160), 512),
     "hv15_720p": Suite("HunyuanVideo 1.5 8.3B, 720p", "hunyuanvideo15_720p_t2v", (31, 45, 80), 256),
+    # 6 x 3 x 5 tiles: a window of 3 tiles spans the whole height
+    "wan22_ti2v720": Suite("Wan 2.2 TI2V-5B, 720p", "wan2.2_ti2v_5b", (31, 44, 80), 512,
+                           windows=((3, 3, 3), (3, 2, 3)),
+                           candidates=((3, 2, 3), (3, 3, 3), (9, 9, 9))),
 }  # fmt: skip
 
 SMOKE_SUITES = {
@@ -103,6 +109,9 @@ SMOKE_SUITES = {
     "hv15_720p": Suite("hunyuanvideo15_tiny (smoke)", "hunyuanvideo15_tiny", (5, 16, 16), 16,
                        tile=(1, 2, 2), windows=((3, 1, 3),),
                        candidates=((3, 1, 3), (1, 2, 2), (9, 9, 9))),
+    "wan22_ti2v720": Suite("wan22_tiny_ti2v (smoke)", "wan22_tiny_ti2v", (5, 16, 16), 16,
+                           tile=(1, 2, 2), windows=((3, 1, 3),),
+                           candidates=((3, 1, 3), (1, 2, 2), (9, 9, 9))),
 }  # fmt: skip
 
 
@@ -310,7 +319,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--suites", default="hunyuan720,wan720", help=f"from {list(SUITES)}")
+    parser.add_argument("--suites", default="hunyuan720,wan720,wan22_ti2v720",
+                        help=f"from {list(SUITES)}")  # fmt: skip
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--dense-first-steps", type=int, default=10)
     parser.add_argument("--fewstep", default="1,2,4", help="few-step students' step counts")

@@ -29,6 +29,9 @@ checkpoint compiled as one region) as extra rows. Suites:
     hv15_720p   HunyuanVideo 1.5 8.3B-shaped, 4 of its 54 full-width dual-stream blocks,
                 121 frames 720x1280: canvas 31x45x80 (111,600 tokens) + 256 text tokens
                 (not in the default --suites)
+    wan22_ti2v720  Wan 2.2 TI2V-5B-shaped, 10 of its 30 full-width blocks (the whole model's
+                fp32 weights and AdamW state would not fit one GPU), text-to-video, 121 frames
+                704x1280 through the 16x VAE: canvas 31x22x40 (27,280 tokens)
 
 Reported per row: median step time, video tokens per second, peak memory (since the row's
 first step, with the optimiser state), and the attention share of one timed step
@@ -36,7 +39,7 @@ first step, with the optimiser state), and the attention share of one timed step
 attention modules, forward, recomputation and backward; not measured under compile).
 Windows are one triple for every layer and head (default 3x3x3 tiles of 6x8x8 tokens).
 
-    PYTHONPATH=kernels:. python benchmarks/train_step.py                 # all suites, ~6 min on an H200
+    PYTHONPATH=kernels:. python benchmarks/train_step.py                 # all suites (~6 min on an H200 before wan22_ti2v720, unmeasured)
     PYTHONPATH=kernels:. python benchmarks/train_step.py --suites wan720 --policies selective
     PYTHONPATH=kernels:. python benchmarks/train_step.py --suites hv15_720p  # HunyuanVideo 1.5
     PYTHONPATH=kernels:. python benchmarks/train_step.py --smoke          # CPU, tiny models: checks the script
@@ -108,6 +111,8 @@ SUITES = {
                      {"num_layers": 1}, compile_only=True),
     "hv15_720p": Suite("HunyuanVideo 1.5 8.3B-shaped, 4 of 54 full-width blocks, 720p",
                        "hunyuanvideo15_720p_t2v", (31, 45, 80), 256, {"num_layers": 4}),
+    "wan22_ti2v720": Suite("Wan 2.2 TI2V-5B-shaped, 10 of 30 blocks, 720p", "wan2.2_ti2v_5b",
+                           (31, 44, 80), 512, {"num_layers": 10}),
 }  # fmt: skip
 
 # --smoke: the same code paths on tiny models on the CPU (reference STA, aot_eager compile)
@@ -119,6 +124,8 @@ SMOKE_SUITES = {
                      tile=(1, 2, 2), compile_only=True),
     "hv15_720p": Suite("hunyuanvideo15_tiny (smoke)", "hunyuanvideo15_tiny", (5, 16, 16), 16,
                        tile=(1, 2, 2)),
+    "wan22_ti2v720": Suite("wan22_tiny_ti2v (smoke)", "wan22_tiny_ti2v", (5, 16, 16), 16,
+                           tile=(1, 2, 2)),
 }  # fmt: skip
 
 KINDS = ("dense", "sta", "teacher", "distill", "dmd2")
@@ -410,7 +417,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--suites",
-        default="wan480,wan720,hunyuan720,compile",
+        default="wan480,wan720,hunyuan720,compile,wan22_ti2v720",
         help=f"comma-separated, from {list(SUITES)}",
     )
     parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, from {KINDS}")

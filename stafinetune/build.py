@@ -28,6 +28,7 @@ from stafinetune.models.dit import (
     model_patch_size,
     token_canvas,
 )
+from stafinetune.models.experts import model_parts
 from stafinetune.models.families import ImageDims
 from stafinetune.parallel import ParallelDims
 
@@ -219,7 +220,8 @@ def build_seeded(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         dit = build_model(model_cfg, attention_cfg, device="cpu", dtype=torch.float32)
-    cast_like_diffusers(dit.transformer, dtype)  # keeps diffusers' fp32 modules
+    for part in model_parts(dit).values():  # one transformer, or two experts
+        cast_like_diffusers(part.transformer, dtype)  # keeps diffusers' fp32 modules
     return dit.to(device)
 
 

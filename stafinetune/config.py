@@ -429,6 +429,30 @@ class JobConfig:
             f"parallel.sp={self.parallel.sp} runs the teacher under the same sequence split, so "
             f"distill.teacher_device must be same, got {self.distill.teacher_device!r}",
         )
+        _check(
+            not (self.model.expert == "low" and self.train.lora_merge_export),
+            "train.lora_merge_export writes export/transformer, the high-noise expert's folder; "
+            "with model.expert=low export the adapter alone and load it with diffusers' "
+            "load_lora_weights(..., load_into_transformer_2=True)",
+        )
+        if self.model.expert == "both":  # one ExpertDiT student (stafinetune/models/experts.py)
+            both = "model.expert=both (one student routing samples to two experts) supports"
+            _check(
+                self.distill.method == "per_step",
+                f"{both} distill.method=per_step, got {self.distill.method!r}; train one "
+                "expert at a time (model.expert=high / low) for few-step methods",
+            )
+            _check(
+                self.parallel.strategy == "ddp" and self.parallel.sp == 1,
+                f"{both} parallel.strategy=ddp with parallel.sp=1, got "
+                f"{self.parallel.strategy} with sp={self.parallel.sp}; train one expert at a "
+                "time (model.expert=high / low) to shard it",
+            )
+            _check(
+                self.train.trainable != "lora" and not self.model.compile,
+                f"{both} neither train.trainable=lora nor model.compile=true; train one "
+                "expert at a time (model.expert=high / low) for those",
+            )
         _check_offload(self)
 
 

@@ -73,6 +73,7 @@ def summary(
         "",
         f"run directory     {run_dir}",
         f"mask strategy     {paths['strategy']}",
+        *([f"mask strategy 2   {paths['strategy_2']}"] if "strategy_2" in paths else []),
         f"report            {paths['markdown']}",
         f"heatmap           {paths['heatmap']}",
     ]
@@ -85,7 +86,8 @@ def summary(
         f"{dens['train']:.4f} train windows",
         f"search time       {report['timing']['wall_s']:.1f} s wall, "
         f"{report['timing']['cpu_s']:.1f} s CPU",
-        f"train with        stafinetune-train attention.strategy_path={paths['strategy']}",
+        f"train with        stafinetune-train attention.strategy_path={paths['strategy']}"
+        + (f" attention.strategy_path_2={paths['strategy_2']}" if "strategy_2" in paths else ""),
     ]
     return "\n".join(lines)
 

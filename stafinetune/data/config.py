@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 SOURCES = ("synthetic", "folder", "hf_dataset")
-VIDEO_ENCODERS = ("tiny", "wan", "hunyuan")
+VIDEO_ENCODERS = ("tiny", "wan", "hunyuan", "wan2.2")
 TEXT_ENCODERS = ("tiny", "umt5", "hunyuan")
 IMAGE_ENCODERS = ("tiny", "clip")
 CACHE_DTYPES = ("float32", "bfloat16", "float16")
@@ -32,9 +32,11 @@ def default_data_root() -> Path:
     return base / "stafinetune" / "data"
 
 
-# Every supported VAE (tiny, Wan, HunyuanVideo) compresses 4x causally in time, 8x in space.
+# Every supported VAE compresses 4x causally in time and 8x in space, except the Wan 2.2 VAE
+# of TI2V-5B (``wan2.2``, 48 channels), which compresses 16x in space.
 VAE_TIME_FACTOR = 4
 VAE_SPACE_FACTOR = 8
+VAE_SPACE_FACTORS = {"wan2.2": 16}
 
 
 @dataclass
@@ -88,8 +90,8 @@ class DataConfig:
     max_aspect_ratio: float = 4.0  # long side / short side above this is skipped
 
     # --- encoders ------------------------------------------------------------------------
-    video_encoder: str = "tiny"  # tiny | wan | hunyuan
-    video_encoder_path: str | None = None  # local diffusers VAE folder (wan, hunyuan)
+    video_encoder: str = "tiny"  # tiny | wan | hunyuan | wan2.2 (Wan 2.2 TI2V-5B's 16x VAE)
+    video_encoder_path: str | None = None  # local diffusers VAE folder (wan, hunyuan, wan2.2)
     text_encoder: str = "tiny"  # tiny | umt5 | hunyuan
     text_encoder_path: str | None = None  # local transformers folder (umt5; hunyuan: the llama)
     text_encoder_2_path: str | None = None  # hunyuan: the CLIP text model folder
@@ -192,10 +194,12 @@ class DataConfig:
                     f"data.buckets[{i}] / data.num_frames: {frames} frames is not 1 + 4k "
                     "(the VAEs compress time 4x causally)"
                 )
-            if height % VAE_SPACE_FACTOR or width % VAE_SPACE_FACTOR:
+            space = self.space_factor
+            if height % space or width % space:
                 raise ValueError(
                     f"data.buckets[{i}] / data.height, data.width: {height}x{width} is not a "
-                    "multiple of 8 (the VAEs compress space 8x)"
+                    f"multiple of {space} (data.video_encoder={self.video_encoder} compresses "
+                    f"space {space}x)"
                 )
         shortest = min(int(b[0]) for b in self.all_buckets())
         step = self.frame_stride * (self.synthetic_fps / self.fps if self.fps else 1.0)
@@ -213,10 +217,16 @@ class DataConfig:
             return [list(b) for b in self.buckets]
         return [[self.num_frames, self.height, self.width]]
 
+    @property
+    def space_factor(self) -> int:
+        """The spatial compression of ``video_encoder``'s VAE."""
+        return VAE_SPACE_FACTORS.get(self.video_encoder, VAE_SPACE_FACTOR)
+
     def latent_grids(self) -> list[tuple[int, int, int]]:
         """(T, H, W) latent grid of every bucket, as the VAEs produce it."""
+        space = self.space_factor
         return [
-            ((int(f) - 1) // VAE_TIME_FACTOR + 1, int(h) // VAE_SPACE_FACTOR, int(w) // VAE_SPACE_FACTOR)
+            ((int(f) - 1) // VAE_TIME_FACTOR + 1, int(h) // space, int(w) // space)
             for f, h, w in self.all_buckets()
         ]
 

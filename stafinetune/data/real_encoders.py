@@ -50,7 +50,8 @@ def _masked_mean(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 class DiffusersVideoVAE:
-    """Wan 2.1 or HunyuanVideo VAE from a local diffusers folder, with each model's latent
+    """Wan 2.1, Wan 2.2 (``wan2.2``: TI2V-5B's 48-channel, 16x spatial VAE, the same diffusers
+    class) or HunyuanVideo VAE from a local diffusers folder, with each model's latent
     normalisation, so cached latents are exactly what the transformer is trained on."""
 
     def __init__(
@@ -68,17 +69,24 @@ class DiffusersVideoVAE:
 
         self.kind = kind
         self.path = _local_dir(path, "data.video_encoder_path")
-        cls = {"wan": AutoencoderKLWan, "hunyuan": AutoencoderKLHunyuanVideo}[kind]
+        cls = {"wan": AutoencoderKLWan, "wan2.2": AutoencoderKLWan,
+               "hunyuan": AutoencoderKLHunyuanVideo}[kind]  # fmt: skip
         safe = _safe(self.path, "data.video_encoder_path", allow_pickle)
         self.vae = cls.from_pretrained(self.path, torch_dtype=dtype, **safe).to(device).eval()
         self.vae.requires_grad_(False)
         self.device, self.dtype, self.sample = device, dtype, sample
         self.generator = torch.Generator(device=device).manual_seed(seed)
         config = self.vae.config
-        if kind == "wan":
+        if kind in ("wan", "wan2.2"):
             self.latent_channels = int(config.z_dim)
             self.temporal_compression = int(getattr(config, "scale_factor_temporal", 4))
             self.spatial_compression = int(getattr(config, "scale_factor_spatial", 8))
+            if self.spatial_compression != (16 if kind == "wan2.2" else 8):
+                raise ValueError(
+                    f"data.video_encoder_path={self.path} holds a VAE compressing space "
+                    f"{self.spatial_compression}x: use data.video_encoder="
+                    f"{'wan2.2' if self.spatial_compression == 16 else 'wan'} for it"
+                )
             shape = (1, self.latent_channels, 1, 1, 1)
             self.mean = torch.tensor(config.latents_mean, dtype=torch.float32).view(shape)
             self.std = torch.tensor(config.latents_std, dtype=torch.float32).view(shape)

@@ -35,6 +35,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 from tqdm.auto import tqdm
 
 from stafinetune.build import use_bf16, validation_batches
@@ -61,6 +62,7 @@ from stafinetune.diffusion.sampling import (
 )
 from stafinetune.errors import UserError
 from stafinetune.models import AttentionConfig, ModelConfig, VideoDiT
+from stafinetune.models.experts import ExpertDiT, model_parts, window_plans
 from stafinetune.models.profiling import AttentionTimer
 from stafinetune.parallel.dims import ParallelDims
 from stafinetune.parallel.parallelize import sequence_split
@@ -107,7 +109,10 @@ class SampleConfig:
         steps: model evaluations of the ``euler`` / ``stochastic`` schedules.
         shift: timestep shift of the schedule (Wan: 3 to 5 at 480p-720p).
         guidance_scale: classifier-free guidance scale; 1 disables it (one forward a step).
-            The tiny teacher was trained without caption dropout: keep 1 for it.
+            The tiny teacher was trained without caption dropout: keep 1 for it. A two-expert
+            model (Wan 2.2 A14B) uses it for the high-noise expert's steps.
+        guidance_scale_2: two-expert models only: the low-noise expert's guidance scale, as
+            diffusers' ``WanPipeline(guidance_scale_2=...)``; None: ``guidance_scale``.
         negative_prompt: the unconditional prompt of guidance ("" for plain CFG).
         seed: prompt ``k`` is sampled from noise seeded with ``seed + k``.
         device: ``auto`` (cuda when available), ``cpu``, ``cuda`` or ``cuda:N``.
@@ -129,6 +134,7 @@ class SampleConfig:
     guidance_scale: float = 1.0
     negative_prompt: str = ""
     seed: int = 0
+    guidance_scale_2: Optional[float] = None
     device: str = "auto"
     precision: str = "auto"
     warmup: bool = True
@@ -146,6 +152,10 @@ class SampleConfig:
         _check(
             self.guidance_scale >= 0,
             f"sample.guidance_scale must be >= 0, got {self.guidance_scale}",
+        )
+        _check(
+            self.guidance_scale_2 is None or self.guidance_scale_2 >= 0,
+            f"sample.guidance_scale_2 must be >= 0 or null, got {self.guidance_scale_2}",
         )
         _check(
             self.device in ("auto", "cpu") or re.fullmatch(r"cuda(:\d+)?", self.device) is not None,
@@ -353,6 +363,55 @@ def sampling_schedule(sample_cfg: SampleConfig, weights: Weights) -> Schedule:
     return Schedule.flow(sample_cfg.steps, sample_cfg.shift, stochastic=stochastic)
 
 
+class ExpertGuidance(nn.Module):
+    """Classifier-free guidance of a two-expert model with one scale per expert, as diffusers'
+    ``WanPipeline`` guides the high-noise expert with ``guidance_scale`` and the low-noise one
+    with ``guidance_scale_2``. Called like the model; every sample of a call must belong to
+    one expert (a sampler's batch shares its timestep).
+
+    Args:
+        dit: the two-expert model.
+        high, low: the guidance around ``dit`` at the high-noise and at the low-noise
+            expert's scale (``build_guidance``: on this rank or split over two cfg ranks).
+    """
+
+    def __init__(self, dit: ExpertDiT, high: nn.Module, low: nn.Module) -> None:
+        super().__init__()
+        self.dit, self.high, self.low = dit, high, low
+
+    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, *args: Any,
+                **kwargs: Any) -> torch.Tensor:  # fmt: skip
+        """The guided velocity (B, C, T, H, W) of noisy ``latents`` at ``timestep`` (B,) of
+        one expert; the other arguments as ``ClassifierFreeGuidance``'s."""
+        is_high = self.dit.is_high(timestep.float().cpu())
+        if bool(is_high.any()) != bool(is_high.all()):
+            raise ValueError("ExpertGuidance needs every sample of a call on one expert")
+        guide = self.high if bool(is_high.all()) else self.low
+        return guide(latents, timestep, *args, **kwargs)
+
+
+def expert_guidance(
+    dit: nn.Module,
+    negative: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    scale: float,
+    scale_2: float | None,
+    dims: ParallelDims | None = None,
+) -> nn.Module:
+    """Classifier-free guidance at ``scale`` (split over the cfg ranks of ``dims`` when it has
+    two); with ``scale_2`` (two-expert models only) the low-noise expert's steps take that
+    scale (``ExpertGuidance``)."""
+    if scale_2 is None:
+        return build_guidance(dit, negative, scale, dims)
+    if not isinstance(dit, ExpertDiT):
+        raise ValueError(
+            "sample.guidance_scale_2 is the low-noise expert's guidance of a two-expert model "
+            "(model.flavor=wan2.2_t2v_a14b); leave it null for this model"
+        )
+    return ExpertGuidance(
+        dit, build_guidance(dit, negative, scale, dims), build_guidance(dit, negative, scale_2, dims)
+    )
+
+
 def prompt_noise(shape: Sequence[int], seed: int) -> torch.Tensor:
     """The starting latents (1, *shape) of a prompt: CPU normal noise from ``seed``."""
     gen = torch.Generator().manual_seed(seed)
@@ -361,7 +420,7 @@ def prompt_noise(shape: Sequence[int], seed: int) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(
-    dit: VideoDiT,
+    dit: VideoDiT | ExpertDiT,
     prompts: Sequence[str],
     text_encoder: TextEncoder,
     *,
@@ -376,6 +435,7 @@ def generate(
     desc: str = "sampling",
     dims: ParallelDims | None = None,
     images: Sequence[dict[str, torch.Tensor]] | None = None,
+    guidance_scale_2: float | None = None,
 ) -> list[GeneratedVideo]:
     """Sample one video per prompt; prompt ``k`` starts from noise seeded with ``seed + k``.
 
@@ -387,6 +447,7 @@ def generate(
             stochastic schedule's fresh noise for prompt ``k`` comes from its own generator,
             seeded from ``seed + k`` too.
         guidance_scale, negative_prompt: classifier-free guidance (1: off).
+        guidance_scale_2: a two-expert model's low-noise expert's scale (None: the same).
         bf16: bf16 autocast (CUDA only).
         warmup: sample the first prompt once, untimed, first.
         dims: the launch's degrees (:mod:`stafinetune.parallel.sampling`): with two cfg
@@ -405,7 +466,7 @@ def generate(
             f"sample.negative_prompt={negative_prompt!r} encodes to no text token, which "
             "HunyuanVideo cannot take: use a text encoder that adds a BOS token, or another prompt"
         )
-    model = build_guidance(dit, negative, guidance_scale, dims)
+    model = expert_guidance(dit, negative, guidance_scale, guidance_scale_2, dims)
     autocast_bf16 = bf16 and device.type == "cuda"
     timer = AttentionTimer([dit.attention], device)
 
@@ -536,11 +597,13 @@ def sample_model(
             model_cfg, attention_cfg, weights, steps=schedule.steps, device=device,
             dtype=dtype, seed=sample_cfg.seed,
         )  # fmt: skip
-        if dims is not None:
-            sequence_split(dit, dims)  # parallel.sp > 1: Ulysses around the attention call
+        if dims is not None:  # parallel.sp > 1: Ulysses around the attention call
+            for part in model_parts(dit).values():  # both experts of a two-expert model
+                sequence_split(part, dims)
         grid = data_cfg.latent_grids()[0]  # (T, H, W) of the data's first bucket
         canvas = dit.canvas_for(grid)
-        dit.plan.check_run_canvases([canvas], "sampling uses")
+        for plan in window_plans(dit).values():  # each expert's of a two-expert model
+            plan.check_run_canvases([canvas], "sampling uses")
         text_encoder, video_encoder = build_text_encoder(data_cfg), build_video_encoder(data_cfg)
         check_encoders_fit(dit, text_encoder, video_encoder, data_cfg, model_cfg)
         images = image_conditions(sample_cfg, data_cfg, prompts, dit, video_encoder)
@@ -548,6 +611,7 @@ def sample_model(
             dit, prompts, text_encoder,
             latent_shape=(dit.in_channels, *grid), seed=sample_cfg.seed, schedule=schedule,
             guidance_scale=sample_cfg.guidance_scale,
+            guidance_scale_2=sample_cfg.guidance_scale_2,
             negative_prompt=sample_cfg.negative_prompt, bf16=bf16, warmup=sample_cfg.warmup,
             progress=progress, desc=name, dims=dims, images=images,
         )  # fmt: skip
@@ -559,12 +623,13 @@ def sample_model(
         "attention": describe_attention(
             attention_cfg, weights, dense_first_steps=dit.attention_cfg.dense_first_steps
         ),
-        "video_density": mean_density(dit, canvas, schedule.steps),
+        "video_density": mean_density(dit, canvas, schedule),
         "dense_first_steps": dit.attention_cfg.dense_first_steps,
         "steps": schedule.steps,
         "sigmas": list(schedule.sigmas),
         "stochastic": schedule.stochastic,
         "guidance_scale": sample_cfg.guidance_scale,
+        "guidance_scale_2": sample_cfg.guidance_scale_2,
         "negative_prompt": sample_cfg.negative_prompt,
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),

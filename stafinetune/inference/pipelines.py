@@ -127,6 +127,7 @@ def enable_sta(
     strict: bool = False,
     fp8: bool = False,
     schedule: bool = True,
+    strategy_2: str | os.PathLike[str] | MaskStrategy | None = None,
 ) -> Any:
     """Turn STA on in a diffusers ``WanPipeline`` / ``WanImageToVideoPipeline`` /
     ``HunyuanVideoPipeline`` / ``HunyuanVideo15Pipeline`` or transformer.
@@ -161,6 +162,9 @@ def enable_sta(
         schedule: when the strategy is a few-step student's (its metadata holds
             ``sampling``) and ``target`` is a pipeline, replace the pipeline's scheduler by the
             student's (:func:`student_scheduler`; ``disable_sta`` puts the original back).
+        strategy_2: a two-expert pipeline's (Wan 2.2 A14B) ``transformer_2`` windows, e.g. a
+            finetune's ``export/mask_strategy_2.json``; None: the same as ``transformer``'s.
+            Needs ``strategy`` (with the same tile).
     Returns:
         ``target``.
     """
@@ -203,8 +207,12 @@ def enable_sta(
         )
     tile = check_triple(tile, "enable_sta(tile=...)")
     transformers = _transformers(target)
+    strategies = [(loaded, source)] * len(transformers)
+    if strategy_2 is not None:
+        strategies[1:] = [_second_strategy(strategy_2, loaded, transformers)]
     previous = [_enabled_binding(t) for t in transformers]
-    plans = [_plan(t, loaded, source, window, int(dense_first_steps)) for t in transformers]
+    plans = [_plan(t, s, where, window, int(dense_first_steps))
+             for t, (s, where) in zip(transformers, strategies, strict=True)]  # fmt: skip
     for binding in previous:  # only once everything is valid: a bad call changes nothing
         if binding is not None:
             binding.remove()
@@ -221,6 +229,29 @@ def enable_sta(
 
 
 _ORIGINAL_SCHEDULER = "_stafinetune_original_scheduler"
+
+
+def _second_strategy(
+    strategy_2: str | os.PathLike[str] | MaskStrategy,
+    first: MaskStrategy | None,
+    transformers: list[nn.Module],
+) -> tuple[MaskStrategy, str]:
+    """``enable_sta(strategy_2=...)`` loaded and checked against the first strategy's tile."""
+    if first is None or len(transformers) != 2:
+        raise ValueError(
+            "enable_sta(strategy_2=...) is the windows of a two-expert pipeline's transformer_2: "
+            "it needs strategy= and a pipeline with transformer and transformer_2"
+        )
+    if isinstance(strategy_2, MaskStrategy):
+        loaded, source = strategy_2, "enable_sta(strategy_2=...)"
+    else:
+        loaded, source = MaskStrategy.load(strategy_2), f"mask strategy {os.fspath(strategy_2)}"
+    if list(loaded.tile) != list(first.tile):
+        raise ValueError(
+            f"the tile {loaded.tile} of the {source} differs from strategy='s {first.tile}: "
+            "both experts attend through one tile"
+        )
+    return loaded, source
 
 
 def student_scheduler(schedule: Schedule) -> Any:

@@ -23,7 +23,16 @@ from safetensors.torch import load_file
 from sta_kernels import density
 from stafinetune.data import DataConfig
 from stafinetune.data.encoders import TextEncoder
-from stafinetune.models import AttentionConfig, MaskStrategy, ModelConfig, VideoDiT, build_model
+from stafinetune.diffusion.sampling import Schedule
+from stafinetune.models import (
+    AttentionConfig,
+    MaskStrategy,
+    ModelConfig,
+    VideoDiT,
+    build_model,
+    get_flavor,
+)
+from stafinetune.models.experts import ExpertDiT, plan_at
 from stafinetune.safety import safetensors_problem
 from stafinetune.training.checkpoint import latest_checkpoint
 
@@ -41,13 +50,22 @@ class Weights:
     kind: str
     path: Path | None = None
 
+    def _export_file(self, name: str) -> Path | None:
+        """The file ``name`` of an export folder, if it has one."""
+        if self.kind == "export" and self.path is not None:
+            file = self.path / name
+            return file if file.is_file() else None
+        return None
+
     @property
     def strategy(self) -> Path | None:
         """An export's ``mask_strategy.json`` (the windows it was trained with), if any."""
-        if self.kind == "export" and self.path is not None:
-            file = self.path / "mask_strategy.json"
-            return file if file.is_file() else None
-        return None
+        return self._export_file("mask_strategy.json")
+
+    @property
+    def strategy_2(self) -> Path | None:
+        """A two-expert export's ``mask_strategy_2.json`` (the low-noise expert's windows)."""
+        return self._export_file("mask_strategy_2.json")
 
     @property
     def sampling(self) -> dict[str, Any] | None:
@@ -96,19 +114,23 @@ def inference_attention(attention: AttentionConfig, steps: int) -> AttentionConf
     windows it trained with) applies at every step, as ``attention.head_windows``. A strategy
     with per-step windows must have been searched for exactly ``steps`` steps.
     """
-    if attention.mode != "sta" or attention.strategy_path is None:
+    if attention.mode != "sta":
         return attention
-    strategy = MaskStrategy.load(attention.strategy_path)
-    if list(strategy.tile) != list(attention.tile):
-        raise ValueError(
-            f"attention.tile {list(attention.tile)} differs from the tile {strategy.tile} of "
-            f"attention.strategy_path={attention.strategy_path}; set attention.tile={strategy.tile}"
-        )
-    if strategy.num_steps not in (1, steps):  # one step: applies at every step
-        raise ValueError(
-            f"sample.steps={steps} but attention.strategy_path={attention.strategy_path} holds "
-            f"windows for {strategy.num_steps} denoising steps; sample with as many steps"
-        )
+    for name in ("strategy_path", "strategy_path_2"):  # _2: a two-expert model's low expert
+        path = getattr(attention, name)
+        if path is None:
+            continue
+        strategy = MaskStrategy.load(path)
+        if list(strategy.tile) != list(attention.tile):
+            raise ValueError(
+                f"attention.tile {list(attention.tile)} differs from the tile {strategy.tile} of "
+                f"attention.{name}={path}; set attention.tile={strategy.tile}"
+            )
+        if strategy.num_steps not in (1, steps):  # one step: applies at every step
+            raise ValueError(
+                f"sample.steps={steps} but attention.{name}={path} holds windows for "
+                f"{strategy.num_steps} denoising steps; sample with as many steps"
+            )
     return attention
 
 
@@ -124,21 +146,27 @@ def load_model(
 ) -> VideoDiT:
     """The DiT to sample with, frozen and in eval mode.
 
-    An export brings its transformer and (for ``attention.mode=sta`` without a
-    ``strategy_path`` of its own) its windows, and a few-step student's export its dense
+    An export brings its transformer (both experts of a two-expert flavor, from
+    ``transformer/`` and ``transformer_2/``) and (for ``attention.mode=sta`` without a
+    ``strategy_path`` of its own) its windows (``mask_strategy.json``, and
+    ``mask_strategy_2.json`` for the low-noise expert), and a few-step student's export its dense
     first steps too (none: it samples every step with STA); a checkpoint's ``model.safetensors`` is loaded
     over the configured model. Without any weights (``model.path`` null) the flavor is built
     with random weights drawn from ``seed``. Raises ValueError naming the field at fault.
     """
     if weights.kind == "export":
         assert weights.path is not None
+        experts = get_flavor(model_cfg.flavor).experts  # the export root holds both folders
         model_cfg = dataclasses.replace(
-            model_cfg, path=str(weights.path / "transformer"), config_overrides={}
-        )
+            model_cfg, path=str(weights.path if experts else weights.path / "transformer"),
+            config_overrides={},
+        )  # fmt: skip
         strategy = weights.strategy
         if attention_cfg.mode == "sta" and attention_cfg.strategy_path is None and strategy:
             loaded = MaskStrategy.load(strategy)
             changes: dict[str, Any] = {"strategy_path": str(strategy), "tile": list(loaded.tile)}
+            if weights.strategy_2 is not None and attention_cfg.strategy_path_2 is None:
+                changes["strategy_path_2"] = str(weights.strategy_2)
             if "sampling" in loaded.metadata:  # a few-step student: every step as it trained
                 changes["dense_first_steps"] = int(loaded.metadata.get("dense_first_steps", 0))
             attention_cfg = dataclasses.replace(attention_cfg, **changes)
@@ -189,18 +217,19 @@ def describe_attention(
     return f"STA, {where}" + (f", first {dense} steps dense" if dense else "")
 
 
-def mean_density(dit: VideoDiT, canvas: Sequence[int], steps: int) -> float:
-    """Attended fraction of the video query/key pairs, mean over layers, heads and ``steps``
-    denoising steps (1.0 for dense attention and dense steps)."""
+def mean_density(dit: VideoDiT | ExpertDiT, canvas: Sequence[int], schedule: Schedule) -> float:
+    """Attended fraction of the video query/key pairs, mean over layers, heads and the
+    schedule's denoising steps (1.0 for dense attention and dense steps); a two-expert model
+    counts each step with the windows of the expert that runs it."""
     total = 0.0
-    for i in range(steps):
-        windows = dit.plan.windows_for_step(i)  # (L, H, 3) or None (dense)
+    tile = dit.attention_cfg.tile
+    for i, sigma in enumerate(schedule.sigmas):
+        windows = plan_at(dit, sigma * 1000.0).windows_for_step(i)  # (L, H, 3) or None (dense)
         if windows is None:
             total += 1.0
         else:
-            tile = dit.attention_cfg.tile
             total += float(density(tuple(canvas), tuple(tile), windows.reshape(-1, 3)).mean())
-    return total / steps
+    return total / schedule.steps
 
 
 def check_encoders_fit(

@@ -20,6 +20,7 @@ from sta_kernels.geometry import as_triple
 
 ATTENTION_MODES = ("full", "sta")
 CHECKPOINT_POLICIES = ("full", "selective")
+EXPERTS = ("high", "low", "both")  # model.expert of a two-expert flavor (Wan 2.2 A14B)
 ATTENTION_BACKENDS = ("auto", "triton", "flex", "reference")
 
 
@@ -38,7 +39,7 @@ class ModelConfig:
             (image-to-video tests), ``wan2.1_t2v_1.3b``, ``wan2.1_t2v_14b``,
             ``wan2.1_i2v_14b_480p`` / ``_720p``, ``hunyuanvideo_13b``,
             ``hunyuanvideo15_480p_t2v``, ``hunyuanvideo15_720p_t2v``,
-            ``hunyuanvideo15_720p_i2v`` (published shapes).
+            ``hunyuanvideo15_720p_i2v``, ``wan2.2_ti2v_5b``, ``wan2.2_t2v_a14b`` (published shapes).
         path: local diffusers-format directory (a pipeline root with ``transformer/`` or the
             transformer folder itself, safetensors weights). ``None`` builds the flavor with
             random weights (or on the meta device for benchmarks). Nothing is fetched from a hub.
@@ -54,6 +55,13 @@ class ModelConfig:
             without ``path`` (e.g. ``{num_layers: 4}`` for a short benchmark).
         allow_pickle_weights: load ``.bin``/``.pt`` weights from ``path`` (and the teacher's
             path) when no safetensors are there; pickle files can run code, so this is off.
+        expert: two-expert flavors only (Wan 2.2 A14B): which expert the run trains and
+            distils, ``high`` (``transformer/``, timesteps >= the boundary), ``low``
+            (``transformer_2/``, below it) or ``both`` (one model routing each sample to the
+            expert of its timestep); null means ``both``. Sampling always uses both.
+        boundary_ratio: two-expert flavors only: the switch between the experts as a fraction
+            of the 1000 training timesteps; null takes the flavor's published value (0.875
+            for ``wan2.2_t2v_a14b``).
     """
 
     flavor: str = "wan_tiny"
@@ -64,12 +72,31 @@ class ModelConfig:
     guidance_scale: float = 6.0
     config_overrides: dict[str, Any] = field(default_factory=dict)
     allow_pickle_weights: bool = False
+    expert: Optional[str] = None
+    boundary_ratio: Optional[float] = None
 
     def __post_init__(self) -> None:
         from .flavors import FLAVORS
 
         if self.flavor not in FLAVORS:
             raise ValueError(f"model.flavor must be one of {sorted(FLAVORS)}, got {self.flavor!r}")
+        flavor = FLAVORS[self.flavor]
+        if not flavor.experts and (self.expert is not None or self.boundary_ratio is not None):
+            raise ValueError(
+                f"model.expert and model.boundary_ratio apply to two-expert flavors (Wan 2.2 "
+                f"A14B); model.flavor={self.flavor!r} is one transformer: set them to null"
+            )
+        if flavor.experts:
+            if self.expert is None:
+                self.expert = "both"
+            if self.expert not in EXPERTS:
+                raise ValueError(f"model.expert must be one of {EXPERTS}, got {self.expert!r}")
+            if self.boundary_ratio is None:
+                self.boundary_ratio = flavor.boundary_ratio
+            if not 0.0 < float(self.boundary_ratio) < 1.0:  # type: ignore[arg-type]
+                raise ValueError(
+                    f"model.boundary_ratio must lie in (0, 1), got {self.boundary_ratio}"
+                )
         if self.path is not None and not str(self.path).strip():
             raise ValueError("model.path must be a local directory or null, got an empty string")
         if self.checkpoint_policy not in CHECKPOINT_POLICIES:
@@ -118,6 +145,9 @@ class AttentionConfig:
             (``sliding_tile_attention(..., fp8=True)``): on a Hopper GPU with bf16, head dim
             128 and tiles of 64-token frames that divide the canvas; calls with gradients
             (training) stay bf16. About 5e-2 relative difference from the bf16 kernel.
+        strategy_path_2: two-expert models (Wan 2.2 A14B): the low-noise expert's
+            (``transformer_2``) mask strategy; ``strategy_path`` is then the high-noise
+            expert's. Null: the low-noise expert takes the high-noise expert's windows.
     """
 
     mode: str = "sta"
@@ -131,6 +161,7 @@ class AttentionConfig:
     strict_window: bool = False
     cost_table: Optional[str] = None
     fp8: bool = False
+    strategy_path_2: Optional[str] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.fp8, bool):
@@ -162,6 +193,8 @@ class AttentionConfig:
                     check_triple(w, f"attention.head_windows[{i}][{h}]")
         if self.strategy_path is not None and not str(self.strategy_path).strip():
             raise ValueError("attention.strategy_path must be a file path or null, got ''")
+        if self.strategy_path_2 is not None and not str(self.strategy_path_2).strip():
+            raise ValueError("attention.strategy_path_2 must be a file path or null, got ''")
         if self.cost_table is not None and not str(self.cost_table).strip():
             raise ValueError("attention.cost_table must be a file path or null, got ''")
         if int(self.dense_first_steps) != self.dense_first_steps or self.dense_first_steps < 0:

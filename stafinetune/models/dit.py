@@ -346,27 +346,37 @@ def save_transformer_state(
         json.dump(dataclasses.asdict(dit.attention_cfg), f, indent=1)
 
 
-def resolve_transformer_dir(path: str | os.PathLike[str]) -> str:
-    """The folder holding the transformer's ``config.json``: ``path`` or ``path/transformer``."""
+def resolve_transformer_dir(path: str | os.PathLike[str], subfolder: str = "transformer") -> str:
+    """The folder holding the transformer's ``config.json``: ``path/<subfolder>`` or ``path``.
+
+    ``subfolder="transformer_2"`` (the low-noise expert of a two-expert pipeline) must exist:
+    ``path`` itself is then no fallback.
+    """
     path = os.fspath(path)
-    for candidate in (os.path.join(path, "transformer"), path):
+    candidates = [os.path.join(path, subfolder)] + ([path] if subfolder == "transformer" else [])
+    for candidate in candidates:
         if os.path.isfile(os.path.join(candidate, "config.json")):
             return candidate
     raise ValueError(
         f"model.path={path!r} holds no diffusers transformer (looked for config.json in "
-        "<path>/transformer and <path>)"
+        + " and ".join(f"<path>{c[len(path):] or ''}" for c in candidates) + ")"
     )
 
 
 def load_transformer(
-    family: str, path: str | os.PathLike[str], dtype: torch.dtype, *, allow_pickle: bool = False
+    family: str,
+    path: str | os.PathLike[str],
+    dtype: torch.dtype,
+    *,
+    allow_pickle: bool = False,
+    subfolder: str = "transformer",
 ) -> nn.Module:
     """Load a diffusers transformer of ``family`` from a local directory (no hub access;
-    safetensors only unless ``allow_pickle``). Raises ValueError naming the folder for a
-    malformed safetensors file or ``config.json``."""
+    safetensors only unless ``allow_pickle``); ``subfolder`` as ``resolve_transformer_dir``.
+    Raises ValueError naming the folder for a malformed safetensors file or ``config.json``."""
     from stafinetune.safety import check_safetensors_files, load_json_file, weights_loading_kwargs
 
-    folder = resolve_transformer_dir(path)
+    folder = resolve_transformer_dir(path, subfolder)
     safe = weights_loading_kwargs(
         folder, "model.path", allow_pickle=allow_pickle, consent="model.allow_pickle_weights"
     )
@@ -432,6 +442,9 @@ def build_model(
 ) -> VideoDiT:
     """Build the ``VideoDiT`` named by ``model_cfg`` with the attention of ``attention_cfg``.
 
+    A two-expert flavor gives the expert ``model.expert`` names, or for ``both`` an
+    ``ExpertDiT`` (``models/experts.py``) with the ``VideoDiT`` interface.
+
     Without ``model_cfg.path`` the flavor's config is instantiated with random weights directly
     on ``device`` (``"meta"`` builds the real shapes without memory, for benchmarks); with a
     path the weights load from that local diffusers directory and move to ``device``.
@@ -442,17 +455,30 @@ def build_model(
     attention_cfg = as_config(attention_cfg, AttentionConfig)
     flavor = get_flavor(model_cfg.flavor)
     device = torch.device(device)
-    if model_cfg.path is not None:
-        transformer = load_transformer(
-            flavor.family, model_cfg.path, dtype, allow_pickle=model_cfg.allow_pickle_weights
-        ).to(device)
-    else:
-        config = {**flavor.config, **dict(model_cfg.config_overrides)}
-        cls = get_family(flavor.family).transformer_class()
-        try:
-            with device:
-                transformer = cls(**config)
-        except TypeError as err:
-            raise ValueError(f"model.config_overrides has a key {cls.__name__} rejects: {err}") from err
-        cast_like_diffusers(transformer, dtype)
-    return VideoDiT(transformer, flavor.family, attention_cfg, guidance_scale=model_cfg.guidance_scale)
+
+    def build_one(subfolder: str, attention: AttentionConfig) -> VideoDiT:
+        if model_cfg.path is not None:
+            transformer = load_transformer(
+                flavor.family, model_cfg.path, dtype, allow_pickle=model_cfg.allow_pickle_weights,
+                subfolder=subfolder,
+            ).to(device)  # fmt: skip
+        else:
+            config = {**flavor.config, **dict(model_cfg.config_overrides)}
+            cls = get_family(flavor.family).transformer_class()
+            try:
+                with device:
+                    transformer = cls(**config)
+            except TypeError as err:
+                raise ValueError(
+                    f"model.config_overrides has a key {cls.__name__} rejects: {err}"
+                ) from err
+            cast_like_diffusers(transformer, dtype)
+        return VideoDiT(
+            transformer, flavor.family, attention, guidance_scale=model_cfg.guidance_scale
+        )
+
+    if flavor.experts:  # Wan 2.2 A14B: one expert or both (``models/experts.py``)
+        from .experts import build_experts
+
+        return build_experts(model_cfg, attention_cfg, build_one)
+    return build_one("transformer", attention_cfg)

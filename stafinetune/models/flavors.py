@@ -2,8 +2,13 @@
 
 Tiny flavors drive tests and the embedded CPU default; the real flavors carry the published
 diffusers ``transformer/config.json`` values of Wan 2.1 T2V (1.3B, 14B), HunyuanVideo
-(13B) and HunyuanVideo 1.5 (8.3B), so they build on the meta device for benchmarks and load
-weights from a local diffusers directory.
+(13B), HunyuanVideo 1.5 (8.3B) and Wan 2.2 (TI2V-5B, T2V-A14B), so they build on the meta
+device for benchmarks and load weights from a local diffusers directory.
+
+A two-expert flavor (Wan 2.2 A14B) names its noise boundary: the high-noise expert
+(``transformer/``) denoises timesteps ``t >= boundary_ratio * 1000``, the low-noise expert
+(``transformer_2/``) the rest, as diffusers' ``WanPipeline`` switches them. Both experts share
+the flavor's config (see ``stafinetune.models.experts``).
 """
 
 from __future__ import annotations
@@ -15,11 +20,21 @@ from typing import Any
 @dataclass(frozen=True)
 class Flavor:
     """A named model shape: its family (``wan`` / ``hunyuan`` / ``hunyuanvideo15``) and
-    diffusers config kwargs."""
+    diffusers config kwargs.
+
+    ``boundary_ratio``: set for two-expert models (Wan 2.2 A14B), the published switch from
+    the high-noise to the low-noise expert as a fraction of the 1000 training timesteps.
+    """
 
     name: str
     family: str
     config: dict[str, Any] = field(default_factory=dict)
+    boundary_ratio: float | None = None
+
+    @property
+    def experts(self) -> bool:
+        """Whether the model is two experts (``transformer`` and ``transformer_2``)."""
+        return self.boundary_ratio is not None
 
 
 _WAN_COMMON: dict[str, Any] = {
@@ -55,23 +70,21 @@ _HUNYUAN_13B: dict[str, Any] = {
     "rope_axes_dim": [16, 56, 56],
 }
 
+# Embedded default: latents (16, 5, 16, 16) -> canvas (5, 8, 8) = 320 tokens; 2 layers,
+# 4 heads x 16, text tokens of width 32. Small enough for hundreds of CPU steps a minute.
+_WAN_TINY: dict[str, Any] = {
+    **_WAN_COMMON,
+    "num_attention_heads": 4,
+    "attention_head_dim": 16,
+    "text_dim": 32,
+    "freq_dim": 32,
+    "ffn_dim": 128,
+    "num_layers": 2,
+    "rope_max_seq_len": 64,
+}
+
 FLAVORS: dict[str, Flavor] = {
-    # Embedded default: latents (16, 5, 16, 16) -> canvas (5, 8, 8) = 320 tokens; 2 layers,
-    # 4 heads x 16, text tokens of width 32. Small enough for hundreds of CPU steps a minute.
-    "wan_tiny": Flavor(
-        "wan_tiny",
-        "wan",
-        {
-            **_WAN_COMMON,
-            "num_attention_heads": 4,
-            "attention_head_dim": 16,
-            "text_dim": 32,
-            "freq_dim": 32,
-            "ffn_dim": 128,
-            "num_layers": 2,
-            "rope_max_seq_len": 64,
-        },
-    ),
+    "wan_tiny": Flavor("wan_tiny", "wan", dict(_WAN_TINY)),
     # Tests: one dual-stream and one single-stream block so both joint paths are exercised.
     "hunyuan_tiny": Flavor(
         "hunyuan_tiny",
@@ -112,6 +125,40 @@ FLAVORS: dict[str, Flavor] = {
         },
     ),
     "hunyuanvideo_13b": Flavor("hunyuanvideo_13b", "hunyuan", dict(_HUNYUAN_13B)),
+    # Wan 2.2 TI2V-5B (text-to-video mode): 48 latent channels of the Wan 2.2 VAE (16x
+    # spatial, 4x temporal compression), 30 layers of 24 heads x 128, ffn 14336.
+    "wan2.2_ti2v_5b": Flavor(
+        "wan2.2_ti2v_5b",
+        "wan",
+        {
+            **_WAN_COMMON,
+            "in_channels": 48,
+            "out_channels": 48,
+            "num_attention_heads": 24,
+            "attention_head_dim": 128,
+            "ffn_dim": 14336,
+            "num_layers": 30,
+        },
+    ),
+    # Wan 2.2 T2V-A14B: two experts of the Wan 2.1 14B shape (Wan 2.1 VAE), boundary 0.875.
+    "wan2.2_t2v_a14b": Flavor(
+        "wan2.2_t2v_a14b",
+        "wan",
+        {
+            **_WAN_COMMON,
+            "num_attention_heads": 40,
+            "attention_head_dim": 128,
+            "ffn_dim": 13824,
+            "num_layers": 40,
+        },
+        boundary_ratio=0.875,
+    ),
+    # Tests: two wan_tiny-shaped experts with a boundary in the middle of the noise range.
+    "wan22_tiny_experts": Flavor("wan22_tiny_experts", "wan", dict(_WAN_TINY), boundary_ratio=0.5),
+    # Tests: a TI2V-5B-like tiny model with 48 latent channels.
+    "wan22_tiny_ti2v": Flavor(
+        "wan22_tiny_ti2v", "wan", {**_WAN_TINY, "in_channels": 48, "out_channels": 48}
+    ),
 }
 
 # Wan 2.1 image-to-video: 36 input channels (16 noisy latents + 4 mask channels + 16 latents

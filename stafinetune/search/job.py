@@ -73,6 +73,11 @@ class SearchJobConfig:
             raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
+        if self.model.expert is not None and self.parallel.sp != 1:
+            raise ValueError(
+                f"a two-expert model (model.flavor={self.model.flavor}) is searched in one "
+                f"process: parallel.sp must be 1, got {self.parallel.sp}"
+            )
 
 
 def register_search_configs() -> None:
@@ -166,11 +171,17 @@ def build_search_model(job: SearchJobConfig, device: torch.device) -> VideoDiT:
 
     Built with ``attention.mode=full`` (the search scores windows against dense attention
     and takes only the tile and backend from ``attention``), in bf16 when ``precision`` says
-    so on ``device``.
+    so on ``device``. A two-expert flavor is searched with both experts whatever
+    ``model.expert`` says: the calibration trajectory passes through both.
     """
-    attention = dataclasses.replace(job.attention, mode="full", strategy_path=None)
+    attention = dataclasses.replace(
+        job.attention, mode="full", strategy_path=None, strategy_path_2=None
+    )
     dtype = torch.bfloat16 if use_bf16(job.precision, device) else torch.float32
-    dit = build_seeded(job.model, attention, seed=job.seed, device=device, dtype=dtype)
+    model = job.model
+    if model.expert is not None:
+        model = dataclasses.replace(model, expert="both")
+    dit = build_seeded(model, attention, seed=job.seed, device=device, dtype=dtype)
     dit.requires_grad_(False)
     dit.eval()
     return dit

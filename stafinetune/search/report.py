@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from .search import SearchResult
 
 STRATEGY_FILE = "mask_strategy.json"
+STRATEGY_FILE_2 = "mask_strategy_2.json"  # a two-expert model's low-noise expert
 REPORT_FILE = "search_report.json"
 ERRORS_FILE = "search_errors.json"
 MARKDOWN_FILE = "search_report.md"
@@ -277,11 +278,13 @@ def write_report(result: SearchResult, out_dir: str | os.PathLike[str]) -> dict[
     """Write the search outputs into ``out_dir`` (created if missing).
 
     Files: ``mask_strategy.json`` (``MaskStrategy``, loads with ``attention.strategy_path``),
+    for a two-expert model also ``mask_strategy_2.json`` (``attention.strategy_path_2``),
     ``search_report.json`` (the summary), ``search_errors.json`` (the full (steps, L, H, C)
     error tables, null at forced-dense steps), ``search_report.md`` and ``window_heatmap.png``.
 
     Returns:
-        the written paths by kind: ``strategy``, ``report``, ``errors``, ``markdown``, ``heatmap``.
+        the written paths by kind: ``strategy``, ``report``, ``errors``, ``markdown``, ``heatmap``
+        (and ``strategy_2``).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -293,6 +296,9 @@ def write_report(result: SearchResult, out_dir: str | os.PathLike[str]) -> dict[
         "heatmap": out / HEATMAP_FILE,
     }
     result.strategy.save(paths["strategy"])
+    if result.strategy_2 is not None:
+        paths["strategy_2"] = out / STRATEGY_FILE_2
+        result.strategy_2.save(paths["strategy_2"])
     with open(paths["report"], "w", encoding="utf-8") as f:
         json.dump(result.report, f, indent=1)
         f.write("\n")

@@ -35,7 +35,7 @@ from sta_kernels import (
 from stafinetune.diffusion.sampling import flow_sigmas
 from stafinetune.models.attention import ActivationStore, ForwardState, common_dtype, text_key_mask
 from stafinetune.models.dit import VideoDiT
-from stafinetune.models.windows import WindowPlan
+from stafinetune.models.experts import dense_plans
 
 from .candidates import resolve_candidates
 from .config import SEARCH_METRICS, SearchConfig
@@ -376,7 +376,7 @@ def evaluate_candidates(
     candidates, densities = resolve_candidates(cfg.candidates, canvas, tile, cfg.density_levels)
     if cfg.budget is not None:
         check_budget(cfg.budget, densities)  # before the calibration run, not after it
-    device = dit.sta_layers()[0].to_q.weight.device
+    device = next(dit.parameters()).device
     store = SearchStore(
         num_steps=cfg.steps,
         num_layers=dit.num_layers,
@@ -405,9 +405,9 @@ def evaluate_candidates(
     ]
     num_samples = sum(int(x.shape[0]) for x in states)
     text_tokens = sum(int(c["text_mask"].sum()) for c in conds)
-    saved_plan = dit.plan
-    dit.plan = WindowPlan(train=None, source="search (dense calibration)")
-    try:
+    # every transformer dense (a two-expert model: both; each step runs one expert, whose
+    # layers record into the store at that step)
+    with dense_plans(dit, "search (dense calibration)"):
         with torch.no_grad(), dit.capture(store=store):
             for step in tqdm(range(cfg.steps), desc="window search", disable=not progress):
                 store.step = step
@@ -417,8 +417,6 @@ def evaluate_candidates(
                     timestep = torch.full((x.shape[0],), 1000.0 * sigma, device=device)  # (B,)
                     v = dit(x, timestep, **cond, step_index=step)  # (B, C, T, H, W)
                     states[j] = x + (sigma_next - sigma) * v.float()
-    finally:
-        dit.plan = saved_plan
     errors = {}
     for metric, total in store.sums.items():
         mean = total.cpu() / num_samples  # (steps, L, h, C); each scored step saw every sample

@@ -15,6 +15,7 @@ import torch
 
 from sta_kernels import num_tiles
 from stafinetune.models.dit import VideoDiT
+from stafinetune.models.experts import ExpertDiT, expert_steps
 from stafinetune.models.strategy import MaskStrategy
 from stafinetune.parallel.sequence import gather_along
 
@@ -38,6 +39,10 @@ class SearchResult:
         config: the settings used.
         report: summary (densities per step and layer, predicted speedup, error per head...);
             ``write_report`` writes it.
+        strategy_2: a two-expert model's low-noise expert's strategy (``transformer_2``): the
+            same per-step windows (each step's were searched on the expert that runs it), its
+            own ``train_windows`` chosen on its steps; ``strategy`` is then the high-noise
+            expert's. None for one transformer.
     """
 
     strategy: MaskStrategy
@@ -48,6 +53,7 @@ class SearchResult:
     train_choice: torch.Tensor
     config: SearchConfig
     report: dict[str, Any]
+    strategy_2: MaskStrategy | None = None
 
 
 def _choose(errors: torch.Tensor, densities: torch.Tensor, cfg: SearchConfig) -> torch.Tensor:
@@ -60,7 +66,11 @@ def _choose(errors: torch.Tensor, densities: torch.Tensor, cfg: SearchConfig) ->
 
 
 def select_windows(
-    measured: CandidateErrors, cfg: SearchConfig, *, metadata: Mapping[str, Any] | None = None
+    measured: CandidateErrors,
+    cfg: SearchConfig,
+    *,
+    metadata: Mapping[str, Any] | None = None,
+    train_steps: Sequence[int] | None = None,
 ) -> SearchResult:
     """Choose every (step, layer, head)'s window and a step-independent one per (layer, head).
 
@@ -74,6 +84,8 @@ def select_windows(
         measured: ``evaluate_candidates``' output covering every head of the model.
         cfg: the search settings (the same ones ``measured`` was evaluated with).
         metadata: extra JSON-serialisable facts for the strategy (e.g. ``{"model": flavor}``).
+        train_steps: the steps whose errors choose the training windows (one expert's steps
+            of a two-expert model); default every searched step.
     Returns:
         the ``SearchResult``.
     """
@@ -94,7 +106,15 @@ def select_windows(
     full = measured.candidates.tolist().index(list(num_tiles(measured.canvas, measured.tile)))
     choice = torch.full(err.shape[:-1], full, dtype=torch.int64)  # (steps, L, H)
     choice[dense_first:] = _choose(err[dense_first:], measured.densities, cfg)
-    train_choice = _choose(err[dense_first:].mean(dim=0), measured.densities, cfg)  # (L, H)
+    steps = [i for i in (range(cfg.steps) if train_steps is None else train_steps)
+             if i >= dense_first]  # fmt: skip
+    if not steps:
+        raise ValueError(
+            f"no searched step is left to choose training windows from (steps {list(train_steps or [])}"
+            f", search.dense_first_steps={dense_first}): raise search.steps or lower "
+            "search.dense_first_steps"
+        )
+    train_choice = _choose(err[steps].mean(dim=0), measured.densities, cfg)  # (L, H)
     report = build_report(measured, cfg, choice, train_choice)
     info = {
         "search": {
@@ -160,6 +180,19 @@ def search_windows(
     Returns:
         the ``SearchResult``; ``write_report(result, out_dir)`` writes it.
     """
+    if isinstance(dit, ExpertDiT):  # each expert's training windows from its own steps
+        measured = evaluate_candidates(dit, calibration, cfg, progress=progress)
+        steps = expert_steps(dit, measured.sigmas[:-1].tolist())
+        for folder, owned in steps.items():
+            if not owned:
+                raise ValueError(
+                    f"no step of the search (search.steps={cfg.steps}, search.shift={cfg.shift}) "
+                    f"falls in the noise range of {folder}: search more steps"
+                )
+        result = select_windows(measured, cfg, metadata=metadata, train_steps=steps["transformer"])
+        low = select_windows(measured, cfg, metadata=metadata, train_steps=steps["transformer_2"])
+        result.strategy_2 = low.strategy
+        return result
     sp = getattr(dit.attention, "sp", None)
     if sp is None:
         measured = evaluate_candidates(dit, calibration, cfg, progress=progress)

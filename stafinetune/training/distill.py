@@ -93,14 +93,27 @@ def model_inputs(
 
 
 def draw_noise(
-    x0: torch.Tensor, cfg: DistillConfig, generator: torch.Generator
+    x0: torch.Tensor,
+    cfg: DistillConfig,
+    generator: torch.Generator,
+    *,
+    sigma_range: tuple[float, float] = (0.0, 1.0),
+    boundary: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Noise (B, C, T, H, W) and noise levels sigma (B,) for clean latents ``x0``, on the CPU
-    from ``generator`` (so that nothing drawing from the global RNG can shift them)."""
+    from ``generator`` (so that nothing drawing from the global RNG can shift them).
+
+    ``sigma_range``: draw only levels in (lo, hi) (one expert of a two-expert model).
+    ``boundary``: both experts of a two-expert model train: one level drawn from the whole
+    distribution picks the side of ``boundary`` (so each expert gets its share of the noise
+    levels), and the whole batch draws from that side, so that one expert runs it.
+    """
     noise = torch.randn(x0.shape, generator=generator)
-    sigma = sample_sigmas(
-        x0.shape[0], sampling=cfg.timestep_sampling, shift=cfg.timestep_shift, generator=generator
-    )
+    shape = {"sampling": cfg.timestep_sampling, "shift": cfg.timestep_shift}
+    if boundary is not None:
+        first = float(sample_sigmas(1, **shape, generator=generator)[0])
+        sigma_range = (boundary, 1.0) if first >= boundary else (0.0, boundary)
+    sigma = sample_sigmas(x0.shape[0], **shape, generator=generator, sigma_range=sigma_range)
     return noise, sigma
 
 
@@ -120,6 +133,9 @@ class DistillStep:
             are then local shards and their loss is reduced over the sp group.
         target_offload: keeps the teacher's captured attention outputs in host memory
             (``offload.teacher_attention``) until the attention loss and its backward read them.
+        sigma_range, boundary: the noise levels drawn (``draw_noise``): one expert's range of
+            a two-expert model (``model.expert=high/low``), or the boundary between the
+            experts when both train (``model.expert=both``).
     """
 
     cfg: DistillConfig
@@ -130,6 +146,8 @@ class DistillStep:
     teacher_module: nn.Module | None = None
     sequence: SequenceParallel | None = None
     target_offload: ActivationOffloader | None = None
+    sigma_range: tuple[float, float] = (0.0, 1.0)
+    boundary: float | None = None
 
     def __post_init__(self) -> None:
         if self.teacher_module is None:
@@ -266,7 +284,8 @@ class DistillStep:
         samples = tokens = 0
         for micro in range(grad_accum):
             batch = to_device(next_batch(), self.device)
-            noise, sigma = draw_noise(batch["latents"], self.cfg, generator)
+            noise, sigma = draw_noise(batch["latents"], self.cfg, generator,
+                                      sigma_range=self.sigma_range, boundary=self.boundary)  # fmt: skip
             last = micro == grad_accum - 1
             with student.grad_sync(last):
                 terms = self.losses(

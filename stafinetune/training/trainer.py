@@ -38,8 +38,14 @@ from stafinetune.build import (
 from stafinetune.config import JobConfig, resolved_dict
 from stafinetune.data import build_video_encoder
 from stafinetune.errors import UserError, user_errors
-from stafinetune.models import MaskStrategy
-from stafinetune.models.dit import save_transformer_state
+from stafinetune.models import MaskStrategy, WindowPlan
+from stafinetune.models.experts import (
+    STRATEGY_FILES,
+    ExpertDiT,
+    expert_noise,
+    save_model_state,
+    window_plans,
+)
 from stafinetune.models.offload import ActivationOffloader
 from stafinetune.models.profiling import AttentionTimer
 from stafinetune.parallel import (
@@ -148,7 +154,8 @@ class Trainer:
         seed_rng(tcfg.seed)
         with user_errors():  # model.path, attention windows and train.trainable
             self.student = build_student(job, self.device)
-            self.student.plan.check_run_canvases(self.data.canvases, "this run trains on")
+            for plan in window_plans(self.student, job.model.expert).values():
+                plan.check_run_canvases(self.data.canvases, "this run trains on")
             apply_trainable(self.student, tcfg)  # freezes the rest (or adds a LoRA adapter)
             # a LoRA student's frozen base is its teacher (adapter off): no second copy
             shares_base = (
@@ -241,7 +248,8 @@ class Trainer:
                 checkpoint_policy=self.job.model.checkpoint_policy,
                 compile=self.job.model.compile,
                 bf16=self.bf16,
-                find_unused_parameters=pcfg.find_unused_parameters,
+                # a two-expert student runs one expert per micro-batch: the other gets no gradient
+                find_unused_parameters=pcfg.find_unused_parameters or isinstance(model, ExpertDiT),
                 offload=self.offloader if off.activations else None,
                 # a LoRA base is frozen: it swaps like a teacher (and is one, when shared)
                 block_swap=off.block_swap if tcfg.trainable == "lora" else None,
@@ -272,7 +280,7 @@ class Trainer:
             "target_offload": self.offloader if job.offload.teacher_attention else None,
         }  # fmt: skip
         if job.distill.method == "per_step":
-            return DistillStep(**common)
+            return DistillStep(**common, **expert_noise(job.model))
         common["control_seed"] = tcfg.seed
         fs = job.distill.fewstep
         if fs.guidance_scale != 1.0:
@@ -335,8 +343,11 @@ class Trainer:
         total = sum(n for n, _ in sizes)
         trainable = sum(n for n, grad in sizes if grad)
         att, canvas = self.job.attention, self.data.export_canvas
-        if att.mode == "sta" and self.student.plan.train is not None:
-            dens = density(canvas, att.tile, self.student.plan.train.reshape(-1, 3)).mean()
+        plans = window_plans(self.student, self.job.model.expert).values()
+        plans = [p.train for p in plans if p.train is not None]
+        if att.mode == "sta" and plans:
+            windows = torch.cat([w.reshape(-1, 3) for w in plans])  # every expert's heads
+            dens = density(canvas, att.tile, windows).mean()
             attention = f"STA tile {att.tile}, mean video density {float(dens):.1%}"
         else:
             attention = "dense"
@@ -530,10 +541,11 @@ class Trainer:
         if self.dims.is_main:
             if self.job.train.trainable == "lora":  # from the gathered weights: FSDP2 shards
                 export_lora(self.student, out, merge=self.job.train.lora_merge_export, state=full)
-            else:
-                save_transformer_state(self.student, full, out / "transformer")
+            else:  # transformer/ (and a two-expert model's transformer_2/)
+                save_model_state(self.student, full, out, self.job.model)
             if self.job.attention.mode == "sta":
-                self._export_strategy(out / "mask_strategy.json")
+                for folder, plan in window_plans(self.student, self.job.model.expert).items():
+                    self._export_strategy(plan, out / STRATEGY_FILES[folder])
             info = {"step": self.step, "ema": self.ema is not None,
                     "config": resolved_dict(self.job)}  # fmt: skip
             if isinstance(self.distill, FewStepBase):
@@ -543,17 +555,18 @@ class Trainer:
         barrier()
         return out
 
-    def _export_strategy(self, path: Path) -> None:
-        """The windows the student was trained with, as a mask-strategy file for inference."""
+    def _export_strategy(self, plan: WindowPlan, path: Path) -> None:
+        """The windows ``plan`` the student (or one of its experts) was trained with, as a
+        mask-strategy file for inference."""
         MaskStrategy.from_plan(
-            self.student.plan,
+            plan,
             canvas=self.data.export_canvas,
             tile=self.job.attention.tile,
             metadata={
                 "source": "stafinetune.training.trainer export",
                 "step": self.step,
                 # sampling steps kept dense; enable_sta(strategy=...) applies it by default
-                "dense_first_steps": self.student.plan.dense_first_steps,
+                "dense_first_steps": plan.dense_first_steps,
                 **({"sampling": self._sampling()} if isinstance(self.distill, FewStepBase) else {}),
                 # the windows were trained on every bucket's canvas: each may be sampled
                 "canvases": [list(c) for c in self.data.canvases],

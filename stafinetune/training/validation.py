@@ -84,14 +84,38 @@ def validation_gap(
     sums: dict[str, float] = {}
     for batch in batches:
         batch = to_device(batch, step.device)
-        terms = step.losses(student, student, batch, batch["noise"], batch["sigma"])
-        for key in _VAL_NAMES:
-            if key in terms:
-                sums[key] = sums.get(key, 0.0) + float(terms[key])
+        for part, weight in _expert_parts(step, batch):
+            terms = step.losses(student, student, part, part["noise"], part["sigma"])
+            for key in _VAL_NAMES:
+                if key in terms:
+                    sums[key] = sums.get(key, 0.0) + weight * float(terms[key])
         if on_batch is not None:
             on_batch()
     student.train(was_training)
     return {_VAL_NAMES[k]: v / len(batches) for k, v in sums.items()}
+
+
+def _expert_parts(step: Any, batch: dict[str, Any]) -> list[tuple[dict[str, Any], float]]:
+    """A validation batch as the run's experts see it, with each part's share of the batch.
+
+    One expert of a two-expert model (``step.sigma_range``) gets the batch's levels mapped
+    into its range; both experts (``step.boundary``) get the rows on their side of the boundary
+    as two parts (one expert runs each). Otherwise the batch itself.
+    """
+    lo, hi = getattr(step, "sigma_range", (0.0, 1.0))
+    boundary = getattr(step, "boundary", None)
+    if (lo, hi) != (0.0, 1.0):
+        return [({**batch, "sigma": lo + (hi - lo) * batch["sigma"]}, 1.0)]
+    if boundary is None:
+        return [(batch, 1.0)]
+    size, parts = batch["sigma"].shape[0], []
+    high = batch["sigma"] >= boundary  # (B,)
+    for rows in (high, ~high):
+        if bool(rows.any()):
+            part = {k: v[rows] if torch.is_tensor(v) and v.shape[:1] == (size,) else v
+                    for k, v in batch.items()}  # fmt: skip
+            parts.append((part, float(rows.sum()) / size))
+    return parts
 
 
 @torch.no_grad()

@@ -43,6 +43,15 @@ def test_every_group_option_composes(group):
             "data.text_encoder_path=/m/te",
             "data.text_encoder_2_path=/m/te2",
         ],
+        **{
+            name: [
+                "model.path=/m",
+                "data.manifest=/d.jsonl",
+                "data.video_encoder_path=/m/vae",
+                "data.text_encoder_path=/m/te",
+            ]
+            for name in ("wan2.2_ti2v_5b_sta", "wan2.2_a14b_sta")
+        },
     }
     for option in options:
         overrides = [f"{group}={option}", *extra.get(option, [])]
