@@ -68,7 +68,7 @@ class ExpertDiT(nn.Module):
 
     Attributes mirrored from the experts (the trainer's interface): ``family``, ``adapter``,
     ``num_layers`` (STA layers of one expert), ``num_heads``, ``head_dim``, ``patch_size``,
-    ``in_channels``, ``text_dim``, ``pooled_dim``, ``guidance_scale``.
+    ``in_channels``, ``text_dim``, ``pooled_dim``, ``guidance_scale``, ``image_dims``.
     """
 
     def __init__(self, high: VideoDiT, low: VideoDiT, boundary_ratio: float) -> None:
@@ -82,7 +82,8 @@ class ExpertDiT(nn.Module):
         self.experts = nn.ModuleDict({"high": high, "low": low})
         self.boundary_ratio = float(boundary_ratio)
         for name in ("family", "adapter", "num_layers", "num_heads", "head_dim", "patch_size",
-                     "in_channels", "text_dim", "pooled_dim", "guidance_scale"):  # fmt: skip
+                     "in_channels", "text_dim", "pooled_dim", "guidance_scale",
+                     "image_dims"):  # fmt: skip
             setattr(self, name, getattr(high, name))
         self._share_attention()
         self._capturing = 0
