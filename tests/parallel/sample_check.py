@@ -1,9 +1,9 @@
 """Run under torchrun: sampling on sp x cfg ranks against one process.
 
 Usage: torchrun --nproc-per-node N sample_check.py OUT_DIR SPxCFG [SPxCFG ...] -- COMMAND
-[OVERRIDE ...], each layout's sp * cfg = N. For each layout and the tiny Wan and HunyuanVideo
-adapters (random weights, per-head STA windows, a canvas of 45 tokens so the last sp shard is
-padded, guidance on), ``sample_model`` with the launch's dims gives the latents one process
+[OVERRIDE ...], each layout's sp * cfg = N. For each layout and the tiny Wan, HunyuanVideo and
+two-expert Wan 2.2 adapters (random weights, per-head STA windows, a canvas of 45 tokens so
+the last sp shard is padded, guidance on), ``sample_model`` with the launch's dims gives the latents one process
 gives, the same on every rank, and only rank 0 writes. Prints one JSON line on rank 0:
 ``{"<sp>x<cfg>/<flavor>": {"latents": relative error to one process, "ranks": the largest
 difference between ranks, "written": which ranks wrote samples.json}}``. Then runs
@@ -27,6 +27,8 @@ from stafinetune.models import AttentionConfig, ModelConfig
 from stafinetune.parallel import ParallelDims, all_gather_object
 from stafinetune.parallel.sampling import SampleParallelConfig, init_sampling, sampling_dims
 
+# Wan, HunyuanVideo (text joins the sequence) and Wan 2.2's two experts (the switch at step 2)
+FLAVORS = ("wan_tiny", "hunyuan_tiny", "wan22_tiny_experts")
 PROMPTS = ["a red circle moving right", "a blue square moving up at 2 pixels per frame"]
 # 9 frames of 48 x 80 pixels: latents (3, 6, 10), a 3 x 3 x 5 token canvas, 3 x 2 x 3 tiles
 DATA = DataConfig(num_frames=9, height=48, width=80, text_len=8)
@@ -79,7 +81,7 @@ def main() -> None:
     first = SampleParallelConfig(*(int(n) for n in layouts[0].split("x")))
     dims = init_sampling(first, "cpu")
     report = {}
-    for flavor in ("wan_tiny", "hunyuan_tiny"):
+    for flavor in FLAVORS:
         # the others wait for rank 0's reference at their first collective
         one = one_process(flavor, out / "one" / flavor) if dims.is_main else None
         for layout in layouts:

@@ -42,7 +42,8 @@ def _launch(tmp_path: Path, nproc: int, *args: str) -> dict:
 
 
 def _assert_parity(report: dict, layouts: tuple[str, ...]) -> None:
-    assert set(report) == {f"{lay}/{f}" for lay in layouts for f in ("wan_tiny", "hunyuan_tiny")}
+    flavors = ("wan_tiny", "hunyuan_tiny", "wan22_tiny_experts")
+    assert set(report) == {f"{lay}/{f}" for lay in layouts for f in flavors}
     for case, result in report.items():
         assert result["latents"] < 1e-5, (case, result)  # batch 2 vs 1 and sp: float rounding
         assert result["ranks"] == 0.0, (case, result)  # every rank holds the same latents
