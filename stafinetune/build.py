@@ -23,6 +23,7 @@ from stafinetune.data import DataConfig, TrainLoader, build_train_loader, prepar
 from stafinetune.errors import user_errors
 from stafinetune.models import AttentionConfig, ModelConfig, VideoDiT, build_model
 from stafinetune.models.dit import cast_like_diffusers, model_patch_size, token_canvas
+from stafinetune.models.fp8 import apply_fp8_weights
 from stafinetune.parallel import ParallelDims
 
 log = logging.getLogger(__name__)
@@ -213,7 +214,8 @@ def build_teacher(job: JobConfig, student_device: torch.device) -> VideoDiT | No
 
     Its weights: ``distill.teacher_path``, else ``model.path``, else (only with
     ``distill.allow_random_teacher``, which the config check demands) the student's initial
-    weights (the same flavor built from the same seed).
+    weights (the same flavor built from the same seed). ``train.frozen_weights=fp8`` stores
+    its blocks' linear layers in FP8 (:mod:`stafinetune.models.fp8`).
     """
     dcfg = job.distill
     if not dcfg.needs_teacher:
@@ -231,6 +233,8 @@ def build_teacher(job: JobConfig, student_device: torch.device) -> VideoDiT | No
     teacher = build_seeded(model_cfg, dense, seed=job.train.seed, device=device, dtype=dtype)
     teacher.requires_grad_(False)
     teacher.eval()
+    if job.train.frozen_weights == "fp8":
+        apply_fp8_weights(teacher)
     return teacher
 
 
