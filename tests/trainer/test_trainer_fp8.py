@@ -50,16 +50,16 @@ def test_lora_with_an_fp8_base_resumes_exactly_and_exports_the_dequantised_merge
     tiny_job, tmp_path
 ):
     overrides = ("train.trainable=lora", "train.lora_rank=4", "train.frozen_weights=fp8",
-                 "train.steps=4", "train.ckpt_every=0", "train.lr=1e-2", "train.lora_dropout=0.1")  # fmt: skip
+                 "train.steps=2", "train.ckpt_every=0", "train.lr=1e-2", "train.lora_dropout=0.1")  # fmt: skip
     straight = Trainer(tiny_job(*overrides, "train.export=true", "train.lora_merge_export=true"),
                        tmp_path / "straight")  # fmt: skip
     assert isinstance(straight.teacher, BaseModelTeacher)  # the FP8 base is also the teacher
     assert _fp8_layers(straight.student) and all(n.endswith("base_layer") or ".attn1." not in n
                                                  for n in _fp8_layers(straight.student))  # fmt: skip
     done = straight.fit()
-    first = Trainer(tiny_job(*overrides), tmp_path / "resumed").fit(until_step=2)
+    first = Trainer(tiny_job(*overrides), tmp_path / "resumed").fit(until_step=1)
     second = Trainer(tiny_job(*overrides), tmp_path / "resumed").fit()
-    assert first.step == 2 and second.step == 4 and second.losses == done.losses[2:]
+    assert first.step == 1 and second.step == 2 and second.losses == done.losses[1:]
     a, b = (load_file(str(r.last_checkpoint / "adapter.safetensors")) for r in (done, second))
     assert a.keys() == b.keys() and any("lora_B" in k for k in a)
     assert not any("weight_fp8" in k for k in a)  # the frozen FP8 base is not saved
