@@ -143,7 +143,7 @@ class Fp8Linear(nn.Module):
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         if self.uses_scaled_mm(x, dtype):
-            x2 = x.reshape(-1, self.in_features).to(dtype)  # (M, K)
+            x2 = x.reshape(-1, self.in_features).to(dtype).contiguous()  # (M, K), row-major
             out = _ScaledMatmul.apply(x2, self.weight_fp8, self.weight_scale, self.bias)
             return out.reshape(*x.shape[:-1], self.out_features)
         bias = None if self.bias is None else self.bias.to(dtype)

@@ -135,22 +135,38 @@ def test_a_lora_base_in_fp8_passes_gradients_to_the_adapter_only():
     assert not any("weight_fp8" in k or "weight_scale" in k for k in merged)
 
 
-def test_the_scaled_mm_path_matches_the_dequantised_layer():
+def _check_scaled_mm(device: str) -> None:
+    """The FP8 matmul of a bf16 layer against the float64 layer of its dequantised weight."""
+    linear = torch.nn.Linear(256, 384, device=device, dtype=torch.bfloat16)
+    layer = Fp8Linear.from_linear(linear)
+    x = torch.randn(100, 4, 256, device=device, dtype=torch.bfloat16).transpose(0, 1)
+    x.requires_grad_(True)  # (4, 100, 256), not contiguous
+    assert layer.uses_scaled_mm(x, torch.bfloat16) and not layer.uses_scaled_mm(x, torch.float32)
+    out = layer(x)
+    assert out.dtype == torch.bfloat16 and out.shape == (4, 100, 384)
+    ref = F.linear(
+        x.detach().double(), layer.dequantized_weight(torch.float64), layer.bias.double()
+    )
+    # the activations are quantised per token to e4m3 too: about 2**-5 relative error
+    err = float((out.detach().double() - ref).norm() / ref.norm())
+    assert 2.0**-8 < err < 2.0**-4
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    torch.testing.assert_close(x.grad, grad @ layer.dequantized_weight(torch.bfloat16))
+
+
+def test_the_fp8_matmul_path_on_the_cpu(monkeypatch):
+    """The layer takes ``torch._scaled_mm`` only on CUDA; torch's CPU kernel checks the rest."""
+    assert not Fp8Linear.from_linear(torch.nn.Linear(16, 16)).uses_scaled_mm(
+        torch.zeros(1, 16, dtype=torch.bfloat16), torch.bfloat16
+    )
+    monkeypatch.setattr(Fp8Linear, "uses_scaled_mm", lambda self, x, dtype: dtype == torch.bfloat16)
+    _check_scaled_mm("cpu")
+
+
+def test_the_fp8_matmul_path_on_a_gpu():
     if not torch.cuda.is_available():
         pytest.skip("torch._scaled_mm needs a CUDA GPU")
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("rowwise-scaled FP8 matmul needs compute capability >= 8.9")
-    linear = torch.nn.Linear(256, 384, device="cuda", dtype=torch.bfloat16)
-    layer = Fp8Linear.from_linear(linear)
-    x = torch.randn(4, 100, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    assert layer.uses_scaled_mm(x, torch.bfloat16)
-    out = layer(x)
-    weight = layer.dequantized_weight(torch.float64)
-    ref = F.linear(x.detach().double(), weight, layer.bias.double())
-    # the activations are quantised per token to e4m3 too: relative error about 2**-4
-    assert float((out.double() - ref).norm() / ref.norm()) < 2.0**-4
-    grad = torch.randn_like(out)
-    out.backward(grad)
-    expected = grad @ layer.dequantized_weight(torch.bfloat16)
-    torch.testing.assert_close(x.grad, expected)
-    assert layer.uses_scaled_mm(x, torch.bfloat16) and not layer.uses_scaled_mm(x, torch.float32)
+    _check_scaled_mm("cuda")
