@@ -75,7 +75,7 @@ class _ScaledMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, bits, scale, bias):  # type: ignore[override]
-        x_amax = x.float().abs().amax(dim=1, keepdim=True).clamp_min(1e-12)  # (M, 1)
+        x_amax = x.abs().amax(dim=1, keepdim=True).float().clamp_min(1e-12)  # (M, 1), exact
         x_scale = x_amax / E4M3_MAX
         xq = (x.float() / x_scale).clamp(-E4M3_MAX, E4M3_MAX).to(FP8_DTYPE)  # (M, K)
         out = torch._scaled_mm(
@@ -113,7 +113,8 @@ class Fp8Linear(nn.Module):
         self.out_features, self.in_features = bits.shape
         self.weight_fp8 = nn.Parameter(bits, requires_grad=False)
         self.weight_scale = nn.Parameter(scale, requires_grad=False)
-        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        self.register_parameter("bias", bias)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Fp8Linear:
