@@ -15,7 +15,8 @@ Assumptions (bf16 autocast, AdamW, gradient checkpointing per block, batch 1):
   unsharded bf16 blocks in flight); ``zero2`` keeps bf16 parameters whole and shards fp32
   master weights, gradients and moments; ``zero3`` shards everything (plus two gathered
   blocks).
-- teacher: bf16, replicated (or sharded with ``--teacher shard``).
+- teacher: bf16, replicated (or sharded with ``--teacher shard``); with ``--frozen-fp8``
+  its block linears take 1 byte per weight plus a 4-byte scale per output row.
 - activations: each block's input is kept (fp32, S/sp tokens); one block is recomputed at a
   time in backward, keeping what its backward needs (Megatron's count for S/sp tokens:
   about 20 x hidden + 4 x ffn bf16 values per token (Megatron's 12 x hidden, plus the norm and
@@ -29,6 +30,7 @@ Assumptions (bf16 autocast, AdamW, gradient checkpointing per block, batch 1):
 
     python benchmarks/memory_plan.py                      # the 720p table, JSON + markdown
     python benchmarks/memory_plan.py --check              # on a GPU: estimate vs measured peak
+    python benchmarks/memory_plan.py --frozen-fp8         # the teacher in FP8 (ddp, fsdp2)
     python benchmarks/memory_plan.py --single-gpu         # LoRA on one GPU with the offload levers
     python benchmarks/memory_plan.py --check-offload      # on a GPU: each lever's measured peak
 
@@ -103,9 +105,30 @@ def model_shape(name: str, flavor: str, canvas: tuple[int, int, int], text: int,
     )
 
 
+def fp8_teacher_bytes_per_param(flavor: str, overrides: dict | None = None) -> float:
+    """Bytes per teacher parameter under ``train.frozen_weights=fp8``: the block linears of
+    ``stafinetune.models.fp8`` at 1 byte plus a 4-byte scale per output row, the rest bf16."""
+    from stafinetune.models import AttentionConfig, ModelConfig, build_model
+    from stafinetune.models.fp8 import fp8_linear_names
+
+    dit = build_model(
+        ModelConfig(flavor=flavor, config_overrides=overrides or {}),
+        AttentionConfig(mode="full"),
+        device="meta",
+    ).requires_grad_(False)
+    layers = [dit.transformer.get_submodule(n) for n in fp8_linear_names(dit)]
+    params = sum(p.numel() for p in dit.parameters())
+    fp8 = sum(m.weight.numel() for m in layers)
+    rows = sum(m.out_features for m in layers)
+    return (2 * (params - fp8) + fp8 + 4 * rows) / params
+
+
 def estimate(shape: Shape, *, strategy: str, sp: int, gpus: int, teacher: str = "replicate",
-             attention_loss: bool = True) -> dict[str, float]:  # fmt: skip
-    """GiB per GPU by component, and all-to-all GiB sent per GPU per step."""
+             attention_loss: bool = True, teacher_bytes_per_param: float = 2.0,
+             ) -> dict[str, float]:  # fmt: skip
+    """GiB per GPU by component, and all-to-all GiB sent per GPU per step.
+
+    ``teacher_bytes_per_param``: 2 (bf16), or :func:`fp8_teacher_bytes_per_param`."""
     p, n = shape.params, gpus
     block = shape.block_params
     # resident: parameters and optimiser state; grads: what the gradients take at the end of
@@ -120,7 +143,8 @@ def estimate(shape: Shape, *, strategy: str, sp: int, gpus: int, teacher: str = 
         resident, grads = 2 * p / n + (4 + 8) * p / n + 2 * 2 * block, 2 * p / n + 2 * block
     else:
         raise ValueError(f"unknown strategy {strategy!r}")
-    teacher_bytes = 2 * p if teacher == "replicate" else 2 * p / n + 2 * 2 * block
+    tb = teacher_bytes_per_param
+    teacher_bytes = tb * p if teacher == "replicate" else tb * p / n + tb * 2 * block
     s_loc = math.ceil(shape.tokens / sp)
     rows = s_loc + (shape.text if shape.joint_text else 0)
     kept_inputs = shape.layers * rows * shape.hidden * 4
@@ -159,28 +183,32 @@ def step_seconds(shape: Shape, *, sp: int, density: float, tflops: float = 600.0
     return {"compute_s": compute, "all_to_all_s": comm, "all_to_all_share": comm / (compute + comm)}
 
 
-def plan_720p(gpus: int = 8, budget_gib: float = 80.0) -> dict:
-    """The table of docs/parallel.md: Wan 14B and HunyuanVideo 13B at 720p on ``gpus`` GPUs."""
+def plan_720p(gpus: int = 8, budget_gib: float = 80.0, frozen_fp8: bool = False) -> dict:
+    """The table of docs/parallel.md: Wan 14B and HunyuanVideo 13B at 720p on ``gpus`` GPUs
+    (``frozen_fp8``: the teacher under ``train.frozen_weights=fp8``, ddp and fsdp2 only)."""
     shapes = [
         model_shape("wan2.1-14B 720p", "wan2.1_t2v_14b", (21, 45, 80), 512),
         model_shape("hunyuanvideo-13B 720p", "hunyuanvideo_13b", (30, 48, 80), 256),
     ]
     rows = []
     for shape in shapes:
-        for strategy in ("ddp", "fsdp2", "zero2", "zero3"):
+        tb = fp8_teacher_bytes_per_param(shape.flavor) if frozen_fp8 else 2.0
+        for strategy in ("ddp", "fsdp2") if frozen_fp8 else ("ddp", "fsdp2", "zero2", "zero3"):
             for sp in (1, 2, 4, 8):
-                est = estimate(shape, strategy=strategy, sp=sp, gpus=gpus)
+                est = estimate(shape, strategy=strategy, sp=sp, gpus=gpus,
+                               teacher_bytes_per_param=tb)  # fmt: skip
                 timing = step_seconds(shape, sp=sp, density=0.09)
                 rows.append({"model": shape.name, "strategy": strategy, "sp": sp, **est,
                              **timing, "fits": est["total"] <= budget_gib * 0.9})  # fmt: skip
     return {"gpus": gpus, "budget_gib": budget_gib, "shapes": [asdict(s) for s in shapes],
-            "rows": rows}  # fmt: skip
+            "frozen_fp8": frozen_fp8, "rows": rows}  # fmt: skip
 
 
 def markdown(plan: dict) -> str:
     lines = [
         f"Per-GPU memory (GiB) of an STA distillation step on {plan['gpus']} GPUs, batch 1, "
-        "bf16 autocast, gradient checkpointing, attention loss on; fits = under 90% of "
+        "bf16 autocast, gradient checkpointing, attention loss on"
+        f"{'; the teacher with FP8 block linears' if plan.get('frozen_fp8') else ''}; fits = under 90% of "
         f"{plan['budget_gib']:.0f} GiB. All-to-all share from a 600 TFLOP/s, 150 GB/s model.",
         "",
         "| model | strategy | sp | student | teacher | activations | total | fits | a2a GiB/step | a2a share |",
@@ -406,6 +434,8 @@ def main() -> None:
                         help="measure each offload lever's peak on this GPU")  # fmt: skip
     parser.add_argument("--gpus", type=int, default=8)
     parser.add_argument("--budget-gib", type=float, default=80.0)
+    parser.add_argument("--frozen-fp8", action="store_true",
+                        help="the teacher under train.frozen_weights=fp8")  # fmt: skip
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.check_offload or args.single_gpu:
@@ -418,10 +448,11 @@ def main() -> None:
             print(f"{case['case']}: predicted {case['predicted_gib']:.1f} GiB, measured "
                   f"{case['measured_gib']:.1f} GiB (ratio {case['ratio']:.2f})")  # fmt: skip
         return
-    plan = plan_720p(args.gpus, args.budget_gib)
-    (RESULTS / f"memory_plan-{args.gpus}gpu.json").write_text(json.dumps(plan, indent=1))
+    plan = plan_720p(args.gpus, args.budget_gib, frozen_fp8=args.frozen_fp8)
+    name = f"memory_plan-{args.gpus}gpu{'-fp8' if args.frozen_fp8 else ''}"
+    (RESULTS / f"{name}.json").write_text(json.dumps(plan, indent=1))
     table = markdown(plan)
-    (RESULTS / f"memory_plan-{args.gpus}gpu.md").write_text(table + "\n")
+    (RESULTS / f"{name}.md").write_text(table + "\n")
     print(table)
 
 

@@ -30,6 +30,7 @@ from stafinetune.models.dit import (
 )
 from stafinetune.models.experts import model_parts
 from stafinetune.models.families import ImageDims
+from stafinetune.models.fp8 import apply_fp8_weights
 from stafinetune.parallel import ParallelDims
 
 log = logging.getLogger(__name__)
@@ -251,7 +252,8 @@ def build_teacher(job: JobConfig, student_device: torch.device) -> VideoDiT | No
 
     Its weights: ``distill.teacher_path``, else ``model.path``, else (only with
     ``distill.allow_random_teacher``, which the config check demands) the student's initial
-    weights (the same flavor built from the same seed).
+    weights (the same flavor built from the same seed). ``train.frozen_weights=fp8`` stores
+    its blocks' linear layers in FP8 (:mod:`stafinetune.models.fp8`).
     """
     dcfg = job.distill
     if not dcfg.needs_teacher:
@@ -269,6 +271,8 @@ def build_teacher(job: JobConfig, student_device: torch.device) -> VideoDiT | No
     teacher = build_seeded(model_cfg, dense, seed=job.train.seed, device=device, dtype=dtype)
     teacher.requires_grad_(False)
     teacher.eval()
+    if job.train.frozen_weights == "fp8":
+        apply_fp8_weights(teacher)
     return teacher
 
 

@@ -23,6 +23,9 @@ from stafinetune.models.config import AttentionConfig, ModelConfig, OffloadConfi
 from stafinetune.parallel.world import launched_rank
 
 
+FROZEN_WEIGHTS = ("none", "fp8")
+
+
 def _check(cond: bool, message: str) -> None:
     if not cond:
         raise ValueError(message)
@@ -55,6 +58,9 @@ class TrainConfig:
     lora_targets: list[str] | None = None  # module-name suffixes; None: STA q/k/v/out projections
     lora_dropout: float = 0.0  # dropout on the adapter's input
     lora_merge_export: bool = False  # also export the merged transformer (export/transformer)
+    # how frozen weights are stored: none (as built) | fp8 (the separate teacher's and, with
+    # trainable=lora, the base's block linears in float8 e4m3; stafinetune.models.fp8)
+    frozen_weights: str = "none"
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
@@ -115,6 +121,11 @@ class TrainConfig:
             not self.lora_merge_export or self.trainable == "lora",
             "train.lora_merge_export=true needs train.trainable=lora, got "
             f"train.trainable={self.trainable!r}",
+        )
+        _check(
+            self.frozen_weights in FROZEN_WEIGHTS,
+            f"train.frozen_weights must be one of {', '.join(FROZEN_WEIGHTS)}, "
+            f"got {self.frozen_weights!r}",
         )
         _check(
             self.device in ("auto", "cpu", "cuda"),
@@ -424,6 +435,18 @@ class JobConfig:
             f"distill.method={self.distill.method} trains a student that samples every step with "
             f"STA: attention.dense_first_steps must be 0, got {self.attention.dense_first_steps}",
         )
+        if self.train.frozen_weights == "fp8":
+            _check(
+                self.distill.needs_teacher or self.train.trainable == "lora",
+                "train.frozen_weights=fp8 stores the frozen teacher and a LoRA base in FP8, but "
+                "this run has neither (distill.w_attn = distill.w_out = 0 and train.trainable="
+                f"{self.train.trainable!r})",
+            )
+            _check(
+                self.parallel.strategy in ("ddp", "fsdp2"),
+                "train.frozen_weights=fp8 needs parallel.strategy=ddp or fsdp2, got "
+                f"{self.parallel.strategy!r}",
+            )
         _check(
             self.parallel.sp == 1 or self.distill.teacher_device == "same",
             f"parallel.sp={self.parallel.sp} runs the teacher under the same sequence split, so "

@@ -160,8 +160,9 @@ class VideoDiT(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        """Compute dtype (that of the attention projections; some small modules stay fp32)."""
-        return self.sta_layers()[0].to_q.weight.dtype
+        """Compute dtype: the output projection's (the block linears may be stored in FP8,
+        ``stafinetune.models.fp8``; some small modules stay fp32)."""
+        return self.transformer.proj_out.weight.dtype
 
     def canvas_for(self, latent_shape: Sequence[int]) -> tuple[int, int, int]:
         """Token canvas (T/pt, H/ph, W/pw) of latents shaped (..., T, H, W); must divide evenly."""

@@ -28,6 +28,7 @@ from torch import nn
 
 from stafinetune.models import VideoDiT
 from stafinetune.models.dit import save_attention_config
+from stafinetune.models.fp8 import dequantize_state_dict
 
 ADAPTER = "default"
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -186,7 +187,9 @@ def merged_state_dict(
     dit: VideoDiT, state: dict[str, torch.Tensor] | None = None
 ) -> dict[str, torch.Tensor]:
     """The transformer's state dict with the adapter merged (``W + alpha / r * B @ A``), under
-    the plain diffusers names (``...to_q.weight``); the model itself is not changed.
+    the plain diffusers names (``...to_q.weight``); the model itself is not changed. A base
+    stored in FP8 (``train.frozen_weights=fp8``) is merged dequantised, the weights the
+    adapter was trained on.
     ``state``: the full weights when the module itself is sharded."""
     from peft.tuners.lora import LoraLayer
 
@@ -195,7 +198,7 @@ def merged_state_dict(
         for name, module in dit.transformer.named_modules()
         if isinstance(module, LoraLayer) and ADAPTER in module.lora_A
     }
-    tensors = _transformer_tensors(dit, state)
+    tensors = dequantize_state_dict(_transformer_tensors(dit, state))  # an FP8 base: as trained
     merged = {}
     for key, value in tensors.items():
         if _LORA_KEY.search(key):

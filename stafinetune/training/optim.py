@@ -13,6 +13,7 @@ from torch import nn
 
 from stafinetune.config import TrainConfig
 from stafinetune.models import VideoDiT
+from stafinetune.models.fp8 import apply_fp8_weights
 
 
 def select_trainable(model: nn.Module, pattern: str) -> list[str]:
@@ -49,12 +50,14 @@ def apply_trainable(model: VideoDiT, cfg: TrainConfig) -> list[str]:
     """Make ``train.trainable``'s parameters the only trainable ones; return their names.
 
     ``lora`` adds a LoRA adapter (``train.lora_*``, see :mod:`stafinetune.training.lora`) and trains
-    only that; anything else is :func:`select_trainable`'s pattern.
+    only that; with ``train.frozen_weights=fp8`` its frozen base layers are then stored in FP8
+    (:func:`stafinetune.models.fp8.apply_fp8_weights`). Anything else is
+    :func:`select_trainable`'s pattern.
     """
     if cfg.trainable == "lora":
         from .lora import apply_lora
 
-        return apply_lora(
+        names = apply_lora(
             model,
             rank=cfg.lora_rank,
             alpha=cfg.lora_alpha,
@@ -62,6 +65,9 @@ def apply_trainable(model: VideoDiT, cfg: TrainConfig) -> list[str]:
             dropout=cfg.lora_dropout,
             seed=cfg.seed,
         )
+        if cfg.frozen_weights == "fp8":
+            apply_fp8_weights(model)
+        return names
     return select_trainable(model, cfg.trainable)
 
 

@@ -52,6 +52,7 @@ APPLY_ON_RESUME = (
     "train.log_every", "train.ckpt_every", "train.ckpt_minutes", "train.keep_last",
     "train.val_every", "train.export", "train.sample_steps", "train.num_samples",
     "train.sample_shift", "train.precision", "train.device", "train.ema_decay",
+    "train.frozen_weights",
     "distill.*", "logging.*", "attention.backend", "attention.dense_first_steps", "attention.fp8",
     "model.gradient_checkpointing", "data.root", "data.cache_dir", "data.num_workers",
     "data.prefetch_factor", "data.decode_workers", "data.encode_batch_size", "data.device",
