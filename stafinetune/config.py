@@ -22,7 +22,6 @@ from stafinetune.data.config import DataConfig
 from stafinetune.models.config import AttentionConfig, ModelConfig, OffloadConfig
 from stafinetune.parallel.world import launched_rank
 
-
 FROZEN_WEIGHTS = ("none", "fp8")
 
 
