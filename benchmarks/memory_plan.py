@@ -31,11 +31,12 @@ Assumptions (bf16 autocast, AdamW, gradient checkpointing per block, batch 1):
     python benchmarks/memory_plan.py                      # the 720p table, JSON + markdown
     python benchmarks/memory_plan.py --check              # on a GPU: estimate vs measured peak
     python benchmarks/memory_plan.py --frozen-fp8         # the teacher in FP8 (ddp, fsdp2)
-    python benchmarks/memory_plan.py --single-gpu         # LoRA on one GPU with the offload levers
+    python benchmarks/memory_plan.py --single-gpu         # LoRA on one GPU: offload levers, FP8 base
     python benchmarks/memory_plan.py --check-offload      # on a GPU: each lever's measured peak
 
 ``--single-gpu`` (:func:`offload_estimate`): a LoRA student whose frozen base is also its
-dense teacher (its fp32 weights), in one process, with the ``offload`` levers of ``docs/configuration.md#memory``:
+dense teacher (its fp32 weights, or under ``train.frozen_weights=fp8`` its block linears in
+FP8), in one process, with the ``offload`` levers of ``docs/configuration.md#memory``:
 ``offload.activations`` keeps two blocks' inputs on the GPU (the one in use, the one being
 copied) instead of every block's; ``offload.teacher_attention`` two layers' targets instead of
 every layer's; ``offload.block_swap=N`` keeps the non-block weights and N + 2 blocks of the
@@ -105,9 +106,12 @@ def model_shape(name: str, flavor: str, canvas: tuple[int, int, int], text: int,
     )
 
 
-def fp8_teacher_bytes_per_param(flavor: str, overrides: dict | None = None) -> float:
+def fp8_teacher_bytes_per_param(
+    flavor: str, overrides: dict | None = None, rest_bytes: int = 2
+) -> float:
     """Bytes per teacher parameter under ``train.frozen_weights=fp8``: the block linears of
-    ``stafinetune.models.fp8`` at 1 byte plus a 4-byte scale per output row, the rest bf16."""
+    ``stafinetune.models.fp8`` at 1 byte plus a 4-byte scale per output row, the rest at
+    ``rest_bytes`` (2: a bf16 teacher; 4: a LoRA student's fp32 base)."""
     from stafinetune.models import AttentionConfig, ModelConfig, build_model
     from stafinetune.models.fp8 import fp8_linear_names
 
@@ -120,7 +124,7 @@ def fp8_teacher_bytes_per_param(flavor: str, overrides: dict | None = None) -> f
     params = sum(p.numel() for p in dit.parameters())
     fp8 = sum(m.weight.numel() for m in layers)
     rows = sum(m.out_features for m in layers)
-    return (2 * (params - fp8) + fp8 + 4 * rows) / params
+    return (rest_bytes * (params - fp8) + fp8 + 4 * rows) / params
 
 
 def estimate(shape: Shape, *, strategy: str, sp: int, gpus: int, teacher: str = "replicate",
@@ -302,12 +306,16 @@ class Offload:
         return ", ".join(parts) or "none"
 
 
-def offload_estimate(shape: Shape, offload: Offload, *, lora_rank: int = 64) -> dict[str, float]:
+def offload_estimate(shape: Shape, offload: Offload, *, lora_rank: int = 64,
+                     base_bytes_per_param: float = 4.0) -> dict[str, float]:  # fmt: skip
     """GiB on the one GPU and in pinned host memory of a LoRA distillation step whose teacher
     is the student's base (fp32, as the student is built; autocast computes in bf16), with
-    ``offload``'s levers (the activation terms as in :func:`estimate`, at sp=1)."""
-    block_bytes = 4 * shape.block_params
-    base = 4 * shape.params
+    ``offload``'s levers (the activation terms as in :func:`estimate`, at sp=1).
+
+    ``base_bytes_per_param``: 4 (fp32), or under ``train.frozen_weights=fp8``
+    :func:`fp8_teacher_bytes_per_param` with ``rest_bytes=4`` (taken as the blocks' too)."""
+    block_bytes = base_bytes_per_param * shape.block_params
+    base = base_bytes_per_param * shape.params
     on_device_base = base
     if offload.block_swap is not None:
         in_flight = min(offload.block_swap + 2, shape.layers)
@@ -384,27 +392,37 @@ def plan_single_gpu(budget_gib: float = 80.0) -> dict:
         Offload(activations=True, teacher_attention=True, block_swap=4),
         Offload(activations=True, teacher_attention=True, block_swap=0),
     ]
+    fp8_levers = [
+        Offload(),
+        Offload(activations=True, teacher_attention=True),
+        Offload(activations=True, teacher_attention=True, block_swap=4),
+    ]
+    fp8_bytes = fp8_teacher_bytes_per_param("wan2.1_t2v_14b", rest_bytes=4)
     rows = []
     for shape in shapes:
-        for offload in levers:
-            est = offload_estimate(shape, offload)
-            rows.append({"model": shape.name, "offload": offload.label(), **est,
-                         "fits": est["total"] <= budget_gib * 0.9})  # fmt: skip
+        for frozen, bytes_per_param, row_levers in (("fp32", 4.0, levers),
+                                                    ("fp8", fp8_bytes, fp8_levers)):  # fmt: skip
+            for offload in row_levers:
+                est = offload_estimate(shape, offload, base_bytes_per_param=bytes_per_param)
+                rows.append({"model": shape.name, "frozen": frozen, "offload": offload.label(),
+                             **est, "fits": est["total"] <= budget_gib * 0.9})  # fmt: skip
     return {"budget_gib": budget_gib, "shapes": [asdict(s) for s in shapes], "rows": rows}
 
 
 def markdown_single_gpu(plan: dict) -> str:
     lines = [
-        "GiB of a LoRA (rank 64) STA distillation step on one GPU, its teacher the frozen fp32 "
-        "base, batch 1, bf16 autocast, gradient checkpointing, attention loss on; fits = under "
+        "GiB of a LoRA (rank 64) STA distillation step on one GPU, its teacher the frozen "
+        "base (fp32, or with train.frozen_weights=fp8 its block linears in FP8), batch 1, bf16 "
+        "autocast, gradient checkpointing, attention loss on; fits = under "
         f"90% of {plan['budget_gib']:.0f} GiB; host = pinned host memory the levers use.",
         "",
-        "| model | offload | base | block inputs | attention outputs | working set | total | fits | host |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| model | frozen base | offload | base | block inputs | attention outputs | working set | total | fits | host |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in plan["rows"]:
         lines.append(
-            f"| {r['model']} | {r['offload']} | {r['base']:.1f} | {r['kept_block_inputs']:.1f} | "
+            f"| {r['model']} | {r.get('frozen', 'fp32')} | {r['offload']} | {r['base']:.1f} | "
+            f"{r['kept_block_inputs']:.1f} | "
             f"{r['captured_attention']:.1f} | {r['recompute_working_set']:.1f} | "
             f"{r['total']:.1f} | {'yes' if r['fits'] else 'no'} | {r['host']:.1f} |"
         )

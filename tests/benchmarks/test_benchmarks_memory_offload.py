@@ -63,3 +63,15 @@ def test_the_measured_check_puts_each_lever_on() -> None:
     assert targets is not None and targets.device == torch.device("cpu")
     assert student.binding.offload is not None and teacher.block_swap.resident == 1
     assert plan.apply_offload_levers(student, teacher, plan.Offload(activations=True)) is None
+
+
+def test_an_fp8_base_scales_what_the_base_keeps_and_swaps(shape: plan.Shape) -> None:
+    """``train.frozen_weights=fp8``: the base's bytes on the GPU and on the host follow its
+    bytes per parameter; the activation terms do not change."""
+    levers = plan.Offload(activations=True, block_swap=0)
+    fp32 = plan.offload_estimate(shape, levers)
+    fp8 = plan.offload_estimate(shape, levers, base_bytes_per_param=1.0)
+    assert fp8["base"] == pytest.approx(fp32["base"] / 4)
+    blocks_off = 4 * shape.block_params * (shape.layers - 2) / plan.GIB
+    assert fp32["host"] - fp8["host"] == pytest.approx(blocks_off * 3 / 4)
+    assert fp8["kept_block_inputs"] == fp32["kept_block_inputs"]
