@@ -133,7 +133,10 @@ def sample_latents(
         autocast_bf16: run the model under bf16 autocast (CUDA).
         on_step: called after every Euler step (a progress bar's update).
         image_latents, image_embeds: an image-to-video model's condition (B, Ci, T, H, W) and
-            image states (B, N, Di), the same at every step (``VideoDiT.forward``).
+            image states (B, N, Di), the same at every step (``VideoDiT.forward``). A
+            first-frame condition (B, C, 1, H, W) (Wan 2.2 TI2V) is re-imposed on the first
+            latent frame after every step, as diffusers' pipeline does
+            (:func:`impose_first_frame`).
     Returns:
         (B, C, T, H, W) float32 latents; ``step_index`` runs 0..steps-1.
     """
@@ -148,6 +151,7 @@ def sample_latents(
         torch.autocast("cuda", dtype=torch.bfloat16) if autocast_bf16 else contextlib.nullcontext()
     )
     image = image_kwargs(image_latents, image_embeds)
+    x = impose_first_frame(x, image_latents)
     for i in range(schedule.steps):
         timestep = (sigmas[i] * 1000.0).expand(batch)
         with ctx:
@@ -156,9 +160,19 @@ def sample_latents(
             x, v.float(), sigmas[i], sigmas[i + 1], stochastic=schedule.stochastic,
             generator=generator,
         )  # fmt: skip
+        x = impose_first_frame(x, image_latents)
         if on_step is not None:
             on_step()
     return x
+
+
+def impose_first_frame(x: torch.Tensor, image_latents: torch.Tensor | None) -> torch.Tensor:
+    """``x`` (B, C, T, H, W) with its first latent frame replaced by a first-frame condition
+    ``image_latents`` (B, C, 1, H, W); unchanged without one (text-to-video, or Wan 2.1 I2V
+    whose condition spans every frame and is taken on channels)."""
+    if image_latents is None or image_latents.shape[2] != 1 or x.shape[2] == 1:
+        return x
+    return torch.cat([image_latents.to(x), x[:, :, 1:]], dim=2)
 
 
 def image_kwargs(

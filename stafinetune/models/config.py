@@ -62,6 +62,10 @@ class ModelConfig:
         boundary_ratio: two-expert flavors only: the switch between the experts as a fraction
             of the 1000 training timesteps; null takes the flavor's published value (0.875
             for ``wan2.2_t2v_a14b``).
+        image_to_video: flavors with a first-frame image-to-video mode only (Wan 2.2 TI2V):
+            condition on each clip's first frame, whose clean latent (``data.image_encoder=vae``)
+            replaces the first latent frame at timestep 0; false runs text-to-video. The same
+            weights do both.
     """
 
     flavor: str = "wan_tiny"
@@ -74,6 +78,7 @@ class ModelConfig:
     allow_pickle_weights: bool = False
     expert: Optional[str] = None
     boundary_ratio: Optional[float] = None
+    image_to_video: bool = False
 
     def __post_init__(self) -> None:
         from .flavors import FLAVORS
@@ -97,6 +102,11 @@ class ModelConfig:
                 raise ValueError(
                     f"model.boundary_ratio must lie in (0, 1), got {self.boundary_ratio}"
                 )
+        if self.image_to_video and not flavor.first_frame_i2v:
+            raise ValueError(
+                f"model.image_to_video applies to flavors with a first-frame image-to-video "
+                f"mode (Wan 2.2 TI2V); model.flavor={self.flavor!r} has none: set it to false"
+            )
         if self.path is not None and not str(self.path).strip():
             raise ValueError("model.path must be a local directory or null, got an empty string")
         if self.checkpoint_policy not in CHECKPOINT_POLICIES:

@@ -50,7 +50,7 @@ def model_patch_size(model_cfg: ModelConfig) -> tuple[int, int, int]:
 def model_image_dims(model_cfg: ModelConfig) -> ImageDims | None:
     """The image inputs of the model ``model_cfg`` names (None: text-to-video), unbuilt."""
     family = get_family(get_flavor(model_cfg.flavor).family)
-    return family.image_dims(model_config_values(model_cfg))
+    return family.image_dims(model_config_values(model_cfg), first_frame=model_cfg.image_to_video)
 
 
 class VideoDiT(nn.Module):
@@ -72,6 +72,7 @@ class VideoDiT(nn.Module):
         attention_cfg: AttentionConfig,
         *,
         guidance_scale: float = 6.0,
+        image_to_video: bool = False,
     ) -> None:
         super().__init__()
         self.adapter: ModelFamily = get_family(family)
@@ -81,7 +82,8 @@ class VideoDiT(nn.Module):
         cfg = transformer.config
         self.num_heads: int = int(cfg.num_attention_heads)
         self.head_dim: int = int(cfg.attention_head_dim)
-        self.image_dims: ImageDims | None = self.adapter.image_dims(cfg)
+        # image_to_video: the first-frame mode of a text-to-video config (Wan 2.2 TI2V)
+        self.image_dims: ImageDims | None = self.adapter.image_dims(cfg, first_frame=image_to_video)
         self.in_channels: int = self.adapter.latent_channels(cfg)  # of the denoised latents
         self.patch_size: tuple[int, int, int] = self.adapter.patch_size(cfg)
         self.text_dim, self.pooled_dim = self.adapter.text_dims(cfg)
@@ -226,7 +228,8 @@ class VideoDiT(nn.Module):
         if image_latents is not None and self.image_dims is None:
             raise ValueError("this text-to-video model takes no image_latents")
         if image_latents is not None:
-            image = ImageCondition(image_latents.to(dtype), image_embeds)
+            first_frame = self.image_dims.first_frame  # type: ignore[union-attr]
+            image = ImageCondition(image_latents.to(dtype), image_embeds, first_frame)
             latents, timestep, kwargs = self.adapter.image_inputs(
                 self.transformer, latents, timestep, image, kwargs
             )
@@ -474,9 +477,8 @@ def build_model(
                     f"model.config_overrides has a key {cls.__name__} rejects: {err}"
                 ) from err
             cast_like_diffusers(transformer, dtype)
-        return VideoDiT(
-            transformer, flavor.family, attention, guidance_scale=model_cfg.guidance_scale
-        )
+        return VideoDiT(transformer, flavor.family, attention, guidance_scale=model_cfg.guidance_scale,
+                        image_to_video=model_cfg.image_to_video)  # fmt: skip
 
     if flavor.experts:  # Wan 2.2 A14B: one expert or both (``models/experts.py``)
         from .experts import build_experts

@@ -43,10 +43,14 @@ class ImageDims:
             channels + 16 latents of the conditioning video = 20), 0 for none.
         embed_dim: width of the image encoder's states (Wan 2.1 I2V: CLIP ViT-H, 1280), or
             None when the model takes no image embeddings.
+        first_frame: the condition is the clean latent of the first frame alone (B, C, 1, H,
+            W), which replaces the first latent frame, whose tokens get timestep 0 (Wan 2.2
+            TI2V, diffusers' ``expand_timesteps``); the losses leave that frame out.
     """
 
     condition_channels: int
     embed_dim: int | None
+    first_frame: bool = False
 
 
 @dataclass
@@ -55,12 +59,15 @@ class ImageCondition:
 
     Attributes:
         latents: (B, C, T, H, W) VAE latents of the conditioning video (the first frame, then
-            zeros for Wan 2.1 I2V), normalised like the training latents.
+            zeros for Wan 2.1 I2V), or (B, C, 1, H, W) of the first frame alone
+            (``ImageDims.first_frame``), normalised like the training latents.
         embeds: (B, N, Di) image-encoder states of the first frame, or None.
+        first_frame: ``latents`` replace the first latent frame (``ImageDims.first_frame``).
     """
 
     latents: torch.Tensor
     embeds: torch.Tensor | None = None
+    first_frame: bool = False
 
 
 @dataclass(frozen=True)
@@ -133,8 +140,12 @@ class ModelFamily:
     def reset_buffers(self, transformer: nn.Module, device: str | torch.device) -> None:
         """Recompute the non-persistent buffers (after ``to_empty`` from the meta device)."""
 
-    def image_dims(self, config: Any) -> ImageDims | None:
-        """What an image-conditioned transformer config takes, or None (text-to-video)."""
+    def image_dims(self, config: Any, *, first_frame: bool = False) -> ImageDims | None:
+        """What an image-conditioned transformer config takes, or None (text-to-video);
+        ``first_frame`` asks for the mode that conditions on a clean first latent frame
+        (``model.image_to_video``), which a family without it refuses."""
+        if first_frame:
+            raise ValueError(f"the {self.name} family has no first-frame image-to-video mode")
         return None
 
     def image_inputs(
@@ -195,6 +206,34 @@ class ModelFamily:
         return argument("encoder_attention_mask")
 
 
+def first_frame_inputs(
+    patch: tuple[int, int, int],
+    latents: torch.Tensor,
+    timestep: torch.Tensor,
+    first: torch.Tensor,
+    kwargs: dict[str, Any],
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """One call of a first-frame image-to-video model, as diffusers' WanImageToVideoPipeline
+    with ``expand_timesteps`` (Wan 2.2 TI2V) builds it: the first latent frame of ``latents``
+    (B, C, T, H, W) is the clean condition ``first`` (B, C, 1, H, W), and the (B,) ``timestep``
+    becomes one per token (B, S), 0 on the first frame's tokens."""
+    pt, ph, pw = patch
+    batch, channels, frames, height, width = latents.shape
+    if pt != 1:
+        raise ValueError(f"first-frame conditioning needs a temporal patch of 1, got {patch}")
+    if first.shape != (batch, channels, 1, height, width):
+        raise ValueError(
+            f"the first-frame condition must be (B, C, 1, H, W) = {(batch, channels, 1, height, width)}, "
+            f"got {tuple(first.shape)}"
+        )
+    hidden = torch.cat([first.to(latents.dtype), latents[:, :, 1:]], dim=2)  # (B, C, T, H, W)
+    per_frame = timestep[:, None].expand(batch, frames).clone()  # (B, T)
+    per_frame[:, 0] = 0.0
+    tokens = (height // ph) * (width // pw)
+    per_token = per_frame[:, :, None].expand(batch, frames, tokens).reshape(batch, -1)  # (B, S)
+    return hidden, per_token, kwargs
+
+
 class WanFamily(ModelFamily):
     """Wan 2.1 (diffusers ``WanTransformer3DModel``): video self-attention ``blocks[i].attn1``
     is STA, text cross-attention ``attn2`` stays dense; text does not join the sequence."""
@@ -239,9 +278,17 @@ class WanFamily(ModelFamily):
         # padded text embeddings are zeroed, as diffusers' Wan pipeline does
         return {"encoder_hidden_states": text * text_mask[..., None].to(text.dtype)}
 
-    def image_dims(self, config: Any) -> ImageDims | None:
+    def image_dims(self, config: Any, *, first_frame: bool = False) -> ImageDims | None:
         get = _getter(config)
         extra = int(get("in_channels")) - int(get("out_channels"))
+        if first_frame:  # Wan 2.2 TI2V: the text-to-video weights, no extra inputs
+            if extra != 0 or get("image_dim") is not None:
+                raise ValueError(
+                    "the first-frame image-to-video mode (model.image_to_video) needs a Wan "
+                    f"transformer taking its latents alone, got in_channels={get('in_channels')}, "
+                    f"out_channels={get('out_channels')}, image_dim={get('image_dim')}"
+                )
+            return ImageDims(0, None, first_frame=True)
         if extra == 0:
             return None
         image_dim = get("image_dim")
@@ -255,6 +302,9 @@ class WanFamily(ModelFamily):
         image: ImageCondition,
         kwargs: dict[str, Any],
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        if image.first_frame:
+            return first_frame_inputs(self.patch_size(transformer.config), latents, timestep,
+                                      image.latents, kwargs)  # fmt: skip
         # WanImageToVideoPipeline: [noisy latents, mask, condition latents] on channels; the
         # mask is 1 on the first latent frame (the given image), 0 after
         dims = self.image_dims(transformer.config)

@@ -24,12 +24,15 @@ class Flavor:
 
     ``boundary_ratio``: set for two-expert models (Wan 2.2 A14B), the published switch from
     the high-noise to the low-noise expert as a fraction of the 1000 training timesteps.
+    ``first_frame_i2v``: the same weights also run image-to-video on a clean first latent
+    frame (Wan 2.2 TI2V; ``model.image_to_video``).
     """
 
     name: str
     family: str
     config: dict[str, Any] = field(default_factory=dict)
     boundary_ratio: float | None = None
+    first_frame_i2v: bool = False
 
     @property
     def experts(self) -> bool:
@@ -125,7 +128,7 @@ FLAVORS: dict[str, Flavor] = {
         },
     ),
     "hunyuanvideo_13b": Flavor("hunyuanvideo_13b", "hunyuan", dict(_HUNYUAN_13B)),
-    # Wan 2.2 TI2V-5B (text-to-video mode): 48 latent channels of the Wan 2.2 VAE (16x
+    # Wan 2.2 TI2V-5B (text- and image-to-video): 48 latent channels of the Wan 2.2 VAE (16x
     # spatial, 4x temporal compression), 30 layers of 24 heads x 128, ffn 14336.
     "wan2.2_ti2v_5b": Flavor(
         "wan2.2_ti2v_5b",
@@ -139,6 +142,7 @@ FLAVORS: dict[str, Flavor] = {
             "ffn_dim": 14336,
             "num_layers": 30,
         },
+        first_frame_i2v=True,
     ),
     # Wan 2.2 T2V-A14B: two experts of the Wan 2.1 14B shape (Wan 2.1 VAE), boundary 0.875.
     "wan2.2_t2v_a14b": Flavor(
@@ -157,7 +161,10 @@ FLAVORS: dict[str, Flavor] = {
     "wan22_tiny_experts": Flavor("wan22_tiny_experts", "wan", dict(_WAN_TINY), boundary_ratio=0.5),
     # Tests: a TI2V-5B-like tiny model with 48 latent channels.
     "wan22_tiny_ti2v": Flavor(
-        "wan22_tiny_ti2v", "wan", {**_WAN_TINY, "in_channels": 48, "out_channels": 48}
+        "wan22_tiny_ti2v",
+        "wan",
+        {**_WAN_TINY, "in_channels": 48, "out_channels": 48},
+        first_frame_i2v=True,
     ),
 }
 

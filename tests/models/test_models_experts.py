@@ -51,6 +51,39 @@ def test_ti2v_text_to_video_matches_diffusers(mode: str) -> None:
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("mode", ["full", "sta"])
+def test_ti2v_image_to_video_matches_diffusers(mode: str) -> None:
+    """TI2V's image-to-video mode (``model.image_to_video``) with full windows (or dense)
+    equals diffusers' dense model called as WanImageToVideoPipeline's ``expand_timesteps``
+    mode does: the first latent frame is the clean condition, its tokens at timestep 0."""
+    torch.manual_seed(0)
+    dit = build_model(ModelConfig(flavor="wan22_tiny_ti2v", image_to_video=True),
+                      AttentionConfig(mode=mode, window=FULL, backend="reference"))  # fmt: skip
+    assert dit.image_dims is not None and dit.image_dims.first_frame and dit.in_channels == 48
+    b = make_batch()
+    g = torch.Generator().manual_seed(2)
+    b["latents"] = torch.randn(2, 48, 5, 16, 16, generator=g)
+    first = torch.randn(2, 48, 1, 16, 16, generator=g)  # the image's clean latent
+    mask = torch.ones(1, 1, 5, 16, 16)
+    mask[:, :, 0] = 0  # diffusers' first_frame_mask
+    expected_in = {**b, "latents": (1 - mask) * first + mask * b["latents"],
+                   "timestep": (mask[0, 0][:, ::2, ::2].flatten()[None] * b["timestep"][:, None])}  # fmt: skip
+    with torch.no_grad():
+        expected = run_original(original(dit), "wan", expected_in)
+        got = run(dit, b, image_latents=first)
+        # the model input ignores the noisy first frame
+        b["latents"][:, :, 0] = 0
+        again = run(dit, b, image_latents=first)
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(again, got, atol=0, rtol=0)
+    with pytest.raises(ValueError, match=r"must be \(B, C, 1, H, W\)"):
+        run(dit, b, image_latents=first.expand(2, 48, 5, 16, 16))
+    with pytest.raises(ValueError, match="needs image_latents"):
+        run(dit, b)
+    with pytest.raises(ValueError, match="model.image_to_video applies to flavors"):
+        ModelConfig(flavor="wan_tiny", image_to_video=True)
+
+
 def test_each_sample_runs_on_the_expert_of_its_timestep() -> None:
     dit = experts(window=[3, 3, 3])
     b = make_batch()  # timesteps 37 (low expert) and 812 (high expert), boundary 500

@@ -195,3 +195,42 @@ def test_ti2v_text_to_video_samples_as_wan_pipeline(
     noise = torch.randn((1, 48, 5, 16, 16), generator=torch.Generator().manual_seed(1))
     got = sample_latents(dit, noise, cond["text"], cond["text_mask"], steps=STEPS)
     torch.testing.assert_close(got, expected, **TIGHT)
+
+
+def test_ti2v_image_to_video_samples_as_wan_pipeline(
+    pipe_and_cond: tuple[Any, dict[str, Any]],
+) -> None:
+    """Wan 2.2 TI2V-5B's image-to-video mode: ``WanImageToVideoPipeline`` with
+    ``expand_timesteps`` (the first latent frame is the image's clean latent, timestep 0 on
+    its tokens, re-imposed after every step) and our sampler with ``model.image_to_video``
+    give the same latents with full STA windows."""
+    from diffusers import AutoencoderKLWan, WanImageToVideoPipeline
+
+    base, cond = pipe_and_cond
+    model = ModelConfig(flavor="wan22_tiny_ti2v", image_to_video=True)
+    torch.manual_seed(0)
+    dit = build_model(model, AttentionConfig(backend="reference", tile=TILE, window=FULL_WINDOW))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        # Wan 2.2's VAE layout: a 2x2 pixel patch before three 2x downsamplings (16x)
+        vae = AutoencoderKLWan(base_dim=8, z_dim=48, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                               in_channels=12, out_channels=12, patch_size=2, is_residual=True,
+                               latents_mean=[0.0] * 48, latents_std=[1.0] * 48,
+                               scale_factor_spatial=16).eval()  # fmt: skip
+    torch.manual_seed(0)
+    dense = build_model(model, AttentionConfig(mode="full"))
+    pipe = WanImageToVideoPipeline(tokenizer=base.tokenizer, text_encoder=base.text_encoder,
+                                   vae=vae, transformer=plain_copy(dense),
+                                   scheduler=base.scheduler, expand_timesteps=True)  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    image = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(4))  # [0, 1]
+    expected = pipe(image, prompt_embeds=cond["text"], num_frames=17, height=256, width=256,
+                    num_inference_steps=STEPS, guidance_scale=1.0,
+                    generator=torch.Generator().manual_seed(1), output_type="latent").frames  # fmt: skip
+    with torch.no_grad():  # the data path's condition: the first frame alone through the VAE
+        first = vae.encode(image[:, :, None] * 2 - 1).latent_dist.mode()  # (1, 48, 1, 16, 16)
+    noise = torch.randn((1, 48, 5, 16, 16), generator=torch.Generator().manual_seed(1))
+    got = sample_latents(dit, noise, cond["text"], cond["text_mask"], steps=STEPS,
+                         image_latents=first)  # fmt: skip
+    torch.testing.assert_close(got, expected, **TIGHT)
+    torch.testing.assert_close(got[:, :, :1], first, atol=0, rtol=0)
