@@ -133,6 +133,15 @@ def check_image_fits_model(
             f"model.flavor={flavor!r} is an image-to-video model: set data.image_encoder "
             "(tiny, or clip with data.image_encoder_path)"
         )
+    first_frame = dims is not None and dims.first_frame
+    if first_frame != (data_cfg.image_encoder == "vae"):
+        raise ValueError(
+            f"data.image_encoder={data_cfg.image_encoder!r}: "
+            + ("model.image_to_video conditions on the first frame's latent alone: set "
+               "data.image_encoder=vae" if first_frame else
+               f"vae (the first frame's latent alone) is for model.image_to_video=true "
+               f"(Wan 2.2 TI2V), not model.flavor={flavor!r}")
+        )  # fmt: skip
     if dims is None or dims.embed_dim is None or image_embeds is None:
         return
     if image_embeds.shape[-1] != dims.embed_dim:

@@ -20,7 +20,9 @@ so ``datasets.Dataset.from_file(shard)`` opens a shard too.
 Image-to-video caches (``data.image_encoder`` set) add ``image_latents`` binary (the latents
 of the conditioning video, shaped like ``latents``) and ``image_embeds`` binary
 ``(image_tokens, image_dim)`` (the image encoder's states of the first frame); the schema
-metadata then also holds ``image_tokens`` and ``image_dim``.
+metadata then also holds ``image_tokens`` and ``image_dim``. With ``data.image_encoder=vae``
+(Wan 2.2 TI2V) ``image_latents`` is the first frame's latent alone ``(C, 1, H, W)``
+(metadata ``image_frames: 1``) and ``image_embeds`` is null.
 """
 
 from __future__ import annotations
@@ -96,7 +98,7 @@ def write_shard(
 ) -> None:
     """Write shard ``k`` atomically: the Arrow file, then its JSON completion marker."""
     shard_dir.mkdir(parents=True, exist_ok=True)
-    schema = cache_schema("image_dim" in meta).with_metadata({"stafinetune": json.dumps(meta)})
+    schema = cache_schema("image_dim" in meta or "image_frames" in meta).with_metadata({"stafinetune": json.dumps(meta)})
     columns = {name: [row[name] for row in rows] for name in schema.names}
     table = pa.Table.from_pydict(columns, schema=schema)
     final = shard_dir / f"{shard_name(k)}.arrow"
@@ -183,10 +185,13 @@ class LatentCache:
         n = row["text_tokens"]
         image = {}
         if "image_latents" in row:
+            shape = list(row["latent_shape"])  # (C, T, H, W); T = 1 for a first-frame latent
+            shape[1] = self.info.get("image_frames", shape[1])
+            embeds = row["image_embeds"]
             image = {
-                "image_latents": bytes_to_tensor(row["image_latents"], self.dtype, row["latent_shape"]),
-                "image_embeds": bytes_to_tensor(
-                    row["image_embeds"], self.dtype, [self.info["image_tokens"], self.info["image_dim"]]
+                "image_latents": bytes_to_tensor(row["image_latents"], self.dtype, shape),
+                "image_embeds": None if embeds is None else bytes_to_tensor(
+                    embeds, self.dtype, [self.info["image_tokens"], self.info["image_dim"]]
                 ),
             }  # fmt: skip
         return CacheSample(

@@ -281,19 +281,25 @@ def condition_video(video: torch.Tensor) -> torch.Tensor:
 
 
 def encode_image_condition(
-    video_encoder: VideoEncoder, image_encoder: ImageEncoder, video: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+    video_encoder: VideoEncoder, image_encoder: ImageEncoder | None, video: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The cached image condition of clips ``video`` (B, 3, F, H, W) in [-1, 1]: latents of
-    :func:`condition_video` (B, C, T, h, w) and the image states of the first frame (B, N, Di)."""
+    :func:`condition_video` (B, C, T, h, w) and the image states of the first frame (B, N, Di);
+    without an image encoder (``data.image_encoder=vae``, Wan 2.2 TI2V) the latent of the first
+    frame alone (B, C, 1, h, w), as ``WanImageToVideoPipeline`` with ``expand_timesteps``
+    encodes it, and no states."""
     with torch.no_grad():
+        if image_encoder is None:
+            return video_encoder.encode(video[:, :, :1]).float().cpu(), None
         latents = video_encoder.encode(condition_video(video)).float().cpu()
         embeds = image_encoder.encode(video[:, :, 0]).float().cpu()
     return latents, embeds
 
 
 def build_image_encoder(cfg: DataConfig) -> ImageEncoder | None:
-    """The image encoder ``data.image_encoder`` names, or None for text-to-video data."""
-    if cfg.image_encoder is None:
+    """The image encoder ``data.image_encoder`` names, or None for text-to-video data and for
+    ``vae`` (the first frame's latent alone, no image states)."""
+    if cfg.image_encoder in (None, "vae"):
         return None
     if cfg.image_encoder == "tiny":
         return TinyImageEncoder(cfg.image_dim, cfg.encoder_seed)

@@ -126,8 +126,9 @@ class OnTheFlyLatents(Dataset):
         with torch.no_grad():
             latents = video_encoder.encode(video)[0].float().cpu()
         image = (None, None)
-        if image_encoder is not None:
-            image = tuple(x[0] for x in encode_image_condition(video_encoder, image_encoder, video))
+        if self.cfg.image_encoder is not None:
+            image = tuple(None if x is None else x[0]
+                          for x in encode_image_condition(video_encoder, image_encoder, video))  # fmt: skip
         text, mask, pooled = text_encoder.encode([record.caption])
         n = int(mask[0].sum())
         return _sample(
@@ -170,7 +171,8 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     if "image_latents" in samples[0]:  # image-to-video data
         batch["image_latents"] = torch.stack(
             [s["image_latents"] for s in samples]
-        )  # (B, C, T, H, W)
+        )  # (B, C, T, H, W); (B, C, 1, H, W) for data.image_encoder=vae
+    if samples[0].get("image_embeds") is not None:
         batch["image_embeds"] = torch.stack([s["image_embeds"] for s in samples])  # (B, N, Di)
     return batch
 

@@ -151,11 +151,12 @@ def _encode_pending(
             z = video_encoder.encode(video)  # (b, C, T, h, w)
         for j, zj in zip(members, z, strict=True):
             latents[j] = zj
-        if image_encoder is not None:
+        if cfg.image_encoder is not None:
             cond, embeds = encode_image_condition(video_encoder, image_encoder, video)
-            for j, cj, ej in zip(members, cond, embeds, strict=True):
+            for n, (j, cj) in enumerate(zip(members, cond, strict=True)):
                 image[j] = {"image_latents": tensor_to_bytes(cj, cfg.cache_dtype),
-                            "image_embeds": tensor_to_bytes(ej, cfg.cache_dtype)}  # fmt: skip
+                            "image_embeds": None if embeds is None
+                            else tensor_to_bytes(embeds[n], cfg.cache_dtype)}  # fmt: skip
     for j, (record, _, bucket) in enumerate(pending):
         n = int(mask[j].sum())
         rows.append(
@@ -258,6 +259,8 @@ def _process_shard(
         if image_encoder is not None:  # the cache info carries them beside the text sizes
             report["text"] |= {"image_tokens": image_encoder.image_tokens,
                                "image_dim": image_encoder.image_dim}  # fmt: skip
+        elif cfg.image_encoder == "vae":  # the first frame's latent alone
+            report["text"]["image_frames"] = 1
         write_shard(shard_dir, k, rows, {"dtype": cfg.cache_dtype, **report["text"]}, report)
     else:
         shard_dir.mkdir(parents=True, exist_ok=True)

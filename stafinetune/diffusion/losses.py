@@ -90,6 +90,7 @@ def distillation_losses(
     teacher_attn: Mapping[int, torch.Tensor] | None = None,
     layers: Iterable[int] | None = None,
     attn_mse: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    given_first_frame: bool = False,
 ) -> dict[str, torch.Tensor]:
     """All loss terms and their weighted sum.
 
@@ -98,12 +99,18 @@ def distillation_losses(
         target: (B, C, T, H, W) flow-matching target (noise - x0).
         teacher_out: (B, C, T, H, W) the dense teacher's prediction on the same input.
         student_attn, teacher_attn: captured attention outputs per layer.
+        given_first_frame: the first latent frame is the clean condition (Wan 2.2 TI2V
+            image-to-video), not predicted: the data and output losses leave it out. The
+            attention loss keeps its tokens, which every other token attends.
     Returns:
         ``{"total", "data", "out", "attn"}``; a term whose weight is 0 is still reported
         when its inputs are present (for logging) but does not enter ``total``.
     """
     out: dict[str, torch.Tensor] = {}
     total = student_out.new_zeros((), dtype=torch.float32)
+    if given_first_frame:  # (B, C, T - 1, H, W): the predicted frames
+        student_out, target = student_out[:, :, 1:], target[:, :, 1:]
+        teacher_out = None if teacher_out is None else teacher_out[:, :, 1:]
     out["data"] = F.mse_loss(student_out.float(), target.float())
     if w_data > 0:
         total = total + w_data * out["data"]

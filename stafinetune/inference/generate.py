@@ -288,10 +288,9 @@ def image_conditions(
         f"sample.images lists {len(paths)} images for {len(prompts)} prompts (give one per "
         "prompt, or one for all)",
     )
-    image_encoder = build_image_encoder(data_cfg)
-    assert image_encoder is not None  # data.image_encoder is set
+    image_encoder = build_image_encoder(data_cfg)  # None for vae: the first frame's latent alone
     _check(
-        dit.image_dims.embed_dim in (None, image_encoder.image_dim),
+        image_encoder is None or dit.image_dims.embed_dim in (None, image_encoder.image_dim),
         f"data.image_encoder={data_cfg.image_encoder!r} gives image states of width "
         f"{image_encoder.image_dim} but the model takes {dit.image_dims.embed_dim}",
     )

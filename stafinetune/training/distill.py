@@ -87,9 +87,17 @@ def model_inputs(
         "pooled_text": cast(batch["pooled_text"]),  # (B, Dp)
     }
     if "image_latents" in batch:  # image-to-video: the clip's first-frame condition
-        inputs["image_latents"] = cast(batch["image_latents"])  # (B, C, T, H, W)
-        inputs["image_embeds"] = cast(batch["image_embeds"])  # (B, N, Di)
+        inputs["image_latents"] = cast(batch["image_latents"])  # (B, C, T or 1, H, W)
+        embeds = batch.get("image_embeds")  # none for a first-frame condition
+        inputs["image_embeds"] = None if embeds is None else cast(embeds)  # (B, N, Di)
     return inputs
+
+
+def given_first_frame(model: VideoDiT) -> bool:
+    """Whether ``model`` takes its first latent frame as a clean condition (Wan 2.2 TI2V
+    image-to-video), which the losses then leave out."""
+    dims = model.image_dims
+    return dims is not None and dims.first_frame
 
 
 def draw_noise(
@@ -251,6 +259,7 @@ class DistillStep:
                 w_out=cfg.w_out,
                 w_attn=cfg.w_attn,
                 layers=cfg.layers,
+                given_first_frame=given_first_frame(model),
             )
         terms["prediction"] = pred.float()
         return terms
