@@ -98,7 +98,8 @@ def write_shard(
 ) -> None:
     """Write shard ``k`` atomically: the Arrow file, then its JSON completion marker."""
     shard_dir.mkdir(parents=True, exist_ok=True)
-    schema = cache_schema("image_dim" in meta or "image_frames" in meta).with_metadata({"stafinetune": json.dumps(meta)})
+    image = "image_dim" in meta or "image_frames" in meta  # an image-to-video cache
+    schema = cache_schema(image).with_metadata({"stafinetune": json.dumps(meta)})
     columns = {name: [row[name] for row in rows] for name in schema.names}
     table = pa.Table.from_pydict(columns, schema=schema)
     final = shard_dir / f"{shard_name(k)}.arrow"

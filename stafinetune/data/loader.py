@@ -127,8 +127,8 @@ class OnTheFlyLatents(Dataset):
             latents = video_encoder.encode(video)[0].float().cpu()
         image = (None, None)
         if self.cfg.image_encoder is not None:
-            image = tuple(None if x is None else x[0]
-                          for x in encode_image_condition(video_encoder, image_encoder, video))  # fmt: skip
+            cond, embeds = encode_image_condition(video_encoder, image_encoder, video)
+            image = (cond[0], None if embeds is None else embeds[0])
         text, mask, pooled = text_encoder.encode([record.caption])
         n = int(mask[0].sum())
         return _sample(

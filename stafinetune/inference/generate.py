@@ -271,8 +271,14 @@ def image_conditions(
         return None
     _check(
         data_cfg.image_encoder is not None,
-        "data.image_encoder must be set (tiny, or clip with data.image_encoder_path) for an "
-        "image-to-video model",
+        "data.image_encoder must be set (tiny, or clip with data.image_encoder_path; vae for "
+        "model.image_to_video) for an image-to-video model",
+    )
+    _check(
+        (data_cfg.image_encoder == "vae") == dit.image_dims.first_frame,
+        f"data.image_encoder={data_cfg.image_encoder!r} does not fit the model: "
+        "model.image_to_video (Wan 2.2 TI2V) takes data.image_encoder=vae, other "
+        "image-to-video models tiny or clip",
     )
     if sample_cfg.images is None:
         _check(
@@ -289,11 +295,12 @@ def image_conditions(
         "prompt, or one for all)",
     )
     image_encoder = build_image_encoder(data_cfg)  # None for vae: the first frame's latent alone
-    _check(
-        image_encoder is None or dit.image_dims.embed_dim in (None, image_encoder.image_dim),
-        f"data.image_encoder={data_cfg.image_encoder!r} gives image states of width "
-        f"{image_encoder.image_dim} but the model takes {dit.image_dims.embed_dim}",
-    )
+    if image_encoder is not None:
+        _check(
+            dit.image_dims.embed_dim in (None, image_encoder.image_dim),
+            f"data.image_encoder={data_cfg.image_encoder!r} gives image states of width "
+            f"{image_encoder.image_dim} but the model takes {dit.image_dims.embed_dim}",
+        )
     frames, height, width = data_cfg.all_buckets()[0]
     conditions = []
     for path in paths if len(paths) > 1 else paths * len(prompts):
@@ -473,7 +480,8 @@ def generate(
         noise = prompt_noise(latent_shape, seed + k).to(device)
         cond = (text[k : k + 1].to(device), mask[k : k + 1].to(device))
         fresh = torch.Generator().manual_seed(seed + k + FRESH_NOISE_SEED)
-        image = {} if images is None else {n: t.to(device) for n, t in images[k].items()}
+        image = {} if images is None else {n: None if t is None else t.to(device)
+                                           for n, t in images[k].items()}  # fmt: skip
         return sample_latents(
             model, noise, *cond, pooled[k : k + 1].to(device),
             schedule=schedule, generator=fresh, autocast_bf16=autocast_bf16, **image,

@@ -477,8 +477,10 @@ def build_model(
                     f"model.config_overrides has a key {cls.__name__} rejects: {err}"
                 ) from err
             cast_like_diffusers(transformer, dtype)
-        return VideoDiT(transformer, flavor.family, attention, guidance_scale=model_cfg.guidance_scale,
-                        image_to_video=model_cfg.image_to_video)  # fmt: skip
+        return VideoDiT(
+            transformer, flavor.family, attention, guidance_scale=model_cfg.guidance_scale,
+            image_to_video=model_cfg.image_to_video,
+        )  # fmt: skip
 
     if flavor.experts:  # Wan 2.2 A14B: one expert or both (``models/experts.py``)
         from .experts import build_experts

@@ -221,9 +221,10 @@ def first_frame_inputs(
     batch, channels, frames, height, width = latents.shape
     if pt != 1:
         raise ValueError(f"first-frame conditioning needs a temporal patch of 1, got {patch}")
-    if first.shape != (batch, channels, 1, height, width):
+    expected = (batch, channels, 1, height, width)
+    if first.shape != expected:
         raise ValueError(
-            f"the first-frame condition must be (B, C, 1, H, W) = {(batch, channels, 1, height, width)}, "
+            f"the first-frame condition must be (B, C, 1, H, W) = {expected}, "
             f"got {tuple(first.shape)}"
         )
     hidden = torch.cat([first.to(latents.dtype), latents[:, :, 1:]], dim=2)  # (B, C, T, H, W)

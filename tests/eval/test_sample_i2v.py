@@ -118,3 +118,29 @@ def test_eval_compares_dense_and_sta_from_the_same_images(inputs: dict, tmp_path
     dense, sta = report["models"]["dense"], report["models"]["sta"]
     assert dense["settings"]["images"] == sta["settings"]["images"] == inputs["images"][:1]
     assert dense["mean"]["latent_gap"] == 0.0 and sta["mean"]["latent_gap"] > 0
+
+
+def test_ti2v_samples_start_from_the_image_latent(inputs: dict, tmp_path: Path) -> None:
+    """Wan 2.2 TI2V's image-to-video mode (``model.image_to_video``, ``data.image_encoder=vae``):
+    each video's first latent frame is its image's latent alone, the rest is sampled."""
+    model = ModelConfig(flavor="wan22_tiny_ti2v", image_to_video=True)
+    data = DataConfig(root=inputs["data"].root, image_encoder="vae", latent_channels=48)
+    cfg = SampleConfig(prompts=str(inputs["root"] / "prompts.txt"), steps=2, warmup=False,
+                       device="cpu", images=inputs["images"], seed=4)  # fmt: skip
+    videos, _ = sample_model(model, ATTENTION, data, cfg, PROMPTS, tmp_path / "a",
+                             checkpoint=None, progress=False)  # fmt: skip
+    dit = load_model(model, ATTENTION, Weights("base"), steps=2, device=torch.device("cpu"),
+                     dtype=torch.float32, seed=4)  # fmt: skip
+    frame = load_image(inputs["images"][1], 128, 128)[None, :, None]  # (1, 3, 1, H, W)
+    video = frame.expand(-1, -1, 17, -1, -1)  # (1, 3, F, H, W)
+    first, embeds = encode_image_condition(build_video_encoder(data), None, video)
+    assert first.shape == (1, 48, 1, 16, 16) and embeds is None
+    text, mask, _ = build_text_encoder(data).encode(PROMPTS[1:])
+    expected = sample_latents(dit, prompt_noise((48, 5, 16, 16), 5), text, mask,
+                              schedule=Schedule.flow(2), image_latents=first)  # fmt: skip
+    torch.testing.assert_close(videos[1].latents, expected[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(videos[1].latents[:, :1], first[0], atol=0, rtol=0)
+    clip = DataConfig(root=inputs["data"].root, image_encoder="tiny", latent_channels=48)
+    with pytest.raises(UserError, match="model.image_to_video .* takes data.image_encoder=vae"):
+        sample_model(model, ATTENTION, clip, cfg, PROMPTS, tmp_path / "b", checkpoint=None,
+                     progress=False)  # fmt: skip

@@ -66,8 +66,8 @@ def test_ti2v_image_to_video_matches_diffusers(mode: str) -> None:
     first = torch.randn(2, 48, 1, 16, 16, generator=g)  # the image's clean latent
     mask = torch.ones(1, 1, 5, 16, 16)
     mask[:, :, 0] = 0  # diffusers' first_frame_mask
-    expected_in = {**b, "latents": (1 - mask) * first + mask * b["latents"],
-                   "timestep": (mask[0, 0][:, ::2, ::2].flatten()[None] * b["timestep"][:, None])}  # fmt: skip
+    per_token = mask[0, 0][:, ::2, ::2].flatten()[None] * b["timestep"][:, None]  # (B, S)
+    expected_in = {**b, "latents": (1 - mask) * first + mask * b["latents"], "timestep": per_token}
     with torch.no_grad():
         expected = run_original(original(dit), "wan", expected_in)
         got = run(dit, b, image_latents=first)

@@ -225,8 +225,8 @@ def test_ti2v_image_to_video_samples_as_wan_pipeline(
     pipe.set_progress_bar_config(disable=True)
     image = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(4))  # [0, 1]
     expected = pipe(image, prompt_embeds=cond["text"], num_frames=17, height=256, width=256,
-                    num_inference_steps=STEPS, guidance_scale=1.0,
-                    generator=torch.Generator().manual_seed(1), output_type="latent").frames  # fmt: skip
+                    num_inference_steps=STEPS, guidance_scale=1.0, output_type="latent",
+                    generator=torch.Generator().manual_seed(1)).frames  # fmt: skip
     with torch.no_grad():  # the data path's condition: the first frame alone through the VAE
         first = vae.encode(image[:, :, None] * 2 - 1).latent_dist.mode()  # (1, 48, 1, 16, 16)
     noise = torch.randn((1, 48, 5, 16, 16), generator=torch.Generator().manual_seed(1))

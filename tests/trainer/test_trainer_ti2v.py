@@ -4,65 +4,79 @@ validation and ``stafinetune-sample`` condition on the first frames."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from stafinetune.config import compose_job_config
+from stafinetune.config import JobConfig
 from stafinetune.training import checkpoint as ckpt
 from stafinetune.training.trainer import Trainer
 
-
-def _job(data_root: Path, *overrides: str):
-    return compose_job_config([
-        "experiment=ti2v_i2v_tiny", f"data.root={data_root}", "data.num_clips=16",
-        "data.num_workers=0", "data.decode_workers=0", "logging=none", "logging.progress=false",
-        "train.log_every=1", "train.val_every=0", "train.sample_steps=0", "train.export=false",
-        "train.warmup_steps=1", "train.device=cpu", "train.batch_size=2", *overrides,
-    ])  # fmt: skip
+TI2V = ("experiment=ti2v_i2v_tiny", "train.batch_size=2", "train.warmup_steps=1")
 
 
-def _final(run_dir: Path) -> dict[str, torch.Tensor]:
-    path = ckpt.latest_checkpoint(run_dir / "checkpoints")
-    return load_file(str(path / "model.safetensors"))
+@pytest.fixture()
+def job(tiny_job: Callable[..., JobConfig]) -> Callable[..., JobConfig]:
+    """``job(*overrides)``: the tiny TI2V image-to-video job on the session's clips."""
+    return lambda *overrides: tiny_job(*TI2V, *overrides)
 
 
-def test_ti2v_i2v_distillation_resumes_exactly(tiny_data_root: Path, tmp_path: Path) -> None:
-    overrides = ("distill=sta", "distill.allow_random_teacher=true", "train.steps=3",
+def test_ti2v_i2v_distillation_resumes_exactly(
+    job: Callable[..., JobConfig], tmp_path: Path
+) -> None:
+    overrides = ("distill=sta", "distill.allow_random_teacher=true", "train.steps=2",
                  "train.ckpt_every=0")  # fmt: skip
-    straight = Trainer(_job(tiny_data_root, *overrides), tmp_path / "straight").fit()
-    first = Trainer(_job(tiny_data_root, *overrides), tmp_path / "resumed").fit(until_step=1)
+    straight = Trainer(job(*overrides), tmp_path / "straight").fit()
+    first = Trainer(job(*overrides), tmp_path / "resumed").fit(until_step=1)
     assert first.step == 1
-    second = Trainer(_job(tiny_data_root, *overrides), tmp_path / "resumed").fit()
+    second = Trainer(job(*overrides), tmp_path / "resumed").fit()
     assert second.losses == straight.losses[1:]
-    a, b = _final(tmp_path / "straight"), _final(tmp_path / "resumed")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    a, b = (load_file(str(ckpt.latest_checkpoint(tmp_path / run / "checkpoints")
+                          / "model.safetensors")) for run in ("straight", "resumed"))  # fmt: skip
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_ti2v_losses_leave_the_given_first_frame_out(tiny_data_root: Path, tmp_path: Path) -> None:
+def test_ti2v_losses_leave_the_given_first_frame_out(
+    job: Callable[..., JobConfig], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The cached condition is the first frame's latent alone (the tiny encoder is causal, so
-    it equals the clip's first latent frame); no prediction on that frame enters a loss."""
+    it equals the clip's first latent frame); no target on that frame enters a loss, and
+    validation samples keep it as given."""
+    from stafinetune.training import validation
     from stafinetune.training.distill import model_inputs
 
-    job = _job(tiny_data_root, "distill=sta", "distill.allow_random_teacher=true")
-    trainer = Trainer(job, tmp_path)
+    seen: list[torch.Tensor] = []
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["image_latents"])
+        out = sample_latents(*args, **kwargs)
+        assert torch.equal(out[:, :, :1], kwargs["image_latents"])
+        return out
+
+    sample_latents = validation.sample_latents
+    monkeypatch.setattr(validation, "sample_latents", recording)
+    trainer = Trainer(job("distill=sta", "distill.allow_random_teacher=true", "train.steps=1",
+                          "train.val_every=1", "train.sample_steps=2"), tmp_path)  # fmt: skip
     batch = trainer.data.val_batches[0]
     assert batch["image_latents"].shape == (2, 48, 1, 16, 16) and "image_embeds" not in batch
     torch.testing.assert_close(batch["image_latents"], batch["latents"][:, :, :1])
-    step = trainer.distill
+    step, student = trainer.distill, trainer.student
     noise, sigma = batch["noise"], batch["sigma"]
-    terms = step.losses(trainer.student, trainer.student, batch, noise, sigma)
+    terms = step.losses(student, student, batch, noise, sigma)
     # a target that differs from the truth only on the first frame gives the same losses
-    x0 = batch["latents"]
-    x_t = (1 - sigma.view(-1, 1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1, 1) * noise
-    target = noise - x0
+    s = sigma.view(-1, 1, 1, 1, 1)
+    x_t, target = (1 - s) * batch["latents"] + s * noise, noise - batch["latents"]
     target[:, :, 0] += 100.0
-    again = step.losses_at(trainer.student, trainer.student, batch, x_t, sigma, target=target)
+    again = step.losses_at(student, student, batch, x_t, sigma, target=target)
     for name in ("data", "out", "attn"):
         torch.testing.assert_close(again[name], terms[name])
     assert model_inputs(batch, x_t, sigma, torch.device("cpu"))["image_embeds"] is None
+    result = trainer.fit()
+    assert len(seen) >= 2 and all(torch.equal(x, batch["image_latents"][: len(x)]) for x in seen)
+    assert "val/sample_gap_mse" in result.val_history[-1]
 
 
 @pytest.mark.parametrize(
@@ -77,7 +91,7 @@ def test_ti2v_losses_leave_the_given_first_frame_out(tiny_data_root: Path, tmp_p
     ],
 )
 def test_ti2v_i2v_options_are_checked_at_start_up(
-    tiny_data_root: Path, tmp_path: Path, overrides: tuple[str, ...], message: str
+    tiny_job: Callable[..., JobConfig], tmp_path: Path, overrides: tuple[str, ...], message: str
 ) -> None:
     with pytest.raises(ValueError, match=message):
-        Trainer(_job(tiny_data_root, *overrides), tmp_path)
+        Trainer(tiny_job(*TI2V, *overrides), tmp_path)
