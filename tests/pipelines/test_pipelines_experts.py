@@ -234,3 +234,9 @@ def test_ti2v_image_to_video_samples_as_wan_pipeline(
                          image_latents=first)  # fmt: skip
     torch.testing.assert_close(got, expected, **TIGHT)
     torch.testing.assert_close(got[:, :, :1], first, atol=0, rtol=0)
+    # STA inside diffusers' own pipeline takes its per-token timesteps too
+    enable_sta(pipe, tile=TILE, window=FULL_WINDOW, backend="reference")
+    in_pipe = pipe(image, prompt_embeds=cond["text"], num_frames=17, height=256, width=256,
+                   num_inference_steps=STEPS, guidance_scale=1.0, output_type="latent",
+                   generator=torch.Generator().manual_seed(1)).frames  # fmt: skip
+    torch.testing.assert_close(in_pipe, expected, **TIGHT)
