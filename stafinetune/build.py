@@ -30,6 +30,7 @@ from stafinetune.models.dit import (
 )
 from stafinetune.models.experts import model_parts
 from stafinetune.models.families import ImageDims
+from stafinetune.models.flavors import get_flavor
 from stafinetune.models.fp8 import apply_fp8_weights
 from stafinetune.parallel import ParallelDims
 
@@ -125,8 +126,9 @@ def check_image_fits_model(
     a text-to-video model)."""
     flavor = model_cfg.flavor
     if dims is None and data_cfg.image_encoder is not None:
+        ti2v = " (or model.image_to_video=true)" if get_flavor(flavor).first_frame_i2v else ""
         raise ValueError(
-            f"model.flavor={flavor!r} is a text-to-video model: set data.image_encoder=null"
+            f"model.flavor={flavor!r} is a text-to-video model: set data.image_encoder=null{ti2v}"
         )
     if dims is not None and data_cfg.image_encoder is None:
         raise ValueError(

@@ -83,7 +83,7 @@ def test_ti2v_losses_leave_the_given_first_frame_out(
     ("overrides", "message"),
     [
         (("data.image_encoder=tiny",), "set data.image_encoder=vae"),
-        (("model.image_to_video=false",), "text-to-video model: set data.image_encoder=null"),
+        (("model.image_to_video=false",), r"=null \(or model.image_to_video=true\)"),
         (("distill=dmd2", "distill.allow_random_teacher=true"),
          "model.image_to_video .* supports distill.method=per_step"),
         (("parallel.sp=2",), "model.image_to_video .* supports parallel.sp=1"),
