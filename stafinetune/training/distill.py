@@ -89,6 +89,11 @@ def model_inputs(
     if "image_latents" in batch:  # image-to-video: the clip's first-frame condition
         inputs["image_latents"] = cast(batch["image_latents"])  # (B, C, T, H, W)
         inputs["image_embeds"] = cast(batch["image_embeds"])  # (B, N, Di)
+    if "text_2" in batch:  # HunyuanVideo 1.5's glyph stream, through the family's condition
+        inputs["condition"] = {
+            "text_2": cast(batch["text_2"]),  # (B, L2, D2)
+            "text_2_mask": batch["text_2_mask"].to(device),  # (B, L2)
+        }
     return inputs
 
 
