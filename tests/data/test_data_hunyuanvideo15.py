@@ -14,7 +14,7 @@ import torch
 
 from stafinetune.data import DataConfig, build_text_encoder, build_video_encoder, prepare_data
 from stafinetune.data.cache import LatentCache
-from stafinetune.data.loader import CachedLatents, collate
+from stafinetune.data.loader import CachedLatents, OnTheFlyLatents, collate
 from stafinetune.data.real_encoders import HUNYUANVIDEO15_SYSTEM
 from stafinetune.data.sources import build_source, synthetic_dir
 
@@ -187,6 +187,12 @@ def test_preprocess_and_distill_hunyuanvideo15_tiny(
         text_2, mask_2 = enc.encode_glyph([sample.caption])
         assert ('"OPEN"' in sample.caption) == bool(mask_2.any())
         torch.testing.assert_close(sample.text_2, text_2[0, mask_2[0]])
+    # the loader encoding on the fly (data.use_cache=false) gives the cached sample
+    records = DataConfig(**overrides, use_cache=False)
+    info = json.loads((prepare_data(records, verbose=False) / "cache.json").read_text())
+    live, cached = OnTheFlyLatents(records, info)[0], CachedLatents(cache_dir, TEXT_LEN)[0]
+    for key in ("latents", "text", "text_2", "text_2_mask"):
+        torch.testing.assert_close(live[key], cached[key], atol=1e-6, rtol=1e-5)
 
     job = compose_job_config([
         "model=hunyuanvideo15_tiny", "distill.allow_random_teacher=true", "logging=none",
@@ -248,3 +254,21 @@ def test_guided_sampling_gives_each_forward_its_prompts_glyph_stream(
                           condition={"text_2": neg_text_2, "text_2_mask": neg_mask_2})  # fmt: skip
             x = x + (sigmas[i + 1] - sigmas[i]) * (neg + scale * (cond - neg))
         torch.testing.assert_close(video.latents, x[0], atol=1e-5, rtol=1e-5)
+
+
+def test_a_glyph_stream_the_model_cannot_take_is_named() -> None:
+    """Start-up names ``data.text_encoder`` when a model has no glyph stream and
+    ``data.text_encoder_2_path`` when the glyph width does not fit."""
+    from stafinetune.build import check_glyph_fits_model
+    from stafinetune.models import AttentionConfig, ModelConfig, build_model
+
+    data = DataConfig(text_encoder="hunyuanvideo15", text_encoder_path="/m/te",
+                      text_encoder_2_path="/m/byt5")  # fmt: skip
+    for flavor, width, field in (("wan_tiny", 24, "data.text_encoder="),
+                                 ("hunyuanvideo15_tiny", 16, "data.text_encoder_2_path=")):  # fmt: skip
+        model = ModelConfig(flavor=flavor)
+        dit = build_model(model, AttentionConfig(mode="full"), device="meta")
+        with pytest.raises(ValueError, match=field):
+            check_glyph_fits_model(width, dit, data, model)
+    check_glyph_fits_model(24, dit, data, model)  # ByT5 of the tiny flavor's width fits
+    check_glyph_fits_model(None, dit, data, model)
