@@ -113,6 +113,29 @@ def check_data_fits_model(batch: dict[str, Any], dit: VideoDiT, job: JobConfig) 
             f"takes {dit.text_dim}"
         )
     check_image_fits_model(batch.get("image_embeds"), dit.image_dims, job.data, job.model)
+    text_2 = batch.get("text_2")  # (B, L2, D2): a text encoder with a glyph stream
+    check_glyph_fits_model(None if text_2 is None else text_2.shape[-1], dit, job.data, job.model)
+
+
+def check_glyph_fits_model(
+    glyph_dim: int | None, dit: VideoDiT, data_cfg: DataConfig, model_cfg: ModelConfig
+) -> None:
+    """Fail naming ``data.text_encoder`` when the data's glyph-text states of width
+    ``glyph_dim`` (None: a text encoder without a glyph stream) do not fit ``dit``."""
+    if glyph_dim is None:
+        return
+    transformer = getattr(dit, "transformer", None)
+    width = None if transformer is None else dit.adapter.glyph_dim(transformer.config)
+    if width is None:
+        raise ValueError(
+            f"data.text_encoder={data_cfg.text_encoder!r} gives glyph-text states, but "
+            f"model.flavor={model_cfg.flavor!r} takes none: use that model's text encoder"
+        )
+    if glyph_dim != width:
+        raise ValueError(
+            f"the data gives glyph-text states of width {glyph_dim} (data.text_encoder_2_path="
+            f"{data_cfg.text_encoder_2_path!r}) but model.flavor={model_cfg.flavor!r} takes {width}"
+        )
 
 
 def check_image_fits_model(
@@ -299,11 +322,15 @@ def build_critic(job: JobConfig, device: torch.device) -> VideoDiT:
     )  # fmt: skip
 
 
-def encode_prompt(data_cfg: DataConfig, prompt: str) -> tuple[torch.Tensor, ...]:
+def encode_prompt(data_cfg: DataConfig, prompt: str) -> tuple[Any, ...]:
     """``prompt`` through the data's text encoder: ``(text (1, L, Dt), mask (1, L), pooled
-    (1, Dp))`` on the CPU (e.g. the negative prompt of classifier-free guidance)."""
+    (1, Dp))`` on the CPU (e.g. the negative prompt of classifier-free guidance), and a
+    fourth item, its glyph stream (``text_2``, ``text_2_mask``), for a text encoder with one."""
     from stafinetune.data import build_text_encoder
+    from stafinetune.data.encoders import glyph_condition
 
+    encoder = build_text_encoder(data_cfg)
     with torch.no_grad():
-        text, mask, pooled = build_text_encoder(data_cfg).encode([prompt])
-    return text.float().cpu(), mask.cpu(), pooled.float().cpu()
+        text, mask, pooled = encoder.encode([prompt])
+    glyph = glyph_condition(encoder, [prompt])
+    return (text.float().cpu(), mask.cpu(), pooled.float().cpu(), *([glyph] if glyph else []))

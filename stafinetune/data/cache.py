@@ -23,6 +23,11 @@ of the conditioning video, shaped like ``latents``) and ``image_embeds`` binary
 metadata then also holds ``image_tokens`` and ``image_dim``. With ``data.image_encoder=vae``
 (Wan 2.2 TI2V) ``image_latents`` is the first frame's latent alone ``(C, 1, H, W)``
 (metadata ``image_frames: 1``) and ``image_embeds`` is null.
+
+Caches of a text encoder with a glyph stream (``data.text_encoder=hunyuanvideo15``) add
+``text_2_tokens`` int32 (valid glyph tokens, 0 for a caption without quoted text) and
+``text_2`` binary ``(text_2_tokens, text_2_dim)``; the metadata then also holds ``text_2_len``
+and ``text_2_dim``. Other caches keep the schema they had.
 """
 
 from __future__ import annotations
@@ -59,11 +64,14 @@ SCHEMA = pa.schema(
 
 
 IMAGE_COLUMNS = [("image_latents", pa.binary()), ("image_embeds", pa.binary())]
+GLYPH_COLUMNS = [("text_2_tokens", pa.int32()), ("text_2", pa.binary())]
 
 
-def cache_schema(image: bool) -> pa.Schema:
-    """The shard schema: ``SCHEMA``, plus the image columns of an image-to-video cache."""
-    return pa.schema([*SCHEMA, *IMAGE_COLUMNS]) if image else SCHEMA
+def cache_schema(image: bool, glyph: bool = False) -> pa.Schema:
+    """The shard schema: ``SCHEMA``, plus the image columns of an image-to-video cache and
+    the glyph columns of a cache with a glyph stream."""
+    extra = [*(IMAGE_COLUMNS if image else []), *(GLYPH_COLUMNS if glyph else [])]
+    return pa.schema([*SCHEMA, *extra])
 
 
 def tensor_to_bytes(x: torch.Tensor, dtype: str) -> bytes:
@@ -99,7 +107,8 @@ def write_shard(
     """Write shard ``k`` atomically: the Arrow file, then its JSON completion marker."""
     shard_dir.mkdir(parents=True, exist_ok=True)
     image = "image_dim" in meta or "image_frames" in meta  # an image-to-video cache
-    schema = cache_schema(image).with_metadata({"stafinetune": json.dumps(meta)})
+    schema = cache_schema(image, "text_2_dim" in meta)
+    schema = schema.with_metadata({"stafinetune": json.dumps(meta)})
     columns = {name: [row[name] for row in rows] for name in schema.names}
     table = pa.Table.from_pydict(columns, schema=schema)
     final = shard_dir / f"{shard_name(k)}.arrow"
@@ -127,6 +136,7 @@ class CacheSample:
     pooled: torch.Tensor  # (Dp,) float32
     image_latents: torch.Tensor | None = None  # (C, T, H, W) float32, image-to-video caches
     image_embeds: torch.Tensor | None = None  # (N, Di) float32, image-to-video caches
+    text_2: torch.Tensor | None = None  # (n2, D2) float32, valid glyph tokens only
 
 
 class LatentCache:
@@ -184,17 +194,20 @@ class LatentCache:
         k = bisect_right(self.offsets, i) - 1
         row = self._table(k).slice(i - self.offsets[k], 1).to_pylist()[0]
         n = row["text_tokens"]
-        image = {}
+        extra = {}  # the optional image and glyph columns
         if "image_latents" in row:
             shape = list(row["latent_shape"])  # (C, T, H, W); T = 1 for a first-frame latent
             shape[1] = self.info.get("image_frames", shape[1])
             embeds = row["image_embeds"]
-            image = {
+            extra = {
                 "image_latents": bytes_to_tensor(row["image_latents"], self.dtype, shape),
                 "image_embeds": None if embeds is None else bytes_to_tensor(
                     embeds, self.dtype, [self.info["image_tokens"], self.info["image_dim"]]
                 ),
             }  # fmt: skip
+        if "text_2" in row:
+            n2 = [row["text_2_tokens"], self.info["text_2_dim"]]
+            extra["text_2"] = bytes_to_tensor(row["text_2"], self.dtype, n2)
         return CacheSample(
             index=row["index"],
             caption=row["caption"],
@@ -202,5 +215,5 @@ class LatentCache:
             latents=bytes_to_tensor(row["latents"], self.dtype, row["latent_shape"]),
             text=bytes_to_tensor(row["text"], self.dtype, [n, self.info["text_dim"]]),
             pooled=bytes_to_tensor(row["pooled"], self.dtype, [self.info["pooled_dim"]]),
-            **image,
+            **extra,
         )

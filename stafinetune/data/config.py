@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 SOURCES = ("synthetic", "folder", "hf_dataset")
-VIDEO_ENCODERS = ("tiny", "wan", "hunyuan", "wan2.2")
-TEXT_ENCODERS = ("tiny", "umt5", "hunyuan")
+VIDEO_ENCODERS = ("tiny", "wan", "hunyuan", "wan2.2", "hunyuanvideo15")
+TEXT_ENCODERS = ("tiny", "umt5", "hunyuan", "hunyuanvideo15")
 IMAGE_ENCODERS = ("tiny", "clip", "vae")
 CACHE_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -33,10 +33,11 @@ def default_data_root() -> Path:
 
 
 # Every supported VAE compresses 4x causally in time and 8x in space, except the Wan 2.2 VAE
-# of TI2V-5B (``wan2.2``, 48 channels), which compresses 16x in space.
+# of TI2V-5B (``wan2.2``, 48 channels) and HunyuanVideo 1.5's (32 channels), which compress
+# 16x in space.
 VAE_TIME_FACTOR = 4
 VAE_SPACE_FACTOR = 8
-VAE_SPACE_FACTORS = {"wan2.2": 16}
+VAE_SPACE_FACTORS = {"wan2.2": 16, "hunyuanvideo15": 16}
 
 
 @dataclass
@@ -90,14 +91,18 @@ class DataConfig:
     max_aspect_ratio: float = 4.0  # long side / short side above this is skipped
 
     # --- encoders ------------------------------------------------------------------------
-    video_encoder: str = "tiny"  # tiny | wan | hunyuan | wan2.2 (Wan 2.2 TI2V-5B's 16x VAE)
-    video_encoder_path: str | None = None  # local diffusers VAE folder (wan, hunyuan, wan2.2)
-    text_encoder: str = "tiny"  # tiny | umt5 | hunyuan
-    text_encoder_path: str | None = None  # local transformers folder (umt5; hunyuan: the llama)
-    text_encoder_2_path: str | None = None  # hunyuan: the CLIP text model folder
+    # tiny | wan | hunyuan | wan2.2 (Wan 2.2 TI2V-5B's 16x VAE) | hunyuanvideo15 (16x)
+    video_encoder: str = "tiny"
+    video_encoder_path: str | None = None  # local diffusers VAE folder (every real one)
+    text_encoder: str = "tiny"  # tiny | umt5 | hunyuan | hunyuanvideo15
+    # local transformers folder (umt5; hunyuan: the llama; hunyuanvideo15: Qwen2.5-VL's text model)
+    text_encoder_path: str | None = None
+    # hunyuan: the CLIP text model folder; hunyuanvideo15: the ByT5 (T5EncoderModel) glyph encoder
+    text_encoder_2_path: str | None = None
     tokenizer_path: str | None = None  # None: text_encoder_path
     tokenizer_2_path: str | None = None  # None: text_encoder_2_path
     text_len: int = 32  # L: text tokens per caption (padded / truncated)
+    text_2_len: int = 256  # L2: glyph tokens per caption (hunyuanvideo15's ByT5 stream)
     text_dim: int = 32  # Dt of the tiny text encoder
     pooled_dim: int = 32  # Dp of the tiny text encoder
     latent_channels: int = 16  # C of the tiny video encoder
@@ -158,7 +163,8 @@ class DataConfig:
         positive = (
             "num_clips", "synthetic_fps", "synthetic_frames", "synthetic_height", "synthetic_width",
             "num_frames", "height", "width", "frame_stride", "min_side", "max_pixels",
-            "text_len", "text_dim", "pooled_dim", "latent_channels", "image_dim", "shard_size",
+            "text_len", "text_2_len", "text_dim", "pooled_dim", "latent_channels", "image_dim",
+            "shard_size",
             "encode_batch_size", "prefetch_factor",
         )  # fmt: skip
         for name in positive:
@@ -184,6 +190,11 @@ class DataConfig:
             )
         if self.text_encoder == "hunyuan" and not self.text_encoder_2_path:
             raise ValueError("data.text_encoder_2_path must point to the CLIP text model folder")
+        if self.text_encoder == "hunyuanvideo15" and not self.text_encoder_2_path:
+            raise ValueError(
+                "data.text_encoder_2_path must point to the ByT5 glyph encoder folder "
+                "(a T5EncoderModel) for 'hunyuanvideo15'"
+            )
         for i, bucket in enumerate(self.all_buckets()):
             if len(bucket) != 3 or any(int(v) <= 0 for v in bucket):
                 raise ValueError(

@@ -2,8 +2,10 @@
 
 Video encoders: ``encode(video (B, 3, F, H, W) in [-1, 1]) -> latents (B, C, T, h, w)`` and
 ``decode(latents) -> video``. Text encoders: ``encode(list[str]) -> (text (B, L, Dt),
-mask (B, L) bool, pooled (B, Dp))``. Both expose ``fingerprint()``, a string that changes
-whenever their output would, used to key the latent cache.
+mask (B, L) bool, pooled (B, Dp))``; one with a glyph stream (HunyuanVideo 1.5) also
+``encode_glyph(list[str]) -> (text_2 (B, L2, D2), text_2_mask (B, L2) bool)``. Both expose
+``fingerprint()``, a string that changes whenever their output would, used to key the latent
+cache.
 
 The embedded default needs no download and is exactly reproducible:
 
@@ -70,6 +72,35 @@ class TextEncoder(Protocol):
     def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 
     def fingerprint(self) -> str: ...
+
+
+class GlyphTextEncoder(TextEncoder, Protocol):
+    """A text encoder with a second stream over the caption's quoted text (HunyuanVideo 1.5's
+    ByT5 glyph states: the batch's ``text_2`` and ``text_2_mask``)."""
+
+    text_2_len: int
+    text_2_dim: int
+
+    def encode_glyph(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def glyph_encoder(text_encoder: TextEncoder) -> GlyphTextEncoder | None:
+    """``text_encoder`` when it has a glyph stream (``encode_glyph``), else None."""
+    has_glyph = hasattr(text_encoder, "encode_glyph")
+    return text_encoder if has_glyph else None  # type: ignore[return-value]
+
+
+def glyph_condition(
+    text_encoder: TextEncoder, captions: list[str]
+) -> dict[str, torch.Tensor] | None:
+    """The glyph stream of ``captions`` under the batch's keys, on the CPU: ``text_2``
+    (B, L2, D2) float32 and ``text_2_mask`` (B, L2) bool; None for a text encoder without one."""
+    glyph = glyph_encoder(text_encoder)
+    if glyph is None:
+        return None
+    with torch.no_grad():
+        text_2, mask_2 = glyph.encode_glyph(captions)
+    return {"text_2": text_2.float().cpu(), "text_2_mask": mask_2.cpu()}
 
 
 def _dct_matrix(n: int) -> np.ndarray:
@@ -335,7 +366,11 @@ def build_text_encoder(cfg: DataConfig) -> TextEncoder:
     """The text encoder ``data.text_encoder`` names (real ones load from local folders)."""
     if cfg.text_encoder == "tiny":
         return TinyTextEncoder(cfg.text_len, cfg.text_dim, cfg.pooled_dim, cfg.encoder_seed)
-    from stafinetune.data.real_encoders import HunyuanTextEncoder, UMT5TextEncoder
+    from stafinetune.data.real_encoders import (
+        HunyuanTextEncoder,
+        HunyuanVideo15TextEncoder,
+        UMT5TextEncoder,
+    )
 
     dtype = torch_dtype(cfg.encoder_dtype)
     if cfg.text_encoder == "umt5":
@@ -347,13 +382,11 @@ def build_text_encoder(cfg: DataConfig) -> TextEncoder:
             dtype=dtype,
             allow_pickle=cfg.allow_pickle_weights,
         )
-    return HunyuanTextEncoder(
-        cfg.text_encoder_path,
-        cfg.text_encoder_2_path,
-        cfg.tokenizer_path,
-        cfg.tokenizer_2_path,
-        text_len=cfg.text_len,
-        device=cfg.device,
-        dtype=dtype,
-        allow_pickle=cfg.allow_pickle_weights,
-    )
+    # the two-encoder models: the main text encoder, then CLIP (hunyuan) or ByT5 (hunyuanvideo15)
+    paths = (cfg.text_encoder_path, cfg.text_encoder_2_path, cfg.tokenizer_path,
+             cfg.tokenizer_2_path)  # fmt: skip
+    common = {"text_len": cfg.text_len, "device": cfg.device, "dtype": dtype,
+              "allow_pickle": cfg.allow_pickle_weights}  # fmt: skip
+    if cfg.text_encoder == "hunyuanvideo15":
+        return HunyuanVideo15TextEncoder(*paths, text_2_len=cfg.text_2_len, **common)
+    return HunyuanTextEncoder(*paths, **common)

@@ -72,6 +72,7 @@ class CachedLatents(Dataset):
         if self.cache.info.get("mode") != "latents":
             raise ValueError(f"{cache_dir} was prepared with data.use_cache=false (no latents)")
         self.text_len = text_len
+        self.text_2_len: int | None = self.cache.info.get("text_2_len")  # glyph caches only
         self.buckets = self.cache.buckets
 
     def __len__(self) -> int:
@@ -79,8 +80,11 @@ class CachedLatents(Dataset):
 
     def __getitem__(self, pos: int) -> dict[str, Any]:
         s = self.cache[pos]
-        return _sample(s.latents, s.text, s.pooled, s.caption, s.index, self.text_len,
-                       s.image_latents, s.image_embeds)  # fmt: skip
+        sample = _sample(s.latents, s.text, s.pooled, s.caption, s.index, self.text_len,
+                         s.image_latents, s.image_embeds)  # fmt: skip
+        if s.text_2 is not None:
+            sample |= _glyph_sample(s.text_2, self.text_2_len)
+        return sample
 
 
 class OnTheFlyLatents(Dataset):
@@ -113,6 +117,7 @@ class OnTheFlyLatents(Dataset):
             build_text_encoder,
             build_video_encoder,
             encode_image_condition,
+            glyph_encoder,
         )
         from stafinetune.data.video import load_clip
 
@@ -131,7 +136,7 @@ class OnTheFlyLatents(Dataset):
             image = (cond[0], None if embeds is None else embeds[0])
         text, mask, pooled = text_encoder.encode([record.caption])
         n = int(mask[0].sum())
-        return _sample(
+        sample = _sample(
             latents,
             text[0, :n].float().cpu(),
             pooled[0].float().cpu(),
@@ -140,6 +145,11 @@ class OnTheFlyLatents(Dataset):
             self.text_len,
             *image,
         )
+        glyph = glyph_encoder(text_encoder)
+        if glyph is not None:
+            text_2, mask_2 = glyph.encode_glyph([record.caption])  # (1, L2, D2), (1, L2)
+            sample |= _glyph_sample(text_2[0, : int(mask_2[0].sum())].cpu(), glyph.text_2_len)
+        return sample
 
 
 def _sample(
@@ -158,6 +168,15 @@ def _sample(
     return sample
 
 
+def _glyph_sample(text_2: torch.Tensor, text_2_len: int) -> dict[str, torch.Tensor]:
+    """The glyph keys of a sample: valid glyph states ``text_2`` (n2, D2) padded with zeros to
+    ``text_2_len`` slots, and their mask (a prefix)."""
+    padded = torch.zeros(text_2_len, text_2.shape[1])  # (L2, D2)
+    padded[: text_2.shape[0]] = text_2
+    mask = torch.arange(text_2_len) < text_2.shape[0]  # (L2,)
+    return {"text_2": padded, "text_2_mask": mask}
+
+
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack sample dicts into the batch dict of docs/INTERFACES.md."""
     batch = {
@@ -174,6 +193,9 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         )  # (B, C, T, H, W); (B, C, 1, H, W) for data.image_encoder=vae
     if samples[0].get("image_embeds") is not None:
         batch["image_embeds"] = torch.stack([s["image_embeds"] for s in samples])  # (B, N, Di)
+    if "text_2" in samples[0]:  # a text encoder with a glyph stream (HunyuanVideo 1.5)
+        batch["text_2"] = torch.stack([s["text_2"] for s in samples])  # (B, L2, D2)
+        batch["text_2_mask"] = torch.stack([s["text_2_mask"] for s in samples])  # (B, L2)
     return batch
 
 
@@ -296,7 +318,9 @@ def build_train_loader(
     and so get identical batches. ``num_workers`` defaults to ``data.num_workers``.
     Yields dicts with ``latents (B, C, T, H, W)``, ``text (B, L, Dt)``, ``text_mask (B, L)``,
     ``pooled_text (B, Dp)``, ``caption`` (list of B str), ``index (B,)`` int64; with
-    ``data.image_encoder`` also ``image_latents (B, C, T, H, W)`` and ``image_embeds (B, N, Di)``.
+    ``data.image_encoder`` also ``image_latents (B, C, T, H, W)`` and ``image_embeds (B, N, Di)``;
+    with a glyph text encoder (``hunyuanvideo15``) also ``text_2 (B, L2, D2)`` and
+    ``text_2_mask (B, L2)``.
     Every epoch has ``len(loader)`` batches; ``pin_memory=True`` for fast host-to-GPU copies.
     """
     import json

@@ -44,6 +44,7 @@ from stafinetune.data.encoders import (
     build_text_encoder,
     build_video_encoder,
     encode_image_condition,
+    glyph_encoder,
 )
 from stafinetune.data.sources import build_source, synthetic_dir
 from stafinetune.data.video import BadVideo, load_clip
@@ -85,6 +86,8 @@ def cache_fingerprint(cfg: DataConfig) -> str:
         )
     if cfg.allow_outside_paths:  # only when on: every other cache keeps its fingerprint
         content["allow_outside_paths"] = True
+    if cfg.text_encoder == "hunyuanvideo15":  # the glyph stream's length keys only its caches
+        content["text_2_len"] = cfg.text_2_len
     if cfg.image_encoder is not None:
         content |= {name: getattr(cfg, name) for name in _IMAGE_FIELDS}
         if cfg.image_encoder == "tiny":
@@ -136,15 +139,19 @@ def _encode_pending(
     pending, video_encoder, text_encoder, image_encoder, cfg: DataConfig
 ) -> list[dict[str, Any]]:
     """Encode buffered clips (grouped by bucket: one batch per shape) into cache rows, with
-    their image condition when there is an image encoder."""
+    their image condition when there is an image encoder and their glyph states when the text
+    encoder has a glyph stream."""
     rows = []
     captions = [record.caption for record, _, _ in pending]
     text, mask, pooled = text_encoder.encode(captions)  # (b, L, Dt), (b, L), (b, Dp)
+    glyph = glyph_encoder(text_encoder)
+    if glyph is not None:
+        text_2, mask_2 = glyph.encode_glyph(captions)  # (b, L2, D2), (b, L2)
     by_bucket: dict[int, list[int]] = {}
     for j, (_, _, bucket) in enumerate(pending):
         by_bucket.setdefault(bucket, []).append(j)
     latents: dict[int, torch.Tensor] = {}
-    image: dict[int, dict[str, bytes]] = {}
+    extra: dict[int, dict[str, Any]] = {}  # the optional image and glyph columns per row
     for members in by_bucket.values():
         video = torch.stack([pending[j][1] for j in members]).to(cfg.device)  # (b, 3, F, H, W)
         with torch.no_grad():
@@ -154,11 +161,16 @@ def _encode_pending(
         if cfg.image_encoder is not None:
             cond, embeds = encode_image_condition(video_encoder, image_encoder, video)
             for n, (j, cj) in enumerate(zip(members, cond, strict=True)):
-                image[j] = {"image_latents": tensor_to_bytes(cj, cfg.cache_dtype),
+                extra[j] = {"image_latents": tensor_to_bytes(cj, cfg.cache_dtype),
                             "image_embeds": None if embeds is None
                             else tensor_to_bytes(embeds[n], cfg.cache_dtype)}  # fmt: skip
     for j, (record, _, bucket) in enumerate(pending):
         n = int(mask[j].sum())
+        if glyph is not None:
+            n2 = int(mask_2[j].sum())
+            extra[j] = extra.get(j, {}) | {
+                "text_2_tokens": n2, "text_2": tensor_to_bytes(text_2[j, :n2], cfg.cache_dtype)
+            }  # fmt: skip
         rows.append(
             {
                 "index": record.index,
@@ -170,7 +182,7 @@ def _encode_pending(
                 "text_tokens": n,
                 "text": tensor_to_bytes(text[j, :n], cfg.cache_dtype),
                 "pooled": tensor_to_bytes(pooled[j], cfg.cache_dtype),
-                **image.get(j, {}),
+                **extra.get(j, {}),
             }
         )
     return rows
@@ -261,6 +273,9 @@ def _process_shard(
                                "image_dim": image_encoder.image_dim}  # fmt: skip
         elif cfg.image_encoder == "vae":  # the first frame's latent alone
             report["text"]["image_frames"] = 1
+        glyph = glyph_encoder(text_encoder)
+        if glyph is not None:
+            report["text"] |= {"text_2_len": glyph.text_2_len, "text_2_dim": glyph.text_2_dim}
         write_shard(shard_dir, k, rows, {"dtype": cfg.cache_dtype, **report["text"]}, report)
     else:
         shard_dir.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,10 @@
 * HunyuanVideo: ``AutoencoderKLHunyuanVideo`` (latents times ``scaling_factor``), the Llama
   text encoder (the prompt template of the diffusers pipeline, hidden state of the third-last
   layer, template tokens cropped) and CLIP's ``pooler_output`` as ``pooled``.
+* HunyuanVideo 1.5: ``AutoencoderKLHunyuanVideo15`` (32 channels, 16x spatial, latents times
+  ``scaling_factor``), the Qwen2.5-VL text model (the chat template of the diffusers pipeline,
+  hidden state of the third-last layer, template tokens cropped) and the ByT5 glyph encoder
+  over the caption's quoted text (``text_2``), as ``HunyuanVideo15Pipeline.encode_prompt``.
 
 Pooled text for models without a pooled embedding (Wan) is the masked mean of the token states.
 """
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -51,8 +56,9 @@ def _masked_mean(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 class DiffusersVideoVAE:
     """Wan 2.1, Wan 2.2 (``wan2.2``: TI2V-5B's 48-channel, 16x spatial VAE, the same diffusers
-    class) or HunyuanVideo VAE from a local diffusers folder, with each model's latent
-    normalisation, so cached latents are exactly what the transformer is trained on."""
+    class), HunyuanVideo or HunyuanVideo 1.5 (``hunyuanvideo15``: 32 channels, 16x spatial) VAE
+    from a local diffusers folder, with each model's latent normalisation, so cached latents
+    are exactly what the transformer is trained on."""
 
     def __init__(
         self,
@@ -65,12 +71,17 @@ class DiffusersVideoVAE:
         seed: int = 0,
         allow_pickle: bool = False,
     ) -> None:
-        from diffusers import AutoencoderKLHunyuanVideo, AutoencoderKLWan
+        from diffusers import (
+            AutoencoderKLHunyuanVideo,
+            AutoencoderKLHunyuanVideo15,
+            AutoencoderKLWan,
+        )
 
         self.kind = kind
         self.path = _local_dir(path, "data.video_encoder_path")
         cls = {"wan": AutoencoderKLWan, "wan2.2": AutoencoderKLWan,
-               "hunyuan": AutoencoderKLHunyuanVideo}[kind]  # fmt: skip
+               "hunyuan": AutoencoderKLHunyuanVideo,
+               "hunyuanvideo15": AutoencoderKLHunyuanVideo15}[kind]  # fmt: skip
         safe = _safe(self.path, "data.video_encoder_path", allow_pickle)
         self.vae = cls.from_pretrained(self.path, torch_dtype=dtype, **safe).to(device).eval()
         self.vae.requires_grad_(False)
@@ -90,28 +101,47 @@ class DiffusersVideoVAE:
             shape = (1, self.latent_channels, 1, 1, 1)
             self.mean = torch.tensor(config.latents_mean, dtype=torch.float32).view(shape)
             self.std = torch.tensor(config.latents_std, dtype=torch.float32).view(shape)
-        else:
+        else:  # both HunyuanVideo VAEs: latents times scaling_factor, as their pipelines
             self.latent_channels = int(config.latent_channels)
             self.temporal_compression = int(config.temporal_compression_ratio)
             self.spatial_compression = int(config.spatial_compression_ratio)
+            expected = 16 if kind == "hunyuanvideo15" else 8
+            if self.spatial_compression != expected:
+                raise ValueError(
+                    f"data.video_encoder_path={self.path} holds a VAE compressing space "
+                    f"{self.spatial_compression}x, but data.video_encoder={kind} latents are "
+                    f"{expected}x: the latent grid would not match the model's canvas"
+                )
+            if kind == "hunyuanvideo15":
+                # spatial tiles above 256 pixels, as the diffusers pipeline's examples: its
+                # untiled mid-block attention over a whole 720p clip would not fit in memory
+                self.vae.enable_tiling()
             self.mean = torch.zeros(())
             self.std = torch.tensor(1.0 / float(config.scaling_factor))
 
     def fingerprint(self) -> str:
         return f"{self.kind}-vae:{self.path}:{self.dtype}:{'sample' if self.sample else 'mode'}"
 
+    def _split(self, x: torch.Tensor) -> list[torch.Tensor]:
+        # diffusers 0.42's HunyuanVideo 1.5 VAE attention mask broadcasts only for a batch of 1
+        return list(x.split(1)) if self.kind == "hunyuanvideo15" else [x]
+
     @torch.no_grad()
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         """``(B, 3, F, H, W)`` in [-1, 1] -> normalised latents ``(B, C, T, h, w)`` float32."""
-        dist = self.vae.encode(video.to(self.device, self.dtype)).latent_dist
-        z = dist.sample(generator=self.generator) if self.sample else dist.mode()
-        return (z.float() - self.mean.to(z.device)) / self.std.to(z.device)
+        z = []
+        for part in self._split(video.to(self.device, self.dtype)):
+            dist = self.vae.encode(part).latent_dist
+            z.append(dist.sample(generator=self.generator) if self.sample else dist.mode())
+        z = torch.cat(z).float()
+        return (z - self.mean.to(z.device)) / self.std.to(z.device)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents ``(B, C, T, h, w)`` -> video ``(B, 3, F, H, W)`` float32."""
         z = latents.float().to(self.device) * self.std.to(self.device) + self.mean.to(self.device)
-        return self.vae.decode(z.to(self.dtype)).sample.float()
+        parts = self._split(z.to(self.dtype))
+        return torch.cat([self.vae.decode(part).sample.float() for part in parts])
 
 
 class CLIPImageEncoder:
@@ -213,6 +243,24 @@ class UMT5TextEncoder:
         return states, mask, _masked_mean(states, mask)
 
 
+def _two_encoders(
+    path: str | None, path_2: str | None, tokenizer_path: str | None, tokenizer_2_path: str | None
+) -> tuple[str, str, Any, Any]:
+    """The checked folders ``data.text_encoder_path`` and ``data.text_encoder_2_path`` and
+    their tokenizers (from ``data.tokenizer_path`` / ``data.tokenizer_2_path`` when set)."""
+    from transformers import AutoTokenizer
+
+    folder = _local_dir(path, "data.text_encoder_path")
+    folder_2 = _local_dir(path_2, "data.text_encoder_2_path")
+    tokenizer = AutoTokenizer.from_pretrained(
+        _local_dir(tokenizer_path or path, "data.tokenizer_path")
+    )
+    tokenizer_2 = AutoTokenizer.from_pretrained(
+        _local_dir(tokenizer_2_path or path_2, "data.tokenizer_2_path")
+    )
+    return folder, folder_2, tokenizer, tokenizer_2
+
+
 class HunyuanTextEncoder:
     """HunyuanVideo's two text encoders from local folders.
 
@@ -234,15 +282,10 @@ class HunyuanTextEncoder:
         layers_to_skip: int = 2,
         allow_pickle: bool = False,
     ) -> None:
-        from transformers import AutoTokenizer, CLIPTextModel, LlamaModel
+        from transformers import CLIPTextModel, LlamaModel
 
-        self.path = _local_dir(path, "data.text_encoder_path")
-        self.path_2 = _local_dir(path_2, "data.text_encoder_2_path")
-        self.tokenizer = AutoTokenizer.from_pretrained(
-            _local_dir(tokenizer_path or path, "data.tokenizer_path")
-        )
-        self.tokenizer_2 = AutoTokenizer.from_pretrained(
-            _local_dir(tokenizer_2_path or path_2, "data.tokenizer_2_path")
+        self.path, self.path_2, self.tokenizer, self.tokenizer_2 = _two_encoders(
+            path, path_2, tokenizer_path, tokenizer_2_path
         )
         safe = _safe(self.path, "data.text_encoder_path", allow_pickle)
         safe_2 = _safe(self.path_2, "data.text_encoder_2_path", allow_pickle)
@@ -290,3 +333,137 @@ class HunyuanTextEncoder:
         )  # fmt: skip
         pooled = self.clip(clip_tokens.input_ids.to(self.device)).pooler_output.float()
         return states, mask, pooled
+
+
+# HunyuanVideo15Pipeline's system message; its literal's line continuations keep the source
+# indentation (8 spaces) before each numbered aspect
+HUNYUANVIDEO15_SYSTEM = (" " * 8).join([
+    "You are a helpful assistant. Describe the video by detailing the following aspects: ",
+    "1. The main content and theme of the video. ",
+    "2. The color, shape, size, texture, quantity, text, and spatial relationships of the objects. ",
+    "3. Actions, events, behaviors temporal relationships, physical movement changes of the "
+    "objects. ",
+    "4. background environment, light, style and atmosphere. ",
+    "5. camera angles, movements, and transitions used in the video.",
+])  # fmt: skip
+
+
+def _chat(captions: list[str]) -> list[list[dict[str, str]]]:
+    """The pipeline's chat conversations: the system message, then each caption (" " if empty)."""
+    return [[{"role": "system", "content": HUNYUANVIDEO15_SYSTEM},
+             {"role": "user", "content": c if c else " "}] for c in captions]  # fmt: skip
+
+
+class HunyuanVideo15TextEncoder:
+    """HunyuanVideo 1.5's two text encoders from local folders, as
+    ``HunyuanVideo15Pipeline.encode_prompt`` computes them.
+
+    ``text``: the Qwen2.5-VL text model's hidden state of the third-last layer over the chat
+    template (system message, caption, assistant prompt), template tokens before the caption
+    cropped, ``text_len`` tokens (1000 in the pipeline); ``pooled``: the masked mean of ``text``
+    (the transformer pools the text itself; the batch always carries one).
+    ``encode_glyph``: ByT5's last hidden state over the caption's quoted text (``Text "..."``),
+    ``text_2_len`` tokens (256 in the pipeline); a caption without quotes has no valid token.
+    """
+
+    def __init__(
+        self,
+        path: str | None,
+        path_2: str | None,
+        tokenizer_path: str | None = None,
+        tokenizer_2_path: str | None = None,
+        *,
+        text_len: int = 1000,
+        text_2_len: int = 256,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        layers_to_skip: int = 2,
+        allow_pickle: bool = False,
+    ) -> None:
+        from transformers import Qwen2_5_VLTextModel, T5EncoderModel
+
+        self.path, self.path_2, self.tokenizer, self.tokenizer_2 = _two_encoders(
+            path, path_2, tokenizer_path, tokenizer_2_path
+        )
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise ValueError(
+                f"data.tokenizer_path: the tokenizer at {tokenizer_path or path} has no chat "
+                "template (HunyuanVideo 1.5 encodes captions with Qwen2.5-VL's)"
+            )
+        # the pipeline crops the template from the left: the padding must follow the tokens
+        self.tokenizer.padding_side = self.tokenizer_2.padding_side = "right"
+        safe = _safe(self.path, "data.text_encoder_path", allow_pickle)
+        safe_2 = _safe(self.path_2, "data.text_encoder_2_path", allow_pickle)
+        self.qwen = Qwen2_5_VLTextModel.from_pretrained(self.path, torch_dtype=dtype, **safe)
+        self.qwen = self.qwen.to(device).eval().requires_grad_(False)
+        self.byt5 = T5EncoderModel.from_pretrained(self.path_2, torch_dtype=dtype, **safe_2)
+        self.byt5 = self.byt5.to(device).eval().requires_grad_(False)
+        self.device, self.dtype, self.layers_to_skip = device, dtype, layers_to_skip
+        self.text_len, self.text_2_len = text_len, text_2_len
+        self.text_dim = self.pooled_dim = int(self.qwen.config.hidden_size)
+        self.text_2_dim = int(self.byt5.config.d_model)
+        # Tokens before the caption (system message + user header) are cropped away. diffusers
+        # hard-codes 108 for the official tokenizer; counting them keeps the crop right for any
+        # tokenizer (not checked against the official one here: no weights offline).
+        marker = "\x00caption\x00"
+        rendered = self.tokenizer.apply_chat_template(
+            _chat([marker])[0], add_generation_prompt=True, tokenize=False
+        )
+        prefix = rendered.split(marker)[0]
+        self.crop_start = len(self.tokenizer(prefix, add_special_tokens=False).input_ids)
+
+    def fingerprint(self) -> str:
+        return (
+            f"hunyuanvideo15-text:{self.path}:{self.path_2}:{self.dtype}:{self.text_len}:"
+            f"{self.text_2_len}"
+        )
+
+    @torch.no_grad()
+    def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Captions -> ``text (B, L, D)`` (zeros past each caption), ``mask (B, L)``,
+        ``pooled (B, D)`` (the masked mean)."""
+        tokens = self.tokenizer.apply_chat_template(
+            _chat([_clean(c) for c in captions]),
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            padding="max_length",
+            max_length=self.text_len + self.crop_start,
+            truncation=True,
+            return_tensors="pt",
+        )
+        out = self.qwen(
+            input_ids=tokens["input_ids"].to(self.device),
+            attention_mask=tokens["attention_mask"].to(self.device),
+            output_hidden_states=True,
+        )
+        states = out.hidden_states[-(self.layers_to_skip + 1)][:, self.crop_start :].float()
+        mask = tokens["attention_mask"][:, self.crop_start :].bool().to(states.device)  # (B, L)
+        states = states * mask[..., None]
+        return states, mask, _masked_mean(states, mask)
+
+    @torch.no_grad()
+    def encode_glyph(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Captions -> ``text_2 (B, L2, D2)`` (zeros past the glyph tokens), ``text_2_mask
+        (B, L2)``: ByT5 over ``Text "<quoted>". ...`` of each caption's quoted strings."""
+        from diffusers.pipelines.hunyuan_video1_5.pipeline_hunyuan_video1_5 import (
+            extract_glyph_texts,
+        )
+
+        glyphs = [extract_glyph_texts(_clean(c)) for c in captions]
+        states = torch.zeros(len(captions), self.text_2_len, self.text_2_dim)
+        mask = torch.zeros(len(captions), self.text_2_len, dtype=torch.bool)
+        rows = [i for i, g in enumerate(glyphs) if g is not None]
+        if rows:  # one batch over the captions with quoted text; the others stay empty
+            tokens = self.tokenizer_2(
+                [glyphs[i] for i in rows], padding="max_length", max_length=self.text_2_len,
+                truncation=True, add_special_tokens=True, return_tensors="pt",
+            )  # fmt: skip
+            out = self.byt5(
+                input_ids=tokens.input_ids.to(self.device),
+                attention_mask=tokens.attention_mask.float().to(self.device),
+            ).last_hidden_state.float().cpu()  # (b, L2, D2)
+            valid = tokens.attention_mask.bool()
+            states[rows] = out * valid[..., None]
+            mask[rows] = valid
+        return states, mask

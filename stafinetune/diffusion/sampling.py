@@ -14,12 +14,16 @@ integrates the guided velocity unchanged.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+
+# ``condition`` tensors that follow the prompt (HunyuanVideo 1.5's glyph stream): guidance's
+# negative forward takes the negative prompt's own, every other condition tensor is shared
+PROMPT_CONDITION = ("text_2", "text_2_mask")
 
 
 def flow_sigmas(steps: int, shift: float = 1.0) -> torch.Tensor:
@@ -119,6 +123,7 @@ def sample_latents(
     on_step: Callable[[], None] | None = None,
     image_latents: torch.Tensor | None = None,
     image_embeds: torch.Tensor | None = None,
+    condition: Mapping[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Sample clean latents from ``noise``.
 
@@ -137,6 +142,8 @@ def sample_latents(
             first-frame condition (B, C, 1, H, W) (Wan 2.2 TI2V) is re-imposed on the first
             latent frame after every step, as diffusers' pipeline does
             (:func:`impose_first_frame`).
+        condition: the family's further inputs (``VideoDiT.forward``; HunyuanVideo 1.5's
+            glyph stream ``text_2`` (B, L2, D2), ``text_2_mask`` (B, L2)), or None.
     Returns:
         (B, C, T, H, W) float32 latents; ``step_index`` runs 0..steps-1.
     """
@@ -150,7 +157,7 @@ def sample_latents(
     ctx = (
         torch.autocast("cuda", dtype=torch.bfloat16) if autocast_bf16 else contextlib.nullcontext()
     )
-    image = image_kwargs(image_latents, image_embeds)
+    image = image_kwargs(image_latents, image_embeds, condition)
     x = impose_first_frame(x, image_latents)
     for i in range(schedule.steps):
         timestep = (sigmas[i] * 1000.0).expand(batch)
@@ -176,12 +183,18 @@ def impose_first_frame(x: torch.Tensor, image_latents: torch.Tensor | None) -> t
 
 
 def image_kwargs(
-    image_latents: torch.Tensor | None, image_embeds: torch.Tensor | None
-) -> dict[str, torch.Tensor]:
-    """The image keyword arguments of a ``VideoDiT`` call: none for a text-to-video model."""
-    if image_latents is None:
-        return {}
-    return {"image_latents": image_latents, "image_embeds": image_embeds}
+    image_latents: torch.Tensor | None,
+    image_embeds: torch.Tensor | None,
+    condition: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """The image keyword arguments of a ``VideoDiT`` call (none for a text-to-video model),
+    and its ``condition`` when there is one."""
+    kwargs: dict[str, Any] = {}
+    if image_latents is not None:
+        kwargs |= {"image_latents": image_latents, "image_embeds": image_embeds}
+    if condition is not None:
+        kwargs["condition"] = condition
+    return kwargs
 
 
 class ClassifierFreeGuidance(nn.Module):
@@ -194,14 +207,16 @@ class ClassifierFreeGuidance(nn.Module):
     Args:
         dit: the model (a ``VideoDiT`` or any module with its call signature).
         negative: the negative prompt's ``(text (1, L, Dt), text_mask (1, L), pooled_text
-            (1, Dp))`` (plain CFG: the empty prompt), broadcast over the batch.
+            (1, Dp))`` (plain CFG: the empty prompt), broadcast over the batch; a fourth
+            item, a dict of (1, ...) tensors, holds its ``PROMPT_CONDITION`` tensors (the
+            glyph stream of a HunyuanVideo 1.5 text encoder).
         scale: the guidance scale, >= 0 (0: the negative prompt's velocity alone).
     """
 
     def __init__(
         self,
         dit: nn.Module,
-        negative: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        negative: tuple[Any, ...],
         scale: float,
     ) -> None:
         super().__init__()
@@ -222,13 +237,19 @@ class ClassifierFreeGuidance(nn.Module):
         step_index: int | None = None,
         image_latents: torch.Tensor | None = None,
         image_embeds: torch.Tensor | None = None,
+        condition: Mapping[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """The guided velocity (B, C, T, H, W) for noisy ``latents`` (B, C, T, H, W); both
-        forwards see the image condition, as in diffusers' image-to-video pipelines."""
+        forwards see the image condition, as in diffusers' image-to-video pipelines, and the
+        negative one its own prompt's ``PROMPT_CONDITION`` tensors."""
         if self.scale == 1.0:
             return self.dit(latents, timestep, text, text_mask, pooled_text, step_index=step_index,
-                            **image_kwargs(image_latents, image_embeds))  # fmt: skip
+                            **image_kwargs(image_latents, image_embeds, condition))  # fmt: skip
         neg_text, neg_mask, neg_pooled = self.negative_inputs(latents.shape[0], text)
+        negative = self.negative_condition(condition)  # None, or (B, ...) tensors
+        paired = {}  # the conditional and the negative condition tensors, (2B, ...) each
+        if condition is not None and negative is not None:
+            paired["condition"] = {k: torch.cat([v, negative[k]]) for k, v in condition.items()}
         pooled = None if pooled_text is None else torch.cat([pooled_text, neg_pooled])  # (2B, Dp)
         out = self.dit(
             torch.cat([latents, latents]),  # (2B, C, T, H, W)
@@ -239,6 +260,7 @@ class ClassifierFreeGuidance(nn.Module):
             step_index=step_index,
             **{k: torch.cat([v, v]) if v is not None else None  # (2B, ...)
                for k, v in image_kwargs(image_latents, image_embeds).items()},
+            **paired,
         )  # fmt: skip
         cond, neg = out.chunk(2)
         return self.combine(cond, neg)
@@ -248,7 +270,7 @@ class ClassifierFreeGuidance(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The negative prompt's (text (B, L, Dt), text_mask (B, L), pooled_text (B, Dp)) for a
         batch of ``batch`` prompts whose text states are ``text`` (B, L, Dt), on its device."""
-        neg_text, neg_mask, neg_pooled = (t.to(text.device) for t in self.negative)
+        neg_text, neg_mask, neg_pooled = (t.to(text.device) for t in self.negative[:3])
         if neg_text.shape[1:] != text.shape[1:]:
             raise ValueError(
                 f"negative prompt states {tuple(neg_text.shape[1:])} differ from the prompt's "
@@ -259,6 +281,26 @@ class ClassifierFreeGuidance(nn.Module):
             neg_mask.expand(batch, -1),
             neg_pooled.expand(batch, -1),
         )
+
+    def negative_condition(
+        self, condition: Mapping[str, torch.Tensor] | None
+    ) -> dict[str, torch.Tensor] | None:
+        """The negative forward's ``condition`` (B, ...) tensors: ``condition``'s, with the
+        negative prompt's own ``PROMPT_CONDITION`` tensors broadcast over the batch."""
+        if condition is None:
+            return None
+        own = self.negative[3] if len(self.negative) > 3 else {}
+        missing = [k for k in PROMPT_CONDITION if k in condition and k not in own]
+        if missing:
+            raise ValueError(
+                f"the prompts carry {missing} but the negative prompt does not: encode both "
+                "with one text encoder"
+            )
+        out = dict(condition)
+        for key, value in own.items():
+            if key in condition:
+                out[key] = value.to(condition[key]).expand(condition[key].shape)
+        return out
 
     def combine(self, cond: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
         """The guided velocity (B, C, T, H, W) float32 from the conditional and the negative

@@ -52,6 +52,7 @@ from stafinetune.data.encoders import (
     VideoEncoder,
     build_image_encoder,
     encode_image_condition,
+    glyph_condition,
 )
 from stafinetune.data.synthetic import write_mp4
 from stafinetune.data.video import resize_crop
@@ -466,7 +467,11 @@ def generate(
     """
     device = next(dit.parameters()).device
     text, mask, pooled = text_encoder.encode(list(prompts))  # (N, L, Dt), (N, L), (N, Dp)
+    glyph = glyph_condition(text_encoder, list(prompts))  # (N, L2, D2), (N, L2) or None
     negative = text_encoder.encode([negative_prompt])
+    negative_glyph = glyph_condition(text_encoder, [negative_prompt])
+    if negative_glyph is not None:
+        negative = (*negative, negative_glyph)
     if guidance_scale != 1.0 and dit.adapter.joint_text and not bool(negative[1].any()):
         raise ValueError(
             f"sample.negative_prompt={negative_prompt!r} encodes to no text token, which "
@@ -482,9 +487,12 @@ def generate(
         fresh = torch.Generator().manual_seed(seed + k + FRESH_NOISE_SEED)
         image = {} if images is None else {n: None if t is None else t.to(device)
                                            for n, t in images[k].items()}  # fmt: skip
+        condition = None  # the prompt's glyph stream (1, ...) of a text encoder with one
+        if glyph is not None:
+            condition = {n: t[k : k + 1].to(device) for n, t in glyph.items()}
         return sample_latents(
-            model, noise, *cond, pooled[k : k + 1].to(device),
-            schedule=schedule, generator=fresh, autocast_bf16=autocast_bf16, **image,
+            model, noise, *cond, pooled[k : k + 1].to(device), schedule=schedule,
+            generator=fresh, autocast_bf16=autocast_bf16, condition=condition, **image,
         )  # fmt: skip
 
     if warmup and prompts:

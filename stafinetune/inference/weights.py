@@ -21,8 +21,9 @@ import torch
 from safetensors.torch import load_file
 
 from sta_kernels import density
+from stafinetune.build import check_glyph_fits_model
 from stafinetune.data import DataConfig
-from stafinetune.data.encoders import TextEncoder
+from stafinetune.data.encoders import TextEncoder, glyph_encoder
 from stafinetune.diffusion.sampling import Schedule
 from stafinetune.models import (
     AttentionConfig,
@@ -250,3 +251,5 @@ def check_encoders_fit(
             f"data.video_encoder={data_cfg.video_encoder!r} decodes {video_encoder.latent_channels}"
             f" latent channels but model.flavor={model_cfg.flavor!r} makes {dit.in_channels}"
         )
+    glyph = glyph_encoder(text_encoder)
+    check_glyph_fits_model(None if glyph is None else glyph.text_2_dim, dit, data_cfg, model_cfg)

@@ -172,6 +172,11 @@ class ModelFamily:
         """
         raise ValueError(f"{type(transformer).__name__} ({self.name}) takes no image condition")
 
+    def glyph_dim(self, config: Any) -> int | None:
+        """Width of the glyph-text states (``condition["text_2"]``) a transformer config takes,
+        or None for a model without a glyph stream."""
+        return None
+
     def latent_channels(self, config: Any) -> int:
         """Channels of the latents the model denoises (its input may hold more, see
         ``model_inputs``): the input channels less an image condition's (``image_dims``)."""
@@ -473,6 +478,9 @@ class HunyuanVideo15Family(HunyuanFamily):
 
     def latent_channels(self, config: Any) -> int:
         return int(_getter(config)("out_channels"))
+
+    def glyph_dim(self, config: Any) -> int | None:
+        return int(_getter(config)("text_embed_2_dim"))  # ByT5's width
 
     def sta_layers(self, transformer: nn.Module) -> list[nn.Module]:
         return [b.attn for b in transformer.transformer_blocks]

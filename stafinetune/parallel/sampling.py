@@ -21,6 +21,7 @@ after every step; only rank 0 writes videos and metrics.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -150,14 +151,17 @@ class GuidanceParallel(ClassifierFreeGuidance):
         step_index: int | None = None,
         image_latents: torch.Tensor | None = None,
         image_embeds: torch.Tensor | None = None,
+        condition: Mapping[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """The guided velocity (B, C, T, H, W) for noisy ``latents`` (B, C, T, H, W); both
-        branches see the image condition of an image-to-video model."""
+        branches see the image condition of an image-to-video model, the negative one its
+        own prompt's glyph stream (``condition``)."""
         if self.rank == 1:
             text, text_mask, neg_pooled = self.negative_inputs(latents.shape[0], text)
             pooled_text = None if pooled_text is None else neg_pooled
+            condition = self.negative_condition(condition)
         out = self.dit(latents, timestep, text, text_mask, pooled_text, step_index=step_index,
-                       **image_kwargs(image_latents, image_embeds))  # fmt: skip
+                       **image_kwargs(image_latents, image_embeds, condition))  # fmt: skip
         both = gather_along(out, 0, self.group)  # (2B, C, T, H, W): conditional, negative
         cond, neg = both.chunk(2)
         return self.combine(cond, neg)

@@ -90,6 +90,11 @@ def model_inputs(
         inputs["image_latents"] = cast(batch["image_latents"])  # (B, C, T or 1, H, W)
         embeds = batch.get("image_embeds")  # none for a first-frame condition
         inputs["image_embeds"] = None if embeds is None else cast(embeds)  # (B, N, Di)
+    if "text_2" in batch:  # HunyuanVideo 1.5's glyph stream, through the family's condition
+        inputs["condition"] = {
+            "text_2": cast(batch["text_2"]),  # (B, L2, D2)
+            "text_2_mask": batch["text_2_mask"].to(device),  # (B, L2)
+        }
     return inputs
 
 

@@ -48,7 +48,8 @@ from stafinetune.parallel.sequence import SequenceParallel
 from .distill import DistillStep, draw_noise, model_inputs, to_device
 
 Batch = dict[str, Any]
-Negative = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+# (text, mask, pooled[, glyph condition]): ``build.encode_prompt``'s negative prompt
+Negative = tuple[Any, ...]
 
 
 def student_schedule(cfg: FewStepConfig) -> Schedule:
@@ -77,7 +78,8 @@ class FewStepBase:
         teacher: the frozen dense teacher; ``teacher_module`` what to call for it.
         device, bf16, teacher_bf16: where the student computes, and the autocasts.
         negative: the encoded negative prompt ``(text (1, L, Dt), mask (1, L), pooled (1, Dp))``
-            of the teacher's guidance (None without guidance).
+            of the teacher's guidance, with its glyph stream for a text encoder with one
+            (``build.encode_prompt``); None without guidance.
         sequence: the sequence split of the models (``parallel.sp > 1``).
         control_seed: seed of :attr:`control`, the generator of the draws that decide how
             many model calls a step makes (the student's step ``k``). It is the same on

@@ -155,6 +155,7 @@ def generate_pair(
     noise = torch.randn(batch["latents"][:n].shape, generator=gen)  # (n, C, T, H, W)
     cond = [batch["text"][:n], batch["text_mask"][:n], batch["pooled_text"][:n]]
     image = {key: batch[key][:n] for key in ("image_latents", "image_embeds") if key in batch}
+    glyph = {key: batch[key][:n] for key in ("text_2", "text_2_mask") if key in batch}
     teacher_schedule = Schedule.flow(steps, shift)
     models = [(student, step.device, step.bf16, student_schedule or teacher_schedule)]
     if step.teacher is not None:
@@ -179,6 +180,7 @@ def generate_pair(
             generator=torch.Generator().manual_seed(seed + 1),
             autocast_bf16=bf16 and device.type == "cuda",
             on_step=on_step,
+            condition={key: value.to(device) for key, value in glyph.items()} or None,
             **{key: value.to(device) for key, value in image.items()},  # the batch's first frames
         )
         _sync(device)

@@ -43,6 +43,15 @@ def test_every_group_option_composes(group):
             "data.text_encoder_path=/m/te",
             "data.text_encoder_2_path=/m/te2",
         ],
+        "hunyuanvideo15_720p_sta": [
+            "model.path=/m",
+            "data.manifest=/d.jsonl",
+            "data.video_encoder_path=/m/vae",
+            "data.text_encoder_path=/m/te",
+            "data.tokenizer_path=/m/tok",
+            "data.text_encoder_2_path=/m/te2",
+            "data.tokenizer_2_path=/m/tok2",
+        ],
         **{
             name: [
                 "model.path=/m",
