@@ -31,6 +31,7 @@ Assumptions (bf16 autocast, AdamW, gradient checkpointing per block, batch 1):
     python benchmarks/memory_plan.py                      # the 720p table, JSON + markdown
     python benchmarks/memory_plan.py --check              # on a GPU: estimate vs measured peak
     python benchmarks/memory_plan.py --frozen-fp8         # the teacher in FP8 (ddp, fsdp2)
+    python benchmarks/memory_plan.py --gpus 4 --frozen-fp8 --offload  # and the offload levers
     python benchmarks/memory_plan.py --single-gpu         # LoRA on one GPU: offload levers, FP8 base
     python benchmarks/memory_plan.py --check-offload      # on a GPU: each lever's measured peak
 
@@ -129,10 +130,12 @@ def fp8_teacher_bytes_per_param(
 
 def estimate(shape: Shape, *, strategy: str, sp: int, gpus: int, teacher: str = "replicate",
              attention_loss: bool = True, teacher_bytes_per_param: float = 2.0,
-             ) -> dict[str, float]:  # fmt: skip
+             offload: bool = False) -> dict[str, float]:  # fmt: skip
     """GiB per GPU by component, and all-to-all GiB sent per GPU per step.
 
-    ``teacher_bytes_per_param``: 2 (bf16), or :func:`fp8_teacher_bytes_per_param`."""
+    ``teacher_bytes_per_param``: 2 (bf16), or :func:`fp8_teacher_bytes_per_param`.
+    ``offload``: ``offload.activations`` and ``offload.teacher_attention`` on (two blocks'
+    inputs and two layers' teacher targets stay on the GPU, as in :func:`offload_estimate`)."""
     p, n = shape.params, gpus
     block = shape.block_params
     # resident: parameters and optimiser state; grads: what the gradients take at the end of
@@ -151,11 +154,13 @@ def estimate(shape: Shape, *, strategy: str, sp: int, gpus: int, teacher: str = 
     teacher_bytes = tb * p if teacher == "replicate" else tb * p / n + tb * 2 * block
     s_loc = math.ceil(shape.tokens / sp)
     rows = s_loc + (shape.text if shape.joint_text else 0)
-    kept_inputs = shape.layers * rows * shape.hidden * 4
+    kept_inputs = (2 if offload else shape.layers) * rows * shape.hidden * 4
     whole = shape.tokens + (shape.text if shape.joint_text else 0)
     attention_working = 4 * whole * shape.hidden / sp * 2 * 2  # q, k, v, o and their grads
     ffn_working = rows * (20 * shape.hidden + 4 * shape.ffn) * 2  # one block's saved tensors
-    captured = (2 if attention_loss else 0) * shape.layers * rows * shape.hidden * 2
+    # the student's and the teacher's captured attention outputs
+    captured_layers = shape.layers + (2 if offload else shape.layers)
+    captured = (captured_layers if attention_loss else 0) * rows * shape.hidden * 2
     a2a_tensor = shape.tokens * shape.hidden * 2 * (sp - 1) / sp / sp  # bytes one rank sends
     a2a = shape.layers * (8 + 4 + 4 + 4) * a2a_tensor if sp > 1 else 0.0
     activations = kept_inputs + attention_working + ffn_working + captured
@@ -187,9 +192,11 @@ def step_seconds(shape: Shape, *, sp: int, density: float, tflops: float = 600.0
     return {"compute_s": compute, "all_to_all_s": comm, "all_to_all_share": comm / (compute + comm)}
 
 
-def plan_720p(gpus: int = 8, budget_gib: float = 80.0, frozen_fp8: bool = False) -> dict:
+def plan_720p(gpus: int = 8, budget_gib: float = 80.0, frozen_fp8: bool = False,
+              offload: bool = False) -> dict:  # fmt: skip
     """The table of docs/parallel.md: Wan 14B and HunyuanVideo 13B at 720p on ``gpus`` GPUs
-    (``frozen_fp8``: the teacher under ``train.frozen_weights=fp8``, ddp and fsdp2 only)."""
+    (``frozen_fp8``: the teacher under ``train.frozen_weights=fp8``, ddp and fsdp2 only;
+    ``offload``: activation and attention-target offload, see :func:`estimate`)."""
     shapes = [
         model_shape("wan2.1-14B 720p", "wan2.1_t2v_14b", (21, 45, 80), 512),
         model_shape("hunyuanvideo-13B 720p", "hunyuanvideo_13b", (30, 48, 80), 256),
@@ -198,21 +205,23 @@ def plan_720p(gpus: int = 8, budget_gib: float = 80.0, frozen_fp8: bool = False)
     for shape in shapes:
         tb = fp8_teacher_bytes_per_param(shape.flavor) if frozen_fp8 else 2.0
         for strategy in ("ddp", "fsdp2") if frozen_fp8 else ("ddp", "fsdp2", "zero2", "zero3"):
-            for sp in (1, 2, 4, 8):
+            for sp in (s for s in (1, 2, 4, 8) if s <= gpus):  # sp divides the launch
                 est = estimate(shape, strategy=strategy, sp=sp, gpus=gpus,
-                               teacher_bytes_per_param=tb)  # fmt: skip
+                               teacher_bytes_per_param=tb, offload=offload)  # fmt: skip
                 timing = step_seconds(shape, sp=sp, density=0.09)
                 rows.append({"model": shape.name, "strategy": strategy, "sp": sp, **est,
                              **timing, "fits": est["total"] <= budget_gib * 0.9})  # fmt: skip
     return {"gpus": gpus, "budget_gib": budget_gib, "shapes": [asdict(s) for s in shapes],
-            "frozen_fp8": frozen_fp8, "rows": rows}  # fmt: skip
+            "frozen_fp8": frozen_fp8, "offload": offload, "rows": rows}  # fmt: skip
 
 
 def markdown(plan: dict) -> str:
     lines = [
         f"Per-GPU memory (GiB) of an STA distillation step on {plan['gpus']} GPUs, batch 1, "
         "bf16 autocast, gradient checkpointing, attention loss on"
-        f"{'; the teacher with FP8 block linears' if plan.get('frozen_fp8') else ''}; fits = under 90% of "
+        f"{'; the teacher with FP8 block linears' if plan.get('frozen_fp8') else ''}"
+        f"{'; activations and attention targets offloaded' if plan.get('offload') else ''}"
+        "; fits = under 90% of "
         f"{plan['budget_gib']:.0f} GiB. All-to-all share from a 600 TFLOP/s, 150 GB/s model.",
         "",
         "| model | strategy | sp | student | teacher | activations | total | fits | a2a GiB/step | a2a share |",
@@ -454,6 +463,8 @@ def main() -> None:
     parser.add_argument("--budget-gib", type=float, default=80.0)
     parser.add_argument("--frozen-fp8", action="store_true",
                         help="the teacher under train.frozen_weights=fp8")  # fmt: skip
+    parser.add_argument("--offload", action="store_true",
+                        help="offload.activations and offload.teacher_attention on")  # fmt: skip
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.check_offload or args.single_gpu:
@@ -466,8 +477,9 @@ def main() -> None:
             print(f"{case['case']}: predicted {case['predicted_gib']:.1f} GiB, measured "
                   f"{case['measured_gib']:.1f} GiB (ratio {case['ratio']:.2f})")  # fmt: skip
         return
-    plan = plan_720p(args.gpus, args.budget_gib, frozen_fp8=args.frozen_fp8)
-    name = f"memory_plan-{args.gpus}gpu{'-fp8' if args.frozen_fp8 else ''}"
+    plan = plan_720p(args.gpus, args.budget_gib, frozen_fp8=args.frozen_fp8, offload=args.offload)
+    name = (f"memory_plan-{args.gpus}gpu{'-fp8' if args.frozen_fp8 else ''}"
+            f"{'-offload' if args.offload else ''}")  # fmt: skip
     (RESULTS / f"{name}.json").write_text(json.dumps(plan, indent=1))
     table = markdown(plan)
     (RESULTS / f"{name}.md").write_text(table + "\n")

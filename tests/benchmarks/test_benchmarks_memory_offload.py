@@ -75,3 +75,19 @@ def test_an_fp8_base_scales_what_the_base_keeps_and_swaps(shape: plan.Shape) -> 
     blocks_off = 4 * shape.block_params * (shape.layers - 2) / plan.GIB
     assert fp32["host"] - fp8["host"] == pytest.approx(blocks_off * 3 / 4)
     assert fp8["kept_block_inputs"] == fp32["kept_block_inputs"]
+
+
+def test_the_multi_gpu_plan_takes_the_offload_levers(shape: plan.Shape) -> None:
+    """``--offload``: two blocks' inputs and two layers' teacher targets stay per GPU; the
+    student's own attention outputs and the weights do not move."""
+    off = plan.estimate(shape, strategy="fsdp2", sp=2, gpus=4)
+    on = plan.estimate(shape, strategy="fsdp2", sp=2, gpus=4, offload=True)
+    rows = shape.tokens // 2  # Wan: no text rows in the sequence
+    inputs, outputs = rows * shape.hidden * 4 / plan.GIB, rows * shape.hidden * 2 / plan.GIB
+    assert on["kept_block_inputs"] == pytest.approx(2 * inputs)
+    assert off["kept_block_inputs"] == pytest.approx(shape.layers * inputs)
+    assert off["captured_attention"] - on["captured_attention"] == pytest.approx(
+        (shape.layers - 2) * outputs
+    )
+    assert on["student"] == off["student"] and on["teacher"] == off["teacher"]
+    assert on["total"] < off["total"]
