@@ -138,3 +138,21 @@ def test_two_i2v_experts_equal_the_pipeline(
     alone = sample_latents(dit.high, noise_of(2), text, mask, None, steps=STEPS,
                            image_latents=a14b["image_latents"])  # fmt: skip
     assert (alone - a14b["dense"]).abs().max() > 1e-3
+
+
+def test_an_i2v_experts_export_loads_into_the_i2v_pipeline(
+    a14b: dict[str, Any], tmp_path: Path
+) -> None:
+    """``save_pretrained`` of the experts names ``WanImageToVideoPipeline`` (no image encoder)
+    with the boundary; loaded with the user's other parts, it samples the dense latents."""
+    from diffusers import WanImageToVideoPipeline
+
+    a14b["experts"](mode="full").save_pretrained(tmp_path)
+    base = a14b["pipe"]
+    pipe = WanImageToVideoPipeline.from_pretrained(
+        tmp_path, vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+        scheduler=base.scheduler,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.config.boundary_ratio == 0.5 and pipe.image_encoder is None
+    torch.testing.assert_close(generate(pipe, seed=2), a14b["dense"], **TIGHT)

@@ -4,6 +4,7 @@ image-to-video experts conditioned on the clips' condition latents alone
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,10 +32,12 @@ def test_both_i2v_experts_distil_and_resume_exactly(
 ) -> None:
     overrides = ("distill=sta", "distill.allow_random_teacher=true", "model.expert=both",
                  "train.steps=3", "train.ckpt_every=0")  # fmt: skip
-    trainer = Trainer(job(*overrides), tmp_path / "straight")
+    trainer = Trainer(job(*overrides, "train.export=true"), tmp_path / "straight")
     batch = trainer.data.val_batches[0]
     assert batch["image_latents"].shape == (2, 16, 5, 16, 16) and "image_embeds" not in batch
     straight = trainer.fit()
+    index = json.loads((straight.export_dir / "model_index.json").read_text())
+    assert index["_class_name"] == "WanImageToVideoPipeline" and index["boundary_ratio"] == 0.5
     first = Trainer(job(*overrides), tmp_path / "resumed").fit(until_step=1)
     assert first.step == 1
     second = Trainer(job(*overrides), tmp_path / "resumed").fit()
