@@ -22,7 +22,9 @@ of the conditioning video, shaped like ``latents``) and ``image_embeds`` binary
 ``(image_tokens, image_dim)`` (the image encoder's states of the first frame); the schema
 metadata then also holds ``image_tokens`` and ``image_dim``. With ``data.image_encoder=vae``
 (Wan 2.2 TI2V) ``image_latents`` is the first frame's latent alone ``(C, 1, H, W)``
-(metadata ``image_frames: 1``) and ``image_embeds`` is null.
+(metadata ``image_frames: 1``) and ``image_embeds`` is null. With ``data.image_encoder=latents``
+(Wan 2.2 I2V-A14B) ``image_latents`` are the condition latents, ``image_embeds`` is null and
+the metadata holds ``image_states: false``.
 
 Caches of a text encoder with a glyph stream (``data.text_encoder=hunyuanvideo15``) add
 ``text_2_tokens`` int32 (valid glyph tokens, 0 for a caption without quoted text) and
@@ -106,7 +108,7 @@ def write_shard(
 ) -> None:
     """Write shard ``k`` atomically: the Arrow file, then its JSON completion marker."""
     shard_dir.mkdir(parents=True, exist_ok=True)
-    image = "image_dim" in meta or "image_frames" in meta  # an image-to-video cache
+    image = any(key in meta for key in ("image_dim", "image_frames", "image_states"))  # i2v
     schema = cache_schema(image, "text_2_dim" in meta)
     schema = schema.with_metadata({"stafinetune": json.dumps(meta)})
     columns = {name: [row[name] for row in rows] for name in schema.names}

@@ -14,7 +14,7 @@ from pathlib import Path
 SOURCES = ("synthetic", "folder", "hf_dataset")
 VIDEO_ENCODERS = ("tiny", "wan", "hunyuan", "wan2.2", "hunyuanvideo15")
 TEXT_ENCODERS = ("tiny", "umt5", "hunyuan", "hunyuanvideo15")
-IMAGE_ENCODERS = ("tiny", "clip", "vae")
+IMAGE_ENCODERS = ("tiny", "clip", "vae", "latents")
 CACHE_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -114,7 +114,8 @@ class DataConfig:
     allow_pickle_weights: bool = False
     # image-to-video: each clip's first frame conditions it. null: text-to-video (no image);
     # tiny | clip: cache the condition latents and the image encoder's states of that frame;
-    # vae: only the latent of that frame alone through the video VAE (Wan 2.2 TI2V)
+    # vae: only the latent of that frame alone through the video VAE (Wan 2.2 TI2V);
+    # latents: the condition latents without image states (Wan 2.2 I2V-A14B, no image_dim)
     image_encoder: str | None = None
     image_encoder_path: str | None = None  # clip: local transformers CLIPVisionModel folder
     image_processor_path: str | None = None  # clip's CLIPImageProcessor; None: the encoder's

@@ -312,25 +312,32 @@ def condition_video(video: torch.Tensor) -> torch.Tensor:
 
 
 def encode_image_condition(
-    video_encoder: VideoEncoder, image_encoder: ImageEncoder | None, video: torch.Tensor
+    video_encoder: VideoEncoder,
+    image_encoder: ImageEncoder | None,
+    video: torch.Tensor,
+    *,
+    first_frame: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The cached image condition of clips ``video`` (B, 3, F, H, W) in [-1, 1]: latents of
-    :func:`condition_video` (B, C, T, h, w) and the image states of the first frame (B, N, Di);
-    without an image encoder (``data.image_encoder=vae``, Wan 2.2 TI2V) the latent of the first
-    frame alone (B, C, 1, h, w), as ``WanImageToVideoPipeline`` with ``expand_timesteps``
-    encodes it, and no states."""
+    :func:`condition_video` (B, C, T, h, w) and the image states of the first frame (B, N, Di),
+    None without an image encoder (``data.image_encoder=latents``, Wan 2.2 I2V-A14B). With
+    ``first_frame`` (``data.image_encoder=vae``, Wan 2.2 TI2V) the latent of the first frame
+    alone (B, C, 1, h, w), as ``WanImageToVideoPipeline`` with ``expand_timesteps`` encodes it,
+    and no states."""
     with torch.no_grad():
-        if image_encoder is None:
+        if first_frame:
             return video_encoder.encode(video[:, :, :1]).float().cpu(), None
         latents = video_encoder.encode(condition_video(video)).float().cpu()
+        if image_encoder is None:
+            return latents, None
         embeds = image_encoder.encode(video[:, :, 0]).float().cpu()
     return latents, embeds
 
 
 def build_image_encoder(cfg: DataConfig) -> ImageEncoder | None:
-    """The image encoder ``data.image_encoder`` names, or None for text-to-video data and for
-    ``vae`` (the first frame's latent alone, no image states)."""
-    if cfg.image_encoder in (None, "vae"):
+    """The image encoder ``data.image_encoder`` names, or None for text-to-video data, ``vae``
+    (the first frame's latent alone) and ``latents`` (condition latents without image states)."""
+    if cfg.image_encoder in (None, "vae", "latents"):
         return None
     if cfg.image_encoder == "tiny":
         return TinyImageEncoder(cfg.image_dim, cfg.encoder_seed)

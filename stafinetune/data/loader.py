@@ -132,7 +132,8 @@ class OnTheFlyLatents(Dataset):
             latents = video_encoder.encode(video)[0].float().cpu()
         image = (None, None)
         if self.cfg.image_encoder is not None:
-            cond, embeds = encode_image_condition(video_encoder, image_encoder, video)
+            cond, embeds = encode_image_condition(video_encoder, image_encoder, video,
+                                                  first_frame=self.cfg.image_encoder == "vae")
             image = (cond[0], None if embeds is None else embeds[0])
         text, mask, pooled = text_encoder.encode([record.caption])
         n = int(mask[0].sum())

@@ -159,7 +159,8 @@ def _encode_pending(
         for j, zj in zip(members, z, strict=True):
             latents[j] = zj
         if cfg.image_encoder is not None:
-            cond, embeds = encode_image_condition(video_encoder, image_encoder, video)
+            cond, embeds = encode_image_condition(video_encoder, image_encoder, video,
+                                                  first_frame=cfg.image_encoder == "vae")
             for n, (j, cj) in enumerate(zip(members, cond, strict=True)):
                 extra[j] = {"image_latents": tensor_to_bytes(cj, cfg.cache_dtype),
                             "image_embeds": None if embeds is None
@@ -273,6 +274,8 @@ def _process_shard(
                                "image_dim": image_encoder.image_dim}  # fmt: skip
         elif cfg.image_encoder == "vae":  # the first frame's latent alone
             report["text"]["image_frames"] = 1
+        elif cfg.image_encoder == "latents":  # the condition latents without image states
+            report["text"]["image_states"] = False
         glyph = glyph_encoder(text_encoder)
         if glyph is not None:
             report["text"] |= {"text_2_len": glyph.text_2_len, "text_2_dim": glyph.text_2_dim}

@@ -38,7 +38,7 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from stafinetune.build import use_bf16, validation_batches
+from stafinetune.build import check_image_states, use_bf16, validation_batches
 from stafinetune.config import TrainConfig
 from stafinetune.data import (
     DataConfig,
@@ -273,14 +273,17 @@ def image_conditions(
     _check(
         data_cfg.image_encoder is not None,
         "data.image_encoder must be set (tiny, or clip with data.image_encoder_path; vae for "
-        "model.image_to_video) for an image-to-video model",
+        "model.image_to_video; latents for a model without image_dim) for an image-to-video "
+        "model",
     )
     _check(
         (data_cfg.image_encoder == "vae") == dit.image_dims.first_frame,
         f"data.image_encoder={data_cfg.image_encoder!r} does not fit the model: "
         "model.image_to_video (Wan 2.2 TI2V) takes data.image_encoder=vae, other "
-        "image-to-video models tiny or clip",
+        "image-to-video models tiny, clip or latents",
     )
+    if not dit.image_dims.first_frame:
+        check_image_states(data_cfg.image_encoder, dit.image_dims.embed_dim, "the model")
     if sample_cfg.images is None:
         _check(
             sample_cfg.prompts is None,
@@ -307,7 +310,9 @@ def image_conditions(
     for path in paths if len(paths) > 1 else paths * len(prompts):
         image = load_image(path, height, width)  # (3, H, W)
         video = image[None, :, None].expand(-1, -1, frames, -1, -1)  # (1, 3, F, H, W)
-        latents, embeds = encode_image_condition(video_encoder, image_encoder, video)
+        latents, embeds = encode_image_condition(
+            video_encoder, image_encoder, video, first_frame=dit.image_dims.first_frame
+        )
         conditions.append({"image_latents": latents, "image_embeds": embeds})
     return conditions
 

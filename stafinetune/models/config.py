@@ -39,7 +39,8 @@ class ModelConfig:
             (image-to-video tests), ``wan2.1_t2v_1.3b``, ``wan2.1_t2v_14b``,
             ``wan2.1_i2v_14b_480p`` / ``_720p``, ``hunyuanvideo_13b``,
             ``hunyuanvideo15_480p_t2v``, ``hunyuanvideo15_720p_t2v``,
-            ``hunyuanvideo15_720p_i2v``, ``wan2.2_ti2v_5b``, ``wan2.2_t2v_a14b`` (published shapes).
+            ``hunyuanvideo15_720p_i2v``, ``wan2.2_ti2v_5b``, ``wan2.2_t2v_a14b``,
+            ``wan2.2_i2v_a14b`` (published shapes).
         path: local diffusers-format directory (a pipeline root with ``transformer/`` or the
             transformer folder itself, safetensors weights). ``None`` builds the flavor with
             random weights (or on the meta device for benchmarks). Nothing is fetched from a hub.
@@ -61,7 +62,7 @@ class ModelConfig:
             expert of its timestep); null means ``both``. Sampling always uses both.
         boundary_ratio: two-expert flavors only: the switch between the experts as a fraction
             of the 1000 training timesteps; null takes the flavor's published value (0.875
-            for ``wan2.2_t2v_a14b``).
+            for ``wan2.2_t2v_a14b``, 0.9 for ``wan2.2_i2v_a14b``).
         image_to_video: flavors with a first-frame image-to-video mode only (Wan 2.2 TI2V):
             condition on each clip's first frame, whose clean latent (``data.image_encoder=vae``)
             replaces the first latent frame at timestep 0; false runs text-to-video. The same

@@ -218,7 +218,7 @@ class ExpertDiT(nn.Module):
         ``model_index.json`` with ``boundary_ratio`` (see :func:`write_model_index`)."""
         for expert, folder in EXPERT_FOLDERS.items():
             self.experts[expert].save_pretrained(os.path.join(path, folder))
-        write_model_index(path, self.boundary_ratio)
+        write_model_index(path, self.boundary_ratio, image_to_video=self.image_dims is not None)
 
 
 def model_parts(dit: nn.Module, expert: str | None = None) -> dict[str, VideoDiT]:
@@ -235,15 +235,18 @@ def window_plans(dit: nn.Module, expert: str | None = None) -> dict[str, WindowP
     return {folder: part.plan for folder, part in model_parts(dit, expert).items()}
 
 
-def write_model_index(path: str | os.PathLike[str], boundary_ratio: float) -> None:
-    """A ``WanPipeline`` ``model_index.json`` naming the two experts and the boundary; the
-    text encoder, tokenizer, VAE and scheduler are the user's (pass them to
-    ``WanPipeline.from_pretrained(path, vae=..., text_encoder=..., tokenizer=...,
+def write_model_index(
+    path: str | os.PathLike[str], boundary_ratio: float, *, image_to_video: bool = False
+) -> None:
+    """A ``WanPipeline`` ``model_index.json`` naming the two experts and the boundary
+    (``WanImageToVideoPipeline`` for ``image_to_video`` experts, Wan 2.2 I2V-A14B, which take
+    no image encoder); the text encoder, tokenizer, VAE and scheduler are the user's (pass them
+    to ``WanPipeline.from_pretrained(path, vae=..., text_encoder=..., tokenizer=...,
     scheduler=...)``)."""
     import diffusers
 
     index = {
-        "_class_name": "WanPipeline",
+        "_class_name": "WanImageToVideoPipeline" if image_to_video else "WanPipeline",
         "_diffusers_version": diffusers.__version__,
         "boundary_ratio": boundary_ratio,
         "expand_timesteps": False,
@@ -254,6 +257,8 @@ def write_model_index(path: str | os.PathLike[str], boundary_ratio: float) -> No
         "tokenizer": [None, None],
         "vae": [None, None],
     }
+    if image_to_video:
+        index |= {"image_encoder": [None, None], "image_processor": [None, None]}
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "model_index.json"), "w", encoding="utf-8") as f:
         json.dump(index, f, indent=1)
@@ -272,7 +277,7 @@ def save_model_state(
     expert(s) into their folders (``transformer/`` high, ``transformer_2/`` low), copies an
     expert the run did not train from ``model.path`` (when set), and once both are there writes
     the pipeline's ``model_index.json`` with the boundary, so the folder loads as a
-    ``WanPipeline``.
+    ``WanPipeline`` (``WanImageToVideoPipeline`` for image-to-video experts).
     """
     parts = model_parts(dit, model_cfg.expert)
     for folder, part in parts.items():
@@ -287,7 +292,9 @@ def save_model_state(
     for folder in missing:  # the base model's other expert, as it is
         shutil.copytree(resolve_transformer_dir(model_cfg.path, folder),
                         os.path.join(path, folder), dirs_exist_ok=True)  # fmt: skip
-    write_model_index(path, float(model_cfg.boundary_ratio))  # type: ignore[arg-type]
+    image_to_video = next(iter(parts.values())).image_dims is not None
+    write_model_index(path, float(model_cfg.boundary_ratio),  # type: ignore[arg-type]
+                      image_to_video=image_to_video)  # fmt: skip
 
 
 def build_experts(

@@ -2,7 +2,7 @@
 
 Tiny flavors drive tests and the embedded CPU default; the real flavors carry the published
 diffusers ``transformer/config.json`` values of Wan 2.1 T2V (1.3B, 14B), HunyuanVideo
-(13B), HunyuanVideo 1.5 (8.3B) and Wan 2.2 (TI2V-5B, T2V-A14B), so they build on the meta
+(13B), HunyuanVideo 1.5 (8.3B) and Wan 2.2 (TI2V-5B, T2V-A14B, I2V-A14B), so they build on the meta
 device for benchmarks and load weights from a local diffusers directory.
 
 A two-expert flavor (Wan 2.2 A14B) names its noise boundary: the high-noise expert
@@ -191,6 +191,25 @@ FLAVORS |= {
     ),
     "wan2.1_i2v_14b_480p": Flavor("wan2.1_i2v_14b_480p", "wan", dict(_WAN_I2V_14B)),
     "wan2.1_i2v_14b_720p": Flavor("wan2.1_i2v_14b_720p", "wan", dict(_WAN_I2V_14B)),
+    # Wan 2.2 I2V-A14B: two experts of the Wan 2.1 I2V 14B input (36 channels: 16 noisy + 4
+    # mask + 16 condition latents of the Wan 2.1 VAE) without CLIP image states (no image_dim,
+    # no added k/v projections). Shape and boundary 0.900 from Wan-AI's Wan2.2
+    # wan/configs/wan_i2v_A14B.py (dim 5120 = 40 heads x 128, ffn 13824, 40 layers,
+    # boundary 0.900); in_channels 36 / no image_dim as diffusers'
+    # scripts/convert_wan_to_diffusers.py writes "Wan2.2-I2V-14B-720p".
+    "wan2.2_i2v_a14b": Flavor(
+        "wan2.2_i2v_a14b",
+        "wan",
+        {**_WAN_I2V_14B, "image_dim": None, "added_kv_proj_dim": None},
+        boundary_ratio=0.9,
+    ),
+    # Tests: two wan_tiny-shaped experts taking 36 channels and no image states.
+    "wan22_tiny_i2v_experts": Flavor(
+        "wan22_tiny_i2v_experts",
+        "wan",
+        {**_WAN_TINY, "in_channels": 36},
+        boundary_ratio=0.5,
+    ),
 }
 
 

@@ -133,7 +133,7 @@ def test_ti2v_samples_start_from_the_image_latent(inputs: dict, tmp_path: Path) 
                      dtype=torch.float32, seed=4)  # fmt: skip
     frame = load_image(inputs["images"][1], 128, 128)[None, :, None]  # (1, 3, 1, H, W)
     video = frame.expand(-1, -1, 17, -1, -1)  # (1, 3, F, H, W)
-    first, embeds = encode_image_condition(build_video_encoder(data), None, video)
+    first, embeds = encode_image_condition(build_video_encoder(data), None, video, first_frame=True)
     assert first.shape == (1, 48, 1, 16, 16) and embeds is None
     text, mask, _ = build_text_encoder(data).encode(PROMPTS[1:])
     expected = sample_latents(dit, prompt_noise((48, 5, 16, 16), 5), text, mask,

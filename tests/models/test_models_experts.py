@@ -25,7 +25,7 @@ def experts(seed: int = 0, **attention) -> ExpertDiT:
 
 def test_published_wan22_shapes_build_on_meta() -> None:
     """TI2V-5B: 30 layers of 24 x 128 heads, 48 channels, ~5B parameters; T2V-A14B: two experts
-    of the Wan 2.1 14B shape (~14B parameters each) switching at 0.875."""
+    of the Wan 2.1 14B shape (~14B parameters each) switching at 0.875; I2V-A14B at 0.9."""
     ti2v = build_model(ModelConfig(flavor="wan2.2_ti2v_5b"), AttentionConfig(), device="meta")
     assert (ti2v.num_layers, ti2v.num_heads, ti2v.head_dim, ti2v.in_channels) == (30, 24, 128, 48)
     assert 4.9e9 < sum(p.numel() for p in ti2v.parameters()) < 5.1e9
@@ -33,6 +33,13 @@ def test_published_wan22_shapes_build_on_meta() -> None:
     assert isinstance(a14b, ExpertDiT) and a14b.boundary_timestep == 875.0
     assert (a14b.num_layers, a14b.num_heads, a14b.in_channels) == (40, 40, 16)
     for part in model_parts(a14b).values():
+        assert 14.0e9 < sum(p.numel() for p in part.parameters()) < 14.5e9
+    # I2V-A14B: the same experts taking 36 channels (20 of condition) and no image states
+    i2v = build_model(ModelConfig(flavor="wan2.2_i2v_a14b"), AttentionConfig(), device="meta")
+    assert isinstance(i2v, ExpertDiT) and i2v.boundary_timestep == 900.0
+    assert (i2v.num_layers, i2v.num_heads, i2v.in_channels) == (40, 40, 16)
+    for part in model_parts(i2v).values():
+        assert (part.image_dims.condition_channels, part.image_dims.embed_dim) == (20, None)
         assert 14.0e9 < sum(p.numel() for p in part.parameters()) < 14.5e9
 
 

@@ -250,16 +250,21 @@ def tiny_image_encoder() -> tuple[Any, Any]:
     return model, processor
 
 
-def wan_i2v_pipeline(transformer: nn.Module, steps: int = 4) -> Any:
-    """A ``WanImageToVideoPipeline`` of the ``wan_pipeline`` parts plus ``tiny_image_encoder``."""
+def wan_i2v_pipeline(transformer: nn.Module, steps: int = 4, transformer_2: nn.Module | None = None,
+                     boundary_ratio: float | None = None) -> Any:  # fmt: skip
+    """A ``WanImageToVideoPipeline`` of the ``wan_pipeline`` parts plus ``tiny_image_encoder``
+    (none for a transformer without ``image_dim``, as Wan 2.2 I2V-A14B ships)."""
     from diffusers import WanImageToVideoPipeline
 
     parts = wan_pipeline(transformer, steps).components
-    image_encoder, image_processor = tiny_image_encoder()
+    image_encoder, image_processor = (
+        tiny_image_encoder() if transformer.config.image_dim is not None else (None, None)
+    )
     pipe = WanImageToVideoPipeline(
         tokenizer=parts["tokenizer"], text_encoder=parts["text_encoder"], vae=parts["vae"],
         scheduler=parts["scheduler"], transformer=transformer, image_encoder=image_encoder,
-        image_processor=image_processor,
+        image_processor=image_processor, transformer_2=transformer_2,
+        boundary_ratio=boundary_ratio,
     )  # fmt: skip
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -96,3 +96,63 @@ def test_strategy_pipeline_equals_our_sampler(
     model = ClassifierFreeGuidance(student("wan_i2v_tiny", path), negative, guidance)
     expected = sample_latents(model, noise_of(3), text, mask, None, steps=STEPS, **setup["image"])
     torch.testing.assert_close(got, expected, **TIGHT)
+
+
+@pytest.fixture(scope="module")
+def a14b() -> dict[str, Any]:
+    """Wan 2.2 I2V-A14B-shaped: a dense ``WanImageToVideoPipeline`` whose ``transformer`` /
+    ``transformer_2`` are the tiny image-to-video experts (no image encoder: no
+    ``image_dim``), its output, and its condition latents."""
+    from stafinetune.models import AttentionConfig, ModelConfig, build_model
+
+    def experts(**attention: Any) -> Any:
+        torch.manual_seed(0)
+        return build_model(ModelConfig(flavor="wan22_tiny_i2v_experts"),
+                           AttentionConfig(backend="reference", **attention))  # fmt: skip
+
+    dense = experts(mode="full")
+    pipe = wan_i2v_pipeline(plain_copy(dense.high), STEPS, transformer_2=plain_copy(dense.low),
+                            boundary_ratio=dense.boundary_ratio)  # fmt: skip
+    with torch.no_grad():
+        pixels = pipe.video_processor.preprocess(IMAGE, height=SIZE, width=SIZE)
+        _, condition = pipe.prepare_latents(pixels, 1, 16, SIZE, SIZE, FRAMES, torch.float32,
+                                            torch.device("cpu"))  # fmt: skip
+    return {"pipe": pipe, "dense": generate(pipe, seed=2), "experts": experts,
+            "text": encode(pipe, PROMPT), "image_latents": condition[:, 4:]}  # fmt: skip
+
+
+@pytest.mark.parametrize("attention", [{"mode": "full"}, {"tile": TILE, "window": FULL_WINDOW}])
+def test_two_i2v_experts_equal_the_pipeline(
+    a14b: dict[str, Any], attention: dict[str, Any]
+) -> None:
+    """Our two-expert model (dense, full-window STA) samples the pipeline's latents from the
+    condition latents alone (20 channels: mask + latents, no image states); the high-noise
+    expert alone does not."""
+    text = a14b["text"]
+    mask = torch.ones(text.shape[:2], dtype=torch.bool)
+    dit = a14b["experts"](**attention)
+    assert dit.image_dims is not None and dit.image_dims.embed_dim is None
+    got = sample_latents(dit, noise_of(2), text, mask, None, steps=STEPS,
+                         image_latents=a14b["image_latents"])  # fmt: skip
+    torch.testing.assert_close(got, a14b["dense"], **TIGHT)
+    alone = sample_latents(dit.high, noise_of(2), text, mask, None, steps=STEPS,
+                           image_latents=a14b["image_latents"])  # fmt: skip
+    assert (alone - a14b["dense"]).abs().max() > 1e-3
+
+
+def test_an_i2v_experts_export_loads_into_the_i2v_pipeline(
+    a14b: dict[str, Any], tmp_path: Path
+) -> None:
+    """``save_pretrained`` of the experts names ``WanImageToVideoPipeline`` (no image encoder)
+    with the boundary; loaded with the user's other parts, it samples the dense latents."""
+    from diffusers import WanImageToVideoPipeline
+
+    a14b["experts"](mode="full").save_pretrained(tmp_path)
+    base = a14b["pipe"]
+    pipe = WanImageToVideoPipeline.from_pretrained(
+        tmp_path, vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+        scheduler=base.scheduler,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.config.boundary_ratio == 0.5 and pipe.image_encoder is None
+    torch.testing.assert_close(generate(pipe, seed=2), a14b["dense"], **TIGHT)

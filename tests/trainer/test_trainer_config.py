@@ -59,7 +59,7 @@ def test_every_group_option_composes(group):
                 "data.video_encoder_path=/m/vae",
                 "data.text_encoder_path=/m/te",
             ]
-            for name in ("wan2.2_ti2v_5b_sta", "wan2.2_a14b_sta")
+            for name in ("wan2.2_ti2v_5b_sta", "wan2.2_a14b_sta", "wan2.2_i2v_a14b_sta")
         },
     }
     for option in options:
