@@ -46,3 +46,16 @@ stafinetune_rank_errors() {
   find "$1" -name stafinetune_error.txt -print0 2>/dev/null | sort -z |
     xargs -0 -r cat | awk '!seen[$0]++'
 }
+
+# stafinetune_prune_run_dir [hydra.run.dir=DIR ...] removes what ranks rejected at start-up
+# leave in the run directory (the last hydra.run.dir= argument): its empty .hydra folders,
+# and DIR itself when that leaves it empty. Ranks of one launch cannot remove the shared
+# folders themselves while the others are still creating theirs.
+stafinetune_prune_run_dir() {
+  local arg dir=""
+  for arg in "$@"; do [[ "$arg" == hydra.run.dir=* ]] && dir="${arg#hydra.run.dir=}"; done
+  if [[ -n "$dir" && -d "$dir/.hydra" ]]; then
+    find "$dir/.hydra" -depth -type d -empty -delete 2>/dev/null || true
+  fi
+  [[ -n "$dir" ]] && rmdir "$dir" 2>/dev/null || true
+}

@@ -6,7 +6,8 @@
 # run directory: RUN_DIR (default outputs/torchrun-<time>) unless hydra.run.dir is given.
 # torchrun is the one next to the Python that has stafinetune (launch/lib.sh: VENV, the
 # active environment, the repository's .venv, PATH). When a rank stops on bad input, the
-# script ends with that rank's one-line error and exit code 2 (after torchrun's report).
+# script ends with that rank's one-line error and exit code 2 (after torchrun's report), and
+# the run directory that start left empty is removed.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 torchrun="$(stafinetune_tool torchrun)"
@@ -47,6 +48,7 @@ done
 if [[ "$status" != 0 ]]; then
   errors="$(stafinetune_rank_errors "$logs")"
   if [[ -n "$errors" ]]; then
+    stafinetune_prune_run_dir "${run_dir[@]}" "$@"
     echo "$errors" >&2
     exit 2
   fi

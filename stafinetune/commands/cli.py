@@ -211,7 +211,13 @@ def _only_hydra_files(folder: Path) -> bool:
 
 def _reject(message: str, fresh: Path | None) -> NoReturn:
     """:func:`_fail` with ``message``; first remove this process's Hydra files from
-    ``fresh`` (a run directory Hydra made for this start), and the folders left empty."""
+    ``fresh`` (a run directory Hydra made for this start), and the folders left empty.
+
+    Under a launcher of several processes (``WORLD_SIZE`` > 1) the folders stay: the other
+    ranks are creating their files in them at the same moment, and a folder removed under
+    one of them fails its start with a different error. The launch script removes the
+    folders left empty once every rank has ended (``launch/torchrun.sh``).
+    """
     echo(message, error=True)
     _record_for_launcher(message)
     if fresh is not None:
@@ -228,7 +234,8 @@ def _reject(message: str, fresh: Path | None) -> NoReturn:
                     root.removeHandler(handler)
                     handler.close()
                     log_file.unlink(missing_ok=True)
-        remove_empty_folders(fresh)
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            remove_empty_folders(fresh)
     sys.exit(2)
 
 

@@ -216,6 +216,7 @@ def test_real_torchrun_ends_with_the_ranks_line(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1] == "config error: train.steps must be >= 1, got 0"
+    assert not (tmp_path / "run").exists()  # every rank rejected: the script pruned the folder
 
 
 def test_sigterm_reaches_torchrun_which_passes_it_to_the_ranks(launch, stub_path, tmp_path):

@@ -47,6 +47,19 @@ def test_config_errors_are_one_line_and_leave_no_run_directory(
     assert not (tmp_path / "run").exists()
 
 
+def test_a_rank_of_several_leaves_the_shared_folders_to_the_launcher(
+    tmp_path, base, capsys, monkeypatch
+):
+    """Under torchrun the other ranks create their files in the same folders at the same
+    moment: a rejecting rank removes only its own files (the launch script prunes the
+    folders once every rank has ended)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, _, err = run_command(train.main, *base, "train.steps=0", capsys=capsys)
+    assert code == 2, err
+    assert (tmp_path / "run").is_dir()
+    assert [p for p in (tmp_path / "run").rglob("*") if p.is_file()] == []
+
+
 def test_a_rejected_config_keeps_a_directory_that_held_a_run(tmp_path, base, capsys):
     run = tmp_path / "run"
     run.mkdir()
