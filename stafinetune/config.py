@@ -458,16 +458,11 @@ class JobConfig:
             "load_lora_weights(..., load_into_transformer_2=True)",
         )
         if self.model.image_to_video:  # Wan 2.2 TI2V: (B, S) timesteps, a given first frame
-            ti2v = "model.image_to_video (a clean first latent frame at timestep 0) supports"
             _check(
                 self.distill.method == "per_step",
-                f"{ti2v} distill.method=per_step, whose losses leave that frame out; got "
+                "model.image_to_video (a clean first latent frame at timestep 0) supports "
+                "distill.method=per_step, whose losses leave that frame out; got "
                 f"{self.distill.method!r}",
-            )
-            _check(
-                self.parallel.sp == 1,
-                f"{ti2v} parallel.sp=1 (its per-token timesteps are not split with the "
-                f"sequence), got {self.parallel.sp}",
             )
         if self.model.expert == "both":  # one ExpertDiT student (stafinetune/models/experts.py)
             both = "model.expert=both (one student routing samples to two experts) supports"

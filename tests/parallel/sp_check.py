@@ -1,8 +1,8 @@
 """Run under torchrun with 2 processes: Ulysses sequence parallelism against one process.
 
-For the tiny Wan, HunyuanVideo and HunyuanVideo 1.5 adapters, dense and STA (and Wan
-image-to-video with STA), on a canvas whose token count is
-odd (so the last shard is padded): the forward output equals the unsharded one, the mean of
+For the tiny Wan, HunyuanVideo and HunyuanVideo 1.5 adapters, dense and STA (and Wan 2.1
+image-to-video and Wan 2.2 TI2V's first-frame mode, whose timestep is one per token, with
+STA), on a canvas whose token count is odd (so the last shard is padded): the forward output equals the unsharded one, the mean of
 the ranks' parameter gradients equals the unsharded gradient (what DDP/FSDP's averaging
 yields), and the sp-reduced attention-output MSE equals the plain MSE. Prints one JSON line
 of the largest relative errors on rank 0.
@@ -24,13 +24,16 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
-def check(flavor: str, mode: str, dims: ParallelDims) -> dict[str, float]:
+def check(
+    flavor: str, mode: str, dims: ParallelDims, image_to_video: bool = False
+) -> dict[str, float]:
     torch.manual_seed(0)
     attention = AttentionConfig(
         mode=mode, tile=[1, 2, 2], window=[2, 1, 2]
     )  # a 3x2x3 tile grid: sparse
-    ref_model = build_model(ModelConfig(flavor=flavor), attention)
-    sp_model = build_model(ModelConfig(flavor=flavor), attention)
+    model_cfg = ModelConfig(flavor=flavor, image_to_video=image_to_video)
+    ref_model = build_model(model_cfg, attention)
+    sp_model = build_model(model_cfg, attention)
     sp_model.load_state_dict(ref_model.state_dict())
     sequence = sequence_split(sp_model, dims)
     gen = torch.Generator().manual_seed(1)
@@ -43,7 +46,9 @@ def check(flavor: str, mode: str, dims: ParallelDims) -> dict[str, float]:
     pooled = torch.randn(batch, ref_model.pooled_dim or 1, generator=gen)
     target = torch.randn(x.shape, generator=gen)
     image = {}  # image-to-video: the condition channels join before the sequence split
-    if ref_model.image_dims is not None:
+    if image_to_video:  # the clean first frame; a (B, S) timestep, 0 on its 15 tokens
+        image = {"image_latents": torch.randn(batch, x.shape[1], 1, 6, 10, generator=gen)}
+    elif ref_model.image_dims is not None:
         image = {"image_latents": torch.randn(x.shape, generator=gen),
                  "image_embeds": torch.randn(batch, 5, ref_model.image_dims.embed_dim, generator=gen)}  # fmt: skip
     out = {}
@@ -91,6 +96,7 @@ def main() -> None:
         for mode in ("full", "sta"):
             report[f"{flavor}/{mode}"] = check(flavor, mode, dims)
     report["wan_i2v_tiny/sta"] = check("wan_i2v_tiny", "sta", dims)
+    report["wan22_tiny_ti2v/sta"] = check("wan22_tiny_ti2v", "sta", dims, image_to_video=True)
     if world.is_main:
         print(json.dumps(report))
     dist.destroy_process_group()
