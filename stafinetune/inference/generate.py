@@ -63,7 +63,7 @@ from stafinetune.diffusion.sampling import (
 )
 from stafinetune.errors import UserError
 from stafinetune.models import AttentionConfig, ModelConfig, VideoDiT
-from stafinetune.models.experts import ExpertDiT, model_parts, window_plans
+from stafinetune.models.experts import ExpertDiT, window_plans
 from stafinetune.models.profiling import AttentionTimer
 from stafinetune.parallel.dims import ParallelDims
 from stafinetune.parallel.parallelize import sequence_split
@@ -618,8 +618,7 @@ def sample_model(
             dtype=dtype, seed=sample_cfg.seed,
         )  # fmt: skip
         if dims is not None:  # parallel.sp > 1: Ulysses around the attention call
-            for part in model_parts(dit).values():  # both experts of a two-expert model
-                sequence_split(part, dims)
+            sequence_split(dit, dims)  # both experts of a two-expert model
         grid = data_cfg.latent_grids()[0]  # (T, H, W) of the data's first bucket
         canvas = dit.canvas_for(grid)
         for plan in window_plans(dit).values():  # each expert's of a two-expert model

@@ -79,12 +79,18 @@ class SequenceSeams:
         rope_dim: the sequence dimension of those tables.
         first_block: the block whose ``hidden_states`` input is split (after patch embedding).
         output: the module whose output (B, S, C) is gathered back (the output projection).
+        token_timestep: the transformer's argument that may hold one timestep per video token
+            (B, S) (Wan 2.2 TI2V), split like the video tokens before the time embedding so
+            that every block's modulation and the output norm see this rank's tokens' (as
+            diffusers' ``_cp_plan`` splits it); a (B,) timestep passes as it is. None: the
+            family takes (B,) timesteps only.
     """
 
     rope: nn.Module
     rope_dim: int
     first_block: nn.Module
     output: nn.Module
+    token_timestep: str | None = None
 
 
 class ModelFamily:
@@ -270,8 +276,9 @@ class WanFamily(ModelFamily):
         return list(transformer.blocks)
 
     def sequence_seams(self, transformer: nn.Module) -> SequenceSeams:
-        # rope: (1, S, 1, D) cos and sin tables
-        return SequenceSeams(transformer.rope, 1, transformer.blocks[0], transformer.proj_out)
+        # rope: (1, S, 1, D) cos and sin tables; timestep: (B,), or (B, S) in TI2V's mode
+        return SequenceSeams(transformer.rope, 1, transformer.blocks[0], transformer.proj_out,
+                             token_timestep="timestep")  # fmt: skip
 
     def conditioning(
         self,

@@ -37,6 +37,7 @@ from torch.nn.parallel import DistributedDataParallel
 from stafinetune.models import VideoDiT
 from stafinetune.models.activation_checkpointing import raise_recompile_limit
 from stafinetune.models.block_swap import apply_block_swap
+from stafinetune.models.experts import ExpertDiT, model_parts
 from stafinetune.models.offload import ActivationOffloader, apply_activation_offload
 
 from .dims import ParallelDims
@@ -107,12 +108,15 @@ def _fsdp_no_sync(model: nn.Module) -> Iterator[None]:
         model.set_requires_gradient_sync(True)
 
 
-def sequence_split(model: VideoDiT, dims: ParallelDims) -> SequenceParallel | None:
-    """Apply the sp split of ``dims`` to ``model`` (None when ``sp == 1``)."""
+def sequence_split(model: VideoDiT | ExpertDiT, dims: ParallelDims) -> SequenceParallel | None:
+    """Apply the sp split of ``dims`` to ``model``, to each expert of a two-expert one (the
+    ranks of an sp group share their timesteps, so they route to the same expert); None when
+    ``sp == 1``."""
     if dims.sp == 1:
         return None
     sp = SequenceParallel(dims.sp_group, dims.sp, dims.sp_rank)
-    apply_sequence_parallel(model, sp)
+    for part in model_parts(model).values():
+        apply_sequence_parallel(part, sp)
     return sp
 
 

@@ -3,17 +3,19 @@
 With ``parallel.sp = P`` the P ranks of an sp group hold one sample each and split its video
 tokens: after the patch embedding every rank keeps a contiguous shard of ``ceil(S / P)``
 tokens of the raster (t, h, w) sequence (the last shard padded with zeros), with the matching
-shard of the RoPE tables; the output projection's result is gathered back into the whole
-sequence. Around each attention call an all-to-all turns (sequence shard, all heads) into
-(whole sequence, H / P heads), so the STA kernel sees whole raster-ordered canvases for its
-heads, with the per-head window table sliced to them; a second all-to-all turns the output
-back. HunyuanVideo's joint text tokens are never split: every rank keeps them, takes its
-heads locally and gathers the text output over heads.
+shard of the RoPE tables and of a per-token timestep (Wan 2.2 TI2V: every block's modulation
+and the output norm then take this rank's tokens'); the output projection's result is
+gathered back into the whole sequence. Around each attention call an all-to-all turns
+(sequence shard, all heads) into (whole sequence, H / P heads), so the STA kernel sees whole
+raster-ordered canvases for its heads, with the per-head window table sliced to them; a
+second all-to-all turns the output back. HunyuanVideo's joint text tokens are never split:
+every rank keeps them, takes its heads locally and gathers the text output over heads.
 
 Where the sequence is split and gathered (module hooks, diffusers untouched)::
 
     Wan:          rope -> outputs split     blocks[0] -> input split
                   proj_out -> output gathered
+                  transformer -> a (B, S) per-token timestep input split (TI2V)
     HunyuanVideo: rope -> outputs split     transformer_blocks[0] -> video input split
                   proj_out -> output gathered
 
@@ -250,6 +252,20 @@ def _split_rope(sp: SequenceParallel, dim: int):
     return hook
 
 
+def _split_token_timestep(sp: SequenceParallel, name: str):
+    """Split the transformer's (B, S) timestep argument ``name`` like the video tokens
+    (padding rows get timestep 0; the gather drops them); a (B,) timestep passes untouched.
+    ``VideoDiT`` passes every transformer argument by name."""
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        t = kwargs.get(name)
+        if t is None or t.ndim != 2:
+            return None
+        return args, {**kwargs, name: sp.split(t, 1)}  # (B, S_loc)
+
+    return hook
+
+
 def _gather_output(sp: SequenceParallel, state: dict[str, int]):
     def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
         return sp.gather(out, 1, state["seq"])
@@ -275,4 +291,8 @@ def apply_sequence_parallel(dit: VideoDiT, sp: SequenceParallel) -> None:
     seams.rope.register_forward_hook(_split_rope(sp, seams.rope_dim))
     seams.first_block.register_forward_pre_hook(_split_module_input(sp, state), with_kwargs=True)
     seams.output.register_forward_hook(_gather_output(sp, state))
+    if seams.token_timestep is not None:
+        dit.transformer.register_forward_pre_hook(
+            _split_token_timestep(sp, seams.token_timestep), with_kwargs=True
+        )
     dit.attention = UlyssesAttention(dit.attention, sp)

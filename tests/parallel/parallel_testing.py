@@ -11,6 +11,16 @@ from pathlib import Path
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 
 
+def training_defaults(data_root: Path) -> list[str]:
+    """The small default of the training runs: 16 clips in ``data_root``, batch 2 on the CPU,
+    every step logged, validation at step 0 and the last step only."""
+    return [
+        f"data.root={data_root}", "data.num_clips=16", "data.num_workers=0", "train.device=cpu",
+        "train.batch_size=2", "train.log_every=1", "train.val_every=1000",
+        "train.sample_steps=2", "logging=none", "logging.progress=false",
+    ]  # fmt: skip
+
+
 def run_training(
     run_dir: Path,
     data_root: Path,
@@ -19,14 +29,9 @@ def run_training(
     nproc: int = 1,
     timeout: int = 900,
 ) -> list[dict]:
-    """``python -m stafinetune.commands.train`` (under torchrun when ``nproc > 1``) on a small default;
-    returns the rows of its metrics.jsonl."""
-    base = [
-        f"hydra.run.dir={run_dir}", f"data.root={data_root}", "data.num_clips=16",
-        "data.num_workers=0", "train.device=cpu", "train.batch_size=2", "train.log_every=1",
-        # validation at step 0 and the last step only
-        "train.val_every=1000", "train.sample_steps=2", "logging=none", "logging.progress=false",
-    ]  # fmt: skip
+    """``python -m stafinetune.commands.train`` (under torchrun when ``nproc > 1``) on
+    ``training_defaults``; returns the rows of its metrics.jsonl."""
+    base = [f"hydra.run.dir={run_dir}", *training_defaults(data_root)]
     prefix = [sys.executable, "-m"] if nproc == 1 else [TORCHRUN, "--standalone",
                                                        f"--nproc-per-node={nproc}", "-m"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": str(ext_dir)}
@@ -35,6 +40,11 @@ def run_training(
         capture_output=True, text=True, timeout=timeout, env=env,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return metrics(run_dir)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl."""
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 

@@ -1,25 +1,30 @@
 """Run under torchrun: sampling on sp x cfg ranks against one process.
 
 Usage: torchrun --nproc-per-node N sample_check.py OUT_DIR SPxCFG [SPxCFG ...] -- COMMAND
-[OVERRIDE ...], each layout's sp * cfg = N. For each layout and the tiny Wan, HunyuanVideo and
-two-expert Wan 2.2 adapters (random weights, per-head STA windows, a canvas of 45 tokens so
-the last sp shard is padded, guidance on), ``sample_model`` with the launch's dims gives the latents one process
-gives, the same on every rank, and only rank 0 writes. Prints one JSON line on rank 0:
-``{"<sp>x<cfg>/<flavor>": {"latents": relative error to one process, "ranks": the largest
-difference between ranks, "written": which ranks wrote samples.json}}``. Then runs
+[OVERRIDE ...], each layout's sp * cfg = N. For each layout and the tiny Wan, HunyuanVideo,
+two-expert Wan 2.2 and Wan 2.2 TI2V image-to-video adapters (random weights, per-head STA
+windows, a canvas of 45 tokens so the last sp shard is padded, guidance on; TI2V from one
+image's first-frame latent, with a per-token timestep), ``sample_model`` with the launch's
+dims gives the latents one process gives, the same on every rank, and only rank 0 writes.
+Prints one JSON line on rank 0: ``{"<sp>x<cfg>/<flavor>": {"latents": relative error to one
+process, "ranks": the largest difference between ranks, "written": which ranks wrote
+samples.json}}``. Then runs
 ``stafinetune-COMMAND OVERRIDE ...`` (``sample`` or ``eval``) on these ranks, as torchrun
 would start it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
+from PIL import Image
 
 from stafinetune.data import DataConfig
 from stafinetune.inference.generate import SampleConfig, sample_model
@@ -27,8 +32,9 @@ from stafinetune.models import AttentionConfig, ModelConfig
 from stafinetune.parallel import ParallelDims, all_gather_object
 from stafinetune.parallel.sampling import SampleParallelConfig, init_sampling, sampling_dims
 
-# Wan, HunyuanVideo (text joins the sequence) and Wan 2.2's two experts (the switch at step 2)
-FLAVORS = ("wan_tiny", "hunyuan_tiny", "wan22_tiny_experts")
+# Wan, HunyuanVideo (text joins the sequence), Wan 2.2's two experts (the switch at step 2)
+# and Wan 2.2 TI2V's first-frame image-to-video mode (one timestep per token)
+FLAVORS = ("wan_tiny", "hunyuan_tiny", "wan22_tiny_experts", "wan22_tiny_ti2v")
 PROMPTS = ["a red circle moving right", "a blue square moving up at 2 pixels per frame"]
 # 9 frames of 48 x 80 pixels: latents (3, 6, 10), a 3 x 3 x 5 token canvas, 3 x 2 x 3 tiles
 DATA = DataConfig(num_frames=9, height=48, width=80, text_len=8)
@@ -42,12 +48,25 @@ SAMPLE = SampleConfig(
 )
 
 
+def configs(flavor: str, out: Path) -> tuple:
+    """(model, attention, data, sample configs, prompts) of ``flavor``; random weights drawn
+    from sample.seed on every rank. TI2V conditions both prompts on one image written to
+    ``out`` (the latent of that first frame alone, 48 channels: ``data.image_encoder=vae``)."""
+    if flavor != "wan22_tiny_ti2v":
+        return ModelConfig(flavor=flavor), ATTENTION, DATA, SAMPLE, PROMPTS
+    out.mkdir(parents=True, exist_ok=True)
+    ramp = np.linspace(0, 255, DATA.width)  # a horizontal ramp in three shades, (H, W, 3)
+    pixels = np.stack([np.tile(ramp, (DATA.height, 1)) / k for k in (1, 2, 3)], axis=-1)
+    image = out / "first_frame.png"
+    Image.fromarray(pixels.astype(np.uint8)).save(image)
+    data = dataclasses.replace(DATA, image_encoder="vae", latent_channels=48)
+    sample = dataclasses.replace(SAMPLE, images=[str(image)])
+    return ModelConfig(flavor=flavor, image_to_video=True), ATTENTION, data, sample, PROMPTS
+
+
 def one_process(flavor: str, out: Path) -> torch.Tensor:
     """(N, C, T, H, W) latents of the prompts sampled by this process alone."""
-    model = ModelConfig(flavor=flavor)  # random weights drawn from sample.seed on every rank
-    videos, _ = sample_model(
-        model, ATTENTION, DATA, SAMPLE, PROMPTS, out, checkpoint=None, progress=False
-    )
+    videos, _ = sample_model(*configs(flavor, out), out, checkpoint=None, progress=False)
     return torch.stack([v.latents for v in videos])
 
 
@@ -56,9 +75,9 @@ def check(
 ) -> dict[str, object]:
     """Sample with ``dims``: the report of the module docstring on rank 0 (``one``: the
     one-process latents there), {} on the others."""
-    common = (ModelConfig(flavor=flavor), ATTENTION, DATA, SAMPLE, PROMPTS)
+    rank_out = out / f"rank{dims.rank}"
     videos, settings = sample_model(
-        *common, out / f"rank{dims.rank}", checkpoint=None, progress=False, dims=dims
+        *configs(flavor, rank_out), rank_out, checkpoint=None, progress=False, dims=dims
     )
     assert settings["parallel"] == {"sp": dims.sp, "cfg": dims.dp_size}, settings["parallel"]
     latents = torch.stack([v.latents for v in videos])

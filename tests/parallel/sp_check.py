@@ -1,11 +1,12 @@
 """Run under torchrun with 2 processes: Ulysses sequence parallelism against one process.
 
-For the tiny Wan, HunyuanVideo and HunyuanVideo 1.5 adapters, dense and STA (and Wan
-image-to-video with STA), on a canvas whose token count is
-odd (so the last shard is padded): the forward output equals the unsharded one, the mean of
-the ranks' parameter gradients equals the unsharded gradient (what DDP/FSDP's averaging
-yields), and the sp-reduced attention-output MSE equals the plain MSE. Prints one JSON line
-of the largest relative errors on rank 0.
+For the tiny Wan, HunyuanVideo and HunyuanVideo 1.5 adapters, dense and STA (and Wan 2.1
+image-to-video, Wan 2.2 TI2V's first-frame mode, whose timestep is one per token, and Wan
+2.2's two experts as one model, with STA), on a canvas whose token count is odd (so the last
+shard is padded): the forward output equals the unsharded one, the mean of the ranks'
+parameter gradients equals the unsharded gradient (what DDP/FSDP's averaging yields), and the
+sp-reduced attention-output MSE equals the plain MSE (not for the two experts: a batch
+spanning both is not captured). Prints one JSON line of the largest relative errors on rank 0.
 """
 
 from __future__ import annotations
@@ -24,13 +25,16 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
-def check(flavor: str, mode: str, dims: ParallelDims) -> dict[str, float]:
+def check(
+    flavor: str, mode: str, dims: ParallelDims, image_to_video: bool = False
+) -> dict[str, float]:
     torch.manual_seed(0)
     attention = AttentionConfig(
         mode=mode, tile=[1, 2, 2], window=[2, 1, 2]
     )  # a 3x2x3 tile grid: sparse
-    ref_model = build_model(ModelConfig(flavor=flavor), attention)
-    sp_model = build_model(ModelConfig(flavor=flavor), attention)
+    model_cfg = ModelConfig(flavor=flavor, image_to_video=image_to_video)
+    ref_model = build_model(model_cfg, attention)
+    sp_model = build_model(model_cfg, attention)
     sp_model.load_state_dict(ref_model.state_dict())
     sequence = sequence_split(sp_model, dims)
     gen = torch.Generator().manual_seed(1)
@@ -43,7 +47,9 @@ def check(flavor: str, mode: str, dims: ParallelDims) -> dict[str, float]:
     pooled = torch.randn(batch, ref_model.pooled_dim or 1, generator=gen)
     target = torch.randn(x.shape, generator=gen)
     image = {}  # image-to-video: the condition channels join before the sequence split
-    if ref_model.image_dims is not None:
+    if image_to_video:  # the clean first frame; a (B, S) timestep, 0 on its 15 tokens
+        image = {"image_latents": torch.randn(batch, x.shape[1], 1, 6, 10, generator=gen)}
+    elif ref_model.image_dims is not None:
         image = {"image_latents": torch.randn(x.shape, generator=gen),
                  "image_embeds": torch.randn(batch, 5, ref_model.image_dims.embed_dim, generator=gen)}  # fmt: skip
     out = {}
@@ -70,6 +76,13 @@ def check(flavor: str, mode: str, dims: ParallelDims) -> dict[str, float]:
         results.append((y.detach(), grads, attn.detach()))
     (y_ref, g_ref, _), (y_sp, g_sp, _) = results
     out["output"] = rel(y_sp, y_ref)
+    out["grad"] = grad_error(g_sp, g_ref, dims)
+    return out
+
+
+def grad_error(g_sp: dict, g_ref: dict, dims: ParallelDims) -> float:
+    """The largest relative error of the ranks' mean gradient against the unsharded one."""
+    assert set(g_sp) == set(g_ref)
     # relative to the whole gradient's scale: a key bias has an exactly-zero true gradient
     # (softmax ignores a shift shared by all keys), so its own relative error is noise
     scale = torch.stack([g.norm() for g in g_ref.values()]).norm()
@@ -78,9 +91,34 @@ def check(flavor: str, mode: str, dims: ParallelDims) -> dict[str, float]:
         dist.all_reduce(g)
         err = (g / dims.world_size - g_ref[name]).norm()
         worst = max(worst, float(err / torch.maximum(g_ref[name].norm(), 1e-3 * scale)))
-    out["grad"] = worst
-    assert set(g_sp) == set(g_ref)
-    return out
+    return worst
+
+
+def check_experts(dims: ParallelDims) -> dict[str, float]:
+    """Wan 2.2's two experts as one ``ExpertDiT`` (``model.expert=both``), STA, a batch with
+    one sample on each side of the boundary (timestep 500): output and gradients of both."""
+    torch.manual_seed(0)
+    attention = AttentionConfig(mode="sta", tile=[1, 2, 2], window=[2, 1, 2])
+    ref_model = build_model(ModelConfig(flavor="wan22_tiny_experts"), attention)
+    sp_model = build_model(ModelConfig(flavor="wan22_tiny_experts"), attention)
+    sp_model.load_state_dict(ref_model.state_dict())
+    sequence_split(sp_model, dims)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, ref_model.in_channels, 3, 6, 10, generator=gen)  # canvas 3x3x5 = 45
+    t = torch.tensor([700.0, 200.0])  # high-noise expert, then low-noise expert
+    text = torch.randn(2, 6, ref_model.text_dim, generator=gen)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    target = torch.randn(x.shape, generator=gen)
+    results = []
+    for model in (ref_model, sp_model):
+        y = model(x, t, text, mask)
+        torch.mean((y - target) ** 2).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((y.detach(), grads))
+    (y_ref, g_ref), (y_sp, g_sp) = results
+    assert any(n.startswith("experts.high.") for n in g_ref)
+    assert any(n.startswith("experts.low.") for n in g_ref)
+    return {"output": rel(y_sp, y_ref), "grad": grad_error(g_sp, g_ref, dims)}
 
 
 def main() -> None:
@@ -91,6 +129,8 @@ def main() -> None:
         for mode in ("full", "sta"):
             report[f"{flavor}/{mode}"] = check(flavor, mode, dims)
     report["wan_i2v_tiny/sta"] = check("wan_i2v_tiny", "sta", dims)
+    report["wan22_tiny_ti2v/sta"] = check("wan22_tiny_ti2v", "sta", dims, image_to_video=True)
+    report["wan22_tiny_experts/sta"] = check_experts(dims)
     if world.is_main:
         print(json.dumps(report))
     dist.destroy_process_group()

@@ -14,8 +14,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from parallel_testing import TORCHRUN, assert_close, losses, run_training, val_gap
+from parallel_testing import (
+    TORCHRUN,
+    assert_close,
+    losses,
+    metrics,
+    run_training,
+    training_defaults,
+    val_gap,
+)
 from safetensors.torch import load_file
+
+from stafinetune.config import compose_job_config
+from stafinetune.data import prepare_data
+from stafinetune.training.trainer import Trainer
 
 HERE = Path(__file__).parent
 STEPS = ("train.steps=3", "train.export=true")
@@ -46,11 +58,11 @@ def test_ulysses_matches_one_process_for_both_adapters(extensions_dir: Path):
         f"{f}/{m}"
         for f in ("wan_tiny", "hunyuan_tiny", "hunyuanvideo15_tiny")
         for m in ("full", "sta")
-    } | {"wan_i2v_tiny/sta"}
+    } | {"wan_i2v_tiny/sta", "wan22_tiny_ti2v/sta", "wan22_tiny_experts/sta"}
     for case, errors in report.items():
         assert errors["output"] < 1e-5, case
         assert errors["grad"] < 1e-4, case
-        assert errors["attn_mse"] < 1e-5, case
+        assert errors.get("attn_mse", 0.0) < 1e-5, case
 
 
 def test_sequence_parallel_training_matches_one_process(tmp_path, data_root, extensions_dir):
@@ -61,6 +73,31 @@ def test_sequence_parallel_training_matches_one_process(tmp_path, data_root, ext
     assert_close(losses(sp2), losses(one), 2e-3)
     assert_close(_grad_norms(sp2), _grad_norms(one), 2e-3)  # gradients not off by the sp size
     assert abs(val_gap(sp2, 0) - val_gap(one, 0)) <= 1e-3 * val_gap(one, 0)
+    a, b = _export(tmp_path / "one"), _export(tmp_path / "sp2")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+
+
+# Wan 2.2 TI2V's first-frame mode, distilled with sparse windows on a 3 x 3 x 5 token canvas:
+# 45 tokens, so the last sp shard and its per-token timesteps are padded
+TI2V = ("experiment=ti2v_i2v_tiny", "distill=sta", "distill.allow_random_teacher=true",
+        "data.num_frames=9", "data.height=48", "data.width=80", "attention.window=[2,1,2]",
+        "train.steps=2", "train.export=true")  # fmt: skip
+
+
+def test_ti2v_training_under_sequence_parallelism_matches_one_process(
+    tmp_path, data_root, extensions_dir
+):
+    # sp=2 under torchrun, one process in this one (the same overrides)
+    sp2 = run_training(tmp_path / "sp2", data_root, extensions_dir, *TI2V, "parallel.sp=2", nproc=2)
+    job = compose_job_config([*training_defaults(data_root), *TI2V])
+    prepare_data(job.data, verbose=False)  # cached by the sp=2 run: no encoding here
+    Trainer(job, tmp_path / "one").fit()
+    one = metrics(tmp_path / "one")
+    assert len(losses(one)) == 2 and min(losses(one)) > 0  # the sparse student trains
+    assert_close(losses(sp2), losses(one), 2e-3)
+    assert_close(_grad_norms(sp2), _grad_norms(one), 2e-3)
+    for step in (0, 2):  # validation samples condition on the first frame under sp too
+        assert abs(val_gap(sp2, step) - val_gap(one, step)) <= 1e-3 * val_gap(one, step)
     a, b = _export(tmp_path / "one"), _export(tmp_path / "sp2")
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
 

@@ -42,7 +42,7 @@ def _launch(tmp_path: Path, nproc: int, *args: str) -> dict:
 
 
 def _assert_parity(report: dict, layouts: tuple[str, ...]) -> None:
-    flavors = ("wan_tiny", "hunyuan_tiny", "wan22_tiny_experts")
+    flavors = ("wan_tiny", "hunyuan_tiny", "wan22_tiny_experts", "wan22_tiny_ti2v")
     assert set(report) == {f"{lay}/{f}" for lay in layouts for f in flavors}
     for case, result in report.items():
         assert result["latents"] < 1e-5, (case, result)  # batch 2 vs 1 and sp: float rounding

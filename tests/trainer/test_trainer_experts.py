@@ -124,6 +124,14 @@ def test_expert_options_are_checked_at_start_up(overrides: tuple[str, ...], mess
         compose_job_config([*EXPERTS, *overrides])
 
 
+def test_both_experts_train_under_sequence_parallelism() -> None:
+    # accepted at start-up; tests/parallel/sp_check.py checks its parity with one process
+    from stafinetune.config import compose_job_config
+
+    job = compose_job_config([*EXPERTS, "parallel.sp=2"])
+    assert (job.model.expert, job.parallel.strategy, job.parallel.sp) == ("both", "ddp", 2)
+
+
 def test_ti2v_data_geometry_follows_the_16x_vae() -> None:
     """``data.video_encoder=wan2.2`` (TI2V-5B's VAE): 121 frames of 704x1280 -> latents
     31x44x80 -> the published 720p canvas 31x22x40; sizes must be multiples of 16."""

@@ -86,7 +86,6 @@ def test_ti2v_losses_leave_the_given_first_frame_out(
         (("model.image_to_video=false",), r"=null \(or model.image_to_video=true\)"),
         (("distill=dmd2", "distill.allow_random_teacher=true"),
          "model.image_to_video .* supports distill.method=per_step"),
-        (("parallel.sp=2",), "model.image_to_video .* supports parallel.sp=1"),
         (("model=wan_tiny", "data.latent_channels=16"), "model.image_to_video applies to"),
     ],
 )
