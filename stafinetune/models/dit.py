@@ -199,8 +199,7 @@ class VideoDiT(nn.Module):
                 models; ``ImageCondition``), required exactly when ``image_dims`` is set.
             image_embeds: (B, N, Di) image-encoder states, when ``image_dims.embed_dim`` is set.
             condition: the family's further conditioning tensors by name (HunyuanVideo 1.5:
-                its condition latents, image embeddings and glyph text,
-                ``ModelFamily.model_inputs``); ``None`` for most models.
+                its glyph text, ``ModelFamily.model_inputs``); ``None`` for most models.
         Returns:
             (B, C, T, H, W) in the model's dtype.
         """

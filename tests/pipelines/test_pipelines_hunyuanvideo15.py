@@ -125,10 +125,9 @@ def test_per_step_windows_follow_the_guided_loop(pipe: Any, tmp_path: Path) -> N
     for i, call in enumerate(recorder.calls):
         hidden, mask_2 = call["hidden_states"], call["encoder_attention_mask_2"].bool()
         valid = int(mask_2.sum())
-        condition = {
-            "image_latents": hidden[:, 16:32], "image_mask": hidden[:, 32:],
-            "text_2": call["encoder_hidden_states_2"][:, :valid], "text_2_mask": mask_2[:, :valid],
-        }  # fmt: skip
+        assert hidden[:, 16:].abs().max() == 0  # text-to-video: zero condition and mask
+        condition = {"text_2": call["encoder_hidden_states_2"][:, :valid],
+                     "text_2_mask": mask_2[:, :valid]}  # fmt: skip
         with torch.no_grad():
             out = dit(hidden[:, :16], call["timestep"], call["encoder_hidden_states"],
                           call["encoder_attention_mask"].bool(), step_index=i // 2,
