@@ -261,11 +261,12 @@ _HUNYUANVIDEO15_TINY: dict[str, Any] = {
 FLAVORS.update(
     {
         "hunyuanvideo15_tiny": Flavor("hunyuanvideo15_tiny", "hunyuanvideo15", _HUNYUANVIDEO15_TINY),
-        # hunyuanvideo15_tiny as image-to-video: the tiny image encoder's 17 states of width 32
+        # hunyuanvideo15_tiny as image-to-video: the tiny image encoder's 17 states of width
+        # 32; the i2v pipeline sizes its video by target_size (256 x 256 for a 16x VAE)
         "hunyuanvideo15_i2v_tiny": Flavor(
             "hunyuanvideo15_i2v_tiny",
             "hunyuanvideo15",
-            {**_HUNYUANVIDEO15_TINY, "image_embed_dim": 32, "task_type": "i2v"},
+            {**_HUNYUANVIDEO15_TINY, "image_embed_dim": 32, "task_type": "i2v", "target_size": 256},
         ),
         # the conversion script's TRANSFORMER_CONFIGS; the transformer never reads task_type,
         # the family reads it as the image-to-video switch (the script's 480p_t2v entry says
