@@ -90,7 +90,8 @@ def main() -> None:
     for flavor in ("wan_tiny", "hunyuan_tiny", "hunyuanvideo15_tiny"):
         for mode in ("full", "sta"):
             report[f"{flavor}/{mode}"] = check(flavor, mode, dims)
-    report["wan_i2v_tiny/sta"] = check("wan_i2v_tiny", "sta", dims)
+    for flavor in ("wan_i2v_tiny", "hunyuanvideo15_i2v_tiny"):  # image tokens join text
+        report[f"{flavor}/sta"] = check(flavor, "sta", dims)
     if world.is_main:
         print(json.dumps(report))
     dist.destroy_process_group()
