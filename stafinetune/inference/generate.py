@@ -272,9 +272,9 @@ def image_conditions(
         return None
     _check(
         data_cfg.image_encoder is not None,
-        "data.image_encoder must be set (tiny, or clip / siglip with data.image_encoder_path; vae for "
-        "model.image_to_video; latents for a model without image_dim) for an image-to-video "
-        "model",
+        "data.image_encoder must be set (tiny, or clip / siglip with data.image_encoder_path; "
+        "vae for model.image_to_video; latents for a model without image_dim) for an "
+        "image-to-video model",
     )
     _check(
         (data_cfg.image_encoder == "vae") == dit.image_dims.first_frame,

@@ -260,7 +260,9 @@ _HUNYUANVIDEO15_TINY: dict[str, Any] = {
 
 FLAVORS.update(
     {
-        "hunyuanvideo15_tiny": Flavor("hunyuanvideo15_tiny", "hunyuanvideo15", _HUNYUANVIDEO15_TINY),
+        "hunyuanvideo15_tiny": Flavor(
+            "hunyuanvideo15_tiny", "hunyuanvideo15", _HUNYUANVIDEO15_TINY
+        ),
         # hunyuanvideo15_tiny as image-to-video: the tiny image encoder's 17 states of width
         # 32; the i2v pipeline sizes its video by target_size (256 x 256 for a 16x VAE)
         "hunyuanvideo15_i2v_tiny": Flavor(

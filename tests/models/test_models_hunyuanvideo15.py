@@ -112,7 +112,8 @@ def test_image_and_glyph_streams_match_diffusers(mode: str) -> None:
         later = {**images, "image_latents": images["image_latents"].clone()}
         later["image_latents"][:, :, 1:] = 0.0
         same = run(dit, b, condition=streams, **later)
-        other = run(dit, b, condition=streams, **{**images, "image_embeds": -images["image_embeds"]})
+        negated = {**images, "image_embeds": -images["image_embeds"]}
+        other = run(dit, b, condition=streams, **negated)
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
     assert torch.equal(same, got)  # the first latent frame alone conditions
     assert (got - other).abs().max() > 1e-3  # the image states are used
@@ -186,7 +187,7 @@ def test_condition_errors_name_the_tensor() -> None:
     i2v = build(I2V, mode="sta", window=[3, 3, 3])
     b = make_batch()
     streams, images = glyph(b, (3, 5)), image(b)
-    with pytest.raises(ValueError, match="unknown HunyuanVideo 1.5 condition tensors.*image_latents="):
+    with pytest.raises(ValueError, match="unknown HunyuanVideo 1.5 condition .*image_latents="):
         run(dit, b, condition={"image_embeds": images["image_embeds"]})
     with pytest.raises(ValueError, match="text_2 and text_2_mask together"):
         run(dit, b, condition={"text_2": streams["text_2"]})

@@ -231,7 +231,8 @@ def test_i2v_sample_condition_is_what_the_pipeline_feeds(i2v: dict[str, Any]) ->
                      "text_2_mask": mask_2[:, :valid]}  # fmt: skip
         with torch.no_grad():
             out = dit(hidden[:, :16], call["timestep"], call["encoder_hidden_states"],
-                      call["encoder_attention_mask"].bool(), condition=condition, **image)  # fmt: skip
+                      call["encoder_attention_mask"].bool(), condition=condition,
+                      **image)  # fmt: skip
         torch.testing.assert_close(out, call["output"], atol=1e-4, rtol=1e-4, msg=f"call {i}")
     torch.testing.assert_close(image["image_embeds"], call["image_embeds"], **TIGHT)
     torch.testing.assert_close(image["image_latents"][:, :, 0], hidden[:, 16:32, 0], **TIGHT)
@@ -257,8 +258,9 @@ def test_siglip_folders_load_safely(i2v: dict[str, Any], tmp_path: Path) -> None
     cfg = DataConfig(image_encoder="siglip", image_encoder_path=str(pickled))
     with pytest.raises(ValueError, match="only pickle weights.*data.allow_pickle_weights"):
         build_image_encoder(cfg)
-    encoder = build_image_encoder(DataConfig(image_encoder="siglip", image_encoder_path=str(pickled),
-                                             allow_pickle_weights=True))  # fmt: skip
+    allowed = DataConfig(image_encoder="siglip", image_encoder_path=str(pickled),
+                         allow_pickle_weights=True)  # fmt: skip
+    encoder = build_image_encoder(allowed)
     assert (encoder.image_tokens, encoder.image_dim) == (16, 32)
     clip = DataConfig(image_encoder="clip", image_encoder_path=str(pickled))
     assert cache_fingerprint(cfg) != cache_fingerprint(clip)
