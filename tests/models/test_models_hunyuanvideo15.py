@@ -203,6 +203,25 @@ def test_condition_errors_name_the_tensor() -> None:
         run(build("wan_tiny"), b, condition=streams)
 
 
+def test_a_folder_of_the_other_task_is_refused(tmp_path) -> None:
+    """The i2v and t2v transformers share one shape: a folder whose ``task_type`` is not the
+    flavor's is refused naming ``model.path``, before building and when loading."""
+    import json
+
+    from stafinetune.models.dit import model_image_dims
+
+    build(FLAVOR, mode="full").save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "task_type": "i2v"}))
+    model_cfg = ModelConfig(flavor=FLAVOR, path=str(tmp_path))
+    refused = "model.path=.* holds an image-to-video transformer .* is a text-to-video model"
+    with pytest.raises(ValueError, match=refused):
+        model_image_dims(model_cfg)
+    with pytest.raises(ValueError, match=refused):
+        build_model(model_cfg, AttentionConfig(mode="full"))
+    assert model_image_dims(ModelConfig(flavor=I2V, path=str(tmp_path))) == ImageDims(17, 20)
+
+
 @pytest.mark.parametrize(
     "flavor", ["hunyuanvideo15_480p_t2v", "hunyuanvideo15_720p_t2v", "hunyuanvideo15_720p_i2v"]
 )
