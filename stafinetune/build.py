@@ -156,7 +156,8 @@ def check_image_fits_model(
     if dims is not None and data_cfg.image_encoder is None:
         raise ValueError(
             f"model.flavor={flavor!r} is an image-to-video model: set data.image_encoder "
-            "(tiny, or clip with data.image_encoder_path; latents for a model without image_dim)"
+            "(tiny, or clip / siglip with data.image_encoder_path; latents for a model without "
+            "image states)"
         )
     first_frame = dims is not None and dims.first_frame
     if first_frame != (data_cfg.image_encoder == "vae"):
@@ -169,9 +170,15 @@ def check_image_fits_model(
         )  # fmt: skip
     if dims is not None and not first_frame:
         check_image_states(data_cfg.image_encoder, dims.embed_dim, f"model.flavor={flavor!r}")
-    if dims is None or dims.embed_dim is None or image_embeds is None:
+    if dims is None or dims.embed_dim is None:
         return
-    if image_embeds.shape[-1] != dims.embed_dim:
+    if data_cfg.image_encoder == "tiny" and data_cfg.image_dim != dims.embed_dim:
+        raise ValueError(
+            f"data.image_dim={data_cfg.image_dim}: the tiny image encoder gives image states of "
+            f"width {data_cfg.image_dim} but model.flavor={flavor!r} takes {dims.embed_dim} "
+            "(its image_embed_dim / image_dim)"
+        )
+    if image_embeds is not None and image_embeds.shape[-1] != dims.embed_dim:
         raise ValueError(
             f"the data gives image states of width {image_embeds.shape[-1]} (data.image_encoder="
             f"{data_cfg.image_encoder!r}) but model.flavor={flavor!r} takes {dims.embed_dim}"
@@ -181,14 +188,14 @@ def check_image_fits_model(
 def check_image_states(image_encoder: str | None, embed_dim: int | None, model: str) -> None:
     """Fail naming ``data.image_encoder`` when the image states a condition-latents
     image-to-video model (``model``, as the error names it) takes (width ``embed_dim``; None:
-    none, Wan 2.2 I2V-A14B) do not match the data's: ``latents`` encodes none, ``tiny`` and
-    ``clip`` do."""
+    none, Wan 2.2 I2V-A14B) do not match the data's: ``latents`` encodes none, ``tiny``,
+    ``clip`` and ``siglip`` do."""
     if (embed_dim is None) == (image_encoder == "latents"):
         return
     raise ValueError(
         f"data.image_encoder={image_encoder!r}: {model} takes "
         + ("no image states (no image_dim): set data.image_encoder=latents" if embed_dim is None
-           else f"image states of width {embed_dim}: set data.image_encoder=tiny or clip")
+           else f"image states of width {embed_dim}: set data.image_encoder=tiny, clip or siglip")
     )  # fmt: skip
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 SOURCES = ("synthetic", "folder", "hf_dataset")
 VIDEO_ENCODERS = ("tiny", "wan", "hunyuan", "wan2.2", "hunyuanvideo15")
 TEXT_ENCODERS = ("tiny", "umt5", "hunyuan", "hunyuanvideo15")
-IMAGE_ENCODERS = ("tiny", "clip", "vae", "latents")
+IMAGE_ENCODERS = ("tiny", "clip", "siglip", "vae", "latents")
 CACHE_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -113,12 +113,15 @@ class DataConfig:
     # load .bin/.pt encoder weights when a folder has no safetensors (pickle can run code)
     allow_pickle_weights: bool = False
     # image-to-video: each clip's first frame conditions it. null: text-to-video (no image);
-    # tiny | clip: cache the condition latents and the image encoder's states of that frame;
+    # tiny | clip (Wan 2.1) | siglip (HunyuanVideo 1.5): cache the condition latents and the
+    # image encoder's states of that frame;
     # vae: only the latent of that frame alone through the video VAE (Wan 2.2 TI2V);
     # latents: the condition latents without image states (Wan 2.2 I2V-A14B, no image_dim)
     image_encoder: str | None = None
-    image_encoder_path: str | None = None  # clip: local transformers CLIPVisionModel folder
-    image_processor_path: str | None = None  # clip's CLIPImageProcessor; None: the encoder's
+    # clip / siglip: local transformers CLIPVisionModel / SiglipVisionModel folder
+    image_encoder_path: str | None = None
+    # its CLIPImageProcessor / SiglipImageProcessor; None: the encoder's folder
+    image_processor_path: str | None = None
     image_dim: int = 32  # Di of the tiny image encoder
 
     # --- cache ----------------------------------------------------------------------------
@@ -151,9 +154,11 @@ class DataConfig:
                 f"data.image_encoder must be null or one of {IMAGE_ENCODERS}, "
                 f"got {self.image_encoder!r}"
             )
-        if self.image_encoder == "clip" and not self.image_encoder_path:
+        vision = {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel"}
+        if self.image_encoder in vision and not self.image_encoder_path:
             raise ValueError(
-                "data.image_encoder_path must point to a local CLIPVisionModel folder for 'clip'"
+                f"data.image_encoder_path must point to a local {vision[self.image_encoder]} "
+                f"folder for {self.image_encoder!r}"
             )
         if self.source == "folder" and not self.manifest:
             raise ValueError("data.manifest must be set when data.source is 'folder'")

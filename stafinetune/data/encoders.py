@@ -341,9 +341,10 @@ def build_image_encoder(cfg: DataConfig) -> ImageEncoder | None:
         return None
     if cfg.image_encoder == "tiny":
         return TinyImageEncoder(cfg.image_dim, cfg.encoder_seed)
-    from stafinetune.data.real_encoders import CLIPImageEncoder
+    from stafinetune.data.real_encoders import CLIPImageEncoder, SiglipImageEncoder
 
-    return CLIPImageEncoder(
+    encoder = SiglipImageEncoder if cfg.image_encoder == "siglip" else CLIPImageEncoder
+    return encoder(
         cfg.image_encoder_path,
         cfg.image_processor_path,
         device=cfg.device,

@@ -9,7 +9,8 @@
 * HunyuanVideo 1.5: ``AutoencoderKLHunyuanVideo15`` (32 channels, 16x spatial, latents times
   ``scaling_factor``), the Qwen2.5-VL text model (the chat template of the diffusers pipeline,
   hidden state of the third-last layer, template tokens cropped) and the ByT5 glyph encoder
-  over the caption's quoted text (``text_2``), as ``HunyuanVideo15Pipeline.encode_prompt``.
+  over the caption's quoted text (``text_2``), as ``HunyuanVideo15Pipeline.encode_prompt``;
+  its image-to-video SigLIP image encoder (``SiglipImageEncoder``).
 
 Pooled text for models without a pooled embedding (Wan) is the masked mean of the token states.
 """
@@ -144,13 +145,17 @@ class DiffusersVideoVAE:
         return torch.cat([self.vae.decode(part).sample.float() for part in parts])
 
 
-class CLIPImageEncoder:
-    """Wan 2.1 I2V's image encoder from local transformers folders: a ``CLIPVisionModel`` and
-    its ``CLIPImageProcessor``; the states of the second-last layer, ``(B, 257, 1280)`` for
-    ViT-H/14, as ``WanImageToVideoPipeline.encode_image`` takes them."""
+class _VisionEncoder:
+    """A transformers vision model and its image processor from local folders
+    (``data.image_encoder_path``, ``data.image_processor_path``; safetensors unless
+    ``data.allow_pickle_weights``); subclasses pick the states."""
+
+    name = ""
 
     def __init__(
         self,
+        model_class: type,
+        processor_class: type,
         path: str | None,
         processor_path: str | None = None,
         *,
@@ -158,31 +163,66 @@ class CLIPImageEncoder:
         dtype: torch.dtype = torch.float32,
         allow_pickle: bool = False,
     ) -> None:
-        from transformers import CLIPImageProcessor, CLIPVisionModel
-
         self.path = _local_dir(path, "data.image_encoder_path")
         self.processor_path = _local_dir(processor_path or path, "data.image_processor_path")
         safe = _safe(self.path, "data.image_encoder_path", allow_pickle)
-        self.model = CLIPVisionModel.from_pretrained(self.path, torch_dtype=dtype, **safe)
+        self.model = model_class.from_pretrained(self.path, torch_dtype=dtype, **safe)
         self.model = self.model.to(device).eval().requires_grad_(False)
-        self.processor = CLIPImageProcessor.from_pretrained(self.processor_path)
+        self.processor = processor_class.from_pretrained(self.processor_path)
         config = self.model.config
         self.image_dim = int(config.hidden_size)
-        self.image_tokens = (int(config.image_size) // int(config.patch_size)) ** 2 + 1
+        self.patches = (int(config.image_size) // int(config.patch_size)) ** 2
         self.device, self.dtype = device, dtype
 
     def fingerprint(self) -> str:
-        return f"clip-image:{self.path}:{self.processor_path}:{self.dtype}"
+        return f"{self.name}-image:{self.path}:{self.processor_path}:{self.dtype}"
+
+    def pixel_values(self, frames: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` in [-1, 1] -> the processor's pixel values, as from 8-bit images."""
+        pixels = ((frames.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        images = [p.permute(1, 2, 0).cpu().numpy() for p in pixels]  # (H, W, 3) each
+        inputs = self.processor(images=images, return_tensors="pt")
+        return inputs["pixel_values"].to(self.device, self.dtype)
+
+
+class CLIPImageEncoder(_VisionEncoder):
+    """Wan 2.1 I2V's image encoder from local transformers folders: a ``CLIPVisionModel`` and
+    its ``CLIPImageProcessor``; the states of the second-last layer, ``(B, 257, 1280)`` for
+    ViT-H/14, as ``WanImageToVideoPipeline.encode_image`` takes them."""
+
+    name = "clip"
+
+    def __init__(self, path: str | None, processor_path: str | None = None, **kwargs: Any) -> None:
+        from transformers import CLIPImageProcessor, CLIPVisionModel
+
+        super().__init__(CLIPVisionModel, CLIPImageProcessor, path, processor_path, **kwargs)
+        self.image_tokens = self.patches + 1  # and the class token
 
     @torch.no_grad()
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` in [-1, 1] -> ``(B, N, Di)`` float32."""
-        pixels = ((frames.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        images = [p.permute(1, 2, 0).cpu().numpy() for p in pixels]  # (H, W, 3) each
-        inputs = self.processor(images=images, return_tensors="pt")
-        out = self.model(pixel_values=inputs["pixel_values"].to(self.device, self.dtype),
-                         output_hidden_states=True)  # fmt: skip
+        out = self.model(pixel_values=self.pixel_values(frames), output_hidden_states=True)
         return out.hidden_states[-2].float()
+
+
+class SiglipImageEncoder(_VisionEncoder):
+    """HunyuanVideo 1.5 I2V's image encoder from local transformers folders: a
+    ``SiglipVisionModel`` and its ``SiglipImageProcessor``; the last hidden states,
+    ``(B, 729, 1152)`` for so400m-patch14-384, as
+    ``HunyuanVideo15ImageToVideoPipeline.encode_image`` takes them."""
+
+    name = "siglip"
+
+    def __init__(self, path: str | None, processor_path: str | None = None, **kwargs: Any) -> None:
+        from transformers import SiglipImageProcessor, SiglipVisionModel
+
+        super().__init__(SiglipVisionModel, SiglipImageProcessor, path, processor_path, **kwargs)
+        self.image_tokens = self.patches
+
+    @torch.no_grad()
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` in [-1, 1] -> ``(B, N, Di)`` float32."""
+        return self.model(pixel_values=self.pixel_values(frames)).last_hidden_state.float()
 
 
 def _clean(caption: str) -> str:

@@ -272,15 +272,15 @@ def image_conditions(
         return None
     _check(
         data_cfg.image_encoder is not None,
-        "data.image_encoder must be set (tiny, or clip with data.image_encoder_path; vae for "
-        "model.image_to_video; latents for a model without image_dim) for an image-to-video "
-        "model",
+        "data.image_encoder must be set (tiny, or clip / siglip with data.image_encoder_path; "
+        "vae for model.image_to_video; latents for a model without image_dim) for an "
+        "image-to-video model",
     )
     _check(
         (data_cfg.image_encoder == "vae") == dit.image_dims.first_frame,
         f"data.image_encoder={data_cfg.image_encoder!r} does not fit the model: "
         "model.image_to_video (Wan 2.2 TI2V) takes data.image_encoder=vae, other "
-        "image-to-video models tiny, clip or latents",
+        "image-to-video models tiny, clip, siglip or latents",
     )
     if not dit.image_dims.first_frame:
         check_image_states(data_cfg.image_encoder, dit.image_dims.embed_dim, "the model")

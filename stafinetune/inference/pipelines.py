@@ -130,7 +130,8 @@ def enable_sta(
     strategy_2: str | os.PathLike[str] | MaskStrategy | None = None,
 ) -> Any:
     """Turn STA on in a diffusers ``WanPipeline`` / ``WanImageToVideoPipeline`` /
-    ``HunyuanVideoPipeline`` / ``HunyuanVideo15Pipeline`` or transformer.
+    ``HunyuanVideoPipeline`` / ``HunyuanVideo15Pipeline`` /
+    ``HunyuanVideo15ImageToVideoPipeline`` or transformer.
 
     Give either a mask ``strategy`` (windows per denoising step, layer and head, with its own
     tile) or ``tile`` and ``window``. Calling it again replaces the previous settings.

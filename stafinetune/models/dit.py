@@ -50,7 +50,27 @@ def model_patch_size(model_cfg: ModelConfig) -> tuple[int, int, int]:
 def model_image_dims(model_cfg: ModelConfig) -> ImageDims | None:
     """The image inputs of the model ``model_cfg`` names (None: text-to-video), unbuilt."""
     family = get_family(get_flavor(model_cfg.flavor).family)
-    return family.image_dims(model_config_values(model_cfg), first_frame=model_cfg.image_to_video)
+    config = model_config_values(model_cfg)
+    check_image_mode(model_cfg, config)
+    return family.image_dims(config, first_frame=model_cfg.image_to_video)
+
+
+def check_image_mode(model_cfg: ModelConfig, config: Any) -> None:
+    """Fail naming ``model.path`` when the transformer config it holds is image-to-video and
+    ``model.flavor`` text-to-video, or the other way round (``ModelFamily.image_dims``)."""
+    if model_cfg.path is None:
+        return
+    flavor = get_flavor(model_cfg.flavor)
+    family = get_family(flavor.family)
+    held, named = (family.image_dims(c) is not None for c in (config, flavor.config))
+    if held != named:
+        kind = {True: "an image-to-video", False: "a text-to-video"}
+        raise ValueError(
+            f"model.path={model_cfg.path!r} holds {kind[held]} transformer (its config.json) "
+            f"but model.flavor={model_cfg.flavor!r} is {kind[named]} model: use the matching "
+            "flavor (HunyuanVideo 1.5: the config's task_type decides, and diffusers' conversion "
+            "script writes 'i2v' for 480p_t2v)"
+        )
 
 
 class VideoDiT(nn.Module):
@@ -199,8 +219,7 @@ class VideoDiT(nn.Module):
                 models; ``ImageCondition``), required exactly when ``image_dims`` is set.
             image_embeds: (B, N, Di) image-encoder states, when ``image_dims.embed_dim`` is set.
             condition: the family's further conditioning tensors by name (HunyuanVideo 1.5:
-                its condition latents, image embeddings and glyph text,
-                ``ModelFamily.model_inputs``); ``None`` for most models.
+                its glyph text, ``ModelFamily.model_inputs``); ``None`` for most models.
         Returns:
             (B, C, T, H, W) in the model's dtype.
         """
@@ -466,6 +485,7 @@ def build_model(
                 flavor.family, model_cfg.path, dtype, allow_pickle=model_cfg.allow_pickle_weights,
                 subfolder=subfolder,
             ).to(device)  # fmt: skip
+            check_image_mode(model_cfg, transformer.config)
         else:
             config = {**flavor.config, **dict(model_cfg.config_overrides)}
             cls = get_family(flavor.family).transformer_class()

@@ -8,8 +8,9 @@ A family adapter answers, for one diffusers transformer class:
   follow the video tokens in the attention sequence (``joint_text``);
 - where sequence parallelism splits and gathers the sequence (``sequence_seams``);
 - its text inputs (``text_dims``) and its diffusers pipeline class (LoRA export);
-- inputs beyond the noisy latents and the text (``latent_channels``, ``model_inputs``,
-  ``joint_text_mask``: HunyuanVideo 1.5's image conditioning and glyph text).
+- an image-to-video model's condition (``image_dims``, ``image_inputs``) and inputs beyond
+  the noisy latents and the text (``latent_channels``, ``model_inputs``,
+  ``joint_text_mask``: HunyuanVideo 1.5's glyph text).
 
 Every other module asks the family instead of testing the family's name, so a new model is
 one class here (plus its processor in ``binding.py`` and its flavors in ``flavors.py``).
@@ -446,13 +447,16 @@ class HunyuanVideo15Family(HunyuanFamily):
     The model joins three conditioning streams after the video, valid tokens first:
     [valid image, valid ByT5 glyph text, valid Qwen2.5-VL text, then the padding of each]. Its
     input is ``[noisy latents, condition latents, condition mask]`` on the channel axis, so it
-    denoises ``out_channels`` latent channels. ``model_inputs`` builds the rest from the
-    optional ``condition`` tensors (all absent: text-to-video, as diffusers' pipeline):
+    denoises ``out_channels`` latent channels.
 
-    - ``image_latents`` (B, C, T, H, W): VAE latents of the conditioning frames (zeros where
-      none), with ``image_mask`` (B, 1, T, H, W): 1 on conditioned frames;
-    - ``image_embeds`` (B, N, De): SigLIP image states (all zeros: no image tokens attend);
-    - ``text_2`` (B, L2, D2) with ``text_2_mask`` (B, L2) bool: ByT5 glyph-text states.
+    - Image-to-video (a config with ``task_type`` "i2v", ``image_dims``): ``image_inputs``
+      builds the condition as ``HunyuanVideo15ImageToVideoPipeline`` does, the image's latent
+      on the first latent frame, zeros after, a mask of 1 on that frame, and the SigLIP
+      states as ``image_embeds``.
+    - Text-to-video: zero condition latents and mask, and an empty image stream (diffusers'
+      pipeline passes 729 all-zero image states, which take no valid slot either).
+    - ``model_inputs``' ``condition`` holds the glyph stream only: ``text_2`` (B, L2, D2)
+      with ``text_2_mask`` (B, L2) bool, ByT5 states of the caption's quoted text.
 
     Absent streams take no sequence slots (an empty image and glyph stream), which changes no
     valid token's output: padding slots are never attended.
@@ -460,7 +464,7 @@ class HunyuanVideo15Family(HunyuanFamily):
 
     name = "hunyuanvideo15"
     joint_text = True
-    CONDITION_KEYS = ("image_latents", "image_mask", "image_embeds", "text_2", "text_2_mask")
+    CONDITION_KEYS = ("text_2", "text_2_mask")
 
     def transformer_class(self) -> type[nn.Module]:
         from diffusers import HunyuanVideo15Transformer3DModel
@@ -503,8 +507,57 @@ class HunyuanVideo15Family(HunyuanFamily):
         pooled_text: torch.Tensor | None,
         guidance_scale: float,
     ) -> dict[str, Any]:
-        # no pooled text and no embedded guidance: the refiner pools the text itself
-        return {"encoder_hidden_states": text, "encoder_attention_mask": text_mask}
+        # no pooled text and no embedded guidance: the refiner pools the text itself; the
+        # image stream is empty until ``image_inputs`` fills it (text-to-video)
+        width = int(transformer.config.image_embed_dim)
+        embeds = text.new_zeros(text.shape[0], 0, width)  # (B, 0, De)
+        return {"encoder_hidden_states": text, "encoder_attention_mask": text_mask,
+                "image_embeds": embeds}  # fmt: skip
+
+    def image_dims(self, config: Any, *, first_frame: bool = False) -> ImageDims | None:
+        # the i2v and t2v transformers share one architecture: the config's task_type, which
+        # the transformer itself never reads, tells them apart
+        get = _getter(config)
+        if first_frame:
+            return super().image_dims(config, first_frame=True)
+        if get("task_type") != "i2v":
+            return None
+        channels = int(get("in_channels")) - int(get("out_channels"))  # condition latents + mask
+        return ImageDims(channels, int(get("image_embed_dim")))
+
+    def image_inputs(
+        self,
+        transformer: nn.Module,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        image: ImageCondition,
+        kwargs: dict[str, Any],
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        # HunyuanVideo15ImageToVideoPipeline: [noisy latents, condition latents, mask] on
+        # channels; the condition is the image's latent on the first latent frame, zeros after
+        # (the data's condition video through a causal VAE: its first latent frame is the
+        # image's alone), and the mask is 1 on that frame
+        dims = self.image_dims(transformer.config)
+        if dims is None:
+            raise ValueError(
+                f"this {type(transformer).__name__} (task_type="
+                f"{transformer.config.task_type!r}) takes no image condition"
+            )
+        batch, _, frames, height, width = latents.shape
+        if image.latents.shape != latents.shape:
+            raise ValueError(
+                f"image latents must be (B, C, T, H, W) like the noisy latents "
+                f"{tuple(latents.shape)}, got {tuple(image.latents.shape)}"
+            )
+        if image.embeds is None or image.embeds.shape[-1] != dims.embed_dim:
+            got = None if image.embeds is None else tuple(image.embeds.shape)
+            raise ValueError(f"image embeds must be (B, N, {dims.embed_dim}), got {got}")
+        cond = torch.zeros_like(latents)  # (B, C, T, H, W)
+        cond[:, :, 0] = image.latents[:, :, 0].to(latents.dtype)
+        mask = latents.new_zeros(batch, 1, frames, height, width)
+        mask[:, :, 0] = 1.0
+        hidden = torch.cat([latents, cond, mask], dim=1)  # (B, 2C + 1, T, H, W)
+        return hidden, timestep, {**kwargs, "image_embeds": image.embeds.to(latents.dtype)}
 
     def model_inputs(
         self,
@@ -517,32 +570,23 @@ class HunyuanVideo15Family(HunyuanFamily):
         unknown = sorted(set(condition) - set(self.CONDITION_KEYS))
         if unknown:
             raise ValueError(
-                f"unknown HunyuanVideo 1.5 condition tensors {unknown} "
-                f"(known: {', '.join(self.CONDITION_KEYS)})"
+                f"unknown HunyuanVideo 1.5 condition tensors {unknown} (known: "
+                f"{', '.join(self.CONDITION_KEYS)}; the image condition goes through "
+                "image_latents= and image_embeds=)"
             )
+        if ("text_2" in condition) != ("text_2_mask" in condition):
+            raise ValueError("condition needs text_2 and text_2_mask together")
         cfg = transformer.config
         batch, dtype, device = latents.shape[0], latents.dtype, latents.device
-        for a, b in (("image_latents", "image_mask"), ("text_2", "text_2_mask")):
-            if (a in condition) != (b in condition):
-                raise ValueError(f"condition needs {a} and {b} together")
-        image = condition.get("image_latents", torch.zeros_like(latents))
-        frames = condition.get("image_mask", torch.zeros_like(latents[:, :1]))
-        if image.shape != latents.shape or frames.shape != (batch, 1, *latents.shape[2:]):
-            raise ValueError(
-                f"image_latents must be {tuple(latents.shape)} and image_mask "
-                f"{(batch, 1, *latents.shape[2:])}, got {tuple(image.shape)} and "
-                f"{tuple(frames.shape)}"
-            )
-        # (B, 2C+1, T, H, W): the noisy latents, the condition latents, the condition mask
-        hidden = torch.cat([latents, image.to(dtype), frames.to(dtype)], dim=1)
+        hidden = latents  # (B, 2C+1, T, H, W) from image_inputs
+        if latents.shape[1] == int(cfg.out_channels):  # text-to-video: zero condition and mask
+            extra = int(cfg.in_channels) - latents.shape[1]
+            hidden = torch.cat([latents, latents.new_zeros(batch, extra, *latents.shape[2:])], 1)
         if hidden.shape[1] != int(cfg.in_channels):
             raise ValueError(
                 f"latents with {latents.shape[1]} channels make {hidden.shape[1]} input "
                 f"channels, but the transformer takes {cfg.in_channels}"
             )
-        embeds = condition.get(
-            "image_embeds", torch.zeros(batch, 0, int(cfg.image_embed_dim), device=device)
-        )  # (B, N, De)
         text_2 = condition.get(
             "text_2", torch.zeros(batch, 0, int(cfg.text_embed_2_dim), device=device)
         )  # (B, L2, D2)
@@ -557,7 +601,6 @@ class HunyuanVideo15Family(HunyuanFamily):
         return {
             "hidden_states": hidden,
             "timestep": timestep,
-            "image_embeds": embeds.to(dtype),
             "encoder_hidden_states_2": text_2.to(dtype),
             "encoder_attention_mask_2": mask_2,
         }

@@ -237,38 +237,46 @@ _HUNYUANVIDEO15_8B: dict[str, Any] = {
     "use_meanflow": False,
 }
 
+# Tests: 2 dual-stream blocks of 4 heads x 16 on 16 latent channels (input 2*16+1 = 33),
+# text of width 32 and a 2x2 patch (the real model's is 1x1), so the model tests'
+# latents (16, 5, 16, 16) make the same canvas (5, 8, 8) as the other tiny flavors.
+_HUNYUANVIDEO15_TINY: dict[str, Any] = {
+    **_HUNYUANVIDEO15_8B,
+    "in_channels": 33,
+    "out_channels": 16,
+    "num_attention_heads": 4,
+    "attention_head_dim": 16,
+    "num_layers": 2,
+    "num_refiner_layers": 1,
+    "mlp_ratio": 2.0,
+    "text_embed_dim": 32,
+    "text_embed_2_dim": 24,
+    "image_embed_dim": 20,
+    "patch_size": 2,
+    "rope_axes_dim": [4, 6, 6],
+    "target_size": 128,
+    "task_type": "t2v",
+}
+
 FLAVORS.update(
     {
-        # Tests: 2 dual-stream blocks of 4 heads x 16 on 16 latent channels (input 2*16+1 = 33),
-        # text of width 32 and a 2x2 patch (the real model's is 1x1), so the model tests'
-        # latents (16, 5, 16, 16) make the same canvas (5, 8, 8) as the other tiny flavors.
         "hunyuanvideo15_tiny": Flavor(
-            "hunyuanvideo15_tiny",
-            "hunyuanvideo15",
-            {
-                **_HUNYUANVIDEO15_8B,
-                "in_channels": 33,
-                "out_channels": 16,
-                "num_attention_heads": 4,
-                "attention_head_dim": 16,
-                "num_layers": 2,
-                "num_refiner_layers": 1,
-                "mlp_ratio": 2.0,
-                "text_embed_dim": 32,
-                "text_embed_2_dim": 24,
-                "image_embed_dim": 20,
-                "patch_size": 2,
-                "rope_axes_dim": [4, 6, 6],
-                "target_size": 128,
-                "task_type": "t2v",
-            },
+            "hunyuanvideo15_tiny", "hunyuanvideo15", _HUNYUANVIDEO15_TINY
         ),
-        # the conversion script's TRANSFORMER_CONFIGS (its 480p_t2v entry says task_type "i2v";
-        # the transformer never reads task_type)
+        # hunyuanvideo15_tiny as image-to-video: the tiny image encoder's 17 states of width
+        # 32; the i2v pipeline sizes its video by target_size (256 x 256 for a 16x VAE)
+        "hunyuanvideo15_i2v_tiny": Flavor(
+            "hunyuanvideo15_i2v_tiny",
+            "hunyuanvideo15",
+            {**_HUNYUANVIDEO15_TINY, "image_embed_dim": 32, "task_type": "i2v", "target_size": 256},
+        ),
+        # the conversion script's TRANSFORMER_CONFIGS; the transformer never reads task_type,
+        # the family reads it as the image-to-video switch (the script's 480p_t2v entry says
+        # "i2v": a 480p t2v folder converted with it needs "t2v" in its config.json)
         "hunyuanvideo15_480p_t2v": Flavor(
             "hunyuanvideo15_480p_t2v",
             "hunyuanvideo15",
-            {**_HUNYUANVIDEO15_8B, "target_size": 640, "task_type": "i2v"},
+            {**_HUNYUANVIDEO15_8B, "target_size": 640, "task_type": "t2v"},
         ),
         "hunyuanvideo15_720p_t2v": Flavor(
             "hunyuanvideo15_720p_t2v",

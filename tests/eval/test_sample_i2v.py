@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -103,12 +104,15 @@ def test_missing_or_stray_images_name_the_field(inputs: dict, tmp_path: Path) ->
         _sample(wide, tmp_path / "d", images=inputs["images"])
 
 
-def test_eval_compares_dense_and_sta_from_the_same_images(inputs: dict, tmp_path: Path) -> None:
+@pytest.mark.parametrize("model", ["wan_i2v_tiny", "hunyuanvideo15_i2v_tiny"])
+def test_eval_compares_dense_and_sta_from_the_same_images(
+    inputs: dict, tmp_path: Path, model: str
+) -> None:
     prompt = tmp_path / "one_prompt.txt"
     prompt.write_text(PROMPTS[0] + "\n")
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         job = to_job_config(compose(config_name="eval", overrides=[
-            "model=wan_i2v_tiny", "data.image_encoder=tiny", f"data.root={inputs['root'] / 'data'}",
+            f"model={model}", "data.image_encoder=tiny", f"data.root={inputs['root'] / 'data'}",
             f"sample.prompts={prompt}", f"sample.images=[{inputs['images'][0]}]",
             "sample.steps=2", "sample.device=cpu", "sample.warmup=false", "logging.progress=false",
             "attention.backend=reference", "attention.dense_first_steps=0",
@@ -120,17 +124,51 @@ def test_eval_compares_dense_and_sta_from_the_same_images(inputs: dict, tmp_path
     assert dense["mean"]["latent_gap"] == 0.0 and sta["mean"]["latent_gap"] > 0
 
 
+def _sample_each_image(
+    inputs: dict, model: ModelConfig, data: DataConfig, out: Path
+) -> tuple[SampleConfig, list, Any]:
+    """``sample_model`` of ``PROMPTS`` from one image each (seed 4, 2 steps): its config, its
+    videos and the same model loaded for sampling by hand."""
+    cfg = SampleConfig(prompts=str(inputs["root"] / "prompts.txt"), steps=2, warmup=False,
+                       device="cpu", images=inputs["images"], seed=4)  # fmt: skip
+    videos, _ = sample_model(model, ATTENTION, data, cfg, PROMPTS, out, checkpoint=None,
+                             progress=False)  # fmt: skip
+    dit = load_model(model, ATTENTION, Weights("base"), steps=2, device=torch.device("cpu"),
+                     dtype=torch.float32, seed=4)  # fmt: skip
+    return cfg, videos, dit
+
+
+def test_hunyuanvideo15_i2v_samples_each_prompt_from_its_image(
+    inputs: dict, tmp_path: Path
+) -> None:
+    """HunyuanVideo 1.5 image-to-video: a prompt's video is the sampler's given its image's
+    condition (first latent frame and image states); the states matter; the text-to-video
+    sibling refuses images."""
+    model = ModelConfig(flavor="hunyuanvideo15_i2v_tiny")
+    data = inputs["data"]
+    cfg, videos, dit = _sample_each_image(inputs, model, data, tmp_path / "a")
+    video = load_image(inputs["images"][1], 128, 128)[None, :, None].expand(-1, -1, 17, -1, -1)
+    latents, embeds = encode_image_condition(
+        build_video_encoder(data), build_image_encoder(data), video
+    )
+    text, mask, _ = build_text_encoder(data).encode(PROMPTS[1:])
+    run = lambda e: sample_latents(dit, prompt_noise((16, 5, 16, 16), 5), text, mask,  # noqa: E731
+                                   schedule=Schedule.flow(2), image_latents=latents,
+                                   image_embeds=e)  # fmt: skip
+    expected = run(embeds)
+    torch.testing.assert_close(videos[1].latents, expected[0], atol=1e-5, rtol=1e-5)
+    assert (run(-embeds) - expected).abs().max() > 1e-4
+    with pytest.raises(UserError, match="text-to-video"):
+        sample_model(ModelConfig(flavor="hunyuanvideo15_tiny"), ATTENTION, data, cfg, PROMPTS,
+                     tmp_path / "b", checkpoint=None, progress=False)  # fmt: skip
+
+
 def test_ti2v_samples_start_from_the_image_latent(inputs: dict, tmp_path: Path) -> None:
     """Wan 2.2 TI2V's image-to-video mode (``model.image_to_video``, ``data.image_encoder=vae``):
     each video's first latent frame is its image's latent alone, the rest is sampled."""
     model = ModelConfig(flavor="wan22_tiny_ti2v", image_to_video=True)
     data = DataConfig(root=inputs["data"].root, image_encoder="vae", latent_channels=48)
-    cfg = SampleConfig(prompts=str(inputs["root"] / "prompts.txt"), steps=2, warmup=False,
-                       device="cpu", images=inputs["images"], seed=4)  # fmt: skip
-    videos, _ = sample_model(model, ATTENTION, data, cfg, PROMPTS, tmp_path / "a",
-                             checkpoint=None, progress=False)  # fmt: skip
-    dit = load_model(model, ATTENTION, Weights("base"), steps=2, device=torch.device("cpu"),
-                     dtype=torch.float32, seed=4)  # fmt: skip
+    cfg, videos, dit = _sample_each_image(inputs, model, data, tmp_path / "a")
     frame = load_image(inputs["images"][1], 128, 128)[None, :, None]  # (1, 3, 1, H, W)
     video = frame.expand(-1, -1, 17, -1, -1)  # (1, 3, F, H, W)
     first, embeds = encode_image_condition(build_video_encoder(data), None, video, first_frame=True)

@@ -16,9 +16,10 @@ from dit_testing import build, make_batch, run
 from stafinetune import enable_sta
 from stafinetune.models import AttentionConfig, ModelConfig, build_model
 from stafinetune.models.dit import cast_like_diffusers
-from stafinetune.models.families import get_family
+from stafinetune.models.families import ImageDims, get_family
 
 FLAVOR = "hunyuanvideo15_tiny"
+I2V = "hunyuanvideo15_i2v_tiny"
 FULL_WINDOW = [5, 4, 4]  # the (5, 8, 8) canvas in (1, 2, 2) tiles
 GLYPH_SLOTS, IMAGE_SLOTS = 7, 9
 
@@ -33,39 +34,52 @@ def original(dit: Any) -> torch.nn.Module:
     return ref.eval()
 
 
-def condition(b: dict[str, torch.Tensor], glyph: tuple[int, int], image: bool) -> dict[str, Any]:
-    """Image-to-video conditioning of the batch: first-frame latents and mask, image embeddings
-    (all zero unless ``image``), and ``glyph[i]`` valid ByT5 tokens of ``GLYPH_SLOTS``."""
+def glyph(b: dict[str, torch.Tensor], valid: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """``valid[i]`` ByT5 glyph tokens of ``GLYPH_SLOTS`` per sample (``condition=``)."""
     g = torch.Generator().manual_seed(7)
-    latents = b["latents"]
-    mask = torch.zeros_like(latents[:, :1])
-    mask[:, :, 0] = 1.0
-    embeds = torch.randn(latents.shape[0], IMAGE_SLOTS, 20, generator=g) * float(image)
     return {
-        "image_latents": latents * mask + 0.5,
-        "image_mask": mask,
-        "image_embeds": embeds,
-        "text_2": torch.randn(latents.shape[0], GLYPH_SLOTS, 24, generator=g),
-        "text_2_mask": torch.arange(GLYPH_SLOTS)[None] < torch.tensor(glyph)[:, None],
+        "text_2": torch.randn(b["latents"].shape[0], GLYPH_SLOTS, 24, generator=g),
+        "text_2_mask": torch.arange(GLYPH_SLOTS)[None] < torch.tensor(valid)[:, None],
     }
 
 
-def pipeline_kwargs(b: dict[str, torch.Tensor], cond: dict[str, Any] | None) -> dict[str, Any]:
-    """The transformer call diffusers' pipelines make: the 65-channel-style input and padded
-    glyph and image streams (all padding for text-to-video)."""
+def image(b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An image condition as the data caches it: condition latents (B, C, T, H, W) whose first
+    latent frame is the image's (the rest, a causal VAE's later frames, is not read) and
+    ``IMAGE_SLOTS`` SigLIP-like states of width 32 (``image_latents=``, ``image_embeds=``)."""
+    g = torch.Generator().manual_seed(8)
     latents = b["latents"]
-    if cond is None:  # text-to-video, as HunyuanVideo15Pipeline calls it
-        cond = condition(b, (0, 0), image=False)
-        cond["image_latents"], cond["image_mask"] = latents * 0, latents[:, :1] * 0
-    hidden = torch.cat([latents, cond["image_latents"], cond["image_mask"]], dim=1)
     return {
-        "hidden_states": hidden,
+        "image_latents": torch.randn(latents.shape, generator=g),
+        "image_embeds": torch.randn(latents.shape[0], IMAGE_SLOTS, 32, generator=g),
+    }
+
+
+def pipeline_kwargs(
+    b: dict[str, torch.Tensor],
+    streams: dict[str, torch.Tensor] | None = None,
+    images: dict[str, torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """The transformer call diffusers' pipelines make: [latents, condition latents, mask] and
+    padded glyph and image streams. Text-to-video (``HunyuanVideo15Pipeline``): zero condition
+    and mask, all-zero image states; image-to-video (``HunyuanVideo15ImageToVideoPipeline``):
+    the image's latent on the first frame, zeros after, mask 1 on that frame."""
+    latents = b["latents"]
+    batch = latents.shape[0]
+    streams = streams or glyph(b, (0, 0))
+    cond, mask = torch.zeros_like(latents), torch.zeros_like(latents[:, :1])
+    embeds = torch.zeros(batch, IMAGE_SLOTS, 20)
+    if images is not None:
+        cond[:, :, 0], mask[:, :, 0] = images["image_latents"][:, :, 0], 1.0
+        embeds = images["image_embeds"]
+    return {
+        "hidden_states": torch.cat([latents, cond, mask], dim=1),
         "timestep": b["timestep"],
         "encoder_hidden_states": b["text"],
         "encoder_attention_mask": b["text_mask"].long(),
-        "encoder_hidden_states_2": cond["text_2"],
-        "encoder_attention_mask_2": cond["text_2_mask"].long(),
-        "image_embeds": cond["image_embeds"],
+        "encoder_hidden_states_2": streams["text_2"],
+        "encoder_attention_mask_2": streams["text_2_mask"].long(),
+        "image_embeds": embeds,
         "return_dict": False,
     }
 
@@ -76,7 +90,7 @@ def test_text_to_video_matches_diffusers(mode: str) -> None:
     dit = build(FLAVOR, mode=mode, window=FULL_WINDOW)
     b = make_batch()
     with torch.no_grad():
-        expected = original(dit)(**pipeline_kwargs(b, None))[0]
+        expected = original(dit)(**pipeline_kwargs(b))[0]
         got = run(dit, b)
     assert got.shape == b["latents"].shape == (2, 16, 5, 16, 16)
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
@@ -84,36 +98,43 @@ def test_text_to_video_matches_diffusers(mode: str) -> None:
 
 @pytest.mark.parametrize("mode", ["full", "sta"])
 def test_image_and_glyph_streams_match_diffusers(mode: str) -> None:
-    """Image latents, image embeddings and glyph text enter as diffusers takes them; the joint
-    sequence holds video, then 9 image + 3 or 5 glyph + 16 or 9 text tokens, valid first."""
-    dit = build(FLAVOR, mode=mode, window=FULL_WINDOW)
+    """An image-to-video model's image condition (``image_inputs``) and the glyph text enter
+    as diffusers' i2v pipeline passes them; the joint sequence holds video, then 9 image + 3
+    or 5 glyph + 16 or 9 text tokens, valid first."""
+    dit = build(I2V, mode=mode, window=FULL_WINDOW)
+    assert dit.image_dims == ImageDims(17, 32) and dit.in_channels == 16
     b = make_batch()
-    cond = condition(b, (3, 5), image=True)
+    streams, images = glyph(b, (3, 5)), image(b)
     with torch.no_grad():
-        expected = original(dit)(**pipeline_kwargs(b, cond))[0]
+        expected = original(dit)(**pipeline_kwargs(b, streams, images))[0]
         with dit.capture(layers=[0]) as store:
-            got = run(dit, b, condition=cond)
-        t2v = run(dit, b)
+            got = run(dit, b, condition=streams, **images)
+        later = {**images, "image_latents": images["image_latents"].clone()}
+        later["image_latents"][:, :, 1:] = 0.0
+        same = run(dit, b, condition=streams, **later)
+        negated = {**images, "image_embeds": -images["image_embeds"]}
+        other = run(dit, b, condition=streams, **negated)
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+    assert torch.equal(same, got)  # the first latent frame alone conditions
+    assert (got - other).abs().max() > 1e-3  # the image states are used
     assert store.text_len.tolist() == [9 + 3 + 16, 9 + 5 + 9]
     assert store[0].shape == (2, 320 + IMAGE_SLOTS + GLYPH_SLOTS + 16, 4, 16)
     assert store[0][1, 320 + 23 :].abs().max() == 0  # padding query rows are zero
-    assert (got - t2v).abs().max() > 1e-3  # the conditioning is used
 
 
 def test_sparse_windows_through_the_bare_transformer_equal_videodit() -> None:
     """STA bound to a plain diffusers transformer (as ``enable_sta`` does) reads the text
     lengths from the pipeline's padded streams: the same windows give ``VideoDiT``'s output."""
     window = [3, 1, 3]
-    dit = build(FLAVOR, mode="sta", window=window)
+    dit = build(I2V, mode="sta", window=window)
     b = make_batch()
-    cond = condition(b, (3, 5), image=True)
+    streams, images = glyph(b, (3, 5)), image(b)
     bare = original(dit)
     enable_sta(bare, tile=[1, 2, 2], window=window, backend="reference")
     with torch.no_grad():
-        ours = run(dit, b, condition=cond)
-        pipeline = bare(**pipeline_kwargs(b, cond))[0]
-        dense = original(dit)(**pipeline_kwargs(b, cond))[0]
+        ours = run(dit, b, condition=streams, **images)
+        pipeline = bare(**pipeline_kwargs(b, streams, images))[0]
+        dense = original(dit)(**pipeline_kwargs(b, streams, images))[0]
     torch.testing.assert_close(pipeline, ours, atol=2e-5, rtol=1e-4)
     assert (pipeline - dense).abs().max() > 1e-3  # the windows are sparse
 
@@ -127,7 +148,7 @@ def test_bf16_dense_is_bit_exact() -> None:
     b = make_batch()
     inputs = {
         k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v
-        for k, v in pipeline_kwargs(b, None).items()
+        for k, v in pipeline_kwargs(b).items()
     }
     with torch.no_grad():
         expected = original(dit)(**inputs)[0]
@@ -163,16 +184,42 @@ def test_family_layout() -> None:
 
 def test_condition_errors_name_the_tensor() -> None:
     dit = build(FLAVOR, mode="sta", window=[3, 3, 3])
+    i2v = build(I2V, mode="sta", window=[3, 3, 3])
     b = make_batch()
-    cond = condition(b, (3, 5), image=True)
-    with pytest.raises(ValueError, match="unknown HunyuanVideo 1.5 condition tensors"):
-        run(dit, b, condition={"clip": b["latents"]})
-    with pytest.raises(ValueError, match="image_latents and image_mask together"):
-        run(dit, b, condition={"image_latents": cond["image_latents"]})
-    with pytest.raises(ValueError, match="image_mask"):
-        run(dit, b, condition={**cond, "image_mask": cond["image_mask"][:, :, :1]})
+    streams, images = glyph(b, (3, 5)), image(b)
+    with pytest.raises(ValueError, match="unknown HunyuanVideo 1.5 condition .*image_latents="):
+        run(dit, b, condition={"image_embeds": images["image_embeds"]})
+    with pytest.raises(ValueError, match="text_2 and text_2_mask together"):
+        run(dit, b, condition={"text_2": streams["text_2"]})
+    with pytest.raises(ValueError, match="text-to-video model takes no image_latents"):
+        run(dit, b, **images)
+    with pytest.raises(ValueError, match="needs image_latents"):
+        run(i2v, b)
+    with pytest.raises(ValueError, match="image latents must be"):
+        run(i2v, b, **{**images, "image_latents": images["image_latents"][:, :, :1]})
+    with pytest.raises(ValueError, match=r"image embeds must be \(B, N, 32\)"):
+        run(i2v, b, **{**images, "image_embeds": images["image_embeds"][..., :20]})
     with pytest.raises(ValueError, match="takes no condition tensors"):
-        run(build("wan_tiny"), b, condition={"image_embeds": cond["image_embeds"]})
+        run(build("wan_tiny"), b, condition=streams)
+
+
+def test_a_folder_of_the_other_task_is_refused(tmp_path) -> None:
+    """The i2v and t2v transformers share one shape: a folder whose ``task_type`` is not the
+    flavor's is refused naming ``model.path``, before building and when loading."""
+    import json
+
+    from stafinetune.models.dit import model_image_dims
+
+    build(FLAVOR, mode="full").save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "task_type": "i2v"}))
+    model_cfg = ModelConfig(flavor=FLAVOR, path=str(tmp_path))
+    refused = "model.path=.* holds an image-to-video transformer .* is a text-to-video model"
+    with pytest.raises(ValueError, match=refused):
+        model_image_dims(model_cfg)
+    with pytest.raises(ValueError, match=refused):
+        build_model(model_cfg, AttentionConfig(mode="full"))
+    assert model_image_dims(ModelConfig(flavor=I2V, path=str(tmp_path))) == ImageDims(17, 20)
 
 
 @pytest.mark.parametrize(
@@ -190,4 +237,6 @@ def test_published_flavors_build_on_meta(flavor: str) -> None:
     assert (dit.num_layers, dit.num_heads, dit.head_dim, dit.in_channels) == (54, 16, 128, 32)
     assert 8.2 < params < 8.4 and dit.text_dim == 3584 and dit.pooled_dim is None
     assert dit.canvas_for((32, 31, 30, 53)) == (31, 30, 53)  # 121 frames at 480x848
+    # 32 condition latents + 1 mask channel, SigLIP's 1152-wide states; t2v takes none
+    assert dit.image_dims == (ImageDims(33, 1152) if flavor.endswith("i2v") else None)
     assert all(p.is_meta for p in dit.parameters())

@@ -128,7 +128,8 @@ def main() -> None:
     for flavor in ("wan_tiny", "hunyuan_tiny", "hunyuanvideo15_tiny"):
         for mode in ("full", "sta"):
             report[f"{flavor}/{mode}"] = check(flavor, mode, dims)
-    report["wan_i2v_tiny/sta"] = check("wan_i2v_tiny", "sta", dims)
+    for flavor in ("wan_i2v_tiny", "hunyuanvideo15_i2v_tiny"):  # image tokens join text
+        report[f"{flavor}/sta"] = check(flavor, "sta", dims)
     report["wan22_tiny_ti2v/sta"] = check("wan22_tiny_ti2v", "sta", dims, image_to_video=True)
     report["wan22_tiny_experts/sta"] = check_experts(dims)
     if world.is_main:

@@ -58,7 +58,8 @@ def test_ulysses_matches_one_process_for_both_adapters(extensions_dir: Path):
         f"{f}/{m}"
         for f in ("wan_tiny", "hunyuan_tiny", "hunyuanvideo15_tiny")
         for m in ("full", "sta")
-    } | {"wan_i2v_tiny/sta", "wan22_tiny_ti2v/sta", "wan22_tiny_experts/sta"}
+    } | {"wan_i2v_tiny/sta", "hunyuanvideo15_i2v_tiny/sta", "wan22_tiny_ti2v/sta",
+         "wan22_tiny_experts/sta"}
     for case, errors in report.items():
         assert errors["output"] < 1e-5, case
         assert errors["grad"] < 1e-4, case

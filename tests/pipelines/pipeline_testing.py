@@ -234,17 +234,24 @@ def replay(dit: VideoDiT, call: dict[str, Any], step: int) -> torch.Tensor:
         return dit(call["hidden_states"], call["timestep"], text, mask, pooled, step_index=step)
 
 
-def tiny_image_encoder() -> tuple[Any, Any]:
-    """A random ``CLIPVisionModel`` (width 32, 2 layers, 32 x 32 pixels in patches of 8: 17
-    tokens) and its ``CLIPImageProcessor``, as ``WanImageToVideoPipeline`` takes them."""
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+def tiny_image_encoder(kind: str = "clip") -> tuple[Any, Any]:
+    """A random vision model (width 32, 2 layers, 32 x 32 pixels in patches of 8) and its
+    processor: ``CLIPVisionModel`` (17 tokens, with the class token) and ``CLIPImageProcessor``
+    as ``WanImageToVideoPipeline`` takes them, or for ``kind="siglip"`` ``SiglipVisionModel``
+    (16 tokens) and ``SiglipImageProcessor`` as ``HunyuanVideo15ImageToVideoPipeline`` does."""
+    import transformers
 
+    name = {"clip": "CLIP", "siglip": "Siglip"}[kind]
+    config = getattr(transformers, f"{name}VisionConfig")(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        image_size=32, patch_size=8,
+    )  # fmt: skip
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(7)
-        model = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64,
-                                                 num_hidden_layers=2, num_attention_heads=4,
-                                                 image_size=32, patch_size=8)).eval()  # fmt: skip
-    processor = CLIPImageProcessor(
+        model = getattr(transformers, f"{name}VisionModel")(config).eval()
+    if kind == "siglip":
+        return model, transformers.SiglipImageProcessor(size={"height": 32, "width": 32})
+    processor = transformers.CLIPImageProcessor(
         size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
     )
     return model, processor

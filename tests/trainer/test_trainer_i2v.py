@@ -1,5 +1,7 @@
 """Image-to-video training on the CPU: the clips' first frames condition a tiny Wan I2V
-student (``experiment=i2v_tiny``); resume is exact; validation samples from those frames."""
+student (``experiment=i2v_tiny``) or HunyuanVideo 1.5 I2V student
+(``experiment=hunyuanvideo15_i2v_tiny``); resume is exact; validation samples from those
+frames; start-up refuses image data that does not fit."""
 
 from __future__ import annotations
 
@@ -20,9 +22,18 @@ def data_root(tiny_data_root: Path) -> Path:
     return tiny_data_root
 
 
-def _job(data_root: Path, *overrides: str):
+# each image-to-video experiment: its text-to-video sibling and what its export's config says
+EXPERIMENTS = {
+    "i2v_tiny": ("wan_tiny", ('"in_channels": 36', '"image_dim": 32')),
+    "hunyuanvideo15_i2v_tiny": (
+        "hunyuanvideo15_tiny", ('"in_channels": 33', '"image_embed_dim": 32', '"task_type": "i2v"')
+    ),
+}
+
+
+def _job(data_root: Path, *overrides: str, experiment: str = "i2v_tiny"):
     return compose_job_config([
-        "experiment=i2v_tiny", f"data.root={data_root}", "data.num_clips=16",
+        f"experiment={experiment}", f"data.root={data_root}", "data.num_clips=16",
         "data.num_workers=0", "data.decode_workers=0", "logging=none", "logging.progress=false",
         "train.log_every=1", "train.val_every=0", "train.sample_steps=0", "train.export=false",
         "train.warmup_steps=1", "train.device=cpu", "train.batch_size=2", *overrides,
@@ -34,20 +45,23 @@ def _final(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path / "model.safetensors"))
 
 
-def test_i2v_distillation_resumes_exactly(data_root: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_i2v_distillation_resumes_exactly(data_root: Path, tmp_path: Path, experiment: str) -> None:
     overrides = ("distill=sta", "distill.allow_random_teacher=true", "train.steps=3",
                  "train.ckpt_every=0")  # fmt: skip
-    straight = Trainer(_job(data_root, *overrides), tmp_path / "straight").fit()
-    first = Trainer(_job(data_root, *overrides), tmp_path / "resumed").fit(until_step=1)
+    job = lambda: _job(data_root, *overrides, experiment=experiment)  # noqa: E731
+    straight = Trainer(job(), tmp_path / "straight").fit()
+    first = Trainer(job(), tmp_path / "resumed").fit(until_step=1)
     assert first.step == 1
-    second = Trainer(_job(data_root, *overrides), tmp_path / "resumed").fit()
+    second = Trainer(job(), tmp_path / "resumed").fit()
     assert second.losses == straight.losses[1:]
     a, b = _final(tmp_path / "straight"), _final(tmp_path / "resumed")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_i2v_validation_samples_from_the_batch_frames(
-    data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, experiment: str
 ) -> None:
     """Validation videos of student and teacher start from the batch's own first frames."""
     from stafinetune.training import validation
@@ -61,7 +75,8 @@ def test_i2v_validation_samples_from_the_batch_frames(
     sample_latents = validation.sample_latents
     monkeypatch.setattr(validation, "sample_latents", recording)
     job = _job(data_root, "distill=sta", "distill.allow_random_teacher=true", "train.steps=1",
-               "train.val_every=1", "train.sample_steps=2", "train.export=true")  # fmt: skip
+               "train.val_every=1", "train.sample_steps=2", "train.export=true",
+               experiment=experiment)  # fmt: skip
     trainer = Trainer(job, tmp_path)
     batch = trainer.data.val_batches[0]
     assert batch["image_latents"].shape == (2, 16, 5, 16, 16)
@@ -75,16 +90,22 @@ def test_i2v_validation_samples_from_the_batch_frames(
     assert sorted(p.name for p in (tmp_path / "samples").glob("*.mp4"))
     assert "val/sample_gap_mse" in result.val_history[-1]
     exported = (result.export_dir / "transformer" / "config.json").read_text()
-    assert '"in_channels": 36' in exported and '"image_dim": 32' in exported
+    assert all(field in exported for field in EXPERIMENTS[experiment][1])
 
 
-def test_i2v_model_needs_image_data(data_root: Path, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="set data.image_encoder"):
-        Trainer(_job(data_root, "data.image_encoder=null"), tmp_path)
-    with pytest.raises(ValueError, match="text-to-video model: set data.image_encoder=null"):
-        Trainer(_job(data_root, "model=wan_tiny"), tmp_path)
-    with pytest.raises(ValueError, match="image states of width 48 .* takes 32"):
-        Trainer(_job(data_root, "data.image_dim=48"), tmp_path)
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_i2v_model_needs_image_data(data_root: Path, tmp_path: Path, experiment: str) -> None:
+    job = lambda *o: _job(data_root, *o, experiment=experiment)  # noqa: E731
+    with pytest.raises(ValueError, match="is an image-to-video model: set data.image_encoder"):
+        Trainer(job("data.image_encoder=null"), tmp_path)
+    t2v = EXPERIMENTS[experiment][0]
+    refused = f"{t2v}' is a text-to-video model: set data.image_encoder=null"
+    with pytest.raises(ValueError, match=refused):
+        Trainer(job(f"model={t2v}"), tmp_path)
+    with pytest.raises(ValueError, match="data.image_dim=48: .*states of width 48 .* takes 32"):
+        Trainer(job("data.image_dim=48"), tmp_path)
+    with pytest.raises(ValueError, match="width 32: set data.image_encoder=tiny, clip or siglip"):
+        Trainer(job("data.image_encoder=latents"), tmp_path)
 
 
 def test_sampling_the_data_captions_uses_their_clips_frames(data_root: Path) -> None:
@@ -107,14 +128,19 @@ def test_sampling_the_data_captions_uses_their_clips_frames(data_root: Path) -> 
         assert torch.equal(condition["image_embeds"][0], by_caption[prompt].image_embeds)
 
 
-@pytest.mark.parametrize("method", ["none", "dmd2", "trajectory"])
+@pytest.mark.parametrize(
+    ("method", "experiment"),
+    [("none", "i2v_tiny"), ("dmd2", "i2v_tiny"), ("trajectory", "i2v_tiny"),
+     ("dmd2", "hunyuanvideo15_i2v_tiny")],
+)  # fmt: skip
 def test_other_methods_take_the_image_condition(
-    data_root: Path, tmp_path: Path, method: str
+    data_root: Path, tmp_path: Path, method: str, experiment: str
 ) -> None:
     """One step of plain flow matching and of each few-step method on i2v batches (the
     student's rollout, the guided teacher and dmd2's critic all see the first-frame
     condition, or the model refuses to run)."""
     job = _job(data_root, f"distill={method}", "distill.allow_random_teacher=true",
-               "distill.fewstep.critic_ratio=1", "train.steps=1")  # fmt: skip
+               "distill.fewstep.critic_ratio=1", "train.steps=1",
+               experiment=experiment)  # fmt: skip
     result = Trainer(job, tmp_path).fit()
     assert result.step == 1 and all(torch.isfinite(torch.tensor(result.losses)))

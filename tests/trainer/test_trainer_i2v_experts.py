@@ -58,7 +58,7 @@ def test_the_image_encoder_must_fit_the_image_states(
     takes them."""
     with pytest.raises(ValueError, match="no image states .* set data.image_encoder=latents"):
         Trainer(job("data.image_encoder=tiny"), tmp_path / "a")
-    with pytest.raises(ValueError, match="states of width 32: set data.image_encoder=tiny or clip"):
+    with pytest.raises(ValueError, match="width 32: set data.image_encoder=tiny, clip or siglip"):
         Trainer(job("model=wan_i2v_tiny"), tmp_path / "b")
     with pytest.raises(ValueError, match="must be null or one of"):
         job("data.image_encoder=states")
