@@ -39,7 +39,6 @@ def test_train_step_smoke(tmp_path):
     ]
     assert all("error" not in r and r["step_ms"] > 0 for r in rows), rows
     assert rows[1]["attn_share"] > 0 and rows[4]["attn_share"] is None  # not timed compiled
-    assert rows[2]["step_ms"] > rows[1]["step_ms"]  # rollouts, critic and student updates
     table = (tmp_path / "train_step.md").read_text()
     assert "the distillation step runs at" in table and "Where one step's time goes" in table
     assert all(r["profile"]["buckets"]["matmul"] > 0 for r in rows)
