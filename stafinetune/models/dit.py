@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -30,15 +31,19 @@ from .flavors import get_flavor
 from .windows import WindowPlan, build_window_plan
 
 ATTENTION_FILE = "stafinetune_attention.json"
+log = logging.getLogger(__name__)
 
 
 def model_config_values(model_cfg: ModelConfig) -> dict[str, Any]:
-    """The diffusers config of the model ``model_cfg`` names, read without building it."""
+    """The diffusers config of the model ``model_cfg`` names, read without building it (a
+    ``model.path`` folder's, with the flavor's say on ``ModelFamily.flavor_keys``)."""
+    flavor = get_flavor(model_cfg.flavor)
     if model_cfg.path is None:
-        return {**get_flavor(model_cfg.flavor).config, **dict(model_cfg.config_overrides)}
+        return {**flavor.config, **dict(model_cfg.config_overrides)}
     folder = resolve_transformer_dir(model_cfg.path)
     with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-        return json.load(f)
+        config = json.load(f)
+    return {**config, **flavor_decides(model_cfg, config)}
 
 
 def model_patch_size(model_cfg: ModelConfig) -> tuple[int, int, int]:
@@ -55,9 +60,32 @@ def model_image_dims(model_cfg: ModelConfig) -> ImageDims | None:
     return family.image_dims(config, first_frame=model_cfg.image_to_video)
 
 
+def flavor_decides(model_cfg: ModelConfig, config: Any) -> dict[str, Any]:
+    """The values of the family's ``flavor_keys`` where a ``model.path`` folder's ``config``
+    differs from ``model.flavor``'s, which win; each difference is logged as a warning.
+
+    HunyuanVideo 1.5's i2v and t2v transformers share one architecture and differ only in
+    ``task_type``, which the transformer never reads; folders converted by earlier diffusers
+    scripts say ``i2v`` for the 480p t2v model. The flavor is the user's statement.
+    """
+    flavor = get_flavor(model_cfg.flavor)
+    get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
+    changed = {}
+    for key in get_family(flavor.family).flavor_keys:
+        if key in flavor.config and get(key) != flavor.config[key]:
+            changed[key] = flavor.config[key]
+            log.warning(
+                "model.path=%s says %s=%r but model.flavor=%s has %r: following the flavor "
+                "(the transformer never reads %s)",
+                model_cfg.path, key, get(key), model_cfg.flavor, flavor.config[key], key,
+            )  # fmt: skip
+    return changed
+
+
 def check_image_mode(model_cfg: ModelConfig, config: Any) -> None:
     """Fail naming ``model.path`` when the transformer config it holds is image-to-video and
-    ``model.flavor`` text-to-video, or the other way round (``ModelFamily.image_dims``)."""
+    ``model.flavor`` text-to-video, or the other way round (``ModelFamily.image_dims``: Wan's
+    input channels)."""
     if model_cfg.path is None:
         return
     flavor = get_flavor(model_cfg.flavor)
@@ -68,8 +96,7 @@ def check_image_mode(model_cfg: ModelConfig, config: Any) -> None:
         raise ValueError(
             f"model.path={model_cfg.path!r} holds {kind[held]} transformer (its config.json) "
             f"but model.flavor={model_cfg.flavor!r} is {kind[named]} model: use the matching "
-            "flavor (HunyuanVideo 1.5: the config's task_type decides, and diffusers' conversion "
-            "script writes 'i2v' for 480p_t2v)"
+            "flavor"
         )
 
 
@@ -485,6 +512,7 @@ def build_model(
                 flavor.family, model_cfg.path, dtype, allow_pickle=model_cfg.allow_pickle_weights,
                 subfolder=subfolder,
             ).to(device)  # fmt: skip
+            transformer.register_to_config(**flavor_decides(model_cfg, transformer.config))
             check_image_mode(model_cfg, transformer.config)
         else:
             config = {**flavor.config, **dict(model_cfg.config_overrides)}

@@ -99,6 +99,9 @@ class ModelFamily:
 
     name: str = ""
     joint_text: bool = False  # text tokens follow the video tokens in the attention sequence
+    # config keys the transformer never reads but the family does, which the flavor decides
+    # over a model.path folder's config.json (HunyuanVideo 1.5: task_type)
+    flavor_keys: tuple[str, ...] = ()
 
     def transformer_class(self) -> type[nn.Module]:
         """The diffusers transformer class."""
@@ -464,6 +467,7 @@ class HunyuanVideo15Family(HunyuanFamily):
 
     name = "hunyuanvideo15"
     joint_text = True
+    flavor_keys = ("task_type",)
     CONDITION_KEYS = ("text_2", "text_2_mask")
 
     def transformer_class(self) -> type[nn.Module]:

@@ -271,8 +271,8 @@ FLAVORS.update(
             {**_HUNYUANVIDEO15_TINY, "image_embed_dim": 32, "task_type": "i2v", "target_size": 256},
         ),
         # the conversion script's TRANSFORMER_CONFIGS; the transformer never reads task_type,
-        # the family reads it as the image-to-video switch (the script's 480p_t2v entry says
-        # "i2v": a 480p t2v folder converted with it needs "t2v" in its config.json)
+        # the family reads it as the image-to-video switch, and the flavor's value wins over
+        # a model.path folder's (``dit.flavor_decides``: earlier scripts wrote "i2v" for 480p_t2v)
         "hunyuanvideo15_480p_t2v": Flavor(
             "hunyuanvideo15_480p_t2v",
             "hunyuanvideo15",

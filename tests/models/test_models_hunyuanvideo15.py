@@ -203,9 +203,11 @@ def test_condition_errors_name_the_tensor() -> None:
         run(build("wan_tiny"), b, condition=streams)
 
 
-def test_a_folder_of_the_other_task_is_refused(tmp_path) -> None:
-    """The i2v and t2v transformers share one shape: a folder whose ``task_type`` is not the
-    flavor's is refused naming ``model.path``, before building and when loading."""
+def test_the_flavor_decides_the_task_of_a_folder(tmp_path, caplog) -> None:
+    """The i2v and t2v transformers share one shape and differ only in ``task_type``, which
+    some converted folders get wrong: ``model.flavor`` decides, before building and when
+    loading, with a warning naming ``model.path``; a Wan folder of the other task (other
+    input channels) is refused."""
     import json
 
     from stafinetune.models.dit import model_image_dims
@@ -213,13 +215,18 @@ def test_a_folder_of_the_other_task_is_refused(tmp_path) -> None:
     build(FLAVOR, mode="full").save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "task_type": "i2v"}))
-    model_cfg = ModelConfig(flavor=FLAVOR, path=str(tmp_path))
-    refused = "model.path=.* holds an image-to-video transformer .* is a text-to-video model"
-    with pytest.raises(ValueError, match=refused):
-        model_image_dims(model_cfg)
-    with pytest.raises(ValueError, match=refused):
-        build_model(model_cfg, AttentionConfig(mode="full"))
+    as_t2v = ModelConfig(flavor=FLAVOR, path=str(tmp_path))
+    with caplog.at_level("WARNING", logger="stafinetune.models.dit"):
+        assert model_image_dims(as_t2v) is None
+        dit = build_model(as_t2v, AttentionConfig(mode="full"))
+    assert dit.image_dims is None and dit.transformer.config.task_type == "t2v"
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2 and all(f"model.path={tmp_path} says task_type='i2v'" in m for m in said)
     assert model_image_dims(ModelConfig(flavor=I2V, path=str(tmp_path))) == ImageDims(17, 20)
+    wan = tmp_path / "wan_i2v"
+    build("wan_i2v_tiny", mode="full").save_pretrained(wan)
+    with pytest.raises(ValueError, match="holds an image-to-video transformer .* is a text-to"):
+        model_image_dims(ModelConfig(flavor="wan_tiny", path=str(wan)))
 
 
 @pytest.mark.parametrize(
