@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 # one step with one critic update: every model call of the method runs under the wrapper
 DMD2 = ("distill=dmd2", "attention.dense_first_steps=0", "distill.fewstep.critic_ratio=1",
-        "train.steps=1", "train.export=true", "train.sample_steps=0")  # fmt: skip
+        "train.steps=1", "train.export=true", "train.sample_steps=0", "train.val_every=0")  # fmt: skip
 
 
 def _series(rows: list[dict], key: str) -> list[float]:
