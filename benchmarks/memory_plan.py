@@ -32,12 +32,12 @@ Assumptions (bf16 autocast, AdamW, gradient checkpointing per block, batch 1):
     python benchmarks/memory_plan.py --check              # on a GPU: estimate vs measured peak
     python benchmarks/memory_plan.py --frozen-fp8         # the teacher in FP8 (ddp, fsdp2)
     python benchmarks/memory_plan.py --gpus 4 --frozen-fp8 --offload  # and the offload levers
-    python benchmarks/memory_plan.py --single-gpu         # LoRA on one GPU: offload levers, FP8 base
+    python benchmarks/memory_plan.py --single-gpu         # LoRA on one GPU: offload levers, bf16 / FP8 base
     python benchmarks/memory_plan.py --check-offload      # on a GPU: each lever's measured peak
 
 ``--single-gpu`` (:func:`offload_estimate`): a LoRA student whose frozen base is also its
-dense teacher (its fp32 weights, or under ``train.frozen_weights=fp8`` its block linears in
-FP8), in one process, with the ``offload`` levers of ``docs/configuration.md#memory``:
+dense teacher (its fp32 weights, or under ``train.frozen_weights=bf16`` / ``fp8`` its block
+linears in bf16 / FP8), in one process, with the ``offload`` levers of ``docs/configuration.md#memory``:
 ``offload.activations`` keeps two blocks' inputs on the GPU (the one in use, the one being
 copied) instead of every block's; ``offload.teacher_attention`` two layers' targets instead of
 every layer's; ``offload.block_swap=N`` keeps the non-block weights and N + 2 blocks of the
@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 GIB = 2**30
 RESULTS = Path(__file__).parent / "results"
@@ -107,25 +108,39 @@ def model_shape(name: str, flavor: str, canvas: tuple[int, int, int], text: int,
     )
 
 
-def fp8_teacher_bytes_per_param(
-    flavor: str, overrides: dict | None = None, rest_bytes: int = 2
-) -> float:
-    """Bytes per teacher parameter under ``train.frozen_weights=fp8``: the block linears of
-    ``stafinetune.models.fp8`` at 1 byte plus a 4-byte scale per output row, the rest at
-    ``rest_bytes`` (2: a bf16 teacher; 4: a LoRA student's fp32 base)."""
+def _stored_linears(flavor: str, overrides: dict | None) -> tuple[int, list[nn.Linear]]:
+    """All parameters of ``flavor`` and the frozen block linears that ``train.frozen_weights``
+    stores (``stafinetune.models.fp8.frozen_linear_names``), built on the meta device."""
     from stafinetune.models import AttentionConfig, ModelConfig, build_model
-    from stafinetune.models.fp8 import fp8_linear_names
+    from stafinetune.models.fp8 import frozen_linear_names
 
     dit = build_model(
         ModelConfig(flavor=flavor, config_overrides=overrides or {}),
         AttentionConfig(mode="full"),
         device="meta",
     ).requires_grad_(False)
-    layers = [dit.transformer.get_submodule(n) for n in fp8_linear_names(dit)]
-    params = sum(p.numel() for p in dit.parameters())
+    layers = [dit.transformer.get_submodule(n) for n in frozen_linear_names(dit)]
+    return sum(p.numel() for p in dit.parameters()), layers
+
+
+def fp8_teacher_bytes_per_param(
+    flavor: str, overrides: dict | None = None, rest_bytes: int = 2
+) -> float:
+    """Bytes per teacher parameter under ``train.frozen_weights=fp8``: the block linears of
+    ``stafinetune.models.fp8`` at 1 byte plus a 4-byte scale per output row, the rest at
+    ``rest_bytes`` (2: a bf16 teacher; 4: a LoRA student's fp32 base)."""
+    params, layers = _stored_linears(flavor, overrides)
     fp8 = sum(m.weight.numel() for m in layers)
     rows = sum(m.out_features for m in layers)
     return (rest_bytes * (params - fp8) + fp8 + 4 * rows) / params
+
+
+def bf16_base_bytes_per_param(flavor: str, overrides: dict | None = None) -> float:
+    """Bytes per parameter of a LoRA student's fp32 base under ``train.frozen_weights=bf16``:
+    the block linears' weights and biases at 2 bytes, the rest at 4."""
+    params, layers = _stored_linears(flavor, overrides)
+    stored = sum(p.numel() for m in layers for p in m.parameters())
+    return (4 * (params - stored) + 2 * stored) / params
 
 
 def estimate(shape: Shape, *, strategy: str, sp: int, gpus: int, teacher: str = "replicate",
@@ -321,8 +336,9 @@ def offload_estimate(shape: Shape, offload: Offload, *, lora_rank: int = 64,
     is the student's base (fp32, as the student is built; autocast computes in bf16), with
     ``offload``'s levers (the activation terms as in :func:`estimate`, at sp=1).
 
-    ``base_bytes_per_param``: 4 (fp32), or under ``train.frozen_weights=fp8``
-    :func:`fp8_teacher_bytes_per_param` with ``rest_bytes=4`` (taken as the blocks' too)."""
+    ``base_bytes_per_param``: 4 (fp32), or under ``train.frozen_weights=fp8`` /
+    ``bf16`` :func:`fp8_teacher_bytes_per_param` with ``rest_bytes=4`` /
+    :func:`bf16_base_bytes_per_param` (taken as the blocks' too)."""
     block_bytes = base_bytes_per_param * shape.block_params
     base = base_bytes_per_param * shape.params
     on_device_base = base
@@ -407,9 +423,11 @@ def plan_single_gpu(budget_gib: float = 80.0) -> dict:
         Offload(activations=True, teacher_attention=True, block_swap=4),
     ]
     fp8_bytes = fp8_teacher_bytes_per_param("wan2.1_t2v_14b", rest_bytes=4)
+    bf16_bytes = bf16_base_bytes_per_param("wan2.1_t2v_14b")
     rows = []
     for shape in shapes:
         for frozen, bytes_per_param, row_levers in (("fp32", 4.0, levers),
+                                                    ("bf16", bf16_bytes, fp8_levers),
                                                     ("fp8", fp8_bytes, fp8_levers)):  # fmt: skip
             for offload in row_levers:
                 est = offload_estimate(shape, offload, base_bytes_per_param=bytes_per_param)
@@ -421,7 +439,8 @@ def plan_single_gpu(budget_gib: float = 80.0) -> dict:
 def markdown_single_gpu(plan: dict) -> str:
     lines = [
         "GiB of a LoRA (rank 64) STA distillation step on one GPU, its teacher the frozen "
-        "base (fp32, or with train.frozen_weights=fp8 its block linears in FP8), batch 1, bf16 "
+        "base (fp32, or with train.frozen_weights=bf16 / fp8 its block linears in bf16 / FP8), "
+        "batch 1, bf16 "
         "autocast, gradient checkpointing, attention loss on; fits = under "
         f"90% of {plan['budget_gib']:.0f} GiB; host = pinned host memory the levers use.",
         "",

@@ -22,6 +22,7 @@ from stafinetune.config import DistillConfig, JobConfig
 from stafinetune.data import DataConfig, TrainLoader, build_train_loader, prepare_data
 from stafinetune.errors import user_errors
 from stafinetune.models import AttentionConfig, ModelConfig, VideoDiT, build_model
+from stafinetune.models.bf16 import apply_frozen_weights
 from stafinetune.models.dit import (
     cast_like_diffusers,
     model_image_dims,
@@ -31,7 +32,6 @@ from stafinetune.models.dit import (
 from stafinetune.models.experts import model_parts
 from stafinetune.models.families import ImageDims
 from stafinetune.models.flavors import get_flavor
-from stafinetune.models.fp8 import apply_fp8_weights
 from stafinetune.parallel import ParallelDims
 
 log = logging.getLogger(__name__)
@@ -309,8 +309,9 @@ def build_teacher(job: JobConfig, student_device: torch.device) -> VideoDiT | No
 
     Its weights: ``distill.teacher_path``, else ``model.path``, else (only with
     ``distill.allow_random_teacher``, which the config check demands) the student's initial
-    weights (the same flavor built from the same seed). ``train.frozen_weights=fp8`` stores
-    its blocks' linear layers in FP8 (:mod:`stafinetune.models.fp8`).
+    weights (the same flavor built from the same seed). ``train.frozen_weights=fp8`` / ``bf16``
+    stores its blocks' linear layers in that dtype (:mod:`stafinetune.models.fp8`,
+    :mod:`stafinetune.models.bf16`).
     """
     dcfg = job.distill
     if not dcfg.needs_teacher:
@@ -328,8 +329,7 @@ def build_teacher(job: JobConfig, student_device: torch.device) -> VideoDiT | No
     teacher = build_seeded(model_cfg, dense, seed=job.train.seed, device=device, dtype=dtype)
     teacher.requires_grad_(False)
     teacher.eval()
-    if job.train.frozen_weights == "fp8":
-        apply_fp8_weights(teacher)
+    apply_frozen_weights(teacher, job.train.frozen_weights)
     return teacher
 
 

@@ -22,7 +22,7 @@ from stafinetune.data.config import DataConfig
 from stafinetune.models.config import AttentionConfig, ModelConfig, OffloadConfig
 from stafinetune.parallel.world import launched_rank
 
-FROZEN_WEIGHTS = ("none", "fp8")
+FROZEN_WEIGHTS = ("none", "bf16", "fp8")
 
 
 def _check(cond: bool, message: str) -> None:
@@ -57,8 +57,9 @@ class TrainConfig:
     lora_targets: list[str] | None = None  # module-name suffixes; None: STA q/k/v/out projections
     lora_dropout: float = 0.0  # dropout on the adapter's input
     lora_merge_export: bool = False  # also export the merged transformer (export/transformer)
-    # how frozen weights are stored: none (as built) | fp8 (the separate teacher's and, with
-    # trainable=lora, the base's block linears in float8 e4m3; stafinetune.models.fp8)
+    # how frozen weights are stored: none (as built) | bf16 | fp8 (the separate teacher's
+    # and, with trainable=lora, the base's block linears in bf16, lossless under bf16
+    # autocast, or in float8 e4m3; stafinetune.models.bf16, stafinetune.models.fp8)
     frozen_weights: str = "none"
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
@@ -434,16 +435,17 @@ class JobConfig:
             f"distill.method={self.distill.method} trains a student that samples every step with "
             f"STA: attention.dense_first_steps must be 0, got {self.attention.dense_first_steps}",
         )
-        if self.train.frozen_weights == "fp8":
+        frozen = self.train.frozen_weights
+        if frozen != "none":
             _check(
                 self.distill.needs_teacher or self.train.trainable == "lora",
-                "train.frozen_weights=fp8 stores the frozen teacher and a LoRA base in FP8, but "
-                "this run has neither (distill.w_attn = distill.w_out = 0 and train.trainable="
-                f"{self.train.trainable!r})",
+                f"train.frozen_weights={frozen} stores the frozen teacher and a LoRA base in "
+                f"{frozen}, but this run has neither (distill.w_attn = distill.w_out = 0 and "
+                f"train.trainable={self.train.trainable!r})",
             )
             _check(
                 self.parallel.strategy in ("ddp", "fsdp2"),
-                "train.frozen_weights=fp8 needs parallel.strategy=ddp or fsdp2, got "
+                f"train.frozen_weights={frozen} needs parallel.strategy=ddp or fsdp2, got "
                 f"{self.parallel.strategy!r}",
             )
         _check(

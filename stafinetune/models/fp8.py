@@ -4,7 +4,7 @@ A frozen model (the dense teacher, a LoRA student's base) keeps each large linea
 its transformer blocks as :class:`Fp8Linear`: 1 byte per weight and one fp32 scale per
 output channel, instead of 2 (bf16) or 4 (fp32) bytes per weight.
 
-- Which layers (:func:`fp8_linear_names`): every ``nn.Linear`` inside the blocks that hold
+- Which layers (:func:`frozen_linear_names`): every ``nn.Linear`` inside the blocks that hold
   the STA layers (attention q/k/v/out, Wan's text cross-attention, the FFN, HunyuanVideo's
   context projections and single blocks' ``proj_mlp``/``proj_out``) whose weights are frozen.
   Embeddings, the token refiner, norms and their modulation linears (``norm*.linear``), the
@@ -29,6 +29,7 @@ output channel, instead of 2 (bf16) or 4 (fp32) bytes per weight.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -161,10 +162,10 @@ def _frozen(module: nn.Linear) -> bool:
     return all(not p.requires_grad for p in module.parameters())
 
 
-def fp8_linear_names(dit: VideoDiT) -> list[str]:
-    """Names (relative to ``dit.transformer``) of the linear layers FP8 storage applies to:
-    the frozen ``nn.Linear`` layers of the STA blocks, outside norms and their modulation
-    (a LoRA layer's frozen ``base_layer`` included, its trainable adapter not)."""
+def frozen_linear_names(dit: VideoDiT) -> list[str]:
+    """Names (relative to ``dit.transformer``) of the linear layers FP8 and bf16 storage
+    apply to: the frozen ``nn.Linear`` layers of the STA blocks, outside norms and their
+    modulation (a LoRA layer's frozen ``base_layer`` included, its trainable adapter not)."""
     path = {id(m): n for n, m in dit.transformer.named_modules()}
     names = []
     for block in dit.adapter.sta_blocks(dit.transformer):
@@ -178,16 +179,22 @@ def fp8_linear_names(dit: VideoDiT) -> list[str]:
 
 
 @torch.no_grad()
-def apply_fp8_weights(dit: VideoDiT) -> list[str]:
-    """Store the frozen large linears of ``dit`` (:func:`fp8_linear_names`) as :class:`Fp8Linear`,
-    in place; returns their names. Apply before any parallel wrapping; under LoRA, after the
-    adapter is added (the base layers are then frozen)."""
-    names = fp8_linear_names(dit)
+def replace_frozen_linears(dit: VideoDiT, make: Callable[[nn.Linear], nn.Module]) -> list[str]:
+    """Replace each of ``dit``'s :func:`frozen_linear_names` layers by ``make(layer)``, in
+    place; returns their names."""
+    names = frozen_linear_names(dit)
     for name in names:
         parent, _, child = name.rpartition(".")
         owner = dit.transformer.get_submodule(parent)
-        setattr(owner, child, Fp8Linear.from_linear(getattr(owner, child)))
+        setattr(owner, child, make(getattr(owner, child)))
     return names
+
+
+def apply_fp8_weights(dit: VideoDiT) -> list[str]:
+    """Store the frozen large linears of ``dit`` (:func:`frozen_linear_names`) as :class:`Fp8Linear`,
+    in place; returns their names. Apply before any parallel wrapping; under LoRA, after the
+    adapter is added (the base layers are then frozen)."""
+    return replace_frozen_linears(dit, Fp8Linear.from_linear)
 
 
 def dequantize_state_dict(

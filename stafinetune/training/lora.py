@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from stafinetune.models import VideoDiT
+from stafinetune.models.bf16 import Bf16Linear
 from stafinetune.models.dit import save_attention_config
 from stafinetune.models.fp8 import dequantize_state_dict
 
@@ -188,8 +189,8 @@ def merged_state_dict(
 ) -> dict[str, torch.Tensor]:
     """The transformer's state dict with the adapter merged (``W + alpha / r * B @ A``), under
     the plain diffusers names (``...to_q.weight``); the model itself is not changed. A base
-    stored in FP8 (``train.frozen_weights=fp8``) is merged dequantised, the weights the
-    adapter was trained on.
+    stored in FP8 or bf16 (``train.frozen_weights``) is merged from the weights the adapter
+    was trained on, in fp32 like the rest of the model.
     ``state``: the full weights when the module itself is sharded."""
     from peft.tuners.lora import LoraLayer
 
@@ -199,6 +200,11 @@ def merged_state_dict(
         if isinstance(module, LoraLayer) and ADAPTER in module.lora_A
     }
     tensors = dequantize_state_dict(_transformer_tensors(dit, state))  # an FP8 base: as trained
+    stored_bf16 = {  # a bf16 base: back to the model's fp32, exactly
+        f"{name}.{p}" for name, m in dit.transformer.named_modules() if isinstance(m, Bf16Linear)
+        for p in ("weight", "bias")
+    }  # fmt: skip
+    tensors = {k: v.float() if k in stored_bf16 else v for k, v in tensors.items()}
     merged = {}
     for key, value in tensors.items():
         if _LORA_KEY.search(key):

@@ -13,7 +13,7 @@ from torch import nn
 
 from stafinetune.config import TrainConfig
 from stafinetune.models import VideoDiT
-from stafinetune.models.fp8 import apply_fp8_weights
+from stafinetune.models.bf16 import apply_frozen_weights
 
 
 def select_trainable(model: nn.Module, pattern: str) -> list[str]:
@@ -50,8 +50,8 @@ def apply_trainable(model: VideoDiT, cfg: TrainConfig) -> list[str]:
     """Make ``train.trainable``'s parameters the only trainable ones; return their names.
 
     ``lora`` adds a LoRA adapter (``train.lora_*``, see :mod:`stafinetune.training.lora`) and trains
-    only that; with ``train.frozen_weights=fp8`` its frozen base layers are then stored in FP8
-    (:func:`stafinetune.models.fp8.apply_fp8_weights`). Anything else is
+    only that; with ``train.frozen_weights=fp8`` or ``bf16`` its frozen base layers are then
+    stored in that dtype (:func:`stafinetune.models.bf16.apply_frozen_weights`). Anything else is
     :func:`select_trainable`'s pattern.
     """
     if cfg.trainable == "lora":
@@ -65,8 +65,7 @@ def apply_trainable(model: VideoDiT, cfg: TrainConfig) -> list[str]:
             dropout=cfg.lora_dropout,
             seed=cfg.seed,
         )
-        if cfg.frozen_weights == "fp8":
-            apply_fp8_weights(model)
+        apply_frozen_weights(model, cfg.frozen_weights)
         return names
     return select_trainable(model, cfg.trainable)
 

@@ -355,8 +355,8 @@ class Trainer:
         if self.teacher is not None:
             t_param = next(self.teacher.parameters())
             teacher = f"dense, {t_param.dtype}, on {t_param.device}"
-            if self.job.train.frozen_weights == "fp8":
-                teacher += ", block linears in FP8"
+            if self.job.train.frozen_weights != "none":
+                teacher += f", block linears in {self.job.train.frozen_weights}"
             if isinstance(self.teacher, BaseModelTeacher):
                 teacher = f"the student's base model (LoRA adapter off), {teacher}"
         canvases = ", ".join(str(c) for c in self.data.canvases)

@@ -34,6 +34,20 @@ def build(flavor: str, seed: int = 0, **attention) -> VideoDiT:
     return build_model(ModelConfig(flavor=flavor), AttentionConfig(**attention), device="cpu", dtype=torch.float32)
 
 
+def build_lora(flavor: str = "wan_tiny") -> tuple[VideoDiT, list[str]]:
+    """A tiny STA DiT (window 3x3x3) with a rank-2 LoRA adapter whose B matrices are random
+    (not zero, so the adapter changes the output); returns it and its trainable names."""
+    from stafinetune.training.lora import apply_lora
+
+    dit = build(flavor, window=[3, 3, 3])
+    trainable = apply_lora(dit, rank=2, alpha=4.0)
+    with torch.no_grad():
+        for name, param in dit.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    return dit, trainable
+
+
 def original(dit: VideoDiT) -> torch.nn.Module:
     """The untouched diffusers model (its own processors) holding ``dit``'s weights and dtypes."""
     from diffusers import HunyuanVideoTransformer3DModel, WanTransformer3DModel

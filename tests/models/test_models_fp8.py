@@ -7,17 +7,17 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from dit_testing import build, make_batch, run
+from dit_testing import build, build_lora, make_batch, run
 
 from stafinetune.models.fp8 import (
     E4M3_MAX,
     Fp8Linear,
     apply_fp8_weights,
     dequantize_fp8,
-    fp8_linear_names,
+    frozen_linear_names,
     quantize_fp8,
 )
-from stafinetune.training.lora import apply_lora, merged_state_dict
+from stafinetune.training.lora import merged_state_dict
 
 
 def _weight(out: int = 96, inp: int = 80, seed: int = 0) -> torch.Tensor:
@@ -73,7 +73,7 @@ def test_fp8_linear_equals_the_float64_layer_of_its_dequantised_weight(dtype, to
 @pytest.mark.parametrize("flavor", ["wan_tiny", "hunyuan_tiny"])
 def test_a_model_stores_its_block_linears_in_fp8_and_computes_with_them(flavor):
     dit = build(flavor, mode="full").requires_grad_(False)
-    names = fp8_linear_names(dit)
+    names = frozen_linear_names(dit)
     assert names and all(".norm" not in n for n in names)
     blocks = [
         n
@@ -103,12 +103,7 @@ def test_a_model_stores_its_block_linears_in_fp8_and_computes_with_them(flavor):
 
 
 def test_a_lora_base_in_fp8_passes_gradients_to_the_adapter_only():
-    dit = build("wan_tiny", window=[3, 3, 3])
-    trainable = apply_lora(dit, rank=2, alpha=4.0)
-    with torch.no_grad():
-        for name, param in dit.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    dit, trainable = build_lora()
     base_names = apply_fp8_weights(dit)
     assert base_names and all(n.endswith(".base_layer") or "attn1" not in n for n in base_names)
     assert {n for n, p in dit.named_parameters() if p.requires_grad} == set(trainable)
