@@ -15,6 +15,12 @@ gradient checkpointing per block. Per suite (model and resolution) the rows are:
               4 steps, ``--critic-ratio`` critic updates per student update, STA critic):
               student rollouts, the teacher's and the critic's forwards, the critic's and the
               student's backward and AdamW steps (student + critic + teacher in memory)
+    lora      LoRA STA distillation (rank ``--lora-rank`` on the STA layers' q/k/v/out, as
+              ``train.trainable=lora``) whose teacher is the frozen base with the adapter off,
+              the base in fp32 (``lora``), bf16 (``lora_bf16``) or FP8 (``lora_fp8``):
+              ``train.frozen_weights``. Opt-in (not in the default --kinds) and run after the
+              suite's other rows, whose models leave the GPU first, so the peak is the LoRA
+              step's own.
 
 each with ``model.checkpoint_policy`` full and selective (keeps attention outputs, so the
 recomputation skips attention), and with ``--compile`` (``model.compile``: each block and its
@@ -81,11 +87,13 @@ from sta_kernels import density
 from stafinetune.config import DistillConfig
 from stafinetune.diffusion.flow_matching import add_noise
 from stafinetune.models import AttentionConfig, ModelConfig, build_model
+from stafinetune.models.bf16 import apply_frozen_weights
 from stafinetune.models.dit import cast_like_diffusers
 from stafinetune.models.profiling import AttentionTimer
 from stafinetune.parallel.parallelize import apply_compile
 from stafinetune.training.distill import DistillStep
 from stafinetune.training.fewstep import DMD2Distill
+from stafinetune.training.lora import BaseModelTeacher, apply_lora
 
 
 @dataclass(frozen=True)
@@ -128,7 +136,9 @@ SMOKE_SUITES = {
                            tile=(1, 2, 2)),
 }  # fmt: skip
 
-KINDS = ("dense", "sta", "teacher", "distill", "dmd2")
+KINDS = ("dense", "sta", "teacher", "distill", "dmd2", "lora", "lora_bf16", "lora_fp8")
+DEFAULT_KINDS = KINDS[:5]
+LORA_FROZEN = {"lora": "none", "lora_bf16": "bf16", "lora_fp8": "fp8"}  # train.frozen_weights
 
 
 class LocalEngine:
@@ -163,18 +173,20 @@ class Row:
 
 
 def suite_rows(suite: Suite, kinds: list[str], policies: list[str], compile: bool) -> list[Row]:
-    """The rows of ``suite``: eager ones first (compiling changes the models in place)."""
+    """The rows of ``suite``: eager ones first (compiling changes the models in place), the
+    LoRA rows last (their first one moves the other models off the device)."""
     if suite.compile_only:
         policy = policies[-1]
         return [Row("distill", policy), Row("distill", policy, compiled=True)]
     rows = []
-    for kind in kinds:
+    for kind in (k for k in kinds if k not in LORA_FROZEN):
         if kind == "teacher":
             rows.append(Row("teacher", "-"))
             continue
         rows.extend(Row(kind, p) for p in policies)
     if compile:
         rows.extend(Row(r.kind, r.policy, True) for r in list(rows) if r.kind != "teacher")
+    rows.extend(Row(k, p) for k in kinds if k in LORA_FROZEN for p in policies)
     return rows
 
 
@@ -213,6 +225,7 @@ class Bench:
         self.tokens = math.prod(self.canvas)
         self.compiled_student = self.compiled_teacher = False
         self.critic = None  # the dmd2 row's, built on first use
+        self.lora_model: Any = None  # the LoRA rows' model, rebuilt per row
 
     def dmd2_step(self, row: Row, critic_ratio: int):
         """One few-step distribution-matching step: critic updates, then the student's."""
@@ -236,6 +249,35 @@ class Bench:
             method.forward_backward(student, lambda: self.batch, gen, 1)
             student.clip_grad_norm(1.0)
             student.step()
+
+        return train_step
+
+    def lora_step(self, row: Row, rank: int):
+        """One LoRA distillation step whose teacher is the frozen base (adapter off), the base
+        stored as ``train.frozen_weights`` says for ``row.kind``. The first LoRA row moves
+        the suite's full-finetuning models to the host (LoRA rows run last)."""
+        bf16 = self.device.type == "cuda"
+        if self.teacher is not None:
+            self.student.cpu()  # the fp32 weights every LoRA model is built from
+            self.teacher = self.critic = None
+            self.optimizer.state.clear()
+        self.lora_model = None
+        free_memory(self.device)
+        dit = copy.deepcopy(self.student).to(self.device)
+        trainable = apply_lora(dit, rank=rank)
+        apply_frozen_weights(dit, LORA_FROZEN[row.kind])
+        dit.enable_gradient_checkpointing(row.policy)
+        self.lora_model = dit
+        params = [p for n, p in dit.named_parameters() if n in set(trainable)]
+        optimizer = torch.optim.AdamW(params, lr=1e-6, fused=self.device.type == "cuda")
+        cfg = DistillConfig(w_data=0.0, w_out=1.0, w_attn=1.0)
+        step = DistillStep(cfg, BaseModelTeacher(dit), self.device, bf16=bf16, teacher_bf16=bf16)
+
+        def train_step() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            terms = step.losses(dit, dit, self.batch, self.noise, self.sigma)
+            terms["total"].backward()
+            optimizer.step()
 
         return train_step
 
@@ -282,15 +324,19 @@ class Bench:
         return train_step
 
     def measure(self, row: Row, warmup: int, iters: int, profile: bool = False,
-                critic_ratio: int = 5) -> dict[str, Any]:  # fmt: skip
-        step = self.configure(row)
-        fn = self.dmd2_step(row, critic_ratio) if row.kind == "dmd2" else self.step_fn(row, step)
+                critic_ratio: int = 5, lora_rank: int = 64) -> dict[str, Any]:  # fmt: skip
+        if row.kind in LORA_FROZEN:
+            fn = self.lora_step(row, lora_rank)
+            modules = [self.lora_model.attention]
+        else:
+            step = self.configure(row)
+            fn = self.dmd2_step(row, critic_ratio) if row.kind == "dmd2" else self.step_fn(row, step)
+            modules = [self.student.attention, self.teacher.attention]
         reset_peak(self.device)
         for _ in range(warmup):
             fn()
         synchronize(self.device)
         times = [time_call(fn, self.device) for _ in range(iters - 1)]
-        modules = [self.student.attention, self.teacher.attention]
         timer = AttentionTimer(modules, self.device, enabled=not row.compiled)
         timer.start()
         last = time_call(fn, self.device)
@@ -329,7 +375,7 @@ def run_suite(name: str, suite: Suite, args: argparse.Namespace, device: torch.d
         record.update(meta)
         print(f"[{budget.elapsed():6.0f} s] {name}: {row}", flush=True)
         measure = functools.partial(bench.measure, row, args.warmup, args.iters, args.profile,
-                                    args.critic_ratio)  # fmt: skip
+                                    args.critic_ratio, args.lora_rank)  # fmt: skip
         with sdpa_priority(device, args.sdpa):
             record.update(run_guarded(measure, device))
         out.append(record)
@@ -402,6 +448,16 @@ def summary_lines(rows: list[dict[str, Any]]) -> list[str]:
         if best["dense"] and best["distill"]:
             out.append(f"- {title}, fastest of each: distillation at "
                        f"{best['dense'] / best['distill']:.2f}x the speed of dense finetuning.")  # fmt: skip
+        for policy in ("full", "selective"):
+            lora = {r["kind"]: r for r in mine if r["kind"] in LORA_FROZEN and r["policy"] == policy}
+            base = lora.get("lora")
+            for kind in ("lora_bf16", "lora_fp8"):
+                if base and kind in lora:
+                    r = lora[kind]
+                    out.append(f"- {title}, {policy} checkpointing: LoRA with the base in "
+                               f"{LORA_FROZEN[kind]} takes {r['step_ms'] / base['step_ms']:.2f}x "
+                               f"the fp32 base's step time, peak {fmt(base['peak_gib'], '.1f')} -> "
+                               f"{fmt(r['peak_gib'], '.1f')} GiB.")  # fmt: skip
     for r in (r for r in done if r["compiled"]):
         twin = [e for e in done if not e["compiled"] and
                 (e["suite"], e["kind"], e["policy"]) == (r["suite"], r["kind"], r["policy"])]  # fmt: skip
@@ -420,7 +476,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="wan480,wan720,hunyuan720,compile,wan22_ti2v720",
         help=f"comma-separated, from {list(SUITES)}",
     )
-    parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, from {KINDS}")
+    parser.add_argument("--kinds", default=",".join(DEFAULT_KINDS),
+                        help=f"comma-separated, from {KINDS}")  # fmt: skip
     parser.add_argument(
         "--policies",
         default="full,selective",
@@ -440,6 +497,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--window", type=int, nargs=3, default=[3, 3, 3])
     parser.add_argument("--critic-ratio", type=int, default=5, help="dmd2: critic updates")
+    parser.add_argument("--lora-rank", type=int, default=64, help="lora rows: the adapter's rank")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument(
         "--iters", type=int, default=1, help="timed steps per row after the warm-up (median)"
