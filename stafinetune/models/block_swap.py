@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import _disable_current_modes
 
 Slot = tuple[nn.Module, str, nn.Parameter]  # (module, parameter name, the host-side parameter)
 
@@ -106,7 +107,7 @@ class BlockSwap:
         for i, block in enumerate(self.blocks):
             if i >= self.resident - 1:  # the last resident block prefetches the first swapped
                 self._handles += [
-                    block.register_forward_pre_hook(lambda m, a, i=i: self._before(i)),
+                    block.register_forward_pre_hook(lambda m, a, i=i: self._hook_before(i)),
                     block.register_forward_hook(
                         lambda m, a, o, i=i: self._after(i), always_call=True
                     ),
@@ -138,6 +139,13 @@ class BlockSwap:
         else:  # host to host: the same path without a device
             devs, event = [h.clone() for h in hosts], None
         self._inflight[i] = (devs, event)
+
+    def _hook_before(self, i: int) -> None:
+        # outside any dispatch mode: under selective checkpointing the block's forward runs
+        # in one that records each op to replay it in the recomputation, and these copies
+        # differ between the two (the recomputation prefetches the previous block)
+        with _disable_current_modes():
+            self._before(i)
 
     def _before(self, i: int) -> None:
         if i in self._slots:

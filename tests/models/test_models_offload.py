@@ -126,10 +126,13 @@ def test_block_swap_forward_equals_the_resident_forward(flavor, resident):
         assert torch.equal(run(dit, b), expected)
 
 
-def test_block_swap_under_a_trained_adapter_is_exact():
+@pytest.mark.parametrize("policy", ["full", "selective"])
+def test_block_swap_under_a_trained_adapter_is_exact(policy):
     """Frozen block weights swapped while trainable ones (a stand-in adapter: the blocks'
     biases of the attention output) learn: the checkpointed recomputation in backward swaps
-    the blocks in again, prefetching the previous block, with the same gradients."""
+    the blocks in again, prefetching the previous block, with the same gradients. Selective
+    checkpointing replays the forward's recorded ops in the recomputation: the swap's copies
+    (which differ there) stay out of that record."""
     b = make_batch(batch=1, text_lens=(9,))
     results = []
     for swapped in (False, True):
@@ -138,7 +141,7 @@ def test_block_swap_under_a_trained_adapter_is_exact():
             param.requires_grad_(
                 not name.startswith("transformer.blocks.") or "to_out.0.bias" in name
             )
-        dit.enable_gradient_checkpointing()
+        dit.enable_gradient_checkpointing(policy)
         if swapped:
             swap = apply_block_swap(dit, 0)
         results.append(_step(dit, b))
