@@ -20,7 +20,8 @@ gradient checkpointing per block. Per suite (model and resolution) the rows are:
               the base in fp32 (``lora``), bf16 (``lora_bf16``) or FP8 (``lora_fp8``):
               ``train.frozen_weights``. Opt-in (not in the default --kinds) and run after the
               suite's other rows, whose models leave the GPU first, so the peak is the LoRA
-              step's own.
+              step's own. ``--offload none,single_gpu`` times each LoRA row without and with
+              ``offload=single_gpu`` (activations, teacher_attention, block_swap=4).
 
 each with ``model.checkpoint_policy`` full and selective (keeps attention outputs, so the
 recomputation skips attention), and with ``--compile`` (``model.compile``: each block and its
@@ -35,6 +36,9 @@ checkpoint compiled as one region) as extra rows. Suites:
     hv15_720p   HunyuanVideo 1.5 8.3B-shaped, 4 of its 54 full-width dual-stream blocks,
                 121 frames 720x1280: canvas 31x45x80 (111,600 tokens) + 256 text tokens
                 (not in the default --suites)
+    wan14b720   Wan 2.1 T2V 14B, all 40 blocks, 81 frames 720x1280 (75,600 tokens): LoRA rows
+                only (issue 37's single-GPU case; its random weights are made on the host)
+                (not in the default --suites)
     wan22_ti2v720  Wan 2.2 TI2V-5B-shaped, 10 of its 30 full-width blocks (the whole model's
                 fp32 weights and AdamW state would not fit one GPU), text-to-video, 121 frames
                 704x1280 through the 16x VAE: canvas 31x22x40 (27,280 tokens)
@@ -48,6 +52,8 @@ Windows are one triple for every layer and head (default 3x3x3 tiles of 6x8x8 to
     PYTHONPATH=kernels:. python benchmarks/train_step.py                 # all suites (~6 min on an H200 before wan22_ti2v720, unmeasured)
     PYTHONPATH=kernels:. python benchmarks/train_step.py --suites wan720 --policies selective
     PYTHONPATH=kernels:. python benchmarks/train_step.py --suites hv15_720p  # HunyuanVideo 1.5
+    PYTHONPATH=kernels:. python benchmarks/train_step.py --suites wan14b720 --policies full \
+        --offload none,single_gpu      # Wan 14B LoRA on one GPU: fp32 / bf16 / FP8 base, levers
     PYTHONPATH=kernels:. python benchmarks/train_step.py --smoke          # CPU, tiny models: checks the script
 """
 
@@ -88,7 +94,9 @@ from stafinetune.config import DistillConfig
 from stafinetune.diffusion.flow_matching import add_noise
 from stafinetune.models import AttentionConfig, ModelConfig, build_model
 from stafinetune.models.bf16 import apply_frozen_weights
-from stafinetune.models.dit import cast_like_diffusers
+from stafinetune.models.block_swap import apply_block_swap
+from stafinetune.models.dit import cast_like_diffusers, reset_rope_buffers
+from stafinetune.models.offload import ActivationOffloader, apply_activation_offload
 from stafinetune.models.profiling import AttentionTimer
 from stafinetune.parallel.parallelize import apply_compile
 from stafinetune.training.distill import DistillStep
@@ -107,6 +115,7 @@ class Suite:
     overrides: dict[str, int] = field(default_factory=dict)
     tile: tuple[int, int, int] = (6, 8, 8)
     compile_only: bool = False  # the compile suite: distillation eager vs compiled only
+    lora_only: bool = False  # LoRA rows only: the student stays on the host, no teacher
 
 
 SUITES = {
@@ -121,6 +130,7 @@ SUITES = {
                        "hunyuanvideo15_720p_t2v", (31, 45, 80), 256, {"num_layers": 4}),
     "wan22_ti2v720": Suite("Wan 2.2 TI2V-5B-shaped, 10 of 30 blocks, 720p", "wan2.2_ti2v_5b",
                            (31, 44, 80), 512, {"num_layers": 10}),
+    "wan14b720": Suite("Wan 2.1 14B, 720p", "wan2.1_t2v_14b", (21, 90, 160), 512, lora_only=True),
 }  # fmt: skip
 
 # --smoke: the same code paths on tiny models on the CPU (reference STA, aot_eager compile)
@@ -134,6 +144,8 @@ SMOKE_SUITES = {
                        tile=(1, 2, 2)),
     "wan22_ti2v720": Suite("wan22_tiny_ti2v (smoke)", "wan22_tiny_ti2v", (5, 16, 16), 16,
                            tile=(1, 2, 2)),
+    "wan14b720": Suite("wan_tiny (smoke)", "wan_tiny", (5, 16, 16), 16, tile=(1, 2, 2),
+                       lora_only=True),
 }  # fmt: skip
 
 KINDS = ("dense", "sta", "teacher", "distill", "dmd2", "lora", "lora_bf16", "lora_fp8")
@@ -170,24 +182,44 @@ class Row:
     kind: str
     policy: str  # checkpoint policy; "-" for the teacher (no backward)
     compiled: bool = False
+    offload: str = "none"  # LoRA rows: none | single_gpu (conf/offload/single_gpu.yaml)
 
 
-def suite_rows(suite: Suite, kinds: list[str], policies: list[str], compile: bool) -> list[Row]:
+def suite_rows(suite: Suite, kinds: list[str], policies: list[str], compile: bool,
+               offloads: tuple[str, ...] = ("none",)) -> list[Row]:  # fmt: skip
     """The rows of ``suite``: eager ones first (compiling changes the models in place), the
-    LoRA rows last (their first one moves the other models off the device)."""
+    LoRA rows last (their first one moves the other models off the device), each LoRA row
+    with every ``offloads`` setting."""
     if suite.compile_only:
         policy = policies[-1]
         return [Row("distill", policy), Row("distill", policy, compiled=True)]
     rows = []
-    for kind in (k for k in kinds if k not in LORA_FROZEN):
+    for kind in (k for k in kinds if k not in LORA_FROZEN and not suite.lora_only):
         if kind == "teacher":
             rows.append(Row("teacher", "-"))
             continue
         rows.extend(Row(kind, p) for p in policies)
     if compile:
         rows.extend(Row(r.kind, r.policy, True) for r in list(rows) if r.kind != "teacher")
-    rows.extend(Row(k, p) for k in kinds if k in LORA_FROZEN for p in policies)
+    lora = [k for k in kinds if k in LORA_FROZEN] or (list(LORA_FROZEN) if suite.lora_only else [])
+    rows.extend(Row(k, p, offload=o) for k in lora for o in offloads for p in policies)
     return rows
+
+
+def host_model(model_cfg: ModelConfig, attention: AttentionConfig) -> Any:
+    """Random fp32 weights on the host, made quickly (a 14B model's init would take minutes):
+    built on the meta device, then N(0, 0.02) matrices, unit norm scales, zero biases."""
+    dit = build_model(model_cfg, attention, device="meta", dtype=torch.float32)
+    dit.to_empty(device="cpu")
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in dit.named_parameters():
+            if param.ndim >= 2:
+                param.normal_(0.0, 0.02, generator=gen)
+            else:
+                param.fill_(1.0 if "norm" in name and name.endswith("weight") else 0.0)
+    reset_rope_buffers(dit, "cpu")
+    return dit
 
 
 class Bench:
@@ -199,16 +231,20 @@ class Bench:
         self.dense_cfg = AttentionConfig(mode="full", tile=list(suite.tile))
         torch.manual_seed(0)
         model_cfg = ModelConfig(flavor=suite.flavor, config_overrides=dict(suite.overrides))
-        self.student = build_model(model_cfg, self.sta_cfg, device=device, dtype=torch.float32)
-        self.teacher = copy.deepcopy(self.student)
-        cast_like_diffusers(
-            self.teacher.transformer, torch.bfloat16 if device.type == "cuda" else torch.float32
-        )
-        self.teacher.set_attention(self.dense_cfg)
-        self.teacher.requires_grad_(False).eval()
-        self.optimizer = torch.optim.AdamW(
-            self.student.parameters(), lr=1e-6, fused=device.type == "cuda"
-        )
+        self.teacher: Any = None
+        if suite.lora_only:  # every row builds its LoRA model from these host weights
+            self.student = host_model(model_cfg, self.sta_cfg)
+        else:
+            self.student = build_model(model_cfg, self.sta_cfg, device=device, dtype=torch.float32)
+            self.teacher = copy.deepcopy(self.student)
+            cast_like_diffusers(
+                self.teacher.transformer, torch.bfloat16 if device.type == "cuda" else torch.float32
+            )
+            self.teacher.set_attention(self.dense_cfg)
+            self.teacher.requires_grad_(False).eval()
+            self.optimizer = torch.optim.AdamW(
+                self.student.parameters(), lr=1e-6, fused=device.type == "cuda"
+            )
         student = self.student
         b = 1
         t, h, w = suite.latent
@@ -263,15 +299,22 @@ class Bench:
             self.optimizer.state.clear()
         self.lora_model = None
         free_memory(self.device)
-        dit = copy.deepcopy(self.student).to(self.device)
+        dit = copy.deepcopy(self.student)
         trainable = apply_lora(dit, rank=rank)
-        apply_frozen_weights(dit, LORA_FROZEN[row.kind])
+        apply_frozen_weights(dit, LORA_FROZEN[row.kind])  # on the host: the fp32 base never
+        dit.to(self.device)  # needs to fit beside the stored one
         dit.enable_gradient_checkpointing(row.policy)
+        targets = None
+        if row.offload == "single_gpu":  # conf/offload/single_gpu.yaml, as the trainer applies it
+            apply_activation_offload(dit, ActivationOffloader(self.device))
+            apply_block_swap(dit, min(4, dit.num_layers - 1))  # smoke models have 2 blocks
+            targets = ActivationOffloader(self.device)
         self.lora_model = dit
         params = [p for n, p in dit.named_parameters() if n in set(trainable)]
         optimizer = torch.optim.AdamW(params, lr=1e-6, fused=self.device.type == "cuda")
         cfg = DistillConfig(w_data=0.0, w_out=1.0, w_attn=1.0)
-        step = DistillStep(cfg, BaseModelTeacher(dit), self.device, bf16=bf16, teacher_bf16=bf16)
+        step = DistillStep(cfg, BaseModelTeacher(dit), self.device, bf16=bf16, teacher_bf16=bf16,
+                           target_offload=targets)  # fmt: skip
 
         def train_step() -> None:
             optimizer.zero_grad(set_to_none=True)
@@ -357,7 +400,7 @@ class Bench:
 
 def run_suite(name: str, suite: Suite, args: argparse.Namespace, device: torch.device,
               budget: Budget) -> list[dict[str, Any]]:  # fmt: skip
-    rows = suite_rows(suite, args.kinds, args.policies, args.compile)
+    rows = suite_rows(suite, args.kinds, args.policies, args.compile, tuple(args.offload))
     out = []
     bench = None
     for row in rows:
@@ -403,7 +446,8 @@ def render_table(env: dict[str, Any], rows: list[dict[str, Any]], args: argparse
     for r in rows:
         canvas = "x".join(map(str, r["canvas"])) if "canvas" in r else "-"
         where = f"{canvas} ({r['density']:.1%})" if "density" in r else canvas
-        head = f"| {r['title']} | {where} | {r['kind']} | {r['policy']} | {'yes' if r['compiled'] else 'no'} |"
+        step = r["kind"] + ("" if r.get("offload", "none") == "none" else f", offload={r['offload']}")
+        head = f"| {r['title']} | {where} | {step} | {r['policy']} | {'yes' if r['compiled'] else 'no'} |"
         if "error" in r:
             lines.append(f"{head} {r['error']} | | | | |")
             continue
@@ -448,22 +492,35 @@ def summary_lines(rows: list[dict[str, Any]]) -> list[str]:
         if best["dense"] and best["distill"]:
             out.append(f"- {title}, fastest of each: distillation at "
                        f"{best['dense'] / best['distill']:.2f}x the speed of dense finetuning.")  # fmt: skip
-        for policy in ("full", "selective"):
-            lora = {r["kind"]: r for r in mine if r["kind"] in LORA_FROZEN and r["policy"] == policy}
-            base = lora.get("lora")
-            for kind in ("lora_bf16", "lora_fp8"):
-                if base and kind in lora:
-                    r = lora[kind]
-                    out.append(f"- {title}, {policy} checkpointing: LoRA with the base in "
-                               f"{LORA_FROZEN[kind]} takes {r['step_ms'] / base['step_ms']:.2f}x "
-                               f"the fp32 base's step time, peak {fmt(base['peak_gib'], '.1f')} -> "
-                               f"{fmt(r['peak_gib'], '.1f')} GiB.")  # fmt: skip
+        out += lora_lines(title, [r for r in mine if r["kind"] in LORA_FROZEN])
     for r in (r for r in done if r["compiled"]):
         twin = [e for e in done if not e["compiled"] and
                 (e["suite"], e["kind"], e["policy"]) == (r["suite"], r["kind"], r["policy"])]  # fmt: skip
         if twin:
             out.append(f"- {r['title']}, {r['kind']} ({r['policy']} checkpointing): compiled "
                        f"{twin[0]['step_ms'] / r['step_ms']:.2f}x the speed of eager.")  # fmt: skip
+    return out
+
+
+def lora_lines(title: str, rows: list[dict[str, Any]]) -> list[str]:
+    """The LoRA rows of one suite: each stored base against the fp32 base, and the
+    single-GPU offload levers against none, at the same checkpointing (time and peak)."""
+    by = {(r["kind"], r["policy"], r.get("offload", "none")): r for r in rows}
+    out = []
+
+    def line(what: str, r: dict[str, Any], ref: dict[str, Any]) -> str:
+        return (f"- {title}, {r['policy']} checkpointing: {what} takes "
+                f"{r['step_ms'] / ref['step_ms']:.2f}x the step time, peak "
+                f"{fmt(ref['peak_gib'], '.1f')} -> {fmt(r['peak_gib'], '.1f')} GiB.")  # fmt: skip
+
+    for (kind, policy, offload), r in by.items():
+        base = by.get(("lora", policy, offload))
+        if kind != "lora" and base:
+            where = "" if offload == "none" else f" (offload={offload})"
+            out.append(line(f"LoRA with the base in {LORA_FROZEN[kind]}{where}", r, base))
+        plain = by.get((kind, policy, "none"))
+        if offload != "none" and plain:
+            out.append(line(f"{kind} with offload={offload}", r, plain))
     return out
 
 
@@ -498,6 +555,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--window", type=int, nargs=3, default=[3, 3, 3])
     parser.add_argument("--critic-ratio", type=int, default=5, help="dmd2: critic updates")
     parser.add_argument("--lora-rank", type=int, default=64, help="lora rows: the adapter's rank")
+    parser.add_argument("--offload", default="none",
+                        help="lora rows: comma-separated from none, single_gpu")  # fmt: skip
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument(
         "--iters", type=int, default=1, help="timed steps per row after the warm-up (median)"
@@ -524,11 +583,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.suites = [s for s in args.suites.split(",") if s]
     args.kinds = [k for k in args.kinds.split(",") if k]
     args.policies = [p for p in args.policies.split(",") if p]
+    args.offload = [o for o in args.offload.split(",") if o]
     unknown = [s for s in args.suites if s not in SUITES] + [
         k for k in args.kinds if k not in KINDS
     ]
     unknown += [p for p in args.policies if p not in ("full", "selective")]
-    if unknown or not args.policies or args.iters < 1:
+    unknown += [o for o in args.offload if o not in ("none", "single_gpu")]
+    if unknown or not args.policies or not args.offload or args.iters < 1:
         parser.error(f"unknown or empty choices: {unknown or 'policies/iters'}")
     if args.smoke:
         args.compile_backend = "aot_eager"

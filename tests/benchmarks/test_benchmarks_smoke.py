@@ -26,25 +26,27 @@ def _run(script: str, *args: str, out: Path) -> dict:
 
 @pytest.mark.slow
 def test_train_step_smoke(tmp_path):
-    result = _run("train_step.py", "--suites", "hunyuan720,compile", "--kinds",
-                  "dense,distill,dmd2,lora,lora_bf16,lora_fp8", "--policies", "selective", "--profile",
-                  "--critic-ratio", "1", out=tmp_path)  # fmt: skip
+    result = _run("train_step.py", "--suites", "hunyuan720,compile,wan14b720", "--kinds",
+                  "dense,distill,dmd2,lora,lora_bf16", "--policies", "selective", "--profile",
+                  "--critic-ratio", "1", "--offload", "none,single_gpu", out=tmp_path)  # fmt: skip
     rows = result["rows"]
-    assert [(r["suite"], r["kind"], r["compiled"]) for r in rows] == [
-        ("hunyuan720", "dense", False),
-        ("hunyuan720", "distill", False),
-        ("hunyuan720", "dmd2", False),
-        ("hunyuan720", "lora", False),
-        ("hunyuan720", "lora_bf16", False),
-        ("hunyuan720", "lora_fp8", False),
-        ("compile", "distill", False),
-        ("compile", "distill", True),
+    assert [(r["suite"], r["kind"], r["compiled"], r["offload"]) for r in rows] == [
+        ("hunyuan720", "dense", False, "none"),
+        ("hunyuan720", "distill", False, "none"),
+        ("hunyuan720", "dmd2", False, "none"),
+        *[("hunyuan720", kind, False, offload)  # after the rest: their models leave first
+          for kind in ("lora", "lora_bf16") for offload in ("none", "single_gpu")],
+        ("compile", "distill", False, "none"),
+        ("compile", "distill", True, "none"),
+        *[("wan14b720", kind, False, offload)  # the LoRA-only suite's models on the host
+          for kind in ("lora", "lora_bf16") for offload in ("none", "single_gpu")],
     ]
     assert all("error" not in r and r["step_ms"] > 0 for r in rows), rows
-    assert rows[1]["attn_share"] > 0 and rows[7]["attn_share"] is None  # not timed compiled
+    assert rows[1]["attn_share"] > 0 and rows[8]["attn_share"] is None  # not timed compiled
     table = (tmp_path / "train_step.md").read_text()
     assert "the distillation step runs at" in table and "Where one step's time goes" in table
-    assert "LoRA with the base in bf16 takes" in table and "LoRA with the base in fp8 takes" in table
+    assert "lora_bf16 with offload=single_gpu takes" in table
+    assert "LoRA with the base in bf16 (offload=single_gpu) takes" in table
     assert all(r["profile"]["buckets"]["matmul"] > 0 for r in rows)
 
 
