@@ -39,6 +39,8 @@ checkpoint compiled as one region) as extra rows. Suites:
     wan14b720   Wan 2.1 T2V 14B, all 40 blocks, 81 frames 720x1280 (75,600 tokens): LoRA rows
                 only (issue 37's single-GPU case; its random weights are made on the host)
                 (not in the default --suites)
+    hunyuan13b720  HunyuanVideo 13B, all 20 + 40 blocks, 117 frames 720x1280 (115,200 tokens)
+                + 256 text tokens: LoRA rows only, as wan14b720 (not in the default --suites)
     wan22_ti2v720  Wan 2.2 TI2V-5B-shaped, 10 of its 30 full-width blocks (the whole model's
                 fp32 weights and AdamW state would not fit one GPU), text-to-video, 121 frames
                 704x1280 through the 16x VAE: canvas 31x22x40 (27,280 tokens)
@@ -131,6 +133,8 @@ SUITES = {
     "wan22_ti2v720": Suite("Wan 2.2 TI2V-5B-shaped, 10 of 30 blocks, 720p", "wan2.2_ti2v_5b",
                            (31, 44, 80), 512, {"num_layers": 10}),
     "wan14b720": Suite("Wan 2.1 14B, 720p", "wan2.1_t2v_14b", (21, 90, 160), 512, lora_only=True),
+    "hunyuan13b720": Suite("HunyuanVideo 13B, 720p", "hunyuanvideo_13b", (30, 96, 160), 256,
+                           lora_only=True),
 }  # fmt: skip
 
 # --smoke: the same code paths on tiny models on the CPU (reference STA, aot_eager compile)
@@ -146,6 +150,8 @@ SMOKE_SUITES = {
                            tile=(1, 2, 2)),
     "wan14b720": Suite("wan_tiny (smoke)", "wan_tiny", (5, 16, 16), 16, tile=(1, 2, 2),
                        lora_only=True),
+    "hunyuan13b720": Suite("hunyuan_tiny (smoke)", "hunyuan_tiny", (5, 16, 16), 16,
+                           tile=(1, 2, 2), lora_only=True),
 }  # fmt: skip
 
 KINDS = ("dense", "sta", "teacher", "distill", "dmd2", "lora", "lora_bf16", "lora_fp8")
