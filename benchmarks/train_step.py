@@ -316,7 +316,8 @@ class Bench:
             apply_block_swap(dit, min(4, dit.num_layers - 1))  # smoke models have 2 blocks
             targets = ActivationOffloader(self.device)
         self.lora_model = dit
-        params = [p for n, p in dit.named_parameters() if n in set(trainable)]
+        names = set(trainable)
+        params = [p for n, p in dit.named_parameters() if n in names]
         optimizer = torch.optim.AdamW(params, lr=1e-6, fused=self.device.type == "cuda")
         cfg = DistillConfig(w_data=0.0, w_out=1.0, w_attn=1.0)
         step = DistillStep(cfg, BaseModelTeacher(dit), self.device, bf16=bf16, teacher_bf16=bf16,

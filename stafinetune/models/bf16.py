@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .dit import VideoDiT
-from .fp8 import replace_frozen_linears
+from .fp8 import apply_fp8_weights, replace_frozen_linears
 
 
 class Bf16Linear(nn.Module):
@@ -65,8 +65,6 @@ def apply_bf16_weights(dit: VideoDiT) -> list[str]:
 def apply_frozen_weights(dit: VideoDiT, kind: str) -> list[str]:
     """``train.frozen_weights``: ``fp8`` or ``bf16`` storage of ``dit``'s frozen block
     linears (names returned), ``none`` leaves it as built."""
-    from .fp8 import apply_fp8_weights
-
     if kind == "none":
         return []
     apply = {"fp8": apply_fp8_weights, "bf16": apply_bf16_weights}[kind]

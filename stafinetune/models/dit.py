@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ from .attention import ActivationStore, STAAttention
 from .binding import STABinding, token_canvas
 from .config import AttentionConfig, ModelConfig
 from .dispatch import load_cost_table
-from .families import ImageCondition, ImageDims, ModelFamily, get_family
+from .families import ImageCondition, ImageDims, ModelFamily, config_getter, get_family
 from .flavors import get_flavor
 from .windows import WindowPlan, build_window_plan
 
@@ -66,20 +67,26 @@ def flavor_decides(model_cfg: ModelConfig, config: Any) -> dict[str, Any]:
 
     HunyuanVideo 1.5's i2v and t2v transformers share one architecture and differ only in
     ``task_type``, which the transformer never reads; folders converted by earlier diffusers
-    scripts say ``i2v`` for the 480p t2v model. The flavor is the user's statement.
+    scripts say ``i2v`` for the 480p t2v model. The flavor is the user's statement. Each
+    difference is logged once per process (the config is read at several start-up checks).
     """
     flavor = get_flavor(model_cfg.flavor)
-    get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
+    get = config_getter(config)
     changed = {}
     for key in get_family(flavor.family).flavor_keys:
         if key in flavor.config and get(key) != flavor.config[key]:
             changed[key] = flavor.config[key]
-            log.warning(
-                "model.path=%s says %s=%r but model.flavor=%s has %r: following the flavor "
-                "(the transformer never reads %s)",
-                model_cfg.path, key, get(key), model_cfg.flavor, flavor.config[key], key,
-            )  # fmt: skip
+            _warn_flavor_decides(str(model_cfg.path), key, get(key), model_cfg.flavor,
+                                 flavor.config[key])  # fmt: skip
     return changed
+
+
+@functools.cache
+def _warn_flavor_decides(path: str, key: str, held: Any, flavor: str, value: Any) -> None:
+    log.warning(
+        "model.path=%s says %s=%r but model.flavor=%s has %r: following the flavor (the "
+        "transformer never reads %s)", path, key, held, flavor, value, key,
+    )  # fmt: skip
 
 
 def check_image_mode(model_cfg: ModelConfig, config: Any) -> None:

@@ -30,7 +30,7 @@ from torch import nn
 WAN_TEXT_TOKENS = 512
 
 
-def _getter(config: Any) -> Any:
+def config_getter(config: Any) -> Any:
     """Field access for a diffusers config (FrozenDict or attribute object) or a plain dict."""
     return config.get if isinstance(config, dict) else lambda key: getattr(config, key)
 
@@ -191,7 +191,7 @@ class ModelFamily:
         """Channels of the latents the model denoises (its input may hold more, see
         ``model_inputs``): the input channels less an image condition's (``image_dims``)."""
         image = self.image_dims(config)
-        return int(_getter(config)("in_channels")) - (0 if image is None else image.condition_channels)
+        return int(config_getter(config)("in_channels")) - (0 if image is None else image.condition_channels)
 
     def model_inputs(
         self,
@@ -268,10 +268,10 @@ class WanFamily(ModelFamily):
         return WanPipeline
 
     def patch_size(self, config: Any) -> tuple[int, int, int]:
-        return tuple(int(p) for p in _getter(config)("patch_size"))  # type: ignore[return-value]
+        return tuple(int(p) for p in config_getter(config)("patch_size"))  # type: ignore[return-value]
 
     def text_dims(self, config: Any) -> tuple[int, int | None]:
-        return int(_getter(config)("text_dim")), None
+        return int(config_getter(config)("text_dim")), None
 
     def sta_layers(self, transformer: nn.Module) -> list[nn.Module]:
         return [block.attn1 for block in transformer.blocks]
@@ -296,7 +296,7 @@ class WanFamily(ModelFamily):
         return {"encoder_hidden_states": text * text_mask[..., None].to(text.dtype)}
 
     def image_dims(self, config: Any, *, first_frame: bool = False) -> ImageDims | None:
-        get = _getter(config)
+        get = config_getter(config)
         extra = int(get("in_channels")) - int(get("out_channels"))
         if first_frame:  # Wan 2.2 TI2V: the text-to-video weights, no extra inputs
             if extra != 0 or get("image_dim") is not None:
@@ -389,11 +389,11 @@ class HunyuanFamily(ModelFamily):
         return HunyuanVideoPipeline
 
     def patch_size(self, config: Any) -> tuple[int, int, int]:
-        get = _getter(config)
+        get = config_getter(config)
         return (int(get("patch_size_t")), int(get("patch_size")), int(get("patch_size")))
 
     def text_dims(self, config: Any) -> tuple[int, int | None]:
-        get = _getter(config)
+        get = config_getter(config)
         return int(get("text_embed_dim")), int(get("pooled_projection_dim"))
 
     def sta_layers(self, transformer: nn.Module) -> list[nn.Module]:
@@ -481,7 +481,7 @@ class HunyuanVideo15Family(HunyuanFamily):
         return HunyuanVideo15Pipeline
 
     def text_dims(self, config: Any) -> tuple[int, int | None]:
-        return int(_getter(config)("text_embed_dim")), None  # pooled: the refiner's masked mean
+        return int(config_getter(config)("text_embed_dim")), None  # pooled: the refiner's masked mean
 
     def lora_saver(self) -> type:
         # diffusers 0.42 has no LoRA loader for HunyuanVideo15Pipeline: write HunyuanVideo's
@@ -492,10 +492,10 @@ class HunyuanVideo15Family(HunyuanFamily):
         return HunyuanVideoLoraLoaderMixin
 
     def latent_channels(self, config: Any) -> int:
-        return int(_getter(config)("out_channels"))
+        return int(config_getter(config)("out_channels"))
 
     def glyph_dim(self, config: Any) -> int | None:
-        return int(_getter(config)("text_embed_2_dim"))  # ByT5's width
+        return int(config_getter(config)("text_embed_2_dim"))  # ByT5's width
 
     def sta_layers(self, transformer: nn.Module) -> list[nn.Module]:
         return [b.attn for b in transformer.transformer_blocks]
@@ -521,7 +521,7 @@ class HunyuanVideo15Family(HunyuanFamily):
     def image_dims(self, config: Any, *, first_frame: bool = False) -> ImageDims | None:
         # the i2v and t2v transformers share one architecture: the config's task_type, which
         # the transformer itself never reads, tells them apart
-        get = _getter(config)
+        get = config_getter(config)
         if first_frame:
             return super().image_dims(config, first_frame=True)
         if get("task_type") != "i2v":
